@@ -1,0 +1,1 @@
+//! foveal-candle: foveal's ops inside models.

@@ -1,0 +1,143 @@
+//! compact_kv: one-shot compaction of the KV caches of every layer before the
+//! pruning layer, and the same gather for hidden states and position ids
+//! (SPEC "GlimpsePrune / compact_kv").
+//!
+//! A [`KeepPositions`] lists, per row, the ascending sequence positions to keep
+//! (all text, the kept visual tokens; the glimpse token dropped). Compaction
+//! moves entry `positions[b][j]` of every source plane to slot `j` of the
+//! destination (right padding) or to slot `S_dst - len[b] + j` (left padding),
+//! and zeroes every other slot. Kept tokens keep their original RoPE
+//! positions: the keys in the cache are already rotated, and the position ids
+//! are gathered by the same op, not recomputed.
+//!
+//! The positions are checked when they are built (on the host from lists, or
+//! by [`cpu::keep_positions`] / its CUDA twin from a [`RowLayout`] and a
+//! [`KeepSet`]), so the gather never reads out of its source.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::error::{ensure, Error, Result};
+use crate::rows::RowLayout;
+
+pub(crate) const OP: &str = "compact_kv";
+
+/// Which side of a compacted row the unused slots go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Padding {
+    /// Kept entries first, zeros after (the default).
+    #[default]
+    Right,
+    /// Zeros first, kept entries last (GlimpsePrune's batched code).
+    Left,
+}
+
+/// Per row, the ascending source positions to keep: `positions [B, width]`
+/// padded with -1, `lengths [B]`. Every position is below `src_seq` and every
+/// length at most `width`, which bounds the compacted length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeepPositions {
+    pub(crate) src_seq: usize,
+    pub(crate) width: usize,
+    pub(crate) positions: Vec<i32>,
+    pub(crate) lengths: Vec<i32>,
+}
+
+impl KeepPositions {
+    /// From explicit lists; each must be strictly ascending and below `src_seq`.
+    pub fn from_rows(src_seq: usize, rows: &[Vec<usize>]) -> Result<Self> {
+        const WHAT: &str = "KeepPositions::from_rows";
+        ensure(!rows.is_empty(), || Error::shape(WHAT, "rows", "the batch is empty"))?;
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut kp = KeepPositions { src_seq, width, positions: vec![-1; rows.len() * width], lengths: Vec::new() };
+        for (b, row) in rows.iter().enumerate() {
+            for (j, &p) in row.iter().enumerate() {
+                ensure(p < src_seq, || Error::index(WHAT, "rows", format!("row {b}: position {p} is not below {src_seq}")))?;
+                ensure(j == 0 || row[j - 1] < p, || {
+                    Error::value(WHAT, "rows", format!("row {b}: positions must be strictly ascending (index {j})"))
+                })?;
+                kp.positions[b * width + j] = p as i32;
+            }
+            kp.lengths.push(row.len() as i32);
+        }
+        Ok(kp)
+    }
+
+    /// An empty list sized for compacting `rows` (see [`cpu::keep_positions`]):
+    /// `width` is the longest row, less the dropped glimpse token.
+    pub fn for_rows(rows: &RowLayout, drop_last: bool) -> Self {
+        let width = rows.max_len() - usize::from(drop_last);
+        KeepPositions { src_seq: rows.seq(), width, positions: vec![-1; rows.batch() * width], lengths: vec![0; rows.batch()] }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// The padded width: no row is longer after compaction.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The source capacity the positions index.
+    pub fn src_seq(&self) -> usize {
+        self.src_seq
+    }
+
+    /// The kept positions of row `b`.
+    pub fn row(&self, b: usize) -> &[i32] {
+        &self.positions[b * self.width..b * self.width + self.lengths[b] as usize]
+    }
+
+    /// Padded positions `[B, width]` and lengths `[B]`.
+    pub fn packed(&self) -> (&[i32], &[i32]) {
+        (&self.positions, &self.lengths)
+    }
+}
+
+/// The shared shape of a set of planes `[B, S, H, W]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PlaneDims {
+    pub batch: usize,
+    pub src_seq: usize,
+    pub dst_seq: usize,
+    pub heads: usize,
+    pub width: usize,
+}
+
+/// Checks source and destination planes `[B, S, H, W]` against `keep`: all
+/// sources share one shape and strides, all destinations likewise, and the
+/// destination holds the longest compacted row.
+pub(crate) fn check_planes<L: PartialEq + std::fmt::Debug>(
+    op: &'static str,
+    src: &[([usize; 4], L)],
+    dst: &[([usize; 4], L)],
+    keep: &KeepPositions,
+) -> Result<PlaneDims> {
+    ensure(!src.is_empty(), || Error::shape(op, "src", "no planes to compact"))?;
+    ensure(src.len() == dst.len(), || Error::shape(op, "dst", format!("{} destination planes for {} sources", dst.len(), src.len())))?;
+    ensure(src.iter().all(|s| *s == src[0]), || Error::shape(op, "src", "every source plane must share one shape and strides"))?;
+    ensure(dst.iter().all(|d| *d == dst[0]), || Error::shape(op, "dst", "every destination plane must share one shape and strides"))?;
+    let [b, s, h, w] = src[0].0;
+    let [db, ds, dh, dw] = dst[0].0;
+    ensure(b == keep.batch(), || Error::shape(op, "src", format!("batch {b}, the keep positions have {}", keep.batch())))?;
+    ensure(s >= keep.src_seq(), || {
+        Error::shape(op, "src", format!("sequence capacity {s}, the keep positions index up to {}", keep.src_seq()))
+    })?;
+    ensure([db, dh, dw] == [b, h, w], || Error::shape(op, "dst", format!("shape {:?} does not match the source {:?}", dst[0].0, src[0].0)))?;
+    ensure(ds >= keep.width(), || {
+        Error::shape(op, "dst", format!("sequence capacity {ds} cannot hold a compacted row of up to {} entries", keep.width()))
+    })?;
+    Ok(PlaneDims { batch: b, src_seq: s, dst_seq: ds, heads: h, width: w })
+}
+
+/// Source slot read by destination slot `j` of a row of length `len` in a
+/// destination of capacity `dst_seq`; `None` for a padded slot.
+#[inline]
+pub(crate) fn source_slot(j: usize, len: usize, dst_seq: usize, padding: Padding) -> Option<usize> {
+    match padding {
+        Padding::Right => (j < len).then_some(j),
+        Padding::Left => (j >= dst_seq - len).then(|| j - (dst_seq - len)),
+    }
+}

@@ -1,0 +1,31 @@
+//! foveal: GPU kernels, with CPU references, that make vision-language models
+//! fast by looking only where it matters.
+//!
+//! Each op is a module with a CPU reference (`op::cpu`, always built) and a
+//! CUDA path (`op::cuda`, feature `cuda`) of the same semantics. The exact
+//! math, edge cases and speed targets are in the project's SPEC; the docs of
+//! each module restate what the op computes.
+//!
+//! GlimpsePrune: [`glimpse_scores`] (the glimpse token's attention to the
+//! visual tokens), [`select_keep`] (importance logits to kept tokens),
+//! [`compact_kv`] (one-shot compaction of every earlier layer's KV cache, and
+//! the same gather for hidden states and position ids).
+
+pub mod compact_kv;
+pub mod dtype;
+pub mod error;
+pub mod glimpse_scores;
+pub mod layout;
+pub mod rows;
+pub mod select_keep;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+pub use compact_kv::{KeepPositions, Padding};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use glimpse_scores::ScoreMode;
+pub use layout::{Layout, View, ViewMut};
+pub use rows::{RowLayout, RowSpec};
+pub use select_keep::{KeepRule, KeepSet};

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Install the pinned CUDA 13.0 toolchain (nvcc, nvvm, cudart, crt headers, CCCL)
+# from PyPI into a user-local virtual environment, and print how to point the
+# build at it. CUDA 13.0 exactly: the GPU machines run driver 580, which rejects
+# PTX from newer toolkits, and an unpinned nvidia-nvvm pulls a newer PTX ISA that
+# the 13.0 ptxas refuses.
+#
+#   scripts/install-cuda.sh            # install (idempotent), print the exports
+#   scripts/install-cuda.sh --env      # print only `export ...` lines, for eval
+#   scripts/install-cuda.sh --runtime  # also the shared libraries (cuBLAS, cuRAND,
+#                                      # NVRTC, a libcuda link stub) that linking
+#                                      # candle-core's "cuda" feature needs
+#
+# Prefix: $FOVEAL_CUDA_PREFIX, default ~/.cache/foveal/cuda-13.0.
+set -euo pipefail
+
+prefix="${FOVEAL_CUDA_PREFIX:-$HOME/.cache/foveal/cuda-13.0}"
+env_only=0
+runtime=0
+for arg in "$@"; do
+  case "$arg" in
+    --env) env_only=1 ;;
+    --runtime) runtime=1 ;;
+    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+toolchain_pins=(
+  nvidia-cuda-nvcc==13.0.88
+  nvidia-nvvm==13.0.88
+  nvidia-cuda-runtime==13.0.96
+  nvidia-cuda-crt==13.0.88
+  nvidia-cuda-cccl==13.0.85
+)
+runtime_pins=(
+  nvidia-cublas==13.0.2.14
+  nvidia-curand==10.4.0.35
+  nvidia-cuda-nvrtc==13.0.88
+)
+
+log() { [ "$env_only" = 1 ] || echo "$@"; }
+
+if [ ! -x "$prefix/venv/bin/python" ]; then
+  log "creating $prefix/venv"
+  mkdir -p "$prefix"
+  python3 -m venv "$prefix/venv"
+fi
+py="$prefix/venv/bin/python"
+cuda_home="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
+
+stamp="$prefix/.installed-toolchain"
+if [ ! -f "$stamp" ] || [ ! -x "$cuda_home/bin/nvcc" ]; then
+  log "installing ${toolchain_pins[*]}"
+  "$py" -m pip install --quiet --disable-pip-version-check "${toolchain_pins[@]}" >&2
+  touch "$stamp"
+fi
+
+libdir="$prefix/lib"
+if [ "$runtime" = 1 ] && [ ! -f "$prefix/.installed-runtime" ]; then
+  log "installing ${runtime_pins[*]}"
+  "$py" -m pip install --quiet --disable-pip-version-check "${runtime_pins[@]}" >&2
+  mkdir -p "$libdir"
+  # Unversioned names for the linker.
+  for lib in cublas cublasLt cudart nvrtc curand; do
+    real=$(ls "$cuda_home"/lib/lib"$lib".so.* 2>/dev/null | sort | head -n 1 || true)
+    [ -n "$real" ] && ln -sf "$real" "$libdir/lib$lib.so"
+  done
+  # A libcuda link stub: the real libcuda.so.1 of the GPU machine's driver
+  # replaces it at run time. It defines every driver symbol cudarc names.
+  "$(dirname "$0")/make-libcuda-stub.sh" "$libdir"
+  touch "$prefix/.installed-runtime"
+fi
+
+if [ "$env_only" = 1 ]; then
+  echo "export CUDA_HOME=\"$cuda_home\""
+  echo "export NVCC=\"$cuda_home/bin/nvcc\""
+  echo "export PATH=\"$cuda_home/bin:\$PATH\""
+  [ -d "$libdir" ] && echo "export LIBRARY_PATH=\"$libdir:$cuda_home/lib:\${LIBRARY_PATH:-}\""
+  exit 0
+fi
+
+"$cuda_home/bin/nvcc" --version | tail -n 2
+cat <<MSG
+
+CUDA 13.0 toolchain ready. Point builds at it with:
+
+  eval "\$($0 --env)"
+  cargo build -p foveal --features cuda
+
+(or set NVCC=$cuda_home/bin/nvcc alone; foveal-sys's build.rs reads NVCC, CUDA_HOME, then PATH.)
+MSG
