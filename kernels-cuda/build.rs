@@ -1,1 +1,83 @@
-fn main() {}
+//! Compiles foveal's CUDA kernels with nvcc when the feature `cuda` is on.
+//!
+//! nvcc is found through `NVCC`, then `CUDA_HOME` (`$CUDA_HOME/bin/nvcc`), then
+//! `PATH` (scripts/install-cuda.sh installs the pinned CUDA 13.0 toolchain).
+//! Targets: machine code for each architecture of `FOVEAL_CUDA_ARCHS`
+//! (default `80,90a`) plus PTX for `FOVEAL_CUDA_PTX` (default `80`; empty for
+//! none), so newer GPUs JIT the PTX. The CUDA runtime is linked statically:
+//! a binary built with the feature runs on a machine without a GPU, where the
+//! runtime reports no device instead of failing to load.
+
+const SOURCES: &[&str] = &["src/glimpse_scores.cu", "src/select_keep.cu", "src/compact_kv.cu", "src/status.cu"];
+const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh"];
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "cuda")]
+    cuda::build();
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{HEADERS, SOURCES};
+    use std::env;
+    use std::path::{Path, PathBuf};
+
+    pub fn build() {
+        for f in SOURCES.iter().chain(HEADERS) {
+            println!("cargo:rerun-if-changed={f}");
+        }
+        for var in ["NVCC", "CUDA_HOME", "PATH", "FOVEAL_CUDA_ARCHS", "FOVEAL_CUDA_PTX"] {
+            println!("cargo:rerun-if-env-changed={var}");
+        }
+        let nvcc = find_nvcc().unwrap_or_else(|| {
+            panic!(
+                "foveal-sys: the feature `cuda` is on but no nvcc was found (looked at $NVCC, \
+                 $CUDA_HOME/bin/nvcc and PATH). Install the pinned CUDA 13.0 toolchain with \
+                 scripts/install-cuda.sh and run `eval \"$(scripts/install-cuda.sh --env)\"`."
+            )
+        });
+        let cuda_root = nvcc.parent().and_then(Path::parent).expect("nvcc lies in <root>/bin").to_path_buf();
+
+        // cc takes nvcc from NVCC (in CUDA mode it treats `compiler()` as a host compiler).
+        env::set_var("NVCC", &nvcc);
+        let mut build = cc::Build::new();
+        // Kernels are always optimised and never built with device debug (-G),
+        // whatever the cargo profile: tests must time and race-check real code.
+        build.cuda(true).cudart("static").debug(false).opt_level(3).include("include").flag("-std=c++17");
+        build.flag("--expt-relaxed-constexpr").flag("-Xptxas=-warn-spills");
+        for arch in env_list("FOVEAL_CUDA_ARCHS", "80,90a") {
+            build.flag(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
+        }
+        for arch in env_list("FOVEAL_CUDA_PTX", "80") {
+            build.flag(format!("-gencode=arch=compute_{arch},code=compute_{arch}"));
+        }
+        build.files(SOURCES).compile("foveal_kernels");
+
+        for dir in ["lib", "lib64", "lib/x64"] {
+            let d = cuda_root.join(dir);
+            if d.is_dir() {
+                println!("cargo:rustc-link-search=native={}", d.display());
+            }
+        }
+        println!("cargo:rustc-link-lib=static=cudart_static");
+        for lib in ["dl", "rt", "pthread", "stdc++"] {
+            println!("cargo:rustc-link-lib={lib}");
+        }
+    }
+
+    fn env_list(var: &str, default: &str) -> Vec<String> {
+        let v = env::var(var).unwrap_or_else(|_| default.to_string());
+        v.split([',', ';', ' ']).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    }
+
+    fn find_nvcc() -> Option<PathBuf> {
+        if let Some(p) = env::var_os("NVCC").map(PathBuf::from).filter(|p| p.is_file()) {
+            return Some(p);
+        }
+        if let Some(p) = env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")).filter(|p| p.is_file()) {
+            return Some(p);
+        }
+        env::split_paths(&env::var_os("PATH")?).map(|d| d.join("nvcc")).find(|p| p.is_file())
+    }
+}

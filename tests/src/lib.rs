@@ -1,1 +1,457 @@
 //! Shared helpers of the cross-crate tests.
+//!
+//! - seeded generators (rand 0.9 [`StdRng`]) of ragged row layouts
+//!   ([`random_rows`]), of strided memory orders ([`random_strides`],
+//!   [`KvKind`]) and of bf16 / f16 / f32 tensors ([`Tensor`]);
+//! - the tolerance of each element type ([`Tol`]), shared with the GPU tests;
+//! - [`poison`]: fill an output with NaN (or a sentinel for integers) first, so
+//!   that an element the op forgot to write fails the comparison;
+//! - [`Bits`]: exact, bitwise comparison of gathered elements.
+//!
+//! Tensors here compute their own offsets (`sum idx[i] * strides[i]`) rather
+//! than going through foveal's views, so the oracles read the inputs
+//! independently of the code under test.
+
+use foveal::{DType, Element, Layout, RowSpec, View, ViewMut};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+/// A seeded generator: the same seed gives the same case.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+// ---------------------------------------------------------------------------
+// Tolerances
+// ---------------------------------------------------------------------------
+
+/// A comparison tolerance: `|got - want| <= abs + rel * max(|want|, magnitude)`,
+/// where `magnitude` is the size of the terms that were summed (so that
+/// cancellation does not make a relative bound meaningless).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tol {
+    pub rel: f64,
+    pub abs: f64,
+}
+
+impl Tol {
+    /// f32 storage, or f32 accumulation of exactly converted inputs.
+    pub const F32: Tol = Tol { rel: 1e-5, abs: 1e-6 };
+    /// f16 storage of the result.
+    pub const F16: Tol = Tol { rel: 1e-3, abs: 1e-4 };
+    /// bf16 storage of the result.
+    pub const BF16: Tol = Tol { rel: 1e-2, abs: 1e-3 };
+
+    /// The tolerance set by an element type.
+    pub fn of(dtype: DType) -> Tol {
+        match dtype {
+            DType::F32 => Tol::F32,
+            DType::F16 => Tol::F16,
+            DType::BF16 => Tol::BF16,
+        }
+    }
+
+    /// The tolerance of element type `T`.
+    pub fn for_elem<T: Element>() -> Tol {
+        Tol::of(T::DTYPE)
+    }
+
+    /// The bound on `|got - want|` for a value of size `want` computed from
+    /// terms of size `magnitude`.
+    pub fn bound(&self, want: f64, magnitude: f64) -> f64 {
+        self.abs + self.rel * want.abs().max(magnitude.abs())
+    }
+
+    /// Whether `got` is within the tolerance of `want`. A NaN or an infinity on
+    /// either side is never close (unless both are the same infinity).
+    pub fn allows(&self, got: f64, want: f64, magnitude: f64) -> bool {
+        if got.is_infinite() || want.is_infinite() {
+            return got == want;
+        }
+        (got - want).abs() <= self.bound(want, magnitude)
+    }
+}
+
+/// Asserts `got[i]` is within `tol` of `want[i]` for every `i`
+/// (`magnitude[i]` as in [`Tol::allows`]); reports the first failure with its
+/// index and the worst error seen.
+pub fn assert_close(got: &[f64], want: &[f64], magnitude: &[f64], tol: Tol, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert_eq!(want.len(), magnitude.len(), "{what}: length of magnitude");
+    for i in 0..got.len() {
+        assert!(
+            tol.allows(got[i], want[i], magnitude[i]),
+            "{what}: element {i}: got {}, want {} (|diff| {:e}, bound {:e})",
+            got[i],
+            want[i],
+            (got[i] - want[i]).abs(),
+            tol.bound(want[i], magnitude[i])
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Poison and bitwise comparison
+// ---------------------------------------------------------------------------
+
+/// A value an op never produces by itself: NaN for floats, a sentinel for
+/// integers. Outputs are filled with it before a call so that an element the
+/// op did not write cannot pass a comparison.
+pub trait Poison: Copy {
+    const POISON: Self;
+}
+
+impl Poison for f32 {
+    const POISON: Self = f32::NAN;
+}
+impl Poison for f64 {
+    const POISON: Self = f64::NAN;
+}
+impl Poison for f16 {
+    const POISON: Self = f16::NAN;
+}
+impl Poison for bf16 {
+    const POISON: Self = bf16::NAN;
+}
+impl Poison for i32 {
+    const POISON: Self = -0x2152_4111; // 0xdeadbeef
+}
+impl Poison for u32 {
+    const POISON: Self = 0xdead_beef;
+}
+
+/// Fills `buf` with the poison value (NaN for f32).
+pub fn poison<T: Poison>(buf: &mut [T]) {
+    buf.fill(T::POISON);
+}
+
+/// The bit pattern of an element, for exact comparison (a copy must be
+/// bit-identical, a zeroed slot must be +0).
+pub trait Bits: Copy {
+    fn bits(self) -> u64;
+}
+
+impl Bits for f32 {
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl Bits for f16 {
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl Bits for bf16 {
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl Bits for i32 {
+    fn bits(self) -> u64 {
+        self as u32 as u64
+    }
+}
+
+/// A test element: stored type of an activation tensor.
+pub trait TestElem: Element + Poison + Bits {}
+impl<T: Element + Poison + Bits> TestElem for T {}
+
+/// Converts an element to f64 exactly (every bf16, f16 and f32 is an f64).
+pub fn to_f64<T: Element>(x: T) -> f64 {
+    x.to_f32() as f64
+}
+
+// ---------------------------------------------------------------------------
+// Strided tensors
+// ---------------------------------------------------------------------------
+
+/// Strides of an `N`-dimensional tensor in a random memory order: the last
+/// dimension innermost and contiguous, the others permuted at random, each with
+/// a random gap (0 to 3 elements) after the extent of the dimensions inside it.
+pub fn random_strides<const N: usize>(rng: &mut StdRng, shape: [usize; N]) -> [usize; N] {
+    let mut order: Vec<usize> = (0..N.saturating_sub(1)).collect();
+    order.shuffle(rng);
+    let mut strides = [0usize; N];
+    let mut cur = 1usize;
+    // innermost first: the last dim, then `order` reversed outward.
+    let inner_to_outer = std::iter::once(N - 1).chain(order.into_iter().rev());
+    for dim in inner_to_outer {
+        strides[dim] = cur;
+        let gap = if rng.random_bool(0.5) { rng.random_range(1..=3) } else { 0 };
+        cur = cur * shape[dim].max(1) + gap;
+    }
+    strides
+}
+
+/// Row-major contiguous strides. A zero-sized dimension counts as one, so an
+/// empty tensor gets non-zero strides: foveal's `Layout::contiguous` gives it
+/// zero strides, which `ViewMut::new` then refuses as overlapping (see
+/// `empty_output_view_is_accepted` in tests/glimpse_scores.rs).
+pub fn contiguous_strides<const N: usize>(shape: [usize; N]) -> [usize; N] {
+    let mut strides = [0; N];
+    let mut s = 1;
+    for i in (0..N).rev() {
+        strides[i] = s;
+        s *= shape[i].max(1);
+    }
+    strides
+}
+
+/// Memory order of a KV cache, always viewed as the logical `[B, S, H, D]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvKind {
+    /// Stored `[B, S, H, D]` ([`Layout::bshd`]).
+    Bshd,
+    /// Stored `[B, H, S, D]` ([`Layout::bhsd`]).
+    Bhsd,
+    /// A random permutation of the leading dims, with gaps ([`random_strides`]).
+    Padded,
+}
+
+impl KvKind {
+    pub const ALL: [KvKind; 3] = [KvKind::Bshd, KvKind::Bhsd, KvKind::Padded];
+
+    pub fn pick(rng: &mut StdRng) -> KvKind {
+        KvKind::ALL[rng.random_range(0..3)]
+    }
+
+    /// Strides of the logical `[B, S, H, D]` view.
+    pub fn strides(self, rng: &mut StdRng, shape: [usize; 4]) -> [usize; 4] {
+        let [b, s, h, d] = shape;
+        match self {
+            KvKind::Bshd => Layout::bshd(b, s, h, d).strides(),
+            KvKind::Bhsd => Layout::bhsd(b, s, h, d).strides(),
+            KvKind::Padded => random_strides(rng, shape),
+        }
+    }
+}
+
+/// An owned strided tensor: storage, logical shape, strides in elements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor<T, const N: usize> {
+    pub data: Vec<T>,
+    pub shape: [usize; N],
+    pub strides: [usize; N],
+}
+
+impl<T: Copy, const N: usize> Tensor<T, N> {
+    /// Storage needed for `shape` with `strides`: one past the largest offset.
+    pub fn span(shape: [usize; N], strides: [usize; N]) -> usize {
+        if shape.contains(&0) {
+            return 0;
+        }
+        1 + (0..N).map(|i| (shape[i] - 1) * strides[i]).sum::<usize>()
+    }
+
+    /// A tensor whose every storage element (gaps included) is `fill`.
+    pub fn filled(shape: [usize; N], strides: [usize; N], fill: T) -> Self {
+        Tensor { data: vec![fill; Self::span(shape, strides)], shape, strides }
+    }
+
+    /// A tensor of `shape` with `strides` whose logical elements are
+    /// `f(index)` and whose gaps are `gap`.
+    pub fn from_fn(shape: [usize; N], strides: [usize; N], gap: T, mut f: impl FnMut([usize; N]) -> T) -> Self {
+        let mut t = Self::filled(shape, strides, gap);
+        for idx in indices(shape) {
+            let o = t.offset(idx);
+            t.data[o] = f(idx);
+        }
+        t
+    }
+
+    /// Offset of a multi-index, computed here (not by foveal).
+    pub fn offset(&self, idx: [usize; N]) -> usize {
+        (0..N).map(|i| {
+            assert!(idx[i] < self.shape[i], "index {idx:?} outside {:?}", self.shape);
+            idx[i] * self.strides[i]
+        })
+        .sum()
+    }
+
+    pub fn get(&self, idx: [usize; N]) -> T {
+        self.data[self.offset(idx)]
+    }
+
+    /// The foveal layout of this tensor.
+    pub fn layout(&self) -> Layout<N> {
+        Layout::strided(self.shape, self.strides).expect("test tensor layout")
+    }
+
+    pub fn view(&self) -> View<'_, T, N> {
+        View::new(&self.data, self.layout()).expect("test tensor view")
+    }
+
+    pub fn view_mut(&mut self) -> ViewMut<'_, T, N> {
+        let layout = self.layout();
+        ViewMut::new(&mut self.data, layout).expect("test tensor view")
+    }
+
+    /// Storage offsets no logical index reaches (the gaps), ascending.
+    pub fn gap_offsets(&self) -> Vec<usize> {
+        let mut used = vec![false; self.data.len()];
+        for idx in indices(self.shape) {
+            used[self.offset(idx)] = true;
+        }
+        (0..self.data.len()).filter(|&o| !used[o]).collect()
+    }
+}
+
+/// Every multi-index of `shape`, in row-major order.
+pub fn indices<const N: usize>(shape: [usize; N]) -> impl Iterator<Item = [usize; N]> {
+    let total: usize = shape.iter().product();
+    (0..total).map(move |mut lin| {
+        let mut idx = [0; N];
+        for i in (0..N).rev() {
+            idx[i] = lin % shape[i];
+            lin /= shape[i];
+        }
+        idx
+    })
+}
+
+/// A random element in `[lo, hi)` stored as `T` (rounded to `T`).
+pub fn random_elem<T: Element>(rng: &mut StdRng, lo: f32, hi: f32) -> T {
+    T::from_f32(rng.random_range(lo..hi))
+}
+
+/// `n` random elements in `[lo, hi)`.
+pub fn random_elems<T: Element>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<T> {
+    (0..n).map(|_| random_elem(rng, lo, hi)).collect()
+}
+
+/// A tensor of `shape` with `strides`, logical elements uniform in `[lo, hi)`,
+/// gaps poisoned (so a read of a gap shows up as NaN).
+pub fn random_tensor<T: Element + Poison, const N: usize>(
+    rng: &mut StdRng,
+    shape: [usize; N],
+    strides: [usize; N],
+    lo: f32,
+    hi: f32,
+) -> Tensor<T, N> {
+    Tensor::from_fn(shape, strides, T::POISON, |_| random_elem(rng, lo, hi))
+}
+
+// ---------------------------------------------------------------------------
+// Row layouts
+// ---------------------------------------------------------------------------
+
+/// Options of [`random_rows`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowOpts {
+    /// Keep the last valid position (the glimpse token) out of the visual
+    /// tokens, as glimpse_scores requires.
+    pub glimpse_text: bool,
+    /// Most image spans per row.
+    pub max_spans: usize,
+}
+
+impl Default for RowOpts {
+    fn default() -> Self {
+        RowOpts { glimpse_text: true, max_spans: 3 }
+    }
+}
+
+/// A random ragged batch of `batch` rows in a cache of capacity `seq >= 1`:
+/// each row has its own length; some are left-padded (`start > 0`), some
+/// right-padded, some anywhere; a row holds 0 to `max_spans` image spans with
+/// text between them; about one row in five has no visual token at all.
+pub fn random_rows(rng: &mut StdRng, batch: usize, seq: usize, opts: RowOpts) -> Vec<RowSpec> {
+    assert!(seq >= 1 && batch >= 1);
+    (0..batch)
+        .map(|_| {
+            let len = if rng.random_bool(0.2) { seq } else { rng.random_range(1..=seq) };
+            let start = match rng.random_range(0..3) {
+                0 => 0,
+                1 => seq - len,
+                _ => rng.random_range(0..=seq - len),
+            };
+            let end = start + len;
+            let limit = end - usize::from(opts.glimpse_text);
+            let avail = limit - start;
+            let mut visual = Vec::new();
+            if avail > 0 && opts.max_spans > 0 && !rng.random_bool(0.2) {
+                let spans = rng.random_range(1..=opts.max_spans);
+                let mut cuts: Vec<usize> = (0..2 * spans).map(|_| rng.random_range(0..=avail)).collect();
+                cuts.sort_unstable();
+                for pair in cuts.chunks(2) {
+                    visual.extend(start + pair[0]..start + pair[1]);
+                }
+                visual.dedup();
+            }
+            RowSpec { start, end, visual }
+        })
+        .collect()
+}
+
+/// Random importance logits `[B, nv_max]` (storage padded with NaN past each
+/// row's count): half of the cases drawn from a small set of values (exact
+/// ties, and -0.0 beside +0.0), the others uniform in `[-8, 8)`; with
+/// probability `nan` an entry is NaN.
+pub fn random_logits(rng: &mut StdRng, nv: &[usize], nv_max: usize, nan: f64) -> Vec<f32> {
+    const SMALL: [f32; 9] = [-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0, 3.0];
+    let ties = rng.random_bool(0.5);
+    let mut out = vec![f32::NAN; nv.len() * nv_max];
+    for (b, &n) in nv.iter().enumerate() {
+        for i in 0..n {
+            out[b * nv_max + i] = if rng.random_bool(nan) {
+                f32::NAN
+            } else if ties {
+                SMALL[rng.random_range(0..SMALL.len())]
+            } else {
+                rng.random_range(-8.0f32..8.0)
+            };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_rows_are_valid_and_varied() {
+        let mut r = rng(7);
+        let (mut left, mut empty_vis, mut multi_span) = (0, 0, 0);
+        for _ in 0..200 {
+            let rows = random_rows(&mut r, 4, 50, RowOpts::default());
+            foveal::RowLayout::new(50, &rows).expect("random rows must be valid");
+            for row in &rows {
+                assert!(row.visual.iter().all(|&p| p + 1 < row.end), "glimpse token is visual");
+                left += usize::from(row.start > 0);
+                empty_vis += usize::from(row.visual.is_empty());
+                multi_span += usize::from(row.visual.windows(2).any(|w| w[1] > w[0] + 1));
+            }
+        }
+        assert!(left > 50 && empty_vis > 50 && multi_span > 50, "{left} {empty_vis} {multi_span}");
+    }
+
+    #[test]
+    fn random_strides_do_not_overlap() {
+        let mut r = rng(3);
+        for _ in 0..100 {
+            let shape = [r.random_range(1..4), r.random_range(1..6), r.random_range(1..4), r.random_range(1..9)];
+            let t: Tensor<f32, 4> = Tensor::filled(shape, random_strides(&mut r, shape), 0.0);
+            assert_eq!(t.strides[3], 1);
+            let mut seen = std::collections::HashSet::new();
+            for idx in indices(shape) {
+                assert!(seen.insert(t.offset(idx)), "offset reused by {idx:?}");
+            }
+            assert!(t.layout().is_non_overlapping());
+        }
+    }
+
+    #[test]
+    fn tolerance_follows_the_element_type() {
+        assert!(Tol::for_elem::<f32>().rel < Tol::for_elem::<f16>().rel);
+        assert!(Tol::for_elem::<f16>().rel < Tol::for_elem::<bf16>().rel);
+        assert!(Tol::F32.allows(1.0 + 5e-6, 1.0, 0.0));
+        assert!(!Tol::F32.allows(1.0 + 5e-5, 1.0, 0.0));
+        assert!(!Tol::F32.allows(f64::NAN, 1.0, 0.0));
+        let mut buf = [1.0f32; 4];
+        poison(&mut buf);
+        assert!(buf.iter().all(|x| x.is_nan()));
+    }
+}

@@ -1,9 +1,9 @@
 //! CPU reference of compact_kv, gather_rows and keep_positions.
 
-use super::{check_planes, source_slot, KeepPositions, Padding, OP};
+use super::{check_keep_positions, check_planes, source_slot, KeepPositions, Padding, OP};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
-use crate::layout::{Layout, View, ViewMut};
+use crate::layout::{View, ViewMut};
 use crate::rows::RowLayout;
 use crate::select_keep::KeepSet;
 
@@ -14,9 +14,7 @@ use crate::select_keep::KeepSet;
 pub fn keep_positions(rows: &RowLayout, keep: &KeepSet, drop_last: bool, out: &mut KeepPositions) -> Result<()> {
     const WHAT: &str = "keep_positions";
     keep.check_from(WHAT, rows)?;
-    ensure(shape_matches(out, rows, drop_last), || {
-        Error::shape(WHAT, "out", "sized for another row layout or drop_last (use KeepPositions::for_rows)")
-    })?;
+    check_keep_positions(rows, drop_last, (out.width, out.src_seq, out.batch()))?;
     for b in 0..rows.batch() {
         let vis = rows.visual(b);
         let kept = keep.kept(b);
@@ -43,11 +41,6 @@ pub fn keep_positions(rows: &RowLayout, keep: &KeepSet, drop_last: bool, out: &m
         out.lengths[b] = n as i32;
     }
     Ok(())
-}
-
-fn shape_matches(out: &KeepPositions, rows: &RowLayout, drop_last: bool) -> bool {
-    let want = KeepPositions::for_rows(rows, drop_last);
-    out.src_seq == want.src_seq && out.width == want.width && out.lengths.len() == want.lengths.len()
 }
 
 /// Compacts the K and V caches of every layer in one call: `k_src[l]`,
@@ -91,9 +84,9 @@ fn gather_planes<T: bytemuck::Pod>(
     padding: Padding,
     dst: &mut [&mut ViewMut<'_, T, 4>],
 ) -> Result<()> {
-    let src_desc: Vec<([usize; 4], Layout<4>)> = src.iter().map(|v| (v.shape(), *v.layout())).collect();
-    let dst_desc: Vec<([usize; 4], Layout<4>)> = dst.iter().map(|v| (v.shape(), *v.layout())).collect();
-    let dims = check_planes(op, &src_desc, &dst_desc, keep)?;
+    let src_desc: Vec<([usize; 4], [usize; 4])> = src.iter().map(|v| (v.shape(), v.layout().strides())).collect();
+    let dst_desc: Vec<([usize; 4], [usize; 4])> = dst.iter().map(|v| (v.shape(), v.layout().strides())).collect();
+    let dims = check_planes(op, &src_desc, &dst_desc, (keep.batch(), keep.src_seq(), keep.width()))?;
     for (s, d) in src.iter().zip(dst.iter_mut()) {
         for b in 0..dims.batch {
             let row = keep.row(b);

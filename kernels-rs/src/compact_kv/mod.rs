@@ -96,6 +96,28 @@ impl KeepPositions {
     }
 }
 
+/// Checks a keep_positions call: `out` (its width, source capacity and
+/// batch) must be what [`KeepPositions::for_rows`] gives for `rows` and
+/// `drop_last`, and a dropped last position must not be a visual token.
+pub(crate) fn check_keep_positions(
+    rows: &RowLayout,
+    drop_last: bool,
+    out: (usize, usize, usize),
+) -> Result<()> {
+    const WHAT: &str = "keep_positions";
+    let want = KeepPositions::for_rows(rows, drop_last);
+    ensure(out == (want.width, want.src_seq, want.batch()), || {
+        Error::shape(WHAT, "out", "sized for another row layout or drop_last (use for_rows)")
+    })?;
+    for b in 0..rows.batch() {
+        let last = rows.end(b) as i32 - 1;
+        ensure(!drop_last || rows.visual(b).last() != Some(&last), || {
+            Error::value(WHAT, "drop_last", format!("row {b}: the dropped last position {last} is a visual token"))
+        })?;
+    }
+    Ok(())
+}
+
 /// The shared shape of a set of planes `[B, S, H, W]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PlaneDims {
@@ -106,14 +128,15 @@ pub(crate) struct PlaneDims {
     pub width: usize,
 }
 
-/// Checks source and destination planes `[B, S, H, W]` against `keep`: all
-/// sources share one shape and strides, all destinations likewise, and the
-/// destination holds the longest compacted row.
+/// Checks source and destination planes `[B, S, H, W]` against the keep
+/// positions' `(batch, src_seq, width)`: all sources share one shape and
+/// strides, all destinations likewise, and the destination holds the longest
+/// compacted row.
 pub(crate) fn check_planes<L: PartialEq + std::fmt::Debug>(
     op: &'static str,
     src: &[([usize; 4], L)],
     dst: &[([usize; 4], L)],
-    keep: &KeepPositions,
+    (keep_batch, keep_src_seq, keep_width): (usize, usize, usize),
 ) -> Result<PlaneDims> {
     ensure(!src.is_empty(), || Error::shape(op, "src", "no planes to compact"))?;
     ensure(src.len() == dst.len(), || Error::shape(op, "dst", format!("{} destination planes for {} sources", dst.len(), src.len())))?;
@@ -121,13 +144,13 @@ pub(crate) fn check_planes<L: PartialEq + std::fmt::Debug>(
     ensure(dst.iter().all(|d| *d == dst[0]), || Error::shape(op, "dst", "every destination plane must share one shape and strides"))?;
     let [b, s, h, w] = src[0].0;
     let [db, ds, dh, dw] = dst[0].0;
-    ensure(b == keep.batch(), || Error::shape(op, "src", format!("batch {b}, the keep positions have {}", keep.batch())))?;
-    ensure(s >= keep.src_seq(), || {
-        Error::shape(op, "src", format!("sequence capacity {s}, the keep positions index up to {}", keep.src_seq()))
+    ensure(b == keep_batch, || Error::shape(op, "src", format!("batch {b}, the keep positions have {}", keep_batch)))?;
+    ensure(s >= keep_src_seq, || {
+        Error::shape(op, "src", format!("sequence capacity {s}, the keep positions index up to {}", keep_src_seq))
     })?;
     ensure([db, dh, dw] == [b, h, w], || Error::shape(op, "dst", format!("shape {:?} does not match the source {:?}", dst[0].0, src[0].0)))?;
-    ensure(ds >= keep.width(), || {
-        Error::shape(op, "dst", format!("sequence capacity {ds} cannot hold a compacted row of up to {} entries", keep.width()))
+    ensure(ds >= keep_width, || {
+        Error::shape(op, "dst", format!("sequence capacity {ds} cannot hold a compacted row of up to {} entries", keep_width))
     })?;
     Ok(PlaneDims { batch: b, src_seq: s, dst_seq: ds, heads: h, width: w })
 }

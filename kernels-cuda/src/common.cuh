@@ -1,0 +1,68 @@
+// Shared device helpers of foveal's kernels: element conversion, 16-byte
+// vector loads, warp reductions and the dtype dispatch of the launchers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+#include "foveal.h"
+
+namespace foveal {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+struct Vec16 {
+  static constexpr int kElems = 16 / sizeof(T);
+};
+
+// Loads 16 bytes (read-only path) and widens them to floats.
+template <typename T>
+__device__ __forceinline__ void load16_as_float(const T* p, float (&out)[Vec16<T>::kElems]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElems; ++i) out[i] = to_float(e[i]);
+}
+
+// Sum over aligned groups of `kWidth` lanes (a power of two); every lane of
+// the group ends with the group's sum. The order of additions is fixed, so
+// the result is deterministic.
+template <int kWidth>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int offset = kWidth / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Status of the launches just enqueued (no synchronisation).
+inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+}  // namespace foveal
+
+// Runs `body` with `T` bound to the element type of `dtype`.
+#define FOVEAL_DISPATCH_DTYPE(dtype, T, ...)   \
+  switch (dtype) {                             \
+    case FOVEAL_F32: {                         \
+      using T = float;                         \
+      __VA_ARGS__;                             \
+    } break;                                   \
+    case FOVEAL_F16: {                         \
+      using T = __half;                        \
+      __VA_ARGS__;                             \
+    } break;                                   \
+    case FOVEAL_BF16: {                        \
+      using T = __nv_bfloat16;                 \
+      __VA_ARGS__;                             \
+    } break;                                   \
+    default:                                   \
+      return FOVEAL_ERR_UNSUPPORTED;           \
+  }

@@ -1,0 +1,138 @@
+// select_keep: importance logits to the kept visual tokens
+// (SPEC "GlimpsePrune / select_keep"; the rule is restated in the Rust module
+// foveal::select_keep).
+//
+// One block per row. The row keeps its top n tokens for the n the rule gives
+// (count over the threshold, capped by the ratio, raised to min_keep), ranked
+// by logit with ties to the lower index. The n-th largest key is found by a
+// 4-pass most-significant-digit radix select over order-preserving 32-bit
+// keys (histograms in shared memory); then one ordered pass keeps the keys
+// above it and the first `remaining` keys equal to it, and writes the kept
+// indices in ascending order with a block scan. Counts and scans are exact,
+// so the result is deterministic.
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "common.cuh"
+
+namespace foveal {
+namespace {
+
+constexpr int kSelectThreads = 512;
+
+// Order-preserving key: larger logit -> larger key. NaN ranks as -inf and
+// -0.0 as +0.0 (the CPU reference does the same).
+__device__ __forceinline__ uint32_t rank_key(float x) {
+  const float f = isnan(x) ? -CUDART_INF_F : x + 0.0f;
+  const uint32_t bits = __float_as_uint(f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const foveal_select_keep_params p) {
+  using BlockReduce = cub::BlockReduce<int, kSelectThreads>;
+  using BlockScan = cub::BlockScan<int, kSelectThreads>;
+  __shared__ union {
+    typename BlockReduce::TempStorage reduce;
+    typename BlockScan::TempStorage scan;
+  } temp;
+  __shared__ int hist[256];
+  __shared__ int sh_n, sh_remaining, sh_carry_eq, sh_carry_keep;
+  __shared__ uint32_t sh_prefix;
+
+  const int b = blockIdx.x;
+  const int nv = p.nv[b];
+  const float* x = p.logits + b * p.logits_stride_b;
+  int32_t* out = p.keep_idx + b * p.keep_stride_b;
+
+  // 1. How many pass the threshold, and how many the row keeps.
+  int above = 0;
+  for (int i = threadIdx.x; i < nv; i += kSelectThreads) above += static_cast<double>(x[i]) > p.threshold_logit;
+  above = BlockReduce(temp.reduce).Sum(above);
+  if (threadIdx.x == 0) {
+    int n = above;
+    if (p.has_max_ratio) {
+      const int cap = static_cast<int>(floor(static_cast<double>(p.max_ratio) * static_cast<double>(nv)));
+      n = min(n, cap);
+    }
+    n = max(n, min(p.min_keep, nv));
+    sh_n = n;
+    sh_remaining = n;
+    sh_prefix = 0;
+  }
+  __syncthreads();
+  const int n = sh_n;
+
+  // 2. Radix select of the n-th largest key (only when some, not all, are kept).
+  const bool partial = n > 0 && n < nv;
+  if (partial) {
+    uint32_t mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int d = threadIdx.x; d < 256; d += kSelectThreads) hist[d] = 0;
+      __syncthreads();
+      const uint32_t prefix = sh_prefix;
+      for (int i = threadIdx.x; i < nv; i += kSelectThreads) {
+        const uint32_t key = rank_key(x[i]);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        // The digit holding the remaining-th largest of the matching keys.
+        int remaining = sh_remaining;
+        int d = 255;
+        while (hist[d] < remaining) {
+          remaining -= hist[d];
+          --d;
+        }
+        sh_remaining = remaining;
+        sh_prefix = prefix | (static_cast<uint32_t>(d) << shift);
+      }
+      mask |= 0xffu << shift;
+      __syncthreads();
+    }
+  }
+  const uint32_t pivot = sh_prefix;     // the n-th largest key
+  const int take_equal = sh_remaining;  // how many keys equal to the pivot are kept
+
+  // 3. Ordered pass: keep, and write the kept indices ascending.
+  if (threadIdx.x == 0) {
+    sh_carry_eq = 0;
+    sh_carry_keep = 0;
+  }
+  __syncthreads();
+  for (int base = 0; base < nv; base += kSelectThreads) {
+    const int i = base + threadIdx.x;
+    uint32_t key = 0;
+    if (i < nv) key = rank_key(x[i]);
+    const bool eq = partial && i < nv && key == pivot;
+    int eq_rank;
+    int eq_total;
+    BlockScan(temp.scan).ExclusiveSum(static_cast<int>(eq), eq_rank, eq_total);
+    __syncthreads();
+    bool keep = false;
+    if (i < nv) {
+      if (n == nv) keep = true;
+      else if (partial) keep = key > pivot || (eq && sh_carry_eq + eq_rank < take_equal);
+    }
+    int slot;
+    int keep_total;
+    BlockScan(temp.scan).ExclusiveSum(static_cast<int>(keep), slot, keep_total);
+    if (keep) out[sh_carry_keep + slot] = i;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      sh_carry_eq += eq_total;
+      sh_carry_keep += keep_total;
+    }
+    __syncthreads();
+  }
+  for (int j = n + threadIdx.x; j < p.nv_max; j += kSelectThreads) out[j] = -1;
+  if (threadIdx.x == 0) p.keep_count[b] = n;
+}
+
+}  // namespace
+}  // namespace foveal
+
+extern "C" int foveal_select_keep(const foveal_select_keep_params* p, foveal_stream_t stream) {
+  if (p->batch == 0) return 0;
+  foveal::select_keep_kernel<<<p->batch, foveal::kSelectThreads, 0, stream>>>(*p);
+  return foveal::launch_status();
+}

@@ -1,0 +1,7 @@
+// Names of the status codes the launch functions return.
+#include "common.cuh"
+
+extern "C" const char* foveal_status_string(int status) {
+  if (status == FOVEAL_ERR_UNSUPPORTED) return "foveal: configuration not supported by the compiled kernels";
+  return cudaGetErrorString(static_cast<cudaError_t>(status));
+}
