@@ -80,12 +80,8 @@ impl<const N: usize> Layout<N> {
     /// Offset of a multi-index, in elements from the base.
     #[inline]
     pub fn offset(&self, idx: [usize; N]) -> usize {
-        let mut o = 0;
-        for i in 0..N {
-            debug_assert!(idx[i] < self.shape[i]);
-            o += idx[i] * self.strides[i];
-        }
-        o
+        debug_assert!(idx.iter().zip(&self.shape).all(|(i, n)| i < n));
+        idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum()
     }
 
     /// True when no two multi-indices share an element, so the tensor may be
@@ -100,7 +96,7 @@ impl<const N: usize> Layout<N> {
             if stride < extent {
                 return false;
             }
-            extent = stride * (size - 1) + extent;
+            extent += stride * (size - 1);
         }
         true
     }

@@ -109,7 +109,8 @@ fn check_plane<T: Poison + Bits + std::fmt::Debug, const N: usize>(
 /// its kept visual indices.
 fn random_keep(r: &mut StdRng, batch: usize, seq: usize) -> (Vec<RowSpec>, RowLayout, KeepSet, Vec<Vec<usize>>) {
     // the glimpse token may be visual here: keep_positions must drop it anyway
-    let rows = random_rows(r, batch, seq, RowOpts { glimpse_text: r.random_bool(0.5), max_spans: 3 });
+    let glimpse_text = r.random_bool(0.5);
+    let rows = random_rows(r, batch, seq, RowOpts { glimpse_text, max_spans: 3 });
     let layout = RowLayout::new(seq, &rows).unwrap();
     let nv: Vec<usize> = rows.iter().map(|row| row.visual.len()).collect();
     let nv_max = layout.nv_max();
@@ -119,7 +120,7 @@ fn random_keep(r: &mut StdRng, batch: usize, seq: usize) -> (Vec<RowSpec>, RowLa
         1 => KeepRule { threshold: 1.0, max_ratio: None, min_keep: 0 },
         _ => KeepRule {
             threshold: r.random_range(0.0f32..=1.0),
-            max_ratio: r.random_bool(0.5).then(|| r.random_range(0.0f32..=1.0)),
+            max_ratio: if r.random_bool(0.5) { Some(r.random_range(0.0f32..=1.0)) } else { None },
             min_keep: r.random_range(0..=3),
         },
     };
@@ -211,7 +212,7 @@ fn check_compact_kv<T: TestElem>(c: KvCase) {
     let dst_kind = KvKind::pick(&mut r);
     let dst_strides = dst_kind.strides(&mut r, dst_shape);
 
-    let mut make_src = |r: &mut StdRng| {
+    let make_src = |r: &mut StdRng| {
         let mut t: Tensor<T, 4> = random_tensor(r, src_shape, src_strides, -1.0, 1.0);
         // entries outside a row's valid range are never kept: make them NaN
         for idx in indices(src_shape) {
