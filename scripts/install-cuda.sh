@@ -7,20 +7,15 @@
 #
 #   scripts/install-cuda.sh            # install (idempotent), print the exports
 #   scripts/install-cuda.sh --env      # print only `export ...` lines, for eval
-#   scripts/install-cuda.sh --runtime  # also the shared libraries (cuBLAS, cuRAND,
-#                                      # NVRTC, a libcuda link stub) that linking
-#                                      # candle-core's "cuda" feature needs
 #
 # Prefix: $FOVEAL_CUDA_PREFIX, default ~/.cache/foveal/cuda-13.0.
 set -euo pipefail
 
 prefix="${FOVEAL_CUDA_PREFIX:-$HOME/.cache/foveal/cuda-13.0}"
 env_only=0
-runtime=0
 for arg in "$@"; do
   case "$arg" in
     --env) env_only=1 ;;
-    --runtime) runtime=1 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -31,11 +26,6 @@ toolchain_pins=(
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-crt==13.0.88
   nvidia-cuda-cccl==13.0.85
-)
-runtime_pins=(
-  nvidia-cublas==13.0.2.14
-  nvidia-curand==10.4.0.35
-  nvidia-cuda-nvrtc==13.0.88
 )
 
 log() { [ "$env_only" = 1 ] || echo "$@"; }
@@ -55,27 +45,10 @@ if [ ! -f "$stamp" ] || [ ! -x "$cuda_home/bin/nvcc" ]; then
   touch "$stamp"
 fi
 
-libdir="$prefix/lib"
-if [ "$runtime" = 1 ] && [ ! -f "$prefix/.installed-runtime" ]; then
-  log "installing ${runtime_pins[*]}"
-  "$py" -m pip install --quiet --disable-pip-version-check "${runtime_pins[@]}" >&2
-  mkdir -p "$libdir"
-  # Unversioned names for the linker.
-  for lib in cublas cublasLt cudart nvrtc curand; do
-    real=$(ls "$cuda_home"/lib/lib"$lib".so.* 2>/dev/null | sort | head -n 1 || true)
-    [ -n "$real" ] && ln -sf "$real" "$libdir/lib$lib.so"
-  done
-  # A libcuda link stub: the real libcuda.so.1 of the GPU machine's driver
-  # replaces it at run time. It defines every driver symbol cudarc names.
-  "$(dirname "$0")/make-libcuda-stub.sh" "$libdir"
-  touch "$prefix/.installed-runtime"
-fi
-
 if [ "$env_only" = 1 ]; then
   echo "export CUDA_HOME=\"$cuda_home\""
   echo "export NVCC=\"$cuda_home/bin/nvcc\""
   echo "export PATH=\"$cuda_home/bin:\$PATH\""
-  [ -d "$libdir" ] && echo "export LIBRARY_PATH=\"$libdir:$cuda_home/lib:\${LIBRARY_PATH:-}\""
   exit 0
 fi
 

@@ -20,11 +20,12 @@ namespace {
 
 constexpr int kSelectThreads = 512;
 
-// Order-preserving key: larger logit -> larger key. NaN ranks as -inf and
-// -0.0 as +0.0 (the CPU reference does the same).
+// Order-preserving key: larger logit -> larger key; -0.0 ties with +0.0, and
+// NaN takes key 0, below every number (-inf's key is 0x007fffff). The CPU
+// reference orders the same way.
 __device__ __forceinline__ uint32_t rank_key(float x) {
-  const float f = isnan(x) ? -CUDART_INF_F : x + 0.0f;
-  const uint32_t bits = __float_as_uint(f);
+  if (isnan(x)) return 0u;
+  const uint32_t bits = __float_as_uint(x + 0.0f);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
@@ -51,7 +52,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const fovea
   if (threadIdx.x == 0) {
     int n = above;
     if (p.has_max_ratio) {
-      const int cap = static_cast<int>(floor(static_cast<double>(p.max_ratio) * static_cast<double>(nv)));
+      // floor(r * nv), a product within 1e-6 (relative) of an integer counting
+      // as that integer (foveal::select_keep::ratio_cap, same f64 expression).
+      const double x = static_cast<double>(p.max_ratio) * static_cast<double>(nv);
+      const double nearest = round(x);
+      const int cap = static_cast<int>(fabs(x - nearest) <= 1e-6 * x ? nearest : floor(x));
       n = min(n, cap);
     }
     n = max(n, min(p.min_keep, nv));

@@ -88,6 +88,9 @@ impl<const N: usize> Layout<N> {
     /// written in parallel. Checked as: sorted by stride, each stride reaches
     /// past the whole extent of the smaller ones.
     pub fn is_non_overlapping(&self) -> bool {
+        if self.numel() == 0 {
+            return true;
+        }
         let mut dims: Vec<(usize, usize)> =
             (0..N).filter(|&i| self.shape[i] > 1).map(|i| (self.strides[i], self.shape[i])).collect();
         dims.sort_unstable();

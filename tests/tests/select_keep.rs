@@ -102,6 +102,11 @@ fn run(logits: &[Vec<f32>], rule: &KeepRule) -> Vec<Vec<usize>> {
     rows_of(&keep, &layout)
 }
 
+/// [`run`] on a single row.
+fn run1(logits: &[f32], rule: &KeepRule) -> Vec<usize> {
+    run(&[logits.to_vec()], rule).remove(0)
+}
+
 fn rule(threshold: f32, max_ratio: Option<f32>, min_keep: usize) -> KeepRule {
     KeepRule { threshold, max_ratio, min_keep }
 }
@@ -191,9 +196,9 @@ const ROW: [f32; 8] = [0.3, -1.0, 2.0, 0.9, -0.2, 2.0, 1.5, -3.0];
 
 #[test]
 fn ratio_zero_keeps_only_min_keep() {
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.5, Some(0.0), 0))[0], Vec::<usize>::new());
+    assert_eq!(run1(&ROW, &rule(0.5, Some(0.0), 0)), Vec::<usize>::new());
     // the single largest, ties (2.0 at 2 and 5) to the lower index
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.5, Some(0.0), 1))[0], vec![2]);
+    assert_eq!(run1(&ROW, &rule(0.5, Some(0.0), 1)), vec![2]);
     check_rows(&[ROW.to_vec()], &rule(0.5, Some(0.0), 3));
 }
 
@@ -210,21 +215,35 @@ fn ratio_one_is_no_cap() {
 #[test]
 fn ratio_times_nv_exactly_integer() {
     // 8 tokens, every one over t = 0: floor(0.25 * 8) = 2 and floor(0.5 * 8) = 4 exactly.
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.0, Some(0.25), 0))[0], vec![2, 5]);
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.0, Some(0.5), 0))[0], vec![2, 3, 5, 6]);
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.0, Some(0.75), 0))[0].len(), 6);
+    assert_eq!(run1(&ROW, &rule(0.0, Some(0.25), 0)), vec![2, 5]);
+    assert_eq!(run1(&ROW, &rule(0.0, Some(0.5), 0)), vec![2, 3, 5, 6]);
+    assert_eq!(run1(&ROW, &rule(0.0, Some(0.75), 0)).len(), 6);
     // and when fewer than the cap pass, the cap does not add any: p > 0.5
     // holds for 0.3, 2.0, 0.9, 2.0, 1.5 (5 tokens) under a cap of 6.
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.5, Some(0.75), 0))[0], vec![0, 2, 3, 5, 6]);
+    assert_eq!(run1(&ROW, &rule(0.5, Some(0.75), 0)), vec![0, 2, 3, 5, 6]);
+}
+
+/// The cap is floor(r * nv) of the caller's ratio: 0.7 arrives as the f32
+/// 0.69999999 and 0.7 * 10 must still cap at 7 (and 0.3 * 10 at 3), while a
+/// product that is really below an integer still floors.
+#[test]
+fn ratio_products_within_f32_rounding_of_an_integer_count_as_it() {
+    let row: Vec<f32> = (0..10).map(|i| i as f32).collect();
+    assert_eq!(run1(&row, &rule(0.0, Some(0.7), 0)).len(), 7);
+    assert_eq!(run1(&row, &rule(0.0, Some(0.3), 0)).len(), 3);
+    assert_eq!(run1(&row, &rule(0.0, Some(0.69), 0)).len(), 6);
+    let row: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    assert_eq!(run1(&row, &rule(0.0, Some(0.29), 0)).len(), 290);
+    assert_eq!(run1(&row, &rule(0.0, Some(0.2899), 0)).len(), 289);
 }
 
 #[test]
 fn min_keep_larger_than_nv_keeps_all() {
     for m in [8, 9, 100, usize::MAX] {
-        assert_eq!(run(&[ROW.to_vec()], &rule(1.0, Some(0.0), m))[0], (0..8).collect::<Vec<_>>(), "min_keep {m}");
+        assert_eq!(run1(&ROW, &rule(1.0, Some(0.0), m)), (0..8).collect::<Vec<_>>(), "min_keep {m}");
     }
     // min_keep between the count and nv adds the largest remaining
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.9, None, 3))[0], vec![2, 5, 6]);
+    assert_eq!(run1(&ROW, &rule(0.9, None, 3)), vec![2, 5, 6]);
 }
 
 #[test]
@@ -243,12 +262,12 @@ fn rows_without_visual_tokens() {
 #[test]
 fn threshold_zero_and_one() {
     // t = 0: every finite logit has p > 0
-    assert_eq!(run(&[ROW.to_vec()], &rule(0.0, None, 0))[0], (0..8).collect::<Vec<_>>());
+    assert_eq!(run1(&ROW, &rule(0.0, None, 0)), (0..8).collect::<Vec<_>>());
     // t = 1: no p exceeds 1; only min_keep
-    assert_eq!(run(&[ROW.to_vec()], &rule(1.0, None, 0))[0], Vec::<usize>::new());
-    assert_eq!(run(&[ROW.to_vec()], &rule(1.0, None, 2))[0], vec![2, 5]);
+    assert_eq!(run1(&ROW, &rule(1.0, None, 0)), Vec::<usize>::new());
+    assert_eq!(run1(&ROW, &rule(1.0, None, 2)), vec![2, 5]);
     // strict: a logit of exactly 0 (p = 0.5) does not pass t = 0.5, +0 and -0 alike
-    assert_eq!(run(&[vec![0.0, -0.0, 1e-6, -1e-6]], &rule(0.5, None, 0))[0], vec![2]);
+    assert_eq!(run1(&[0.0, -0.0, 1e-6, -1e-6], &rule(0.5, None, 0)), vec![2]);
 }
 
 #[test]
@@ -265,29 +284,27 @@ fn default_rule_is_the_spec_default() {
     let d = KeepRule::default();
     assert_eq!((d.threshold, d.max_ratio, d.min_keep), (0.5, None, 1));
     // all below the threshold: min_keep 1 keeps the argmax
-    assert_eq!(run(&[vec![-3.0, -1.0, -2.0]], &d)[0], vec![1]);
+    assert_eq!(run1(&[-3.0, -1.0, -2.0], &d), vec![1]);
 }
 
 #[test]
 fn nan_never_passes_and_ranks_last() {
     let l = vec![f32::NAN, 1.0, f32::NAN, -1.0];
-    assert_eq!(run(&[l.clone()], &rule(0.5, None, 0))[0], vec![1]);
-    assert_eq!(run(&[l.clone()], &rule(0.0, None, 0))[0], vec![1, 3], "t = 0 must not let NaN through");
-    assert_eq!(run(&[l.clone()], &rule(0.5, None, 2))[0], vec![1, 3]);
+    assert_eq!(run1(&l, &rule(0.5, None, 0)), vec![1]);
+    assert_eq!(run1(&l, &rule(0.0, None, 0)), vec![1, 3], "t = 0 must not let NaN through");
+    assert_eq!(run1(&l, &rule(0.5, None, 2)), vec![1, 3]);
     // the third pick is a NaN, the lower-indexed one
-    assert_eq!(run(&[l.clone()], &rule(0.5, None, 3))[0], vec![0, 1, 3]);
-    assert_eq!(run(&[l.clone()], &rule(0.5, None, 4))[0], vec![0, 1, 2, 3]);
+    assert_eq!(run1(&l, &rule(0.5, None, 3)), vec![0, 1, 3]);
+    assert_eq!(run1(&l, &rule(0.5, None, 4)), vec![0, 1, 2, 3]);
     // a capped row of NaN and numbers keeps the numbers
-    assert_eq!(run(&[vec![f32::NAN, -7.0, f32::NAN, -6.0]], &rule(0.0, Some(0.5), 0))[0], vec![1, 3]);
+    assert_eq!(run1(&[f32::NAN, -7.0, f32::NAN, -6.0], &rule(0.0, Some(0.5), 0)), vec![1, 3]);
 }
 
 /// "A NaN logit ranks below every number" (select_keep/mod.rs): -inf is a
-/// number, so it ranks above a NaN. The reference keys NaN as -inf, so the two
-/// tie and the NaN at the lower index is kept instead.
+/// number, so it ranks above a NaN, even one at a lower index.
 #[test]
-#[ignore = "select_keep reference: NaN ties with -inf instead of ranking below it (mod.rs docs vs cpu.rs key)"]
 fn nan_ranks_below_negative_infinity() {
-    assert_eq!(run(&[vec![f32::NAN, f32::NEG_INFINITY]], &rule(0.5, None, 1))[0], vec![1]);
+    assert_eq!(run1(&[f32::NAN, f32::NEG_INFINITY], &rule(0.5, None, 1)), vec![1]);
 }
 
 /// Where f32 (and f64) sigmoid saturates, the reference ranks and thresholds
@@ -296,19 +313,19 @@ fn nan_ranks_below_negative_infinity() {
 #[test]
 fn saturated_logits_rank_by_logit() {
     let l = vec![30.0, 40.0, 35.0, 40.0, 20.0];
-    assert_eq!(run(&[l.clone()], &rule(0.5, Some(0.2), 0))[0], vec![1]);
-    assert_eq!(run(&[l.clone()], &rule(0.5, Some(0.4), 0))[0], vec![1, 3]);
-    assert_eq!(run(&[l.clone()], &rule(0.5, Some(0.6), 0))[0], vec![1, 2, 3]);
-    assert_eq!(run(&[vec![30.0, 40.0]], &rule(1.0, None, 1))[0], vec![1]);
+    assert_eq!(run1(&l, &rule(0.5, Some(0.2), 0)), vec![1]);
+    assert_eq!(run1(&l, &rule(0.5, Some(0.4), 0)), vec![1, 3]);
+    assert_eq!(run1(&l, &rule(0.5, Some(0.6), 0)), vec![1, 2, 3]);
+    assert_eq!(run1(&[30.0, 40.0], &rule(1.0, None, 1)), vec![1]);
     // t = 1 is never exceeded, even by a saturated logit
-    assert_eq!(run(&[l.clone()], &rule(1.0, None, 0))[0], Vec::<usize>::new());
+    assert_eq!(run1(&l, &rule(1.0, None, 0)), Vec::<usize>::new());
     // the low end: -200 and -100 both give p = 0 in f64, but p > 0 holds exactly
     let low = vec![-200.0, -100.0, f32::NEG_INFINITY, -150.0];
-    assert_eq!(run(&[low.clone()], &rule(0.0, None, 0))[0], vec![0, 1, 3]);
-    assert_eq!(run(&[low.clone()], &rule(0.5, None, 1))[0], vec![1]);
-    assert_eq!(run(&[low], &rule(0.5, None, 2))[0], vec![1, 3]);
+    assert_eq!(run1(&low, &rule(0.0, None, 0)), vec![0, 1, 3]);
+    assert_eq!(run1(&low, &rule(0.5, None, 1)), vec![1]);
+    assert_eq!(run1(&low, &rule(0.5, None, 2)), vec![1, 3]);
     // +inf ranks first
-    assert_eq!(run(&[vec![40.0, f32::INFINITY, 50.0]], &rule(1.0, None, 1))[0], vec![1]);
+    assert_eq!(run1(&[40.0, f32::INFINITY, 50.0], &rule(1.0, None, 1)), vec![1]);
 }
 
 // ---------------------------------------------------------------------------

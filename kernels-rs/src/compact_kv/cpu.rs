@@ -1,8 +1,8 @@
 //! CPU reference of compact_kv, gather_rows and keep_positions.
 
-use super::{check_keep_positions, check_planes, source_slot, KeepPositions, Padding, OP};
+use super::{check_keep_positions, check_layer_counts, check_planes, source_slot, KeepPositions, Padding, OP};
 use crate::dtype::Element;
-use crate::error::{ensure, Error, Result};
+use crate::error::Result;
 use crate::layout::{View, ViewMut};
 use crate::rows::RowLayout;
 use crate::select_keep::KeepSet;
@@ -54,7 +54,7 @@ pub fn compact_kv<'a, T: Element>(
     k_dst: &mut [ViewMut<'a, T, 4>],
     v_dst: &mut [ViewMut<'a, T, 4>],
 ) -> Result<()> {
-    ensure(k_src.len() == v_src.len(), || Error::shape(OP, "v_src", format!("{} V layers for {} K layers", v_src.len(), k_src.len())))?;
+    check_layer_counts(k_src.len(), v_src.len(), k_dst.len(), v_dst.len())?;
     let src: Vec<View<'_, T, 4>> = k_src.iter().chain(v_src).copied().collect();
     let mut dst: Vec<&mut ViewMut<'a, T, 4>> = k_dst.iter_mut().chain(v_dst.iter_mut()).collect();
     gather_planes(OP, &src, keep, padding, &mut dst)

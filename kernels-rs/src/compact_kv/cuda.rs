@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use foveal_sys as ffi;
 
-use super::{check_keep_positions, check_planes, Padding, OP};
+use super::{check_keep_positions, check_layer_counts, check_planes, Padding};
 use crate::cuda::{check_status, ffi_stream, DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
@@ -75,7 +75,7 @@ pub fn compact_kv<'a, T: Element>(
     k_dst: &mut [DevViewMut<'a, T, 4>],
     v_dst: &mut [DevViewMut<'a, T, 4>],
 ) -> Result<()> {
-    ensure(k_src.len() == v_src.len(), || Error::shape(OP, "v_src", format!("{} V layers for {} K layers", v_src.len(), k_src.len())))?;
+    check_layer_counts(k_src.len(), v_src.len(), k_dst.len(), v_dst.len())?;
     let src: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> =
         k_src.iter().chain(v_src).map(|v| { let (p, g) = v.ptr(stream); (p, g, *v.layout()) }).collect();
     let dst: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> = k_dst
@@ -83,7 +83,7 @@ pub fn compact_kv<'a, T: Element>(
         .chain(v_dst.iter_mut())
         .map(|v| { let l = *v.layout(); let (p, g) = v.ptr_mut(stream); (p, g, l) })
         .collect();
-    gather_planes::<T>(OP, stream, &src, keep, padding, &dst)
+    gather_planes::<T>(super::OP, stream, &src, keep, padding, &dst)
 }
 
 /// The same gather for rows of any element type: hidden states `[B, S, W]`,

@@ -118,6 +118,14 @@ pub(crate) fn check_keep_positions(
     Ok(())
 }
 
+/// compact_kv's four cache lists: as many V as K layers, and one destination
+/// per source.
+pub(crate) fn check_layer_counts(k_src: usize, v_src: usize, k_dst: usize, v_dst: usize) -> Result<()> {
+    ensure(k_src == v_src, || Error::shape(OP, "v_src", format!("{v_src} V layers for {k_src} K layers")))?;
+    ensure(k_dst == k_src, || Error::shape(OP, "k_dst", format!("{k_dst} destinations for {k_src} K layers")))?;
+    ensure(v_dst == v_src, || Error::shape(OP, "v_dst", format!("{v_dst} destinations for {v_src} V layers")))
+}
+
 /// The shared shape of a set of planes `[B, S, H, W]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PlaneDims {

@@ -3,7 +3,8 @@
 //!
 //! Per row, with `p = sigmoid(logit)` over the row's `nv` visual tokens:
 //! keep `p > t`; if a max ratio `r` is given and more than `floor(r * nv)`
-//! pass, keep exactly the `floor(r * nv)` largest; if fewer than `min_keep`
+//! pass, keep exactly the `floor(r * nv)` largest (a product within f32
+//! rounding of an integer counts as that integer: [`ratio_cap`]); if fewer than `min_keep`
 //! are kept, add the largest until `min(min_keep, nv)` are.
 //!
 //! Every kept set above is the top-`n` of the row for the `n` the rules give
@@ -11,8 +12,9 @@
 //! counts `n` and selects the top `n`. Ranking and thresholding are done on
 //! the logits, not on `p`: sigmoid is strictly increasing, so the order is the
 //! same, but in f32 it saturates (every logit above ~17 gives `p = 1.0`) and
-//! would turn distinct logits into ties. Ties go to the lower index; a NaN
-//! logit ranks below every number and never passes the threshold.
+//! would turn distinct logits into ties. Ties go to the lower index (-0.0 ties
+//! with +0.0); a NaN logit ranks below every number, -inf included, and never
+//! passes the threshold.
 //!
 //! Out: the kept indices ascending, padded with -1, and the count per row.
 
@@ -71,11 +73,20 @@ impl KeepRule {
     pub(crate) fn count(&self, nv: usize, above: usize) -> usize {
         let mut n = above;
         if let Some(r) = self.max_ratio {
-            let cap = (r as f64 * nv as f64).floor() as usize;
-            n = n.min(cap);
+            n = n.min(ratio_cap(r, nv));
         }
         n.max(self.min_keep.min(nv))
     }
+}
+
+/// `floor(r * nv)`, where a product within f32 rounding (1e-6 relative) of an
+/// integer counts as that integer: `r` arrives as the f32 nearest to the
+/// caller's ratio, so 0.7 * 10 is 6.99999988 and must still cap at 7. The
+/// kernel computes the same expression in f64.
+pub(crate) fn ratio_cap(r: f32, nv: usize) -> usize {
+    let x = r as f64 * nv as f64;
+    let nearest = x.round();
+    if (x - nearest).abs() <= 1e-6 * x { nearest as usize } else { x.floor() as usize }
 }
 
 /// The kept visual indices of a batch on the host: `idx [B, nv_max]`
