@@ -1,1 +1,125 @@
-//! Shared input generators of the benchmarks.
+//! Shared, seeded input generators of foveal's benchmarks.
+//!
+//! Both the criterion benchmarks of the CPU paths (`benches/<op>.rs`) and the
+//! CUDA-event benchmark of the GPU paths (`src/bin/gpu_bench.rs`) draw their
+//! inputs from here, so the two measure the same cases. Everything is seeded
+//! (rand 0.9 [`StdRng`]): the same case gives the same bytes.
+//!
+//! The cases are GlimpsePrune on a Qwen2.5-VL-7B-style model ([`QWEN25_VL_7B`]:
+//! 28 layers, 28 query heads, 4 KV heads, head dim 128, bf16): each batch row is
+//! a chat prompt with one or more images (1,024 to 16,384 visual tokens, see
+//! [`VISUAL_TOKENS`]) between text, and the glimpse token last ([`rows`]).
+//!
+//! One module per op, named after it, each with the same parts:
+//! - `Case`: what to generate (batch, visual tokens, layout, seed...);
+//! - `generate` (host tensors) and, where the GPU bench fills the tensors
+//!   itself, `plan` (only the index structures);
+//! - `floor_bytes`: the bytes the op must read plus write (each input read
+//!   once, each output written once), the numerator of every GB/s figure;
+//! - `baseline`: the CPU baseline each criterion group compares against.
+//!
+//! | op | generator | baseline |
+//! |---|---|---|
+//! | glimpse_scores | [`glimpse_scores::generate`] | [`glimpse_scores::baseline`]: unfused framework ops (repeat_kv, q.k for every key, softmax, gather) |
+//! | select_keep | [`select_keep::generate`] | [`select_keep::baseline`]: sigmoid then a full sort of each row |
+//! | compact_kv | [`compact_kv::generate`], [`compact_kv::plan`] | [`compact_kv::baseline`]: a per-layer loop, one gather per K and per V plane (2L calls) |
+
+pub mod compact_kv;
+pub mod glimpse_scores;
+pub mod rows;
+pub mod select_keep;
+
+use foveal::{Element, Layout};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The attention shape of a decoder: layers, query heads, KV heads, head dim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelDims {
+    pub layers: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl ModelDims {
+    /// Query heads per KV head (GQA group size).
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+}
+
+/// Qwen2.5-VL-7B's language model: 28 layers, 28 query heads, 4 KV heads, head dim 128.
+pub const QWEN25_VL_7B: ModelDims = ModelDims { layers: 28, q_heads: 28, kv_heads: 4, head_dim: 128 };
+
+/// The visual-token counts the benchmarks sweep (a 448x448 image is about
+/// 256 tokens on Qwen2.5-VL; 1K to 16K covers large images, several images and video).
+pub const VISUAL_TOKENS: [usize; 3] = [1024, 4096, 16384];
+
+/// The memory order of a KV cache, viewed as `[B, S, H, D]` either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvLayout {
+    /// `[B, S, H, D]` in memory (flash / vLLM).
+    Bshd,
+    /// `[B, H, S, D]` in memory (candle / HF).
+    Bhsd,
+}
+
+impl KvLayout {
+    pub const ALL: [KvLayout; 2] = [KvLayout::Bshd, KvLayout::Bhsd];
+
+    /// The `[B, S, H, D]` view of a cache of this memory order.
+    pub fn layout(self, b: usize, s: usize, h: usize, d: usize) -> Layout<4> {
+        match self {
+            KvLayout::Bshd => Layout::bshd(b, s, h, d),
+            KvLayout::Bhsd => Layout::bhsd(b, s, h, d),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvLayout::Bshd => "bshd",
+            KvLayout::Bhsd => "bhsd",
+        }
+    }
+}
+
+/// A seeded generator: the same seed gives the same case.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in `[lo, hi)`, rounded to `T`. Never all zeros (zeros
+/// hide unwritten outputs and can run faster than real data).
+pub fn random_elems<T: Element>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<T> {
+    (0..n).map(|_| T::from_f32(rng.random_range(lo..hi))).collect()
+}
+
+/// One standard normal sample (Box-Muller; rand 0.9 has no normal distribution
+/// without rand_distr).
+pub fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]: ln is finite
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// A human-readable byte count (MiB / GiB, binary).
+pub fn fmt_bytes(bytes: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let b = bytes as f64;
+    if b >= 1024.0 * MIB {
+        format!("{:.2} GiB", b / (1024.0 * MIB))
+    } else if b >= MIB {
+        format!("{:.1} MiB", b / MIB)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// Whether a criterion benchmark binary is measuring (`cargo bench` passes
+/// `--bench`) rather than smoke-testing each routine once (`cargo test
+/// --benches`). The benches use small inputs in the second case, so that a
+/// test run stays fast (and unoptimised builds do not crawl over large inputs).
+pub fn criterion_measuring() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}

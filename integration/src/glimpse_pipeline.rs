@@ -173,7 +173,7 @@ pub fn run_cpu(batch: &Batch, rule: &KeepRule) -> Result<Outcome> {
 
     // One compaction over the caches of layers 0..K (layer K's own cache
     // is compacted too: the remaining layers attend to it).
-    let s_new = positions.width();
+    let s_new = positions.max_len();
     let dst_layout = Layout::bhsd(b, s_new, cfg.kv_heads, cfg.head_dim);
     let n = dst_layout.span();
     let (mut k_out, mut v_out) = (vec![vec![bf16::ZERO; n]; cfg.layers + 1], vec![vec![bf16::ZERO; n]; cfg.layers + 1]);
@@ -258,7 +258,8 @@ pub mod cuda {
         let mut positions = DeviceKeepPositions::for_rows(stream, &rows, true)?;
         compact_cuda::keep_positions(stream, &rows, &keep, true, &mut positions)?;
 
-        let s_new = positions.width();
+        // Size the caches to the new maximum length: an explicit readback.
+        let s_new = positions.fetch_max_len(stream)?;
         let dst_layout = Layout::bhsd(b, s_new, cfg.kv_heads, cfg.head_dim);
         let alloc = || stream.alloc_zeros::<bf16>(dst_layout.span()).map_err(err);
         let mut k_out: Vec<_> = (0..=cfg.layers).map(|_| alloc()).collect::<Result<_>>()?;

@@ -26,7 +26,7 @@ fn keeps_every_planted_salient_token_and_prunes_the_rest() {
 fn keeping_everything_only_drops_the_glimpse_token() {
     let batch = Batch::new(Config::default()).unwrap();
     let out = run_cpu(&batch, &KeepRule::keep_all()).unwrap();
-    let (seq, s_new, hkv, d) = (batch.rows.seq(), out.positions.width(), batch.cfg.kv_heads, batch.cfg.head_dim);
+    let (seq, s_new, hkv, d) = (batch.rows.seq(), out.positions.max_len(), batch.cfg.kv_heads, batch.cfg.head_dim);
     assert_eq!(s_new, seq - 1);
     for b in 0..batch.batch() {
         let want: Vec<i32> = (batch.rows.start(b) as i32..batch.rows.end(b) as i32 - 1).collect();

@@ -6,11 +6,13 @@
 //     (binary search of the ascending vis_pos), and zeros in the output rows
 //     past nv[b].
 //  2. scores: grid (split, KV head x head chunk, row). A block streams one
-//     contiguous slice of the row's valid keys for one KV head, reading each
-//     key once with 16-byte loads for all the query heads of its GQA group
-//     (their queries sit in registers), writes scale * q.k for the visual
-//     keys, and keeps the running max and sum of exponentials of its slice
-//     (online log-sum-exp; the flash-decoding split of the keys).
+//     contiguous slice of the row's keys for one KV head, reading each key
+//     once with 16-byte loads for all the query heads of its GQA group (their
+//     queries sit in registers), writes scale * q.k for the visual keys, and
+//     keeps the running max and sum of exponentials of its slice (online
+//     log-sum-exp; the flash-decoding split of the keys). The softmax modes
+//     stream every valid key (the log-sum-exp needs them all); Logits mode
+//     streams the visual keys alone.
 //  3. normalize (LogSoftmax, Softmax only): merges the splits' partials in a
 //     fixed order into the row's log-sum-exp, then rewrites the visual scores.
 // The order of every reduction is fixed, so results are bit-identical run to run.
@@ -31,7 +33,7 @@ __global__ void glimpse_prepare_kernel(const foveal_glimpse_scores_params p) {
   const int n_out = p.nv_max * p.q_heads;
   const int n_items = max(p.seq, n_out);
   for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < n_items; t += gridDim.x * blockDim.x) {
-    if (t < p.seq) {
+    if (t < p.seq && p.mode != FOVEAL_SCORES_LOGITS) {
       int lo = 0, hi = nv;  // lower bound of t in vis[0, nv)
       while (lo < hi) {
         const int mid = (lo + hi) / 2;
@@ -86,14 +88,16 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
     }
   }
 
-  // This block's slice [lo, hi) of the row's valid keys.
-  const int start = p.row_start[b];
-  const int end = p.row_end[b];
-  const int per_split = ceil_div(end - start, p.num_splits);
-  const int lo = start + split * per_split;
-  const int hi = min(end, lo + per_split);
-
+  // This block's slice [lo, hi) of the row's items: its valid keys
+  // (position start + item) or, in Logits mode, its visual keys (vis[item]).
   const bool need_lse = p.mode != FOVEAL_SCORES_LOGITS;
+  const int start = p.row_start[b];
+  const int32_t* vis = p.vis_pos + b * p.vis_stride_b;
+  const int n_items = need_lse ? p.row_end[b] - start : p.nv[b];
+  const int per_split = ceil_div(n_items, p.num_splits);
+  const int lo = split * per_split;
+  const int hi = min(n_items, lo + per_split);
+
   float m[kGroupMax], l[kGroupMax];
 #pragma unroll
   for (int g = 0; g < kGroupMax; ++g) {
@@ -109,15 +113,17 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
   // reaches the shuffles; lanes past the slice compute on zeros and write nothing.
   for (int base = lo; base < hi; base += kKeyGroups * kUnroll) {
     float kv[kUnroll][kChunksPerLane][kVec];
-    int pos[kUnroll];
+    int item[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      pos[u] = base + u * kKeyGroups + key_group;
-      const T* k_row = k_bh + static_cast<int64_t>(pos[u]) * p.k_stride_s;
+      item[u] = base + u * kKeyGroups + key_group;
+      const bool valid = item[u] < hi;
+      const int pos = !valid ? 0 : need_lse ? start + item[u] : vis[item[u]];
+      const T* k_row = k_bh + static_cast<int64_t>(pos) * p.k_stride_s;
 #pragma unroll
       for (int c = 0; c < kChunksPerLane; ++c) {
         const int chunk = c * kLanes + lane;
-        if (pos[u] < hi && chunk < n_chunks) {
+        if (valid && chunk < n_chunks) {
           load16_as_float(k_row + chunk * kVec, kv[u][c]);
         } else {
 #pragma unroll
@@ -138,7 +144,7 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
         }
         s[g] = group_sum<kLanes>(acc) * p.scale;
       }
-      if (pos[u] >= hi) continue;
+      if (item[u] >= hi) continue;
       if (need_lse) {
 #pragma unroll
         for (int g = 0; g < kGroupMax; ++g) {
@@ -147,7 +153,7 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
           m[g] = m_new;
         }
       }
-      const int vi = pos_to_vis[pos[u]];
+      const int vi = need_lse ? pos_to_vis[start + item[u]] : item[u];
       if (vi >= 0) {
 #pragma unroll
         for (int g = 0; g < kGroupMax; ++g) {

@@ -214,6 +214,19 @@ impl DeviceKeepSet {
         })
     }
 
+    /// Uploads a host keep set (from select_keep or `KeepSet::from_rows`).
+    pub fn from_host(stream: &Arc<CudaStream>, keep: &KeepSet) -> Result<Self> {
+        const OP: &str = "DeviceKeepSet::from_host";
+        let (idx, count) = keep.packed();
+        Ok(DeviceKeepSet {
+            layout_id: keep.layout_id,
+            nv_max: keep.nv_max,
+            batch: keep.batch(),
+            idx: upload(stream, OP, idx)?,
+            count: upload(stream, OP, count)?,
+        })
+    }
+
     /// Copies the set to the host (synchronises with the stream).
     pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<KeepSet> {
         const OP: &str = "DeviceKeepSet::to_host";
@@ -232,11 +245,14 @@ impl DeviceKeepSet {
     }
 }
 
-/// [`KeepPositions`] on the device.
+/// [`KeepPositions`] on the device. Its `max_len`, the bound destination
+/// capacities are checked against, is the width until
+/// [`fetch_max_len`](Self::fetch_max_len) reads the lengths back.
 #[derive(Debug)]
 pub struct DeviceKeepPositions {
     pub(crate) src_seq: usize,
     pub(crate) width: usize,
+    pub(crate) max_len: usize,
     pub(crate) batch: usize,
     pub(crate) positions: CudaSlice<i32>,
     pub(crate) lengths: CudaSlice<i32>,
@@ -250,6 +266,7 @@ impl DeviceKeepPositions {
         Ok(DeviceKeepPositions {
             src_seq: keep.src_seq(),
             width: keep.width(),
+            max_len: keep.max_len(),
             batch: keep.batch(),
             positions: upload(stream, OP, positions)?,
             lengths: upload(stream, OP, lengths)?,
@@ -265,14 +282,30 @@ impl DeviceKeepPositions {
         self.width
     }
 
+    /// The bound on every row's compacted length.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Reads the lengths back (synchronising with the stream: the caller's
+    /// explicit choice) and tightens `max_len` to the longest, so that the
+    /// destination caches can be sized to the new maximum length.
+    pub fn fetch_max_len(&mut self, stream: &Arc<CudaStream>) -> Result<usize> {
+        let lengths = download(stream, "DeviceKeepPositions::fetch_max_len", &self.lengths, self.batch)?;
+        self.max_len = lengths.iter().map(|&n| n.max(0) as usize).max().unwrap_or(0);
+        Ok(self.max_len)
+    }
+
     /// Copies the positions to the host (synchronises with the stream).
     pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<KeepPositions> {
         const OP: &str = "DeviceKeepPositions::to_host";
+        let lengths = download(stream, OP, &self.lengths, self.batch)?;
         Ok(KeepPositions {
             src_seq: self.src_seq,
             width: self.width,
+            max_len: lengths.iter().map(|&n| n.max(0) as usize).max().unwrap_or(0),
             positions: download(stream, OP, &self.positions, self.batch * self.width)?,
-            lengths: download(stream, OP, &self.lengths, self.batch)?,
+            lengths,
         })
     }
 }

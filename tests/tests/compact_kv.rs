@@ -680,3 +680,29 @@ fn row_layout_rejects_unsorted_visual() {
         assert!(matches!(res, Err(Error::Value { arg: "visual", .. })), "{bad:?}: {res:?}");
     }
 }
+
+/// On the host, keep_positions knows the compacted lengths, so `max_len` is
+/// exact: a destination of exactly that capacity is accepted and one slot
+/// less is refused.
+#[test]
+fn destination_sized_to_the_exact_new_maximum_length() {
+    let layout = RowLayout::new(10, &[row(0, 10, &[1, 2, 3, 4, 5]), row(3, 10, &[4, 5, 6])]).unwrap();
+    let keep = KeepSet::from_rows(&layout, &[vec![0, 4], vec![1]]).unwrap();
+    let mut pos = KeepPositions::for_rows(&layout, true);
+    keep_positions(&layout, &keep, true, &mut pos).unwrap();
+    // Row 0: 10 - 1 (glimpse) - 5 visual + 2 kept = 6; row 1: 7 - 1 - 3 + 1 = 4.
+    assert_eq!((pos.row(0).len(), pos.row(1).len()), (6, 4));
+    assert_eq!((pos.width(), pos.max_len()), (9, 6));
+    let src = plane([2, 10, 1, 2]);
+    let run = |s_dst: usize| {
+        let mut dst = vec![f32::NAN; 2 * s_dst * 2];
+        gather_rows(
+            &[View::new(&src, Layout::contiguous([2, 10, 2])).unwrap()],
+            &pos,
+            Padding::Right,
+            &mut [ViewMut::contiguous(&mut dst, [2, s_dst, 2]).unwrap()],
+        )
+    };
+    run(6).unwrap();
+    assert_shape(run(5), "gather_rows", "dst");
+}

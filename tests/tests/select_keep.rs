@@ -389,3 +389,25 @@ fn rejects_keep_set_sized_for_another_layout() {
         assert!(matches!(res, Err(Error::Shape { op: "select_keep", arg: "keep", .. })), "{res:?}");
     }
 }
+
+/// A selection made elsewhere enters through KeepSet::from_rows, checked:
+/// indices ascending and below the row's visual count; and it then serves
+/// keep_positions like select_keep's output.
+#[test]
+fn keep_set_from_rows_checks_and_packs() {
+    let layout = RowLayout::new(
+        12,
+        &[RowSpec { start: 0, end: 10, visual: vec![2, 3, 4, 5] }, RowSpec { start: 4, end: 12, visual: vec![6, 7] }],
+    )
+    .unwrap();
+    let set = KeepSet::from_rows(&layout, &[vec![0, 3], vec![]]).unwrap();
+    assert_eq!(set.kept(0), &[0, 3]);
+    assert_eq!(set.kept(1), &[] as &[i32]);
+    assert_eq!(set.packed().0, &[0, 3, -1, -1, -1, -1, -1, -1]);
+    let bad = |kept: &[Vec<usize>]| KeepSet::from_rows(&layout, kept).unwrap_err();
+    assert!(matches!(bad(&[vec![4], vec![]]), Error::Index { arg: "kept", .. }), "index past nv");
+    assert!(matches!(bad(&[vec![1], vec![2]]), Error::Index { arg: "kept", .. }), "row 1 has 2 visual tokens");
+    assert!(matches!(bad(&[vec![2, 1], vec![]]), Error::Value { arg: "kept", .. }), "descending");
+    assert!(matches!(bad(&[vec![1, 1], vec![]]), Error::Value { arg: "kept", .. }), "repeated");
+    assert!(matches!(bad(&[vec![1]]), Error::Shape { arg: "kept", .. }), "missing row");
+}

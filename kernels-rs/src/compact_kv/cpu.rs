@@ -40,6 +40,7 @@ pub fn keep_positions(rows: &RowLayout, keep: &KeepSet, drop_last: bool, out: &m
         }
         out.lengths[b] = n as i32;
     }
+    out.max_len = out.lengths.iter().map(|&n| n as usize).max().unwrap_or(0);
     Ok(())
 }
 
@@ -86,7 +87,7 @@ fn gather_planes<T: bytemuck::Pod>(
 ) -> Result<()> {
     let src_desc: Vec<([usize; 4], [usize; 4])> = src.iter().map(|v| (v.shape(), v.layout().strides())).collect();
     let dst_desc: Vec<([usize; 4], [usize; 4])> = dst.iter().map(|v| (v.shape(), v.layout().strides())).collect();
-    let dims = check_planes(op, &src_desc, &dst_desc, (keep.batch(), keep.src_seq(), keep.width()))?;
+    let dims = check_planes(op, &src_desc, &dst_desc, (keep.batch(), keep.src_seq(), keep.max_len()))?;
     for (s, d) in src.iter().zip(dst.iter_mut()) {
         for b in 0..dims.batch {
             let row = keep.row(b);

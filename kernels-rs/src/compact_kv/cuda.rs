@@ -59,7 +59,10 @@ pub fn keep_positions(
     // kernel computes is below the row's compacted length <= width (checked
     // against for_rows), and no dropped position is visual (checked).
     let status = unsafe { ffi::foveal_keep_positions(&params, stream_ptr) };
-    check_status(WHAT, status)
+    check_status(WHAT, status)?;
+    // The new lengths are known on the device only: bound them by the width.
+    out.max_len = out.width;
+    Ok(())
 }
 
 /// Compacts the K and V caches of every layer in one launch (up to 64
@@ -117,7 +120,7 @@ fn gather_planes<T>(
     let desc = |planes: &[(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)]| -> Vec<([usize; 4], [usize; 4])> {
         planes.iter().map(|(_, _, l)| (l.shape(), l.strides())).collect()
     };
-    let dims = check_planes(op, &desc(src), &desc(dst), (keep.batch, keep.src_seq, keep.width))?;
+    let dims = check_planes(op, &desc(src), &desc(dst), (keep.batch, keep.src_seq, keep.max_len))?;
     let elem = std::mem::size_of::<T>();
     let [ssb, sss, ssh, _] = src[0].2.strides();
     let [dsb, dss, dsh, _] = dst[0].2.strides();
@@ -163,7 +166,7 @@ fn gather_planes<T>(
         // its guard by the caller of this function until the launch is
         // enqueued. `check_planes` gave all planes one validated shape and
         // strides; positions are below keep.src_seq <= the source capacity
-        // and lengths at most keep.width <= the destination capacity, both by
+        // and lengths at most keep.max_len <= the destination capacity, both by
         // construction of the keep positions. Rust's borrows keep the
         // destinations distinct from the sources.
         let status = unsafe { ffi::foveal_gather_positions(&params, stream_ptr) };

@@ -34,12 +34,15 @@ pub enum Padding {
 }
 
 /// Per row, the ascending source positions to keep: `positions [B, width]`
-/// padded with -1, `lengths [B]`. Every position is below `src_seq` and every
-/// length at most `width`, which bounds the compacted length.
+/// padded with -1, `lengths [B]`. Every position is below `src_seq`; every
+/// length is at most `max_len`, the bound a destination capacity is checked
+/// against (exact on the host; on the device `width` until the caller reads
+/// the lengths back).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeepPositions {
     pub(crate) src_seq: usize,
     pub(crate) width: usize,
+    pub(crate) max_len: usize,
     pub(crate) positions: Vec<i32>,
     pub(crate) lengths: Vec<i32>,
 }
@@ -50,7 +53,7 @@ impl KeepPositions {
         const WHAT: &str = "KeepPositions::from_rows";
         ensure(!rows.is_empty(), || Error::shape(WHAT, "rows", "the batch is empty"))?;
         let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let mut kp = KeepPositions { src_seq, width, positions: vec![-1; rows.len() * width], lengths: Vec::new() };
+        let mut kp = KeepPositions { src_seq, width, max_len: width, positions: vec![-1; rows.len() * width], lengths: Vec::new() };
         for (b, row) in rows.iter().enumerate() {
             for (j, &p) in row.iter().enumerate() {
                 ensure(p < src_seq, || Error::index(WHAT, "rows", format!("row {b}: position {p} is not below {src_seq}")))?;
@@ -68,16 +71,21 @@ impl KeepPositions {
     /// `width` is the longest row, less the dropped glimpse token.
     pub fn for_rows(rows: &RowLayout, drop_last: bool) -> Self {
         let width = rows.max_len() - usize::from(drop_last);
-        KeepPositions { src_seq: rows.seq(), width, positions: vec![-1; rows.batch() * width], lengths: vec![0; rows.batch()] }
+        KeepPositions { src_seq: rows.seq(), width, max_len: 0, positions: vec![-1; rows.batch() * width], lengths: vec![0; rows.batch()] }
     }
 
     pub fn batch(&self) -> usize {
         self.lengths.len()
     }
 
-    /// The padded width: no row is longer after compaction.
+    /// The padded width of the positions array: no row can be longer.
     pub fn width(&self) -> usize {
         self.width
+    }
+
+    /// The longest row: the destination capacity compaction needs.
+    pub fn max_len(&self) -> usize {
+        self.max_len
     }
 
     /// The source capacity the positions index.
@@ -137,14 +145,14 @@ pub(crate) struct PlaneDims {
 }
 
 /// Checks source and destination planes `[B, S, H, W]` against the keep
-/// positions' `(batch, src_seq, width)`: all sources share one shape and
+/// positions' `(batch, src_seq, max_len)`: all sources share one shape and
 /// strides, all destinations likewise, and the destination holds the longest
 /// compacted row.
 pub(crate) fn check_planes<L: PartialEq + std::fmt::Debug>(
     op: &'static str,
     src: &[([usize; 4], L)],
     dst: &[([usize; 4], L)],
-    (keep_batch, keep_src_seq, keep_width): (usize, usize, usize),
+    (keep_batch, keep_src_seq, keep_max_len): (usize, usize, usize),
 ) -> Result<PlaneDims> {
     ensure(!src.is_empty(), || Error::shape(op, "src", "no planes to compact"))?;
     ensure(src.len() == dst.len(), || Error::shape(op, "dst", format!("{} destination planes for {} sources", dst.len(), src.len())))?;
@@ -157,8 +165,8 @@ pub(crate) fn check_planes<L: PartialEq + std::fmt::Debug>(
         Error::shape(op, "src", format!("sequence capacity {s}, the keep positions index up to {}", keep_src_seq))
     })?;
     ensure([db, dh, dw] == [b, h, w], || Error::shape(op, "dst", format!("shape {:?} does not match the source {:?}", dst[0].0, src[0].0)))?;
-    ensure(ds >= keep_width, || {
-        Error::shape(op, "dst", format!("sequence capacity {ds} cannot hold a compacted row of up to {} entries", keep_width))
+    ensure(ds >= keep_max_len, || {
+        Error::shape(op, "dst", format!("sequence capacity {ds} cannot hold a compacted row of up to {keep_max_len} entries"))
     })?;
     Ok(PlaneDims { batch: b, src_seq: s, dst_seq: ds, heads: h, width: w })
 }

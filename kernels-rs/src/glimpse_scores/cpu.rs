@@ -17,25 +17,41 @@ pub fn glimpse_scores<T: Element>(
     out: &mut ViewMut<'_, f32, 3>,
 ) -> Result<()> {
     let dims = check(q.shape(), k.shape(), out.shape(), rows, scale)?;
-    let g = dims.group();
-    let mut logits = Vec::new();
+    let (g, d) = (dims.group(), dims.head_dim);
+    let to_f32 = |row: &[T], dst: &mut Vec<f32>| {
+        dst.clear();
+        dst.extend(row.iter().map(|x| x.to_f32()));
+    };
+    let (mut qf, mut kf) = (Vec::with_capacity(dims.q_heads * d), Vec::with_capacity(d));
+    let mut logits = Vec::new(); // [Hq, row length]
     for b in 0..dims.batch {
         let (start, end) = (rows.start(b), rows.end(b));
+        let n = end - start;
+        qf.clear();
         for h in 0..dims.q_heads {
-            let qrow = q.row([b, h, 0]);
-            logits.clear();
-            logits.extend((start..end).map(|p| {
-                let krow = k.row([b, p, h / g, 0]);
-                let dot: f32 = qrow.iter().zip(krow).map(|(a, c)| a.to_f32() * c.to_f32()).sum();
-                dims.scale * dot
-            }));
-            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = m + logits.iter().map(|&s| (s - m).exp()).sum::<f32>().ln();
+            qf.extend(q.row([b, h, 0]).iter().map(|x| x.to_f32()));
+        }
+        logits.clear();
+        logits.resize(dims.q_heads * n, 0.0);
+        // Each key is widened once and used by every query head of its group.
+        for kvh in 0..dims.kv_heads {
+            for p in start..end {
+                to_f32(k.row([b, p, kvh, 0]), &mut kf);
+                for h in kvh * g..(kvh + 1) * g {
+                    let dot: f32 = qf[h * d..(h + 1) * d].iter().zip(&kf).map(|(a, c)| a * c).sum();
+                    logits[h * n + p - start] = dims.scale * dot;
+                }
+            }
+        }
+        for h in 0..dims.q_heads {
+            let s_h = &logits[h * n..(h + 1) * n];
+            let m = s_h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m + s_h.iter().map(|&s| (s - m).exp()).sum::<f32>().ln();
             for i in 0..dims.nv_max {
                 let v = match rows.visual(b).get(i) {
                     None => 0.0,
                     Some(&p) => {
-                        let s = logits[p as usize - start];
+                        let s = s_h[p as usize - start];
                         match mode {
                             ScoreMode::Logits => s,
                             ScoreMode::LogSoftmax => s - lse,

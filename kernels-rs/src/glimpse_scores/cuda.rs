@@ -47,7 +47,9 @@ pub fn glimpse_scores<T: Element>(
     // Flash-decoding split: enough blocks to fill the GPU twice over.
     let head_chunks = dims.group().div_ceil(ffi::FOVEAL_GLIMPSE_MAX_GROUP as usize);
     let blocks_per_split = dims.batch * dims.kv_heads * head_chunks;
-    let max_splits = rows.host().max_len().div_ceil(MIN_KEYS_PER_SPLIT).max(1);
+    // The softmax modes stream every valid key of a row, Logits mode its visual keys.
+    let max_keys = if mode == ScoreMode::Logits { dims.nv_max } else { rows.host().max_len() };
+    let max_splits = max_keys.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
     let num_splits = (2 * sm_count(stream, OP)?).div_ceil(blocks_per_split).clamp(1, max_splits);
 
     let pos_to_vis_bytes = dims.batch * dims.seq * 4;

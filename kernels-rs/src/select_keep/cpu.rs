@@ -1,5 +1,7 @@
 //! CPU reference of select_keep.
 
+use std::cmp::Reverse;
+
 use super::{check, KeepRule, KeepSet};
 use crate::error::Result;
 use crate::layout::View;
@@ -14,10 +16,12 @@ pub fn select_keep(logits: View<'_, f32, 2>, rows: &RowLayout, rule: &KeepRule, 
         let x: Vec<f32> = (0..nv).map(|i| logits.at([b, i])).collect();
         let above = x.iter().filter(|&&v| v as f64 > t).count();
         let n = rule.count(nv, above);
-        // Rank by logit descending, ties to the lower index; NaN below every
-        // number, and -0.0 equal to +0.0 (the kernel's key does the same).
+        // The n largest by (key descending, index ascending).
+        let keys: Vec<u32> = x.iter().map(|&v| rank_key(v)).collect();
         let mut order: Vec<usize> = (0..nv).collect();
-        order.sort_by(|&i, &j| rank_desc(x[i], x[j]).then(i.cmp(&j)));
+        if n < nv {
+            order.select_nth_unstable_by_key(n, |&i| (Reverse(keys[i]), i));
+        }
         let mut kept = order[..n].to_vec();
         kept.sort_unstable();
         let row = &mut keep.idx[b * keep.nv_max..(b + 1) * keep.nv_max];
@@ -31,12 +35,13 @@ pub fn select_keep(logits: View<'_, f32, 2>, rows: &RowLayout, rule: &KeepRule, 
     Ok(())
 }
 
-/// Descending order of logits: NaN last, -0.0 == +0.0.
-fn rank_desc(a: f32, b: f32) -> std::cmp::Ordering {
-    match (a.is_nan(), b.is_nan()) {
-        (true, true) => std::cmp::Ordering::Equal,
-        (true, false) => std::cmp::Ordering::Greater,
-        (false, true) => std::cmp::Ordering::Less,
-        (false, false) => (b + 0.0).total_cmp(&(a + 0.0)),
+/// Order-preserving key of a logit: a larger logit has a larger key; -0.0
+/// ties with +0.0 and NaN takes 0, below every number (-inf's key is
+/// 0x007f_ffff). The kernel uses the same key.
+fn rank_key(x: f32) -> u32 {
+    if x.is_nan() {
+        return 0;
     }
+    let bits = (x + 0.0).to_bits();
+    if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 }
 }

@@ -105,6 +105,24 @@ impl KeepSet {
         KeepSet { layout_id: 0, nv_max: rows.nv_max(), idx: vec![-1; rows.batch() * rows.nv_max()], count: vec![0; rows.batch()] }
     }
 
+    /// A keep set given directly (a selection made elsewhere): per row the
+    /// kept visual indices, strictly ascending and below the row's count.
+    pub fn from_rows(rows: &RowLayout, kept: &[Vec<usize>]) -> Result<Self> {
+        const WHAT: &str = "KeepSet::from_rows";
+        ensure(kept.len() == rows.batch(), || Error::shape(WHAT, "kept", format!("{} rows for a batch of {}", kept.len(), rows.batch())))?;
+        let mut set = KeepSet::new(rows);
+        for (b, row) in kept.iter().enumerate() {
+            for (j, &i) in row.iter().enumerate() {
+                ensure(i < rows.nv(b), || Error::index(WHAT, "kept", format!("row {b}: index {i} is not below its {} visual tokens", rows.nv(b))))?;
+                ensure(j == 0 || row[j - 1] < i, || Error::value(WHAT, "kept", format!("row {b}: indices must be strictly ascending (index {j})")))?;
+                set.idx[b * set.nv_max + j] = i as i32;
+            }
+            set.count[b] = row.len() as i32;
+        }
+        set.layout_id = rows.id();
+        Ok(set)
+    }
+
     pub fn batch(&self) -> usize {
         self.count.len()
     }
