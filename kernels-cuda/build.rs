@@ -8,9 +8,6 @@
 //! a binary built with the feature runs on a machine without a GPU, where the
 //! runtime reports no device instead of failing to load.
 
-const SOURCES: &[&str] = &["src/glimpse_scores.cu", "src/select_keep.cu", "src/compact_kv.cu", "src/status.cu"];
-const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh"];
-
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "cuda")]
@@ -19,9 +16,11 @@ fn main() {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{HEADERS, SOURCES};
     use std::env;
     use std::path::{Path, PathBuf};
+
+    const SOURCES: &[&str] = &["src/glimpse_scores.cu", "src/select_keep.cu", "src/compact_kv.cu", "src/status.cu"];
+    const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh"];
 
     pub fn build() {
         for f in SOURCES.iter().chain(HEADERS) {

@@ -147,6 +147,11 @@ impl Workspace {
     }
 }
 
+/// The kernels put the batch on a grid dimension of at most 65,535 blocks.
+fn check_grid_batch(op: &'static str, batch: usize) -> Result<()> {
+    ensure(batch <= 65_535, || Error::Unsupported { op, msg: format!("a batch of {batch} rows exceeds the 65,535 the kernels' grids take") })
+}
+
 /// Uploads an index array; an empty one becomes one -1 (the kernels never
 /// read it, and a zero-length allocation is not a valid buffer).
 fn upload(stream: &Arc<CudaStream>, op: &'static str, v: &[i32]) -> Result<CudaSlice<i32>> {
@@ -173,6 +178,7 @@ pub struct DeviceRowLayout {
 impl DeviceRowLayout {
     pub fn new(stream: &Arc<CudaStream>, rows: &RowLayout) -> Result<Self> {
         const OP: &str = "DeviceRowLayout::new";
+        check_grid_batch(OP, rows.batch())?;
         let (start, end, nv, vis) = rows.packed();
         Ok(DeviceRowLayout {
             host: rows.clone(),
@@ -262,6 +268,7 @@ impl DeviceKeepPositions {
     /// Uploads validated host positions.
     pub fn from_host(stream: &Arc<CudaStream>, keep: &KeepPositions) -> Result<Self> {
         const OP: &str = "DeviceKeepPositions::from_host";
+        check_grid_batch(OP, keep.batch())?;
         let (positions, lengths) = keep.packed();
         Ok(DeviceKeepPositions {
             src_seq: keep.src_seq(),

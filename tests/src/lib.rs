@@ -12,6 +12,9 @@
 //! than going through foveal's views, so the oracles read the inputs
 //! independently of the code under test.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
+
 use foveal::{DType, Element, Layout, RowSpec, View, ViewMut};
 use half::{bf16, f16};
 use rand::rngs::StdRng;

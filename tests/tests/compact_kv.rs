@@ -706,3 +706,7 @@ fn destination_sized_to_the_exact_new_maximum_length() {
     run(6).unwrap();
     assert_shape(run(5), "gather_rows", "dst");
 }
+
+#[cfg(feature = "cuda")]
+#[path = "compact_kv/gpu.rs"]
+mod gpu;

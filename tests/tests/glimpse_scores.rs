@@ -435,3 +435,7 @@ fn empty_output_view_is_accepted() {
     )
     .unwrap();
 }
+
+#[cfg(feature = "cuda")]
+#[path = "glimpse_scores/gpu.rs"]
+mod gpu;

@@ -411,3 +411,7 @@ fn keep_set_from_rows_checks_and_packs() {
     assert!(matches!(bad(&[vec![1, 1], vec![]]), Error::Value { arg: "kept", .. }), "repeated");
     assert!(matches!(bad(&[vec![1]]), Error::Shape { arg: "kept", .. }), "missing row");
 }
+
+#[cfg(feature = "cuda")]
+#[path = "select_keep/gpu.rs"]
+mod gpu;

@@ -65,8 +65,9 @@ pub fn keep_positions(
     Ok(())
 }
 
-/// Compacts the K and V caches of every layer in one launch (up to 64
-/// layers; more are split into launches of 64): `k_src[l]`, `v_src[l]` are
+/// Compacts the K and V caches of every layer in one launch (up to 128
+/// planes, i.e. 64 layers of K and V; longer lists are cut into launches of
+/// 128 planes): `k_src[l]`, `v_src[l]` are
 /// `[B, S, Hkv, D]` views (any memory order), `k_dst[l]`, `v_dst[l]` their
 /// compacted `[B, S_dst, Hkv, D]` destinations.
 pub fn compact_kv<'a, T: Element>(

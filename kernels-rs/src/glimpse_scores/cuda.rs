@@ -54,11 +54,11 @@ pub fn glimpse_scores<T: Element>(
 
     let pos_to_vis_bytes = dims.batch * dims.seq * 4;
     let partial_bytes = dims.batch * num_splits * dims.q_heads * 2 * 4;
-    let ([pos_to_vis, partial], _ws) = workspace.regions(stream, [pos_to_vis_bytes, partial_bytes])?;
     let (q_ptr, _q) = q.ptr(stream);
     let (k_ptr, _k) = k.ptr(stream);
     check_aligned(OP, "q", q_ptr, 16)?;
     check_aligned(OP, "k", k_ptr, 16)?;
+    let ([pos_to_vis, partial], _ws) = workspace.regions(stream, [pos_to_vis_bytes, partial_bytes])?;
     let out_strides = out.layout().strides();
     let (out_ptr, _o) = out.ptr_mut(stream);
     let (start, _s) = rows.start.device_ptr(stream);
