@@ -55,14 +55,19 @@ device() {
     if "$@" >>"$out/$name.log" 2>&1; then echo "   ok" | tee -a "$out/suite.log"
     else echo "   FAILED (exit $?)" | tee -a "$out/suite.log"; failed=1; fi
   }
-  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee -a "$out/suite.log"
+  if ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/suite.log"; then
+    echo "no GPU here: the device half runs on the GPU machine" >&2
+    return 3
+  fi
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
   for t in "$bin"/test-*; do
     step tests "$t" --test-threads=1
   done
   export FOVEAL_GPU_CASES="${FOVEAL_SANITIZER_CASES:-8}"
   for t in "$bin"/test-*; do
-    step memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$t" gpu --test-threads=1
-    step racecheck compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 "$t" gpu --test-threads=1
+    step memcheck "$sanitizer" --tool memcheck --error-exitcode 9 "$t" gpu --test-threads=1
+    step racecheck "$sanitizer" --tool racecheck --racecheck-report all --error-exitcode 9 "$t" gpu --test-threads=1
   done
   unset FOVEAL_GPU_CASES
   step bench "$bin/gpu_bench" --out "$out/bench.md"
