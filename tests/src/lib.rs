@@ -1,15 +1,21 @@
-//! Shared helpers of the cross-crate tests.
+//! Shared helpers of the cross-crate tests: the CPU tests (the references
+//! against f64 oracles) and the GPU tests (the CUDA paths against the
+//! references) draw their cases with the same generators and poison their
+//! outputs with the same values.
 //!
 //! - seeded generators (rand 0.9 [`StdRng`]) of ragged row layouts
 //!   ([`random_rows`]), of strided memory orders ([`random_strides`],
-//!   [`KvKind`]) and of bf16 / f16 / f32 tensors ([`Tensor`]);
-//! - the tolerance of each element type ([`Tol`]), shared with the GPU tests;
-//! - [`poison`]: fill an output with NaN (or a sentinel for integers) first, so
-//!   that an element the op forgot to write fails the comparison;
-//! - [`Bits`]: exact, bitwise comparison of gathered elements.
+//!   [`KvOrder`]), of elements ([`random_elem`]) and of strided tensors
+//!   ([`Tensor`]);
+//! - the tolerance of each element type ([`Tol`]);
+//! - [`Poison`]: fill an output with a NaN (or a sentinel for integers)
+//!   first, so that an element the op forgot to write fails the comparison;
+//! - [`Bits`]: exact, bitwise comparison of gathered elements;
+//! - `gpu` (feature `cuda`): what only the GPU tests need (the device, host
+//!   and device copies, device views of a [`Tensor`], the number of cases).
 //!
-//! Tensors here compute their own offsets (`sum idx[i] * strides[i]`) rather
-//! than going through foveal's views, so the oracles read the inputs
+//! Tensors here compute their own offsets (`base + sum idx[i] * strides[i]`)
+//! rather than going through foveal's views, so the oracles read the inputs
 //! independently of the code under test.
 
 #[cfg(feature = "cuda")]
@@ -99,33 +105,36 @@ pub fn assert_close(got: &[f64], want: &[f64], magnitude: &[f64], tol: Tol, what
 // Poison and bitwise comparison
 // ---------------------------------------------------------------------------
 
-/// A value an op never produces by itself: NaN for floats, a sentinel for
-/// integers. Outputs are filled with it before a call so that an element the
-/// op did not write cannot pass a comparison.
+/// A value an op never produces by itself: a NaN with a recognisable payload
+/// for the stored float types, a sentinel for integers. Outputs are filled
+/// with it before a call so that an element the op did not write cannot pass
+/// a comparison; compared by [`Bits`], an element left untouched is told
+/// apart from a NaN the op wrote. (The GPU helpers add `DeviceRepr` as a
+/// bound where the value goes to the device.)
 pub trait Poison: Copy {
     const POISON: Self;
 }
 
 impl Poison for f32 {
-    const POISON: Self = f32::NAN;
+    const POISON: Self = f32::from_bits(0x7fc5_a5a5);
 }
 impl Poison for f64 {
     const POISON: Self = f64::NAN;
 }
 impl Poison for f16 {
-    const POISON: Self = f16::NAN;
+    const POISON: Self = f16::from_bits(0x7e5a);
 }
 impl Poison for bf16 {
-    const POISON: Self = bf16::NAN;
+    const POISON: Self = bf16::from_bits(0x7fa5);
 }
 impl Poison for i32 {
-    const POISON: Self = -0x2152_4111; // 0xdeadbeef
+    const POISON: Self = i32::MIN;
 }
 impl Poison for u32 {
     const POISON: Self = 0xdead_beef;
 }
 
-/// Fills `buf` with the poison value (NaN for f32).
+/// Fills `buf` with the poison value (a NaN for floats).
 pub fn poison<T: Poison>(buf: &mut [T]) {
     buf.fill(T::POISON);
 }
@@ -204,39 +213,67 @@ pub fn contiguous_strides<const N: usize>(shape: [usize; N]) -> [usize; N] {
 
 /// Memory order of a KV cache, always viewed as the logical `[B, S, H, D]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvKind {
-    /// Stored `[B, S, H, D]` ([`Layout::bshd`]).
+pub enum KvOrder {
+    /// Stored `[B, S, H, D]` (flash/vLLM): [`Layout::bshd`].
     Bshd,
-    /// Stored `[B, H, S, D]` ([`Layout::bhsd`]).
+    /// Stored `[B, H, S, D]` (candle/HF): [`Layout::bhsd`].
     Bhsd,
-    /// A random permutation of the leading dims, with gaps ([`random_strides`]).
+    /// Stored `[B, H, S_cap, D]` with `S_cap = S + spare`: the first `S`
+    /// slots of a preallocated cache.
+    BhsdSpare(usize),
+    /// A random permutation of the leading dims, with gaps
+    /// ([`random_strides`]); its strides need not be multiples of `D`.
     Padded,
 }
 
-impl KvKind {
-    pub const ALL: [KvKind; 3] = [KvKind::Bshd, KvKind::Bhsd, KvKind::Padded];
-
-    pub fn pick(rng: &mut StdRng) -> KvKind {
-        KvKind::ALL[rng.random_range(0..3)]
+impl KvOrder {
+    /// `Bshd`, `Bhsd` or `Padded`, alike: any memory order (the CPU tests).
+    pub fn pick(rng: &mut StdRng) -> KvOrder {
+        [KvOrder::Bshd, KvOrder::Bhsd, KvOrder::Padded][rng.random_range(0..3)]
     }
 
-    /// Strides of the logical `[B, S, H, D]` view.
+    /// `Bshd`, `Bhsd` or `BhsdSpare` (1 to 7 spare slots), alike: the orders
+    /// of real caches, every stride a multiple of `D`, as the CUDA kernels'
+    /// vector loads want them (the GPU tests).
+    pub fn pick_aligned(rng: &mut StdRng) -> KvOrder {
+        match rng.random_range(0..3) {
+            0 => KvOrder::Bshd,
+            1 => KvOrder::Bhsd,
+            _ => KvOrder::BhsdSpare(rng.random_range(1..8)),
+        }
+    }
+
+    /// Strides of the logical `[B, S, H, D]` view of `shape`; `rng` draws
+    /// those of `Padded` (and nothing for the other orders).
     pub fn strides(self, rng: &mut StdRng, shape: [usize; 4]) -> [usize; 4] {
         let [b, s, h, d] = shape;
         match self {
-            KvKind::Bshd => Layout::bshd(b, s, h, d).strides(),
-            KvKind::Bhsd => Layout::bhsd(b, s, h, d).strides(),
-            KvKind::Padded => random_strides(rng, shape),
+            KvOrder::Bshd => Layout::bshd(b, s, h, d).strides(),
+            KvOrder::Bhsd => Layout::bhsd(b, s, h, d).strides(),
+            KvOrder::BhsdSpare(spare) => {
+                let cap = s + spare;
+                [h * cap * d, d, cap * d, 1]
+            }
+            KvOrder::Padded => random_strides(rng, shape),
         }
+    }
+
+    /// The foveal layout of [`KvOrder::strides`].
+    pub fn layout(self, rng: &mut StdRng, shape: [usize; 4]) -> Layout<4> {
+        Layout::strided(shape, self.strides(rng, shape)).expect("KV layout")
     }
 }
 
-/// An owned strided tensor: storage, logical shape, strides in elements.
+/// An owned strided tensor: storage, logical shape, strides in elements, and
+/// the storage offset of element `[0, .., 0]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor<T, const N: usize> {
     pub data: Vec<T>,
     pub shape: [usize; N],
     pub strides: [usize; N],
+    /// Storage elements before the tensor: 0, but where a test starts a
+    /// tensor past the beginning of its buffer ([`Tensor::offset_by`]).
+    pub base: usize,
 }
 
 impl<T: Copy, const N: usize> Tensor<T, N> {
@@ -248,13 +285,15 @@ impl<T: Copy, const N: usize> Tensor<T, N> {
         1 + (0..N).map(|i| (shape[i] - 1) * strides[i]).sum::<usize>()
     }
 
-    /// A tensor whose every storage element (gaps included) is `fill`.
+    /// A tensor whose every storage element (gaps included) is `fill`. The
+    /// storage holds at least one element, so that an empty tensor is still
+    /// a valid device allocation.
     pub fn filled(shape: [usize; N], strides: [usize; N], fill: T) -> Self {
-        Tensor { data: vec![fill; Self::span(shape, strides)], shape, strides }
+        Tensor { data: vec![fill; Self::span(shape, strides).max(1)], shape, strides, base: 0 }
     }
 
     /// A tensor of `shape` with `strides` whose logical elements are
-    /// `f(index)` and whose gaps are `gap`.
+    /// `f(index)` (called in row-major index order) and whose gaps are `gap`.
     pub fn from_fn(shape: [usize; N], strides: [usize; N], gap: T, mut f: impl FnMut([usize; N]) -> T) -> Self {
         let mut t = Self::filled(shape, strides, gap);
         for idx in indices(shape) {
@@ -264,34 +303,45 @@ impl<T: Copy, const N: usize> Tensor<T, N> {
         t
     }
 
-    /// Offset of a multi-index, computed here (not by foveal).
+    /// The same tensor `n` elements further into its storage, the elements
+    /// put before it `fill`.
+    pub fn offset_by(mut self, n: usize, fill: T) -> Self {
+        self.data.splice(0..0, std::iter::repeat_n(fill, n));
+        self.base += n;
+        self
+    }
+
+    /// Storage offset of a multi-index, computed here (not by foveal).
     pub fn offset(&self, idx: [usize; N]) -> usize {
-        (0..N).map(|i| {
-            assert!(idx[i] < self.shape[i], "index {idx:?} outside {:?}", self.shape);
-            idx[i] * self.strides[i]
-        })
-        .sum()
+        self.base
+            + (0..N)
+                .map(|i| {
+                    assert!(idx[i] < self.shape[i], "index {idx:?} outside {:?}", self.shape);
+                    idx[i] * self.strides[i]
+                })
+                .sum::<usize>()
     }
 
     pub fn get(&self, idx: [usize; N]) -> T {
         self.data[self.offset(idx)]
     }
 
-    /// The foveal layout of this tensor.
+    /// The foveal layout of this tensor (from its base).
     pub fn layout(&self) -> Layout<N> {
         Layout::strided(self.shape, self.strides).expect("test tensor layout")
     }
 
     pub fn view(&self) -> View<'_, T, N> {
-        View::new(&self.data, self.layout()).expect("test tensor view")
+        View::new(&self.data[self.base..], self.layout()).expect("test tensor view")
     }
 
     pub fn view_mut(&mut self) -> ViewMut<'_, T, N> {
         let layout = self.layout();
-        ViewMut::new(&mut self.data, layout).expect("test tensor view")
+        ViewMut::new(&mut self.data[self.base..], layout).expect("test tensor view")
     }
 
-    /// Storage offsets no logical index reaches (the gaps), ascending.
+    /// Storage offsets no logical index reaches (the gaps, the elements
+    /// before the base and any tail), ascending.
     pub fn gap_offsets(&self) -> Vec<usize> {
         let mut used = vec![false; self.data.len()];
         for idx in indices(self.shape) {
@@ -348,18 +398,31 @@ pub struct RowOpts {
     pub glimpse_text: bool,
     /// Most image spans per row.
     pub max_spans: usize,
+    /// Make about one row in ten all visual (every valid position, the
+    /// glimpse token excepted with `glimpse_text`), of the rows that would
+    /// otherwise hold spans.
+    pub all_visual: bool,
 }
 
 impl Default for RowOpts {
     fn default() -> Self {
-        RowOpts { glimpse_text: true, max_spans: 3 }
+        RowOpts { glimpse_text: true, max_spans: 3, all_visual: false }
+    }
+}
+
+impl RowOpts {
+    /// The default options with `all_visual` set (the GPU tests' mix).
+    pub fn with_all_visual(glimpse_text: bool) -> Self {
+        RowOpts { glimpse_text, all_visual: true, ..RowOpts::default() }
     }
 }
 
 /// A random ragged batch of `batch` rows in a cache of capacity `seq >= 1`:
-/// each row has its own length; some are left-padded (`start > 0`), some
-/// right-padded, some anywhere; a row holds 0 to `max_spans` image spans with
-/// text between them; about one row in five has no visual token at all.
+/// each row has its own length; some are full, some left-padded (`end =
+/// seq`), some right-padded (`start = 0`), some anywhere; a row holds 1 to
+/// `max_spans` image spans with text between them, except that about one row
+/// in five has no visual token at all and, with `all_visual`, one in ten is
+/// all visual.
 pub fn random_rows(rng: &mut StdRng, batch: usize, seq: usize, opts: RowOpts) -> Vec<RowSpec> {
     assert!(seq >= 1 && batch >= 1);
     (0..batch)
@@ -372,14 +435,25 @@ pub fn random_rows(rng: &mut StdRng, batch: usize, seq: usize, opts: RowOpts) ->
             };
             let end = start + len;
             let limit = end - usize::from(opts.glimpse_text);
-            let avail = limit - start;
+            let room = limit > start && opts.max_spans > 0;
             let mut visual = Vec::new();
-            if avail > 0 && opts.max_spans > 0 && !rng.random_bool(0.2) {
+            let spans = if opts.all_visual {
+                match rng.random_range(0..10) {
+                    0 => {
+                        visual.extend(start..limit);
+                        false
+                    }
+                    kind => kind >= 3 && room,
+                }
+            } else {
+                room && !rng.random_bool(0.2)
+            };
+            if spans {
                 let spans = rng.random_range(1..=opts.max_spans);
-                let mut cuts: Vec<usize> = (0..2 * spans).map(|_| rng.random_range(0..=avail)).collect();
+                let mut cuts: Vec<usize> = (0..2 * spans).map(|_| rng.random_range(start..=limit)).collect();
                 cuts.sort_unstable();
                 for pair in cuts.chunks(2) {
-                    visual.extend(start + pair[0]..start + pair[1]);
+                    visual.extend(pair[0]..pair[1]);
                 }
                 visual.dedup();
             }
@@ -388,12 +462,13 @@ pub fn random_rows(rng: &mut StdRng, batch: usize, seq: usize, opts: RowOpts) ->
         .collect()
 }
 
+/// Logits with exact ties, and -0.0 beside +0.0.
+pub const TIES: [f32; 9] = [-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0, 3.0];
+
 /// Random importance logits `[B, nv_max]` (storage padded with NaN past each
-/// row's count): half of the cases drawn from a small set of values (exact
-/// ties, and -0.0 beside +0.0), the others uniform in `[-8, 8)`; with
-/// probability `nan` an entry is NaN.
+/// row's count): half of the cases drawn from [`TIES`], the others uniform
+/// in `[-8, 8)`; with probability `nan` an entry is NaN.
 pub fn random_logits(rng: &mut StdRng, nv: &[usize], nv_max: usize, nan: f64) -> Vec<f32> {
-    const SMALL: [f32; 9] = [-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0, 3.0];
     let ties = rng.random_bool(0.5);
     let mut out = vec![f32::NAN; nv.len() * nv_max];
     for (b, &n) in nv.iter().enumerate() {
@@ -401,7 +476,7 @@ pub fn random_logits(rng: &mut StdRng, nv: &[usize], nv_max: usize, nan: f64) ->
             out[b * nv_max + i] = if rng.random_bool(nan) {
                 f32::NAN
             } else if ties {
-                SMALL[rng.random_range(0..SMALL.len())]
+                TIES[rng.random_range(0..TIES.len())]
             } else {
                 rng.random_range(-8.0f32..8.0)
             };
@@ -432,6 +507,36 @@ mod tests {
     }
 
     #[test]
+    fn random_rows_with_all_visual_rows_are_valid() {
+        let mut r = rng(1);
+        // every position but the glimpse token visual, in a row of two or more
+        let full = |row: &RowSpec| row.end - row.start > 1 && row.visual.len() + 1 == row.end - row.start;
+        let mut all_visual = 0;
+        for seq in [1, 2, 7, 100] {
+            for _ in 0..50 {
+                let rows = random_rows(&mut r, 3, seq, RowOpts::with_all_visual(true));
+                foveal::RowLayout::new(seq, &rows).expect("valid rows");
+                assert!(rows.iter().all(|row| row.visual.iter().all(|&p| p + 1 < row.end)));
+                all_visual += rows.iter().filter(|row| full(row)).count();
+            }
+        }
+        assert!(all_visual > 20, "{all_visual}");
+    }
+
+    #[test]
+    fn tensor_places_elements_past_its_base() {
+        let shape = [2, 3, 2, 4];
+        let strides = KvOrder::BhsdSpare(2).strides(&mut rng(0), shape);
+        let t = Tensor::from_fn(shape, strides, -1i32, |[b, s, h, d]| (1000 * b + 100 * s + 10 * h + d) as i32)
+            .offset_by(5, -1);
+        assert_eq!(t.data.len(), 5 + Tensor::<i32, 4>::span(shape, strides));
+        assert_eq!(t.get([1, 2, 1, 3]), 1213);
+        assert_eq!(t.view().at([1, 2, 1, 3]), 1213);
+        assert_eq!(t.data.iter().filter(|&&x| x == -1).count(), t.data.len() - 2 * 3 * 2 * 4);
+        assert_eq!(t.gap_offsets().len(), t.data.len() - 2 * 3 * 2 * 4);
+    }
+
+    #[test]
     fn random_strides_do_not_overlap() {
         let mut r = rng(3);
         for _ in 0..100 {
@@ -456,5 +561,10 @@ mod tests {
         let mut buf = [1.0f32; 4];
         poison(&mut buf);
         assert!(buf.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn poison_is_nan_for_floats() {
+        assert!(f32::POISON.is_nan() && f16::POISON.is_nan() && bf16::POISON.is_nan());
     }
 }

@@ -17,7 +17,7 @@ use foveal::compact_kv::cpu::{compact_kv, gather_rows, keep_positions};
 use foveal::select_keep::cpu::select_keep;
 use foveal::{Error, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, RowSpec, View, ViewMut};
 use foveal_tests::{
-    contiguous_strides, indices, random_logits, random_rows, random_strides, random_tensor, rng, Bits, KvKind,
+    contiguous_strides, indices, random_logits, random_rows, random_strides, random_tensor, rng, Bits, KvOrder,
     Poison, RowOpts, Tensor, TestElem,
 };
 use half::{bf16, f16};
@@ -104,18 +104,11 @@ fn check_plane<T: Poison + Bits + std::fmt::Debug, const N: usize>(
 // Random cases
 // ---------------------------------------------------------------------------
 
-/// A random layout with a keep set computed by select_keep from random logits
-/// and a random rule; returns the layout's rows, the layout, the keep set and
-/// its kept visual indices. The last position may be visual unless it is to
-/// be dropped (keep_positions refuses to drop a visual token).
-fn random_keep(r: &mut StdRng, batch: usize, seq: usize, drop_last: bool) -> (Vec<RowSpec>, RowLayout, KeepSet, Vec<Vec<usize>>) {
-    let glimpse_text = drop_last || r.random_bool(0.5);
-    let rows = random_rows(r, batch, seq, RowOpts { glimpse_text, max_spans: 3 });
-    let layout = RowLayout::new(seq, &rows).unwrap();
-    let nv: Vec<usize> = rows.iter().map(|row| row.visual.len()).collect();
-    let nv_max = layout.nv_max();
-    let logits = random_logits(r, &nv, nv_max, 0.0);
-    let rule = match r.random_range(0..4) {
+/// A random rule, from keep-everything to keep-nothing-but-min_keep: of `n`
+/// equally likely draws, one keeps every token, one only `min_keep` of them
+/// (threshold 1), the others draw a threshold, a ratio and `min_keep`.
+fn random_rule(r: &mut StdRng, n: u32) -> KeepRule {
+    match r.random_range(0..n) {
         0 => KeepRule::keep_all(),
         1 => KeepRule { threshold: 1.0, max_ratio: None, min_keep: 0 },
         _ => KeepRule {
@@ -123,7 +116,21 @@ fn random_keep(r: &mut StdRng, batch: usize, seq: usize, drop_last: bool) -> (Ve
             max_ratio: if r.random_bool(0.5) { Some(r.random_range(0.0f32..=1.0)) } else { None },
             min_keep: r.random_range(0..=3),
         },
-    };
+    }
+}
+
+/// A random layout with a keep set computed by select_keep from random logits
+/// and a random rule; returns the layout's rows, the layout, the keep set and
+/// its kept visual indices. The last position may be visual unless it is to
+/// be dropped (keep_positions refuses to drop a visual token).
+fn random_keep(r: &mut StdRng, batch: usize, seq: usize, drop_last: bool) -> (Vec<RowSpec>, RowLayout, KeepSet, Vec<Vec<usize>>) {
+    let glimpse_text = drop_last || r.random_bool(0.5);
+    let rows = random_rows(r, batch, seq, RowOpts { glimpse_text, ..RowOpts::default() });
+    let layout = RowLayout::new(seq, &rows).unwrap();
+    let nv: Vec<usize> = rows.iter().map(|row| row.visual.len()).collect();
+    let nv_max = layout.nv_max();
+    let logits = random_logits(r, &nv, nv_max, 0.0);
+    let rule = random_rule(r, 4);
     let mut keep = KeepSet::new(&layout);
     select_keep(View::contiguous(&logits, [batch, nv_max]).unwrap(), &layout, &rule, &mut keep).unwrap();
     let kept = (0..batch).map(|b| keep.kept(b).iter().map(|&i| i as usize).collect()).collect();
@@ -206,11 +213,11 @@ fn check_compact_kv<T: TestElem>(c: KvCase) {
     let (rows, kp, want) = positions_of(&mut r, c.batch, c.seq, c.drop_last);
     let padding = if c.left { Padding::Left } else { Padding::Right };
     let src_shape = [c.batch, c.seq, c.heads, c.head_dim];
-    let src_kind = KvKind::pick(&mut r);
-    let src_strides = src_kind.strides(&mut r, src_shape);
+    let src_order = KvOrder::pick(&mut r);
+    let src_strides = src_order.strides(&mut r, src_shape);
     let dst_shape = [c.batch, kp.width() + c.extra, c.heads, c.head_dim];
-    let dst_kind = KvKind::pick(&mut r);
-    let dst_strides = dst_kind.strides(&mut r, dst_shape);
+    let dst_order = KvOrder::pick(&mut r);
+    let dst_strides = dst_order.strides(&mut r, dst_shape);
 
     let make_src = |r: &mut StdRng| {
         let mut t: Tensor<T, 4> = random_tensor(r, src_shape, src_strides, -1.0, 1.0);
@@ -235,7 +242,7 @@ fn check_compact_kv<T: TestElem>(c: KvCase) {
         let mut v_out: Vec<ViewMut<'_, T, 4>> = v_dst.iter_mut().map(Tensor::view_mut).collect();
         compact_kv(&k_views, &v_views, &kp, padding, &mut k_out, &mut v_out).unwrap();
     }
-    let what = format!("{c:?} src {src_kind:?} dst {dst_kind:?}");
+    let what = format!("{c:?} src {src_order:?} dst {dst_order:?}");
     for l in 0..c.layers {
         check_plane(&k_src[l], &k_dst[l], &want, padding, &format!("K layer {l} {what}"));
         check_plane(&v_src[l], &v_dst[l], &want, padding, &format!("V layer {l} {what}"));
@@ -290,11 +297,17 @@ fn check_position_ids(seed: u64, batch: usize, seq: usize, extra: usize, drop_la
         gather_rows(&views, &kp, padding, &mut outs).unwrap();
     }
     for k in 0..3 {
-        let src = Tensor { data: ids[k * plane..(k + 1) * plane].to_vec(), shape: [batch, seq, 1], strides: [seq, 1, 1] };
+        let src = Tensor {
+            data: ids[k * plane..(k + 1) * plane].to_vec(),
+            shape: [batch, seq, 1],
+            strides: [seq, 1, 1],
+            base: 0,
+        };
         let dst = Tensor {
             data: out[k * dst_plane..(k + 1) * dst_plane].to_vec(),
             shape: [batch, dst_seq, 1],
             strides: [dst_seq, 1, 1],
+            base: 0,
         };
         check_plane(&src, &dst, &want, padding, &format!("position ids section {k} seed {seed}"));
     }

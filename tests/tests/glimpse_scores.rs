@@ -8,7 +8,7 @@
 use foveal::glimpse_scores::cpu::glimpse_scores;
 use foveal::{Element, Error, Layout, RowLayout, RowSpec, ScoreMode, View};
 use foveal_tests::{
-    indices, poison, random_rows, random_strides, random_tensor, rng, to_f64, KvKind, Poison, RowOpts, Tensor,
+    indices, poison, random_rows, random_strides, random_tensor, rng, to_f64, KvOrder, Poison, RowOpts, Tensor,
     TestElem, Tol,
 };
 use half::{bf16, f16};
@@ -153,9 +153,9 @@ fn check_case<T: TestElem>(c: Case) {
 
     // k [B, S, Hkv, D] in one of the KV layouts; keys outside a row's valid
     // range are NaN, so a reference that reads them fails.
-    let kind = KvKind::pick(&mut r);
+    let k_order = KvOrder::pick(&mut r);
     let k_shape = [c.batch, c.seq, hkv, d];
-    let k_strides = kind.strides(&mut r, k_shape);
+    let k_strides = k_order.strides(&mut r, k_shape);
     let mut k: Tensor<T, 4> = random_tensor(&mut r, k_shape, k_strides, -1.0, 1.0);
     for idx in indices(k_shape) {
         let row = &rows[idx[0]];
@@ -180,7 +180,7 @@ fn check_case<T: TestElem>(c: Case) {
             match want[b].get(i) {
                 Some(w) => assert!(
                     close(got, &w[h], mode),
-                    "{mode:?} {kind:?} {c:?}: out[{b}, {i}, {h}] = {got}, want {:?}",
+                    "{mode:?} {k_order:?} {c:?}: out[{b}, {i}, {h}] = {got}, want {:?}",
                     w[h]
                 ),
                 None => assert!(

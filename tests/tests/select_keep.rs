@@ -155,7 +155,7 @@ proptest! {
     #[test]
     fn matches_oracle(seed in any::<u64>(), batch in 1usize..=4, seq in 1usize..=200) {
         let mut r = rng(seed);
-        let rows = random_rows(&mut r, batch, seq, RowOpts { glimpse_text: false, max_spans: 3 });
+        let rows = random_rows(&mut r, batch, seq, RowOpts { glimpse_text: false, ..RowOpts::default() });
         let layout = RowLayout::new(seq, &rows).unwrap();
         let nv: Vec<usize> = rows.iter().map(|row| row.visual.len()).collect();
         let nv_max = layout.nv_max();

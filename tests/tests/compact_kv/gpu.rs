@@ -12,36 +12,25 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use foveal::compact_kv::{cpu, cuda};
 use foveal::cuda::{DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
 use foveal::select_keep::cpu::select_keep as cpu_select_keep;
 use foveal::select_keep::cuda::select_keep as cuda_select_keep;
 use foveal::{Error, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, RowSpec, View, ViewMut};
 use foveal_tests::gpu::{
-    assert_bits_eq, assert_untouched, cases, download, for_each_index, gpu, poisoned, random_elem, random_rows, rng, upload,
-    with_split_mut, GpuElem, KvOrder, Poison,
+    assert_bits_eq, assert_untouched, cases, download, gpu, poisoned, upload, with_split_mut, GpuElem,
 };
+use foveal_tests::{indices, random_elem, random_rows, rng, KvOrder, Poison, RowOpts};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use super::random_rule;
+
 // ---------------------------------------------------------------------------
 // Keep sets and positions
 // ---------------------------------------------------------------------------
-
-/// A random rule, from keep-everything to keep-nothing-but-min_keep.
-fn random_rule(r: &mut StdRng) -> KeepRule {
-    match r.random_range(0..5) {
-        0 => KeepRule::keep_all(),
-        1 => KeepRule { threshold: 1.0, max_ratio: None, min_keep: 0 },
-        _ => KeepRule {
-            threshold: r.random_range(0.0f32..=1.0),
-            max_ratio: if r.random_bool(0.5) { Some(r.random_range(0.0f32..=1.0)) } else { None },
-            min_keep: r.random_range(0..=3),
-        },
-    }
-}
 
 /// The layout of contiguous logits `[B, nv_max]` (non-zero strides when
 /// `nv_max` is 0).
@@ -65,11 +54,11 @@ fn random_logits(r: &mut StdRng, rows: &RowLayout) -> Vec<f32> {
 /// is to be dropped) with the positions the CPU keeps for a random keep set.
 fn cpu_positions(r: &mut StdRng, batch: usize, seq: usize, drop_last: bool) -> KeepPositions {
     let glimpse_text = drop_last || r.random_bool(0.5);
-    let rows = RowLayout::new(seq, &random_rows(r, batch, seq, glimpse_text)).expect("rows");
+    let rows = RowLayout::new(seq, &random_rows(r, batch, seq, RowOpts::with_all_visual(glimpse_text))).expect("rows");
     let logits = random_logits(r, &rows);
     let view = View::new(&logits, logits_layout(&rows)).expect("logits view");
     let mut keep = KeepSet::new(&rows);
-    cpu_select_keep(view, &rows, &random_rule(r), &mut keep).expect("select_keep (CPU)");
+    cpu_select_keep(view, &rows, &random_rule(r, 5), &mut keep).expect("select_keep (CPU)");
     let mut kp = KeepPositions::for_rows(&rows, drop_last);
     cpu::keep_positions(&rows, &keep, drop_last, &mut kp).expect("keep_positions (CPU)");
     kp
@@ -148,11 +137,12 @@ fn keep_positions_matches_cpu() {
         let glimpse_text = drop_last || r.random_bool(0.5);
         let batch = r.random_range(1..=5);
         let seq = if n % 10 == 9 { r.random_range(1000..=3000) } else { r.random_range(1..=300) };
-        let rows = RowLayout::new(seq, &random_rows(&mut r, batch, seq, glimpse_text)).expect("rows");
+        let spec = random_rows(&mut r, batch, seq, RowOpts::with_all_visual(glimpse_text));
+        let rows = RowLayout::new(seq, &spec).expect("rows");
         let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
         let (keep, dev_keep, what) = if n % 2 == 0 {
             let logits = random_logits(&mut r, &rows);
-            let rule = random_rule(&mut r);
+            let rule = random_rule(&mut r, 5);
             let mut keep = KeepSet::new(&rows);
             cpu_select_keep(View::new(&logits, logits_layout(&rows)).unwrap(), &rows, &rule, &mut keep)
                 .expect("select_keep (CPU)");
@@ -183,7 +173,7 @@ fn keep_positions_matches_cpu() {
 #[test]
 fn keep_positions_refuses_keep_set_of_another_layout() {
     let Some(stream) = gpu() else { return };
-    let spec = random_rows(&mut rng(22), 3, 40, true);
+    let spec = random_rows(&mut rng(22), 3, 40, RowOpts::with_all_visual(true));
     // the same rows, but another layout (another identity)
     let rows = RowLayout::new(40, &spec).expect("rows");
     let twin = RowLayout::new(40, &spec).expect("rows");
@@ -208,7 +198,7 @@ fn keep_positions_refuses_keep_set_of_another_layout() {
 #[test]
 fn keep_positions_refuses_output_sized_otherwise() {
     let Some(stream) = gpu() else { return };
-    let spec = random_rows(&mut rng(23), 2, 30, true);
+    let spec = random_rows(&mut rng(23), 2, 30, RowOpts::with_all_visual(true));
     let rows = RowLayout::new(30, &spec).expect("rows");
     let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
     let logits_dev = upload(&stream, &vec![1.0f32; (2 * rows.nv_max()).max(1)]);
@@ -259,14 +249,16 @@ struct Planes<T, const N: usize> {
     count: usize,
 }
 
-impl<T: Poison, const N: usize> Planes<T, N> {
+impl<T: Poison + DeviceRepr, const N: usize> Planes<T, N> {
     /// Storage of `fill`, then the logical elements of each plane from `f`.
     fn new(layout: Layout<N>, count: usize, offset: usize, pad: usize, fill: T, mut f: impl FnMut() -> T) -> Self {
         let pitch = layout.span() + pad;
         let mut planes = Planes { data: vec![fill; (offset + count * pitch).max(1)], layout, offset, pitch, count };
         for i in 0..count {
             let base = offset + i * pitch;
-            for_each_index(layout.shape(), |idx| planes.data[base + layout.offset(idx)] = f());
+            for idx in indices(layout.shape()) {
+                planes.data[base + layout.offset(idx)] = f();
+            }
         }
         planes
     }
@@ -327,7 +319,7 @@ impl<T: Poison, const N: usize> Planes<T, N> {
 
 /// Runs `f` with device views of `planes` in separate buffers (`stacked` =
 /// false) or in one buffer, then returns the device storage as host storage.
-fn with_dst_views<T: Poison, const N: usize>(
+fn with_dst_views<T: Poison + DeviceRepr, const N: usize>(
     stream: &Arc<CudaStream>,
     planes: &Planes<T, N>,
     stacked: bool,
@@ -362,7 +354,7 @@ enum SrcBufs<T> {
     Separate(Vec<CudaSlice<T>>),
 }
 
-impl<T: Poison> SrcBufs<T> {
+impl<T: Poison + DeviceRepr> SrcBufs<T> {
     fn new<const N: usize>(stream: &Arc<CudaStream>, planes: &Planes<T, N>, stacked: bool) -> Self {
         if stacked {
             SrcBufs::Stacked(upload(stream, &planes.data))
@@ -420,9 +412,9 @@ fn check_compact<T: GpuElem>(
     dev_kp: &DeviceKeepPositions,
 ) {
     let what = format!("{} {c:?}", std::any::type_name::<T>());
-    let src_layout = c.src_order.layout(c.batch, c.seq, c.heads, c.head_dim);
-    let dst_layout = c.dst_order.layout(c.batch, kp.max_len() + c.extra, c.heads, c.head_dim);
-    let src = Planes::new(src_layout, 2 * c.layers, c.src_offset, c.pad, T::POISON, || random_elem(r, 4.0));
+    let src_layout = c.src_order.layout(r, [c.batch, c.seq, c.heads, c.head_dim]);
+    let dst_layout = c.dst_order.layout(r, [c.batch, kp.max_len() + c.extra, c.heads, c.head_dim]);
+    let src = Planes::new(src_layout, 2 * c.layers, c.src_offset, c.pad, T::POISON, || random_elem(r, -4.0, 4.0));
     let dst = Planes::new(dst_layout, 2 * c.layers, c.dst_offset, c.pad, T::POISON, || T::POISON);
 
     let mut want = dst.clone();
@@ -458,8 +450,8 @@ fn random_kv_case(r: &mut StdRng, many_layers: bool) -> (KvCase, KeepPositions) 
         head_dim: dims[r.random_range(0..dims.len())],
         extra: r.random_range(0..=3),
         padding: if r.random_bool(0.5) { Padding::Right } else { Padding::Left },
-        src_order: KvOrder::pick(r),
-        dst_order: KvOrder::pick(r),
+        src_order: KvOrder::pick_aligned(r),
+        dst_order: KvOrder::pick_aligned(r),
         src_offset: [0, 0, 1][r.random_range(0..3)],
         dst_offset: [0, 0, 1][r.random_range(0..3)],
         pad: [0, 0, 1, 8][r.random_range(0..4)],
@@ -543,9 +535,9 @@ fn compact_kv_into_the_fetched_max_len() {
     let mut shrank = 0;
     for n in 0..cases(40) {
         let (batch, seq) = (r.random_range(1..=4), r.random_range(2..=80));
-        let rows = RowLayout::new(seq, &random_rows(&mut r, batch, seq, true)).expect("rows");
+        let rows = RowLayout::new(seq, &random_rows(&mut r, batch, seq, RowOpts::with_all_visual(true))).expect("rows");
         let logits = random_logits(&mut r, &rows);
-        let rule = random_rule(&mut r);
+        let rule = random_rule(&mut r, 5);
         let mut keep = KeepSet::new(&rows);
         cpu_select_keep(View::new(&logits, logits_layout(&rows)).unwrap(), &rows, &rule, &mut keep).expect("select_keep (CPU)");
         let mut kp = KeepPositions::for_rows(&rows, true);
@@ -671,7 +663,7 @@ fn hidden_random<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64, widths: &[usiz
         let dst_layout = rows_layout(&mut r, batch, dst_seq, w);
         let (src_offset, dst_offset) = (r.random_range(0..=1), r.random_range(0..=1));
         let stacked = r.random_bool(0.5);
-        let src = Planes::new(src_layout, count, src_offset, r.random_range(0..=2), T::POISON, || random_elem(&mut r, 8.0));
+        let src = Planes::new(src_layout, count, src_offset, r.random_range(0..=2), T::POISON, || random_elem(&mut r, -8.0, 8.0));
         let dst = Planes::new(dst_layout, count, dst_offset, r.random_range(0..=2), T::POISON, || T::POISON);
         let what = format!(
             "{} case {n}: W {w}, {count} planes, {padding:?}, src {src_layout:?} +{src_offset}, dst {dst_layout:?} +{dst_offset}",

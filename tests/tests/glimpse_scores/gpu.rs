@@ -16,15 +16,13 @@ use cudarc::driver::CudaStream;
 use foveal::cuda::{DevView, DevViewMut, DeviceRowLayout, Workspace};
 use foveal::glimpse_scores::{cpu, cuda};
 use foveal::{Error, Layout, RowLayout, RowSpec, ScoreMode};
-use foveal_tests::gpu::{
-    assert_bits_eq, assert_untouched, cases, download, gpu, in_sweep, poisoned, random_elem, random_rows, rng, upload,
-    GpuElem, KvOrder, Poison, Strided,
-};
+use foveal_tests::gpu::{assert_bits_eq, assert_untouched, cases, download, gpu, in_sweep, poisoned, upload, GpuElem};
+use foveal_tests::{random_elem, random_rows, rng, Bits, KvOrder, Poison, RowOpts, Tensor};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-const MODES: [ScoreMode; 3] = [ScoreMode::Logits, ScoreMode::LogSoftmax, ScoreMode::Softmax];
+use super::MODES;
 
 /// GQA group sizes: every size one block serves (1..=8), and two that need
 /// several head chunks per KV head.
@@ -57,15 +55,14 @@ impl Order3 {
         }
     }
 
-    /// The layout of `shape` (a zero-sized dim counts as one for the strides).
-    fn layout(self, shape: [usize; 3]) -> Layout<3> {
+    /// The strides of `shape` (a zero-sized dim counts as one for them).
+    fn strides(self, shape: [usize; 3]) -> [usize; 3] {
         let [a, m, n] = shape.map(|x| x.max(1));
-        let strides = match self {
+        match self {
             Order3::Contiguous => [m * n, n, 1],
             Order3::Padded { inner_gap, outer_gap } => [m * (n + inner_gap) + outer_gap, n + inner_gap, 1],
             Order3::MiddleMajor { inner_gap } => [n + inner_gap, a * (n + inner_gap), 1],
-        };
-        Layout::strided(shape, strides).expect("test layout")
+        }
     }
 }
 
@@ -121,7 +118,7 @@ fn random_case<T>(r: &mut StdRng, seed: u64, mode: ScoreMode, long: bool) -> Cas
         },
         mode,
         amp: [0.5f32, 1.0, 3.0][r.random_range(0..3)],
-        k_order: KvOrder::pick(r),
+        k_order: KvOrder::pick_aligned(r),
         q_order: Order3::pick(r, vec),
         out_order: Order3::pick(r, 1),
         offset: r.random_bool(0.25),
@@ -132,10 +129,10 @@ fn random_case<T>(r: &mut StdRng, seed: u64, mode: ScoreMode, long: bool) -> Cas
 struct Inputs<T> {
     rows: Vec<RowSpec>,
     layout: RowLayout,
-    q: Strided<T, 3>,
-    k: Strided<T, 4>,
+    q: Tensor<T, 3>,
+    k: Tensor<T, 4>,
     /// The poisoned output both backends start from.
-    out: Strided<f32, 3>,
+    out: Tensor<f32, 3>,
 }
 
 fn inputs<T: GpuElem>(c: &Case, rows: Vec<RowSpec>) -> Inputs<T> {
@@ -143,18 +140,23 @@ fn inputs<T: GpuElem>(c: &Case, rows: Vec<RowSpec>) -> Inputs<T> {
     let layout = RowLayout::new(c.seq, &rows).expect("rows");
     let hq = c.group * c.kv_heads;
     let offset = if c.offset { vec_elems::<T>() } else { 0 };
-    let q = Strided::from_fn(c.q_order.layout([c.batch, hq, c.head_dim]), offset, T::POISON, |_| random_elem(&mut r, c.amp));
+    let q_shape = [c.batch, hq, c.head_dim];
+    let q = Tensor::from_fn(q_shape, c.q_order.strides(q_shape), T::POISON, |_| random_elem(&mut r, -c.amp, c.amp))
+        .offset_by(offset, T::POISON);
     // Keys outside a row's valid range are poison: reading one makes the
     // row's log-sum-exp NaN.
-    let k_layout = c.k_order.layout(c.batch, c.seq, c.kv_heads, c.head_dim);
-    let k = Strided::from_fn(k_layout, offset, T::POISON, |[b, p, _, _]| {
+    let k_shape = [c.batch, c.seq, c.kv_heads, c.head_dim];
+    let k_strides = c.k_order.strides(&mut r, k_shape);
+    let k = Tensor::from_fn(k_shape, k_strides, T::POISON, |[b, p, _, _]| {
         if p >= rows[b].start && p < rows[b].end {
-            random_elem(&mut r, c.amp)
+            random_elem(&mut r, -c.amp, c.amp)
         } else {
             T::POISON
         }
-    });
-    let out = Strided::filled(c.out_order.layout([c.batch, layout.nv_max(), hq]), 0, f32::POISON);
+    })
+    .offset_by(offset, T::POISON);
+    let out_shape = [c.batch, layout.nv_max(), hq];
+    let out = Tensor::filled(out_shape, c.out_order.strides(out_shape), f32::POISON);
     Inputs { rows, layout, q, k, out }
 }
 
@@ -202,7 +204,7 @@ fn norm<T: GpuElem>(x: &[T]) -> f64 {
 /// the f32 accumulation tolerance, entries past a row's count exactly +0, the
 /// storage outside the view still poison.
 fn compare<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: &[f32]) {
-    let [batch, hq, d] = inp.q.layout.shape();
+    let [batch, hq, d] = inp.q.shape;
     let g = hq / c.kv_heads;
     let (q, k) = (inp.q.view(), inp.k.view());
     let scale = c.scale.unwrap_or(1.0 / (d as f32).sqrt()).abs() as f64;
@@ -219,7 +221,7 @@ fn compare<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: &[f32]) {
             let kn = &k_norm[h / g];
             let big = scale * q_norm * kn.iter().copied().fold(0.0, f64::max);
             for i in 0..inp.layout.nv_max() {
-                let o = inp.out.offset_of([b, i, h]);
+                let o = inp.out.offset([b, i, h]);
                 logical[o] = true;
                 let (gv, wv) = (got[o], want[o]);
                 let Some(&p) = row.visual.get(i) else {
@@ -257,7 +259,7 @@ fn compare<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: &[f32]) {
 
 fn check_case<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, c: &Case) {
     let mut r = rng(c.seed);
-    let inp = inputs::<T>(c, random_rows(&mut r, c.batch, c.seq, true));
+    let inp = inputs::<T>(c, random_rows(&mut r, c.batch, c.seq, RowOpts::with_all_visual(true)));
     let want = run_cpu(&inp, c.scale, c.mode);
     let got = run_gpu(stream, ws, &inp, c.scale, c.mode);
     compare(c, &inp, &got, &want);
@@ -423,7 +425,7 @@ fn deterministic<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
     let mut ws = Workspace::new();
     for n in 0..cases(12) as u64 {
         let c = random_case::<T>(&mut r, seed * 100 + n, MODES[n as usize % 3], n % 2 == 1);
-        let inp = inputs::<T>(&c, random_rows(&mut rng(c.seed), c.batch, c.seq, true));
+        let inp = inputs::<T>(&c, random_rows(&mut rng(c.seed), c.batch, c.seq, RowOpts::with_all_visual(true)));
         let first = run_gpu(stream, &mut ws, &inp, c.scale, c.mode);
         let second = run_gpu(stream, &mut ws, &inp, c.scale, c.mode);
         let third = run_gpu(&other, &mut Workspace::new(), &inp, c.scale, c.mode);
@@ -458,8 +460,8 @@ impl<T: GpuElem> Small<T> {
         let rows = RowLayout::new(6, &[RowSpec { start: 0, end: 6, visual: vec![1, 3] }]).expect("rows");
         let mut r = rng(9);
         // one spare element at the end of each buffer, for the shifted views
-        let q = (0..2 * d + 1).map(|_| random_elem(&mut r, 1.0)).collect();
-        let k = (0..6 * d + 1).map(|_| random_elem(&mut r, 1.0)).collect();
+        let q = (0..2 * d + 1).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
+        let k = (0..6 * d + 1).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
         Small { rows, q, k, d }
     }
 
@@ -532,12 +534,12 @@ fn refuses_q_strides_off_the_vector_width() {
     let Some(stream) = gpu() else { return };
     let mut small = Small::<bf16>::new(8);
     let mut r = rng(4);
-    small.q = (0..2 * 12).map(|_| random_elem(&mut r, 1.0)).collect();
+    small.q = (0..2 * 12).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
     let (res, out) = small.run(&stream, 0, 0, 11);
     assert_unsupported(res, &out, "bf16 q head stride 11");
     let (res, out) = small.run(&stream, 0, 0, 12);
     assert_unsupported(res, &out, "bf16 q head stride 12 (not a multiple of 8)");
-    small.q = (0..2 * 16).map(|_| random_elem(&mut r, 1.0)).collect();
+    small.q = (0..2 * 16).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
     small.run(&stream, 0, 0, 16).0.expect("bf16 q head stride 16");
 }
 

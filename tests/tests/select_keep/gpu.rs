@@ -14,8 +14,9 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use foveal::cuda::{DevView, DeviceKeepSet, DeviceRowLayout};
 use foveal::select_keep::{cpu, cuda};
-use foveal::{Error, KeepRule, KeepSet, Layout, RowLayout, RowSpec, View};
-use foveal_tests::gpu::{cases, gpu, in_sweep, rng, upload};
+use foveal::{Error, KeepRule, KeepSet, Layout, RowLayout, RowSpec};
+use foveal_tests::gpu::{cases, gpu, in_sweep, upload};
+use foveal_tests::{rng, Tensor, TIES};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -33,29 +34,21 @@ fn rows_with_counts(nv: &[usize]) -> RowLayout {
 /// Logits `[B, nv_max]` with row stride `nv_max + gap`, starting `offset`
 /// elements into their storage; entries past a row's count, the gaps and the
 /// leading offset are +inf, which would be kept first if the kernel read them.
-struct Logits {
-    data: Vec<f32>,
-    layout: Layout<2>,
+/// `value(b, i)` gives the entries of each row, in order.
+fn logits_for(
+    rows: &RowLayout,
+    gap: usize,
     offset: usize,
-}
-
-impl Logits {
-    fn new(rows: &RowLayout, gap: usize, offset: usize, mut value: impl FnMut(usize, usize) -> f32) -> Self {
-        let (batch, nv_max) = (rows.batch(), rows.nv_max());
-        let ld = nv_max + gap;
-        let layout = Layout::strided([batch, nv_max], [ld.max(1), 1]).expect("logits layout");
-        let mut data = vec![f32::INFINITY; (offset + batch * ld).max(1)];
-        for b in 0..batch {
-            for i in 0..rows.nv(b) {
-                data[offset + b * ld + i] = value(b, i);
-            }
-        }
-        Logits { data, layout, offset }
-    }
-
-    fn view(&self) -> View<'_, f32, 2> {
-        View::new(&self.data[self.offset..], self.layout).expect("logits view")
-    }
+    mut value: impl FnMut(usize, usize) -> f32,
+) -> Tensor<f32, 2> {
+    let (batch, nv_max) = (rows.batch(), rows.nv_max());
+    let ld = nv_max + gap;
+    let inf = f32::INFINITY;
+    let entry = |[b, i]: [usize; 2]| if i < rows.nv(b) { value(b, i) } else { inf };
+    let mut t = Tensor::from_fn([batch, nv_max], [ld.max(1), 1], inf, entry).offset_by(offset, inf);
+    // the gap after the last row too: `batch` whole rows of `ld`
+    t.data.resize(t.data.len().max(offset + batch * ld), inf);
+    t
 }
 
 /// The kinds of logit values a case draws from.
@@ -71,7 +64,6 @@ enum Values {
     Constant,
 }
 
-const TIES: [f32; 9] = [-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0, 3.0];
 const EXTREMES: [f32; 12] = [
     f32::INFINITY,
     f32::NEG_INFINITY,
@@ -144,17 +136,16 @@ fn random_counts(r: &mut StdRng, large: bool) -> Vec<usize> {
 /// Runs the CUDA path into `keep` (which may hold a previous result).
 fn run_gpu(
     stream: &Arc<CudaStream>,
-    logits: &Logits,
+    logits: &Tensor<f32, 2>,
     rows: &DeviceRowLayout,
     rule: &KeepRule,
     keep: &mut DeviceKeepSet,
 ) -> Result<(), Error> {
-    let dev = upload(stream, &logits.data);
-    let view = DevView::new(dev.slice(logits.offset..), logits.layout).expect("logits device view");
-    cuda::select_keep(stream, &view, rows, rule, keep)
+    let dev = logits.upload(stream);
+    cuda::select_keep(stream, &logits.dev_view(&dev), rows, rule, keep)
 }
 
-fn run_cpu(logits: &Logits, rows: &RowLayout, rule: &KeepRule) -> KeepSet {
+fn run_cpu(logits: &Tensor<f32, 2>, rows: &RowLayout, rule: &KeepRule) -> KeepSet {
     let mut keep = KeepSet::new(rows);
     cpu::select_keep(logits.view(), rows, rule, &mut keep).expect("select_keep (CPU)");
     keep
@@ -187,13 +178,13 @@ fn check_case(stream: &Arc<CudaStream>, r: &mut StdRng, large: bool, what: &str)
     let nan = [0.0, 0.0, 0.05, 0.5][r.random_range(0..4)];
     let gap = r.random_range(0..=3);
     let offset = r.random_range(0..=1);
-    let logits = Logits::new(&rows, gap, offset, |_, _| draw(r, values, nan));
+    let logits = logits_for(&rows, gap, offset, |_, _| draw(r, values, nan));
     let rule = random_rule(r, rows.nv_max());
     let what = format!("{what}: nv {nv:?}, {values:?}, NaN {nan}, {rule:?}");
 
     let dev_rows = DeviceRowLayout::new(stream, &rows).expect("device rows");
     let mut keep = DeviceKeepSet::new(stream, &dev_rows).expect("device keep set");
-    let stale = Logits::new(&rows, 0, 0, |_, _| r.random_range(-1.0f32..1.0));
+    let stale = logits_for(&rows, 0, 0, |_, _| r.random_range(-1.0f32..1.0));
     run_gpu(stream, &stale, &dev_rows, &KeepRule { threshold: 0.5, max_ratio: None, min_keep: 0 }, &mut keep)
         .expect("select_keep (CUDA), first call");
     run_gpu(stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
@@ -232,7 +223,7 @@ fn matches_cpu_on_rule_edges() {
     ];
     let mut item = 0;
     for (name, pattern) in &patterns {
-        let logits = Logits::new(&rows, 1, 0, |b, i| pattern(&mut r, b, i));
+        let logits = logits_for(&rows, 1, 0, |b, i| pattern(&mut r, b, i));
         for threshold in [0.0, 0.3, 0.5, 1.0] {
             for max_ratio in [None, Some(0.0), Some(0.1), Some(0.5), Some(1.0)] {
                 for min_keep in [0, 1, 3, 600, usize::MAX] {
@@ -257,7 +248,7 @@ fn batch_without_visual_tokens() {
     let Some(stream) = gpu() else { return };
     let rows = rows_with_counts(&[0, 0, 0]);
     let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
-    let logits = Logits::new(&rows, 0, 0, |_, _| 0.0);
+    let logits = logits_for(&rows, 0, 0, |_, _| 0.0);
     for rule in [KeepRule::default(), KeepRule::keep_all(), KeepRule { threshold: 0.0, max_ratio: Some(1.0), min_keep: 5 }] {
         let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
         run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
@@ -278,7 +269,7 @@ fn deterministic_runs() {
         let nv = random_counts(&mut r, true);
         let rows = rows_with_counts(&nv);
         let values = if n % 2 == 0 { Values::Ties } else { Values::Uniform };
-        let logits = Logits::new(&rows, 0, 0, |_, _| draw(&mut r, values, 0.05));
+        let logits = logits_for(&rows, 0, 0, |_, _| draw(&mut r, values, 0.05));
         let rule = random_rule(&mut r, rows.nv_max());
         let mut sets = Vec::new();
         for s in [&stream, &stream, &other] {
@@ -318,7 +309,7 @@ fn refuses_keep_set_of_another_layout() {
     let other = rows_with_counts(&[3, 6]);
     let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
     let dev_other = DeviceRowLayout::new(&stream, &other).expect("device rows");
-    let logits = Logits::new(&rows, 0, 0, |_, i| i as f32);
+    let logits = logits_for(&rows, 0, 0, |_, i| i as f32);
     let mut keep = DeviceKeepSet::new(&stream, &dev_other).expect("device keep set");
     let res = run_gpu(&stream, &logits, &dev_rows, &KeepRule::default(), &mut keep);
     assert_refused(&stream, res, &keep, &other, "keep set sized for another layout", |e| {
@@ -338,7 +329,7 @@ fn refuses_logits_of_wrong_shape_and_bad_rules() {
     assert_refused(&stream, res, &keep, &rows, "logits [2, 4] for nv_max 5", |e| {
         matches!(e, Error::Shape { arg: "logits", .. })
     });
-    let logits = Logits::new(&rows, 0, 0, |_, i| i as f32);
+    let logits = logits_for(&rows, 0, 0, |_, i| i as f32);
     for rule in [
         KeepRule { threshold: 1.5, ..KeepRule::default() },
         KeepRule { threshold: f32::NAN, ..KeepRule::default() },
