@@ -1,0 +1,153 @@
+//! Prompts as input embeddings: per row a list of segments (text tokens,
+//! an image's visual embeddings, any other embeddings such as a learned
+//! glimpse token), laid out left-padded into one batch, with the position ids,
+//! the sequence indices of the visual tokens and the valid range of each row
+//! (what foveal's `RowLayout` describes).
+
+use candle_core::{DType, Result, Tensor};
+use foveal::{RowLayout, RowSpec};
+
+use crate::decoder::{attention_mask, Decoder};
+
+/// A piece of a prompt row.
+#[derive(Debug, Clone)]
+pub enum Segment {
+    /// Text token ids.
+    Text(Vec<u32>),
+    /// An image's visual embeddings `[N, Dm]`; their positions are listed in
+    /// [`Prompt::visual`].
+    Image(Tensor),
+    /// Other embeddings `[n, Dm]` (not visual), e.g. a learned glimpse token.
+    Embeds(Tensor),
+}
+
+/// A left-padded batch of prompts. Row `b` is valid at sequence indices
+/// `starts[b]..seq`; its position ids count from 0 at `starts[b]` (padding
+/// slots get 0, hold zero embeddings and are masked).
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    /// `[B, S, Dm]`, the decoder's dtype.
+    pub embeds: Tensor,
+    /// `[B, S]` u32.
+    pub positions: Tensor,
+    /// The same position ids on the host, per row.
+    pub position_ids: Vec<Vec<u32>>,
+    /// Per row, the first valid sequence index.
+    pub starts: Vec<usize>,
+    /// Per row, the sequence indices of the visual tokens (ascending).
+    pub visual: Vec<Vec<usize>>,
+}
+
+impl Prompt {
+    /// Lays out `rows` (each non-empty) left-padded to the longest.
+    pub fn build(decoder: &Decoder, rows: &[Vec<Segment>]) -> Result<Prompt> {
+        if rows.is_empty() {
+            candle_core::bail!("Prompt::build: no rows");
+        }
+        let (dev, dtype, dm) = (decoder.device(), decoder.dtype(), decoder.config().hidden_size);
+        let mut parts = Vec::with_capacity(rows.len());
+        for (b, row) in rows.iter().enumerate() {
+            let (mut pieces, mut visual, mut len) = (Vec::new(), Vec::new(), 0usize);
+            for seg in row {
+                let t = match seg {
+                    Segment::Text(ids) if ids.is_empty() => continue,
+                    Segment::Text(ids) => decoder.embed(&Tensor::from_slice(ids, ids.len(), dev)?)?,
+                    Segment::Image(e) | Segment::Embeds(e) => {
+                        let (n, d) = e.dims2()?;
+                        if d != dm {
+                            candle_core::bail!("Prompt::build: row {b}: embeddings of width {d}, the decoder's is {dm}");
+                        }
+                        if matches!(seg, Segment::Image(_)) {
+                            visual.extend(len..len + n);
+                        }
+                        e.to_dtype(dtype)?
+                    }
+                };
+                len += t.dim(0)?;
+                pieces.push(t);
+            }
+            if len == 0 {
+                candle_core::bail!("Prompt::build: row {b} is empty");
+            }
+            parts.push((Tensor::cat(&pieces, 0)?, visual, len));
+        }
+        let seq = parts.iter().map(|p| p.2).max().unwrap_or(0);
+        let (mut embeds, mut position_ids, mut starts, mut vis) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (e, visual, len) in parts {
+            let start = seq - len;
+            let e = if start > 0 { Tensor::cat(&[&Tensor::zeros((start, dm), dtype, dev)?, &e], 0)? } else { e };
+            embeds.push(e);
+            position_ids.push((0..seq).map(|s| s.saturating_sub(start) as u32).collect::<Vec<_>>());
+            vis.push(visual.into_iter().map(|v| v + start).collect());
+            starts.push(start);
+        }
+        let flat: Vec<u32> = position_ids.concat();
+        Ok(Prompt {
+            embeds: Tensor::stack(&embeds, 0)?,
+            positions: Tensor::from_vec(flat, (starts.len(), seq), dev)?,
+            position_ids,
+            starts,
+            visual: vis,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Sequence length `S` (the longest row).
+    pub fn seq(&self) -> usize {
+        self.position_ids.first().map_or(0, |p| p.len())
+    }
+
+    /// The causal + left-padding additive mask `[B, 1, S, S]` (f32) of a prefill.
+    pub fn mask(&self) -> Result<Tensor> {
+        attention_mask(&self.starts, self.seq(), self.seq(), self.embeds.device())
+    }
+
+    /// Per row, the position id after the last token (where decoding continues).
+    pub fn next_positions(&self) -> Vec<u32> {
+        self.position_ids.iter().map(|p| p.last().map_or(0, |&x| x + 1)).collect()
+    }
+
+    /// The rows as foveal describes them: valid `start..S`, visual positions.
+    pub fn row_specs(&self) -> Vec<RowSpec> {
+        self.starts.iter().zip(&self.visual).map(|(&start, v)| RowSpec { start, end: self.seq(), visual: v.clone() }).collect()
+    }
+
+    /// foveal's checked [`RowLayout`] of the rows (cache capacity `S`).
+    pub fn row_layout(&self) -> foveal::Result<RowLayout> {
+        RowLayout::new(self.seq(), &self.row_specs())
+    }
+
+    /// This prompt with `tokens[b]` appended to row `b` (every row the same
+    /// count), positions continuing.
+    pub fn append_tokens(&self, decoder: &Decoder, tokens: &[Vec<u32>]) -> Result<Prompt> {
+        let b = self.batch();
+        let n = tokens.first().map_or(0, |t| t.len());
+        if tokens.len() != b || tokens.iter().any(|t| t.len() != n) {
+            candle_core::bail!("Prompt::append_tokens: need {b} rows of equal length");
+        }
+        if n == 0 {
+            return Ok(self.clone());
+        }
+        let ids = Tensor::from_vec(tokens.concat(), (b, n), self.embeds.device())?;
+        let embeds = Tensor::cat(&[&self.embeds, &decoder.embed(&ids)?.to_dtype(self.embeds.dtype())?], 1)?;
+        let next = self.next_positions();
+        let position_ids: Vec<Vec<u32>> =
+            self.position_ids.iter().zip(&next).map(|(p, &q)| p.iter().copied().chain(q..q + n as u32).collect()).collect();
+        let positions = Tensor::from_vec(position_ids.concat(), (b, self.seq() + n), self.embeds.device())?;
+        Ok(Prompt { embeds, positions, position_ids, starts: self.starts.clone(), visual: self.visual.clone() })
+    }
+
+    /// The position ids as `[B, S]` of `dtype` (e.g. I64 as HF uses, I32 for foveal's `gather_rows`).
+    pub fn positions_as(&self, dtype: DType) -> Result<Tensor> {
+        self.positions.to_dtype(dtype)
+    }
+}
+
+/// A stand-in tokenizer: the bytes of `text` as token ids (0..256; the
+/// built-in vocabulary has 512).
+pub fn byte_tokens(text: &str) -> Vec<u32> {
+    text.bytes().map(u32::from).collect()
+}
