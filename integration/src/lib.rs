@@ -10,18 +10,28 @@
 //!   left-padded input embeddings with their visual positions), [`model`]
 //!   (the whole model: HF-named safetensors, seeded init, dense generation)
 //!   and [`images`] (seeded synthetic images, image files).
+//! - foveal on candle tensors: [`ops`] (the `glimpse_scores` CustomOp, the
+//!   kept set, one compaction of many caches, the row gather; CPU tensors go to
+//!   foveal's CPU references, CUDA tensors to its CUDA paths in place).
+//! - GlimpsePrune end to end: [`vip`] (the Visual Importance Predictor) and
+//!   [`glimpse`] (glimpse token, pruning at layer K, decoding on the
+//!   compacted cache).
 
 pub mod config;
 pub mod decoder;
+pub mod glimpse;
 pub mod glimpse_pipeline;
 pub mod images;
 pub mod model;
 mod nn;
+pub mod ops;
 pub mod projector;
 pub mod prompt;
+pub mod vip;
 pub mod vision;
 
 pub use config::{ModelConfig, TextConfig, VisionConfig};
+pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
 pub use decoder::{attention_mask, Decoder, Generation, KvCache, MASK_MIN};
 pub use model::{ImageFeatures, LlavaModel};
 pub use nn::Named;

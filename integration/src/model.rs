@@ -146,8 +146,8 @@ impl LlavaModel {
 }
 
 /// The seeded initialiser behind [`LlavaModel::seeded`].
-struct SeededInit {
-    seed: u64,
+pub(crate) struct SeededInit {
+    pub(crate) seed: u64,
 }
 
 impl SeededInit {

@@ -1,0 +1,232 @@
+//! GlimpsePrune (seeds/001) end to end: a glimpse token appended after the
+//! instruction, with a learned embedding added at every decoder layer; the
+//! prefill of layers 0..=K; the glimpse token's attention to the visual tokens
+//! at layer K (foveal glimpse_scores); the Visual Importance Predictor; the
+//! kept set (foveal select_keep); one compaction of the KV caches of layers
+//! 0..=K, of the layer-K hidden states and of the position ids (foveal
+//! compact_kv / gather_rows), the glimpse token dropped; the remaining layers
+//! on the shorter sequence; greedy decoding on the compacted cache. Kept
+//! tokens keep their original position ids.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use foveal::{KeepRule, Padding, ScoreMode};
+
+use crate::config::ModelConfig;
+use crate::decoder::{attention_mask, Generation, KvCache};
+use crate::model::{LlavaModel, SeededInit};
+use crate::nn::Named;
+use crate::ops;
+use crate::prompt::{Prompt, Segment};
+use crate::vip::{Vip, VipConfig};
+
+/// How GlimpsePrune runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlimpseConfig {
+    /// The pruning layer K (0-based): the glimpse attention is read there,
+    /// and layers 0..=K are compacted.
+    pub layer: usize,
+    /// Glimpse attention as the predictor takes it (LLaVA: log-softmax).
+    pub mode: ScoreMode,
+    pub rule: KeepRule,
+    /// The ViT layers (indices into its hidden states, 1 = first block's
+    /// output) that condition the predictor's blocks, one each.
+    pub feature_layers: Vec<usize>,
+    pub vip: VipConfig,
+}
+
+impl GlimpseConfig {
+    /// The paper's defaults for `model`: K = ceil(2L/3) - 1 (0-based), M = 4
+    /// ViT layers sampled uniformly, threshold 0.5, the small predictor.
+    pub fn for_model(model: &ModelConfig) -> Self {
+        let blocks = 4;
+        let n = model.vision.num_layers;
+        GlimpseConfig {
+            layer: (2 * model.text.num_layers).div_ceil(3) - 1,
+            mode: ScoreMode::LogSoftmax,
+            rule: KeepRule::default(),
+            feature_layers: (1..=blocks).map(|m| (m * n).div_ceil(blocks)).collect(),
+            vip: VipConfig::tiny(model.text.num_heads, model.vision.hidden_size),
+        }
+    }
+}
+
+/// The learned parts: the glimpse embeddings `[L, Dm]` and the predictor.
+#[derive(Debug, Clone)]
+pub struct GlimpsePrune {
+    embeddings: Tensor,
+    vip: Vip,
+    cfg: GlimpseConfig,
+}
+
+/// One GlimpsePrune generation and what it did.
+#[derive(Debug)]
+pub struct GlimpseRun {
+    pub generation: Generation,
+    /// Per row, the kept visual indices (into the row's visual tokens).
+    pub kept: Vec<Vec<usize>>,
+    /// Per row, the visual tokens before pruning.
+    pub visual: Vec<usize>,
+    /// KV entries (positions x layers) per row after pruning.
+    pub kv_entries: Vec<usize>,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+impl GlimpsePrune {
+    /// From `vb` (names `glimpse.embeddings`, `vip.…`).
+    pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GlimpseConfig) -> Result<Self> {
+        if cfg.layer >= model.text.num_layers || cfg.feature_layers.len() != cfg.vip.blocks {
+            candle_core::bail!("GlimpseConfig: layer {} of {}, {} feature layers for {} blocks", cfg.layer, model.text.num_layers, cfg.feature_layers.len(), cfg.vip.blocks);
+        }
+        if cfg.feature_layers.iter().any(|&l| l > model.vision.num_layers) {
+            candle_core::bail!("GlimpseConfig: feature layers {:?} past the tower's {}", cfg.feature_layers, model.vision.num_layers);
+        }
+        let embeddings = vb.pp("glimpse").get((model.text.num_layers, model.text.hidden_size), "embeddings")?;
+        Ok(GlimpsePrune { embeddings, vip: Vip::new(vb.pp("vip"), &cfg.vip)?, cfg: cfg.clone() })
+    }
+
+    /// A deterministic random initialisation (the model's seeded scheme).
+    pub fn seeded(model: &ModelConfig, cfg: &GlimpseConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        Self::new(VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()), model, cfg)
+    }
+
+    pub fn load_safetensors(path: impl AsRef<Path>, model: &ModelConfig, cfg: &GlimpseConfig, device: &Device, dtype: DType) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(path, device)?;
+        Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
+    }
+
+    pub fn named_tensors(&self) -> Named {
+        let mut out = vec![("glimpse.embeddings".to_string(), self.embeddings.clone())];
+        self.vip.named_tensors("vip", &mut out);
+        out
+    }
+
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let map: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
+        candle_core::safetensors::save(&map, path)
+    }
+
+    pub fn config(&self) -> &GlimpseConfig {
+        &self.cfg
+    }
+
+    /// The prompt rows `[system][image b][question b][glimpse]`, the glimpse
+    /// token entering with its layer-0 embedding.
+    pub fn prompt(&self, model: &LlavaModel, image_embeds: &Tensor, system: &[u32], questions: &[Vec<u32>]) -> Result<Prompt> {
+        let glimpse = self.embeddings.narrow(0, 0, 1)?;
+        let rows = questions
+            .iter()
+            .enumerate()
+            .map(|(b, q)| {
+                Ok(vec![
+                    Segment::Text(system.to_vec()),
+                    Segment::Image(image_embeds.get(b)?),
+                    Segment::Text(q.clone()),
+                    Segment::Embeds(glimpse.clone()),
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Prompt::build(&model.decoder, &rows)
+    }
+
+    /// Adds layer `l`'s glimpse embedding to the last position (the glimpse
+    /// token of every left-padded row).
+    fn add_glimpse_embedding(&self, hidden: &Tensor, l: usize) -> Result<Tensor> {
+        let (b, s, dm) = hidden.dims3()?;
+        let emb = self.embeddings.get(l)?.to_dtype(hidden.dtype())?.reshape((1, 1, dm))?.broadcast_as((b, 1, dm))?;
+        let before = hidden.narrow(1, 0, s - 1)?;
+        let last = (hidden.narrow(1, s - 1, 1)? + emb)?;
+        Tensor::cat(&[&before, &last], 1)
+    }
+
+    /// Layers 0..=K over the glimpse prompt, one layer at a time (the glimpse
+    /// embedding of each layer is added before it). Returns the layer-K hidden
+    /// states, the cache of layers 0..=K and the glimpse query at layer K.
+    pub fn prefill_to_layer_k(&self, model: &LlavaModel, prompt: &Prompt) -> Result<(Tensor, KvCache, Tensor)> {
+        let dec = &model.decoder;
+        let mask = prompt.mask()?;
+        let mut cache = dec.new_cache();
+        let mut h = prompt.embeds.clone();
+        for l in 0..self.cfg.layer {
+            if l > 0 {
+                h = self.add_glimpse_embedding(&h, l)?;
+            }
+            h = dec.forward_layers(&h, &prompt.positions, Some(&mask), l..l + 1, &mut cache)?;
+        }
+        let k = self.cfg.layer;
+        if k > 0 {
+            h = self.add_glimpse_embedding(&h, k)?;
+        }
+        let (h, captured) = dec.forward_layers_capture(&h, &prompt.positions, Some(&mask), k..k + 1, &mut cache)?;
+        Ok((h, cache, captured.last_query))
+    }
+
+    /// The importance logits `[B, Nv]` of the visual tokens from the
+    /// glimpse query and layer K's keys.
+    pub fn importance(&self, model: &LlavaModel, prompt: &Prompt, query: &Tensor, cache: &KvCache, vit_states: &[Tensor]) -> Result<Tensor> {
+        let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
+        let Some((k, _)) = cache.layer(self.cfg.layer) else { candle_core::bail!("GlimpsePrune: layer K's cache is empty") };
+        let scores = ops::glimpse_scores(query, k, &rows, None, self.cfg.mode)?;
+        let side = model.config.vision.patches_per_side();
+        let grid: Vec<(usize, usize)> = (0..side * side).map(|i| (i / side, i % side)).collect();
+        let features = self.cfg.feature_layers.iter().map(|&l| vit_states[l].clone()).collect::<Vec<_>>();
+        let nv: Vec<usize> = prompt.visual.iter().map(Vec::len).collect();
+        self.vip.forward(&scores, &features, &grid, &nv)
+    }
+
+    /// GlimpsePrune generation of `max_new_tokens` greedy tokens per row for
+    /// images `pixels [B, 3, H, W]` with one question each.
+    pub fn generate(&self, model: &LlavaModel, pixels: &Tensor, system: &[u32], questions: &[Vec<u32>], max_new_tokens: usize) -> Result<GlimpseRun> {
+        let t0 = Instant::now();
+        let dec = &model.decoder;
+        let vit_states = model.vision.forward(pixels)?;
+        let image_embeds = model.projector.forward(&vit_states[model.config.feature_layer_index()])?;
+        let prompt = self.prompt(model, &image_embeds, system, questions)?;
+        let (h, mut cache, query) = self.prefill_to_layer_k(model, &prompt)?;
+        let logits = self.importance(model, &prompt, &query, &cache, &vit_states)?;
+
+        // One-shot pruning: the kept set, then one compaction of layers 0..=K.
+        let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
+        let mut plan = ops::plan_keep(&logits, &rows, &self.cfg.rule, true)?;
+        let s_new = plan.fetch_max_len()?;
+        let k = self.cfg.layer;
+        let caches = (0..=k).map(|l| cache.layer(l).cloned()).collect::<Option<Vec<_>>>();
+        let Some(caches) = caches else { candle_core::bail!("GlimpsePrune: a layer before K has no cache") };
+        for (l, (kc, vc)) in ops::compact_kv(&caches, &plan, Padding::Left)?.into_iter().enumerate() {
+            cache.set_layer(l, kc, vc);
+        }
+        let h = ops::gather_rows(&h, &plan, Padding::Left)?;
+        let (b, s) = prompt.positions.dims2()?;
+        let positions = ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?.reshape((b, s_new))?;
+        let lengths: Vec<usize> = {
+            let kept = plan.positions()?;
+            (0..b).map(|row| kept.row(row).len()).collect()
+        };
+        let starts: Vec<usize> = lengths.iter().map(|&n| s_new - n).collect();
+
+        // The remaining layers on the shorter sequence, then decoding.
+        let mask = attention_mask(&starts, s_new, s_new, h.device())?;
+        let h = dec.forward_layers(&h, &positions, Some(&mask), k + 1..dec.num_layers(), &mut cache)?;
+        let first = dec.last_logits(&h)?;
+        // The glimpse token is gone: decoding continues at its position.
+        let next: Vec<u32> = prompt.next_positions().iter().map(|p| p - 1).collect();
+        let prefill = t0.elapsed();
+        let t1 = Instant::now();
+        let generation = dec.greedy(&first, &next, &starts, &mut cache, max_new_tokens)?;
+        let decode = t1.elapsed();
+        let layers = dec.num_layers();
+        Ok(GlimpseRun {
+            generation,
+            kept: plan.kept_visual()?,
+            visual: prompt.visual.iter().map(Vec::len).collect(),
+            kv_entries: lengths.iter().map(|n| n * layers).collect(),
+            prefill,
+            decode,
+        })
+    }
+}
