@@ -1,12 +1,19 @@
-//! The main job: every method end to end on the built-in small model.
-//!
-//! Today: the GlimpsePrune kernel pipeline on a synthetic batch, CPU by
-//! default; with the feature `cuda` and a GPU present, on the GPU too, checked
-//! against the CPU run.
+//! The main job: every method end to end on the built-in small model (seeded
+//! weights, synthetic images), CPU by default; built with the feature `cuda`
+//! on a machine with a GPU, on the GPU. Then the GlimpsePrune kernel pipeline
+//! on a synthetic batch with planted salient tokens (and, on a GPU, its CUDA
+//! run checked against the CPU references).
 
 use std::time::Instant;
 
-use foveal_candle::glimpse_pipeline::{keep_rule, run_cpu, Batch, Config, Outcome};
+use candle_core::{DType, Device, Result};
+use foveal::KeepRule;
+use foveal_candle::glimpse_pipeline::{self, Batch, Config};
+use foveal_candle::images::synthetic_images;
+use foveal_candle::prompt::byte_tokens;
+use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig};
+
+const NEW_TOKENS: usize = 8;
 
 fn main() {
     if let Err(e) = run() {
@@ -15,61 +22,126 @@ fn main() {
     }
 }
 
-fn run() -> foveal::Result<()> {
-    let batch = Batch::new(Config::default())?;
-    let rule = keep_rule();
-    let cfg = &batch.cfg;
-    println!(
-        "foveal main job: GlimpsePrune kernels on a synthetic batch ({} rows, {} layers up to K, {} query / {} KV heads, head dim {}, bf16 KV)",
-        batch.batch(),
-        cfg.layers + 1,
-        cfg.q_heads,
-        cfg.kv_heads,
-        cfg.head_dim
-    );
-    let t = Instant::now();
-    let cpu = run_cpu(&batch, &rule)?;
-    report("CPU", &batch, &cpu, t.elapsed().as_secs_f64());
-
+fn device() -> Device {
     #[cfg(feature = "cuda")]
-    match foveal_candle::glimpse_pipeline::cuda::stream() {
-        None => println!("\nGPU: none found; the CPU run above is the result."),
-        Some(stream) => {
-            let t = Instant::now();
-            let gpu = foveal_candle::glimpse_pipeline::cuda::run(&stream, &batch, &rule)?;
-            report("GPU", &batch, &gpu, t.elapsed().as_secs_f64());
-            let max_diff = cpu.scores.iter().zip(&gpu.scores).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            let same = cpu.keep == gpu.keep && cpu.positions == gpu.positions && cpu.k == gpu.k && cpu.v == gpu.v
-                && cpu.hidden == gpu.hidden && cpu.position_ids == gpu.position_ids;
-            println!("GPU vs CPU: max |score difference| {max_diff:.2e}; kept sets and compacted caches identical: {same}");
-            if !same || max_diff > 1e-3 {
-                return Err(foveal::Error::Cuda { op: "main", msg: "the GPU run disagrees with the CPU reference".into() });
-            }
-        }
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
     }
-    #[cfg(not(feature = "cuda"))]
-    println!("\n(built without the feature `cuda`: CPU only; see the README to build the GPU path)");
-    Ok(())
+    Device::Cpu
 }
 
-fn report(backend: &str, batch: &Batch, out: &Outcome, secs: f64) {
-    println!("\n{backend} ({:.1} ms)", secs * 1e3);
-    println!("{:>4} {:>8} {:>7} {:>6} {:>14} {:>10} {:>9}", "row", "valid", "visual", "kept", "salient kept", "KV before", "KV after");
-    let layers = batch.cfg.layers + 1;
-    for b in 0..batch.batch() {
-        let kept: Vec<usize> = out.keep.kept(b).iter().map(|&i| batch.rows.visual(b)[i as usize] as usize).collect();
-        let salient = &batch.salient[b];
-        let hit = salient.iter().filter(|p| kept.binary_search(p).is_ok()).count();
-        println!(
-            "{:>4} {:>8} {:>7} {:>6} {:>8}/{:<5} {:>10} {:>9}",
-            b,
-            batch.rows.len(b),
-            batch.rows.nv(b),
-            kept.len(),
-            hit,
-            salient.len(),
-            batch.rows.len(b) * layers,
-            out.positions.row(b).len() * layers
-        );
+struct Row {
+    method: &'static str,
+    visual: Vec<usize>,
+    kept: Vec<usize>,
+    kv_entries: Vec<usize>,
+    prefill_ms: f64,
+    decode_ms: f64,
+    tokens: Vec<Vec<u32>>,
+}
+
+fn run() -> Result<()> {
+    let dev = device();
+    let cfg = ModelConfig::tiny();
+    let model = LlavaModel::seeded(&cfg, 1, &dev, DType::F32)?;
+    let (pixels, _) = synthetic_images(2, cfg.vision.image_size, 2, &dev)?;
+    let system = byte_tokens("A chat about an image.");
+    let questions = vec![byte_tokens("What is in the top left corner?"), byte_tokens("How many shapes?")];
+    println!(
+        "foveal main job on {} ({}): built-in model (ViT {}x{} patches, decoder {} layers, {} query / {} KV heads, head dim {}), seeded weights, {} images",
+        if dev.is_cuda() { "GPU" } else { "CPU" },
+        if dev.is_cuda() { "CUDA" } else { "candle CPU + foveal CPU references" },
+        cfg.vision.patches_per_side(),
+        cfg.vision.patches_per_side(),
+        cfg.text.num_layers,
+        cfg.text.num_heads,
+        cfg.text.num_kv_heads,
+        cfg.text.head_dim,
+        questions.len(),
+    );
+
+    let mut rows = Vec::new();
+    // Dense baseline.
+    let dec = &model.decoder;
+    let t = Instant::now();
+    let prompt = model.build_prompt(&pixels, &system, &questions)?;
+    let mut cache = dec.new_cache();
+    let h = dec.forward_layers(&prompt.embeds, &prompt.positions, Some(&prompt.mask()?), 0..dec.num_layers(), &mut cache)?;
+    let first = dec.last_logits(&h)?;
+    let prefill = t.elapsed();
+    let t = Instant::now();
+    let dense = dec.greedy(&first, &prompt.next_positions(), &prompt.starts, &mut cache, NEW_TOKENS)?;
+    let lens: Vec<usize> = prompt.starts.iter().map(|s| prompt.seq() - s).collect();
+    rows.push(Row {
+        method: "dense",
+        visual: prompt.visual.iter().map(Vec::len).collect(),
+        kept: prompt.visual.iter().map(Vec::len).collect(),
+        kv_entries: lens.iter().map(|n| n * dec.num_layers()).collect(),
+        prefill_ms: prefill.as_secs_f64() * 1e3,
+        decode_ms: t.elapsed().as_secs_f64() * 1e3,
+        tokens: dense.tokens,
+    });
+
+    // GlimpsePrune (seeded predictor: an untrained importance map, capped at a quarter).
+    let mut gcfg = GlimpseConfig::for_model(&cfg);
+    gcfg.rule = KeepRule { threshold: 0.5, max_ratio: Some(0.25), min_keep: 1 };
+    let gp = GlimpsePrune::seeded(&cfg, &gcfg, 2, &dev, DType::F32)?;
+    let run = gp.generate(&model, &pixels, &system, &questions, NEW_TOKENS)?;
+    rows.push(Row {
+        method: "GlimpsePrune",
+        visual: run.visual.clone(),
+        kept: run.kept.iter().map(Vec::len).collect(),
+        kv_entries: run.kv_entries.clone(),
+        prefill_ms: run.prefill.as_secs_f64() * 1e3,
+        decode_ms: run.decode.as_secs_f64() * 1e3,
+        tokens: run.generation.tokens,
+    });
+
+    println!(
+        "\n{:<13} {:>4} {:>10} {:>6} {:>11} {:>11} {:>10}  tokens generated",
+        "method", "row", "visual in", "kept", "KV entries", "prefill ms", "decode ms"
+    );
+    for r in &rows {
+        for b in 0..r.visual.len() {
+            let (p, d) = if b == 0 { (format!("{:.1}", r.prefill_ms), format!("{:.1}", r.decode_ms)) } else { (String::new(), String::new()) };
+            println!(
+                "{:<13} {:>4} {:>10} {:>6} {:>11} {:>11} {:>10}  {:?}",
+                if b == 0 { r.method } else { "" },
+                b,
+                r.visual[b],
+                r.kept[b],
+                r.kv_entries[b],
+                p,
+                d,
+                r.tokens[b]
+            );
+        }
     }
+    kernel_pipeline().map_err(candle_core::Error::wrap)
+}
+
+/// The GlimpsePrune kernels on a synthetic batch whose salient tokens are known.
+fn kernel_pipeline() -> foveal::Result<()> {
+    let batch = Batch::new(Config::default())?;
+    let rule = glimpse_pipeline::keep_rule();
+    let out = glimpse_pipeline::run_cpu(&batch, &rule)?;
+    println!("\nGlimpsePrune kernels on a synthetic batch with planted salient visual tokens (CPU references):");
+    println!("{:>4} {:>8} {:>7} {:>6} {:>14}", "row", "valid", "visual", "kept", "salient kept");
+    for b in 0..batch.batch() {
+        let kept: Vec<i32> = out.keep.kept(b).iter().map(|&i| batch.rows.visual(b)[i as usize]).collect();
+        let hit = batch.salient[b].iter().filter(|&&p| kept.contains(&(p as i32))).count();
+        println!("{:>4} {:>8} {:>7} {:>6} {:>8}/{:<5}", b, batch.rows.len(b), batch.rows.nv(b), kept.len(), hit, batch.salient[b].len());
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(stream) = glimpse_pipeline::cuda::stream() {
+        let gpu = glimpse_pipeline::cuda::run(&stream, &batch, &rule)?;
+        let max_diff = out.scores.iter().zip(&gpu.scores).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let same = out.keep == gpu.keep && out.positions == gpu.positions && out.k == gpu.k && out.v == gpu.v
+            && out.hidden == gpu.hidden && out.position_ids == gpu.position_ids;
+        println!("GPU vs CPU: max |score difference| {max_diff:.2e}; kept sets and compacted caches identical: {same}");
+        if !same || max_diff > 1e-3 {
+            return Err(foveal::Error::Cuda { op: "main", msg: "the GPU run disagrees with the CPU reference".into() });
+        }
+    }
+    Ok(())
 }
