@@ -7,15 +7,21 @@
 #
 #   scripts/install-cuda.sh            # install (idempotent), print the exports
 #   scripts/install-cuda.sh --env      # print only `export ...` lines, for eval
+#   scripts/install-cuda.sh --runtime  # also what linking candle-core's "cuda"
+#                                      # feature needs (foveal-candle --features
+#                                      # cuda): cuBLAS, cuRAND, NVRTC, unversioned
+#                                      # .so names, and a libcuda link stub
 #
 # Prefix: $FOVEAL_CUDA_PREFIX, default ~/.cache/foveal/cuda-13.0.
 set -euo pipefail
 
 prefix="${FOVEAL_CUDA_PREFIX:-$HOME/.cache/foveal/cuda-13.0}"
 env_only=0
+runtime=0
 for arg in "$@"; do
   case "$arg" in
     --env) env_only=1 ;;
+    --runtime) runtime=1 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -26,6 +32,12 @@ toolchain_pins=(
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-crt==13.0.88
   nvidia-cuda-cccl==13.0.85
+)
+
+runtime_pins=(
+  nvidia-cublas==13.0.2.14
+  nvidia-curand==10.4.0.35
+  nvidia-cuda-nvrtc==13.0.88
 )
 
 log() { [ "$env_only" = 1 ] || echo "$@"; }
@@ -43,6 +55,28 @@ if [ ! -f "$stamp" ] || [ ! -x "$cuda_home/bin/nvcc" ]; then
   log "installing ${toolchain_pins[*]}"
   "$py" -m pip install --quiet --disable-pip-version-check "${toolchain_pins[@]}" >&2
   touch "$stamp"
+fi
+
+if [ "$runtime" = 1 ] && [ ! -f "$prefix/.installed-runtime" ]; then
+  log "installing ${runtime_pins[*]}"
+  "$py" -m pip install --quiet --disable-pip-version-check "${runtime_pins[@]}" >&2
+  # The linker wants unversioned names.
+  for lib in cublas cublasLt cudart nvrtc curand; do
+    real=$(ls "$cuda_home"/lib/lib"$lib".so.* 2>/dev/null | sort | head -n 1)
+    [ -n "$real" ] && ln -sf "$(basename "$real")" "$cuda_home/lib/lib$lib.so"
+  done
+  # A link-time stand-in for the driver library (the GPU machine's real
+  # libcuda.so.1 is loaded at run time): one empty function for every driver
+  # entry point cudarc declares. cudarc's build script searches lib/stubs.
+  mkdir -p "$cuda_home/lib/stubs"
+  cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort | tail -n 1)
+  if [ -z "$cudarc_src" ]; then
+    (cd "$(dirname "$0")/.." && cargo fetch >/dev/null 2>&1)
+    cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort | tail -n 1)
+  fi
+  grep -ohE '^\s+fn cu[A-Z][A-Za-z0-9_]*\(' "$cudarc_src/src/driver/sys/mod.rs" | sed -E 's/^\s+fn (\w+)\(/void \1(void) {}/' | sort -u >"$prefix/libcuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda_home/lib/stubs/libcuda.so" "$prefix/libcuda_stub.c"
+  touch "$prefix/.installed-runtime"
 fi
 
 if [ "$env_only" = 1 ]; then
