@@ -23,10 +23,13 @@ carry=.gpu-carry
 
 build() {
   set -e
+  scripts/install-cuda.sh --runtime >/dev/null
   eval "$(scripts/install-cuda.sh --env)"
+  # candle's CUDA kernels, for the H100/H200 only (one architecture: minutes, not tens).
+  export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
   rm -rf "$carry" && mkdir -p "$carry/bin"
-  # Test executables of the tests crate, with the CUDA path.
-  cargo test --release -p foveal-tests --features cuda --no-run --message-format=json 2>/dev/null |
+  # Test executables of the tests crate and of the model, with the CUDA paths.
+  cargo test --release -p foveal-tests -p foveal-candle --features foveal-tests/cuda,foveal-candle/cuda --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -49,6 +52,10 @@ device() {
   mkdir -p "$out" "$work"
   tar -C "$work" -xJf "$carry/bin.tar.xz"
   local bin="$work/bin"
+  # candle's CUDA backend links cuBLAS, cuRAND and NVRTC: the machine's own, beside its PyTorch.
+  local libdirs
+  libdirs=$(find /usr /opt /lib -name 'libcublas.so.13*' -o -name 'libcurand.so.10*' -o -name 'libnvrtc.so.13*' 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
+  export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   step() { # name, command...
     local name=$1; shift
     echo "== $name: $*" | tee -a "$out/suite.log"

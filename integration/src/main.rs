@@ -1,15 +1,15 @@
 //! The main job: every method end to end on the built-in small model (seeded
-//! weights, synthetic images), CPU by default; built with the feature `cuda`
+//! weights, synthetic images or `cargo run --release -- IMAGE`), CPU by default; built with the feature `cuda`
 //! on a machine with a GPU, on the GPU. Then the GlimpsePrune kernel pipeline
 //! on a synthetic batch with planted salient tokens (and, on a GPU, its CUDA
 //! run checked against the CPU references).
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result};
+use candle_core::{DType, Device, Result, Tensor};
 use foveal::KeepRule;
 use foveal_candle::glimpse_pipeline::{self, Batch, Config};
-use foveal_candle::images::synthetic_images;
+use foveal_candle::images::{load_image, synthetic_images};
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig};
 
@@ -44,7 +44,14 @@ fn run() -> Result<()> {
     let dev = device();
     let cfg = ModelConfig::tiny();
     let model = LlavaModel::seeded(&cfg, 1, &dev, DType::F32)?;
-    let (pixels, _) = synthetic_images(2, cfg.vision.image_size, 2, &dev)?;
+    // Synthetic images, or the image file given as the first argument (for both rows).
+    let pixels = match std::env::args().nth(1) {
+        Some(path) => {
+            let img = load_image(&path, cfg.vision.image_size, &dev)?;
+            Tensor::cat(&[&img, &img], 0)?
+        }
+        None => synthetic_images(2, cfg.vision.image_size, 2, &dev)?.0,
+    };
     let system = byte_tokens("A chat about an image.");
     let questions = vec![byte_tokens("What is in the top left corner?"), byte_tokens("How many shapes?")];
     println!(

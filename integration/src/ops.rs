@@ -310,7 +310,7 @@ pub fn compact_kv(caches: &[(Tensor, Tensor)], plan: &KeepPlan, padding: Padding
             data.into_iter()
                 .map(|x| {
                     let storage = candle_core::CudaStorage::wrap_cuda_slice(x, dev.clone());
-                    Tensor::from_storage(Storage::Cuda(storage), dst_shape, BackpropOp::none(), false)
+                    Tensor::from_storage(Storage::Cuda(storage), &dst_shape, BackpropOp::none(), false)
                 })
                 .collect()
         }),
@@ -344,7 +344,7 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
             let src = DevView::new(c.as_cuda_slice::<T>()?.slice(layout.start_offset()..), src_layout).map_err(wrap)?;
             foveal::compact_kv::cuda::gather_rows(stream, &[src], positions, padding, &mut [DevViewMut::of(&mut data, dst_layout).map_err(wrap)?])
                 .map_err(wrap)?;
-            Tensor::from_storage(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(data, dev)), shape, BackpropOp::none(), false)
+            Tensor::from_storage(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(data, dev)), &shape, BackpropOp::none(), false)
         }),
         _ => bail!("gather_rows: the tensor and the plan must be on one device"),
     };

@@ -1,0 +1,51 @@
+//! The whole model on the GPU against the CPU: the same seeded weights and
+//! images, dense and GlimpsePrune generation. Skips (and says so) where no
+//! GPU is present.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor};
+use foveal::KeepRule;
+use foveal_candle::images::synthetic_images;
+use foveal_candle::prompt::byte_tokens;
+use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig};
+
+fn gpu() -> Option<Device> {
+    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
+        Ok(Ok(d)) => Some(d),
+        _ => {
+            eprintln!("SKIP: no CUDA GPU");
+            None
+        }
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+#[test]
+fn cuda_and_cpu_generations_agree() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let cfg = ModelConfig::tiny();
+    let system = byte_tokens("You see an image.");
+    let questions = vec![byte_tokens("Where is the red square?"), byte_tokens("Count the shapes.")];
+    let mut gcfg = GlimpseConfig::for_model(&cfg);
+    gcfg.rule = KeepRule { threshold: 0.5, max_ratio: Some(0.4), min_keep: 3 };
+    let mut runs = Vec::new();
+    for dev in [Device::Cpu, gpu] {
+        let model = LlavaModel::seeded(&cfg, 11, &dev, DType::F32)?;
+        let (pixels, _) = synthetic_images(2, cfg.vision.image_size, 5, &dev)?;
+        let dense = model.generate_dense(&model.build_prompt(&pixels, &system, &questions)?, 4)?;
+        let gp = GlimpsePrune::seeded(&cfg, &gcfg, 3, &dev, DType::F32)?;
+        runs.push((dense, gp.generate(&model, &pixels, &system, &questions, 4)?));
+    }
+    let ((dense_cpu, gp_cpu), (dense_gpu, gp_gpu)) = (&runs[0], &runs[1]);
+    assert_eq!(dense_cpu.tokens, dense_gpu.tokens);
+    assert_eq!(gp_cpu.kept, gp_gpu.kept, "the kept visual tokens");
+    assert_eq!(gp_cpu.generation.tokens, gp_gpu.generation.tokens);
+    for (a, b) in dense_cpu.logits.iter().zip(&dense_gpu.logits).chain(gp_cpu.generation.logits.iter().zip(&gp_gpu.generation.logits)) {
+        let d = max_abs_diff(a, b)?;
+        assert!(d < 1e-2, "CPU and GPU logits differ by {d}");
+    }
+    Ok(())
+}
