@@ -28,9 +28,12 @@ build() {
   # candle's CUDA kernels, for the H100/H200 only (one architecture: minutes, not tens).
   export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
   rm -rf "$carry" && mkdir -p "$carry/bin"
-  # Test executables of the tests crate and of the model, with the CUDA paths.
-  cargo test --release -p foveal-tests -p foveal-candle --features foveal-tests/cuda,foveal-candle/cuda --no-run --message-format=json 2>/dev/null |
-    python3 -c '
+  # Test executables with the CUDA paths: every op's (tests crate) and the
+  # whole model's on the GPU against the CPU (foveal-candle's glimpse_gpu).
+  {
+    cargo test --release -p foveal-tests --features cuda --no-run --message-format=json
+    cargo test --release -p foveal-candle --features cuda --test glimpse_gpu --no-run --message-format=json
+  } 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
