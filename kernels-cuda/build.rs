@@ -19,8 +19,16 @@ mod cuda {
     use std::env;
     use std::path::{Path, PathBuf};
 
-    const SOURCES: &[&str] = &["src/glimpse_scores.cu", "src/select_keep.cu", "src/compact_kv.cu", "src/status.cu"];
-    const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh"];
+    const SOURCES: &[&str] = &[
+        "src/glimpse_scores.cu",
+        "src/select_keep.cu",
+        "src/compact_kv.cu",
+        "src/window_mean.cu",
+        "src/multiscale_gather.cu",
+        "src/text_guided_select.cu",
+        "src/status.cu",
+    ];
+    const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh", "src/top_select.cuh"];
 
     pub fn build() {
         for f in SOURCES.iter().chain(HEADERS) {

@@ -150,6 +150,103 @@ typedef struct foveal_gather_params {
 
 int foveal_gather_positions(const foveal_gather_params *p, foveal_stream_t stream);
 
+/* ------------------------------------------------------------------- window_mean */
+
+typedef enum foveal_pool {
+  FOVEAL_POOL_MEAN = 0,
+  FOVEAL_POOL_MAX = 1,
+} foveal_pool;
+
+typedef struct foveal_window_mean_params {
+  /* x [B, Hx, Wx, C] channels last. */
+  const void *x;
+  int64_t x_stride_b, x_stride_y, x_stride_x;
+  /* out [B, M, C], M = ceil(Hx / w) * ceil(Wx / w) windows in raster order. */
+  void *out;
+  int64_t out_stride_b, out_stride_m;
+  int32_t batch, height, width, channels, window;
+  foveal_pool pool;
+  foveal_dtype dtype;
+} foveal_window_mean_params;
+
+int foveal_window_mean(const foveal_window_mean_params *p, foveal_stream_t stream);
+
+/* ------------------------------------------------------------- multiscale_gather */
+
+/* Most pooling scales of one call. */
+#define FOVEAL_MULTISCALE_MAX_SCALES 16
+
+typedef struct foveal_multiscale_gather_params {
+  /* x [B, Hx, Wx, C] channels last. */
+  const void *x;
+  int64_t x_stride_b, x_stride_y, x_stride_x;
+  /* z [B, M, S] float selector logits. */
+  const float *z;
+  int64_t z_stride_b, z_stride_m;
+  /* Pooling kernels (kh, kw) of the S scales, each dividing the window. */
+  int32_t scale_h[FOVEAL_MULTISCALE_MAX_SCALES];
+  int32_t scale_w[FOVEAL_MULTISCALE_MAX_SCALES];
+  int32_t num_scales;
+  /* Multiply each token by the chosen scale's softmax probability (Eq. 2). */
+  int32_t scale_by_prob;
+  /* tokens [B, n_out_max, C], positions [B, n_out_max] (y * Wx + x of the
+   * pooled cell's top-left; -1 past the count), count [B]. */
+  void *tokens;
+  int64_t tokens_stride_b, tokens_stride_n;
+  int32_t *positions;
+  int64_t positions_stride_b;
+  int32_t *count;
+  int64_t count_stride;
+  /* Workspace: per window the chosen scale (int32 [B, M]), its probability
+   * (float [B, M]) and its first output slot (int32 [B, M]). */
+  int32_t *choice;
+  float *prob;
+  int32_t *offset;
+  int32_t batch, height, width, channels, window, n_out_max;
+  foveal_dtype dtype;
+} foveal_multiscale_gather_params;
+
+int foveal_multiscale_gather(const foveal_multiscale_gather_params *p, foveal_stream_t stream);
+
+/* ------------------------------------------------------------ text_guided_select */
+
+/* Visual tokens per block of the score kernels (one per thread). */
+#define FOVEAL_TGS_KEYS_PER_BLOCK 128
+/* Largest head dim. */
+#define FOVEAL_TGS_MAX_HEAD_DIM 256
+
+typedef struct foveal_text_guided_select_params {
+  /* q [B, T, Hq, D] text queries, k [B, N, Hkv, D] visual keys. */
+  const void *q;
+  int64_t q_stride_b, q_stride_t, q_stride_h;
+  const void *k;
+  int64_t k_stride_b, k_stride_n, k_stride_h;
+  /* Valid text tokens t_len[b] <= T and visual tokens n_len[b] <= N. */
+  const int32_t *t_len;
+  const int32_t *n_len;
+  /* scores [B, N] float: S per visual token (0 past n_len). */
+  float *scores;
+  int64_t scores_stride_b;
+  /* keep_idx [B, N] ascending, padded with -1; keep_count [B]. */
+  int32_t *keep_idx;
+  int64_t keep_stride_b;
+  int32_t *keep_count;
+  int64_t count_stride;
+  /* Workspace: lse_partial [B, key_chunks, Hq, T, 2], lse [B, Hq, T],
+   * s_partial [B, text_splits, N]. */
+  float *lse_partial;
+  float *lse;
+  float *s_partial;
+  int32_t batch, text, visual, q_heads, kv_heads, head_dim;
+  /* Blocks that share one row's text tokens. */
+  int32_t text_splits;
+  float scale;
+  float gamma;
+  foveal_dtype dtype;
+} foveal_text_guided_select_params;
+
+int foveal_text_guided_select(const foveal_text_guided_select_params *p, foveal_stream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,6 +7,9 @@ pub const FOVEAL_ERR_UNSUPPORTED: i32 = -1;
 pub const FOVEAL_GLIMPSE_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_GLIMPSE_MAX_GROUP: u32 = 8;
 pub const FOVEAL_GATHER_MAX_PLANES: u32 = 128;
+pub const FOVEAL_MULTISCALE_MAX_SCALES: u32 = 16;
+pub const FOVEAL_TGS_KEYS_PER_BLOCK: u32 = 128;
+pub const FOVEAL_TGS_MAX_HEAD_DIM: u32 = 256;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -352,6 +355,306 @@ impl Default for foveal_gather_params {
 unsafe extern "C" {
     pub fn foveal_gather_positions(
         p: *const foveal_gather_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+impl foveal_pool {
+    pub const FOVEAL_POOL_MEAN: foveal_pool = foveal_pool(0);
+}
+impl foveal_pool {
+    pub const FOVEAL_POOL_MAX: foveal_pool = foveal_pool(1);
+}
+#[repr(transparent)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub struct foveal_pool(pub ::std::os::raw::c_uint);
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_window_mean_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub x_stride_b: i64,
+    pub x_stride_y: i64,
+    pub x_stride_x: i64,
+    pub out: *mut ::std::os::raw::c_void,
+    pub out_stride_b: i64,
+    pub out_stride_m: i64,
+    pub batch: i32,
+    pub height: i32,
+    pub width: i32,
+    pub channels: i32,
+    pub window: i32,
+    pub pool: foveal_pool,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_window_mean_params"]
+        [::std::mem::size_of::<foveal_window_mean_params>() - 88usize];
+    ["Alignment of foveal_window_mean_params"]
+        [::std::mem::align_of::<foveal_window_mean_params>() - 8usize];
+    ["Offset of field: foveal_window_mean_params::x"]
+        [::std::mem::offset_of!(foveal_window_mean_params, x) - 0usize];
+    ["Offset of field: foveal_window_mean_params::x_stride_b"]
+        [::std::mem::offset_of!(foveal_window_mean_params, x_stride_b) - 8usize];
+    ["Offset of field: foveal_window_mean_params::x_stride_y"]
+        [::std::mem::offset_of!(foveal_window_mean_params, x_stride_y) - 16usize];
+    ["Offset of field: foveal_window_mean_params::x_stride_x"]
+        [::std::mem::offset_of!(foveal_window_mean_params, x_stride_x) - 24usize];
+    ["Offset of field: foveal_window_mean_params::out"]
+        [::std::mem::offset_of!(foveal_window_mean_params, out) - 32usize];
+    ["Offset of field: foveal_window_mean_params::out_stride_b"]
+        [::std::mem::offset_of!(foveal_window_mean_params, out_stride_b) - 40usize];
+    ["Offset of field: foveal_window_mean_params::out_stride_m"]
+        [::std::mem::offset_of!(foveal_window_mean_params, out_stride_m) - 48usize];
+    ["Offset of field: foveal_window_mean_params::batch"]
+        [::std::mem::offset_of!(foveal_window_mean_params, batch) - 56usize];
+    ["Offset of field: foveal_window_mean_params::height"]
+        [::std::mem::offset_of!(foveal_window_mean_params, height) - 60usize];
+    ["Offset of field: foveal_window_mean_params::width"]
+        [::std::mem::offset_of!(foveal_window_mean_params, width) - 64usize];
+    ["Offset of field: foveal_window_mean_params::channels"]
+        [::std::mem::offset_of!(foveal_window_mean_params, channels) - 68usize];
+    ["Offset of field: foveal_window_mean_params::window"]
+        [::std::mem::offset_of!(foveal_window_mean_params, window) - 72usize];
+    ["Offset of field: foveal_window_mean_params::pool"]
+        [::std::mem::offset_of!(foveal_window_mean_params, pool) - 76usize];
+    ["Offset of field: foveal_window_mean_params::dtype"]
+        [::std::mem::offset_of!(foveal_window_mean_params, dtype) - 80usize];
+};
+impl Default for foveal_window_mean_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_window_mean(
+        p: *const foveal_window_mean_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_multiscale_gather_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub x_stride_b: i64,
+    pub x_stride_y: i64,
+    pub x_stride_x: i64,
+    pub z: *const f32,
+    pub z_stride_b: i64,
+    pub z_stride_m: i64,
+    pub scale_h: [i32; 16usize],
+    pub scale_w: [i32; 16usize],
+    pub num_scales: i32,
+    pub scale_by_prob: i32,
+    pub tokens: *mut ::std::os::raw::c_void,
+    pub tokens_stride_b: i64,
+    pub tokens_stride_n: i64,
+    pub positions: *mut i32,
+    pub positions_stride_b: i64,
+    pub count: *mut i32,
+    pub count_stride: i64,
+    pub choice: *mut i32,
+    pub prob: *mut f32,
+    pub offset: *mut i32,
+    pub batch: i32,
+    pub height: i32,
+    pub width: i32,
+    pub channels: i32,
+    pub window: i32,
+    pub n_out_max: i32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_multiscale_gather_params"]
+        [::std::mem::size_of::<foveal_multiscale_gather_params>() - 304usize];
+    ["Alignment of foveal_multiscale_gather_params"]
+        [::std::mem::align_of::<foveal_multiscale_gather_params>() - 8usize];
+    ["Offset of field: foveal_multiscale_gather_params::x"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, x) - 0usize];
+    ["Offset of field: foveal_multiscale_gather_params::x_stride_b"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, x_stride_b) - 8usize];
+    ["Offset of field: foveal_multiscale_gather_params::x_stride_y"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, x_stride_y) - 16usize];
+    ["Offset of field: foveal_multiscale_gather_params::x_stride_x"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, x_stride_x) - 24usize];
+    ["Offset of field: foveal_multiscale_gather_params::z"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, z) - 32usize];
+    ["Offset of field: foveal_multiscale_gather_params::z_stride_b"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, z_stride_b) - 40usize];
+    ["Offset of field: foveal_multiscale_gather_params::z_stride_m"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, z_stride_m) - 48usize];
+    ["Offset of field: foveal_multiscale_gather_params::scale_h"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, scale_h) - 56usize];
+    ["Offset of field: foveal_multiscale_gather_params::scale_w"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, scale_w) - 120usize];
+    ["Offset of field: foveal_multiscale_gather_params::num_scales"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, num_scales) - 184usize];
+    ["Offset of field: foveal_multiscale_gather_params::scale_by_prob"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, scale_by_prob) - 188usize];
+    ["Offset of field: foveal_multiscale_gather_params::tokens"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, tokens) - 192usize];
+    ["Offset of field: foveal_multiscale_gather_params::tokens_stride_b"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, tokens_stride_b) - 200usize];
+    ["Offset of field: foveal_multiscale_gather_params::tokens_stride_n"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, tokens_stride_n) - 208usize];
+    ["Offset of field: foveal_multiscale_gather_params::positions"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, positions) - 216usize];
+    ["Offset of field: foveal_multiscale_gather_params::positions_stride_b"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, positions_stride_b) - 224usize];
+    ["Offset of field: foveal_multiscale_gather_params::count"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, count) - 232usize];
+    ["Offset of field: foveal_multiscale_gather_params::count_stride"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, count_stride) - 240usize];
+    ["Offset of field: foveal_multiscale_gather_params::choice"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, choice) - 248usize];
+    ["Offset of field: foveal_multiscale_gather_params::prob"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, prob) - 256usize];
+    ["Offset of field: foveal_multiscale_gather_params::offset"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, offset) - 264usize];
+    ["Offset of field: foveal_multiscale_gather_params::batch"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, batch) - 272usize];
+    ["Offset of field: foveal_multiscale_gather_params::height"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, height) - 276usize];
+    ["Offset of field: foveal_multiscale_gather_params::width"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, width) - 280usize];
+    ["Offset of field: foveal_multiscale_gather_params::channels"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, channels) - 284usize];
+    ["Offset of field: foveal_multiscale_gather_params::window"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, window) - 288usize];
+    ["Offset of field: foveal_multiscale_gather_params::n_out_max"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, n_out_max) - 292usize];
+    ["Offset of field: foveal_multiscale_gather_params::dtype"]
+        [::std::mem::offset_of!(foveal_multiscale_gather_params, dtype) - 296usize];
+};
+impl Default for foveal_multiscale_gather_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_multiscale_gather(
+        p: *const foveal_multiscale_gather_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_text_guided_select_params {
+    pub q: *const ::std::os::raw::c_void,
+    pub q_stride_b: i64,
+    pub q_stride_t: i64,
+    pub q_stride_h: i64,
+    pub k: *const ::std::os::raw::c_void,
+    pub k_stride_b: i64,
+    pub k_stride_n: i64,
+    pub k_stride_h: i64,
+    pub t_len: *const i32,
+    pub n_len: *const i32,
+    pub scores: *mut f32,
+    pub scores_stride_b: i64,
+    pub keep_idx: *mut i32,
+    pub keep_stride_b: i64,
+    pub keep_count: *mut i32,
+    pub count_stride: i64,
+    pub lse_partial: *mut f32,
+    pub lse: *mut f32,
+    pub s_partial: *mut f32,
+    pub batch: i32,
+    pub text: i32,
+    pub visual: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub text_splits: i32,
+    pub scale: f32,
+    pub gamma: f32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_text_guided_select_params"]
+        [::std::mem::size_of::<foveal_text_guided_select_params>() - 192usize];
+    ["Alignment of foveal_text_guided_select_params"]
+        [::std::mem::align_of::<foveal_text_guided_select_params>() - 8usize];
+    ["Offset of field: foveal_text_guided_select_params::q"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, q) - 0usize];
+    ["Offset of field: foveal_text_guided_select_params::q_stride_b"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, q_stride_b) - 8usize];
+    ["Offset of field: foveal_text_guided_select_params::q_stride_t"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, q_stride_t) - 16usize];
+    ["Offset of field: foveal_text_guided_select_params::q_stride_h"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, q_stride_h) - 24usize];
+    ["Offset of field: foveal_text_guided_select_params::k"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, k) - 32usize];
+    ["Offset of field: foveal_text_guided_select_params::k_stride_b"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, k_stride_b) - 40usize];
+    ["Offset of field: foveal_text_guided_select_params::k_stride_n"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, k_stride_n) - 48usize];
+    ["Offset of field: foveal_text_guided_select_params::k_stride_h"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, k_stride_h) - 56usize];
+    ["Offset of field: foveal_text_guided_select_params::t_len"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, t_len) - 64usize];
+    ["Offset of field: foveal_text_guided_select_params::n_len"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, n_len) - 72usize];
+    ["Offset of field: foveal_text_guided_select_params::scores"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, scores) - 80usize];
+    ["Offset of field: foveal_text_guided_select_params::scores_stride_b"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, scores_stride_b) - 88usize];
+    ["Offset of field: foveal_text_guided_select_params::keep_idx"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, keep_idx) - 96usize];
+    ["Offset of field: foveal_text_guided_select_params::keep_stride_b"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, keep_stride_b) - 104usize];
+    ["Offset of field: foveal_text_guided_select_params::keep_count"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, keep_count) - 112usize];
+    ["Offset of field: foveal_text_guided_select_params::count_stride"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, count_stride) - 120usize];
+    ["Offset of field: foveal_text_guided_select_params::lse_partial"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, lse_partial) - 128usize];
+    ["Offset of field: foveal_text_guided_select_params::lse"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, lse) - 136usize];
+    ["Offset of field: foveal_text_guided_select_params::s_partial"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, s_partial) - 144usize];
+    ["Offset of field: foveal_text_guided_select_params::batch"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, batch) - 152usize];
+    ["Offset of field: foveal_text_guided_select_params::text"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, text) - 156usize];
+    ["Offset of field: foveal_text_guided_select_params::visual"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, visual) - 160usize];
+    ["Offset of field: foveal_text_guided_select_params::q_heads"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, q_heads) - 164usize];
+    ["Offset of field: foveal_text_guided_select_params::kv_heads"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, kv_heads) - 168usize];
+    ["Offset of field: foveal_text_guided_select_params::head_dim"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, head_dim) - 172usize];
+    ["Offset of field: foveal_text_guided_select_params::text_splits"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, text_splits) - 176usize];
+    ["Offset of field: foveal_text_guided_select_params::scale"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, scale) - 180usize];
+    ["Offset of field: foveal_text_guided_select_params::gamma"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, gamma) - 184usize];
+    ["Offset of field: foveal_text_guided_select_params::dtype"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, dtype) - 188usize];
+};
+impl Default for foveal_text_guided_select_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_text_guided_select(
+        p: *const foveal_text_guided_select_params,
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }

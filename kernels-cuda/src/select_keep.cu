@@ -13,21 +13,12 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
-#include "common.cuh"
+#include "top_select.cuh"
 
 namespace foveal {
 namespace {
 
 constexpr int kSelectThreads = 512;
-
-// Order-preserving key: larger logit -> larger key; -0.0 ties with +0.0, and
-// NaN takes key 0, below every number (-inf's key is 0x007fffff). The CPU
-// reference orders the same way.
-__device__ __forceinline__ uint32_t rank_key(float x) {
-  if (isnan(x)) return 0u;
-  const uint32_t bits = __float_as_uint(x + 0.0f);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
 
 __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const foveal_select_keep_params p) {
   using BlockReduce = cub::BlockReduce<int, kSelectThreads>;
@@ -37,7 +28,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const fovea
     typename BlockScan::TempStorage scan;
   } temp;
   __shared__ int hist[256];
-  __shared__ int sh_n, sh_remaining, sh_carry_eq, sh_carry_keep;
+  __shared__ int sh_n, sh_remaining, sh_carry[2];
   __shared__ uint32_t sh_prefix;
 
   const int b = blockIdx.x;
@@ -99,36 +90,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const fovea
   const int take_equal = sh_remaining;  // how many keys equal to the pivot are kept
 
   // 3. Ordered pass: keep, and write the kept indices ascending.
-  if (threadIdx.x == 0) {
-    sh_carry_eq = 0;
-    sh_carry_keep = 0;
-  }
-  __syncthreads();
-  for (int base = 0; base < nv; base += kSelectThreads) {
-    const int i = base + threadIdx.x;
-    uint32_t key = 0;
-    if (i < nv) key = rank_key(x[i]);
-    const bool eq = partial && i < nv && key == pivot;
-    int eq_rank;
-    int eq_total;
-    BlockScan(temp.scan).ExclusiveSum(static_cast<int>(eq), eq_rank, eq_total);
-    __syncthreads();
-    bool keep = false;
-    if (i < nv) {
-      if (n == nv) keep = true;
-      else if (partial) keep = key > pivot || (eq && sh_carry_eq + eq_rank < take_equal);
-    }
-    int slot;
-    int keep_total;
-    BlockScan(temp.scan).ExclusiveSum(static_cast<int>(keep), slot, keep_total);
-    if (keep) out[sh_carry_keep + slot] = i;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      sh_carry_eq += eq_total;
-      sh_carry_keep += keep_total;
-    }
-    __syncthreads();
-  }
+  write_kept_ascending<kSelectThreads>(nv, n == nv, partial, pivot, take_equal, [&](int i) { return rank_key(x[i]); },
+                                       out, temp.scan, sh_carry);
   for (int j = n + threadIdx.x; j < p.nv_max; j += kSelectThreads) out[j] = -1;
   if (threadIdx.x == 0) p.keep_count[b] = n;
 }

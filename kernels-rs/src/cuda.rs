@@ -148,7 +148,7 @@ impl Workspace {
 }
 
 /// The kernels put the batch on a grid dimension of at most 65,535 blocks.
-fn check_grid_batch(op: &'static str, batch: usize) -> Result<()> {
+pub(crate) fn check_grid_batch(op: &'static str, batch: usize) -> Result<()> {
     ensure(batch <= 65_535, || Error::Unsupported { op, msg: format!("a batch of {batch} rows exceeds the 65,535 the kernels' grids take") })
 }
 

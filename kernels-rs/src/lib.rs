@@ -10,14 +10,22 @@
 //! visual tokens), [`select_keep`] (importance logits to kept tokens),
 //! [`compact_kv`] (one-shot compaction of every earlier layer's KV cache, and
 //! the same gather for hidden states and position ids).
+//!
+//! FocusLLaVA: [`window_mean`] (one vector per window of the feature map),
+//! [`multiscale_gather`] (the vision-guided sampler's multi-scale pooling at
+//! each window's chosen scale), [`text_guided_select`] (the text-guided
+//! sampler: text-to-visual attention importance, cumulative threshold).
 
 pub mod compact_kv;
 pub mod dtype;
 pub mod error;
 pub mod glimpse_scores;
 pub mod layout;
+pub mod multiscale_gather;
 pub mod rows;
 pub mod select_keep;
+pub mod text_guided_select;
+pub mod window_mean;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -27,5 +35,7 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use glimpse_scores::ScoreMode;
 pub use layout::{Layout, View, ViewMut};
+pub use multiscale_gather::ScaleSet;
 pub use rows::{RowLayout, RowSpec};
 pub use select_keep::{KeepRule, KeepSet};
+pub use window_mean::Pool;

@@ -38,7 +38,7 @@ pub fn select_keep(logits: View<'_, f32, 2>, rows: &RowLayout, rule: &KeepRule, 
 /// Order-preserving key of a logit: a larger logit has a larger key; -0.0
 /// ties with +0.0 and NaN takes 0, below every number (-inf's key is
 /// 0x007f_ffff). The kernel uses the same key.
-fn rank_key(x: f32) -> u32 {
+pub(crate) fn rank_key(x: f32) -> u32 {
     if x.is_nan() {
         return 0;
     }

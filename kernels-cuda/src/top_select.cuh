@@ -1,0 +1,64 @@
+// Shared pieces of the kernels that keep the top n of a row (select_keep,
+// text_guided_select): the order-preserving key of a float score and the
+// ordered pass that writes the kept indices in ascending order.
+#pragma once
+
+#include <cub/block/block_scan.cuh>
+
+#include "common.cuh"
+
+namespace foveal {
+
+// Order-preserving key: larger score -> larger key; -0.0 ties with +0.0, and
+// NaN takes key 0, below every number (-inf's key is 0x007fffff). The CPU
+// references order the same way (foveal::select_keep::cpu::rank_key).
+__device__ __forceinline__ uint32_t rank_key(float x) {
+  if (isnan(x)) return 0u;
+  const uint32_t bits = __float_as_uint(x + 0.0f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Ordered pass over the row's n entries (key_of(i) their keys): keeps every
+// entry when `keep_all`; otherwise, when `partial`, the entries whose key is
+// above `pivot` and the first `take_equal` (lowest indices) equal to it.
+// Writes the kept indices ascending to out[0..] with block scans (exact,
+// deterministic). Every thread of the block must call it; `carry` is two
+// shared ints.
+template <int kThreads, typename KeyFn>
+__device__ void write_kept_ascending(int n, bool keep_all, bool partial, uint32_t pivot, int take_equal, KeyFn key_of,
+                                     int32_t* out, typename cub::BlockScan<int, kThreads>::TempStorage& scan,
+                                     int* carry) {
+  using BlockScan = cub::BlockScan<int, kThreads>;
+  if (threadIdx.x == 0) {
+    carry[0] = 0;  // keys equal to the pivot seen so far
+    carry[1] = 0;  // kept so far
+  }
+  __syncthreads();
+  for (int base = 0; base < n; base += kThreads) {
+    const int i = base + threadIdx.x;
+    uint32_t key = 0;
+    if (i < n) key = key_of(i);
+    const bool eq = partial && i < n && key == pivot;
+    int eq_rank;
+    int eq_total;
+    BlockScan(scan).ExclusiveSum(static_cast<int>(eq), eq_rank, eq_total);
+    __syncthreads();
+    bool keep = false;
+    if (i < n) {
+      if (keep_all) keep = true;
+      else if (partial) keep = key > pivot || (eq && carry[0] + eq_rank < take_equal);
+    }
+    int slot;
+    int keep_total;
+    BlockScan(scan).ExclusiveSum(static_cast<int>(keep), slot, keep_total);
+    if (keep) out[carry[1] + slot] = i;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      carry[0] += eq_total;
+      carry[1] += keep_total;
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace foveal
