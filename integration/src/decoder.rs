@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::config::TextConfig;
-use crate::nn::{push_linear, push_rms_norm, Named};
+use crate::nn::{push_linear, push_rms_norm, Named, SwiGlu};
 
 /// The additive mask value of a hidden key. Finite, so that a query row with
 /// every key hidden (a padding slot) gets a uniform softmax, not NaN; any key
@@ -204,38 +204,9 @@ impl Attention {
 }
 
 #[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn new(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Mlp {
-            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = (self.gate_proj.forward(xs)?.silu()? * self.up_proj.forward(xs)?)?;
-        self.down_proj.forward(&h)
-    }
-
-    fn named(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.gate_proj"), &self.gate_proj);
-        push_linear(out, &format!("{prefix}.up_proj"), &self.up_proj);
-        push_linear(out, &format!("{prefix}.down_proj"), &self.down_proj);
-    }
-}
-
-#[derive(Debug, Clone)]
 struct Layer {
     self_attn: Attention,
-    mlp: Mlp,
+    mlp: SwiGlu,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
 }
@@ -244,7 +215,7 @@ impl Layer {
     fn new(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
         Ok(Layer {
             self_attn: Attention::new(vb.pp("self_attn"), cfg)?,
-            mlp: Mlp::new(vb.pp("mlp"), cfg)?,
+            mlp: SwiGlu::new(vb.pp("mlp"), cfg.hidden_size, cfg.intermediate_size)?,
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
         })

@@ -13,9 +13,9 @@
 //! (q/k head dim 64 + 128 = 192, v head dim 64), M = 4.
 
 use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{linear, linear_no_bias, rms_norm, Linear, Module, RmsNorm, VarBuilder};
+use candle_nn::{linear, rms_norm, Linear, Module, RmsNorm, VarBuilder};
 
-use crate::nn::{push_linear, push_rms_norm, Named};
+use crate::nn::{push_linear, push_rms_norm, Named, SwiGlu};
 
 /// Sizes of the predictor.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,9 +68,7 @@ struct Block {
     cond_proj: Linear,
     o_proj: Linear,
     norm2: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    mlp: SwiGlu,
 }
 
 impl Block {
@@ -84,9 +82,7 @@ impl Block {
             cond_proj: linear(cfg.feature_dim, f, vb.pp("cond_proj"))?,
             o_proj: linear(e, e, vb.pp("o_proj"))?,
             norm2: rms_norm(e, cfg.eps, vb.pp("norm2"))?,
-            gate_proj: linear_no_bias(e, cfg.mlp, vb.pp("mlp.gate_proj"))?,
-            up_proj: linear_no_bias(e, cfg.mlp, vb.pp("mlp.up_proj"))?,
-            down_proj: linear_no_bias(cfg.mlp, e, vb.pp("mlp.down_proj"))?,
+            mlp: SwiGlu::new(vb.pp("mlp"), e, cfg.mlp)?,
         })
     }
 
@@ -106,9 +102,7 @@ impl Block {
         let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, n, cfg.hidden))?;
         let x = (x + self.o_proj.forward(&attn)?)?;
-        let xn = self.norm2.forward(&x)?;
-        let mlp = (candle_nn::ops::silu(&self.gate_proj.forward(&xn)?)? * self.up_proj.forward(&xn)?)?;
-        x + self.down_proj.forward(&mlp)?
+        x.clone() + self.mlp.forward(&self.norm2.forward(&x)?)?
     }
 
     fn named_tensors(&self, prefix: &str, out: &mut Named) {
@@ -119,13 +113,11 @@ impl Block {
             ("v_proj", &self.v_proj),
             ("cond_proj", &self.cond_proj),
             ("o_proj", &self.o_proj),
-            ("mlp.gate_proj", &self.gate_proj),
-            ("mlp.up_proj", &self.up_proj),
-            ("mlp.down_proj", &self.down_proj),
         ] {
             push_linear(out, &format!("{prefix}.{name}"), l);
         }
         push_rms_norm(out, &format!("{prefix}.norm2"), &self.norm2);
+        self.mlp.named(&format!("{prefix}.mlp"), out);
     }
 }
 
