@@ -5,6 +5,9 @@
 //! reference may differ by its f32 accumulation and the rounding of the
 //! output to the storage type.
 
+// The oracles index their tensors the way the SPEC writes the math.
+#![allow(clippy::needless_range_loop)]
+
 use foveal::window_mean::cpu::window_mean;
 use foveal::window_mean::num_windows;
 use foveal::{Error, Layout, Pool, View, ViewMut};

@@ -18,12 +18,12 @@ fn check<T: GpuElem>(seed: u64) {
     let mut ws = Workspace::new();
     let mut r = rng(seed);
     for n in 0..cases(40) {
-        let window = [1, 2, 4, 4, 4, 8][r.random_range(0..6)];
+        let window: usize = [1, 2, 4, 4, 4, 8][r.random_range(0..6)];
         let set = match (window, r.random_range(0..3)) {
             (4, 0) => ScaleSet::three(),
             (4, 1) => ScaleSet::seven(),
             _ => {
-                let divs: Vec<usize> = (1..=window).filter(|d| window % d == 0).collect();
+                let divs: Vec<usize> = (1..=window).filter(|&d| window.checked_rem(d) == Some(0)).collect();
                 let k = r.random_range(1..=6);
                 let s: Vec<(usize, usize)> = (0..k).map(|_| (divs[r.random_range(0..divs.len())], divs[r.random_range(0..divs.len())])).collect();
                 ScaleSet::new(&s).unwrap()

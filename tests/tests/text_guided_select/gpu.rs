@@ -46,8 +46,11 @@ fn random_case<T: GpuElem>(r: &mut StdRng, large: bool) -> Case<T> {
     Case { q, k, lengths: Lengths::new(&t, &n).unwrap(), gamma }
 }
 
-/// keep, count, scores from the GPU.
-fn run_gpu<T: GpuElem>(stream: &Arc<CudaStream>, c: &Case<T>, ws: &mut Workspace) -> Result<(Vec<i32>, Vec<i32>, Vec<f32>), Error> {
+/// keep `[B, N]`, count `[B]`, scores `[B, N]` read back.
+type Outputs = (Vec<i32>, Vec<i32>, Vec<f32>);
+
+/// Runs the GPU path on poisoned outputs.
+fn run_gpu<T: GpuElem>(stream: &Arc<CudaStream>, c: &Case<T>, ws: &mut Workspace) -> Result<Outputs, Error> {
     let (b, n) = (c.q.shape[0], c.k.shape[1]);
     let (dq, dk) = (c.q.upload(stream), c.k.upload(stream));
     let lengths = DeviceLengths::new(stream, &c.lengths)?;
