@@ -51,6 +51,22 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
+// Merges n partial softmax statistics (running max m[i * stride], sum of
+// exponentials l[i * stride] relative to it) in index order; a partial whose
+// max is -inf is empty. The fixed order makes the result deterministic.
+__device__ __forceinline__ void merge_max_sum(const float* m, const float* l, int n, int64_t stride, float& m_out,
+                                              float& l_out) {
+  float mm = -CUDART_INF_F;
+  for (int i = 0; i < n; ++i) mm = fmaxf(mm, m[i * stride]);
+  float ll = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float mi = m[i * stride];
+    if (mi != -CUDART_INF_F) ll += l[i * stride] * expf(mi - mm);
+  }
+  m_out = mm;
+  l_out = ll;
+}
+
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Status of the launches just enqueued (no synchronisation).

@@ -177,12 +177,9 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
   __syncthreads();
   if (threadIdx.x < nh) {
     const int g = threadIdx.x;
-    float mm = -CUDART_INF_F;
-    for (int kg = 0; kg < kKeyGroups; ++kg) mm = fmaxf(mm, sm_m[kg][g]);
-    float ll = 0.f;
-    if (mm != -CUDART_INF_F) {
-      for (int kg = 0; kg < kKeyGroups; ++kg) ll += sm_l[kg][g] * expf(sm_m[kg][g] - mm);
-    }
+    float mm;
+    float ll;
+    merge_max_sum(&sm_m[0][g], &sm_l[0][g], kKeyGroups, kGroupMax, mm, ll);
     float* part = p.partial + ((static_cast<int64_t>(b) * p.num_splits + split) * p.q_heads + h0 + g) * 2;
     part[0] = mm;
     part[1] = ll;
@@ -195,13 +192,9 @@ __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
   for (int h = threadIdx.x; h < p.q_heads; h += blockDim.x) {
     const float* part = p.partial + static_cast<int64_t>(b) * p.num_splits * p.q_heads * 2 + h * 2;
     const int64_t split_stride = static_cast<int64_t>(p.q_heads) * 2;
-    float mm = -CUDART_INF_F;
-    for (int s = 0; s < p.num_splits; ++s) mm = fmaxf(mm, part[s * split_stride]);
-    float ll = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float ms = part[s * split_stride];
-      if (ms != -CUDART_INF_F) ll += part[s * split_stride + 1] * expf(ms - mm);
-    }
+    float mm;
+    float ll;
+    merge_max_sum(part, part + 1, p.num_splits, split_stride, mm, ll);
     lse[h] = mm + logf(ll);
   }
   __syncthreads();

@@ -131,12 +131,9 @@ __global__ void __launch_bounds__(kKeys) lse_partial_kernel(const foveal_text_gu
         __syncthreads();
         if (threadIdx.x < gc) {
           const int g = threadIdx.x;
-          float m = -CUDART_INF_F;
-          for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w][g]);
-          float l = 0.0f;
-          if (m != -CUDART_INF_F) {
-            for (int w = 0; w < kWarps; ++w) l += red_l[w][g] * expf(red_m[w][g] - m);
-          }
+          float m;
+          float l;
+          merge_max_sum(&red_m[0][g], &red_l[0][g], kWarps, kChunk, m, l);
           float* out = p.lse_partial + ((((static_cast<int64_t>(b) * key_chunks + chunk) * p.q_heads + h0 + g) * p.text + j) * 2);
           out[0] = m;
           out[1] = l;
@@ -158,12 +155,9 @@ __global__ void __launch_bounds__(kCombineThreads) lse_combine_kernel(const fove
   const int chunks = ceil_div(n, kKeys);
   const float* part = p.lse_partial + (((static_cast<int64_t>(b) * key_chunks) * p.q_heads + h) * p.text + j) * 2;
   const int64_t chunk_stride = static_cast<int64_t>(p.q_heads) * p.text * 2;
-  float m = -CUDART_INF_F;
-  for (int c = 0; c < chunks; ++c) m = fmaxf(m, part[c * chunk_stride]);
-  float l = 0.0f;
-  if (m != -CUDART_INF_F) {
-    for (int c = 0; c < chunks; ++c) l += part[c * chunk_stride + 1] * expf(part[c * chunk_stride] - m);
-  }
+  float m;
+  float l;
+  merge_max_sum(part, part + 1, chunks, chunk_stride, m, l);
   p.lse[idx] = m == -CUDART_INF_F ? m : m + logf(l);
 }
 
