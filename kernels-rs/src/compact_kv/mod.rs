@@ -12,7 +12,7 @@
 //!
 //! The positions are checked when they are built (on the host from lists, or
 //! by [`cpu::keep_positions`] / its CUDA twin from a [`RowLayout`] and a
-//! [`KeepSet`]), so the gather never reads out of its source.
+//! [`KeepSet`](crate::KeepSet)), so the gather never reads out of its source.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

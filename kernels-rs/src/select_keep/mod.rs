@@ -4,7 +4,7 @@
 //! Per row, with `p = sigmoid(logit)` over the row's `nv` visual tokens:
 //! keep `p > t`; if a max ratio `r` is given and more than `floor(r * nv)`
 //! pass, keep exactly the `floor(r * nv)` largest (a product within f32
-//! rounding of an integer counts as that integer: [`ratio_cap`]); if fewer than `min_keep`
+//! rounding of an integer counts as that integer); if fewer than `min_keep`
 //! are kept, add the largest until `min(min_keep, nv)` are.
 //!
 //! Every kept set above is the top-`n` of the row for the `n` the rules give
