@@ -67,7 +67,8 @@ __device__ __forceinline__ void merge_max_sum(const float* m, const float* l, in
   l_out = ll;
 }
 
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b.
+__host__ __device__ constexpr int ceil_div(int a, int b) { return a / b + (a % b != 0); }
 
 // Status of the launches just enqueued (no synchronisation).
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }

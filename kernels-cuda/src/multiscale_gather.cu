@@ -37,8 +37,8 @@ __device__ __forceinline__ Window window_at(const foveal_multiscale_gather_param
   Window win;
   win.y0 = (m / wins_x) * p.window;
   win.x0 = (m % wins_x) * p.window;
-  win.y1 = min(win.y0 + p.window, p.height);
-  win.x1 = min(win.x0 + p.window, p.width);
+  win.y1 = win.y0 + min(p.window, p.height - win.y0);  // no overflow for any window
+  win.x1 = win.x0 + min(p.window, p.width - win.x0);
   return win;
 }
 
@@ -74,13 +74,13 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const foveal_multisc
       }
       const Window win = window_at(p, m);
       n = tokens_of(win.y1 - win.y0, win.x1 - win.x0, p.scale_h[c], p.scale_w[c]);
-      p.choice[b * num_windows + m] = c;
-      p.prob[b * num_windows + m] = prob;
+      p.choice[static_cast<int64_t>(b) * num_windows + m] = c;
+      p.prob[static_cast<int64_t>(b) * num_windows + m] = prob;
     }
     int first;
     int total;
     BlockScan(scan).ExclusiveSum(n, first, total);
-    if (m < num_windows) p.offset[b * num_windows + m] = carry + first;
+    if (m < num_windows) p.offset[static_cast<int64_t>(b) * num_windows + m] = carry + first;
     __syncthreads();
     if (threadIdx.x == 0) carry += total;
     __syncthreads();
@@ -93,9 +93,9 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const foveal_multisc
   const int m = blockIdx.x;
   const int b = blockIdx.y;
   const int num_windows = gridDim.x;
-  const int c_idx = p.choice[b * num_windows + m];
-  const float prob = p.prob[b * num_windows + m];
-  const int first = p.offset[b * num_windows + m];
+  const int c_idx = p.choice[static_cast<int64_t>(b) * num_windows + m];
+  const float prob = p.prob[static_cast<int64_t>(b) * num_windows + m];
+  const int first = p.offset[static_cast<int64_t>(b) * num_windows + m];
   const int kh = p.scale_h[c_idx];
   const int kw = p.scale_w[c_idx];
   const Window win = window_at(p, m);
@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const foveal_multisc
   for (int t = 0; t < n; ++t) {
     const int y0 = win.y0 + (t / cells_x) * kh;
     const int x0 = win.x0 + (t % cells_x) * kw;
-    const int y1 = min(y0 + kh, win.y1);
-    const int x1 = min(x0 + kw, win.x1);
+    const int y1 = y0 + min(kh, win.y1 - y0);
+    const int x1 = x0 + min(kw, win.x1 - x0);
     T* out = static_cast<T*>(p.tokens) + b * p.tokens_stride_b + static_cast<int64_t>(first + t) * p.tokens_stride_n;
     for (int c = threadIdx.x; c < p.channels; c += kPoolThreads) {
       float acc = -CUDART_INF_F;

@@ -21,8 +21,8 @@ __global__ void __launch_bounds__(kWindowThreads) window_mean_kernel(const fovea
   const int wins_x = ceil_div(p.width, w);
   const int y0 = (m / wins_x) * w;
   const int x0 = (m % wins_x) * w;
-  const int y1 = min(y0 + w, p.height);
-  const int x1 = min(x0 + w, p.width);
+  const int y1 = y0 + min(w, p.height - y0);  // no overflow for any window
+  const int x1 = x0 + min(w, p.width - x0);
   const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b;
   T* out = static_cast<T*>(p.out) + b * p.out_stride_b + m * p.out_stride_m;
   const bool is_max = p.pool == FOVEAL_POOL_MAX;

@@ -132,7 +132,7 @@ fn gather_planes<T>(
         (dims.heads, dims.width)
     };
     let row_bytes = width * elem;
-    ensure(row_bytes <= i32::MAX as usize && dims.dst_seq <= i32::MAX as usize, || Error::Unsupported {
+    ensure(heads * row_bytes <= i32::MAX as usize && dims.dst_seq <= i32::MAX as usize, || Error::Unsupported {
         op,
         msg: format!("a row of {row_bytes} bytes or a capacity of {} slots exceeds i32", dims.dst_seq),
     })?;

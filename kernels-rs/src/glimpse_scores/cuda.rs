@@ -46,6 +46,11 @@ pub fn glimpse_scores<T: Element>(
 
     // Flash-decoding split: enough blocks to fill the GPU twice over.
     let head_chunks = dims.group().div_ceil(ffi::FOVEAL_GLIMPSE_MAX_GROUP as usize);
+    // The kernels' int32 index space, grid (y <= 65,535) and shared memory (one float per head).
+    ensure(
+        dims.nv_max * dims.q_heads <= i32::MAX as usize && dims.kv_heads * head_chunks <= 65_535 && dims.q_heads <= 12_288,
+        || Error::Unsupported { op: OP, msg: format!("{} visual tokens x {} query heads exceed the kernels' limits", dims.nv_max, dims.q_heads) },
+    )?;
     let blocks_per_split = dims.batch * dims.kv_heads * head_chunks;
     // The softmax modes stream every valid key of a row, Logits mode its visual keys.
     let max_keys = if mode == ScoreMode::Logits { dims.nv_max } else { rows.host().max_len() };

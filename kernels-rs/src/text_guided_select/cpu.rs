@@ -1,4 +1,5 @@
-//! CPU reference of text_guided_select: plain loops, f32 accumulation.
+//! CPU reference of text_guided_select: plain loops; f32 dot products, f64
+//! sums of exponentials (thousands of terms per log-sum-exp and per score).
 
 use super::{check, select_from_scores, Lengths};
 use crate::dtype::Element;
@@ -33,7 +34,7 @@ pub fn text_guided_select<T: Element>(
     let (mut logits, mut best) = (Vec::new(), Vec::new());
     for b in 0..d.batch {
         let (t, n) = (lengths.t_len()[b], lengths.n_len()[b]);
-        let mut s = vec![0f32; n];
+        let mut s = vec![0f64; n];
         if t > 0 && n > 0 {
             kf.clear();
             for i in 0..n {
@@ -55,19 +56,17 @@ pub fn text_guided_select<T: Element>(
                         d.scale * qf.iter().zip(key).map(|(a, c)| a * c).sum::<f32>()
                     }));
                     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = m + logits.iter().map(|&l| (l - m).exp()).sum::<f32>().ln();
+                    let lse = m + logits.iter().map(|&l| f64::from(l - m).exp()).sum::<f64>().ln() as f32;
                     for (bi, &l) in best.iter_mut().zip(&logits) {
                         *bi = bi.max(l - lse);
                     }
                 }
                 for (si, &bi) in s.iter_mut().zip(&best) {
-                    *si += bi.exp();
+                    *si += f64::from(bi).exp();
                 }
             }
-            for si in &mut s {
-                *si /= t as f32;
-            }
         }
+        let s: Vec<f32> = s.iter().map(|&x| (x / t.max(1) as f64) as f32).collect();
         let kept = select_from_scores(&s, gamma);
         count.set([b], kept.len() as i32);
         if d.visual == 0 {

@@ -17,9 +17,10 @@
 //! The prefix sums are exact: `S` is taken to 32.32 fixed point
 //! ([`quantize`]: `floor(S * 2^32)`, 0 for NaN and `S <= 0`, capped at 2) and
 //! summed as integers, and "exceeds" is `prefix >= floor(gamma * total) + 1`
-//! with `gamma * total` one f64 product. Any summation order then gives the
-//! same set, on the CPU and on the GPU ([`select_from_scores`] is the rule on
-//! given scores). The quantisation moves a cumulative sum by at most
+//! with `gamma * total` one f64 product. For given scores `S` the kept set
+//! then does not depend on the order of summation ([`select_from_scores`] is
+//! the rule on given scores; the GPU applies it to its own `S`, which differs
+//! from the CPU's by rounding only). The quantisation moves a cumulative sum by at most
 //! `n_len * 2^-32` while `sum(S) >= 1`.
 //!
 //! Out: the kept indices ascending `[B, N]` padded with -1, the count per row
