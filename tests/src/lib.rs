@@ -485,6 +485,28 @@ pub fn random_logits(rng: &mut StdRng, nv: &[usize], nv_max: usize, nan: f64) ->
     out
 }
 
+/// The random-case comparison of an op against its oracle for each element
+/// type: `matches_oracle_{f32,f16,bf16}`, each running `$check::<T>` on
+/// `$cases` cases drawn from `$strategy` (the calling test file depends on
+/// proptest).
+#[macro_export]
+macro_rules! oracle_proptests {
+    ($cases:expr, $strategy:expr, $check:ident) => {
+        proptest::proptest! {
+            #![proptest_config(proptest::prelude::ProptestConfig { cases: $cases, ..proptest::prelude::ProptestConfig::default() })]
+
+            #[test]
+            fn matches_oracle_f32(c in $strategy) { $check::<f32>(c); }
+
+            #[test]
+            fn matches_oracle_f16(c in $strategy) { $check::<half::f16>(c); }
+
+            #[test]
+            fn matches_oracle_bf16(c in $strategy) { $check::<half::bf16>(c); }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

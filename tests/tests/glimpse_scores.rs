@@ -11,7 +11,7 @@ use foveal_tests::{
     indices, poison, random_rows, random_strides, random_tensor, rng, to_f64, KvOrder, Poison, RowOpts, Tensor,
     TestElem, Tol,
 };
-use half::{bf16, f16};
+use half::bf16;
 use proptest::prelude::*;
 use rand::Rng;
 
@@ -196,24 +196,7 @@ fn check_case<T: TestElem>(c: Case) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-
-    #[test]
-    fn matches_oracle_f32(c in case()) {
-        check_case::<f32>(c);
-    }
-
-    #[test]
-    fn matches_oracle_f16(c in case()) {
-        check_case::<f16>(c);
-    }
-
-    #[test]
-    fn matches_oracle_bf16(c in case()) {
-        check_case::<bf16>(c);
-    }
-}
+foveal_tests::oracle_proptests!(64, case(), check_case);
 
 /// Every head dim the SPEC names, at full GQA width, in both KV layouts: a
 /// deterministic sweep beside the random cases.

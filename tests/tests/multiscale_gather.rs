@@ -12,7 +12,7 @@ use foveal::multiscale_gather::max_tokens;
 use foveal::window_mean::num_windows;
 use foveal::{Error, ScaleSet, View, ViewMut};
 use foveal_tests::{random_strides, random_tensor, rng, to_f64, Tensor, TestElem, Tol, TIES};
-use half::{bf16, f16};
+
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -171,18 +171,7 @@ fn check_case<T: TestElem>(c: Case) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-
-    #[test]
-    fn matches_oracle_f32(c in case()) { check_case::<f32>(c); }
-
-    #[test]
-    fn matches_oracle_f16(c in case()) { check_case::<f16>(c); }
-
-    #[test]
-    fn matches_oracle_bf16(c in case()) { check_case::<bf16>(c); }
-}
+foveal_tests::oracle_proptests!(64, case(), check_case);
 
 /// A 6 x 5 map, window 4, scale (2, 2) everywhere: window 0 gives 4 tokens,
 /// window 1 (columns 4..5) 2, window 2 (rows 4..6) 2, window 3 1.

@@ -16,7 +16,7 @@ use foveal::text_guided_select::cpu::text_guided_select;
 use foveal::text_guided_select::{quantize, select_from_scores, Lengths, DEFAULT_GAMMA};
 use foveal::{Error, Layout, View, ViewMut};
 use foveal_tests::{random_strides, random_tensor, rng, to_f64, KvOrder, Tensor, TestElem};
-use half::{bf16, f16};
+
 use proptest::prelude::*;
 use rand::Rng;
 
@@ -170,18 +170,7 @@ fn check_case<T: TestElem>(c: Case) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-    #[test]
-    fn matches_oracle_f32(c in case()) { check_case::<f32>(c); }
-
-    #[test]
-    fn matches_oracle_f16(c in case()) { check_case::<f16>(c); }
-
-    #[test]
-    fn matches_oracle_bf16(c in case()) { check_case::<bf16>(c); }
-}
+foveal_tests::oracle_proptests!(48, case(), check_case);
 
 /// Identical keys: every S is 1/n exactly (ties), so the rule keeps the k
 /// lowest indices, k the smallest with k * q > gamma * n * q.

@@ -12,7 +12,7 @@ use foveal::window_mean::cpu::window_mean;
 use foveal::window_mean::num_windows;
 use foveal::{Error, Layout, Pool, View, ViewMut};
 use foveal_tests::{contiguous_strides, poison, random_strides, random_tensor, rng, to_f64, Tensor, TestElem, Tol};
-use half::{bf16, f16};
+
 use proptest::prelude::*;
 
 /// SPEC math in f64: per window (raster order, border windows smaller) the
@@ -91,18 +91,7 @@ fn check_case<T: TestElem>(c: Case) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-
-    #[test]
-    fn matches_oracle_f32(c in case()) { check_case::<f32>(c); }
-
-    #[test]
-    fn matches_oracle_f16(c in case()) { check_case::<f16>(c); }
-
-    #[test]
-    fn matches_oracle_bf16(c in case()) { check_case::<bf16>(c); }
-}
+foveal_tests::oracle_proptests!(64, case(), check_case);
 
 /// A 5 x 6 map, window 4: windows of 16, 8, 4 and 2 cells; known values.
 #[test]
