@@ -23,11 +23,23 @@
 //! | glimpse_scores | [`glimpse_scores::generate`] | [`glimpse_scores::baseline`]: unfused framework ops (repeat_kv, q.k for every key, softmax, gather) |
 //! | select_keep | [`select_keep::generate`] | [`select_keep::baseline`]: sigmoid then a full sort of each row |
 //! | compact_kv | [`compact_kv::generate`], [`compact_kv::plan`] | [`compact_kv::baseline`]: a per-layer loop, one gather per K and per V plane (2L calls) |
+//! | window_mean | [`window_mean::generate`] | [`window_mean::baseline`]: a contiguous copy, then a naive loop per window and channel |
+//! | multiscale_gather | [`multiscale_gather::generate`] | [`multiscale_gather::baseline`]: every scale pooled, softmax, argmax, then a pick per window |
+//! | text_guided_select | [`text_guided_select::generate`] | [`text_guided_select::baseline`]: unfused (A `[H, T, N]` materialised, softmax, max, mean, sort, cumsum) |
+//!
+//! The FocusLLaVA ops (window_mean, multiscale_gather, text_guided_select)
+//! use LLaVA-NeXT-style shapes instead: 24 x 24 or 48 x 48 feature maps of
+//! 1024 (CLIP-L) or 4096 (projected) channels, and a Llama-3-8B language
+//! model ([`LLAMA3_8B`]) for text_guided_select. Their `Case`s carry the
+//! shapes themselves (no ragged rows), so `floor_bytes` is on the `Case`.
 
 pub mod compact_kv;
 pub mod glimpse_scores;
+pub mod multiscale_gather;
 pub mod rows;
 pub mod select_keep;
+pub mod text_guided_select;
+pub mod window_mean;
 
 use foveal::{Element, Layout};
 use rand::rngs::StdRng;
@@ -51,6 +63,10 @@ impl ModelDims {
 
 /// Qwen2.5-VL-7B's language model: 28 layers, 28 query heads, 4 KV heads, head dim 128.
 pub const QWEN25_VL_7B: ModelDims = ModelDims { layers: 28, q_heads: 28, kv_heads: 4, head_dim: 128 };
+
+/// Llama-3-8B (LLaVA-NeXT's language model for text_guided_select): 32 layers,
+/// 32 query heads, 8 KV heads, head dim 128.
+pub const LLAMA3_8B: ModelDims = ModelDims { layers: 32, q_heads: 32, kv_heads: 8, head_dim: 128 };
 
 /// The visual-token counts the benchmarks sweep (a 448x448 image is about
 /// 256 tokens on Qwen2.5-VL; 1K to 16K covers large images, several images and video).

@@ -9,7 +9,8 @@
 //!   line and exits 0.
 //! - Measures the device-to-device copy bandwidth (a 1 GiB `memcpy_dtod`,
 //!   bytes read + written), the ceiling every GB/s figure is compared to.
-//! - For each op (sections `glimpse_scores`, `select_keep`, `compact_kv`) and
+//! - For each op (sections `glimpse_scores`, `select_keep`, `compact_kv`,
+//!   `window_mean`, `multiscale_gather`, `text_guided_select`) and
 //!   case: fills input sets on the device (at least 3, more until together
 //!   they hold 4x the L2 size, at most 256), checks the op once against the
 //!   CPU reference (output poisoned first), then times it with CUDA events:
@@ -25,6 +26,9 @@
 //!   eagerly, a loop of calls issued back to back without the gate (what an
 //!   eager framework pays, host launch overhead included, against the op
 //!   issued the same way, `eager_us`).
+//! - text_guided_select has no baseline yet (the unfused framework ops,
+//!   matmul / softmax / max / mean / sort / cumsum, need a candle or PyTorch
+//!   run beside it; left for later).
 //! - Prints one row per case and writes the table to `--out` (markdown when
 //!   the name ends in `.md`, CSV otherwise). `bytes` is the op's floor: what
 //!   it must read plus write (`foveal_bench::<op>::floor_bytes`); GB/s is
@@ -43,15 +47,22 @@ use cudarc::driver::{sys, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStre
 use foveal::compact_kv::{cpu as compact_cpu, cuda as compact_cuda};
 use foveal::cuda::{DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout, Workspace};
 use foveal::glimpse_scores::{cpu as glimpse_cpu, cuda as glimpse_cuda};
+use foveal::multiscale_gather::{cpu as msg_cpu, cuda as msg_cuda};
 use foveal::select_keep::{cpu as select_cpu, cuda as select_cuda};
-use foveal::{KeepRule, KeepSet, Layout, ScoreMode, View, ViewMut};
+use foveal::text_guided_select::cuda::DeviceLengths;
+use foveal::text_guided_select::{cpu as tgs_cpu, cuda as tgs_cuda, select_from_scores};
+use foveal::window_mean::{cpu as wm_cpu, cuda as wm_cuda};
+use foveal::{KeepRule, KeepSet, Layout, Pool as PoolKind, ScoreMode, View, ViewMut};
+use foveal_bench::multiscale_gather::{self as mg, Branches};
+use foveal_bench::text_guided_select::{self as tg};
+use foveal_bench::window_mean::{self as wm};
 use foveal_bench::{compact_kv as ck, fmt_bytes, glimpse_scores as gs, random_elems, rng, select_keep as sk, KvLayout, VISUAL_TOKENS};
 use half::bf16;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
-const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv] [--runs N] [--no-check]";
-const OPS: [&str; 3] = ["glimpse_scores", "select_keep", "compact_kv"];
+const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select] [--runs N] [--no-check]";
+const OPS: [&str; 6] = ["glimpse_scores", "select_keep", "compact_kv", "window_mean", "multiscale_gather", "text_guided_select"];
 
 // ---------------------------------------------------------------------------
 // Arguments
@@ -527,6 +538,30 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
             write_out(&rows)?;
         }
     }
+    if args.wants("window_mean") {
+        for case in window_cases(args.quick) {
+            let row = window_case(&mut env, &case).unwrap_or_else(|e| Row::failed("window_mean", case.label(), e.as_ref()));
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+    }
+    if args.wants("multiscale_gather") {
+        for case in multiscale_cases(args.quick) {
+            let row = multiscale_case(&mut env, &case).unwrap_or_else(|e| Row::failed("multiscale_gather", case.label(), e.as_ref()));
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+    }
+    if args.wants("text_guided_select") {
+        for case in text_cases(args.quick) {
+            let row = text_case(&mut env, &case).unwrap_or_else(|e| Row::failed("text_guided_select", case.label(), e.as_ref()));
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+    }
 
     // The whole table again, last, so that the end of the output carries it.
     println!("\n{header}");
@@ -854,4 +889,284 @@ fn compact_case(env: &mut Env, case: &ck::Case) -> Res<Row> {
         baseline: Some(Baseline { name: per_layer_name(&plan), op_eager_us: op_eager.median_us, eager_us: eager.median_us, graph_us }),
         check,
     })
+}
+
+// ---------------------------------------------------------------------------
+// window_mean
+// ---------------------------------------------------------------------------
+
+fn window_cases(quick: bool) -> Vec<wm::Case> {
+    if quick {
+        return vec![wm::Case::new(1, 24, 1024), wm::Case::new(4, 48, 4096)];
+    }
+    let mut cases = Vec::new();
+    for grid in wm::GRIDS {
+        for channels in wm::CHANNELS {
+            for batch in [1, 4] {
+                cases.push(wm::Case::new(batch, grid, channels));
+            }
+        }
+    }
+    cases.push(wm::Case::new(4, 48, 4096).with_pool(PoolKind::Max));
+    cases
+}
+
+fn window_launch(stream: &Arc<CudaStream>, case: &wm::Case, x: &CudaSlice<bf16>, out: &mut CudaSlice<bf16>) -> Res<()> {
+    let x = DevView::of(x, Layout::contiguous(case.x_shape()))?;
+    let mut out = DevViewMut::of(out, Layout::contiguous(case.out_shape()))?;
+    wm_cuda::window_mean(stream, &x, case.window, case.pool, &mut out)?;
+    Ok(())
+}
+
+fn window_case(env: &mut Env, case: &wm::Case) -> Res<Row> {
+    let stream = env.stream.clone();
+    let (x_len, out_len) = (case.x_len(), case.out_len());
+    let sets = env.n_sets(((x_len + out_len) * 2) as u64)?;
+    let x: Vec<CudaSlice<bf16>> = (0..sets).map(|_| env.pool.filled(&stream, x_len)).collect::<Res<_>>()?;
+    let mut out: Vec<CudaSlice<bf16>> = (0..sets).map(|_| stream.alloc_zeros::<bf16>(out_len.max(1))).collect::<Result<_, _>>()?;
+
+    let check = if env.check {
+        stream.memcpy_htod(&vec![bf16::NAN; out_len], &mut out[0])?;
+        window_launch(&stream, case, &x[0], &mut out[0])?;
+        let got = stream.clone_dtoh(&out[0])?;
+        let xh = stream.clone_dtoh(&x[0])?;
+        let mut want = vec![bf16::ZERO; out_len];
+        wm_cpu::window_mean(View::contiguous(&xh, case.x_shape())?, case.window, case.pool, &mut ViewMut::contiguous(&mut want, case.out_shape())?)?;
+        let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+        if same { format!("ok (exact, {sets} sets)") } else { "FAIL (differs from the CPU reference)".to_string() }
+    } else {
+        format!("unchecked ({sets} sets)")
+    };
+
+    let stats = env.timer.gpu(|i| {
+        let s = i % sets;
+        window_launch(&stream, case, &x[s], &mut out[s])
+    })?;
+    Ok(Row { op: "window_mean", shape: case.label(), stats: Some(stats), bytes: case.floor_bytes(2), baseline: None, check })
+}
+
+// ---------------------------------------------------------------------------
+// multiscale_gather
+// ---------------------------------------------------------------------------
+
+fn multiscale_cases(quick: bool) -> Vec<mg::Case> {
+    if quick {
+        return vec![mg::Case::new(1, 24, 1024, Branches::Three), mg::Case::new(4, 48, 4096, Branches::Seven)];
+    }
+    let mut cases = Vec::new();
+    for grid in wm::GRIDS {
+        for channels in wm::CHANNELS {
+            for branches in Branches::ALL {
+                for batch in [1, 4] {
+                    cases.push(mg::Case::new(batch, grid, channels, branches));
+                }
+            }
+        }
+    }
+    cases.push(mg::Case::new(4, 48, 4096, Branches::Three).with_prob(true));
+    cases
+}
+
+/// One input set of multiscale_gather: the map and logits, the outputs.
+struct GatherSet {
+    x: CudaSlice<bf16>,
+    z: CudaSlice<f32>,
+    tokens: CudaSlice<bf16>,
+    positions: CudaSlice<i32>,
+    count: CudaSlice<i32>,
+}
+
+fn multiscale_launch(stream: &Arc<CudaStream>, case: &mg::Case, scales: &foveal::ScaleSet, set: &mut GatherSet, ws: &mut Workspace) -> Res<()> {
+    let (b, n_out) = (case.batch, case.n_out());
+    let x = DevView::of(&set.x, Layout::contiguous(case.x_shape()))?;
+    let z = DevView::of(&set.z, Layout::contiguous(case.z_shape()))?;
+    let mut t = DevViewMut::of(&mut set.tokens, Layout::contiguous(case.tokens_shape()))?;
+    let mut p = DevViewMut::of(&mut set.positions, Layout::contiguous([b, n_out]))?;
+    let mut c = DevViewMut::of(&mut set.count, Layout::contiguous([b]))?;
+    msg_cuda::multiscale_gather(stream, &x, &z, case.window, scales, case.scale_by_prob, &mut t, &mut p, &mut c, ws)?;
+    Ok(())
+}
+
+fn multiscale_case(env: &mut Env, case: &mg::Case) -> Res<Row> {
+    let stream = env.stream.clone();
+    let scales = case.branches.set();
+    let (b, n_out) = (case.batch, case.n_out());
+    let (x_len, z_len, t_len) = (case.x_len(), case.z_len(), case.tokens_len());
+    let sets = env.n_sets(((x_len + t_len) * 2 + z_len * 4 + b * n_out * 4) as u64)?;
+    let mut data: Vec<GatherSet> = Vec::with_capacity(sets);
+    for s in 0..sets {
+        let z = mg::selector_logits(&mut rng(case.seed + s as u64), z_len);
+        data.push(GatherSet {
+            x: env.pool.filled(&stream, x_len)?,
+            z: stream.clone_htod(&z)?,
+            tokens: stream.alloc_zeros::<bf16>(t_len.max(1))?,
+            positions: stream.alloc_zeros::<i32>((b * n_out).max(1))?,
+            count: stream.alloc_zeros::<i32>(b)?,
+        });
+    }
+    let mut ws = Workspace::new();
+
+    let check = if env.check {
+        let set = &mut data[0];
+        stream.memcpy_htod(&vec![bf16::NAN; t_len], &mut set.tokens)?;
+        stream.memcpy_htod(&vec![i32::MIN; b * n_out], &mut set.positions)?;
+        stream.memcpy_htod(&vec![i32::MIN; b], &mut set.count)?;
+        multiscale_launch(&stream, case, &scales, set, &mut ws)?;
+        let (got_t, got_p, got_c) = (stream.clone_dtoh(&set.tokens)?, stream.clone_dtoh(&set.positions)?, stream.clone_dtoh(&set.count)?);
+        let (xh, zh) = (stream.clone_dtoh(&set.x)?, stream.clone_dtoh(&set.z)?);
+        let (mut want_t, mut want_p, mut want_c) = (vec![bf16::ZERO; t_len], vec![0i32; b * n_out], vec![0i32; b]);
+        msg_cpu::multiscale_gather(
+            View::contiguous(&xh, case.x_shape())?,
+            View::contiguous(&zh, case.z_shape())?,
+            case.window,
+            &scales,
+            case.scale_by_prob,
+            &mut ViewMut::contiguous(&mut want_t, case.tokens_shape())?,
+            &mut ViewMut::contiguous(&mut want_p, [b, n_out])?,
+            &mut ViewMut::contiguous(&mut want_c, [b])?,
+        )?;
+        let kept: i64 = want_c.iter().map(|&c| c as i64).sum();
+        let index_ok = got_p == want_p && got_c == want_c;
+        // Without the probability the tokens are maxima of the inputs: exact.
+        // With it, expf against the host's exp can move a bf16 rounding.
+        let (tokens_ok, how) = if case.scale_by_prob {
+            let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+            let err = rel_err(&f(&got_t), &f(&want_t));
+            (err <= 1e-3, format!("rel err {err:.0e}"))
+        } else {
+            (got_t.iter().zip(&want_t).all(|(g, w)| g.to_bits() == w.to_bits()), "exact".to_string())
+        };
+        match (index_ok, tokens_ok) {
+            (true, true) => format!("ok ({how}, {kept} tokens, {sets} sets)"),
+            (false, _) => "FAIL (positions or counts differ from the CPU reference)".to_string(),
+            (true, false) => format!("FAIL (tokens differ from the CPU reference: {how})"),
+        }
+    } else {
+        format!("unchecked ({sets} sets)")
+    };
+
+    let stats = env.timer.gpu(|i| multiscale_launch(&stream, case, &scales, &mut data[i % sets], &mut ws))?;
+    Ok(Row { op: "multiscale_gather", shape: case.label(), stats: Some(stats), bytes: case.floor_bytes(2), baseline: None, check })
+}
+
+// ---------------------------------------------------------------------------
+// text_guided_select
+// ---------------------------------------------------------------------------
+
+fn text_cases(quick: bool) -> Vec<tg::Case> {
+    if quick {
+        return vec![tg::Case::new(1, 2880, KvLayout::Bshd), tg::Case::new(4, 2880, KvLayout::Bhsd)];
+    }
+    let mut cases = Vec::new();
+    for nv in tg::VISUAL {
+        for batch in [1, 4] {
+            for layout in KvLayout::ALL {
+                cases.push(tg::Case::new(batch, nv, layout));
+            }
+        }
+    }
+    cases.push(tg::Case::new(1, 2880, KvLayout::Bshd).with_text(256));
+    cases
+}
+
+/// One input set of text_guided_select: q, k and the outputs.
+struct SelectSet {
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    keep: CudaSlice<i32>,
+    count: CudaSlice<i32>,
+}
+
+fn text_launch(
+    stream: &Arc<CudaStream>,
+    case: &tg::Case,
+    lengths: &DeviceLengths,
+    set: &mut SelectSet,
+    scores: Option<&mut CudaSlice<f32>>,
+    ws: &mut Workspace,
+) -> Res<()> {
+    let (b, n) = (case.batch, case.visual);
+    let q = DevView::of(&set.q, case.q_layout())?;
+    let k = DevView::of(&set.k, case.k_layout())?;
+    let mut keep = DevViewMut::of(&mut set.keep, Layout::contiguous([b, n]))?;
+    let mut count = DevViewMut::of(&mut set.count, Layout::contiguous([b]))?;
+    let mut scores = scores.map(|s| DevViewMut::of(s, Layout::contiguous([b, n]))).transpose()?;
+    tgs_cuda::text_guided_select(stream, &q, &k, lengths, case.gamma, &mut keep, &mut count, scores.as_mut(), ws)?;
+    Ok(())
+}
+
+fn text_case(env: &mut Env, case: &tg::Case) -> Res<Row> {
+    let stream = env.stream.clone();
+    let (b, n) = (case.batch, case.visual);
+    let (q_len, k_len) = (case.q_layout().span(), case.k_layout().span());
+    let sets = env.n_sets(((q_len + k_len) * 2 + b * n * 4) as u64)?;
+    // The structured inputs of the generator (attention concentrates as in a
+    // real model), one seed per set.
+    let mut data: Vec<SelectSet> = Vec::with_capacity(sets);
+    for s in 0..sets {
+        let (q, k) = tg::attention_inputs::<bf16>(&mut rng(case.seed + s as u64), case);
+        data.push(SelectSet {
+            q: stream.clone_htod(&q)?,
+            k: stream.clone_htod(&k)?,
+            keep: stream.alloc_zeros::<i32>((b * n).max(1))?,
+            count: stream.alloc_zeros::<i32>(b)?,
+        });
+    }
+    let host_lengths = case.lengths();
+    let lengths = DeviceLengths::new(&stream, &host_lengths)?;
+    let mut ws = Workspace::new();
+
+    let check = if env.check {
+        // With the scores output: S against the CPU reference's, the kept set
+        // exactly the rule on the GPU's own S; then without it (the timed
+        // form): the same kept set.
+        let set = &mut data[0];
+        let mut scores = stream.clone_htod(&vec![f32::NAN; b * n])?;
+        stream.memcpy_htod(&vec![i32::MIN; b * n], &mut set.keep)?;
+        stream.memcpy_htod(&vec![i32::MIN; b], &mut set.count)?;
+        text_launch(&stream, case, &lengths, set, Some(&mut scores), &mut ws)?;
+        let (got_s, got_k, got_c) = (stream.clone_dtoh(&scores)?, stream.clone_dtoh(&set.keep)?, stream.clone_dtoh(&set.count)?);
+        stream.memcpy_htod(&vec![i32::MIN; b * n], &mut set.keep)?;
+        stream.memcpy_htod(&vec![i32::MIN; b], &mut set.count)?;
+        text_launch(&stream, case, &lengths, set, None, &mut ws)?;
+        let (own_k, own_c) = (stream.clone_dtoh(&set.keep)?, stream.clone_dtoh(&set.count)?);
+
+        let (qh, kh) = (stream.clone_dtoh(&set.q)?, stream.clone_dtoh(&set.k)?);
+        let (mut want_k, mut want_c, mut want_s) = (vec![0i32; b * n], vec![0i32; b], vec![0f32; b * n]);
+        tgs_cpu::text_guided_select(
+            View::new(&qh, case.q_layout())?,
+            View::new(&kh, case.k_layout())?,
+            &host_lengths,
+            case.gamma,
+            &mut ViewMut::contiguous(&mut want_k, [b, n])?,
+            &mut ViewMut::contiguous(&mut want_c, [b])?,
+            Some(&mut ViewMut::contiguous(&mut want_s, [b, n])?),
+        )?;
+        let err = rel_err(&got_s, &want_s);
+        let mut rule_k = vec![-1i32; b * n];
+        let mut rule_c = vec![0i32; b];
+        for row in 0..b {
+            let kept = select_from_scores(&got_s[row * n..][..n], case.gamma);
+            rule_c[row] = kept.len() as i32;
+            for (slot, &i) in rule_k[row * n..].iter_mut().zip(&kept) {
+                *slot = i as i32;
+            }
+        }
+        let kept: i64 = got_c.iter().map(|&c| c as i64).sum();
+        let share = 100.0 * kept as f64 / (b * n) as f64;
+        if err > 1e-4 {
+            format!("FAIL (S rel err {err:.1e})")
+        } else if got_k != rule_k || got_c != rule_c {
+            "FAIL (the kept set is not the rule on the GPU's S)".to_string()
+        } else if own_k != got_k || own_c != got_c {
+            "FAIL (without the scores output the kept set differs)".to_string()
+        } else {
+            format!("ok (S rel err {err:.0e}, kept {share:.0}%, {sets} sets)")
+        }
+    } else {
+        format!("unchecked ({sets} sets)")
+    };
+
+    let stats = env.timer.gpu(|i| text_launch(&stream, case, &lengths, &mut data[i % sets], None, &mut ws))?;
+    Ok(Row { op: "text_guided_select", shape: case.label(), stats: Some(stats), bytes: case.floor_bytes(2), baseline: None, check })
 }
