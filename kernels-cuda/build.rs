@@ -34,7 +34,13 @@ mod cuda {
         for f in SOURCES.iter().chain(HEADERS) {
             println!("cargo:rerun-if-changed={f}");
         }
-        for var in ["NVCC", "CUDA_HOME", "PATH", "FOVEAL_CUDA_ARCHS", "FOVEAL_CUDA_PTX"] {
+        for var in [
+            "NVCC",
+            "CUDA_HOME",
+            "PATH",
+            "FOVEAL_CUDA_ARCHS",
+            "FOVEAL_CUDA_PTX",
+        ] {
             println!("cargo:rerun-if-env-changed={var}");
         }
         let nvcc = find_nvcc().unwrap_or_else(|| {
@@ -44,15 +50,27 @@ mod cuda {
                  scripts/install-cuda.sh and run `eval \"$(scripts/install-cuda.sh --env)\"`."
             )
         });
-        let cuda_root = nvcc.parent().and_then(Path::parent).expect("nvcc lies in <root>/bin").to_path_buf();
+        let cuda_root = nvcc
+            .parent()
+            .and_then(Path::parent)
+            .expect("nvcc lies in <root>/bin")
+            .to_path_buf();
 
         // cc takes nvcc from NVCC (in CUDA mode it treats `compiler()` as a host compiler).
         env::set_var("NVCC", &nvcc);
         let mut build = cc::Build::new();
         // Kernels are always optimised and never built with device debug (-G),
         // whatever the cargo profile: tests must time and race-check real code.
-        build.cuda(true).cudart("static").debug(false).opt_level(3).include("include").flag("-std=c++17");
-        build.flag("--expt-relaxed-constexpr").flag("-Xptxas=-warn-spills");
+        build
+            .cuda(true)
+            .cudart("static")
+            .debug(false)
+            .opt_level(3)
+            .include("include")
+            .flag("-std=c++17");
+        build
+            .flag("--expt-relaxed-constexpr")
+            .flag("-Xptxas=-warn-spills");
         for arch in env_list("FOVEAL_CUDA_ARCHS", "80,90a") {
             build.flag(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
         }
@@ -75,16 +93,27 @@ mod cuda {
 
     fn env_list(var: &str, default: &str) -> Vec<String> {
         let v = env::var(var).unwrap_or_else(|_| default.to_string());
-        v.split([',', ';', ' ']).filter(|s| !s.is_empty()).map(str::to_string).collect()
+        v.split([',', ';', ' '])
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     fn find_nvcc() -> Option<PathBuf> {
-        if let Some(p) = env::var_os("NVCC").map(PathBuf::from).filter(|p| p.is_file()) {
+        if let Some(p) = env::var_os("NVCC")
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+        {
             return Some(p);
         }
-        if let Some(p) = env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")).filter(|p| p.is_file()) {
+        if let Some(p) = env::var_os("CUDA_HOME")
+            .map(|h| PathBuf::from(h).join("bin/nvcc"))
+            .filter(|p| p.is_file())
+        {
             return Some(p);
         }
-        env::split_paths(&env::var_os("PATH")?).map(|d| d.join("nvcc")).find(|p| p.is_file())
+        env::split_paths(&env::var_os("PATH")?)
+            .map(|d| d.join("nvcc"))
+            .find(|p| p.is_file())
     }
 }

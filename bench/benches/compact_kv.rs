@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use foveal::compact_kv::cpu;
 use foveal_bench::compact_kv::{baseline, dst_views, generate, Case};
 use foveal_bench::{criterion_measuring, KvLayout};
@@ -41,7 +43,8 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut kd = dst_views(&mut k_dst, plan.dst_layout);
                 let mut vd = dst_views(&mut v_dst, plan.dst_layout);
-                cpu::compact_kv(&k_src, &v_src, &plan.keep, plan.padding, &mut kd, &mut vd).unwrap();
+                cpu::compact_kv(&k_src, &v_src, &plan.keep, plan.padding, &mut kd, &mut vd)
+                    .unwrap();
             })
         });
         group.bench_function(BenchmarkId::new("per_layer_loop_2L_calls", &label), |b| {

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use foveal::glimpse_scores::cpu;
 use foveal::ViewMut;
 use foveal_bench::glimpse_scores::{baseline, generate, Case};
@@ -23,7 +25,10 @@ fn cases() -> Vec<Case> {
             Case::new(1, 4096, KvLayout::Bshd),
         ]
     } else {
-        vec![Case::new(1, 64, KvLayout::Bshd), Case::new(2, 64, KvLayout::Bhsd)]
+        vec![
+            Case::new(1, 64, KvLayout::Bshd),
+            Case::new(2, 64, KvLayout::Bhsd),
+        ]
     }
 }
 
@@ -39,11 +44,28 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("foveal_cpu", &label), |b| {
             b.iter(|| {
                 let mut view = ViewMut::contiguous(&mut out, plan.out_shape()).unwrap();
-                cpu::glimpse_scores(input.q_view(), input.k_view(), &plan.rows, None, plan.mode, &mut view).unwrap();
+                cpu::glimpse_scores(
+                    input.q_view(),
+                    input.k_view(),
+                    &plan.rows,
+                    None,
+                    plan.mode,
+                    &mut view,
+                )
+                .unwrap();
             })
         });
         group.bench_function(BenchmarkId::new("naive_unfused", &label), |b| {
-            b.iter(|| baseline(input.q_view(), input.k_view(), &plan.rows, None, plan.mode, &mut out))
+            b.iter(|| {
+                baseline(
+                    input.q_view(),
+                    input.k_view(),
+                    &plan.rows,
+                    None,
+                    plan.mode,
+                    &mut out,
+                )
+            })
         });
     }
     group.finish();

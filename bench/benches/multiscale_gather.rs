@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use foveal::multiscale_gather::cpu;
 use foveal::ViewMut;
 use foveal_bench::criterion_measuring;
@@ -25,7 +27,10 @@ fn cases() -> Vec<Case> {
             Case::new(1, 48, 4096, Branches::Seven),
         ]
     } else {
-        vec![Case::new(1, 8, 32, Branches::Three), Case::new(2, 8, 16, Branches::Seven).with_prob(true)]
+        vec![
+            Case::new(1, 8, 32, Branches::Three),
+            Case::new(2, 8, 16, Branches::Seven).with_prob(true),
+        ]
     }
 }
 
@@ -46,11 +51,29 @@ fn bench(c: &mut Criterion) {
                 let mut t = ViewMut::contiguous(&mut tokens, case.tokens_shape()).unwrap();
                 let mut p = ViewMut::contiguous(&mut positions, [b, n_out]).unwrap();
                 let mut c = ViewMut::contiguous(&mut count, [b]).unwrap();
-                cpu::multiscale_gather(input.x_view(), input.z_view(), case.window, &scales, case.scale_by_prob, &mut t, &mut p, &mut c).unwrap();
+                cpu::multiscale_gather(
+                    input.x_view(),
+                    input.z_view(),
+                    case.window,
+                    &scales,
+                    case.scale_by_prob,
+                    &mut t,
+                    &mut p,
+                    &mut c,
+                )
+                .unwrap();
             })
         });
         group.bench_function(BenchmarkId::new("pool_every_scale", &label), |bn| {
-            bn.iter(|| baseline(input.x_view(), input.z_view(), case.window, &scales, case.scale_by_prob))
+            bn.iter(|| {
+                baseline(
+                    input.x_view(),
+                    input.z_view(),
+                    case.window,
+                    &scales,
+                    case.scale_by_prob,
+                )
+            })
         });
     }
     group.finish();

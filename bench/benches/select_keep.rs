@@ -15,9 +15,18 @@ use foveal_bench::criterion_measuring;
 use foveal_bench::select_keep::{baseline, generate, Case};
 
 fn cases() -> Vec<Case> {
-    let capped = KeepRule { threshold: 0.5, max_ratio: Some(0.25), min_keep: 1 };
+    let capped = KeepRule {
+        threshold: 0.5,
+        max_ratio: Some(0.25),
+        min_keep: 1,
+    };
     if criterion_measuring() {
-        vec![Case::new(1, 1024), Case::new(1, 16384), Case::new(8, 4096), Case::new(8, 16384).with_rule(capped)]
+        vec![
+            Case::new(1, 1024),
+            Case::new(1, 16384),
+            Case::new(8, 4096),
+            Case::new(8, 16384).with_rule(capped),
+        ]
     } else {
         vec![Case::new(1, 256), Case::new(3, 256).with_rule(capped)]
     }
@@ -31,7 +40,9 @@ fn bench(c: &mut Criterion) {
         let mut keep = KeepSet::new(&input.rows);
         group.throughput(Throughput::Bytes(input.floor_bytes()));
         group.bench_function(BenchmarkId::new("foveal_cpu", &label), |b| {
-            b.iter(|| cpu::select_keep(input.logits_view(), &input.rows, &input.rule, &mut keep).unwrap())
+            b.iter(|| {
+                cpu::select_keep(input.logits_view(), &input.rows, &input.rule, &mut keep).unwrap()
+            })
         });
         group.bench_function(BenchmarkId::new("full_sort", &label), |b| {
             b.iter(|| baseline(input.logits_view(), &input.rows, &input.rule))

@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use foveal::text_guided_select::cpu;
 use foveal::ViewMut;
 use foveal_bench::text_guided_select::{baseline, generate, Case};
@@ -20,9 +22,16 @@ use half::bf16;
 
 fn cases() -> Vec<Case> {
     if criterion_measuring() {
-        vec![Case::new(1, 576, KvLayout::Bshd), Case::new(1, 2880, KvLayout::Bshd), Case::new(1, 2880, KvLayout::Bhsd)]
+        vec![
+            Case::new(1, 576, KvLayout::Bshd),
+            Case::new(1, 2880, KvLayout::Bshd),
+            Case::new(1, 2880, KvLayout::Bhsd),
+        ]
     } else {
-        vec![Case::new(1, 64, KvLayout::Bshd).with_text(4), Case::new(2, 48, KvLayout::Bhsd).with_text(3)]
+        vec![
+            Case::new(1, 64, KvLayout::Bshd).with_text(4),
+            Case::new(2, 48, KvLayout::Bhsd).with_text(3),
+        ]
     }
 }
 
@@ -40,7 +49,16 @@ fn bench(c: &mut Criterion) {
             bn.iter(|| {
                 let mut k = ViewMut::contiguous(&mut keep, [b, n]).unwrap();
                 let mut c = ViewMut::contiguous(&mut count, [b]).unwrap();
-                cpu::text_guided_select(input.q_view(), input.k_view(), &input.lengths, case.gamma, &mut k, &mut c, None).unwrap();
+                cpu::text_guided_select(
+                    input.q_view(),
+                    input.k_view(),
+                    &input.lengths,
+                    case.gamma,
+                    &mut k,
+                    &mut c,
+                    None,
+                )
+                .unwrap();
             })
         });
         group.bench_function(BenchmarkId::new("naive_unfused", &label), |bn| {

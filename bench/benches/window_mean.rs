@@ -17,7 +17,11 @@ use half::bf16;
 
 fn cases() -> Vec<Case> {
     if criterion_measuring() {
-        vec![Case::new(1, 24, 1024), Case::new(1, 48, 1024), Case::new(1, 48, 4096)]
+        vec![
+            Case::new(1, 24, 1024),
+            Case::new(1, 48, 1024),
+            Case::new(1, 48, 4096),
+        ]
     } else {
         vec![Case::new(1, 8, 64), Case::new(2, 10, 32)]
     }

@@ -10,7 +10,9 @@
 
 use foveal::compact_kv::cpu;
 use foveal::select_keep::cpu as select_cpu;
-use foveal::{Element, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, View, ViewMut};
+use foveal::{
+    Element, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, View, ViewMut,
+};
 
 use crate::rows::{vlm_rows, RowsConfig};
 use crate::select_keep::predictor_logits;
@@ -123,24 +125,40 @@ pub struct Input<T> {
 
 impl<T: Element> Input<T> {
     pub fn k_views(&self) -> Vec<View<'_, T, 4>> {
-        self.k.iter().map(|p| View::new(p, self.plan.src_layout).expect("generated to fit")).collect()
+        self.k
+            .iter()
+            .map(|p| View::new(p, self.plan.src_layout).expect("generated to fit"))
+            .collect()
     }
 
     pub fn v_views(&self) -> Vec<View<'_, T, 4>> {
-        self.v.iter().map(|p| View::new(p, self.plan.src_layout).expect("generated to fit")).collect()
+        self.v
+            .iter()
+            .map(|p| View::new(p, self.plan.src_layout).expect("generated to fit"))
+            .collect()
     }
 
     /// Zeroed destinations for the K and V planes (`layers` each).
     pub fn new_dst(&self) -> (Vec<Vec<T>>, Vec<Vec<T>>) {
         let n = self.plan.dst_len();
-        let planes = || (0..self.plan.layers).map(|_| vec![T::default(); n]).collect();
+        let planes = || {
+            (0..self.plan.layers)
+                .map(|_| vec![T::default(); n])
+                .collect()
+        };
         (planes(), planes())
     }
 }
 
 /// Views over destination planes.
-pub fn dst_views<'a, T: Element>(planes: &'a mut [Vec<T>], layout: Layout<4>) -> Vec<ViewMut<'a, T, 4>> {
-    planes.iter_mut().map(|p| ViewMut::new(p, layout).expect("sized by new_dst")).collect()
+pub fn dst_views<'a, T: Element>(
+    planes: &'a mut [Vec<T>],
+    layout: Layout<4>,
+) -> Vec<ViewMut<'a, T, 4>> {
+    planes
+        .iter_mut()
+        .map(|p| ViewMut::new(p, layout).expect("sized by new_dst"))
+        .collect()
 }
 
 /// The rows, keep positions and layouts of `case`.
@@ -149,17 +167,26 @@ pub fn plan(case: &Case) -> Plan {
     let rows = vlm_rows(&mut r, &case.rows);
     let logits = predictor_logits(&mut r, &rows);
     // Threshold 0 passes every token; the ratio cap keeps the largest floor(ratio * nv).
-    let rule = KeepRule { threshold: 0.0, max_ratio: Some(case.keep_ratio), min_keep: 1 };
+    let rule = KeepRule {
+        threshold: 0.0,
+        max_ratio: Some(case.keep_ratio),
+        min_keep: 1,
+    };
     let mut keep_set = KeepSet::new(&rows);
-    let logits_view = View::contiguous(&logits, [rows.batch(), rows.nv_max()]).expect("sized for rows");
+    let logits_view =
+        View::contiguous(&logits, [rows.batch(), rows.nv_max()]).expect("sized for rows");
     select_cpu::select_keep(logits_view, &rows, &rule, &mut keep_set).expect("valid rule");
     let mut wide = KeepPositions::for_rows(&rows, true);
     cpu::keep_positions(&rows, &keep_set, true, &mut wide).expect("sized by for_rows");
     // for_rows sizes the list for an uncompacted row; rebuild it at the
     // compacted width so that the destination is sized to the new maximum length.
-    let lists: Vec<Vec<usize>> = (0..rows.batch()).map(|b| wide.row(b).iter().map(|&p| p as usize).collect()).collect();
+    let lists: Vec<Vec<usize>> = (0..rows.batch())
+        .map(|b| wide.row(b).iter().map(|&p| p as usize).collect())
+        .collect();
     let keep = KeepPositions::from_rows(rows.seq(), &lists).expect("ascending, in range");
-    let ModelDims { kv_heads, head_dim, .. } = case.dims;
+    let ModelDims {
+        kv_heads, head_dim, ..
+    } = case.dims;
     let b = rows.batch();
     Plan {
         dims: case.dims,
@@ -178,7 +205,11 @@ pub fn generate<T: Element>(case: &Case) -> Input<T> {
     let plan = plan(case);
     let mut r = rng(case.seed ^ 0x9e37_79b9_7f4a_7c15);
     let n = plan.src_len();
-    let mut planes = || (0..plan.layers).map(|_| random_elems(&mut r, n, -1.0, 1.0)).collect::<Vec<_>>();
+    let mut planes = || {
+        (0..plan.layers)
+            .map(|_| random_elems(&mut r, n, -1.0, 1.0))
+            .collect::<Vec<_>>()
+    };
     let (k, v) = (planes(), planes());
     Input { plan, k, v }
 }
@@ -204,7 +235,9 @@ pub fn baseline<T: Element>(
     k_dst: &mut [Vec<T>],
     v_dst: &mut [Vec<T>],
 ) -> foveal::Result<()> {
-    let src_layout = plan.src_rows_layout().expect("the per-plane baseline needs the [B, S, H, D] memory order");
+    let src_layout = plan
+        .src_rows_layout()
+        .expect("the per-plane baseline needs the [B, S, H, D] memory order");
     let dst_layout = plan.dst_rows_layout().expect("as above");
     for l in 0..plan.layers {
         for (src, dst) in [(&k[l], &mut k_dst[l]), (&v[l], &mut v_dst[l])] {
@@ -224,7 +257,12 @@ mod tests {
     #[test]
     fn baseline_matches_foveal_and_keeps_a_quarter() {
         let mut case = Case::new(3, 2, 200, KvLayout::Bshd).with_seed(5);
-        case.dims = ModelDims { layers: 3, q_heads: 4, kv_heads: 2, head_dim: 8 };
+        case.dims = ModelDims {
+            layers: 3,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
         let input = generate::<bf16>(&case);
         let plan = &input.plan;
         for b in 0..2 {
@@ -234,8 +272,19 @@ mod tests {
         }
         let (mut k1, mut v1) = input.new_dst();
         {
-            let (mut kd, mut vd) = (dst_views(&mut k1, plan.dst_layout), dst_views(&mut v1, plan.dst_layout));
-            cpu::compact_kv(&input.k_views(), &input.v_views(), &plan.keep, plan.padding, &mut kd, &mut vd).unwrap();
+            let (mut kd, mut vd) = (
+                dst_views(&mut k1, plan.dst_layout),
+                dst_views(&mut v1, plan.dst_layout),
+            );
+            cpu::compact_kv(
+                &input.k_views(),
+                &input.v_views(),
+                &plan.keep,
+                plan.padding,
+                &mut kd,
+                &mut vd,
+            )
+            .unwrap();
         }
         let (mut k2, mut v2) = input.new_dst();
         baseline(&input.k, &input.v, plan, &mut k2, &mut v2).unwrap();

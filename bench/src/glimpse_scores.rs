@@ -23,7 +23,13 @@ impl Case {
     /// Qwen2.5-VL-7B, one image per row, LogSoftmax (the LLaVA configuration,
     /// which needs the whole row's log-sum-exp).
     pub fn new(batch: usize, nv: usize, kv_layout: KvLayout) -> Self {
-        Case { dims: QWEN25_VL_7B, rows: RowsConfig::new(batch, nv), kv_layout, mode: ScoreMode::LogSoftmax, seed: 0x61_1a_5c }
+        Case {
+            dims: QWEN25_VL_7B,
+            rows: RowsConfig::new(batch, nv),
+            kv_layout,
+            mode: ScoreMode::LogSoftmax,
+            seed: 0x61_1a_5c,
+        }
     }
 
     pub fn with_mode(mut self, mode: ScoreMode) -> Self {
@@ -38,7 +44,13 @@ impl Case {
 
     /// A short label: `B4 Nv16384 bshd logsoftmax`.
     pub fn label(&self) -> String {
-        format!("B{} Nv{} {} {}", self.rows.batch, self.rows.nv, self.kv_layout.name(), mode_name(self.mode))
+        format!(
+            "B{} Nv{} {} {}",
+            self.rows.batch,
+            self.rows.nv,
+            self.kv_layout.name(),
+            mode_name(self.mode)
+        )
     }
 }
 
@@ -98,7 +110,12 @@ impl<T: Element> Input<T> {
 /// The rows and layouts of `case`.
 pub fn plan(case: &Case) -> Plan {
     let rows = vlm_rows(&mut rng(case.seed), &case.rows);
-    let ModelDims { q_heads, kv_heads, head_dim, .. } = case.dims;
+    let ModelDims {
+        q_heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = case.dims;
     let b = rows.batch();
     Plan {
         dims: case.dims,
@@ -160,7 +177,10 @@ pub fn baseline<T: Element>(
     let mut qf = vec![0f32; b * hq * d];
     for bi in 0..b {
         for h in 0..hq {
-            for (dst, &x) in qf[(bi * hq + h) * d..][..d].iter_mut().zip(q.row([bi, h, 0])) {
+            for (dst, &x) in qf[(bi * hq + h) * d..][..d]
+                .iter_mut()
+                .zip(q.row([bi, h, 0]))
+            {
                 *dst = x.to_f32();
             }
         }
@@ -203,7 +223,11 @@ pub fn baseline<T: Element>(
                 let m = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let lse = m + src.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
                 for (o, &x) in dst.iter_mut().zip(src) {
-                    *o = if mode == ScoreMode::Softmax { (x - lse).exp() } else { x - lse };
+                    *o = if mode == ScoreMode::Softmax {
+                        (x - lse).exp()
+                    } else {
+                        x - lse
+                    };
                 }
             }
             sc
@@ -239,19 +263,46 @@ mod tests {
 
     #[test]
     fn baseline_matches_foveal() {
-        for (layout, mode) in [(KvLayout::Bshd, ScoreMode::LogSoftmax), (KvLayout::Bhsd, ScoreMode::Logits), (KvLayout::Bshd, ScoreMode::Softmax)] {
+        for (layout, mode) in [
+            (KvLayout::Bshd, ScoreMode::LogSoftmax),
+            (KvLayout::Bhsd, ScoreMode::Logits),
+            (KvLayout::Bshd, ScoreMode::Softmax),
+        ] {
             let mut case = Case::new(3, 40, layout).with_mode(mode).with_seed(11);
-            case.dims = ModelDims { layers: 1, q_heads: 6, kv_heads: 2, head_dim: 16 };
+            case.dims = ModelDims {
+                layers: 1,
+                q_heads: 6,
+                kv_heads: 2,
+                head_dim: 16,
+            };
             case.rows.images = 2;
             let input = generate::<bf16>(&case);
             let plan = &input.plan;
             let mut want = vec![f32::NAN; plan.out_len()];
             let mut out = ViewMut::contiguous(&mut want, plan.out_shape()).unwrap();
-            cpu::glimpse_scores(input.q_view(), input.k_view(), &plan.rows, None, mode, &mut out).unwrap();
+            cpu::glimpse_scores(
+                input.q_view(),
+                input.k_view(),
+                &plan.rows,
+                None,
+                mode,
+                &mut out,
+            )
+            .unwrap();
             let mut got = vec![f32::NAN; plan.out_len()];
-            baseline(input.q_view(), input.k_view(), &plan.rows, None, mode, &mut got);
+            baseline(
+                input.q_view(),
+                input.k_view(),
+                &plan.rows,
+                None,
+                mode,
+                &mut got,
+            );
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{case:?}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{case:?}: {g} vs {w}"
+                );
             }
         }
     }

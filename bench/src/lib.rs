@@ -62,11 +62,21 @@ impl ModelDims {
 }
 
 /// Qwen2.5-VL-7B's language model: 28 layers, 28 query heads, 4 KV heads, head dim 128.
-pub const QWEN25_VL_7B: ModelDims = ModelDims { layers: 28, q_heads: 28, kv_heads: 4, head_dim: 128 };
+pub const QWEN25_VL_7B: ModelDims = ModelDims {
+    layers: 28,
+    q_heads: 28,
+    kv_heads: 4,
+    head_dim: 128,
+};
 
 /// Llama-3-8B (LLaVA-NeXT's language model for text_guided_select): 32 layers,
 /// 32 query heads, 8 KV heads, head dim 128.
-pub const LLAMA3_8B: ModelDims = ModelDims { layers: 32, q_heads: 32, kv_heads: 8, head_dim: 128 };
+pub const LLAMA3_8B: ModelDims = ModelDims {
+    layers: 32,
+    q_heads: 32,
+    kv_heads: 8,
+    head_dim: 128,
+};
 
 /// The visual-token counts the benchmarks sweep (a 448x448 image is about
 /// 256 tokens on Qwen2.5-VL; 1K to 16K covers large images, several images and video).
@@ -108,7 +118,9 @@ pub fn rng(seed: u64) -> StdRng {
 /// `n` values uniform in `[lo, hi)`, rounded to `T`. Never all zeros (zeros
 /// hide unwritten outputs and can run faster than real data).
 pub fn random_elems<T: Element>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<T> {
-    (0..n).map(|_| T::from_f32(rng.random_range(lo..hi))).collect()
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(lo..hi)))
+        .collect()
 }
 
 /// One standard normal sample (Box-Muller; rand 0.9 has no normal distribution

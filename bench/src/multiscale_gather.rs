@@ -88,7 +88,15 @@ impl Case {
     /// `B1 48x48 C4096 w4 S7` (`+prob` with probability scaling).
     pub fn label(&self) -> String {
         let prob = if self.scale_by_prob { " +prob" } else { "" };
-        format!("B{} {}x{} C{} w{} {}{prob}", self.batch, self.height, self.width, self.channels, self.window, self.branches.name())
+        format!(
+            "B{} {}x{} C{} w{} {}{prob}",
+            self.batch,
+            self.height,
+            self.width,
+            self.channels,
+            self.window,
+            self.branches.name()
+        )
     }
 
     /// Windows per row, `M`.
@@ -173,7 +181,10 @@ pub fn selector_logits(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
 /// positions `[B, N_out_max]` i32, counts `[B]` i32.
 pub fn floor_bytes(case: &Case, elem_bytes: usize) -> u64 {
     let b = case.batch;
-    ((case.x_len() + case.tokens_len()) * elem_bytes + case.z_len() * 4 + b * case.n_out() * 4 + b * 4) as u64
+    ((case.x_len() + case.tokens_len()) * elem_bytes
+        + case.z_len() * 4
+        + b * case.n_out() * 4
+        + b * 4) as u64
 }
 
 /// The framework computation: max-pool every window at every scale (one
@@ -183,7 +194,13 @@ pub fn floor_bytes(case: &Case, elem_bytes: usize) -> u64 {
 /// scale's tensor to its offset (the exclusive prefix sum of the chosen
 /// token counts), and the padding. Returns `(tokens, positions, count)`, as
 /// foveal's multiscale_gather writes them.
-pub fn baseline<T: Element>(x: View<'_, T, 4>, z: View<'_, f32, 3>, window: usize, scales: &ScaleSet, scale_by_prob: bool) -> (Vec<T>, Vec<i32>, Vec<i32>) {
+pub fn baseline<T: Element>(
+    x: View<'_, T, 4>,
+    z: View<'_, f32, 3>,
+    window: usize,
+    scales: &ScaleSet,
+    scale_by_prob: bool,
+) -> (Vec<T>, Vec<i32>, Vec<i32>) {
     let [b, h, w, c] = x.shape();
     let [_, m, s] = z.shape();
     let n_out = max_tokens(h, w, window, scales);
@@ -290,7 +307,11 @@ mod tests {
         let cases = [
             Case::new(2, 8, 16, Branches::Three),
             Case::new(1, 12, 8, Branches::Seven).with_prob(true),
-            Case { width: 11, height: 6, ..Case::new(2, 0, 8, Branches::Seven) }, // border windows
+            Case {
+                width: 11,
+                height: 6,
+                ..Case::new(2, 0, 8, Branches::Seven)
+            }, // border windows
         ];
         for (i, case) in cases.into_iter().enumerate() {
             let case = case.with_seed(i as u64);
@@ -310,7 +331,13 @@ mod tests {
                 &mut ViewMut::contiguous(&mut count, [case.batch]).unwrap(),
             )
             .unwrap();
-            let (bt, bp, bc) = baseline(input.x_view(), input.z_view(), case.window, &case.branches.set(), case.scale_by_prob);
+            let (bt, bp, bc) = baseline(
+                input.x_view(),
+                input.z_view(),
+                case.window,
+                &case.branches.set(),
+                case.scale_by_prob,
+            );
             let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bc, count, "{case:?}");
             assert_eq!(bp, positions, "{case:?}");
@@ -322,9 +349,18 @@ mod tests {
     fn every_scale_is_chosen() {
         let case = Case::new(1, 48, 1, Branches::Seven);
         let input = generate::<bf16>(&case);
-        let (_, _, count) = baseline(input.x_view(), input.z_view(), case.window, &case.branches.set(), false);
+        let (_, _, count) = baseline(
+            input.x_view(),
+            input.z_view(),
+            case.window,
+            &case.branches.set(),
+            false,
+        );
         // 144 windows at 1 to 16 tokens each: the count lies well inside.
-        assert!((144 * 3..144 * 12).contains(&(count[0] as usize)), "{count:?}");
+        assert!(
+            (144 * 3..144 * 12).contains(&(count[0] as usize)),
+            "{count:?}"
+        );
         assert_eq!(case.n_out(), 48 * 48);
     }
 }

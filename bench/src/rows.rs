@@ -36,7 +36,13 @@ pub struct RowsConfig {
 impl RowsConfig {
     /// One image per row, ragged rows, left padding.
     pub fn new(batch: usize, nv: usize) -> Self {
-        RowsConfig { batch, nv, images: 1, ragged: true, padding: Padding::Left }
+        RowsConfig {
+            batch,
+            nv,
+            images: 1,
+            ragged: true,
+            padding: Padding::Left,
+        }
     }
 }
 
@@ -52,13 +58,22 @@ const BETWEEN_IMAGES: usize = 4;
 /// The visual-token count of each row of `cfg`.
 fn visual_counts(rng: &mut StdRng, cfg: &RowsConfig) -> Vec<usize> {
     (0..cfg.batch)
-        .map(|b| if b == 0 || !cfg.ragged { cfg.nv } else { cfg.nv - rng.random_range(0..=cfg.nv / 8) })
+        .map(|b| {
+            if b == 0 || !cfg.ragged {
+                cfg.nv
+            } else {
+                cfg.nv - rng.random_range(0..=cfg.nv / 8)
+            }
+        })
         .collect()
 }
 
 /// A ragged batch of prompts (see the module docs); validated by foveal.
 pub fn vlm_rows(rng: &mut StdRng, cfg: &RowsConfig) -> RowLayout {
-    assert!(cfg.batch > 0 && cfg.images > 0, "a batch needs rows and images");
+    assert!(
+        cfg.batch > 0 && cfg.images > 0,
+        "a batch needs rows and images"
+    );
     let counts = visual_counts(rng, cfg);
     // Relative rows first (start 0), then shifted into a cache of the longest length.
     let mut rel: Vec<RowSpec> = Vec::with_capacity(cfg.batch);
@@ -76,7 +91,11 @@ pub fn vlm_rows(rng: &mut StdRng, cfg: &RowsConfig) -> RowLayout {
         }
         p += rng.random_range(QUESTION) + ASSISTANT_HEADER;
         let end = p + 1; // the glimpse token at `p`
-        rel.push(RowSpec { start: 0, end, visual });
+        rel.push(RowSpec {
+            start: 0,
+            end,
+            visual,
+        });
     }
     let seq = rel.iter().map(|r| r.end).max().expect("batch > 0");
     let rows: Vec<RowSpec> = rel
@@ -86,7 +105,11 @@ pub fn vlm_rows(rng: &mut StdRng, cfg: &RowsConfig) -> RowLayout {
                 Padding::Right => 0,
                 Padding::Left => seq - r.end,
             };
-            RowSpec { start: shift, end: r.end + shift, visual: r.visual.iter().map(|p| p + shift).collect() }
+            RowSpec {
+                start: shift,
+                end: r.end + shift,
+                visual: r.visual.iter().map(|p| p + shift).collect(),
+            }
         })
         .collect();
     RowLayout::new(seq, &rows).expect("generated rows are valid")
@@ -109,7 +132,13 @@ mod tests {
     #[test]
     fn rows_are_realistic() {
         for padding in [Padding::Left, Padding::Right] {
-            let cfg = RowsConfig { batch: 4, nv: 1024, images: 3, ragged: true, padding };
+            let cfg = RowsConfig {
+                batch: 4,
+                nv: 1024,
+                images: 3,
+                ragged: true,
+                padding,
+            };
             let rows = vlm_rows(&mut crate::rng(7), &cfg);
             assert_eq!(rows.batch(), 4);
             assert_eq!(rows.nv(0), 1024);

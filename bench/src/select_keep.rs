@@ -24,7 +24,11 @@ pub struct Case {
 impl Case {
     /// The default rule (threshold 0.5, no ratio cap, min_keep 1).
     pub fn new(batch: usize, nv: usize) -> Self {
-        Case { rows: RowsConfig::new(batch, nv), rule: KeepRule::default(), seed: 0x5e_1e_c7 }
+        Case {
+            rows: RowsConfig::new(batch, nv),
+            rule: KeepRule::default(),
+            seed: 0x5e_1e_c7,
+        }
     }
 
     pub fn with_rule(mut self, rule: KeepRule) -> Self {
@@ -39,7 +43,10 @@ impl Case {
 
     /// `B8 Nv4096 t0.5` or `B8 Nv4096 t0.5 r0.25`.
     pub fn label(&self) -> String {
-        let mut s = format!("B{} Nv{} t{}", self.rows.batch, self.rows.nv, self.rule.threshold);
+        let mut s = format!(
+            "B{} Nv{} t{}",
+            self.rows.batch, self.rows.nv, self.rule.threshold
+        );
         if let Some(r) = self.rule.max_ratio {
             s += &format!(" r{r}");
         }
@@ -58,7 +65,8 @@ pub struct Input {
 
 impl Input {
     pub fn logits_view(&self) -> View<'_, f32, 2> {
-        View::contiguous(&self.logits, [self.rows.batch(), self.rows.nv_max()]).expect("generated to fit")
+        View::contiguous(&self.logits, [self.rows.batch(), self.rows.nv_max()])
+            .expect("generated to fit")
     }
 
     pub fn floor_bytes(&self) -> u64 {
@@ -71,7 +79,11 @@ pub fn generate(case: &Case) -> Input {
     let mut r = rng(case.seed);
     let rows = vlm_rows(&mut r, &case.rows);
     let logits = predictor_logits(&mut r, &rows);
-    Input { rows, rule: case.rule, logits }
+    Input {
+        rows,
+        rule: case.rule,
+        logits,
+    }
 }
 
 /// Importance-map-like logits `[B, Nv_max]` for `rows`: per row, the visual
@@ -86,14 +98,20 @@ pub fn predictor_logits(rng: &mut StdRng, rows: &RowLayout) -> Vec<f32> {
         let blobs: Vec<(f64, f64, f64)> = (0..rng.random_range(1..=3))
             .map(|_| {
                 let r = w as f64 * rng.random_range(0.08..0.25);
-                (rng.random_range(0.0..w as f64), rng.random_range(0.0..w as f64), r)
+                (
+                    rng.random_range(0.0..w as f64),
+                    rng.random_range(0.0..w as f64),
+                    r,
+                )
             })
             .collect();
         for (i, x) in logits[b * nv_max..][..nv].iter_mut().enumerate() {
             let (gy, gx) = ((i / w) as f64, (i % w) as f64);
             let lift = blobs
                 .iter()
-                .map(|&(cy, cx, r)| (-((gy - cy).powi(2) + (gx - cx).powi(2)) / (2.0 * r * r)).exp())
+                .map(|&(cy, cx, r)| {
+                    (-((gy - cy).powi(2) + (gx - cx).powi(2)) / (2.0 * r * r)).exp()
+                })
                 .fold(0.0, f64::max);
             *x = (-3.0 + 7.0 * lift + normal(rng)) as f32;
         }
@@ -113,7 +131,11 @@ pub fn floor_bytes(rows: &RowLayout) -> u64 {
 /// the row by `p` descending (argsort), the first `n` indices, and a sort of
 /// those ascending. Returns the padded indices `[B, Nv_max]` (-1 past the
 /// count) and the counts, like a [`foveal::KeepSet`].
-pub fn baseline(logits: View<'_, f32, 2>, rows: &RowLayout, rule: &KeepRule) -> (Vec<i32>, Vec<i32>) {
+pub fn baseline(
+    logits: View<'_, f32, 2>,
+    rows: &RowLayout,
+    rule: &KeepRule,
+) -> (Vec<i32>, Vec<i32>) {
     let nv_max = rows.nv_max();
     let mut idx = vec![-1i32; rows.batch() * nv_max];
     let mut count = vec![0i32; rows.batch()];
@@ -122,7 +144,11 @@ pub fn baseline(logits: View<'_, f32, 2>, rows: &RowLayout, rule: &KeepRule) -> 
         let p: Vec<f32> = (0..nv)
             .map(|i| {
                 let x = logits.at([b, i]);
-                if x.is_nan() { 0.0 } else { 1.0 / (1.0 + (-x).exp()) }
+                if x.is_nan() {
+                    0.0
+                } else {
+                    1.0 / (1.0 + (-x).exp())
+                }
             })
             .collect();
         let above = p.iter().filter(|&&v| v > rule.threshold).count();
@@ -153,8 +179,16 @@ mod tests {
     fn baseline_matches_foveal() {
         let rules = [
             KeepRule::default(),
-            KeepRule { threshold: 0.5, max_ratio: Some(0.1), min_keep: 1 },
-            KeepRule { threshold: 0.99, max_ratio: None, min_keep: 64 },
+            KeepRule {
+                threshold: 0.5,
+                max_ratio: Some(0.1),
+                min_keep: 1,
+            },
+            KeepRule {
+                threshold: 0.99,
+                max_ratio: None,
+                min_keep: 64,
+            },
         ];
         for (seed, rule) in rules.into_iter().enumerate() {
             let input = generate(&Case::new(4, 700).with_rule(rule).with_seed(seed as u64));

@@ -44,7 +44,15 @@ pub struct Case {
 impl Case {
     /// Llama-3-8B heads, 64 text tokens, gamma 0.85.
     pub fn new(batch: usize, visual: usize, kv_layout: KvLayout) -> Self {
-        Case { dims: LLAMA3_8B, batch, text: TEXT, visual, kv_layout, gamma: DEFAULT_GAMMA, seed: 0x7e_47_5e }
+        Case {
+            dims: LLAMA3_8B,
+            batch,
+            text: TEXT,
+            visual,
+            kv_layout,
+            gamma: DEFAULT_GAMMA,
+            seed: 0x7e_47_5e,
+        }
     }
 
     pub fn with_text(mut self, text: usize) -> Self {
@@ -59,7 +67,14 @@ impl Case {
 
     /// `B1 T64 N2880 bshd g0.85`.
     pub fn label(&self) -> String {
-        format!("B{} T{} N{} {} g{}", self.batch, self.text, self.visual, self.kv_layout.name(), self.gamma)
+        format!(
+            "B{} T{} N{} {} g{}",
+            self.batch,
+            self.text,
+            self.visual,
+            self.kv_layout.name(),
+            self.gamma
+        )
     }
 
     /// `[B, T, Hq, D]`, contiguous.
@@ -69,7 +84,12 @@ impl Case {
 
     /// `[B, N, Hkv, D]` in the case's memory order.
     pub fn k_layout(&self) -> Layout<4> {
-        self.kv_layout.layout(self.batch, self.visual, self.dims.kv_heads, self.dims.head_dim)
+        self.kv_layout.layout(
+            self.batch,
+            self.visual,
+            self.dims.kv_heads,
+            self.dims.head_dim,
+        )
     }
 
     /// Every row full.
@@ -105,19 +125,31 @@ impl<T: Element> Input<T> {
 pub fn generate<T: Element>(case: &Case) -> Input<T> {
     let mut r = rng(case.seed);
     let (q, k) = attention_inputs(&mut r, case);
-    Input { case: *case, lengths: case.lengths(), q, k }
+    Input {
+        case: *case,
+        lengths: case.lengths(),
+        q,
+        k,
+    }
 }
 
 /// Structured `q` and `k` (module docs) in the layouts of `case`.
 pub fn attention_inputs<T: Element>(r: &mut StdRng, case: &Case) -> (Vec<T>, Vec<T>) {
-    let ModelDims { q_heads, kv_heads, head_dim: d, .. } = case.dims;
+    let ModelDims {
+        q_heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = case.dims;
     let g = q_heads / kv_heads;
     let (ql, kl) = (case.q_layout(), case.k_layout());
     let mut q = vec![T::from_f32(0.0); ql.span()];
     let mut k = vec![T::from_f32(0.0); kl.span()];
     let side = (case.visual as f64).sqrt().ceil().max(1.0) as usize;
     for b in 0..case.batch {
-        let u: Vec<f32> = (0..kv_heads * d).map(|_| r.random_range(-1.0..1.0)).collect();
+        let u: Vec<f32> = (0..kv_heads * d)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
         for j in 0..case.text {
             for h in 0..q_heads {
                 let off = ql.offset([b, j, h, 0]);
@@ -129,7 +161,11 @@ pub fn attention_inputs<T: Element>(r: &mut StdRng, case: &Case) -> (Vec<T>, Vec
         let blobs: Vec<(f64, f64, f64)> = (0..r.random_range(1..=3))
             .map(|_| {
                 let rad = side as f64 * r.random_range(0.08..0.2);
-                (r.random_range(0.0..side as f64), r.random_range(0.0..side as f64), rad)
+                (
+                    r.random_range(0.0..side as f64),
+                    r.random_range(0.0..side as f64),
+                    rad,
+                )
             })
             .collect();
         for i in 0..case.visual {
@@ -137,12 +173,16 @@ pub fn attention_inputs<T: Element>(r: &mut StdRng, case: &Case) -> (Vec<T>, Vec
             let lift = 3.0
                 * blobs
                     .iter()
-                    .map(|&(cy, cx, rad)| (-((gy - cy).powi(2) + (gx - cx).powi(2)) / (2.0 * rad * rad)).exp())
+                    .map(|&(cy, cx, rad)| {
+                        (-((gy - cy).powi(2) + (gx - cx).powi(2)) / (2.0 * rad * rad)).exp()
+                    })
                     .fold(0.0, f64::max) as f32;
             for kvh in 0..kv_heads {
                 let off = kl.offset([b, i, kvh, 0]);
                 for (e, o) in k[off..off + d].iter_mut().enumerate() {
-                    *o = T::from_f32(0.5 * r.random_range(-1.0f32..1.0) + 0.5 * lift * u[kvh * d + e]);
+                    *o = T::from_f32(
+                        0.5 * r.random_range(-1.0f32..1.0) + 0.5 * lift * u[kvh * d + e],
+                    );
                 }
             }
         }
@@ -154,7 +194,12 @@ pub fn attention_inputs<T: Element>(r: &mut StdRng, case: &Case) -> (Vec<T>, Vec
 /// the kept indices `[B, N]` i32 and counts `[B]` written (no scores output;
 /// A is never materialised, so it costs nothing here).
 pub fn floor_bytes(case: &Case, elem_bytes: usize) -> u64 {
-    let ModelDims { q_heads, kv_heads, head_dim, .. } = case.dims;
+    let ModelDims {
+        q_heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = case.dims;
     let b = case.batch;
     let q = b * case.text * q_heads * head_dim * elem_bytes;
     let k = b * case.visual * kv_heads * head_dim * elem_bytes;
@@ -169,7 +214,12 @@ pub fn floor_bytes(case: &Case, elem_bytes: usize) -> u64 {
 /// first position whose cumsum exceeds `gamma * sum(S)`, and a sort of the
 /// kept indices ascending. Returns the padded indices `[B, N]` (-1 past the
 /// count), the counts and `S [B, N]`.
-pub fn baseline<T: Element>(q: View<'_, T, 4>, k: View<'_, T, 4>, lengths: &Lengths, gamma: f32) -> (Vec<i32>, Vec<i32>, Vec<f32>) {
+pub fn baseline<T: Element>(
+    q: View<'_, T, 4>,
+    k: View<'_, T, 4>,
+    lengths: &Lengths,
+    gamma: f32,
+) -> (Vec<i32>, Vec<i32>, Vec<f32>) {
     let [b, _, hq, d] = q.shape();
     let [_, n_cap, hkv, _] = k.shape();
     let g = hq / hkv;
@@ -183,7 +233,10 @@ pub fn baseline<T: Element>(q: View<'_, T, 4>, k: View<'_, T, 4>, lengths: &Leng
         let mut qf = vec![0f32; hq * t * d];
         for h in 0..hq {
             for j in 0..t {
-                for (o, x) in qf[(h * t + j) * d..][..d].iter_mut().zip(q.row([bi, j, h, 0])) {
+                for (o, x) in qf[(h * t + j) * d..][..d]
+                    .iter_mut()
+                    .zip(q.row([bi, j, h, 0]))
+                {
                     *o = x.to_f32();
                 }
             }
@@ -191,7 +244,10 @@ pub fn baseline<T: Element>(q: View<'_, T, 4>, k: View<'_, T, 4>, lengths: &Leng
         let mut kx = vec![0f32; hq * n * d];
         for h in 0..hq {
             for i in 0..n {
-                for (o, x) in kx[(h * n + i) * d..][..d].iter_mut().zip(k.row([bi, i, h / g, 0])) {
+                for (o, x) in kx[(h * n + i) * d..][..d]
+                    .iter_mut()
+                    .zip(k.row([bi, i, h / g, 0]))
+                {
                     *o = x.to_f32();
                 }
             }
@@ -203,7 +259,8 @@ pub fn baseline<T: Element>(q: View<'_, T, 4>, k: View<'_, T, 4>, lengths: &Leng
                 let qr = &qf[(h * t + j) * d..][..d];
                 for i in 0..n {
                     let kr = &kx[(h * n + i) * d..][..d];
-                    a[(h * t + j) * n + i] = scale * qr.iter().zip(kr).map(|(x, y)| x * y).sum::<f32>();
+                    a[(h * t + j) * n + i] =
+                        scale * qr.iter().zip(kr).map(|(x, y)| x * y).sum::<f32>();
                 }
             }
         }
@@ -266,7 +323,11 @@ mod tests {
 
     fn foveal_cpu(input: &Input<bf16>) -> (Vec<i32>, Vec<i32>, Vec<f32>) {
         let (b, n) = (input.case.batch, input.case.visual);
-        let (mut keep, mut count, mut scores) = (vec![i32::MIN; b * n], vec![i32::MIN; b], vec![f32::NAN; b * n]);
+        let (mut keep, mut count, mut scores) = (
+            vec![i32::MIN; b * n],
+            vec![i32::MIN; b],
+            vec![f32::NAN; b * n],
+        );
         cpu::text_guided_select(
             input.q_view(),
             input.k_view(),
@@ -288,14 +349,24 @@ mod tests {
             let (keep, count, scores) = foveal_cpu(&input);
             let (bk, bc, bs) = baseline(input.q_view(), input.k_view(), &input.lengths, case.gamma);
             for (g, w) in bs.iter().zip(&scores) {
-                assert!((g - w).abs() <= 1e-5 * w.abs() + 1e-7, "{case:?}: S {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs() + 1e-7,
+                    "{case:?}: S {g} vs {w}"
+                );
             }
             // The f32 cumsum may cross the threshold one token away from foveal's exact sums.
             for row in 0..case.batch {
                 let (nb, nf) = (bc[row] as usize, count[row] as usize);
-                assert!(nb.abs_diff(nf) <= 1, "{case:?}: row {row} keeps {nb} vs {nf}");
+                assert!(
+                    nb.abs_diff(nf) <= 1,
+                    "{case:?}: row {row} keeps {nb} vs {nf}"
+                );
                 if nb == nf {
-                    assert_eq!(bk[row * 100..][..nb], keep[row * 100..][..nf], "{case:?}: row {row}");
+                    assert_eq!(
+                        bk[row * 100..][..nb],
+                        keep[row * 100..][..nf],
+                        "{case:?}: row {row}"
+                    );
                 }
             }
         }

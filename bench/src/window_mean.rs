@@ -32,7 +32,15 @@ pub struct Case {
 impl Case {
     /// A square `grid x grid` map of `channels`, the default window (4) and pool (mean).
     pub fn new(batch: usize, grid: usize, channels: usize) -> Self {
-        Case { batch, height: grid, width: grid, channels, window: DEFAULT_WINDOW, pool: Pool::Mean, seed: 0x3a_11_d0 }
+        Case {
+            batch,
+            height: grid,
+            width: grid,
+            channels,
+            window: DEFAULT_WINDOW,
+            pool: Pool::Mean,
+            seed: 0x3a_11_d0,
+        }
     }
 
     pub fn with_pool(mut self, pool: Pool) -> Self {
@@ -51,7 +59,10 @@ impl Case {
             Pool::Mean => "mean",
             Pool::Max => "max",
         };
-        format!("B{} {}x{} C{} w{} {pool}", self.batch, self.height, self.width, self.channels, self.window)
+        format!(
+            "B{} {}x{} C{} w{} {pool}",
+            self.batch, self.height, self.width, self.channels, self.window
+        )
     }
 
     /// Windows per row, `M`.
@@ -131,14 +142,23 @@ pub fn baseline<T: Element>(x: View<'_, T, 4>, window: usize, pool: Pool, out: &
             let (y1, x1) = ((y0 + window).min(h), (x0 + window).min(w));
             let cells = ((y1 - y0) * (x1 - x0)) as f32;
             for ch in 0..c {
-                let mut acc = if pool == Pool::Max { f32::NEG_INFINITY } else { 0.0 };
+                let mut acc = if pool == Pool::Max {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                };
                 for y in y0..y1 {
                     for xx in x0..x1 {
                         let v = xc[((bi * h + y) * w + xx) * c + ch].to_f32();
-                        acc = if pool == Pool::Max { acc.max(v) } else { acc + v };
+                        acc = if pool == Pool::Max {
+                            acc.max(v)
+                        } else {
+                            acc + v
+                        };
                     }
                 }
-                out[(bi * m + mi) * c + ch] = T::from_f32(if pool == Pool::Max { acc } else { acc / cells });
+                out[(bi * m + mi) * c + ch] =
+                    T::from_f32(if pool == Pool::Max { acc } else { acc / cells });
             }
         }
     }
@@ -153,12 +173,22 @@ mod tests {
 
     #[test]
     fn baseline_matches_foveal() {
-        for (case, pool) in [(Case::new(2, 10, 24), Pool::Mean), (Case::new(1, 24, 64), Pool::Mean), (Case::new(1, 7, 8), Pool::Max)] {
+        for (case, pool) in [
+            (Case::new(2, 10, 24), Pool::Mean),
+            (Case::new(1, 24, 64), Pool::Mean),
+            (Case::new(1, 7, 8), Pool::Max),
+        ] {
             let mut case = case.with_pool(pool);
             case.width += 3; // border windows on the right
             let input = generate::<bf16>(&case);
             let mut want = vec![bf16::NAN; case.out_len()];
-            cpu::window_mean(input.x_view(), case.window, pool, &mut ViewMut::contiguous(&mut want, case.out_shape()).unwrap()).unwrap();
+            cpu::window_mean(
+                input.x_view(),
+                case.window,
+                pool,
+                &mut ViewMut::contiguous(&mut want, case.out_shape()).unwrap(),
+            )
+            .unwrap();
             let mut got = vec![bf16::NAN; case.out_len()];
             baseline(input.x_view(), case.window, pool, &mut got);
             let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

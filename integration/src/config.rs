@@ -127,8 +127,17 @@ impl ModelConfig {
     /// The index into the tower's `num_layers + 1` hidden states that feeds the projector.
     pub fn feature_layer_index(&self) -> usize {
         let n = self.vision.num_layers as isize + 1;
-        let i = if self.vision_feature_layer < 0 { n + self.vision_feature_layer } else { self.vision_feature_layer };
-        assert!((0..n).contains(&i), "vision_feature_layer {} out of range for {} hidden states", self.vision_feature_layer, n);
+        let i = if self.vision_feature_layer < 0 {
+            n + self.vision_feature_layer
+        } else {
+            self.vision_feature_layer
+        };
+        assert!(
+            (0..n).contains(&i),
+            "vision_feature_layer {} out of range for {} hidden states",
+            self.vision_feature_layer,
+            n
+        );
         i as usize
     }
 
@@ -136,11 +145,26 @@ impl ModelConfig {
     pub fn validate(&self) -> candle_core::Result<()> {
         let (v, t) = (&self.vision, &self.text);
         let checks = [
-            (v.patch_size > 0 && v.image_size % v.patch_size == 0, "image_size must be a multiple of patch_size"),
-            (v.num_heads > 0 && v.hidden_size % v.num_heads == 0, "vision hidden_size must be a multiple of num_heads"),
-            (t.num_kv_heads > 0 && t.num_heads % t.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
-            (t.head_dim % 2 == 0, "head_dim must be even (rotary embeddings)"),
-            (t.num_layers > 0 && v.num_layers > 0, "both towers need at least one layer"),
+            (
+                v.patch_size > 0 && v.image_size % v.patch_size == 0,
+                "image_size must be a multiple of patch_size",
+            ),
+            (
+                v.num_heads > 0 && v.hidden_size % v.num_heads == 0,
+                "vision hidden_size must be a multiple of num_heads",
+            ),
+            (
+                t.num_kv_heads > 0 && t.num_heads % t.num_kv_heads == 0,
+                "num_heads must be a multiple of num_kv_heads",
+            ),
+            (
+                t.head_dim % 2 == 0,
+                "head_dim must be even (rotary embeddings)",
+            ),
+            (
+                t.num_layers > 0 && v.num_layers > 0,
+                "both towers need at least one layer",
+            ),
         ];
         for (ok, msg) in checks {
             if !ok {
@@ -148,9 +172,16 @@ impl ModelConfig {
             }
         }
         let n = self.vision.num_layers as isize + 1;
-        let i = if self.vision_feature_layer < 0 { n + self.vision_feature_layer } else { self.vision_feature_layer };
+        let i = if self.vision_feature_layer < 0 {
+            n + self.vision_feature_layer
+        } else {
+            self.vision_feature_layer
+        };
         if !(0..n).contains(&i) {
-            candle_core::bail!("ModelConfig: vision_feature_layer {} out of range for {n} hidden states", self.vision_feature_layer);
+            candle_core::bail!(
+                "ModelConfig: vision_feature_layer {} out of range for {n} hidden states",
+                self.vision_feature_layer
+            );
         }
         Ok(())
     }

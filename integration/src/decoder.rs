@@ -14,7 +14,9 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{
+    embedding, linear, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
+};
 
 use crate::config::TextConfig;
 use crate::nn::{push_linear, push_rms_norm, Named, SwiGlu};
@@ -35,7 +37,9 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a decoder of `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        KvCache {
+            layers: vec![None; num_layers],
+        }
     }
 
     pub fn num_layers(&self) -> usize {
@@ -81,7 +85,12 @@ impl KvCache {
 /// (cache slot `kv_len - q_len + i`) of row `b` sees key `j` iff
 /// `starts[b] <= j <= kv_len - q_len + i`; other keys get [`MASK_MIN`].
 /// Prefill: `q_len = kv_len = S`; a decode step: `q_len = 1`.
-pub fn attention_mask(starts: &[usize], q_len: usize, kv_len: usize, device: &Device) -> Result<Tensor> {
+pub fn attention_mask(
+    starts: &[usize],
+    q_len: usize,
+    kv_len: usize,
+    device: &Device,
+) -> Result<Tensor> {
     if q_len > kv_len {
         candle_core::bail!("attention_mask: q_len {q_len} > kv_len {kv_len}");
     }
@@ -166,7 +175,11 @@ impl Attention {
         };
         *kv = Some((k.clone(), v.clone()));
         let skv = k.dims()[2];
-        let captured = if capture { Some(q.narrow(2, sq - 1, 1)?.squeeze(2)?.contiguous()?) } else { None };
+        let captured = if capture {
+            Some(q.narrow(2, sq - 1, 1)?.squeeze(2)?.contiguous()?)
+        } else {
+            None
+        };
 
         // GQA without repeating K/V: the G query heads of a KV head become
         // G*Sq query rows of that head.
@@ -179,7 +192,10 @@ impl Attention {
             Some(m) => {
                 let m = m.to_dtype(DType::F32)?;
                 if m.dims() != [b, 1, sq, skv] {
-                    candle_core::bail!("Decoder: mask {:?}, expected [{b}, 1, {sq}, {skv}]", m.dims());
+                    candle_core::bail!(
+                        "Decoder: mask {:?}, expected [{b}, 1, {sq}, {skv}]",
+                        m.dims()
+                    );
                 }
                 scores.broadcast_add(&m.unsqueeze(1)?)?
             }
@@ -191,7 +207,10 @@ impl Attention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.to_dtype(dtype)?;
         let out = probs.reshape((b, hkv, g * sq, skv))?.matmul(&v)?;
-        let out = out.reshape((b, hq, sq, d))?.transpose(1, 2)?.reshape((b, sq, hq * d))?;
+        let out = out
+            .reshape((b, hq, sq, d))?
+            .transpose(1, 2)?
+            .reshape((b, sq, hq * d))?;
         Ok((self.o_proj.forward(&out)?, captured))
     }
 
@@ -217,7 +236,11 @@ impl Layer {
             self_attn: Attention::new(vb.pp("self_attn"), cfg)?,
             mlp: SwiGlu::new(vb.pp("mlp"), cfg.hidden_size, cfg.intermediate_size)?,
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
         })
     }
 
@@ -229,17 +252,30 @@ impl Layer {
         kv: &mut Option<(Tensor, Tensor)>,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (attn, q) = self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, mask, kv, capture)?;
+        let (attn, q) =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, rope, mask, kv, capture)?;
         let xs = (xs + attn)?;
-        let out = (&xs + self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?)?;
+        let out = (&xs
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&xs)?)?)?;
         Ok((out, q))
     }
 
     fn named(&self, prefix: &str, out: &mut Named) {
         self.self_attn.named(&format!("{prefix}.self_attn"), out);
         self.mlp.named(&format!("{prefix}.mlp"), out);
-        push_rms_norm(out, &format!("{prefix}.input_layernorm"), &self.input_layernorm);
-        push_rms_norm(out, &format!("{prefix}.post_attention_layernorm"), &self.post_attention_layernorm);
+        push_rms_norm(
+            out,
+            &format!("{prefix}.input_layernorm"),
+            &self.input_layernorm,
+        );
+        push_rms_norm(
+            out,
+            &format!("{prefix}.post_attention_layernorm"),
+            &self.post_attention_layernorm,
+        );
     }
 }
 
@@ -263,18 +299,35 @@ impl Decoder {
     pub fn new(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_layers).map(|i| Layer::new(m.pp(format!("layers.{i}")), cfg)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| Layer::new(m.pp(format!("layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?)
+            Some(linear_no_bias(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                vb.pp("lm_head"),
+            )?)
         };
         let d = cfg.head_dim;
         // As HF: inv_freq = 1 / theta^(2i / D), in f32.
-        let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)) as f32).collect();
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)) as f32)
+            .collect();
         let inv_freq = Tensor::from_vec(inv, d / 2, vb.device())?;
-        Ok(Decoder { embed_tokens, layers, norm, lm_head, inv_freq, cfg: cfg.clone(), device: vb.device().clone(), dtype: vb.dtype() })
+        Ok(Decoder {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -310,7 +363,10 @@ impl Decoder {
         let (b, s) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, s, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, self.cfg.head_dim / 2))?)?;
-        Ok((freqs.cos()?.to_dtype(self.dtype)?.contiguous()?, freqs.sin()?.to_dtype(self.dtype)?.contiguous()?))
+        Ok((
+            freqs.cos()?.to_dtype(self.dtype)?.contiguous()?,
+            freqs.sin()?.to_dtype(self.dtype)?.contiguous()?,
+        ))
     }
 
     /// Runs `layers` over `hidden` `[B, S_q, Dm]` at position ids `positions`
@@ -327,7 +383,9 @@ impl Decoder {
         layers: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        Ok(self.run_layers(hidden, positions, mask, layers, cache, false)?.0)
+        Ok(self
+            .run_layers(hidden, positions, mask, layers, cache, false)?
+            .0)
     }
 
     /// [`Decoder::forward_layers`], also returning the query (after RoPE) of
@@ -366,13 +424,22 @@ impl Decoder {
         }
         let (b, s, _) = hidden.dims3()?;
         if positions.dims() != [b, s] {
-            candle_core::bail!("Decoder: positions {:?}, expected [{b}, {s}]", positions.dims());
+            candle_core::bail!(
+                "Decoder: positions {:?}, expected [{b}, {s}]",
+                positions.dims()
+            );
         }
         let rope = self.rope_tables(positions)?;
         let (mut xs, mut q) = (hidden.clone(), None);
         let last = layers.end.saturating_sub(1);
         for l in layers {
-            let (out, ql) = self.layers[l].forward(&xs, &rope, mask, &mut cache.layers[l], capture && l == last)?;
+            let (out, ql) = self.layers[l].forward(
+                &xs,
+                &rope,
+                mask,
+                &mut cache.layers[l],
+                capture && l == last,
+            )?;
             xs = out;
             q = q.or(ql);
         }
@@ -398,16 +465,36 @@ impl Decoder {
     /// One decode step of every layer: token `tokens[b]` at position
     /// `positions[b]` appended after the cached entries (rows left-padded,
     /// valid from `starts[b]`). Returns the logits `[B, vocab]` (f32).
-    pub fn decode_step(&self, tokens: &[u32], positions: &[u32], starts: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        starts: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let b = tokens.len();
         if positions.len() != b || starts.len() != b {
-            candle_core::bail!("Decoder::decode_step: {b} tokens, {} positions, {} starts", positions.len(), starts.len());
+            candle_core::bail!(
+                "Decoder::decode_step: {b} tokens, {} positions, {} starts",
+                positions.len(),
+                starts.len()
+            );
         }
         let ids = Tensor::from_slice(tokens, (b, 1), &self.device)?;
         let pos = Tensor::from_slice(positions, (b, 1), &self.device)?;
         let kv_len = cache.seq_len(0) + 1;
-        let mask = if starts.iter().any(|&s| s > 0) { Some(attention_mask(starts, 1, kv_len, &self.device)?) } else { None };
-        let h = self.forward_layers(&self.embed(&ids)?, &pos, mask.as_ref(), 0..self.layers.len(), cache)?;
+        let mask = if starts.iter().any(|&s| s > 0) {
+            Some(attention_mask(starts, 1, kv_len, &self.device)?)
+        } else {
+            None
+        };
+        let h = self.forward_layers(
+            &self.embed(&ids)?,
+            &pos,
+            mask.as_ref(),
+            0..self.layers.len(),
+            cache,
+        )?;
         self.last_logits(&h)
     }
 
@@ -424,7 +511,10 @@ impl Decoder {
         max_new_tokens: usize,
     ) -> Result<Generation> {
         let b = next_positions.len();
-        let mut gen = Generation { tokens: vec![Vec::with_capacity(max_new_tokens); b], logits: Vec::with_capacity(max_new_tokens) };
+        let mut gen = Generation {
+            tokens: vec![Vec::with_capacity(max_new_tokens); b],
+            logits: Vec::with_capacity(max_new_tokens),
+        };
         let mut logits = first_logits.to_dtype(DType::F32)?;
         let mut pos = next_positions.to_vec();
         for step in 0..max_new_tokens {
@@ -445,8 +535,17 @@ impl Decoder {
     /// The parameters with their HF names under `prefix` (`language_model`
     /// in LLaVA, empty for a bare Qwen2).
     pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        let p = |s: &str| if prefix.is_empty() { s.to_string() } else { format!("{prefix}.{s}") };
-        out.push((p("model.embed_tokens.weight"), self.embed_tokens.embeddings().clone()));
+        let p = |s: &str| {
+            if prefix.is_empty() {
+                s.to_string()
+            } else {
+                format!("{prefix}.{s}")
+            }
+        };
+        out.push((
+            p("model.embed_tokens.weight"),
+            self.embed_tokens.embeddings().clone(),
+        ));
         for (i, l) in self.layers.iter().enumerate() {
             l.named(&p(&format!("model.layers.{i}")), out);
         }

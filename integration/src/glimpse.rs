@@ -81,21 +81,58 @@ impl GlimpsePrune {
     /// From `vb` (names `glimpse.embeddings`, `vip.…`).
     pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GlimpseConfig) -> Result<Self> {
         if cfg.layer >= model.text.num_layers || cfg.feature_layers.len() != cfg.vip.blocks {
-            candle_core::bail!("GlimpseConfig: layer {} of {}, {} feature layers for {} blocks", cfg.layer, model.text.num_layers, cfg.feature_layers.len(), cfg.vip.blocks);
+            candle_core::bail!(
+                "GlimpseConfig: layer {} of {}, {} feature layers for {} blocks",
+                cfg.layer,
+                model.text.num_layers,
+                cfg.feature_layers.len(),
+                cfg.vip.blocks
+            );
         }
-        if cfg.feature_layers.iter().any(|&l| l > model.vision.num_layers) {
-            candle_core::bail!("GlimpseConfig: feature layers {:?} past the tower's {}", cfg.feature_layers, model.vision.num_layers);
+        if cfg
+            .feature_layers
+            .iter()
+            .any(|&l| l > model.vision.num_layers)
+        {
+            candle_core::bail!(
+                "GlimpseConfig: feature layers {:?} past the tower's {}",
+                cfg.feature_layers,
+                model.vision.num_layers
+            );
         }
-        let embeddings = vb.pp("glimpse").get((model.text.num_layers, model.text.hidden_size), "embeddings")?;
-        Ok(GlimpsePrune { embeddings, vip: Vip::new(vb.pp("vip"), &cfg.vip)?, cfg: cfg.clone() })
+        let embeddings = vb.pp("glimpse").get(
+            (model.text.num_layers, model.text.hidden_size),
+            "embeddings",
+        )?;
+        Ok(GlimpsePrune {
+            embeddings,
+            vip: Vip::new(vb.pp("vip"), &cfg.vip)?,
+            cfg: cfg.clone(),
+        })
     }
 
     /// A deterministic random initialisation (the model's seeded scheme).
-    pub fn seeded(model: &ModelConfig, cfg: &GlimpseConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        Self::new(VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()), model, cfg)
+    pub fn seeded(
+        model: &ModelConfig,
+        cfg: &GlimpseConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::new(
+            VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()),
+            model,
+            cfg,
+        )
     }
 
-    pub fn load_safetensors(path: impl AsRef<Path>, model: &ModelConfig, cfg: &GlimpseConfig, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_safetensors(
+        path: impl AsRef<Path>,
+        model: &ModelConfig,
+        cfg: &GlimpseConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, device)?;
         Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
     }
@@ -117,7 +154,13 @@ impl GlimpsePrune {
 
     /// The prompt rows `[system][image b][question b][glimpse]`, the glimpse
     /// token entering with its layer-0 embedding.
-    pub fn prompt(&self, model: &LlavaModel, image_embeds: &Tensor, system: &[u32], questions: &[Vec<u32>]) -> Result<Prompt> {
+    pub fn prompt(
+        &self,
+        model: &LlavaModel,
+        image_embeds: &Tensor,
+        system: &[u32],
+        questions: &[Vec<u32>],
+    ) -> Result<Prompt> {
         let glimpse = self.embeddings.narrow(0, 0, 1)?;
         let rows = questions
             .iter()
@@ -138,7 +181,12 @@ impl GlimpsePrune {
     /// token of every left-padded row).
     fn add_glimpse_embedding(&self, hidden: &Tensor, l: usize) -> Result<Tensor> {
         let (b, s, dm) = hidden.dims3()?;
-        let emb = self.embeddings.get(l)?.to_dtype(hidden.dtype())?.reshape((1, 1, dm))?.broadcast_as((b, 1, dm))?;
+        let emb = self
+            .embeddings
+            .get(l)?
+            .to_dtype(hidden.dtype())?
+            .reshape((1, 1, dm))?
+            .broadcast_as((b, 1, dm))?;
         let before = hidden.narrow(1, 0, s - 1)?;
         let last = (hidden.narrow(1, s - 1, 1)? + emb)?;
         Tensor::cat(&[&before, &last], 1)
@@ -147,7 +195,11 @@ impl GlimpsePrune {
     /// Layers 0..=K over the glimpse prompt, one layer at a time (the glimpse
     /// embedding of each layer is added before it). Returns the layer-K hidden
     /// states, the cache of layers 0..=K and the glimpse query at layer K.
-    pub fn prefill_to_layer_k(&self, model: &LlavaModel, prompt: &Prompt) -> Result<(Tensor, KvCache, Tensor)> {
+    pub fn prefill_to_layer_k(
+        &self,
+        model: &LlavaModel,
+        prompt: &Prompt,
+    ) -> Result<(Tensor, KvCache, Tensor)> {
         let dec = &model.decoder;
         let mask = prompt.mask()?;
         let mut cache = dec.new_cache();
@@ -162,30 +214,54 @@ impl GlimpsePrune {
         if k > 0 {
             h = self.add_glimpse_embedding(&h, k)?;
         }
-        let (h, captured) = dec.forward_layers_capture(&h, &prompt.positions, Some(&mask), k..k + 1, &mut cache)?;
+        let (h, captured) =
+            dec.forward_layers_capture(&h, &prompt.positions, Some(&mask), k..k + 1, &mut cache)?;
         Ok((h, cache, captured.last_query))
     }
 
     /// The importance logits `[B, Nv]` of the visual tokens from the
     /// glimpse query and layer K's keys.
-    pub fn importance(&self, model: &LlavaModel, prompt: &Prompt, query: &Tensor, cache: &KvCache, vit_states: &[Tensor]) -> Result<Tensor> {
+    pub fn importance(
+        &self,
+        model: &LlavaModel,
+        prompt: &Prompt,
+        query: &Tensor,
+        cache: &KvCache,
+        vit_states: &[Tensor],
+    ) -> Result<Tensor> {
         let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
-        let Some((k, _)) = cache.layer(self.cfg.layer) else { candle_core::bail!("GlimpsePrune: layer K's cache is empty") };
+        let Some((k, _)) = cache.layer(self.cfg.layer) else {
+            candle_core::bail!("GlimpsePrune: layer K's cache is empty")
+        };
         let scores = ops::glimpse_scores(query, k, &rows, None, self.cfg.mode)?;
         let side = model.config.vision.patches_per_side();
         let grid: Vec<(usize, usize)> = (0..side * side).map(|i| (i / side, i % side)).collect();
-        let features = self.cfg.feature_layers.iter().map(|&l| vit_states[l].clone()).collect::<Vec<_>>();
+        let features = self
+            .cfg
+            .feature_layers
+            .iter()
+            .map(|&l| vit_states[l].clone())
+            .collect::<Vec<_>>();
         let nv: Vec<usize> = prompt.visual.iter().map(Vec::len).collect();
         self.vip.forward(&scores, &features, &grid, &nv)
     }
 
     /// GlimpsePrune generation of `max_new_tokens` greedy tokens per row for
     /// images `pixels [B, 3, H, W]` with one question each.
-    pub fn generate(&self, model: &LlavaModel, pixels: &Tensor, system: &[u32], questions: &[Vec<u32>], max_new_tokens: usize) -> Result<GlimpseRun> {
+    pub fn generate(
+        &self,
+        model: &LlavaModel,
+        pixels: &Tensor,
+        system: &[u32],
+        questions: &[Vec<u32>],
+        max_new_tokens: usize,
+    ) -> Result<GlimpseRun> {
         let t0 = Instant::now();
         let dec = &model.decoder;
         let vit_states = model.vision.forward(pixels)?;
-        let image_embeds = model.projector.forward(&vit_states[model.config.feature_layer_index()])?;
+        let image_embeds = model
+            .projector
+            .forward(&vit_states[model.config.feature_layer_index()])?;
         let prompt = self.prompt(model, &image_embeds, system, questions)?;
         let (h, mut cache, query) = self.prefill_to_layer_k(model, &prompt)?;
         let logits = self.importance(model, &prompt, &query, &cache, &vit_states)?;
@@ -195,14 +271,23 @@ impl GlimpsePrune {
         let mut plan = ops::plan_keep(&logits, &rows, &self.cfg.rule, true)?;
         let s_new = plan.fetch_max_len()?;
         let k = self.cfg.layer;
-        let caches = (0..=k).map(|l| cache.layer(l).cloned()).collect::<Option<Vec<_>>>();
-        let Some(caches) = caches else { candle_core::bail!("GlimpsePrune: a layer before K has no cache") };
-        for (l, (kc, vc)) in ops::compact_kv(&caches, &plan, Padding::Left)?.into_iter().enumerate() {
+        let caches = (0..=k)
+            .map(|l| cache.layer(l).cloned())
+            .collect::<Option<Vec<_>>>();
+        let Some(caches) = caches else {
+            candle_core::bail!("GlimpsePrune: a layer before K has no cache")
+        };
+        for (l, (kc, vc)) in ops::compact_kv(&caches, &plan, Padding::Left)?
+            .into_iter()
+            .enumerate()
+        {
             cache.set_layer(l, kc, vc);
         }
         let h = ops::gather_rows(&h, &plan, Padding::Left)?;
         let (b, s) = prompt.positions.dims2()?;
-        let positions = ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?.reshape((b, s_new))?;
+        let positions =
+            ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?
+                .reshape((b, s_new))?;
         let lengths: Vec<usize> = {
             let kept = plan.positions()?;
             (0..b).map(|row| kept.row(row).len()).collect()
@@ -211,7 +296,13 @@ impl GlimpsePrune {
 
         // The remaining layers on the shorter sequence, then decoding.
         let mask = attention_mask(&starts, s_new, s_new, h.device())?;
-        let h = dec.forward_layers(&h, &positions, Some(&mask), k + 1..dec.num_layers(), &mut cache)?;
+        let h = dec.forward_layers(
+            &h,
+            &positions,
+            Some(&mask),
+            k + 1..dec.num_layers(),
+            &mut cache,
+        )?;
         let first = dec.last_logits(&h)?;
         // The glimpse token is gone: decoding continues at its position.
         let next: Vec<u32> = prompt.next_positions().iter().map(|p| p - 1).collect();

@@ -19,8 +19,19 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Shape2D {
     /// Axis-aligned rectangle: x0..x1, y0..y1.
-    Rect { x0: f32, y0: f32, x1: f32, y1: f32, rgb: [f32; 3] },
-    Disc { cx: f32, cy: f32, r: f32, rgb: [f32; 3] },
+    Rect {
+        x0: f32,
+        y0: f32,
+        x1: f32,
+        y1: f32,
+        rgb: [f32; 3],
+    },
+    Disc {
+        cx: f32,
+        cy: f32,
+        r: f32,
+        rgb: [f32; 3],
+    },
 }
 
 impl Shape2D {
@@ -54,25 +65,51 @@ impl Scene {
     /// A random scene of `size x size` pixels with 1 to 3 shapes.
     pub fn random(rng: &mut StdRng, size: usize) -> Scene {
         let s = size as f32;
-        let colour = |rng: &mut StdRng| [rng.random::<f32>(), rng.random::<f32>(), rng.random::<f32>()];
+        let colour = |rng: &mut StdRng| {
+            [
+                rng.random::<f32>(),
+                rng.random::<f32>(),
+                rng.random::<f32>(),
+            ]
+        };
         let angle = rng.random::<f32>() * std::f32::consts::TAU;
-        let background = (colour(rng).map(|c| 0.2 + 0.3 * c), colour(rng).map(|c| 0.2 + 0.3 * c), [angle.cos(), angle.sin()]);
+        let background = (
+            colour(rng).map(|c| 0.2 + 0.3 * c),
+            colour(rng).map(|c| 0.2 + 0.3 * c),
+            [angle.cos(), angle.sin()],
+        );
         let n = rng.random_range(1..=3);
         let shapes = (0..n)
             .map(|_| {
                 let rgb = colour(rng);
                 if rng.random_bool(0.5) {
-                    let (w, h) = (s * rng.random_range(0.15..0.45), s * rng.random_range(0.15..0.45));
+                    let (w, h) = (
+                        s * rng.random_range(0.15..0.45),
+                        s * rng.random_range(0.15..0.45),
+                    );
                     let (x0, y0) = (rng.random::<f32>() * (s - w), rng.random::<f32>() * (s - h));
-                    Shape2D::Rect { x0, y0, x1: x0 + w, y1: y0 + h, rgb }
+                    Shape2D::Rect {
+                        x0,
+                        y0,
+                        x1: x0 + w,
+                        y1: y0 + h,
+                        rgb,
+                    }
                 } else {
                     let r = s * rng.random_range(0.08..0.22);
-                    let (cx, cy) = (r + rng.random::<f32>() * (s - 2.0 * r), r + rng.random::<f32>() * (s - 2.0 * r));
+                    let (cx, cy) = (
+                        r + rng.random::<f32>() * (s - 2.0 * r),
+                        r + rng.random::<f32>() * (s - 2.0 * r),
+                    );
                     Shape2D::Disc { cx, cy, r, rgb }
                 }
             })
             .collect();
-        Scene { size, background, shapes }
+        Scene {
+            size,
+            background,
+            shapes,
+        }
     }
 
     /// RGB in [0, 1], channel-major `[3, size, size]`.
@@ -83,7 +120,9 @@ impl Scene {
         for y in 0..n {
             for x in 0..n {
                 // Gradient parameter in [0, 1] along (dx, dy) across the image.
-                let u = ((x as f32 / n as f32 - 0.5) * dx + (y as f32 / n as f32 - 0.5) * dy) / std::f32::consts::SQRT_2 + 0.5;
+                let u = ((x as f32 / n as f32 - 0.5) * dx + (y as f32 / n as f32 - 0.5) * dy)
+                    / std::f32::consts::SQRT_2
+                    + 0.5;
                 let mut rgb = [0f32; 3];
                 for c in 0..3 {
                     rgb[c] = c0[c] + (c1[c] - c0[c]) * u.clamp(0.0, 1.0);
@@ -116,22 +155,37 @@ impl Scene {
 }
 
 /// `count` seeded scenes and their pixels `[count, 3, size, size]` (f32, CLIP-normalised).
-pub fn synthetic_images(count: usize, size: usize, seed: u64, device: &Device) -> Result<(Tensor, Vec<Scene>)> {
+pub fn synthetic_images(
+    count: usize,
+    size: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<(Tensor, Vec<Scene>)> {
     let mut rng = StdRng::seed_from_u64(seed);
     let scenes: Vec<Scene> = (0..count).map(|_| Scene::random(&mut rng, size)).collect();
     let mut data = Vec::with_capacity(count * 3 * size * size);
     for s in &scenes {
         data.extend(normalise(s.render(), size * size));
     }
-    Ok((Tensor::from_vec(data, (count, 3, size, size), device)?, scenes))
+    Ok((
+        Tensor::from_vec(data, (count, 3, size, size), device)?,
+        scenes,
+    ))
 }
 
 /// An image file (PNG or JPEG) resized to `size x size`: `[1, 3, size, size]`
 /// (f32, CLIP-normalised).
 pub fn load_image(path: impl AsRef<Path>, size: usize, device: &Device) -> Result<Tensor> {
     let path = path.as_ref();
-    let img = image::open(path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-    let img = img.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle).to_rgb8();
+    let img = image::open(path)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    let img = img
+        .resize_exact(
+            size as u32,
+            size as u32,
+            image::imageops::FilterType::Triangle,
+        )
+        .to_rgb8();
     let mut chw = vec![0f32; 3 * size * size];
     for (x, y, p) in img.enumerate_pixels() {
         for c in 0..3 {
@@ -143,7 +197,8 @@ pub fn load_image(path: impl AsRef<Path>, size: usize, device: &Device) -> Resul
 
 fn normalise(mut chw: Vec<f32>, plane: usize) -> Vec<f32> {
     for (c, ch) in chw.chunks_mut(plane).enumerate() {
-        ch.iter_mut().for_each(|v| *v = (*v - CLIP_MEAN[c]) / CLIP_STD[c]);
+        ch.iter_mut()
+            .for_each(|v| *v = (*v - CLIP_MEAN[c]) / CLIP_STD[c]);
     }
     chw
 }

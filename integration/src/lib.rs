@@ -31,8 +31,8 @@ pub mod vip;
 pub mod vision;
 
 pub use config::{ModelConfig, TextConfig, VisionConfig};
-pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
 pub use decoder::{attention_mask, Decoder, Generation, KvCache, MASK_MIN};
+pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
 pub use model::{ImageFeatures, LlavaModel};
 pub use nn::Named;
 pub use prompt::{Prompt, Segment};

@@ -53,7 +53,10 @@ fn run() -> Result<()> {
         None => synthetic_images(2, cfg.vision.image_size, 2, &dev)?.0,
     };
     let system = byte_tokens("A chat about an image.");
-    let questions = vec![byte_tokens("What is in the top left corner?"), byte_tokens("How many shapes?")];
+    let questions = vec![
+        byte_tokens("What is in the top left corner?"),
+        byte_tokens("How many shapes?"),
+    ];
     println!(
         "foveal main job on {} ({}): built-in model (ViT {}x{} patches, decoder {} layers, {} query / {} KV heads, head dim {}), seeded weights, {} images",
         if dev.is_cuda() { "GPU" } else { "CPU" },
@@ -73,11 +76,23 @@ fn run() -> Result<()> {
     let t = Instant::now();
     let prompt = model.build_prompt(&pixels, &system, &questions)?;
     let mut cache = dec.new_cache();
-    let h = dec.forward_layers(&prompt.embeds, &prompt.positions, Some(&prompt.mask()?), 0..dec.num_layers(), &mut cache)?;
+    let h = dec.forward_layers(
+        &prompt.embeds,
+        &prompt.positions,
+        Some(&prompt.mask()?),
+        0..dec.num_layers(),
+        &mut cache,
+    )?;
     let first = dec.last_logits(&h)?;
     let prefill = t.elapsed();
     let t = Instant::now();
-    let dense = dec.greedy(&first, &prompt.next_positions(), &prompt.starts, &mut cache, NEW_TOKENS)?;
+    let dense = dec.greedy(
+        &first,
+        &prompt.next_positions(),
+        &prompt.starts,
+        &mut cache,
+        NEW_TOKENS,
+    )?;
     let lens: Vec<usize> = prompt.starts.iter().map(|s| prompt.seq() - s).collect();
     rows.push(Row {
         method: "dense",
@@ -91,7 +106,11 @@ fn run() -> Result<()> {
 
     // GlimpsePrune (seeded predictor: an untrained importance map, capped at a quarter).
     let mut gcfg = GlimpseConfig::for_model(&cfg);
-    gcfg.rule = KeepRule { threshold: 0.5, max_ratio: Some(0.25), min_keep: 1 };
+    gcfg.rule = KeepRule {
+        threshold: 0.5,
+        max_ratio: Some(0.25),
+        min_keep: 1,
+    };
     let gp = GlimpsePrune::seeded(&cfg, &gcfg, 2, &dev, DType::F32)?;
     let run = gp.generate(&model, &pixels, &system, &questions, NEW_TOKENS)?;
     rows.push(Row {
@@ -110,7 +129,14 @@ fn run() -> Result<()> {
     );
     for r in &rows {
         for b in 0..r.visual.len() {
-            let (p, d) = if b == 0 { (format!("{:.1}", r.prefill_ms), format!("{:.1}", r.decode_ms)) } else { (String::new(), String::new()) };
+            let (p, d) = if b == 0 {
+                (
+                    format!("{:.1}", r.prefill_ms),
+                    format!("{:.1}", r.decode_ms),
+                )
+            } else {
+                (String::new(), String::new())
+            };
             println!(
                 "{:<13} {:>4} {:>10} {:>6} {:>11} {:>11} {:>10}  {:?}",
                 if b == 0 { r.method } else { "" },
@@ -133,21 +159,52 @@ fn kernel_pipeline() -> foveal::Result<()> {
     let rule = glimpse_pipeline::keep_rule();
     let out = glimpse_pipeline::run_cpu(&batch, &rule)?;
     println!("\nGlimpsePrune kernels on a synthetic batch with planted salient visual tokens (CPU references):");
-    println!("{:>4} {:>8} {:>7} {:>6} {:>14}", "row", "valid", "visual", "kept", "salient kept");
+    println!(
+        "{:>4} {:>8} {:>7} {:>6} {:>14}",
+        "row", "valid", "visual", "kept", "salient kept"
+    );
     for b in 0..batch.batch() {
-        let kept: Vec<i32> = out.keep.kept(b).iter().map(|&i| batch.rows.visual(b)[i as usize]).collect();
-        let hit = batch.salient[b].iter().filter(|&&p| kept.contains(&(p as i32))).count();
-        println!("{:>4} {:>8} {:>7} {:>6} {:>8}/{:<5}", b, batch.rows.len(b), batch.rows.nv(b), kept.len(), hit, batch.salient[b].len());
+        let kept: Vec<i32> = out
+            .keep
+            .kept(b)
+            .iter()
+            .map(|&i| batch.rows.visual(b)[i as usize])
+            .collect();
+        let hit = batch.salient[b]
+            .iter()
+            .filter(|&&p| kept.contains(&(p as i32)))
+            .count();
+        println!(
+            "{:>4} {:>8} {:>7} {:>6} {:>8}/{:<5}",
+            b,
+            batch.rows.len(b),
+            batch.rows.nv(b),
+            kept.len(),
+            hit,
+            batch.salient[b].len()
+        );
     }
     #[cfg(feature = "cuda")]
     if let Some(stream) = glimpse_pipeline::cuda::stream() {
         let gpu = glimpse_pipeline::cuda::run(&stream, &batch, &rule)?;
-        let max_diff = out.scores.iter().zip(&gpu.scores).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        let same = out.keep == gpu.keep && out.positions == gpu.positions && out.k == gpu.k && out.v == gpu.v
-            && out.hidden == gpu.hidden && out.position_ids == gpu.position_ids;
+        let max_diff = out
+            .scores
+            .iter()
+            .zip(&gpu.scores)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let same = out.keep == gpu.keep
+            && out.positions == gpu.positions
+            && out.k == gpu.k
+            && out.v == gpu.v
+            && out.hidden == gpu.hidden
+            && out.position_ids == gpu.position_ids;
         println!("GPU vs CPU: max |score difference| {max_diff:.2e}; kept sets and compacted caches identical: {same}");
         if !same || max_diff > 1e-3 {
-            return Err(foveal::Error::Cuda { op: "main", msg: "the GPU run disagrees with the CPU reference".into() });
+            return Err(foveal::Error::Cuda {
+                op: "main",
+                msg: "the GPU run disagrees with the CPU reference".into(),
+            });
         }
     }
     Ok(())

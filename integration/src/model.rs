@@ -66,7 +66,12 @@ impl LlavaModel {
 
     /// Loads a safetensors file with HF LLaVA names (tensors not used by the
     /// model, e.g. `post_layernorm`, are ignored), converting to `dtype`.
-    pub fn load_safetensors(path: impl AsRef<Path>, cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_safetensors(
+        path: impl AsRef<Path>,
+        cfg: &ModelConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, device)?;
         Self::new(VarBuilder::from_tensors(tensors, dtype, device), cfg)
     }
@@ -74,8 +79,10 @@ impl LlavaModel {
     /// Every parameter with its HF LLaVA name.
     pub fn named_tensors(&self) -> Named {
         let mut out = Vec::new();
-        self.vision.named_tensors("vision_tower.vision_model", &mut out);
-        self.projector.named_tensors("multi_modal_projector", &mut out);
+        self.vision
+            .named_tensors("vision_tower.vision_model", &mut out);
+        self.projector
+            .named_tensors("multi_modal_projector", &mut out);
         self.decoder.named_tensors("language_model", &mut out);
         out
     }
@@ -97,18 +104,31 @@ impl LlavaModel {
         let layer = self.config.feature_layer_index();
         let hidden_states = self.vision.forward_upto(pixels, layer)?;
         let embeds = self.projector.forward(&hidden_states[layer])?;
-        Ok(ImageFeatures { hidden_states, embeds })
+        Ok(ImageFeatures {
+            hidden_states,
+            embeds,
+        })
     }
 
     /// The LLaVA prompt of row `b`: `[system][image b's visual embeddings][questions[b]]`,
     /// rows left-padded. `pixels` `[B, 3, H, W]`, one image per question.
-    pub fn build_prompt(&self, pixels: &Tensor, system: &[u32], questions: &[Vec<u32>]) -> Result<Prompt> {
+    pub fn build_prompt(
+        &self,
+        pixels: &Tensor,
+        system: &[u32],
+        questions: &[Vec<u32>],
+    ) -> Result<Prompt> {
         let embeds = self.encode_images(pixels)?.embeds;
         self.build_prompt_from_embeds(&embeds, system, questions)
     }
 
     /// [`LlavaModel::build_prompt`] from already projected image embeddings `[B, Np, Dm]`.
-    pub fn build_prompt_from_embeds(&self, image_embeds: &Tensor, system: &[u32], questions: &[Vec<u32>]) -> Result<Prompt> {
+    pub fn build_prompt_from_embeds(
+        &self,
+        image_embeds: &Tensor,
+        system: &[u32],
+        questions: &[Vec<u32>],
+    ) -> Result<Prompt> {
         let b = image_embeds.dim(0)?;
         if questions.len() != b {
             candle_core::bail!("build_prompt: {b} images, {} questions", questions.len());
@@ -117,7 +137,11 @@ impl LlavaModel {
             .iter()
             .enumerate()
             .map(|(i, q)| {
-                Ok(vec![Segment::Text(system.to_vec()), Segment::Image(image_embeds.get(i)?), Segment::Text(q.clone())])
+                Ok(vec![
+                    Segment::Text(system.to_vec()),
+                    Segment::Image(image_embeds.get(i)?),
+                    Segment::Text(q.clone()),
+                ])
             })
             .collect::<Result<Vec<_>>>()?;
         Prompt::build(&self.decoder, &rows)
@@ -130,9 +154,21 @@ impl LlavaModel {
         let dec = &self.decoder;
         let mut cache = dec.new_cache();
         let mask = prompt.mask()?;
-        let h = dec.forward_layers(&prompt.embeds, &prompt.positions, Some(&mask), 0..dec.num_layers(), &mut cache)?;
+        let h = dec.forward_layers(
+            &prompt.embeds,
+            &prompt.positions,
+            Some(&mask),
+            0..dec.num_layers(),
+            &mut cache,
+        )?;
         let first = dec.last_logits(&h)?;
-        dec.greedy(&first, &prompt.next_positions(), &prompt.starts, &mut cache, max_new_tokens)
+        dec.greedy(
+            &first,
+            &prompt.next_positions(),
+            &prompt.starts,
+            &mut cache,
+            max_new_tokens,
+        )
     }
 
     /// The logits `[B, S, vocab]` of a full prefill of `prompt` (no cache kept).
@@ -140,7 +176,13 @@ impl LlavaModel {
         let dec = &self.decoder;
         let mut cache = dec.new_cache();
         let mask = prompt.mask()?;
-        let h = dec.forward_layers(&prompt.embeds, &prompt.positions, Some(&mask), 0..dec.num_layers(), &mut cache)?;
+        let h = dec.forward_layers(
+            &prompt.embeds,
+            &prompt.positions,
+            Some(&mask),
+            0..dec.num_layers(),
+            &mut cache,
+        )?;
         dec.logits(&h)
     }
 }
@@ -154,7 +196,9 @@ impl SeededInit {
     /// Standard deviation and mean of the parameter `name` of shape `dims`.
     fn scale(name: &str, dims: &[usize]) -> (f32, f32) {
         let leaf = name.rsplit('.').next().unwrap_or(name);
-        let is_norm = ["norm", "layrnorm", "layer_norm"].iter().any(|n| name.contains(n));
+        let is_norm = ["norm", "layrnorm", "layer_norm"]
+            .iter()
+            .any(|n| name.contains(n));
         if is_norm && leaf == "weight" {
             (0.1, 1.0)
         } else if leaf == "bias" {
@@ -172,11 +216,20 @@ impl SeededInit {
 
 /// FNV-1a, a stable hash of a parameter name.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl SimpleBackend for SeededInit {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
         let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(name));
         let (std, mean) = Self::scale(name, s.dims());
         let n = s.elem_count();

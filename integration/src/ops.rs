@@ -10,9 +10,14 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
 use foveal::compact_kv::cpu as compact_cpu;
-use foveal::{KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, ScoreMode, View, ViewMut};
+use foveal::{
+    KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, ScoreMode, View, ViewMut,
+};
 
 fn wrap(e: foveal::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
@@ -62,8 +67,14 @@ macro_rules! with_plain {
 
 /// A candle layout as foveal's, in candle's dimension order.
 fn strided<const N: usize>(l: &CLayout) -> Result<Layout<N>> {
-    let (Ok(dims), Ok(strides)) = (<[usize; N]>::try_from(l.dims()), <[usize; N]>::try_from(l.stride())) else {
-        bail!("foveal: expected a rank-{N} tensor, got shape {:?}", l.dims())
+    let (Ok(dims), Ok(strides)) = (
+        <[usize; N]>::try_from(l.dims()),
+        <[usize; N]>::try_from(l.stride()),
+    ) else {
+        bail!(
+            "foveal: expected a rank-{N} tensor, got shape {:?}",
+            l.dims()
+        )
     };
     Layout::strided(dims, strides).map_err(wrap)
 }
@@ -80,13 +91,31 @@ fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &CLayout) -> Result<&'a [T]
 }
 
 fn tensor_from_cpu<T: WithDType>(data: Vec<T>, shape: &[usize]) -> Tensor {
-    Tensor::from_storage(Storage::Cpu(T::to_cpu_storage_owned(data)), shape, BackpropOp::none(), false)
+    Tensor::from_storage(
+        Storage::Cpu(T::to_cpu_storage_owned(data)),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
 }
 
 /// The glimpse token's scores to the visual tokens (foveal::glimpse_scores):
 /// `q [B, Hq, D]`, `k [B, Hkv, S, D]` -> `[B, Nv_max, Hq]` f32.
-pub fn glimpse_scores(q: &Tensor, k: &Tensor, rows: &RowLayout, scale: Option<f32>, mode: ScoreMode) -> Result<Tensor> {
-    q.apply_op2_no_bwd(k, &GlimpseScores { rows: rows.clone(), scale, mode })
+pub fn glimpse_scores(
+    q: &Tensor,
+    k: &Tensor,
+    rows: &RowLayout,
+    scale: Option<f32>,
+    mode: ScoreMode,
+) -> Result<Tensor> {
+    q.apply_op2_no_bwd(
+        k,
+        &GlimpseScores {
+            rows: rows.clone(),
+            scale,
+            mode,
+        },
+    )
 }
 
 struct GlimpseScores {
@@ -107,9 +136,19 @@ impl CustomOp2 for GlimpseScores {
         "foveal-glimpse-scores"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &CLayout, s2: &CpuStorage, l2: &CLayout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+    ) -> Result<(CpuStorage, Shape)> {
         if s1.dtype() != s2.dtype() {
-            bail!("glimpse_scores: q is {:?} but k is {:?}", s1.dtype(), s2.dtype())
+            bail!(
+                "glimpse_scores: q is {:?} but k is {:?}",
+                s1.dtype(),
+                s2.dtype()
+            )
         }
         let (ql, kl) = (strided::<3>(l1)?, kv_layout(l2)?);
         let shape = self.out_shape(&ql);
@@ -133,7 +172,11 @@ impl CustomOp2 for GlimpseScores {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use foveal::cuda::{DevView, DevViewMut, DeviceRowLayout, Workspace};
         if s1.dtype() != s2.dtype() {
-            bail!("glimpse_scores: q is {:?} but k is {:?}", s1.dtype(), s2.dtype())
+            bail!(
+                "glimpse_scores: q is {:?} but k is {:?}",
+                s1.dtype(),
+                s2.dtype()
+            )
         }
         let dev = s1.device().clone();
         let stream = dev.cuda_stream();
@@ -149,7 +192,10 @@ impl CustomOp2 for GlimpseScores {
             foveal::glimpse_scores::cuda::glimpse_scores(&stream, &q, &k, &rows, self.scale, self.mode, &mut o, &mut workspace)
                 .map_err(wrap)?
         });
-        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from_dims(&shape)))
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from_dims(&shape),
+        ))
     }
 }
 
@@ -161,7 +207,10 @@ pub struct KeepPlan {
 }
 
 enum Plan {
-    Host { keep: KeepSet, positions: KeepPositions },
+    Host {
+        keep: KeepSet,
+        positions: KeepPositions,
+    },
     #[cfg(feature = "cuda")]
     Device {
         stream: std::sync::Arc<cudarc::driver::CudaStream>,
@@ -173,7 +222,12 @@ enum Plan {
 /// select_keep over the predictor's logits `[B, Nv_max]`, then the positions
 /// each row keeps (its text, its kept visual tokens; the last position, the
 /// glimpse token, dropped when `drop_last`).
-pub fn plan_keep(logits: &Tensor, rows: &RowLayout, rule: &KeepRule, drop_last: bool) -> Result<KeepPlan> {
+pub fn plan_keep(
+    logits: &Tensor,
+    rows: &RowLayout,
+    rule: &KeepRule,
+    drop_last: bool,
+) -> Result<KeepPlan> {
     let logits = logits.to_dtype(DType::F32)?;
     let (storage, layout) = logits.storage_and_layout();
     let l = strided::<2>(layout)?;
@@ -191,16 +245,33 @@ pub fn plan_keep(logits: &Tensor, rows: &RowLayout, rule: &KeepRule, drop_last: 
             use foveal::cuda::{DevView, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
             let stream = s.device().cuda_stream();
             let dev_rows = DeviceRowLayout::new(&stream, rows).map_err(wrap)?;
-            let x = DevView::new(s.as_cuda_slice::<f32>()?.slice(layout.start_offset()..), l).map_err(wrap)?;
+            let x = DevView::new(s.as_cuda_slice::<f32>()?.slice(layout.start_offset()..), l)
+                .map_err(wrap)?;
             let mut keep = DeviceKeepSet::new(&stream, &dev_rows).map_err(wrap)?;
-            foveal::select_keep::cuda::select_keep(&stream, &x, &dev_rows, rule, &mut keep).map_err(wrap)?;
-            let mut positions = DeviceKeepPositions::for_rows(&stream, &dev_rows, drop_last).map_err(wrap)?;
-            foveal::compact_kv::cuda::keep_positions(&stream, &dev_rows, &keep, drop_last, &mut positions).map_err(wrap)?;
-            Plan::Device { stream, keep, positions }
+            foveal::select_keep::cuda::select_keep(&stream, &x, &dev_rows, rule, &mut keep)
+                .map_err(wrap)?;
+            let mut positions =
+                DeviceKeepPositions::for_rows(&stream, &dev_rows, drop_last).map_err(wrap)?;
+            foveal::compact_kv::cuda::keep_positions(
+                &stream,
+                &dev_rows,
+                &keep,
+                drop_last,
+                &mut positions,
+            )
+            .map_err(wrap)?;
+            Plan::Device {
+                stream,
+                keep,
+                positions,
+            }
         }
         _ => bail!("foveal: select_keep runs on CPU or CUDA tensors"),
     };
-    Ok(KeepPlan { rows: rows.clone(), inner })
+    Ok(KeepPlan {
+        rows: rows.clone(),
+        inner,
+    })
 }
 
 impl KeepPlan {
@@ -221,7 +292,9 @@ impl KeepPlan {
                 &host
             }
         };
-        Ok((0..self.rows.batch()).map(|b| keep.kept(b).iter().map(|&i| i as usize).collect()).collect())
+        Ok((0..self.rows.batch())
+            .map(|b| keep.kept(b).iter().map(|&i| i as usize).collect())
+            .collect())
     }
 
     /// The kept positions of each row (read back from the GPU if needed).
@@ -229,7 +302,9 @@ impl KeepPlan {
         match &self.inner {
             Plan::Host { positions, .. } => Ok(positions.clone()),
             #[cfg(feature = "cuda")]
-            Plan::Device { stream, positions, .. } => positions.to_host(stream).map_err(wrap),
+            Plan::Device {
+                stream, positions, ..
+            } => positions.to_host(stream).map_err(wrap),
         }
     }
 
@@ -249,20 +324,31 @@ impl KeepPlan {
         match &mut self.inner {
             Plan::Host { positions, .. } => Ok(positions.max_len()),
             #[cfg(feature = "cuda")]
-            Plan::Device { stream, positions, .. } => positions.fetch_max_len(stream).map_err(wrap),
+            Plan::Device {
+                stream, positions, ..
+            } => positions.fetch_max_len(stream).map_err(wrap),
         }
     }
 }
 
 /// Compacts the `[B, Hkv, S, D]` caches of every given layer in one call
 /// (foveal::compact_kv) into new `[B, Hkv, max_len, D]` caches.
-pub fn compact_kv(caches: &[(Tensor, Tensor)], plan: &KeepPlan, padding: Padding) -> Result<Vec<(Tensor, Tensor)>> {
+pub fn compact_kv(
+    caches: &[(Tensor, Tensor)],
+    plan: &KeepPlan,
+    padding: Padding,
+) -> Result<Vec<(Tensor, Tensor)>> {
     if caches.is_empty() {
         return Ok(Vec::new());
     }
-    let tensors: Vec<&Tensor> = caches.iter().map(|(k, _)| k).chain(caches.iter().map(|(_, v)| v)).collect();
+    let tensors: Vec<&Tensor> = caches
+        .iter()
+        .map(|(k, _)| k)
+        .chain(caches.iter().map(|(_, v)| v))
+        .collect();
     let dtype = tensors[0].dtype();
-    let [b, h, _, d] = <[usize; 4]>::try_from(tensors[0].dims()).map_err(|_| candle_core::Error::msg("compact_kv: caches must be [B, Hkv, S, D]"))?;
+    let [b, h, _, d] = <[usize; 4]>::try_from(tensors[0].dims())
+        .map_err(|_| candle_core::Error::msg("compact_kv: caches must be [B, Hkv, S, D]"))?;
     let s_new = plan.max_len();
     let dst_layout = Layout::bhsd(b, s_new, h, d);
     let dst_shape = [b, h, s_new, d];
@@ -286,7 +372,9 @@ pub fn compact_kv(caches: &[(Tensor, Tensor)], plan: &KeepPlan, padding: Padding
             data.into_iter().map(|x| tensor_from_cpu(x, &dst_shape)).collect()
         }),
         #[cfg(feature = "cuda")]
-        Plan::Device { stream, positions, .. } => with_element!(dtype, T => {
+        Plan::Device {
+            stream, positions, ..
+        } => with_element!(dtype, T => {
             use foveal::cuda::{DevView, DevViewMut};
             let mut device = None;
             let src = guards
@@ -337,7 +425,12 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
             tensor_from_cpu(data, &shape)
         }),
         #[cfg(feature = "cuda")]
-        (Plan::Device { stream, positions, .. }, Storage::Cuda(c)) => with_plain!(t.dtype(), T => {
+        (
+            Plan::Device {
+                stream, positions, ..
+            },
+            Storage::Cuda(c),
+        ) => with_plain!(t.dtype(), T => {
             use foveal::cuda::{DevView, DevViewMut};
             let dev = c.device().clone();
             let mut data = dev.alloc_zeros::<T>(dst_layout.span().max(1))?;

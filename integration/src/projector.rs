@@ -15,7 +15,12 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn new(vb: VarBuilder, vision_hidden: usize, text_hidden: usize, act: Activation) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        vision_hidden: usize,
+        text_hidden: usize,
+        act: Activation,
+    ) -> Result<Self> {
         Ok(Projector {
             linear_1: linear(vision_hidden, text_hidden, vb.pp("linear_1"))?,
             linear_2: linear(text_hidden, text_hidden, vb.pp("linear_2"))?,

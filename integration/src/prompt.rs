@@ -44,14 +44,20 @@ impl Prompt {
         if rows.is_empty() {
             candle_core::bail!("Prompt::build: no rows");
         }
-        let (dev, dtype, dm) = (decoder.device(), decoder.dtype(), decoder.config().hidden_size);
+        let (dev, dtype, dm) = (
+            decoder.device(),
+            decoder.dtype(),
+            decoder.config().hidden_size,
+        );
         let mut parts = Vec::with_capacity(rows.len());
         for (b, row) in rows.iter().enumerate() {
             let (mut pieces, mut visual, mut len) = (Vec::new(), Vec::new(), 0usize);
             for seg in row {
                 let t = match seg {
                     Segment::Text(ids) if ids.is_empty() => continue,
-                    Segment::Text(ids) => decoder.embed(&Tensor::from_slice(ids, ids.len(), dev)?)?,
+                    Segment::Text(ids) => {
+                        decoder.embed(&Tensor::from_slice(ids, ids.len(), dev)?)?
+                    }
                     Segment::Image(e) | Segment::Embeds(e) => {
                         let (n, d) = e.dims2()?;
                         if d != dm {
@@ -72,12 +78,21 @@ impl Prompt {
             parts.push((Tensor::cat(&pieces, 0)?, visual, len));
         }
         let seq = parts.iter().map(|p| p.2).max().unwrap_or(0);
-        let (mut embeds, mut position_ids, mut starts, mut vis) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut embeds, mut position_ids, mut starts, mut vis) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (e, visual, len) in parts {
             let start = seq - len;
-            let e = if start > 0 { Tensor::cat(&[&Tensor::zeros((start, dm), dtype, dev)?, &e], 0)? } else { e };
+            let e = if start > 0 {
+                Tensor::cat(&[&Tensor::zeros((start, dm), dtype, dev)?, &e], 0)?
+            } else {
+                e
+            };
             embeds.push(e);
-            position_ids.push((0..seq).map(|s| s.saturating_sub(start) as u32).collect::<Vec<_>>());
+            position_ids.push(
+                (0..seq)
+                    .map(|s| s.saturating_sub(start) as u32)
+                    .collect::<Vec<_>>(),
+            );
             vis.push(visual.into_iter().map(|v| v + start).collect());
             starts.push(start);
         }
@@ -107,12 +122,23 @@ impl Prompt {
 
     /// Per row, the position id after the last token (where decoding continues).
     pub fn next_positions(&self) -> Vec<u32> {
-        self.position_ids.iter().map(|p| p.last().map_or(0, |&x| x + 1)).collect()
+        self.position_ids
+            .iter()
+            .map(|p| p.last().map_or(0, |&x| x + 1))
+            .collect()
     }
 
     /// The rows as foveal describes them: valid `start..S`, visual positions.
     pub fn row_specs(&self) -> Vec<RowSpec> {
-        self.starts.iter().zip(&self.visual).map(|(&start, v)| RowSpec { start, end: self.seq(), visual: v.clone() }).collect()
+        self.starts
+            .iter()
+            .zip(&self.visual)
+            .map(|(&start, v)| RowSpec {
+                start,
+                end: self.seq(),
+                visual: v.clone(),
+            })
+            .collect()
     }
 
     /// foveal's checked [`RowLayout`] of the rows (cache capacity `S`).
@@ -132,12 +158,32 @@ impl Prompt {
             return Ok(self.clone());
         }
         let ids = Tensor::from_vec(tokens.concat(), (b, n), self.embeds.device())?;
-        let embeds = Tensor::cat(&[&self.embeds, &decoder.embed(&ids)?.to_dtype(self.embeds.dtype())?], 1)?;
+        let embeds = Tensor::cat(
+            &[
+                &self.embeds,
+                &decoder.embed(&ids)?.to_dtype(self.embeds.dtype())?,
+            ],
+            1,
+        )?;
         let next = self.next_positions();
-        let position_ids: Vec<Vec<u32>> =
-            self.position_ids.iter().zip(&next).map(|(p, &q)| p.iter().copied().chain(q..q + n as u32).collect()).collect();
-        let positions = Tensor::from_vec(position_ids.concat(), (b, self.seq() + n), self.embeds.device())?;
-        Ok(Prompt { embeds, positions, position_ids, starts: self.starts.clone(), visual: self.visual.clone() })
+        let position_ids: Vec<Vec<u32>> = self
+            .position_ids
+            .iter()
+            .zip(&next)
+            .map(|(p, &q)| p.iter().copied().chain(q..q + n as u32).collect())
+            .collect();
+        let positions = Tensor::from_vec(
+            position_ids.concat(),
+            (b, self.seq() + n),
+            self.embeds.device(),
+        )?;
+        Ok(Prompt {
+            embeds,
+            positions,
+            position_ids,
+            starts: self.starts.clone(),
+            visual: self.visual.clone(),
+        })
     }
 
     /// The position ids as `[B, S]` of `dtype` (e.g. I64 as HF uses, I32 for foveal's `gather_rows`).

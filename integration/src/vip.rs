@@ -39,12 +39,32 @@ pub struct VipConfig {
 impl VipConfig {
     /// The paper's predictor (E 256, 4 heads, F 512, 4 blocks).
     pub fn paper(in_heads: usize, feature_dim: usize) -> Self {
-        VipConfig { in_heads, feature_dim, hidden: 256, heads: 4, cond: 512, blocks: 4, mlp: 1024, rope_theta: 100.0, eps: 1e-6 }
+        VipConfig {
+            in_heads,
+            feature_dim,
+            hidden: 256,
+            heads: 4,
+            cond: 512,
+            blocks: 4,
+            mlp: 1024,
+            rope_theta: 100.0,
+            eps: 1e-6,
+        }
     }
 
     /// A small predictor for the built-in model.
     pub fn tiny(in_heads: usize, feature_dim: usize) -> Self {
-        VipConfig { in_heads, feature_dim, hidden: 64, heads: 4, cond: 64, blocks: 4, mlp: 128, rope_theta: 100.0, eps: 1e-6 }
+        VipConfig {
+            in_heads,
+            feature_dim,
+            hidden: 64,
+            heads: 4,
+            cond: 64,
+            blocks: 4,
+            mlp: 128,
+            rope_theta: 100.0,
+            eps: 1e-6,
+        }
     }
 
     fn qk_head_dim(&self) -> usize {
@@ -52,7 +72,10 @@ impl VipConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.hidden % self.heads != 0 || self.cond % self.heads != 0 || self.qk_head_dim() % 4 != 0 {
+        if self.hidden % self.heads != 0
+            || self.cond % self.heads != 0
+            || self.qk_head_dim() % 4 != 0
+        {
             candle_core::bail!("VipConfig: hidden {} and cond {} must split into {} heads of a q/k dim divisible by 4", self.hidden, self.cond, self.heads)
         }
         Ok(())
@@ -87,14 +110,30 @@ impl Block {
     }
 
     /// `x [B, N, E]`, `feature [B, N, C]`, rope tables `[N, qk/2]`, additive key mask `[B, 1, 1, N]`.
-    fn forward(&self, x: &Tensor, feature: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cfg: &VipConfig) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        feature: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cfg: &VipConfig,
+    ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let h = cfg.heads;
         let heads = |t: Tensor, d: usize| t.reshape((b, n, h, d))?.transpose(1, 2)?.contiguous();
         let xn = self.norm1.forward(x)?;
         let cond = heads(self.cond_proj.forward(feature)?, cfg.cond / h)?;
-        let q = Tensor::cat(&[heads(self.q_proj.forward(&xn)?, cfg.hidden / h)?, cond.clone()], 3)?;
-        let k = Tensor::cat(&[heads(self.k_proj.forward(&xn)?, cfg.hidden / h)?, cond], 3)?;
+        let q = Tensor::cat(
+            &[
+                heads(self.q_proj.forward(&xn)?, cfg.hidden / h)?,
+                cond.clone(),
+            ],
+            3,
+        )?;
+        let k = Tensor::cat(
+            &[heads(self.k_proj.forward(&xn)?, cfg.hidden / h)?, cond],
+            3,
+        )?;
         let v = heads(self.v_proj.forward(&xn)?, cfg.hidden / h)?;
         let (q, k) = (rope_2d(&q, rope)?, rope_2d(&k, rope)?);
         let scale = 1.0 / (cfg.qk_head_dim() as f64).sqrt();
@@ -126,12 +165,19 @@ impl Block {
 /// each half). `rope` = (cos, sin) `[N, d/2]`, rows' angles then columns'.
 fn rope_2d(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
-    let halves = [x.narrow(D::Minus1, 0, d / 2)?, x.narrow(D::Minus1, d / 2, d / 2)?];
+    let halves = [
+        x.narrow(D::Minus1, 0, d / 2)?,
+        x.narrow(D::Minus1, d / 2, d / 2)?,
+    ];
     let mut out = Vec::with_capacity(2);
     for (i, part) in halves.iter().enumerate() {
         let c = cos.narrow(1, i * d / 4, d / 4)?;
         let s = sin.narrow(1, i * d / 4, d / 4)?;
-        out.push(candle_nn::rotary_emb::rope(&part.contiguous()?, &c.contiguous()?, &s.contiguous()?)?);
+        out.push(candle_nn::rotary_emb::rope(
+            &part.contiguous()?,
+            &c.contiguous()?,
+            &s.contiguous()?,
+        )?);
     }
     Tensor::cat(&out, D::Minus1)
 }
@@ -151,7 +197,9 @@ impl Vip {
         cfg.validate()?;
         Ok(Vip {
             in_proj: linear(cfg.in_heads, cfg.hidden, vb.pp("in_proj"))?,
-            blocks: (0..cfg.blocks).map(|m| Block::new(vb.pp(format!("blocks.{m}")), cfg)).collect::<Result<_>>()?,
+            blocks: (0..cfg.blocks)
+                .map(|m| Block::new(vb.pp(format!("blocks.{m}")), cfg))
+                .collect::<Result<_>>()?,
             norm: rms_norm(cfg.hidden, cfg.eps, vb.pp("norm"))?,
             out_proj: linear(cfg.hidden, 1, vb.pp("out_proj"))?,
             cfg: cfg.clone(),
@@ -163,9 +211,16 @@ impl Vip {
     }
 
     /// The cos/sin tables of the tokens' grid coordinates `(row, col)`.
-    fn rope_tables(&self, grid: &[(usize, usize)], device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(
+        &self,
+        grid: &[(usize, usize)],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         let quarter = self.cfg.qk_head_dim() / 4;
-        let inv: Vec<f32> = (0..quarter).map(|i| 1.0 / self.cfg.rope_theta.powf(i as f32 / quarter as f32)).collect();
+        let inv: Vec<f32> = (0..quarter)
+            .map(|i| 1.0 / self.cfg.rope_theta.powf(i as f32 / quarter as f32))
+            .collect();
         let mut angles = Vec::with_capacity(grid.len() * 2 * quarter);
         for &(r, c) in grid {
             angles.extend(inv.iter().map(|f| r as f32 * f));
@@ -180,7 +235,13 @@ impl Vip {
     /// per block, `grid` each token's (row, col), `nv` the valid count per row
     /// (padded tokens are masked out of the attention; their logits are
     /// meaningless).
-    pub fn forward(&self, attention: &Tensor, features: &[Tensor], grid: &[(usize, usize)], nv: &[usize]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        attention: &Tensor,
+        features: &[Tensor],
+        grid: &[(usize, usize)],
+        nv: &[usize],
+    ) -> Result<Tensor> {
         let (b, n, _) = attention.dims3()?;
         if features.len() != self.blocks.len() || grid.len() != n || nv.len() != b {
             candle_core::bail!(
@@ -194,13 +255,19 @@ impl Vip {
         let dtype = self.in_proj.weight().dtype();
         let device = attention.device();
         let rope = self.rope_tables(grid, device, dtype)?;
-        let mask: Vec<f32> = nv.iter().flat_map(|&c| (0..n).map(move |i| if i < c { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask: Vec<f32> = nv
+            .iter()
+            .flat_map(|&c| (0..n).map(move |i| if i < c { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
         let mask = Tensor::from_vec(mask, (b, 1, 1, n), device)?.to_dtype(dtype)?;
         let mut x = self.in_proj.forward(&attention.to_dtype(dtype)?)?;
         for (block, feature) in self.blocks.iter().zip(features) {
             x = block.forward(&x, &feature.to_dtype(dtype)?, &rope, &mask, &self.cfg)?;
         }
-        self.out_proj.forward(&self.norm.forward(&x)?)?.squeeze(2)?.to_dtype(DType::F32)
+        self.out_proj
+            .forward(&self.norm.forward(&x)?)?
+            .squeeze(2)?
+            .to_dtype(DType::F32)
     }
 
     /// The parameters with their names under `prefix`.

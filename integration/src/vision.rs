@@ -40,7 +40,11 @@ impl VisionAttention {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
-        let split = |t: Tensor| t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let q = split((self.q_proj.forward(xs)? * (self.head_dim as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
@@ -117,13 +121,24 @@ impl VisionTower {
         let (c, p) = (cfg.hidden_size, cfg.patch_size);
         let emb = vb.pp("embeddings");
         let patch_embedding = emb.get((c, cfg.num_channels, p, p), "patch_embedding.weight")?;
-        let class_embedding = if cfg.class_token { Some(emb.get(c, "class_embedding")?) } else { None };
+        let class_embedding = if cfg.class_token {
+            Some(emb.get(c, "class_embedding")?)
+        } else {
+            None
+        };
         let position_embedding = emb.get((cfg.num_positions(), c), "position_embedding.weight")?;
         let pre_layrnorm = layer_norm(c, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?;
         let layers = (0..cfg.num_layers)
             .map(|i| VisionLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
-        Ok(VisionTower { patch_embedding, class_embedding, position_embedding, pre_layrnorm, layers, cfg: cfg.clone() })
+        Ok(VisionTower {
+            patch_embedding,
+            class_embedding,
+            position_embedding,
+            pre_layrnorm,
+            layers,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &VisionConfig {
@@ -139,7 +154,10 @@ impl VisionTower {
     /// LLaVA's penultimate-layer features need `last = num_layers - 1`.
     pub fn forward_upto(&self, pixels: &Tensor, last: usize) -> Result<Vec<Tensor>> {
         if last > self.cfg.num_layers {
-            candle_core::bail!("VisionTower: hidden state {last} requested, the tower has {} layers", self.cfg.num_layers);
+            candle_core::bail!(
+                "VisionTower: hidden state {last} requested, the tower has {} layers",
+                self.cfg.num_layers
+            );
         }
         let cls = usize::from(self.class_embedding.is_some());
         let mut xs = self.embed(pixels)?;
@@ -186,11 +204,17 @@ impl VisionTower {
 
     /// The parameters with their HF names under `prefix` (e.g. `vision_tower.vision_model`).
     pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        out.push((format!("{prefix}.embeddings.patch_embedding.weight"), self.patch_embedding.clone()));
+        out.push((
+            format!("{prefix}.embeddings.patch_embedding.weight"),
+            self.patch_embedding.clone(),
+        ));
         if let Some(cls) = &self.class_embedding {
             out.push((format!("{prefix}.embeddings.class_embedding"), cls.clone()));
         }
-        out.push((format!("{prefix}.embeddings.position_embedding.weight"), self.position_embedding.clone()));
+        out.push((
+            format!("{prefix}.embeddings.position_embedding.weight"),
+            self.position_embedding.clone(),
+        ));
         push_layer_norm(out, &format!("{prefix}.pre_layrnorm"), &self.pre_layrnorm);
         for (i, l) in self.layers.iter().enumerate() {
             l.named(&format!("{prefix}.encoder.layers.{i}"), out);

@@ -20,7 +20,11 @@ fn gpu() -> Option<Device> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
 }
 
 #[test]
@@ -28,9 +32,16 @@ fn cuda_and_cpu_generations_agree() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let cfg = ModelConfig::tiny();
     let system = byte_tokens("You see an image.");
-    let questions = vec![byte_tokens("Where is the red square?"), byte_tokens("Count the shapes.")];
+    let questions = vec![
+        byte_tokens("Where is the red square?"),
+        byte_tokens("Count the shapes."),
+    ];
     let mut gcfg = GlimpseConfig::for_model(&cfg);
-    gcfg.rule = KeepRule { threshold: 0.5, max_ratio: Some(0.4), min_keep: 3 };
+    gcfg.rule = KeepRule {
+        threshold: 0.5,
+        max_ratio: Some(0.4),
+        min_keep: 3,
+    };
     let mut runs = Vec::new();
     for dev in [Device::Cpu, gpu] {
         let model = LlavaModel::seeded(&cfg, 11, &dev, DType::F32)?;
@@ -43,7 +54,13 @@ fn cuda_and_cpu_generations_agree() -> Result<()> {
     assert_eq!(dense_cpu.tokens, dense_gpu.tokens);
     assert_eq!(gp_cpu.kept, gp_gpu.kept, "the kept visual tokens");
     assert_eq!(gp_cpu.generation.tokens, gp_gpu.generation.tokens);
-    for (a, b) in dense_cpu.logits.iter().zip(&dense_gpu.logits).chain(gp_cpu.generation.logits.iter().zip(&gp_gpu.generation.logits)) {
+    for (a, b) in dense_cpu.logits.iter().zip(&dense_gpu.logits).chain(
+        gp_cpu
+            .generation
+            .logits
+            .iter()
+            .zip(&gp_gpu.generation.logits),
+    ) {
         let d = max_abs_diff(a, b)?;
         assert!(d < 1e-2, "CPU and GPU logits differ by {d}");
     }

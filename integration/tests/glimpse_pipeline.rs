@@ -10,12 +10,25 @@ fn keeps_every_planted_salient_token_and_prunes_the_rest() {
     let batch = Batch::new(Config::default()).unwrap();
     let out = run_cpu(&batch, &keep_rule()).unwrap();
     for b in 0..batch.batch() {
-        let kept: Vec<i32> = out.keep.kept(b).iter().map(|&i| batch.rows.visual(b)[i as usize]).collect();
+        let kept: Vec<i32> = out
+            .keep
+            .kept(b)
+            .iter()
+            .map(|&i| batch.rows.visual(b)[i as usize])
+            .collect();
         for &p in &batch.salient[b] {
-            assert!(kept.contains(&(p as i32)), "row {b}: salient token at {p} was pruned");
+            assert!(
+                kept.contains(&(p as i32)),
+                "row {b}: salient token at {p} was pruned"
+            );
         }
         // max_ratio 0.5 caps the kept set.
-        assert!(kept.len() <= batch.rows.nv(b) / 2, "row {b}: kept {} of {}", kept.len(), batch.rows.nv(b));
+        assert!(
+            kept.len() <= batch.rows.nv(b) / 2,
+            "row {b}: kept {} of {}",
+            kept.len(),
+            batch.rows.nv(b)
+        );
         // Compacted rows: all text (less the glimpse) plus the kept visual tokens.
         let text = batch.rows.len(b) - batch.rows.nv(b) - 1;
         assert_eq!(out.positions.row(b).len(), text + kept.len());
@@ -26,7 +39,12 @@ fn keeps_every_planted_salient_token_and_prunes_the_rest() {
 fn keeping_everything_only_drops_the_glimpse_token() {
     let batch = Batch::new(Config::default()).unwrap();
     let out = run_cpu(&batch, &KeepRule::keep_all()).unwrap();
-    let (seq, s_new, hkv, d) = (batch.rows.seq(), out.positions.max_len(), batch.cfg.kv_heads, batch.cfg.head_dim);
+    let (seq, s_new, hkv, d) = (
+        batch.rows.seq(),
+        out.positions.max_len(),
+        batch.cfg.kv_heads,
+        batch.cfg.head_dim,
+    );
     assert_eq!(s_new, seq - 1);
     for b in 0..batch.batch() {
         let want: Vec<i32> = (batch.rows.start(b) as i32..batch.rows.end(b) as i32 - 1).collect();
@@ -43,7 +61,15 @@ fn keeping_everything_only_drops_the_glimpse_token() {
         }
         let hid = batch.cfg.hidden;
         let first = batch.rows.start(b);
-        assert_eq!(&out.hidden[(b * s_new + first) * hid..(b * s_new + seq - 1) * hid], &batch.hidden[(b * seq + first) * hid..(b * seq + seq - 1) * hid]);
-        assert!(out.hidden[b * s_new * hid..(b * s_new + first) * hid].iter().all(|&x| x == 0.0), "padded slots are zero");
+        assert_eq!(
+            &out.hidden[(b * s_new + first) * hid..(b * s_new + seq - 1) * hid],
+            &batch.hidden[(b * seq + first) * hid..(b * seq + seq - 1) * hid]
+        );
+        assert!(
+            out.hidden[b * s_new * hid..(b * s_new + first) * hid]
+                .iter()
+                .all(|&x| x == 0.0),
+            "padded slots are zero"
+        );
     }
 }

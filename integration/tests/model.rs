@@ -10,7 +10,16 @@ use foveal_candle::{attention_mask, LlavaModel, ModelConfig, Prompt};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn model(seed: u64) -> LlavaModel {
@@ -47,16 +56,34 @@ fn prompt_layout() {
     assert_eq!(p.positions.to_vec2::<u32>().unwrap(), p.position_ids);
     for dt in [DType::I64, DType::I32] {
         let pos = p.positions_as(dt).unwrap();
-        assert_eq!(pos.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap(), p.position_ids);
+        assert_eq!(
+            pos.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap(),
+            p.position_ids
+        );
         // The decoder takes position ids of any integer dtype.
         let mut c = m.decoder.new_cache();
-        let h = m.decoder.forward_layers(&p.embeds, &pos, Some(&p.mask().unwrap()), 0..1, &mut c).unwrap();
+        let h = m
+            .decoder
+            .forward_layers(&p.embeds, &pos, Some(&p.mask().unwrap()), 0..1, &mut c)
+            .unwrap();
         let mut c2 = m.decoder.new_cache();
-        let h2 = m.decoder.forward_layers(&p.embeds, &p.positions, Some(&p.mask().unwrap()), 0..1, &mut c2).unwrap();
+        let h2 = m
+            .decoder
+            .forward_layers(
+                &p.embeds,
+                &p.positions,
+                Some(&p.mask().unwrap()),
+                0..1,
+                &mut c2,
+            )
+            .unwrap();
         assert_eq!(max_abs_diff(&h, &h2), 0.0);
     }
     let layout = p.row_layout().unwrap();
-    assert_eq!((layout.start(1), layout.end(1), layout.nv(1)), (q0 - q1, p.seq(), np));
+    assert_eq!(
+        (layout.start(1), layout.end(1), layout.nv(1)),
+        (q0 - q1, p.seq(), np)
+    );
 }
 
 #[test]
@@ -68,17 +95,40 @@ fn seeded_init_is_deterministic_and_not_degenerate() {
         assert_eq!(na, nb);
         assert_eq!(max_abs_diff(xa, xb), 0.0, "{na}");
     }
-    let q = |ts: &foveal_candle::Named| ts.iter().find(|(n, _)| n == "language_model.model.layers.0.self_attn.q_proj.weight").unwrap().1.clone();
+    let q = |ts: &foveal_candle::Named| {
+        ts.iter()
+            .find(|(n, _)| n == "language_model.model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .1
+            .clone()
+    };
     assert!(max_abs_diff(&q(&ta), &q(&tc)) > 0.1);
 
     // Logits vary across positions and rows, and greedy tokens are not constant.
     let p = prompt(&a, 3);
     let logits = a.prefill_logits(&p).unwrap();
     let last = logits.i((.., p.seq() - 1, ..)).unwrap();
-    let std = last.var_keepdim(1).unwrap().sqrt().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(std.iter().all(|&s| s > 0.3 && s.is_finite()), "logit std per row {std:?}");
+    let std = last
+        .var_keepdim(1)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(
+        std.iter().all(|&s| s > 0.3 && s.is_finite()),
+        "logit std per row {std:?}"
+    );
     let gen = a.generate_dense(&p, 6).unwrap();
-    assert!(gen.tokens.iter().any(|row| row.windows(2).any(|w| w[0] != w[1])), "{:?}", gen.tokens);
+    assert!(
+        gen.tokens
+            .iter()
+            .any(|row| row.windows(2).any(|w| w[0] != w[1])),
+        "{:?}",
+        gen.tokens
+    );
 }
 
 #[test]
@@ -110,9 +160,18 @@ fn hf_names() {
     assert!(!names.iter().any(|x| x.ends_with("o_proj.bias")));
     let t = m.named_tensors();
     let shape = |n: &str| t.iter().find(|(x, _)| x == n).unwrap().1.dims().to_vec();
-    assert_eq!(shape("language_model.model.layers.0.self_attn.k_proj.weight"), [2 * 64, 256]);
-    assert_eq!(shape("vision_tower.vision_model.embeddings.patch_embedding.weight"), [128, 3, 8, 8]);
-    assert_eq!(shape("vision_tower.vision_model.embeddings.position_embedding.weight"), [65, 128]);
+    assert_eq!(
+        shape("language_model.model.layers.0.self_attn.k_proj.weight"),
+        [2 * 64, 256]
+    );
+    assert_eq!(
+        shape("vision_tower.vision_model.embeddings.patch_embedding.weight"),
+        [128, 3, 8, 8]
+    );
+    assert_eq!(
+        shape("vision_tower.vision_model.embeddings.position_embedding.weight"),
+        [65, 128]
+    );
 }
 
 #[test]
@@ -122,7 +181,9 @@ fn safetensors_round_trip() {
     let before = m.prefill_logits(&p).unwrap();
     let path = temp_path("roundtrip.safetensors");
     m.save_safetensors(&path).unwrap();
-    let loaded = LlavaModel::load_safetensors(&path, &ModelConfig::tiny(), &Device::Cpu, DType::F32).unwrap();
+    let loaded =
+        LlavaModel::load_safetensors(&path, &ModelConfig::tiny(), &Device::Cpu, DType::F32)
+            .unwrap();
     std::fs::remove_file(&path).unwrap();
     // The same prompt built by the loaded model (its own vision tower and projector).
     let p2 = prompt(&loaded, 4);
@@ -148,8 +209,14 @@ fn cached_decode_equals_recompute() {
         let logits = m.prefill_logits(&full).unwrap();
         let last = logits.i((.., full.seq() - 1, ..)).unwrap();
         let d = max_abs_diff(&last, &gen.logits[t]);
-        assert!(d <= 1e-4, "step {t}: cached decode differs from recompute by {d}");
-        assert_eq!(argmax(&last).unwrap(), gen.tokens.iter().map(|r| r[t]).collect::<Vec<_>>());
+        assert!(
+            d <= 1e-4,
+            "step {t}: cached decode differs from recompute by {d}"
+        );
+        assert_eq!(
+            argmax(&last).unwrap(),
+            gen.tokens.iter().map(|r| r[t]).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -158,7 +225,12 @@ fn gather(x: &Tensor, keep: &[Vec<u32>]) -> Tensor {
     let rows: Vec<Tensor> = keep
         .iter()
         .enumerate()
-        .map(|(b, k)| x.get(b).unwrap().index_select(&Tensor::new(k.as_slice(), x.device()).unwrap(), 0).unwrap())
+        .map(|(b, k)| {
+            x.get(b)
+                .unwrap()
+                .index_select(&Tensor::new(k.as_slice(), x.device()).unwrap(), 0)
+                .unwrap()
+        })
         .collect();
     Tensor::stack(&rows, 0).unwrap()
 }
@@ -186,25 +258,43 @@ fn gapped_positions_equal_masking() {
     let (s, l) = (p.seq(), dec.num_layers());
     // Drop a different visual token in each row.
     let drop = [p.visual[0][10], p.visual[1][37]];
-    let keep: Vec<Vec<u32>> = drop.iter().map(|&d| (0..s as u32).filter(|&j| j as usize != d).collect()).collect();
+    let keep: Vec<Vec<u32>> = drop
+        .iter()
+        .map(|&d| (0..s as u32).filter(|&j| j as usize != d).collect())
+        .collect();
 
     let mut dense_cache = dec.new_cache();
     let dense_mask = mask_out(&p.mask().unwrap(), &drop);
-    let dense = dec.forward_layers(&p.embeds, &p.positions, Some(&dense_mask), 0..l, &mut dense_cache).unwrap();
+    let dense = dec
+        .forward_layers(
+            &p.embeds,
+            &p.positions,
+            Some(&dense_mask),
+            0..l,
+            &mut dense_cache,
+        )
+        .unwrap();
 
     let mut pruned_cache = dec.new_cache();
     let pruned_mask = attention_mask(&p.starts, s - 1, s - 1, &Device::Cpu).unwrap();
     let (emb, pos) = (gather(&p.embeds, &keep), gather(&p.positions, &keep));
-    let pruned = dec.forward_layers(&emb, &pos, Some(&pruned_mask), 0..l, &mut pruned_cache).unwrap();
+    let pruned = dec
+        .forward_layers(&emb, &pos, Some(&pruned_mask), 0..l, &mut pruned_cache)
+        .unwrap();
 
     // Compare valid slots only (padding slots see only masked keys).
-    let valid: Vec<Vec<u32>> = (0..2).map(|b| (p.starts[b] as u32..s as u32 - 1).collect()).collect();
+    let valid: Vec<Vec<u32>> = (0..2)
+        .map(|b| (p.starts[b] as u32..s as u32 - 1).collect())
+        .collect();
     let trim = |x: &Tensor| {
         let n = valid[0].len().min(valid[1].len());
         let v: Vec<Vec<u32>> = valid.iter().map(|v| v[v.len() - n..].to_vec()).collect();
         gather(x, &v)
     };
-    let d = max_abs_diff(&trim(&dec.logits(&gather(&dense, &keep)).unwrap()), &trim(&dec.logits(&pruned).unwrap()));
+    let d = max_abs_diff(
+        &trim(&dec.logits(&gather(&dense, &keep)).unwrap()),
+        &trim(&dec.logits(&pruned).unwrap()),
+    );
     assert!(d <= 1e-4, "logits differ by {d}");
     for layer in 0..l {
         let (kd, vd) = dense_cache.layer(layer).unwrap();
@@ -219,12 +309,26 @@ fn gapped_positions_equal_masking() {
 
     // One decode step on each cache, same token, same position.
     let tok = Tensor::new(&[[7u32], [9u32]], &Device::Cpu).unwrap();
-    let pos = Tensor::new(p.next_positions().iter().map(|&x| vec![x]).collect::<Vec<_>>(), &Device::Cpu).unwrap();
-    let dense_step = mask_out(&attention_mask(&p.starts, 1, s + 1, &Device::Cpu).unwrap(), &drop);
+    let pos = Tensor::new(
+        p.next_positions()
+            .iter()
+            .map(|&x| vec![x])
+            .collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dense_step = mask_out(
+        &attention_mask(&p.starts, 1, s + 1, &Device::Cpu).unwrap(),
+        &drop,
+    );
     let pruned_step = attention_mask(&p.starts, 1, s, &Device::Cpu).unwrap();
     let e = dec.embed(&tok).unwrap();
-    let a = dec.forward_layers(&e, &pos, Some(&dense_step), 0..l, &mut dense_cache).unwrap();
-    let b = dec.forward_layers(&e, &pos, Some(&pruned_step), 0..l, &mut pruned_cache).unwrap();
+    let a = dec
+        .forward_layers(&e, &pos, Some(&dense_step), 0..l, &mut dense_cache)
+        .unwrap();
+    let b = dec
+        .forward_layers(&e, &pos, Some(&pruned_step), 0..l, &mut pruned_cache)
+        .unwrap();
     let d = max_abs_diff(&dec.logits(&a).unwrap(), &dec.logits(&b).unwrap());
     assert!(d <= 1e-4, "decode step after pruning differs by {d}");
 }
@@ -239,12 +343,24 @@ fn layer_ranges_and_glimpse_query() {
     let (l, k_layer, s) = (dec.num_layers(), 2, p.seq());
     let mask = p.mask().unwrap();
     let mut full_cache = dec.new_cache();
-    let full = dec.forward_layers(&p.embeds, &p.positions, Some(&mask), 0..l, &mut full_cache).unwrap();
+    let full = dec
+        .forward_layers(&p.embeds, &p.positions, Some(&mask), 0..l, &mut full_cache)
+        .unwrap();
 
     let mut cache = dec.new_cache();
-    let (h, cap) = dec.forward_layers_capture(&p.embeds, &p.positions, Some(&mask), 0..k_layer + 1, &mut cache).unwrap();
+    let (h, cap) = dec
+        .forward_layers_capture(
+            &p.embeds,
+            &p.positions,
+            Some(&mask),
+            0..k_layer + 1,
+            &mut cache,
+        )
+        .unwrap();
     assert!(cache.layer(k_layer).is_some() && cache.layer(k_layer + 1).is_none());
-    let out = dec.forward_layers(&h, &p.positions, Some(&mask), k_layer + 1..l, &mut cache).unwrap();
+    let out = dec
+        .forward_layers(&h, &p.positions, Some(&mask), k_layer + 1..l, &mut cache)
+        .unwrap();
     assert!(max_abs_diff(&full, &out) <= 1e-5);
 
     // foveal's softmax scores of the glimpse (last) token over the visual keys,
@@ -270,7 +386,13 @@ fn layer_ranges_and_glimpse_query() {
         for h in 0..hq {
             let kh = h / (hq / hkv);
             let dot = |j: usize| -> f64 {
-                (0..d).map(|e| qv[(bi * hq + h) * d + e] as f64 * kv[((bi * hkv + kh) * s + j) * d + e] as f64).sum::<f64>() / (d as f64).sqrt()
+                (0..d)
+                    .map(|e| {
+                        qv[(bi * hq + h) * d + e] as f64
+                            * kv[((bi * hkv + kh) * s + j) * d + e] as f64
+                    })
+                    .sum::<f64>()
+                    / (d as f64).sqrt()
             };
             let logits: Vec<f64> = (p.starts[bi]..s).map(dot).collect();
             let mx = logits.iter().cloned().fold(f64::MIN, f64::max);
@@ -278,7 +400,10 @@ fn layer_ranges_and_glimpse_query() {
             for (i, &v) in p.visual[bi].iter().enumerate() {
                 let want = (logits[v - p.starts[bi]] - mx).exp() / z;
                 let got = scores[(bi * nv + i) * hq + h] as f64;
-                assert!((want - got).abs() <= 1e-5, "row {bi} head {h} visual {i}: {got} vs {want}");
+                assert!(
+                    (want - got).abs() <= 1e-5,
+                    "row {bi} head {h} visual {i}: {got} vs {want}"
+                );
             }
         }
     }
@@ -298,10 +423,15 @@ fn images() {
     // Through a PNG file and back: the same pixels within 8-bit quantisation.
     let rgb: Vec<u8> = {
         let px = scenes[0].render();
-        (0..64 * 64 * 3).map(|j| (px[(j % 3) * 4096 + j / 3] * 255.0).round() as u8).collect()
+        (0..64 * 64 * 3)
+            .map(|j| (px[(j % 3) * 4096 + j / 3] * 255.0).round() as u8)
+            .collect()
     };
     let path = temp_path("scene.png");
-    image::RgbImage::from_raw(64, 64, rgb).unwrap().save(&path).unwrap();
+    image::RgbImage::from_raw(64, 64, rgb)
+        .unwrap()
+        .save(&path)
+        .unwrap();
     let loaded = load_image(&path, 64, &Device::Cpu).unwrap();
     std::fs::remove_file(&path).unwrap();
     assert!(max_abs_diff(&loaded, &a.i(0..1).unwrap()) < 0.02);

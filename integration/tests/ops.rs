@@ -9,7 +9,18 @@ use foveal_candle::ops;
 fn rows() -> RowLayout {
     RowLayout::new(
         12,
-        &[RowSpec { start: 0, end: 12, visual: vec![2, 3, 4, 5, 6, 7] }, RowSpec { start: 3, end: 12, visual: vec![5, 6, 8] }],
+        &[
+            RowSpec {
+                start: 0,
+                end: 12,
+                visual: vec![2, 3, 4, 5, 6, 7],
+            },
+            RowSpec {
+                start: 3,
+                end: 12,
+                visual: vec![5, 6, 8],
+            },
+        ],
     )
     .unwrap()
 }
@@ -26,7 +37,11 @@ fn glimpse_scores_reads_a_transposed_cache_in_place() -> Result<()> {
         let a = ops::glimpse_scores(&q, &k_view, &rows(), None, mode)?;
         let b = ops::glimpse_scores(&q, &k_view.contiguous()?, &rows(), None, mode)?;
         assert_eq!(a.dims(), &[2, 6, 4]);
-        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?, "{mode:?}");
+        assert_eq!(
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?,
+            "{mode:?}"
+        );
     }
     Ok(())
 }
@@ -35,12 +50,32 @@ fn glimpse_scores_reads_a_transposed_cache_in_place() -> Result<()> {
 fn compaction_equals_index_select_of_the_kept_positions() -> Result<()> {
     let dev = Device::Cpu;
     let rows = rows();
-    let logits = Tensor::new(&[[3f32, -1.0, 2.0, -4.0, 0.5, 1.0], [-2.0, 4.0, 0.0, 0.0, 0.0, 0.0]], &dev)?;
-    let plan = ops::plan_keep(&logits, &rows, &KeepRule { threshold: 0.5, max_ratio: None, min_keep: 1 }, true)?;
+    let logits = Tensor::new(
+        &[
+            [3f32, -1.0, 2.0, -4.0, 0.5, 1.0],
+            [-2.0, 4.0, 0.0, 0.0, 0.0, 0.0],
+        ],
+        &dev,
+    )?;
+    let plan = ops::plan_keep(
+        &logits,
+        &rows,
+        &KeepRule {
+            threshold: 0.5,
+            max_ratio: None,
+            min_keep: 1,
+        },
+        true,
+    )?;
     // Row 0 keeps visual 0, 2, 4, 5 (logits > 0); row 1 keeps visual 1.
     assert_eq!(plan.kept_visual()?, vec![vec![0, 2, 4, 5], vec![1]]);
     let caches: Vec<(Tensor, Tensor)> = (0..3)
-        .map(|_| Ok((Tensor::randn(0f32, 1.0, (2, 2, 12, 8), &dev)?.to_dtype(DType::BF16)?, Tensor::randn(0f32, 1.0, (2, 2, 12, 8), &dev)?.to_dtype(DType::BF16)?)))
+        .map(|_| {
+            Ok((
+                Tensor::randn(0f32, 1.0, (2, 2, 12, 8), &dev)?.to_dtype(DType::BF16)?,
+                Tensor::randn(0f32, 1.0, (2, 2, 12, 8), &dev)?.to_dtype(DType::BF16)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let out = ops::compact_kv(&caches, &plan, Padding::Right)?;
     let positions = plan.positions()?;
@@ -54,9 +89,20 @@ fn compaction_equals_index_select_of_the_kept_positions() -> Result<()> {
             for (src, dst) in [(k, kc), (v, vc)] {
                 let want = src.i(b)?.index_select(&idx, 1)?;
                 let got = dst.i(b)?.narrow(1, 0, n)?;
-                assert_eq!(got.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?, want.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?, "layer {l} row {b}");
+                assert_eq!(
+                    got.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    want.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    "layer {l} row {b}"
+                );
                 let pad = dst.i(b)?.narrow(1, n, s_new - n)?;
-                assert!(pad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().all(|&x| x == 0.0), "padding is zero");
+                assert!(
+                    pad.flatten_all()?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .all(|&x| x == 0.0),
+                    "padding is zero"
+                );
             }
         }
     }
@@ -64,8 +110,15 @@ fn compaction_equals_index_select_of_the_kept_positions() -> Result<()> {
     let pos = Tensor::arange(0u32, 24, &dev)?.reshape((2, 12, 1))?;
     let g = ops::gather_rows(&pos, &plan, Padding::Right)?;
     for b in 0..2 {
-        let want: Vec<u32> = positions.row(b).iter().map(|&p| (b * 12) as u32 + p as u32).collect();
-        assert_eq!(&g.i(b)?.flatten_all()?.to_vec1::<u32>()?[..want.len()], &want[..]);
+        let want: Vec<u32> = positions
+            .row(b)
+            .iter()
+            .map(|&p| (b * 12) as u32 + p as u32)
+            .collect();
+        assert_eq!(
+            &g.i(b)?.flatten_all()?.to_vec1::<u32>()?[..want.len()],
+            &want[..]
+        );
     }
     Ok(())
 }

@@ -2,7 +2,12 @@
 //! `include/foveal.h` and checked in (`tests/bindings_drift.rs` regenerates it
 //! and fails when it drifts). The launch functions exist only when the
 //! feature `cuda` compiled them; use the safe API of the `foveal` crate.
-#![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, clippy::all)]
+#![allow(
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    clippy::all
+)]
 
 mod bindings;
 pub use bindings::*;

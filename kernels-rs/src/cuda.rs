@@ -154,12 +154,12 @@ pub(crate) fn check_grid_batch(op: &'static str, batch: usize) -> Result<()> {
 
 /// Uploads an index array; an empty one becomes one -1 (the kernels never
 /// read it, and a zero-length allocation is not a valid buffer).
-fn upload(stream: &Arc<CudaStream>, op: &'static str, v: &[i32]) -> Result<CudaSlice<i32>> {
+pub(crate) fn upload(stream: &Arc<CudaStream>, op: &'static str, v: &[i32]) -> Result<CudaSlice<i32>> {
     let data: &[i32] = if v.is_empty() { &[-1] } else { v };
     stream.clone_htod(data).map_err(driver_err(op))
 }
 
-fn download(stream: &Arc<CudaStream>, op: &'static str, v: &CudaSlice<i32>, n: usize) -> Result<Vec<i32>> {
+pub(crate) fn download(stream: &Arc<CudaStream>, op: &'static str, v: &CudaSlice<i32>, n: usize) -> Result<Vec<i32>> {
     let mut host = stream.clone_dtoh(v).map_err(driver_err(op))?;
     host.truncate(n);
     Ok(host)

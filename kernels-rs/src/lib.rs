@@ -15,13 +15,22 @@
 //! [`multiscale_gather`] (the vision-guided sampler's multi-scale pooling at
 //! each window's chosen scale), [`text_guided_select`] (the text-guided
 //! sampler: text-to-visual attention importance, cumulative threshold).
+//!
+//! Gaze Attention: [`region_descriptors`] (the mean key of each region of a
+//! visual unit), [`route_topk`] (each query head's best regions),
+//! [`gaze_decode`] (decode attention over the always-visible keys and the
+//! routed regions only), all on a [`GazeLayout`].
 
 pub mod compact_kv;
 pub mod dtype;
 pub mod error;
+pub mod gaze_decode;
+pub mod gaze_layout;
 pub mod glimpse_scores;
 pub mod layout;
 pub mod multiscale_gather;
+pub mod region_descriptors;
+pub mod route_topk;
 pub mod rows;
 pub mod select_keep;
 pub mod text_guided_select;
@@ -33,6 +42,7 @@ pub mod cuda;
 pub use compact_kv::{KeepPositions, Padding};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use gaze_layout::{GazeLayout, GazeRow, RegionShape, Routes};
 pub use glimpse_scores::ScoreMode;
 pub use layout::{Layout, View, ViewMut};
 pub use multiscale_gather::ScaleSet;

@@ -69,7 +69,10 @@ pub fn gpu() -> Option<Arc<CudaStream>> {
     });
     let ctx = ctx.as_ref().ok()?;
     // A stream per test: tests run on parallel threads.
-    Some(ctx.new_stream().expect("a CUDA device was found but a stream could not be created"))
+    Some(
+        ctx.new_stream()
+            .expect("a CUDA device was found but a stream could not be created"),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -83,7 +86,10 @@ impl<T: TestElem + DeviceRepr> GpuElem for T {}
 
 /// Copies `host` (non-empty) to a new device buffer.
 pub fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {
-    assert!(!host.is_empty(), "upload: an empty buffer is not a valid device allocation");
+    assert!(
+        !host.is_empty(),
+        "upload: an empty buffer is not a valid device allocation"
+    );
     stream.clone_htod(host).expect("host-to-device copy")
 }
 
@@ -102,7 +108,9 @@ pub fn poisoned<T: Poison + DeviceRepr>(stream: &Arc<CudaStream>, n: usize) -> C
 pub fn assert_bits_eq<T: Bits + Debug>(got: &[T], want: &[T], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     if let Some(i) = (0..got.len()).find(|&i| got[i].bits() != want[i].bits()) {
-        let n = (0..got.len()).filter(|&i| got[i].bits() != want[i].bits()).count();
+        let n = (0..got.len())
+            .filter(|&i| got[i].bits() != want[i].bits())
+            .count();
         let (len, g, w) = (got.len(), got[i], want[i]);
         panic!("{what}: {n} of {len} elements differ; first at storage offset {i}: got {g:?}, want {w:?}");
     }
@@ -112,7 +120,10 @@ pub fn assert_bits_eq<T: Bits + Debug>(got: &[T], want: &[T], what: &str) {
 /// must not have written anything).
 pub fn assert_untouched<T: Poison + Bits + Debug>(got: &[T], what: &str) {
     if let Some(i) = got.iter().position(|x| x.bits() != T::POISON.bits()) {
-        panic!("{what}: storage offset {i} was written ({:?}) although the call failed", got[i]);
+        panic!(
+            "{what}: storage offset {i} was written ({:?}) although the call failed",
+            got[i]
+        );
     }
 }
 
@@ -175,7 +186,10 @@ pub fn with_split_mut<T, R>(
 /// runs under compute-sanitizer).
 pub fn cases(default: usize) -> usize {
     match std::env::var("FOVEAL_GPU_CASES") {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| panic!("FOVEAL_GPU_CASES={v:?} is not a number")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("FOVEAL_GPU_CASES={v:?} is not a number")),
         Err(_) => default,
     }
 }

@@ -47,11 +47,20 @@ pub struct Tol {
 
 impl Tol {
     /// f32 storage, or f32 accumulation of exactly converted inputs.
-    pub const F32: Tol = Tol { rel: 1e-5, abs: 1e-6 };
+    pub const F32: Tol = Tol {
+        rel: 1e-5,
+        abs: 1e-6,
+    };
     /// f16 storage of the result.
-    pub const F16: Tol = Tol { rel: 1e-3, abs: 1e-4 };
+    pub const F16: Tol = Tol {
+        rel: 1e-3,
+        abs: 1e-4,
+    };
     /// bf16 storage of the result.
-    pub const BF16: Tol = Tol { rel: 1e-2, abs: 1e-3 };
+    pub const BF16: Tol = Tol {
+        rel: 1e-2,
+        abs: 1e-3,
+    };
 
     /// The tolerance set by an element type.
     pub fn of(dtype: DType) -> Tol {
@@ -191,7 +200,11 @@ pub fn random_strides<const N: usize>(rng: &mut StdRng, shape: [usize; N]) -> [u
     let inner_to_outer = std::iter::once(N - 1).chain(order.into_iter().rev());
     for dim in inner_to_outer {
         strides[dim] = cur;
-        let gap = if rng.random_bool(0.5) { rng.random_range(1..=3) } else { 0 };
+        let gap = if rng.random_bool(0.5) {
+            rng.random_range(1..=3)
+        } else {
+            0
+        };
         cur = cur * shape[dim].max(1) + gap;
     }
     strides
@@ -289,12 +302,22 @@ impl<T: Copy, const N: usize> Tensor<T, N> {
     /// storage holds at least one element, so that an empty tensor is still
     /// a valid device allocation.
     pub fn filled(shape: [usize; N], strides: [usize; N], fill: T) -> Self {
-        Tensor { data: vec![fill; Self::span(shape, strides).max(1)], shape, strides, base: 0 }
+        Tensor {
+            data: vec![fill; Self::span(shape, strides).max(1)],
+            shape,
+            strides,
+            base: 0,
+        }
     }
 
     /// A tensor of `shape` with `strides` whose logical elements are
     /// `f(index)` (called in row-major index order) and whose gaps are `gap`.
-    pub fn from_fn(shape: [usize; N], strides: [usize; N], gap: T, mut f: impl FnMut([usize; N]) -> T) -> Self {
+    pub fn from_fn(
+        shape: [usize; N],
+        strides: [usize; N],
+        gap: T,
+        mut f: impl FnMut([usize; N]) -> T,
+    ) -> Self {
         let mut t = Self::filled(shape, strides, gap);
         for idx in indices(shape) {
             let o = t.offset(idx);
@@ -316,7 +339,11 @@ impl<T: Copy, const N: usize> Tensor<T, N> {
         self.base
             + (0..N)
                 .map(|i| {
-                    assert!(idx[i] < self.shape[i], "index {idx:?} outside {:?}", self.shape);
+                    assert!(
+                        idx[i] < self.shape[i],
+                        "index {idx:?} outside {:?}",
+                        self.shape
+                    );
                     idx[i] * self.strides[i]
                 })
                 .sum::<usize>()
@@ -406,14 +433,22 @@ pub struct RowOpts {
 
 impl Default for RowOpts {
     fn default() -> Self {
-        RowOpts { glimpse_text: true, max_spans: 3, all_visual: false }
+        RowOpts {
+            glimpse_text: true,
+            max_spans: 3,
+            all_visual: false,
+        }
     }
 }
 
 impl RowOpts {
     /// The default options with `all_visual` set (the GPU tests' mix).
     pub fn with_all_visual(glimpse_text: bool) -> Self {
-        RowOpts { glimpse_text, all_visual: true, ..RowOpts::default() }
+        RowOpts {
+            glimpse_text,
+            all_visual: true,
+            ..RowOpts::default()
+        }
     }
 }
 
@@ -427,7 +462,11 @@ pub fn random_rows(rng: &mut StdRng, batch: usize, seq: usize, opts: RowOpts) ->
     assert!(seq >= 1 && batch >= 1);
     (0..batch)
         .map(|_| {
-            let len = if rng.random_bool(0.2) { seq } else { rng.random_range(1..=seq) };
+            let len = if rng.random_bool(0.2) {
+                seq
+            } else {
+                rng.random_range(1..=seq)
+            };
             let start = match rng.random_range(0..3) {
                 0 => 0,
                 1 => seq - len,
@@ -450,7 +489,9 @@ pub fn random_rows(rng: &mut StdRng, batch: usize, seq: usize, opts: RowOpts) ->
             };
             if spans {
                 let spans = rng.random_range(1..=opts.max_spans);
-                let mut cuts: Vec<usize> = (0..2 * spans).map(|_| rng.random_range(start..=limit)).collect();
+                let mut cuts: Vec<usize> = (0..2 * spans)
+                    .map(|_| rng.random_range(start..=limit))
+                    .collect();
                 cuts.sort_unstable();
                 for pair in cuts.chunks(2) {
                     visual.extend(pair[0]..pair[1]);
@@ -519,26 +560,35 @@ mod tests {
             let rows = random_rows(&mut r, 4, 50, RowOpts::default());
             foveal::RowLayout::new(50, &rows).expect("random rows must be valid");
             for row in &rows {
-                assert!(row.visual.iter().all(|&p| p + 1 < row.end), "glimpse token is visual");
+                assert!(
+                    row.visual.iter().all(|&p| p + 1 < row.end),
+                    "glimpse token is visual"
+                );
                 left += usize::from(row.start > 0);
                 empty_vis += usize::from(row.visual.is_empty());
                 multi_span += usize::from(row.visual.windows(2).any(|w| w[1] > w[0] + 1));
             }
         }
-        assert!(left > 50 && empty_vis > 50 && multi_span > 50, "{left} {empty_vis} {multi_span}");
+        assert!(
+            left > 50 && empty_vis > 50 && multi_span > 50,
+            "{left} {empty_vis} {multi_span}"
+        );
     }
 
     #[test]
     fn random_rows_with_all_visual_rows_are_valid() {
         let mut r = rng(1);
         // every position but the glimpse token visual, in a row of two or more
-        let full = |row: &RowSpec| row.end - row.start > 1 && row.visual.len() + 1 == row.end - row.start;
+        let full =
+            |row: &RowSpec| row.end - row.start > 1 && row.visual.len() + 1 == row.end - row.start;
         let mut all_visual = 0;
         for seq in [1, 2, 7, 100] {
             for _ in 0..50 {
                 let rows = random_rows(&mut r, 3, seq, RowOpts::with_all_visual(true));
                 foveal::RowLayout::new(seq, &rows).expect("valid rows");
-                assert!(rows.iter().all(|row| row.visual.iter().all(|&p| p + 1 < row.end)));
+                assert!(rows
+                    .iter()
+                    .all(|row| row.visual.iter().all(|&p| p + 1 < row.end)));
                 all_visual += rows.iter().filter(|row| full(row)).count();
             }
         }
@@ -549,12 +599,17 @@ mod tests {
     fn tensor_places_elements_past_its_base() {
         let shape = [2, 3, 2, 4];
         let strides = KvOrder::BhsdSpare(2).strides(&mut rng(0), shape);
-        let t = Tensor::from_fn(shape, strides, -1i32, |[b, s, h, d]| (1000 * b + 100 * s + 10 * h + d) as i32)
-            .offset_by(5, -1);
+        let t = Tensor::from_fn(shape, strides, -1i32, |[b, s, h, d]| {
+            (1000 * b + 100 * s + 10 * h + d) as i32
+        })
+        .offset_by(5, -1);
         assert_eq!(t.data.len(), 5 + Tensor::<i32, 4>::span(shape, strides));
         assert_eq!(t.get([1, 2, 1, 3]), 1213);
         assert_eq!(t.view().at([1, 2, 1, 3]), 1213);
-        assert_eq!(t.data.iter().filter(|&&x| x == -1).count(), t.data.len() - 2 * 3 * 2 * 4);
+        assert_eq!(
+            t.data.iter().filter(|&&x| x == -1).count(),
+            t.data.len() - 2 * 3 * 2 * 4
+        );
         assert_eq!(t.gap_offsets().len(), t.data.len() - 2 * 3 * 2 * 4);
     }
 
@@ -562,7 +617,12 @@ mod tests {
     fn random_strides_do_not_overlap() {
         let mut r = rng(3);
         for _ in 0..100 {
-            let shape = [r.random_range(1..4), r.random_range(1..6), r.random_range(1..4), r.random_range(1..9)];
+            let shape = [
+                r.random_range(1..4),
+                r.random_range(1..6),
+                r.random_range(1..4),
+                r.random_range(1..9),
+            ];
             let t: Tensor<f32, 4> = Tensor::filled(shape, random_strides(&mut r, shape), 0.0);
             assert_eq!(t.strides[3], 1);
             let mut seen = std::collections::HashSet::new();

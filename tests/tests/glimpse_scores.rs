@@ -8,8 +8,8 @@
 use foveal::glimpse_scores::cpu::glimpse_scores;
 use foveal::{Element, Error, Layout, RowLayout, RowSpec, ScoreMode, View};
 use foveal_tests::{
-    indices, poison, random_rows, random_strides, random_tensor, rng, to_f64, KvOrder, Poison, RowOpts, Tensor,
-    TestElem, Tol,
+    indices, poison, random_rows, random_strides, random_tensor, rng, to_f64, KvOrder, Poison,
+    RowOpts, Tensor, TestElem, Tol,
 };
 use half::bf16;
 use proptest::prelude::*;
@@ -80,7 +80,11 @@ fn oracle<T: Element>(
                                 ScoreMode::LogSoftmax => s - lse,
                                 ScoreMode::Softmax => (s - lse).exp(),
                             };
-                            Want { value, magnitude: *magnitude, lse: *lse }
+                            Want {
+                                value,
+                                magnitude: *magnitude,
+                                lse: *lse,
+                            }
                         })
                         .collect()
                 })
@@ -126,15 +130,17 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![1usize, 2, 3, 5, 7, 17, 33, 64, 80, 96, 128]),
         prop::sample::select(vec![None, Some(1.0f32), Some(0.3), Some(-0.7)]),
     )
-        .prop_map(|(seed, batch, seq, kv_heads, group, head_dim, scale)| Case {
-            seed,
-            batch,
-            seq,
-            kv_heads,
-            group,
-            head_dim,
-            scale,
-        })
+        .prop_map(
+            |(seed, batch, seq, kv_heads, group, head_dim, scale)| Case {
+                seed,
+                batch,
+                seq,
+                kv_heads,
+                group,
+                head_dim,
+                scale,
+            },
+        )
 }
 
 /// Builds a random case of element type `T`, runs the reference in every mode
@@ -167,14 +173,25 @@ fn check_case<T: TestElem>(c: Case) {
 
     let nv_max = layout.nv_max();
     let out_shape = [c.batch, nv_max, hq];
-    let out_strides =
-        if r.random_bool(0.5) { foveal_tests::contiguous_strides(out_shape) } else { random_strides(&mut r, out_shape) };
+    let out_strides = if r.random_bool(0.5) {
+        foveal_tests::contiguous_strides(out_shape)
+    } else {
+        random_strides(&mut r, out_shape)
+    };
 
     for mode in MODES {
         let want = oracle(&q, &k, &rows, c.scale, mode);
         let mut out: Tensor<f32, 3> = Tensor::filled(out_shape, out_strides, 0.0);
         poison(&mut out.data);
-        glimpse_scores(q.view(), k.view(), &layout, c.scale, mode, &mut out.view_mut()).unwrap();
+        glimpse_scores(
+            q.view(),
+            k.view(),
+            &layout,
+            c.scale,
+            mode,
+            &mut out.view_mut(),
+        )
+        .unwrap();
         for idx @ [b, i, h] in indices(out_shape) {
             let got = out.get(idx);
             match want[b].get(i) {
@@ -191,7 +208,10 @@ fn check_case<T: TestElem>(c: Case) {
             }
         }
         for o in out.gap_offsets() {
-            assert!(out.data[o].is_nan(), "{mode:?} {c:?}: wrote storage offset {o} outside the output view");
+            assert!(
+                out.data[o].is_nan(),
+                "{mode:?} {c:?}: wrote storage offset {o} outside the output view"
+            );
         }
     }
 }
@@ -206,7 +226,15 @@ fn head_dims_and_groups_sweep() {
     for head_dim in [64, 80, 96, 128, 256] {
         for group in [1, 2, 3, 4, 7, 8] {
             seed += 1;
-            check_case::<bf16>(Case { seed, batch: 2, seq: 40, kv_heads: 2, group, head_dim, scale: None });
+            check_case::<bf16>(Case {
+                seed,
+                batch: 2,
+                seq: 40,
+                kv_heads: 2,
+                group,
+                head_dim,
+                scale: None,
+            });
         }
     }
 }
@@ -216,7 +244,8 @@ fn head_dims_and_groups_sweep() {
 #[test]
 fn bhsd_views_transposed_storage() {
     let (b, s, h, d) = (2, 5, 3, 4);
-    let code = |bi: usize, hi: usize, si: usize, di: usize| (((bi * 10 + hi) * 10 + si) * 10 + di) as f32;
+    let code =
+        |bi: usize, hi: usize, si: usize, di: usize| (((bi * 10 + hi) * 10 + si) * 10 + di) as f32;
     let mut data = Vec::new();
     for bi in 0..b {
         for hi in 0..h {
@@ -239,7 +268,11 @@ fn bhsd_views_transposed_storage() {
 /// gives exactly the two-way softmax.
 #[test]
 fn two_key_row_is_a_two_way_softmax() {
-    let rows = vec![RowSpec { start: 1, end: 3, visual: vec![1] }];
+    let rows = vec![RowSpec {
+        start: 1,
+        end: 3,
+        visual: vec![1],
+    }];
     let layout = RowLayout::new(4, &rows).unwrap();
     // q = [1, 0]; k at position 1 = [2, 0], position 2 (glimpse) = [-1, 0].
     let q = [1.0f32, 0.0];
@@ -262,7 +295,11 @@ fn two_key_row_is_a_two_way_softmax() {
             &mut foveal::ViewMut::contiguous(&mut out, [1, 1, 1]).unwrap(),
         )
         .unwrap();
-        assert!(((out[0] as f64) - want).abs() < 1e-6, "{mode:?}: got {}, want {want}", out[0]);
+        assert!(
+            ((out[0] as f64) - want).abs() < 1e-6,
+            "{mode:?}: got {}, want {want}",
+            out[0]
+        );
     }
 }
 
@@ -283,25 +320,63 @@ struct Problem {
 impl Problem {
     fn valid() -> Self {
         let rows = vec![
-            RowSpec { start: 0, end: 6, visual: vec![1, 2, 4] },
-            RowSpec { start: 2, end: 8, visual: vec![3] },
+            RowSpec {
+                start: 0,
+                end: 6,
+                visual: vec![1, 2, 4],
+            },
+            RowSpec {
+                start: 2,
+                end: 8,
+                visual: vec![3],
+            },
         ];
-        Problem { rows, seq: 8, q_shape: [2, 4, 16], k_shape: [2, 8, 2, 16], out_shape: [2, 3, 4], scale: None }
+        Problem {
+            rows,
+            seq: 8,
+            q_shape: [2, 4, 16],
+            k_shape: [2, 8, 2, 16],
+            out_shape: [2, 3, 4],
+            scale: None,
+        }
     }
 
     /// Runs the reference; on error also checks the output was not touched.
     fn run(&self) -> Result<(), Error> {
         let layout = RowLayout::new(self.seq, &self.rows).unwrap();
         let mut r = rng(5);
-        let q: Tensor<f32, 3> =
-            random_tensor(&mut r, self.q_shape, foveal_tests::contiguous_strides(self.q_shape), -1.0, 1.0);
-        let k: Tensor<f32, 4> =
-            random_tensor(&mut r, self.k_shape, foveal_tests::contiguous_strides(self.k_shape), -1.0, 1.0);
-        let mut out: Tensor<f32, 3> =
-            Tensor::filled(self.out_shape, foveal_tests::contiguous_strides(self.out_shape), f32::POISON);
-        let res = glimpse_scores(q.view(), k.view(), &layout, self.scale, ScoreMode::LogSoftmax, &mut out.view_mut());
+        let q: Tensor<f32, 3> = random_tensor(
+            &mut r,
+            self.q_shape,
+            foveal_tests::contiguous_strides(self.q_shape),
+            -1.0,
+            1.0,
+        );
+        let k: Tensor<f32, 4> = random_tensor(
+            &mut r,
+            self.k_shape,
+            foveal_tests::contiguous_strides(self.k_shape),
+            -1.0,
+            1.0,
+        );
+        let mut out: Tensor<f32, 3> = Tensor::filled(
+            self.out_shape,
+            foveal_tests::contiguous_strides(self.out_shape),
+            f32::POISON,
+        );
+        let res = glimpse_scores(
+            q.view(),
+            k.view(),
+            &layout,
+            self.scale,
+            ScoreMode::LogSoftmax,
+            &mut out.view_mut(),
+        );
         if res.is_err() {
-            assert!(out.data.iter().all(|x| x.is_nan()), "an op that fails must not write its output");
+            assert!(
+                out.data.iter().all(|x| x.is_nan()),
+                "an op that fails must not write its output"
+            );
         }
         res
     }
@@ -309,7 +384,11 @@ impl Problem {
 
 fn assert_shape_err(res: Result<(), Error>, want_arg: &str) {
     match res {
-        Err(Error::Shape { op: "glimpse_scores", arg, .. }) if arg == want_arg => {}
+        Err(Error::Shape {
+            op: "glimpse_scores",
+            arg,
+            ..
+        }) if arg == want_arg => {}
         other => panic!("want Error::Shape on `{want_arg}`, got {other:?}"),
     }
 }
@@ -373,7 +452,14 @@ fn rejects_glimpse_position_listed_as_visual() {
     let mut p = Problem::valid();
     p.rows[1].visual = vec![3, 7]; // row 1 ends at 8: position 7 is the glimpse token
     assert!(
-        matches!(p.run(), Err(Error::Index { op: "glimpse_scores", arg: "rows", .. })),
+        matches!(
+            p.run(),
+            Err(Error::Index {
+                op: "glimpse_scores",
+                arg: "rows",
+                ..
+            })
+        ),
         "got {:?}",
         p.run()
     );
@@ -388,7 +474,14 @@ fn rejects_non_finite_scale() {
         let mut p = Problem::valid();
         p.scale = Some(scale);
         assert!(
-            matches!(p.run(), Err(Error::Value { op: "glimpse_scores", arg: "scale", .. })),
+            matches!(
+                p.run(),
+                Err(Error::Value {
+                    op: "glimpse_scores",
+                    arg: "scale",
+                    ..
+                })
+            ),
             "scale {scale}: got {:?}",
             p.run()
         );
@@ -401,13 +494,25 @@ fn rejects_non_finite_scale() {
 /// it and the op cannot be called with a plainly built output.
 #[test]
 fn empty_output_view_is_accepted() {
-    let rows = vec![RowSpec { start: 0, end: 3, visual: vec![] }, RowSpec { start: 1, end: 3, visual: vec![] }];
+    let rows = vec![
+        RowSpec {
+            start: 0,
+            end: 3,
+            visual: vec![],
+        },
+        RowSpec {
+            start: 1,
+            end: 3,
+            visual: vec![],
+        },
+    ];
     let layout = RowLayout::new(3, &rows).unwrap();
     assert_eq!(layout.nv_max(), 0);
     let q = [0.5f32; 2 * 2 * 4];
     let k = [0.5f32; 2 * 3 * 4]; // [B, S, Hkv = 1, D]
     let mut out: [f32; 0] = [];
-    let mut out_view = foveal::ViewMut::contiguous(&mut out, [2, 0, 2]).expect("an empty output is a valid output");
+    let mut out_view = foveal::ViewMut::contiguous(&mut out, [2, 0, 2])
+        .expect("an empty output is a valid output");
     glimpse_scores(
         View::contiguous(&q, [2, 2, 4]).unwrap(),
         View::contiguous(&k, [2, 3, 1, 4]).unwrap(),

@@ -21,7 +21,13 @@ use rand::Rng;
 type Row = (Vec<Vec<f64>>, Vec<i32>);
 
 /// SPEC math in f64, written without the library's helpers.
-fn oracle<T: TestElem>(x: &Tensor<T, 4>, z: &Tensor<f32, 3>, w: usize, scales: &[(usize, usize)], prob: bool) -> Vec<Row> {
+fn oracle<T: TestElem>(
+    x: &Tensor<T, 4>,
+    z: &Tensor<f32, 3>,
+    w: usize,
+    scales: &[(usize, usize)],
+    prob: bool,
+) -> Vec<Row> {
     let [batch, h, wd, c] = x.shape;
     let mx = wd.div_ceil(w);
     (0..batch)
@@ -85,17 +91,48 @@ struct Case {
 /// Scale sets for a window: the paper's two for w = 4, random divisors otherwise.
 fn scales_for(r: &mut StdRng, w: usize) -> Vec<(usize, usize)> {
     if w == 4 && r.random_bool(0.6) {
-        return if r.random_bool(0.5) { ScaleSet::three() } else { ScaleSet::seven() }.scales().to_vec();
+        return if r.random_bool(0.5) {
+            ScaleSet::three()
+        } else {
+            ScaleSet::seven()
+        }
+        .scales()
+        .to_vec();
     }
     let divs: Vec<usize> = (1..=w).filter(|&d| w.checked_rem(d) == Some(0)).collect();
-    (0..r.random_range(1..=5)).map(|_| (divs[r.random_range(0..divs.len())], divs[r.random_range(0..divs.len())])).collect()
+    (0..r.random_range(1..=5))
+        .map(|_| {
+            (
+                divs[r.random_range(0..divs.len())],
+                divs[r.random_range(0..divs.len())],
+            )
+        })
+        .collect()
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (any::<u64>(), 1usize..4, 1usize..14, 1usize..14, 1usize..7, prop::sample::select(vec![1usize, 2, 3, 4, 4, 4, 6, 8]), any::<bool>(), any::<bool>(), any::<bool>())
+    (
+        any::<u64>(),
+        1usize..4,
+        1usize..14,
+        1usize..14,
+        1usize..7,
+        prop::sample::select(vec![1usize, 2, 3, 4, 4, 4, 6, 8]),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
         .prop_map(|(seed, b, h, w, c, window, prob, ties, nan)| {
             let scales = scales_for(&mut rng(seed ^ 0x5ca1e), window);
-            Case { seed, shape: [b, h, w, c], window, scales, prob, ties, nan: nan && !prob }
+            Case {
+                seed,
+                shape: [b, h, w, c],
+                window,
+                scales,
+                prob,
+                ties,
+                nan: nan && !prob,
+            }
         })
 }
 
@@ -145,10 +182,25 @@ fn check_case<T: TestElem>(c: Case) {
     let [b, h, w, ch] = c.shape;
     let xs = random_strides(&mut r, c.shape);
     let x: Tensor<T, 4> = random_tensor(&mut r, c.shape, xs, -4.0, 4.0);
-    let z = random_z(&mut r, [b, num_windows(h, w, c.window), c.scales.len()], c.ties, c.nan);
+    let z = random_z(
+        &mut r,
+        [b, num_windows(h, w, c.window), c.scales.len()],
+        c.ties,
+        c.nan,
+    );
     let (tokens, pos, count) = run(&x, &z, &c, &mut r);
     let want = oracle(&x, &z, c.window, &c.scales, c.prob);
-    let tol = if c.prob { Tol { rel: Tol::for_elem::<T>().rel.max(4e-6), abs: 1e-6 } } else { Tol { rel: Tol::for_elem::<T>().rel, abs: 0.0 } };
+    let tol = if c.prob {
+        Tol {
+            rel: Tol::for_elem::<T>().rel.max(4e-6),
+            abs: 1e-6,
+        }
+    } else {
+        Tol {
+            rel: Tol::for_elem::<T>().rel,
+            abs: 0.0,
+        }
+    };
     let n_out = tokens.shape[1];
     for bi in 0..b {
         let (toks, p) = &want[bi];
@@ -158,11 +210,17 @@ fn check_case<T: TestElem>(c: Case) {
                 assert_eq!(pos.get([bi, s]), p[s], "{c:?}: row {bi} slot {s}: position");
                 for ci in 0..ch {
                     let (g, wv) = (to_f64(tokens.get([bi, s, ci])), toks[s][ci]);
-                    assert!(tol.allows(g, wv, wv), "{c:?}: row {bi} slot {s} ch {ci}: got {g}, want {wv}");
+                    assert!(
+                        tol.allows(g, wv, wv),
+                        "{c:?}: row {bi} slot {s} ch {ci}: got {g}, want {wv}"
+                    );
                 }
             } else {
                 assert_eq!(pos.get([bi, s]), -1, "{c:?}: padding position");
-                assert!((0..ch).all(|ci| tokens.get([bi, s, ci]).bits() == T::from_f32(0.0).bits()), "padding token");
+                assert!(
+                    (0..ch).all(|ci| tokens.get([bi, s, ci]).bits() == T::from_f32(0.0).bits()),
+                    "padding token"
+                );
             }
         }
     }
@@ -178,25 +236,60 @@ foveal_tests::oracle_proptests!(64, case(), check_case);
 #[test]
 fn border_cells_pool_existing_pixels() {
     let shape = [1, 6, 5, 1];
-    let x = Tensor::from_fn(shape, [30, 5, 1, 1], 0.0f32, |[_, y, xx, _]| (y * 5 + xx) as f32);
-    let z = Tensor::from_fn([1, 4, 3], [12, 3, 1], 0.0f32, |[_, _, s]| if s == 1 { 1.0 } else { 0.0 });
-    let c = Case { seed: 0, shape, window: 4, scales: ScaleSet::three().scales().to_vec(), prob: false, ties: false, nan: false };
+    let x = Tensor::from_fn(shape, [30, 5, 1, 1], 0.0f32, |[_, y, xx, _]| {
+        (y * 5 + xx) as f32
+    });
+    let z = Tensor::from_fn([1, 4, 3], [12, 3, 1], 0.0f32, |[_, _, s]| {
+        if s == 1 {
+            1.0
+        } else {
+            0.0
+        }
+    });
+    let c = Case {
+        seed: 0,
+        shape,
+        window: 4,
+        scales: ScaleSet::three().scales().to_vec(),
+        prob: false,
+        ties: false,
+        nan: false,
+    };
     let (tokens, pos, count) = run(&x, &z, &c, &mut rng(0));
     assert_eq!(count, vec![9]);
     let p: Vec<i32> = (0..9).map(|s| pos.get([0, s])).collect();
     assert_eq!(p, vec![0, 2, 10, 12, 4, 14, 20, 22, 24]);
     let t: Vec<f32> = (0..9).map(|s| tokens.get([0, s, 0])).collect();
     assert_eq!(t, vec![6.0, 8.0, 16.0, 18.0, 9.0, 19.0, 26.0, 28.0, 29.0]);
-    assert_eq!(tokens.shape[1], 16 + 4 + 8 + 2, "N_out_max: every window at (1, 1)");
+    assert_eq!(
+        tokens.shape[1],
+        16 + 4 + 8 + 2,
+        "N_out_max: every window at (1, 1)"
+    );
 }
 
 #[test]
 fn ties_go_to_the_first_scale_and_nan_ranks_lowest() {
     let shape = [1, 4, 4, 1];
-    let x = Tensor::from_fn(shape, [16, 4, 1, 1], 0.0f32, |[_, y, xx, _]| (y * 4 + xx) as f32);
-    for (zs, want) in [([1.0, 1.0, 1.0], 1), ([f32::NAN, 0.0, 0.0], 4), ([f32::NAN, f32::NAN, f32::NAN], 1), ([-1.0, f32::NAN, 5.0], 16)] {
+    let x = Tensor::from_fn(shape, [16, 4, 1, 1], 0.0f32, |[_, y, xx, _]| {
+        (y * 4 + xx) as f32
+    });
+    for (zs, want) in [
+        ([1.0, 1.0, 1.0], 1),
+        ([f32::NAN, 0.0, 0.0], 4),
+        ([f32::NAN, f32::NAN, f32::NAN], 1),
+        ([-1.0, f32::NAN, 5.0], 16),
+    ] {
         let z = Tensor::from_fn([1, 1, 3], [3, 3, 1], 0.0f32, |[_, _, s]| zs[s]);
-        let c = Case { seed: 0, shape, window: 4, scales: ScaleSet::three().scales().to_vec(), prob: false, ties: false, nan: false };
+        let c = Case {
+            seed: 0,
+            shape,
+            window: 4,
+            scales: ScaleSet::three().scales().to_vec(),
+            prob: false,
+            ties: false,
+            nan: false,
+        };
         let (_, _, count) = run(&x, &z, &c, &mut rng(0));
         assert_eq!(count, vec![want], "{zs:?}");
     }
@@ -204,8 +297,14 @@ fn ties_go_to_the_first_scale_and_nan_ranks_lowest() {
 
 #[test]
 fn rejects_bad_arguments() {
-    assert!(matches!(ScaleSet::new(&[]), Err(Error::Value { arg: "scales", .. })));
-    assert!(matches!(ScaleSet::new(&[(0, 1)]), Err(Error::Value { arg: "scales", .. })));
+    assert!(matches!(
+        ScaleSet::new(&[]),
+        Err(Error::Value { arg: "scales", .. })
+    ));
+    assert!(matches!(
+        ScaleSet::new(&[(0, 1)]),
+        Err(Error::Value { arg: "scales", .. })
+    ));
     assert!(ScaleSet::new(&[(1, 1); 17]).is_err());
     let x = vec![0.0f32; 8 * 8 * 2];
     let xv = View::contiguous(&x, [1, 8, 8, 2]).unwrap();
@@ -226,13 +325,37 @@ fn rejects_bad_arguments() {
         )
     };
     let three = ScaleSet::three();
-    assert!(matches!(go(4, &ScaleSet::new(&[(3, 1)]).unwrap(), [1, 4, 1], 64), Err(Error::Value { arg: "scales", .. })));
-    assert!(matches!(go(2, &three, [1, 16, 3], 64), Err(Error::Value { arg: "scales", .. })), "(4, 4) does not divide 2");
-    assert!(matches!(go(0, &three, [1, 4, 3], 64), Err(Error::Value { arg: "window", .. })));
-    assert!(matches!(go(4, &three, [1, 4, 2], 64), Err(Error::Shape { arg: "z", .. })));
-    assert!(matches!(go(4, &three, [1, 3, 3], 64), Err(Error::Shape { arg: "z", .. })));
-    assert!(matches!(go(4, &three, [1, 4, 3], 63), Err(Error::Shape { arg: "tokens", .. })));
-    assert!(tok.iter().all(|v| v.is_nan()) && pos.iter().all(|&p| p == i32::MIN) && cnt == [i32::MIN], "written on error");
+    assert!(matches!(
+        go(4, &ScaleSet::new(&[(3, 1)]).unwrap(), [1, 4, 1], 64),
+        Err(Error::Value { arg: "scales", .. })
+    ));
+    assert!(
+        matches!(
+            go(2, &three, [1, 16, 3], 64),
+            Err(Error::Value { arg: "scales", .. })
+        ),
+        "(4, 4) does not divide 2"
+    );
+    assert!(matches!(
+        go(0, &three, [1, 4, 3], 64),
+        Err(Error::Value { arg: "window", .. })
+    ));
+    assert!(matches!(
+        go(4, &three, [1, 4, 2], 64),
+        Err(Error::Shape { arg: "z", .. })
+    ));
+    assert!(matches!(
+        go(4, &three, [1, 3, 3], 64),
+        Err(Error::Shape { arg: "z", .. })
+    ));
+    assert!(matches!(
+        go(4, &three, [1, 4, 3], 63),
+        Err(Error::Shape { arg: "tokens", .. })
+    ));
+    assert!(
+        tok.iter().all(|v| v.is_nan()) && pos.iter().all(|&p| p == i32::MIN) && cnt == [i32::MIN],
+        "written on error"
+    );
 }
 
 #[cfg(feature = "cuda")]

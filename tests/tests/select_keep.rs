@@ -30,12 +30,12 @@ fn rank(a: (f64, f64, usize), b: (f64, f64, usize)) -> Ordering {
         (true, true) => a.2.cmp(&b.2),
         (true, false) => Ordering::Greater,
         (false, true) => Ordering::Less,
-        (false, false) => b
-            .0
-            .partial_cmp(&a.0)
-            .unwrap()
-            .then(b.1.partial_cmp(&a.1).unwrap())
-            .then(a.2.cmp(&b.2)),
+        (false, false) => {
+            b.0.partial_cmp(&a.0)
+                .unwrap()
+                .then(b.1.partial_cmp(&a.1).unwrap())
+                .then(a.2.cmp(&b.2))
+        }
     }
 }
 
@@ -54,7 +54,10 @@ fn oracle_row(x: &[f32], rule: &KeepRule) -> Vec<usize> {
     }
     let want = rule.min_keep.min(nv);
     while keep.len() < want {
-        let best = (0..nv).filter(|i| !keep.contains(i)).min_by(|&i, &j| rank(cand(i), cand(j))).unwrap();
+        let best = (0..nv)
+            .filter(|i| !keep.contains(i))
+            .min_by(|&i, &j| rank(cand(i), cand(j)))
+            .unwrap();
         keep.push(best);
     }
     keep.sort_unstable();
@@ -71,12 +74,25 @@ fn rows_of(keep: &KeepSet, layout: &RowLayout) -> Vec<Vec<usize>> {
     (0..layout.batch())
         .map(|b| {
             let n = count[b];
-            assert!(n >= 0 && n as usize <= layout.nv(b), "row {b}: count {n} outside 0..={}", layout.nv(b));
+            assert!(
+                n >= 0 && n as usize <= layout.nv(b),
+                "row {b}: count {n} outside 0..={}",
+                layout.nv(b)
+            );
             let row = &idx[b * nv_max..(b + 1) * nv_max];
             let (kept, pad) = row.split_at(n as usize);
-            assert!(kept.windows(2).all(|w| w[0] < w[1]), "row {b}: kept indices not strictly ascending: {kept:?}");
-            assert!(kept.iter().all(|&i| i >= 0 && (i as usize) < layout.nv(b)), "row {b}: index out of range: {kept:?}");
-            assert!(pad.iter().all(|&i| i == -1), "row {b}: padding must be -1: {row:?}");
+            assert!(
+                kept.windows(2).all(|w| w[0] < w[1]),
+                "row {b}: kept indices not strictly ascending: {kept:?}"
+            );
+            assert!(
+                kept.iter().all(|&i| i >= 0 && (i as usize) < layout.nv(b)),
+                "row {b}: index out of range: {kept:?}"
+            );
+            assert!(
+                pad.iter().all(|&i| i == -1),
+                "row {b}: padding must be -1: {row:?}"
+            );
             assert_eq!(keep.kept(b), kept);
             kept.iter().map(|&i| i as usize).collect()
         })
@@ -88,7 +104,11 @@ fn rows_of(keep: &KeepSet, layout: &RowLayout) -> Vec<Vec<usize>> {
 fn run(logits: &[Vec<f32>], rule: &KeepRule) -> Vec<Vec<usize>> {
     let rows: Vec<RowSpec> = logits
         .iter()
-        .map(|l| RowSpec { start: 0, end: l.len() + 1, visual: (0..l.len()).collect() })
+        .map(|l| RowSpec {
+            start: 0,
+            end: l.len() + 1,
+            visual: (0..l.len()).collect(),
+        })
         .collect();
     let seq = rows.iter().map(|r| r.end).max().unwrap();
     let layout = RowLayout::new(seq, &rows).unwrap();
@@ -98,7 +118,13 @@ fn run(logits: &[Vec<f32>], rule: &KeepRule) -> Vec<Vec<usize>> {
         data[b * nv_max..b * nv_max + l.len()].copy_from_slice(l);
     }
     let mut keep = KeepSet::new(&layout);
-    select_keep(View::contiguous(&data, [logits.len(), nv_max]).unwrap(), &layout, rule, &mut keep).unwrap();
+    select_keep(
+        View::contiguous(&data, [logits.len(), nv_max]).unwrap(),
+        &layout,
+        rule,
+        &mut keep,
+    )
+    .unwrap();
     rows_of(&keep, &layout)
 }
 
@@ -108,14 +134,22 @@ fn run1(logits: &[f32], rule: &KeepRule) -> Vec<usize> {
 }
 
 fn rule(threshold: f32, max_ratio: Option<f32>, min_keep: usize) -> KeepRule {
-    KeepRule { threshold, max_ratio, min_keep }
+    KeepRule {
+        threshold,
+        max_ratio,
+        min_keep,
+    }
 }
 
 /// Runs `rule` on each row and compares every row with the oracle.
 fn check_rows(logits: &[Vec<f32>], rule: &KeepRule) {
     let got = run(logits, rule);
     for (b, l) in logits.iter().enumerate() {
-        assert_eq!(got[b], oracle_row(l, rule), "row {b}, logits {l:?}, {rule:?}");
+        assert_eq!(
+            got[b],
+            oracle_row(l, rule),
+            "row {b}, logits {l:?}, {rule:?}"
+        );
     }
 }
 
@@ -143,7 +177,11 @@ fn random_rule(r: &mut rand::rngs::StdRng, nv_max: usize) -> KeepRule {
         2 => 1,
         _ => r.random_range(0..=nv_max + 2),
     };
-    KeepRule { threshold, max_ratio, min_keep }
+    KeepRule {
+        threshold,
+        max_ratio,
+        min_keep,
+    }
 }
 
 proptest! {
@@ -240,7 +278,11 @@ fn ratio_products_within_f32_rounding_of_an_integer_count_as_it() {
 #[test]
 fn min_keep_larger_than_nv_keeps_all() {
     for m in [8, 9, 100, usize::MAX] {
-        assert_eq!(run1(&ROW, &rule(1.0, Some(0.0), m)), (0..8).collect::<Vec<_>>(), "min_keep {m}");
+        assert_eq!(
+            run1(&ROW, &rule(1.0, Some(0.0), m)),
+            (0..8).collect::<Vec<_>>(),
+            "min_keep {m}"
+        );
     }
     // min_keep between the count and nv adds the largest remaining
     assert_eq!(run1(&ROW, &rule(0.9, None, 3)), vec![2, 5, 6]);
@@ -249,7 +291,12 @@ fn min_keep_larger_than_nv_keeps_all() {
 #[test]
 fn rows_without_visual_tokens() {
     let rows = [vec![], ROW.to_vec(), vec![], vec![-5.0]];
-    for rule in [rule(0.5, None, 1), rule(0.0, Some(0.5), 3), KeepRule::keep_all(), KeepRule::default()] {
+    for rule in [
+        rule(0.5, None, 1),
+        rule(0.0, Some(0.5), 3),
+        KeepRule::keep_all(),
+        KeepRule::default(),
+    ] {
         let got = run(&rows, &rule);
         assert!(got[0].is_empty() && got[2].is_empty(), "{rule:?}: {got:?}");
         check_rows(&rows, &rule);
@@ -267,12 +314,20 @@ fn threshold_zero_and_one() {
     assert_eq!(run1(&ROW, &rule(1.0, None, 0)), Vec::<usize>::new());
     assert_eq!(run1(&ROW, &rule(1.0, None, 2)), vec![2, 5]);
     // strict: a logit of exactly 0 (p = 0.5) does not pass t = 0.5, +0 and -0 alike
-    assert_eq!(run1(&[0.0, -0.0, 1e-6, -1e-6], &rule(0.5, None, 0)), vec![2]);
+    assert_eq!(
+        run1(&[0.0, -0.0, 1e-6, -1e-6], &rule(0.5, None, 0)),
+        vec![2]
+    );
 }
 
 #[test]
 fn keep_all_keeps_every_token() {
-    let rows = [ROW.to_vec(), vec![f32::NAN, -50.0, f32::NEG_INFINITY], vec![], vec![30.0; 5]];
+    let rows = [
+        ROW.to_vec(),
+        vec![f32::NAN, -50.0, f32::NEG_INFINITY],
+        vec![],
+        vec![30.0; 5],
+    ];
     let got = run(&rows, &KeepRule::keep_all());
     for (b, l) in rows.iter().enumerate() {
         assert_eq!(got[b], (0..l.len()).collect::<Vec<_>>(), "row {b}");
@@ -291,20 +346,30 @@ fn default_rule_is_the_spec_default() {
 fn nan_never_passes_and_ranks_last() {
     let l = vec![f32::NAN, 1.0, f32::NAN, -1.0];
     assert_eq!(run1(&l, &rule(0.5, None, 0)), vec![1]);
-    assert_eq!(run1(&l, &rule(0.0, None, 0)), vec![1, 3], "t = 0 must not let NaN through");
+    assert_eq!(
+        run1(&l, &rule(0.0, None, 0)),
+        vec![1, 3],
+        "t = 0 must not let NaN through"
+    );
     assert_eq!(run1(&l, &rule(0.5, None, 2)), vec![1, 3]);
     // the third pick is a NaN, the lower-indexed one
     assert_eq!(run1(&l, &rule(0.5, None, 3)), vec![0, 1, 3]);
     assert_eq!(run1(&l, &rule(0.5, None, 4)), vec![0, 1, 2, 3]);
     // a capped row of NaN and numbers keeps the numbers
-    assert_eq!(run1(&[f32::NAN, -7.0, f32::NAN, -6.0], &rule(0.0, Some(0.5), 0)), vec![1, 3]);
+    assert_eq!(
+        run1(&[f32::NAN, -7.0, f32::NAN, -6.0], &rule(0.0, Some(0.5), 0)),
+        vec![1, 3]
+    );
 }
 
 /// "A NaN logit ranks below every number" (select_keep/mod.rs): -inf is a
 /// number, so it ranks above a NaN, even one at a lower index.
 #[test]
 fn nan_ranks_below_negative_infinity() {
-    assert_eq!(run1(&[f32::NAN, f32::NEG_INFINITY], &rule(0.5, None, 1)), vec![1]);
+    assert_eq!(
+        run1(&[f32::NAN, f32::NEG_INFINITY], &rule(0.5, None, 1)),
+        vec![1]
+    );
 }
 
 /// Where f32 (and f64) sigmoid saturates, the reference ranks and thresholds
@@ -325,7 +390,10 @@ fn saturated_logits_rank_by_logit() {
     assert_eq!(run1(&low, &rule(0.5, None, 1)), vec![1]);
     assert_eq!(run1(&low, &rule(0.5, None, 2)), vec![1, 3]);
     // +inf ranks first
-    assert_eq!(run1(&[40.0, f32::INFINITY, 50.0], &rule(1.0, None, 1)), vec![1]);
+    assert_eq!(
+        run1(&[40.0, f32::INFINITY, 50.0], &rule(1.0, None, 1)),
+        vec![1]
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -333,15 +401,32 @@ fn saturated_logits_rank_by_logit() {
 // ---------------------------------------------------------------------------
 
 fn layout_of(nv: &[usize]) -> RowLayout {
-    let rows: Vec<RowSpec> = nv.iter().map(|&n| RowSpec { start: 0, end: n + 1, visual: (0..n).collect() }).collect();
+    let rows: Vec<RowSpec> = nv
+        .iter()
+        .map(|&n| RowSpec {
+            start: 0,
+            end: n + 1,
+            visual: (0..n).collect(),
+        })
+        .collect();
     RowLayout::new(nv.iter().max().unwrap() + 1, &rows).unwrap()
 }
 
 /// Runs the reference and, when it fails, checks the keep set was left as it was.
-fn try_run(logits_shape: [usize; 2], layout: &RowLayout, rule: &KeepRule, keep: &mut KeepSet) -> Result<(), Error> {
+fn try_run(
+    logits_shape: [usize; 2],
+    layout: &RowLayout,
+    rule: &KeepRule,
+    keep: &mut KeepSet,
+) -> Result<(), Error> {
     let data = vec![0.7f32; logits_shape[0] * logits_shape[1]];
     let before = keep.clone();
-    let res = select_keep(View::contiguous(&data, logits_shape).unwrap(), layout, rule, keep);
+    let res = select_keep(
+        View::contiguous(&data, logits_shape).unwrap(),
+        layout,
+        rule,
+        keep,
+    );
     if res.is_err() {
         assert_eq!(*keep, before, "a failed call must not touch the keep set");
     }
@@ -351,10 +436,27 @@ fn try_run(logits_shape: [usize; 2], layout: &RowLayout, rule: &KeepRule, keep: 
 #[test]
 fn rejects_threshold_outside_unit_interval() {
     let layout = layout_of(&[3, 5]);
-    for t in [-0.1, 1.0001, 2.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+    for t in [
+        -0.1,
+        1.0001,
+        2.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ] {
         let mut keep = KeepSet::new(&layout);
         let res = try_run([2, 5], &layout, &rule(t, None, 1), &mut keep);
-        assert!(matches!(res, Err(Error::Value { op: "select_keep", arg: "threshold", .. })), "t {t}: {res:?}");
+        assert!(
+            matches!(
+                res,
+                Err(Error::Value {
+                    op: "select_keep",
+                    arg: "threshold",
+                    ..
+                })
+            ),
+            "t {t}: {res:?}"
+        );
     }
 }
 
@@ -364,7 +466,17 @@ fn rejects_ratio_outside_unit_interval() {
     for r in [-0.1, -0.0001, 1.0001, 3.0, f32::NAN, f32::INFINITY] {
         let mut keep = KeepSet::new(&layout);
         let res = try_run([2, 5], &layout, &rule(0.5, Some(r), 1), &mut keep);
-        assert!(matches!(res, Err(Error::Value { op: "select_keep", arg: "max_ratio", .. })), "r {r}: {res:?}");
+        assert!(
+            matches!(
+                res,
+                Err(Error::Value {
+                    op: "select_keep",
+                    arg: "max_ratio",
+                    ..
+                })
+            ),
+            "r {r}: {res:?}"
+        );
     }
 }
 
@@ -374,7 +486,17 @@ fn rejects_wrong_logits_shape() {
     for shape in [[2, 4], [2, 6], [1, 5], [3, 5], [5, 2]] {
         let mut keep = KeepSet::new(&layout);
         let res = try_run(shape, &layout, &KeepRule::default(), &mut keep);
-        assert!(matches!(res, Err(Error::Shape { op: "select_keep", arg: "logits", .. })), "{shape:?}: {res:?}");
+        assert!(
+            matches!(
+                res,
+                Err(Error::Shape {
+                    op: "select_keep",
+                    arg: "logits",
+                    ..
+                })
+            ),
+            "{shape:?}: {res:?}"
+        );
     }
     let mut keep = KeepSet::new(&layout);
     try_run([2, 5], &layout, &KeepRule::default(), &mut keep).unwrap();
@@ -386,7 +508,17 @@ fn rejects_keep_set_sized_for_another_layout() {
     for other in [layout_of(&[3, 4]), layout_of(&[3, 5, 1]), layout_of(&[5])] {
         let mut keep = KeepSet::new(&other);
         let res = try_run([2, 5], &layout, &KeepRule::default(), &mut keep);
-        assert!(matches!(res, Err(Error::Shape { op: "select_keep", arg: "keep", .. })), "{res:?}");
+        assert!(
+            matches!(
+                res,
+                Err(Error::Shape {
+                    op: "select_keep",
+                    arg: "keep",
+                    ..
+                })
+            ),
+            "{res:?}"
+        );
     }
 }
 
@@ -397,7 +529,18 @@ fn rejects_keep_set_sized_for_another_layout() {
 fn keep_set_from_rows_checks_and_packs() {
     let layout = RowLayout::new(
         12,
-        &[RowSpec { start: 0, end: 10, visual: vec![2, 3, 4, 5] }, RowSpec { start: 4, end: 12, visual: vec![6, 7] }],
+        &[
+            RowSpec {
+                start: 0,
+                end: 10,
+                visual: vec![2, 3, 4, 5],
+            },
+            RowSpec {
+                start: 4,
+                end: 12,
+                visual: vec![6, 7],
+            },
+        ],
     )
     .unwrap();
     let set = KeepSet::from_rows(&layout, &[vec![0, 3], vec![]]).unwrap();
@@ -405,11 +548,26 @@ fn keep_set_from_rows_checks_and_packs() {
     assert_eq!(set.kept(1), &[] as &[i32]);
     assert_eq!(set.packed().0, &[0, 3, -1, -1, -1, -1, -1, -1]);
     let bad = |kept: &[Vec<usize>]| KeepSet::from_rows(&layout, kept).unwrap_err();
-    assert!(matches!(bad(&[vec![4], vec![]]), Error::Index { arg: "kept", .. }), "index past nv");
-    assert!(matches!(bad(&[vec![1], vec![2]]), Error::Index { arg: "kept", .. }), "row 1 has 2 visual tokens");
-    assert!(matches!(bad(&[vec![2, 1], vec![]]), Error::Value { arg: "kept", .. }), "descending");
-    assert!(matches!(bad(&[vec![1, 1], vec![]]), Error::Value { arg: "kept", .. }), "repeated");
-    assert!(matches!(bad(&[vec![1]]), Error::Shape { arg: "kept", .. }), "missing row");
+    assert!(
+        matches!(bad(&[vec![4], vec![]]), Error::Index { arg: "kept", .. }),
+        "index past nv"
+    );
+    assert!(
+        matches!(bad(&[vec![1], vec![2]]), Error::Index { arg: "kept", .. }),
+        "row 1 has 2 visual tokens"
+    );
+    assert!(
+        matches!(bad(&[vec![2, 1], vec![]]), Error::Value { arg: "kept", .. }),
+        "descending"
+    );
+    assert!(
+        matches!(bad(&[vec![1, 1], vec![]]), Error::Value { arg: "kept", .. }),
+        "repeated"
+    );
+    assert!(
+        matches!(bad(&[vec![1]]), Error::Shape { arg: "kept", .. }),
+        "missing row"
+    );
 }
 
 #[cfg(feature = "cuda")]

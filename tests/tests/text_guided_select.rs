@@ -21,7 +21,12 @@ use proptest::prelude::*;
 use rand::Rng;
 
 /// S per row in f64: `(1/t) sum_j max_h softmax_i(q_jh . k_i,h/G / sqrt(D))`.
-fn oracle<T: TestElem>(q: &Tensor<T, 4>, k: &Tensor<T, 4>, t_len: &[usize], n_len: &[usize]) -> Vec<Vec<f64>> {
+fn oracle<T: TestElem>(
+    q: &Tensor<T, 4>,
+    k: &Tensor<T, 4>,
+    t_len: &[usize],
+    n_len: &[usize],
+) -> Vec<Vec<f64>> {
     let [batch, _, hq, d] = q.shape;
     let g = hq / k.shape[2];
     (0..batch)
@@ -32,7 +37,14 @@ fn oracle<T: TestElem>(q: &Tensor<T, 4>, k: &Tensor<T, 4>, t_len: &[usize], n_le
                 let mut best = vec![0.0f64; n];
                 for h in 0..hq {
                     let logits: Vec<f64> = (0..n)
-                        .map(|i| (0..d).map(|e| to_f64(q.get([b, j, h, e])) * to_f64(k.get([b, i, h / g, e]))).sum::<f64>() / (d as f64).sqrt())
+                        .map(|i| {
+                            (0..d)
+                                .map(|e| {
+                                    to_f64(q.get([b, j, h, e])) * to_f64(k.get([b, i, h / g, e]))
+                                })
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
                         .collect();
                     let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
@@ -53,17 +65,31 @@ fn oracle<T: TestElem>(q: &Tensor<T, 4>, k: &Tensor<T, 4>, t_len: &[usize], n_le
 /// up to `eps` per score.
 fn assert_valid_selection(kept: &[i32], s: &[f64], gamma: f64, eps: f64, what: &str) {
     let n = s.len();
-    assert!(kept.windows(2).all(|w| w[0] < w[1]), "{what}: not ascending: {kept:?}");
+    assert!(
+        kept.windows(2).all(|w| w[0] < w[1]),
+        "{what}: not ascending: {kept:?}"
+    );
     let k = kept.len();
     let total: f64 = s.iter().sum();
     if n == 0 {
         assert_eq!(k, 0, "{what}");
         return;
     }
-    let is_kept: Vec<bool> = (0..n).map(|i| kept.binary_search(&(i as i32)).is_ok()).collect();
-    let min_kept = (0..n).filter(|&i| is_kept[i]).map(|i| s[i]).fold(f64::INFINITY, f64::min);
-    let max_left = (0..n).filter(|&i| !is_kept[i]).map(|i| s[i]).fold(f64::NEG_INFINITY, f64::max);
-    assert!(max_left <= min_kept + 2.0 * eps, "{what}: left out {max_left} above kept {min_kept}");
+    let is_kept: Vec<bool> = (0..n)
+        .map(|i| kept.binary_search(&(i as i32)).is_ok())
+        .collect();
+    let min_kept = (0..n)
+        .filter(|&i| is_kept[i])
+        .map(|i| s[i])
+        .fold(f64::INFINITY, f64::min);
+    let max_left = (0..n)
+        .filter(|&i| !is_kept[i])
+        .map(|i| s[i])
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert!(
+        max_left <= min_kept + 2.0 * eps,
+        "{what}: left out {max_left} above kept {min_kept}"
+    );
     let mut sorted = s.to_vec();
     sorted.sort_by(|a, b| b.total_cmp(a));
     let prefix = |m: usize| sorted[..m].iter().sum::<f64>();
@@ -71,9 +97,17 @@ fn assert_valid_selection(kept: &[i32], s: &[f64], gamma: f64, eps: f64, what: &
     let thr = gamma * total;
     assert!(k >= 1 && k <= n, "{what}: k {k}");
     if k < n {
-        assert!(prefix(k) > thr - slack, "{what}: prefix of {k} = {} does not reach {thr}", prefix(k));
+        assert!(
+            prefix(k) > thr - slack,
+            "{what}: prefix of {k} = {} does not reach {thr}",
+            prefix(k)
+        );
     }
-    assert!(prefix(k - 1) <= thr + slack, "{what}: a shorter prefix ({}) already exceeds {thr}", prefix(k - 1));
+    assert!(
+        prefix(k - 1) <= thr + slack,
+        "{what}: a shorter prefix ({}) already exceeds {thr}",
+        prefix(k - 1)
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -99,16 +133,18 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![1usize, 3, 8, 16]),
         prop::sample::select(vec![DEFAULT_GAMMA, 1.0, 0.5, 0.01, 0.999]),
     )
-        .prop_map(|(seed, batch, text, visual, kv_heads, group, head_dim, gamma)| Case {
-            seed,
-            batch,
-            text,
-            visual,
-            kv_heads,
-            group,
-            head_dim,
-            gamma,
-        })
+        .prop_map(
+            |(seed, batch, text, visual, kv_heads, group, head_dim, gamma)| Case {
+                seed,
+                batch,
+                text,
+                visual,
+                kv_heads,
+                group,
+                head_dim,
+                gamma,
+            },
+        )
 }
 
 struct Out {
@@ -117,9 +153,18 @@ struct Out {
     scores: Vec<f32>,
 }
 
-fn run<T: TestElem>(q: &Tensor<T, 4>, k: &Tensor<T, 4>, lengths: &Lengths, gamma: f32) -> Result<Out, Error> {
+fn run<T: TestElem>(
+    q: &Tensor<T, 4>,
+    k: &Tensor<T, 4>,
+    lengths: &Lengths,
+    gamma: f32,
+) -> Result<Out, Error> {
     let [b, n] = [q.shape[0], k.shape[1]];
-    let mut out = Out { keep: vec![i32::MIN; b * n], count: vec![i32::MIN; b], scores: vec![f32::NAN; b * n] };
+    let mut out = Out {
+        keep: vec![i32::MIN; b * n],
+        count: vec![i32::MIN; b],
+        scores: vec![f32::NAN; b * n],
+    };
     text_guided_select(
         q.view(),
         k.view(),
@@ -141,8 +186,24 @@ fn check_case<T: TestElem>(c: Case) {
     let q: Tensor<T, 4> = random_tensor(&mut r, qshape, qs, -2.0, 2.0);
     let ks = KvOrder::pick(&mut r).strides(&mut r, kshape);
     let k: Tensor<T, 4> = random_tensor(&mut r, kshape, ks, -2.0, 2.0);
-    let t_len: Vec<usize> = (0..c.batch).map(|_| if r.random_bool(0.2) { 0 } else { r.random_range(1..=c.text) }).collect();
-    let n_len: Vec<usize> = (0..c.batch).map(|_| if r.random_bool(0.1) { 0 } else { r.random_range(1..=c.visual) }).collect();
+    let t_len: Vec<usize> = (0..c.batch)
+        .map(|_| {
+            if r.random_bool(0.2) {
+                0
+            } else {
+                r.random_range(1..=c.text)
+            }
+        })
+        .collect();
+    let n_len: Vec<usize> = (0..c.batch)
+        .map(|_| {
+            if r.random_bool(0.1) {
+                0
+            } else {
+                r.random_range(1..=c.visual)
+            }
+        })
+        .collect();
     let lengths = Lengths::new(&t_len, &n_len).unwrap();
     let out = run(&q, &k, &lengths, c.gamma).expect("text_guided_select");
     let want = oracle(&q, &k, &t_len, &n_len);
@@ -153,16 +214,25 @@ fn check_case<T: TestElem>(c: Case) {
         let row = &out.keep[b * n..(b + 1) * n];
         assert!(row[cnt..].iter().all(|&v| v == -1), "{what}: padding");
         let s = &out.scores[b * n..(b + 1) * n];
-        assert!(s[n_len[b]..].iter().all(|&v| v == 0.0), "{what}: scores past n_len");
+        assert!(
+            s[n_len[b]..].iter().all(|&v| v == 0.0),
+            "{what}: scores past n_len"
+        );
         for i in 0..n_len[b] {
             let (g, w) = (s[i] as f64, want[b][i]);
-            assert!((g - w).abs() <= 1e-5 * w.abs() + 1e-6, "{what}: S[{i}] = {g}, want {w}");
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                "{what}: S[{i}] = {g}, want {w}"
+            );
         }
         if t_len[b] == 0 {
             assert_eq!(cnt, n_len[b], "{what}: no text keeps every visual token");
         }
         // the rule, exactly, on the reference's own scores
-        let own: Vec<i32> = select_from_scores(&s[..n_len[b]], c.gamma).iter().map(|&i| i as i32).collect();
+        let own: Vec<i32> = select_from_scores(&s[..n_len[b]], c.gamma)
+            .iter()
+            .map(|&i| i as i32)
+            .collect();
         assert_eq!(&row[..cnt], &own[..], "{what}");
         if t_len[b] > 0 {
             assert_valid_selection(&row[..cnt], &want[b], c.gamma as f64, 1e-5, &what);
@@ -180,14 +250,26 @@ fn exact_ties_keep_the_lowest_indices() {
     for n in [1usize, 2, 7, 10, 33] {
         for gamma in [0.85f32, 0.5, 1.0, 0.1] {
             let q: Tensor<f32, 4> = random_tensor(&mut r, [1, 3, 4, 8], [96, 32, 8, 1], -1.0, 1.0);
-            let k = Tensor::from_fn([1, n, 2, 8], [16 * n, 16, 8, 1], 0.0f32, |[_, _, h, e]| (h + e) as f32 * 0.25);
+            let k = Tensor::from_fn([1, n, 2, 8], [16 * n, 16, 8, 1], 0.0f32, |[_, _, h, e]| {
+                (h + e) as f32 * 0.25
+            });
             let out = run(&q, &k, &Lengths::full(1, 3, n), gamma).unwrap();
             let qv = quantize(out.scores[0]);
-            assert!(out.scores.iter().all(|&s| quantize(s) == qv), "equal scores");
+            assert!(
+                out.scores.iter().all(|&s| quantize(s) == qv),
+                "equal scores"
+            );
             let need = (gamma as f64 * (qv * n as u64) as f64).floor() as u64 + 1;
-            let want_k = if need > qv * n as u64 { n } else { need.div_ceil(qv) as usize };
+            let want_k = if need > qv * n as u64 {
+                n
+            } else {
+                need.div_ceil(qv) as usize
+            };
             assert_eq!(out.count[0] as usize, want_k, "n {n}, gamma {gamma}");
-            assert_eq!(&out.keep[..want_k], &(0..want_k as i32).collect::<Vec<_>>()[..]);
+            assert_eq!(
+                &out.keep[..want_k],
+                &(0..want_k as i32).collect::<Vec<_>>()[..]
+            );
         }
     }
 }
@@ -198,12 +280,24 @@ fn select_from_scores_rule() {
     let s = [0.2f32, 0.4, 0.1, 0.3];
     assert_eq!(select_from_scores(&s, 0.5), vec![1, 3], "0.7 > 0.5");
     assert_eq!(select_from_scores(&s, 0.35), vec![1], "0.4 > 0.35");
-    assert_eq!(select_from_scores(&s, 0.85), vec![0, 1, 3], "0.4 + 0.3 + 0.2 = 0.9 > 0.85");
+    assert_eq!(
+        select_from_scores(&s, 0.85),
+        vec![0, 1, 3],
+        "0.4 + 0.3 + 0.2 = 0.9 > 0.85"
+    );
     assert_eq!(select_from_scores(&s, 1.0), vec![0, 1, 2, 3]);
-    assert_eq!(select_from_scores(&[0.5, f32::NAN, 0.5], 0.4), vec![0], "tie to the lower index");
+    assert_eq!(
+        select_from_scores(&[0.5, f32::NAN, 0.5], 0.4),
+        vec![0],
+        "tie to the lower index"
+    );
     assert_eq!(select_from_scores(&[f32::NAN, 0.0, 1.0], 0.5), vec![2]);
     assert_eq!(select_from_scores(&[], 0.5), Vec::<usize>::new());
-    assert_eq!(select_from_scores(&[0.0, 0.0], 0.5), vec![0, 1], "all zero: keep all");
+    assert_eq!(
+        select_from_scores(&[0.0, 0.0], 0.5),
+        vec![0, 1],
+        "all zero: keep all"
+    );
 }
 
 #[test]
@@ -214,7 +308,12 @@ fn rejects_bad_arguments() {
     let kv = View::contiguous(&k, [2, 5, 2, 8]).unwrap();
     let mut keep = [i32::MIN; 10];
     let mut count = vec![i32::MIN; 2];
-    let mut go = |q: View<'_, f32, 4>, k: View<'_, f32, 4>, t: &[usize], n: &[usize], gamma: f32, kshape: [usize; 2]| {
+    let mut go = |q: View<'_, f32, 4>,
+                  k: View<'_, f32, 4>,
+                  t: &[usize],
+                  n: &[usize],
+                  gamma: f32,
+                  kshape: [usize; 2]| {
         let lengths = Lengths::new(t, n)?;
         text_guided_select(
             q,
@@ -229,18 +328,48 @@ fn rejects_bad_arguments() {
     let ok = [3, 3];
     let nl = [5, 0];
     for g in [0.0, -0.1, 1.01, f32::NAN] {
-        assert!(matches!(go(qv, kv, &ok, &nl, g, [2, 5]), Err(Error::Value { arg: "gamma", .. })), "gamma {g}");
+        assert!(
+            matches!(
+                go(qv, kv, &ok, &nl, g, [2, 5]),
+                Err(Error::Value { arg: "gamma", .. })
+            ),
+            "gamma {g}"
+        );
     }
-    assert!(matches!(go(qv, kv, &[4, 3], &nl, 0.85, [2, 5]), Err(Error::Index { arg: "t_len", .. })));
-    assert!(matches!(go(qv, kv, &ok, &[6, 0], 0.85, [2, 5]), Err(Error::Index { arg: "n_len", .. })));
-    assert!(matches!(go(qv, kv, &ok, &[5], 0.85, [2, 5]), Err(Error::Shape { arg: "lengths", .. })));
-    assert!(matches!(go(qv, kv, &[3], &[5], 0.85, [2, 5]), Err(Error::Shape { arg: "lengths", .. })));
-    assert!(matches!(go(qv, kv, &ok, &nl, 0.85, [2, 4]), Err(Error::Shape { arg: "keep", .. })));
+    assert!(matches!(
+        go(qv, kv, &[4, 3], &nl, 0.85, [2, 5]),
+        Err(Error::Index { arg: "t_len", .. })
+    ));
+    assert!(matches!(
+        go(qv, kv, &ok, &[6, 0], 0.85, [2, 5]),
+        Err(Error::Index { arg: "n_len", .. })
+    ));
+    assert!(matches!(
+        go(qv, kv, &ok, &[5], 0.85, [2, 5]),
+        Err(Error::Shape { arg: "lengths", .. })
+    ));
+    assert!(matches!(
+        go(qv, kv, &[3], &[5], 0.85, [2, 5]),
+        Err(Error::Shape { arg: "lengths", .. })
+    ));
+    assert!(matches!(
+        go(qv, kv, &ok, &nl, 0.85, [2, 4]),
+        Err(Error::Shape { arg: "keep", .. })
+    ));
     let k3 = View::contiguous(&k[..2 * 5 * 3 * 4], [2, 5, 3, 4]).unwrap();
-    assert!(matches!(go(qv, k3, &ok, &nl, 0.85, [2, 5]), Err(Error::Shape { arg: "k_vis", .. })));
+    assert!(matches!(
+        go(qv, k3, &ok, &nl, 0.85, [2, 5]),
+        Err(Error::Shape { arg: "k_vis", .. })
+    ));
     let q3 = View::contiguous(&q[..2 * 3 * 3 * 8], [2, 3, 3, 8]).unwrap();
-    assert!(matches!(go(q3, kv, &ok, &nl, 0.85, [2, 5]), Err(Error::Shape { arg: "q_text", .. })));
-    assert!(keep.iter().all(|&v| v == i32::MIN) && count.iter().all(|&v| v == i32::MIN), "written on error");
+    assert!(matches!(
+        go(q3, kv, &ok, &nl, 0.85, [2, 5]),
+        Err(Error::Shape { arg: "q_text", .. })
+    ));
+    assert!(
+        keep.iter().all(|&v| v == i32::MIN) && count.iter().all(|&v| v == i32::MIN),
+        "written on error"
+    );
 }
 
 #[cfg(feature = "cuda")]

@@ -11,7 +11,9 @@
 use foveal::window_mean::cpu::window_mean;
 use foveal::window_mean::num_windows;
 use foveal::{Error, Layout, Pool, View, ViewMut};
-use foveal_tests::{contiguous_strides, poison, random_strides, random_tensor, rng, to_f64, Tensor, TestElem, Tol};
+use foveal_tests::{
+    contiguous_strides, poison, random_strides, random_tensor, rng, to_f64, Tensor, TestElem, Tol,
+};
 
 use proptest::prelude::*;
 
@@ -30,11 +32,16 @@ fn oracle<T: TestElem>(x: &Tensor<T, 4>, w: usize, pool: Pool) -> Vec<Vec<Vec<(f
                         .collect();
                     (0..c)
                         .map(|ch| {
-                            let v: Vec<f64> = cells.iter().map(|&(y, xx)| to_f64(x.get([b, y, xx, ch]))).collect();
+                            let v: Vec<f64> = cells
+                                .iter()
+                                .map(|&(y, xx)| to_f64(x.get([b, y, xx, ch])))
+                                .collect();
                             let mag = v.iter().map(|a| a.abs()).sum::<f64>() / v.len() as f64;
                             match pool {
                                 Pool::Mean => (v.iter().sum::<f64>() / v.len() as f64, mag),
-                                Pool::Max => (v.iter().copied().fold(f64::NEG_INFINITY, f64::max), mag),
+                                Pool::Max => {
+                                    (v.iter().copied().fold(f64::NEG_INFINITY, f64::max), mag)
+                                }
                             }
                         })
                         .collect()
@@ -53,14 +60,21 @@ struct Case {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (any::<u64>(), 1usize..4, 1usize..12, 1usize..12, 1usize..10, 1usize..6, any::<bool>()).prop_map(
-        |(seed, b, h, w, c, window, max)| Case {
+    (
+        any::<u64>(),
+        1usize..4,
+        1usize..12,
+        1usize..12,
+        1usize..10,
+        1usize..6,
+        any::<bool>(),
+    )
+        .prop_map(|(seed, b, h, w, c, window, max)| Case {
             seed,
             shape: [b, h, w, c],
             window,
             pool: if max { Pool::Max } else { Pool::Mean },
-        },
-    )
+        })
 }
 
 fn check_case<T: TestElem>(c: Case) {
@@ -75,13 +89,21 @@ fn check_case<T: TestElem>(c: Case) {
     window_mean(x.view(), c.window, c.pool, &mut out.view_mut()).expect("window_mean");
     let want = oracle(&x, c.window, c.pool);
     // f32 accumulation of up to w*w terms, then the output rounding.
-    let tol = Tol { rel: Tol::for_elem::<T>().rel.max(1e-6 * (c.window * c.window) as f64), abs: 1e-6 };
+    let tol = Tol {
+        rel: Tol::for_elem::<T>()
+            .rel
+            .max(1e-6 * (c.window * c.window) as f64),
+        abs: 1e-6,
+    };
     for bi in 0..b {
         for mi in 0..m {
             for ci in 0..ch {
                 let (v, mag) = want[bi][mi][ci];
                 let got = to_f64(out.get([bi, mi, ci]));
-                assert!(tol.allows(got, v, mag), "{c:?}: [{bi}, {mi}, {ci}]: got {got}, want {v}");
+                assert!(
+                    tol.allows(got, v, mag),
+                    "{c:?}: [{bi}, {mi}, {ci}]: got {got}, want {v}"
+                );
             }
         }
     }
@@ -96,15 +118,42 @@ foveal_tests::oracle_proptests!(64, case(), check_case);
 /// A 5 x 6 map, window 4: windows of 16, 8, 4 and 2 cells; known values.
 #[test]
 fn border_windows_average_their_existing_cells() {
-    let x = Tensor::from_fn([1, 5, 6, 1], contiguous_strides([1, 5, 6, 1]), 0.0f32, |[_, y, xx, _]| (y * 6 + xx) as f32);
+    let x = Tensor::from_fn(
+        [1, 5, 6, 1],
+        contiguous_strides([1, 5, 6, 1]),
+        0.0f32,
+        |[_, y, xx, _]| (y * 6 + xx) as f32,
+    );
     let mut out = vec![f32::NAN; 4];
-    window_mean(x.view(), 4, Pool::Mean, &mut ViewMut::contiguous(&mut out, [1, 4, 1]).unwrap()).unwrap();
+    window_mean(
+        x.view(),
+        4,
+        Pool::Mean,
+        &mut ViewMut::contiguous(&mut out, [1, 4, 1]).unwrap(),
+    )
+    .unwrap();
     let mean = |ys: std::ops::Range<usize>, xs: std::ops::Range<usize>| {
-        let v: Vec<f32> = ys.flat_map(|y| xs.clone().map(move |xx| (y * 6 + xx) as f32)).collect();
+        let v: Vec<f32> = ys
+            .flat_map(|y| xs.clone().map(move |xx| (y * 6 + xx) as f32))
+            .collect();
         v.iter().sum::<f32>() / v.len() as f32
     };
-    assert_eq!(out, vec![mean(0..4, 0..4), mean(0..4, 4..6), mean(4..5, 0..4), mean(4..5, 4..6)]);
-    window_mean(x.view(), 4, Pool::Max, &mut ViewMut::contiguous(&mut out, [1, 4, 1]).unwrap()).unwrap();
+    assert_eq!(
+        out,
+        vec![
+            mean(0..4, 0..4),
+            mean(0..4, 4..6),
+            mean(4..5, 0..4),
+            mean(4..5, 4..6)
+        ]
+    );
+    window_mean(
+        x.view(),
+        4,
+        Pool::Max,
+        &mut ViewMut::contiguous(&mut out, [1, 4, 1]).unwrap(),
+    )
+    .unwrap();
     assert_eq!(out, vec![21.0, 23.0, 27.0, 29.0]);
 }
 
@@ -116,9 +165,18 @@ fn rejects_bad_arguments() {
     let mut bad = |w: usize, shape: [usize; 3]| {
         let n = shape.iter().product();
         poison(&mut out[..n]);
-        window_mean(xv, w, Pool::Mean, &mut ViewMut::new(&mut out, Layout::contiguous(shape)).unwrap()).unwrap_err()
+        window_mean(
+            xv,
+            w,
+            Pool::Mean,
+            &mut ViewMut::new(&mut out, Layout::contiguous(shape)).unwrap(),
+        )
+        .unwrap_err()
     };
-    assert!(matches!(bad(0, [2, 4, 3]), Error::Value { arg: "window", .. }));
+    assert!(matches!(
+        bad(0, [2, 4, 3]),
+        Error::Value { arg: "window", .. }
+    ));
     assert!(matches!(bad(4, [2, 3, 3]), Error::Shape { arg: "out", .. }));
     assert!(matches!(bad(4, [2, 4, 2]), Error::Shape { arg: "out", .. }));
     assert!(matches!(bad(4, [1, 4, 3]), Error::Shape { arg: "out", .. }));

@@ -17,9 +17,12 @@ use foveal::compact_kv::{cpu, cuda};
 use foveal::cuda::{DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
 use foveal::select_keep::cpu::select_keep as cpu_select_keep;
 use foveal::select_keep::cuda::select_keep as cuda_select_keep;
-use foveal::{Error, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, RowSpec, View, ViewMut};
+use foveal::{
+    Error, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, RowSpec, View, ViewMut,
+};
 use foveal_tests::gpu::{
-    assert_bits_eq, assert_untouched, cases, download, gpu, poisoned, upload, with_split_mut, GpuElem,
+    assert_bits_eq, assert_untouched, cases, download, gpu, poisoned, upload, with_split_mut,
+    GpuElem,
 };
 use foveal_tests::{indices, random_elem, random_rows, rng, KvOrder, Poison, RowOpts};
 use half::{bf16, f16};
@@ -35,7 +38,8 @@ use super::random_rule;
 /// The layout of contiguous logits `[B, nv_max]` (non-zero strides when
 /// `nv_max` is 0).
 fn logits_layout(rows: &RowLayout) -> Layout<2> {
-    Layout::strided([rows.batch(), rows.nv_max()], [rows.nv_max().max(1), 1]).expect("logits layout")
+    Layout::strided([rows.batch(), rows.nv_max()], [rows.nv_max().max(1), 1])
+        .expect("logits layout")
 }
 
 /// Random logits `[B, nv_max]`, ties and NaN included.
@@ -54,7 +58,11 @@ fn random_logits(r: &mut StdRng, rows: &RowLayout) -> Vec<f32> {
 /// is to be dropped) with the positions the CPU keeps for a random keep set.
 fn cpu_positions(r: &mut StdRng, batch: usize, seq: usize, drop_last: bool) -> KeepPositions {
     let glimpse_text = drop_last || r.random_bool(0.5);
-    let rows = RowLayout::new(seq, &random_rows(r, batch, seq, RowOpts::with_all_visual(glimpse_text))).expect("rows");
+    let rows = RowLayout::new(
+        seq,
+        &random_rows(r, batch, seq, RowOpts::with_all_visual(glimpse_text)),
+    )
+    .expect("rows");
     let logits = random_logits(r, &rows);
     let view = View::new(&logits, logits_layout(&rows)).expect("logits view");
     let mut keep = KeepSet::new(&rows);
@@ -92,18 +100,31 @@ fn random_positions(r: &mut StdRng, batch: usize, seq: usize) -> KeepPositions {
 fn stale_positions(rows: &RowLayout, drop_last: bool) -> KeepPositions {
     let width = KeepPositions::for_rows(rows, drop_last).width();
     let seq = rows.seq();
-    KeepPositions::from_rows(seq, &vec![(seq - width..seq).collect::<Vec<_>>(); rows.batch()]).expect("stale positions")
+    KeepPositions::from_rows(
+        seq,
+        &vec![(seq - width..seq).collect::<Vec<_>>(); rows.batch()],
+    )
+    .expect("stale positions")
 }
 
 fn assert_same_positions(got: &KeepPositions, want: &KeepPositions, what: &str) {
-    assert_eq!((got.batch(), got.width(), got.src_seq()), (want.batch(), want.width(), want.src_seq()), "{what}: sizes");
+    assert_eq!(
+        (got.batch(), got.width(), got.src_seq()),
+        (want.batch(), want.width(), want.src_seq()),
+        "{what}: sizes"
+    );
     let (gp, gl) = got.packed();
     let (wp, wl) = want.packed();
     let w = want.width();
     for b in 0..want.batch() {
         assert_eq!(gl[b], wl[b], "{what}: row {b}: length");
         if let Some(j) = (0..w).find(|&j| gp[b * w + j] != wp[b * w + j]) {
-            panic!("{what}: row {b}: slot {j}: GPU {}, CPU {} (length {})", gp[b * w + j], wp[b * w + j], wl[b]);
+            panic!(
+                "{what}: row {b}: slot {j}: GPU {}, CPU {} (length {})",
+                gp[b * w + j],
+                wp[b * w + j],
+                wl[b]
+            );
         }
     }
     assert!(got == want, "{what}: positions differ");
@@ -136,7 +157,11 @@ fn keep_positions_matches_cpu() {
         let drop_last = r.random_bool(0.5);
         let glimpse_text = drop_last || r.random_bool(0.5);
         let batch = r.random_range(1..=5);
-        let seq = if n % 10 == 9 { r.random_range(1000..=3000) } else { r.random_range(1..=300) };
+        let seq = if n % 10 == 9 {
+            r.random_range(1000..=3000)
+        } else {
+            r.random_range(1..=300)
+        };
         let spec = random_rows(&mut r, batch, seq, RowOpts::with_all_visual(glimpse_text));
         let rows = RowLayout::new(seq, &spec).expect("rows");
         let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
@@ -144,29 +169,57 @@ fn keep_positions_matches_cpu() {
             let logits = random_logits(&mut r, &rows);
             let rule = random_rule(&mut r, 5);
             let mut keep = KeepSet::new(&rows);
-            cpu_select_keep(View::new(&logits, logits_layout(&rows)).unwrap(), &rows, &rule, &mut keep)
-                .expect("select_keep (CPU)");
+            cpu_select_keep(
+                View::new(&logits, logits_layout(&rows)).unwrap(),
+                &rows,
+                &rule,
+                &mut keep,
+            )
+            .expect("select_keep (CPU)");
             let logits_dev = upload(&stream, &logits);
             let mut dev_keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
-            let logits_view = DevView::new(logits_dev.as_view(), logits_layout(&rows)).expect("logits view");
-            cuda_select_keep(&stream, &logits_view, &dev_rows, &rule, &mut dev_keep).expect("select_keep (CUDA)");
+            let logits_view =
+                DevView::new(logits_dev.as_view(), logits_layout(&rows)).expect("logits view");
+            cuda_select_keep(&stream, &logits_view, &dev_rows, &rule, &mut dev_keep)
+                .expect("select_keep (CUDA)");
             let what = format!("case {n}: seq {seq}, drop_last {drop_last}, {rule:?}");
-            assert!(dev_keep.to_host(&stream).expect("readback") == keep, "{what}: select_keep differs");
+            assert!(
+                dev_keep.to_host(&stream).expect("readback") == keep,
+                "{what}: select_keep differs"
+            );
             (keep, dev_keep, what)
         } else {
             let keep = random_subset(&mut r, &rows);
             let dev_keep = DeviceKeepSet::from_host(&stream, &keep).expect("device keep set");
-            (keep, dev_keep, format!("case {n}: seq {seq}, drop_last {drop_last}, kept subsets"))
+            (
+                keep,
+                dev_keep,
+                format!("case {n}: seq {seq}, drop_last {drop_last}, kept subsets"),
+            )
         };
         let mut want = KeepPositions::for_rows(&rows, drop_last);
         cpu::keep_positions(&rows, &keep, drop_last, &mut want).expect("keep_positions (CPU)");
 
-        let mut got = DeviceKeepPositions::from_host(&stream, &stale_positions(&rows, drop_last)).expect("device positions");
-        cuda::keep_positions(&stream, &dev_rows, &dev_keep, drop_last, &mut got).expect("keep_positions (CUDA)");
-        assert_eq!(got.max_len(), got.width(), "{what}: max_len before fetch_max_len");
+        let mut got = DeviceKeepPositions::from_host(&stream, &stale_positions(&rows, drop_last))
+            .expect("device positions");
+        cuda::keep_positions(&stream, &dev_rows, &dev_keep, drop_last, &mut got)
+            .expect("keep_positions (CUDA)");
+        assert_eq!(
+            got.max_len(),
+            got.width(),
+            "{what}: max_len before fetch_max_len"
+        );
         assert_same_positions(&got.to_host(&stream).expect("readback"), &want, &what);
-        assert_eq!(got.fetch_max_len(&stream).expect("fetch_max_len"), want.max_len(), "{what}: fetch_max_len");
-        assert_eq!(got.max_len(), want.max_len(), "{what}: max_len after fetch_max_len");
+        assert_eq!(
+            got.fetch_max_len(&stream).expect("fetch_max_len"),
+            want.max_len(),
+            "{what}: fetch_max_len"
+        );
+        assert_eq!(
+            got.max_len(),
+            want.max_len(),
+            "{what}: max_len after fetch_max_len"
+        );
     }
 }
 
@@ -183,15 +236,31 @@ fn keep_positions_refuses_keep_set_of_another_layout() {
     let logits_dev = upload(&stream, &logits);
     let view = DevView::new(logits_dev.as_view(), logits_layout(&twin)).expect("logits view");
     let mut keep_of_twin = DeviceKeepSet::new(&stream, &dev_twin).expect("device keep set");
-    cuda_select_keep(&stream, &view, &dev_twin, &KeepRule::default(), &mut keep_of_twin).expect("select_keep (CUDA)");
+    cuda_select_keep(
+        &stream,
+        &view,
+        &dev_twin,
+        &KeepRule::default(),
+        &mut keep_of_twin,
+    )
+    .expect("select_keep (CUDA)");
     let never_filled = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
     let stale = stale_positions(&rows, true);
-    let cases = [(&keep_of_twin, "a keep set of another layout"), (&never_filled, "a keep set select_keep never filled")];
+    let cases = [
+        (&keep_of_twin, "a keep set of another layout"),
+        (&never_filled, "a keep set select_keep never filled"),
+    ];
     for (keep, what) in cases {
         let mut out = DeviceKeepPositions::from_host(&stream, &stale).expect("device positions");
         let res = cuda::keep_positions(&stream, &dev_rows, keep, true, &mut out);
-        assert!(matches!(res, Err(Error::Value { arg: "keep", .. })), "{what}: {res:?}");
-        assert!(out.to_host(&stream).expect("readback") == stale, "{what}: the output was written");
+        assert!(
+            matches!(res, Err(Error::Value { arg: "keep", .. })),
+            "{what}: {res:?}"
+        );
+        assert!(
+            out.to_host(&stream).expect("readback") == stale,
+            "{what}: the output was written"
+        );
     }
 }
 
@@ -204,9 +273,11 @@ fn keep_positions_refuses_output_sized_otherwise() {
     let logits_dev = upload(&stream, &vec![1.0f32; (2 * rows.nv_max()).max(1)]);
     let view = DevView::new(logits_dev.as_view(), logits_layout(&rows)).expect("logits view");
     let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
-    cuda_select_keep(&stream, &view, &dev_rows, &KeepRule::default(), &mut keep).expect("select_keep (CUDA)");
+    cuda_select_keep(&stream, &view, &dev_rows, &KeepRule::default(), &mut keep)
+        .expect("select_keep (CUDA)");
     // sized for drop_last = true, called with false
-    let mut out = DeviceKeepPositions::for_rows(&stream, &dev_rows, true).expect("device positions");
+    let mut out =
+        DeviceKeepPositions::for_rows(&stream, &dev_rows, true).expect("device positions");
     let res = cuda::keep_positions(&stream, &dev_rows, &keep, false, &mut out);
     assert!(matches!(res, Err(Error::Shape { .. })), "{res:?}");
 }
@@ -215,21 +286,48 @@ fn keep_positions_refuses_output_sized_otherwise() {
 fn keep_positions_refuses_to_drop_a_visual_token() {
     let Some(stream) = gpu() else { return };
     // row 1 ends at 5 and its last visual token is position 4
-    let spec = [RowSpec { start: 0, end: 5, visual: vec![1, 2] }, RowSpec { start: 1, end: 5, visual: vec![2, 4] }];
+    let spec = [
+        RowSpec {
+            start: 0,
+            end: 5,
+            visual: vec![1, 2],
+        },
+        RowSpec {
+            start: 1,
+            end: 5,
+            visual: vec![2, 4],
+        },
+    ];
     let rows = RowLayout::new(5, &spec).expect("rows");
     let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
     let logits_dev = upload(&stream, &[1.0f32, -1.0, 1.0, 1.0]);
     let view = DevView::new(logits_dev.as_view(), Layout::contiguous([2, 2])).expect("logits view");
     let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
-    cuda_select_keep(&stream, &view, &dev_rows, &KeepRule::default(), &mut keep).expect("select_keep (CUDA)");
+    cuda_select_keep(&stream, &view, &dev_rows, &KeepRule::default(), &mut keep)
+        .expect("select_keep (CUDA)");
     let stale = stale_positions(&rows, true);
     let mut out = DeviceKeepPositions::from_host(&stream, &stale).expect("device positions");
     let res = cuda::keep_positions(&stream, &dev_rows, &keep, true, &mut out);
-    assert!(matches!(res, Err(Error::Value { op: "keep_positions", arg: "drop_last", .. })), "{res:?}");
-    assert!(out.to_host(&stream).expect("readback") == stale, "the output was written");
+    assert!(
+        matches!(
+            res,
+            Err(Error::Value {
+                op: "keep_positions",
+                arg: "drop_last",
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+    assert!(
+        out.to_host(&stream).expect("readback") == stale,
+        "the output was written"
+    );
     // without drop_last the visual token at the end is kept like any other
-    let mut out = DeviceKeepPositions::for_rows(&stream, &dev_rows, false).expect("device positions");
-    cuda::keep_positions(&stream, &dev_rows, &keep, false, &mut out).expect("keep_positions (CUDA)");
+    let mut out =
+        DeviceKeepPositions::for_rows(&stream, &dev_rows, false).expect("device positions");
+    cuda::keep_positions(&stream, &dev_rows, &keep, false, &mut out)
+        .expect("keep_positions (CUDA)");
     assert_eq!(out.to_host(&stream).expect("readback").row(1), &[1, 3, 4]);
 }
 
@@ -251,9 +349,22 @@ struct Planes<T, const N: usize> {
 
 impl<T: Poison + DeviceRepr, const N: usize> Planes<T, N> {
     /// Storage of `fill`, then the logical elements of each plane from `f`.
-    fn new(layout: Layout<N>, count: usize, offset: usize, pad: usize, fill: T, mut f: impl FnMut() -> T) -> Self {
+    fn new(
+        layout: Layout<N>,
+        count: usize,
+        offset: usize,
+        pad: usize,
+        fill: T,
+        mut f: impl FnMut() -> T,
+    ) -> Self {
         let pitch = layout.span() + pad;
-        let mut planes = Planes { data: vec![fill; (offset + count * pitch).max(1)], layout, offset, pitch, count };
+        let mut planes = Planes {
+            data: vec![fill; (offset + count * pitch).max(1)],
+            layout,
+            offset,
+            pitch,
+            count,
+        };
         for i in 0..count {
             let base = offset + i * pitch;
             for idx in indices(layout.shape()) {
@@ -268,7 +379,9 @@ impl<T: Poison + DeviceRepr, const N: usize> Planes<T, N> {
     }
 
     fn views(&self) -> Vec<View<'_, T, N>> {
-        (0..self.count).map(|i| View::new(&self.data[self.base(i)..], self.layout).unwrap()).collect()
+        (0..self.count)
+            .map(|i| View::new(&self.data[self.base(i)..], self.layout).unwrap())
+            .collect()
     }
 
     /// Mutable CPU views: plane `i` is the storage from its base to the next.
@@ -328,10 +441,15 @@ fn with_dst_views<T: Poison + DeviceRepr, const N: usize>(
     if stacked {
         let mut buf = upload(stream, &planes.data);
         let mut lens = vec![planes.offset];
-        lens.extend((0..planes.count).map(|i| planes.pitch.min(planes.data.len() - planes.base(i))));
+        lens.extend(
+            (0..planes.count).map(|i| planes.pitch.min(planes.data.len() - planes.base(i))),
+        );
         with_split_mut(&mut buf, &lens, |views| {
-            let mut views: Vec<DevViewMut<'_, T, N>> =
-                views.into_iter().skip(1).map(|v| DevViewMut::new(v, planes.layout).expect("device view")).collect();
+            let mut views: Vec<DevViewMut<'_, T, N>> = views
+                .into_iter()
+                .skip(1)
+                .map(|v| DevViewMut::new(v, planes.layout).expect("device view"))
+                .collect();
             f(&mut views);
         });
         download(stream, &buf)
@@ -340,7 +458,10 @@ fn with_dst_views<T: Poison + DeviceRepr, const N: usize>(
         {
             let mut views: Vec<DevViewMut<'_, T, N>> = bufs
                 .iter_mut()
-                .map(|b| DevViewMut::new(b.slice_mut(planes.offset..), planes.layout).expect("device view"))
+                .map(|b| {
+                    DevViewMut::new(b.slice_mut(planes.offset..), planes.layout)
+                        .expect("device view")
+                })
                 .collect();
             f(&mut views);
         }
@@ -365,12 +486,13 @@ impl<T: Poison + DeviceRepr> SrcBufs<T> {
 
     fn views<const N: usize>(&self, planes: &Planes<T, N>) -> Vec<DevView<'_, T, N>> {
         match self {
-            SrcBufs::Stacked(buf) => {
-                (0..planes.count).map(|i| DevView::new(buf.slice(planes.base(i)..), planes.layout).unwrap()).collect()
-            }
-            SrcBufs::Separate(bufs) => {
-                bufs.iter().map(|b| DevView::new(b.slice(planes.offset..), planes.layout).unwrap()).collect()
-            }
+            SrcBufs::Stacked(buf) => (0..planes.count)
+                .map(|i| DevView::new(buf.slice(planes.base(i)..), planes.layout).unwrap())
+                .collect(),
+            SrcBufs::Separate(bufs) => bufs
+                .iter()
+                .map(|b| DevView::new(b.slice(planes.offset..), planes.layout).unwrap())
+                .collect(),
         }
     }
 }
@@ -413,43 +535,93 @@ fn check_compact<T: GpuElem>(
 ) {
     let what = format!("{} {c:?}", std::any::type_name::<T>());
     let src_layout = c.src_order.layout(r, [c.batch, c.seq, c.heads, c.head_dim]);
-    let dst_layout = c.dst_order.layout(r, [c.batch, kp.max_len() + c.extra, c.heads, c.head_dim]);
-    let src = Planes::new(src_layout, 2 * c.layers, c.src_offset, c.pad, T::POISON, || random_elem(r, -4.0, 4.0));
-    let dst = Planes::new(dst_layout, 2 * c.layers, c.dst_offset, c.pad, T::POISON, || T::POISON);
+    let dst_layout = c
+        .dst_order
+        .layout(r, [c.batch, kp.max_len() + c.extra, c.heads, c.head_dim]);
+    let src = Planes::new(
+        src_layout,
+        2 * c.layers,
+        c.src_offset,
+        c.pad,
+        T::POISON,
+        || random_elem(r, -4.0, 4.0),
+    );
+    let dst = Planes::new(
+        dst_layout,
+        2 * c.layers,
+        c.dst_offset,
+        c.pad,
+        T::POISON,
+        || T::POISON,
+    );
 
     let mut want = dst.clone();
     {
         let views = src.views();
         let mut outs = want.views_mut();
         let (k_out, v_out) = outs.split_at_mut(c.layers);
-        cpu::compact_kv(&views[..c.layers], &views[c.layers..], kp, c.padding, k_out, v_out).expect("compact_kv (CPU)");
+        cpu::compact_kv(
+            &views[..c.layers],
+            &views[c.layers..],
+            kp,
+            c.padding,
+            k_out,
+            v_out,
+        )
+        .expect("compact_kv (CPU)");
     }
 
     let src_bufs = SrcBufs::new(stream, &src, c.stacked_src);
     let src_views = src_bufs.views(&src);
     let got = with_dst_views(stream, &dst, c.stacked_dst, |outs| {
         let (k_out, v_out) = outs.split_at_mut(c.layers);
-        cuda::compact_kv(stream, &src_views[..c.layers], &src_views[c.layers..], dev_kp, c.padding, k_out, v_out)
-            .expect("compact_kv (CUDA)");
+        cuda::compact_kv(
+            stream,
+            &src_views[..c.layers],
+            &src_views[c.layers..],
+            dev_kp,
+            c.padding,
+            k_out,
+            v_out,
+        )
+        .expect("compact_kv (CUDA)");
     });
     assert_bits_eq(&got, &want.data, &what);
 }
 
 fn random_kv_case(r: &mut StdRng, many_layers: bool) -> (KvCase, KeepPositions) {
     let (batch, seq, heads, dims): (usize, usize, usize, &[usize]) = if many_layers {
-        (r.random_range(1..=2), r.random_range(1..=30), r.random_range(1..=2), &[1, 3, 4, 8, 16])
+        (
+            r.random_range(1..=2),
+            r.random_range(1..=30),
+            r.random_range(1..=2),
+            &[1, 3, 4, 8, 16],
+        )
     } else {
-        (r.random_range(1..=3), r.random_range(1..=60), r.random_range(1..=3), &[1, 2, 3, 4, 5, 7, 8, 16, 64, 128])
+        (
+            r.random_range(1..=3),
+            r.random_range(1..=60),
+            r.random_range(1..=3),
+            &[1, 2, 3, 4, 5, 7, 8, 16, 64, 128],
+        )
     };
     let kp = random_positions(r, batch, seq);
     let c = KvCase {
         batch,
         seq,
-        layers: if many_layers { r.random_range(60..=70) } else { r.random_range(1..=6) },
+        layers: if many_layers {
+            r.random_range(60..=70)
+        } else {
+            r.random_range(1..=6)
+        },
         heads,
         head_dim: dims[r.random_range(0..dims.len())],
         extra: r.random_range(0..=3),
-        padding: if r.random_bool(0.5) { Padding::Right } else { Padding::Left },
+        padding: if r.random_bool(0.5) {
+            Padding::Right
+        } else {
+            Padding::Left
+        },
         src_order: KvOrder::pick_aligned(r),
         dst_order: KvOrder::pick_aligned(r),
         src_offset: [0, 0, 1][r.random_range(0..3)],
@@ -535,21 +707,35 @@ fn compact_kv_into_the_fetched_max_len() {
     let mut shrank = 0;
     for n in 0..cases(40) {
         let (batch, seq) = (r.random_range(1..=4), r.random_range(2..=80));
-        let rows = RowLayout::new(seq, &random_rows(&mut r, batch, seq, RowOpts::with_all_visual(true))).expect("rows");
+        let rows = RowLayout::new(
+            seq,
+            &random_rows(&mut r, batch, seq, RowOpts::with_all_visual(true)),
+        )
+        .expect("rows");
         let logits = random_logits(&mut r, &rows);
         let rule = random_rule(&mut r, 5);
         let mut keep = KeepSet::new(&rows);
-        cpu_select_keep(View::new(&logits, logits_layout(&rows)).unwrap(), &rows, &rule, &mut keep).expect("select_keep (CPU)");
+        cpu_select_keep(
+            View::new(&logits, logits_layout(&rows)).unwrap(),
+            &rows,
+            &rule,
+            &mut keep,
+        )
+        .expect("select_keep (CPU)");
         let mut kp = KeepPositions::for_rows(&rows, true);
         cpu::keep_positions(&rows, &keep, true, &mut kp).expect("keep_positions (CPU)");
 
         let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
         let logits_dev = upload(&stream, &logits);
-        let logits_view = DevView::new(logits_dev.as_view(), logits_layout(&rows)).expect("logits view");
+        let logits_view =
+            DevView::new(logits_dev.as_view(), logits_layout(&rows)).expect("logits view");
         let mut dev_keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
-        cuda_select_keep(&stream, &logits_view, &dev_rows, &rule, &mut dev_keep).expect("select_keep (CUDA)");
-        let mut dev_kp = DeviceKeepPositions::for_rows(&stream, &dev_rows, true).expect("device positions");
-        cuda::keep_positions(&stream, &dev_rows, &dev_keep, true, &mut dev_kp).expect("keep_positions (CUDA)");
+        cuda_select_keep(&stream, &logits_view, &dev_rows, &rule, &mut dev_keep)
+            .expect("select_keep (CUDA)");
+        let mut dev_kp =
+            DeviceKeepPositions::for_rows(&stream, &dev_rows, true).expect("device positions");
+        cuda::keep_positions(&stream, &dev_rows, &dev_keep, true, &mut dev_kp)
+            .expect("keep_positions (CUDA)");
 
         // one layer [B, S, 1, 4] f32 of distinct values, K and V alike
         let data: Vec<f32> = (0..batch * seq * 4).map(|i| i as f32 + 1.0).collect();
@@ -558,8 +744,10 @@ fn compact_kv_into_the_fetched_max_len() {
             let mut dst = poisoned::<f32>(&stream, 2 * batch * capacity * 4);
             let plane = batch * capacity * 4;
             let res = with_split_mut(&mut dst, &[plane, plane], |views| {
-                let mut views: Vec<DevViewMut<'_, f32, 4>> =
-                    views.into_iter().map(|v| DevViewMut::new(v, Layout::bshd(batch, capacity, 1, 4)).unwrap()).collect();
+                let mut views: Vec<DevViewMut<'_, f32, 4>> = views
+                    .into_iter()
+                    .map(|v| DevViewMut::new(v, Layout::bshd(batch, capacity, 1, 4)).unwrap())
+                    .collect();
                 let (k, v) = views.split_at_mut(1);
                 let src = [DevView::new(src.as_view(), Layout::bshd(batch, seq, 1, 4)).unwrap()];
                 cuda::compact_kv(&stream, &src, &src, dev_kp, Padding::Left, k, v)
@@ -570,10 +758,17 @@ fn compact_kv_into_the_fetched_max_len() {
         if longest < dev_kp.width() {
             shrank += 1;
             let (res, out) = try_capacity(&dev_kp, longest);
-            assert!(matches!(res, Err(Error::Shape { arg: "dst", .. })), "case {n}: before fetch_max_len: {res:?}");
+            assert!(
+                matches!(res, Err(Error::Shape { arg: "dst", .. })),
+                "case {n}: before fetch_max_len: {res:?}"
+            );
             assert_untouched(&out, "refused compaction");
         }
-        assert_eq!(dev_kp.fetch_max_len(&stream).expect("fetch_max_len"), longest, "case {n}");
+        assert_eq!(
+            dev_kp.fetch_max_len(&stream).expect("fetch_max_len"),
+            longest,
+            "case {n}"
+        );
         let (res, got) = try_capacity(&dev_kp, longest);
         res.expect("compact_kv (CUDA) into the longest row");
         let mut want = vec![f32::POISON; (2 * batch * longest * 4).max(1)];
@@ -583,16 +778,23 @@ fn compact_kv_into_the_fetched_max_len() {
             let (k, v) = want.split_at_mut(plane);
             let mut k = [ViewMut::new(k, Layout::bshd(batch, longest, 1, 4)).unwrap()];
             let mut v = [ViewMut::new(v, Layout::bshd(batch, longest, 1, 4)).unwrap()];
-            cpu::compact_kv(&src, &src, &kp, Padding::Left, &mut k, &mut v).expect("compact_kv (CPU)");
+            cpu::compact_kv(&src, &src, &kp, Padding::Left, &mut k, &mut v)
+                .expect("compact_kv (CPU)");
         }
         assert_bits_eq(&got, &want, &format!("case {n}"));
         if longest > 0 {
             let (res, out) = try_capacity(&dev_kp, longest - 1);
-            assert!(matches!(res, Err(Error::Shape { arg: "dst", .. })), "case {n}: one slot short: {res:?}");
+            assert!(
+                matches!(res, Err(Error::Shape { arg: "dst", .. })),
+                "case {n}: one slot short: {res:?}"
+            );
             assert_untouched(&out, "refused compaction");
         }
     }
-    assert!(shrank > 0 || cases(40) < 40, "no case where pruning shortened the rows");
+    assert!(
+        shrank > 0 || cases(40) < 40,
+        "no case where pruning shortened the rows"
+    );
 }
 
 #[test]
@@ -605,34 +807,65 @@ fn compact_kv_refuses_short_destination_and_layer_mismatch() {
     // capacity 2 for rows of up to 3 entries
     let mut dst = poisoned::<f32>(&stream, 4 * 2 * 2 * 4);
     let res = with_split_mut(&mut dst, &[16, 16, 16, 16], |views| {
-        let mut views: Vec<DevViewMut<'_, f32, 4>> =
-            views.into_iter().map(|v| DevViewMut::new(v, Layout::bshd(2, 2, 1, 4)).unwrap()).collect();
+        let mut views: Vec<DevViewMut<'_, f32, 4>> = views
+            .into_iter()
+            .map(|v| DevViewMut::new(v, Layout::bshd(2, 2, 1, 4)).unwrap())
+            .collect();
         let (k, v) = views.split_at_mut(2);
         let srcs = [src_view(), src_view()];
         cuda::compact_kv(&stream, &srcs, &srcs, &dev_kp, Padding::Right, k, v)
     });
-    assert!(matches!(res, Err(Error::Shape { arg: "dst", .. })), "short destination: {res:?}");
+    assert!(
+        matches!(res, Err(Error::Shape { arg: "dst", .. })),
+        "short destination: {res:?}"
+    );
     assert_untouched(&download(&stream, &dst), "short destination");
 
     let mut dst = poisoned::<f32>(&stream, 3 * 2 * 3 * 4);
     let res = with_split_mut(&mut dst, &[24, 24, 24], |views| {
-        let mut views: Vec<DevViewMut<'_, f32, 4>> =
-            views.into_iter().map(|v| DevViewMut::new(v, Layout::bshd(2, 3, 1, 4)).unwrap()).collect();
+        let mut views: Vec<DevViewMut<'_, f32, 4>> = views
+            .into_iter()
+            .map(|v| DevViewMut::new(v, Layout::bshd(2, 3, 1, 4)).unwrap())
+            .collect();
         let (k, v) = views.split_at_mut(2);
-        cuda::compact_kv(&stream, &[src_view(), src_view()], &[src_view()], &dev_kp, Padding::Right, k, v)
+        cuda::compact_kv(
+            &stream,
+            &[src_view(), src_view()],
+            &[src_view()],
+            &dev_kp,
+            Padding::Right,
+            k,
+            v,
+        )
     });
-    assert!(matches!(res, Err(Error::Shape { arg: "v_src", .. })), "2 K layers, 1 V layer: {res:?}");
+    assert!(
+        matches!(res, Err(Error::Shape { arg: "v_src", .. })),
+        "2 K layers, 1 V layer: {res:?}"
+    );
     assert_untouched(&download(&stream, &dst), "layer mismatch");
 
     // 3 K and 1 V destinations for 2 layers: the total matches, the lists do not
     let mut dst = poisoned::<f32>(&stream, 4 * 2 * 3 * 4);
     let res = with_split_mut(&mut dst, &[24, 24, 24, 24], |views| {
-        let mut views: Vec<DevViewMut<'_, f32, 4>> =
-            views.into_iter().map(|v| DevViewMut::new(v, Layout::bshd(2, 3, 1, 4)).unwrap()).collect();
+        let mut views: Vec<DevViewMut<'_, f32, 4>> = views
+            .into_iter()
+            .map(|v| DevViewMut::new(v, Layout::bshd(2, 3, 1, 4)).unwrap())
+            .collect();
         let (k, v) = views.split_at_mut(3);
-        cuda::compact_kv(&stream, &[src_view(), src_view()], &[src_view(), src_view()], &dev_kp, Padding::Right, k, v)
+        cuda::compact_kv(
+            &stream,
+            &[src_view(), src_view()],
+            &[src_view(), src_view()],
+            &dev_kp,
+            Padding::Right,
+            k,
+            v,
+        )
     });
-    assert!(matches!(res, Err(Error::Shape { arg: "k_dst", .. })), "3 + 1 destinations for 2 layers: {res:?}");
+    assert!(
+        matches!(res, Err(Error::Shape { arg: "k_dst", .. })),
+        "3 + 1 destinations for 2 layers: {res:?}"
+    );
     assert_untouched(&download(&stream, &dst), "destination counts");
 }
 
@@ -644,7 +877,11 @@ fn compact_kv_refuses_short_destination_and_layer_mismatch() {
 fn rows_layout(r: &mut StdRng, b: usize, s: usize, w: usize) -> Layout<3> {
     let gap = [0, 0, 1, 3][r.random_range(0..4)];
     let (b1, s1) = (b.max(1), s.max(1));
-    let strides = if r.random_bool(0.7) { [s1 * (w + gap), w + gap, 1] } else { [w + gap, b1 * (w + gap), 1] };
+    let strides = if r.random_bool(0.7) {
+        [s1 * (w + gap), w + gap, 1]
+    } else {
+        [w + gap, b1 * (w + gap), 1]
+    };
     Layout::strided([b, s, w], strides).expect("rows layout")
 }
 
@@ -657,26 +894,46 @@ fn hidden_random<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64, widths: &[usiz
         let kp = random_positions(&mut r, batch, seq);
         let w = widths[r.random_range(0..widths.len())];
         let count = r.random_range(1..=3);
-        let padding = if r.random_bool(0.5) { Padding::Right } else { Padding::Left };
+        let padding = if r.random_bool(0.5) {
+            Padding::Right
+        } else {
+            Padding::Left
+        };
         let src_layout = rows_layout(&mut r, batch, seq, w);
         let dst_seq = kp.max_len() + r.random_range(0..=3);
         let dst_layout = rows_layout(&mut r, batch, dst_seq, w);
         let (src_offset, dst_offset) = (r.random_range(0..=1), r.random_range(0..=1));
         let stacked = r.random_bool(0.5);
-        let src = Planes::new(src_layout, count, src_offset, r.random_range(0..=2), T::POISON, || random_elem(&mut r, -8.0, 8.0));
-        let dst = Planes::new(dst_layout, count, dst_offset, r.random_range(0..=2), T::POISON, || T::POISON);
+        let src = Planes::new(
+            src_layout,
+            count,
+            src_offset,
+            r.random_range(0..=2),
+            T::POISON,
+            || random_elem(&mut r, -8.0, 8.0),
+        );
+        let dst = Planes::new(
+            dst_layout,
+            count,
+            dst_offset,
+            r.random_range(0..=2),
+            T::POISON,
+            || T::POISON,
+        );
         let what = format!(
             "{} case {n}: W {w}, {count} planes, {padding:?}, src {src_layout:?} +{src_offset}, dst {dst_layout:?} +{dst_offset}",
             std::any::type_name::<T>()
         );
 
         let mut want = dst.clone();
-        cpu::gather_rows(&src.views(), &kp, padding, &mut want.views_mut()).expect("gather_rows (CPU)");
+        cpu::gather_rows(&src.views(), &kp, padding, &mut want.views_mut())
+            .expect("gather_rows (CPU)");
         let dev_kp = DeviceKeepPositions::from_host(stream, &kp).expect("device positions");
         let src_bufs = SrcBufs::new(stream, &src, stacked);
         let src_views = src_bufs.views(&src);
         let got = with_dst_views(stream, &dst, !stacked, |outs| {
-            cuda::gather_rows(stream, &src_views, &dev_kp, padding, outs).expect("gather_rows (CUDA)");
+            cuda::gather_rows(stream, &src_views, &dev_kp, padding, outs)
+                .expect("gather_rows (CUDA)");
         });
         assert_bits_eq(&got, &want.data, &what);
     }
@@ -710,7 +967,11 @@ fn gather_rows_position_ids() {
         let (batch, seq) = (r.random_range(1..=4), r.random_range(1..=200));
         let kp = random_positions(&mut r, batch, seq);
         let dst_seq = kp.max_len() + r.random_range(0..=3);
-        let padding = if r.random_bool(0.5) { Padding::Right } else { Padding::Left };
+        let padding = if r.random_bool(0.5) {
+            Padding::Right
+        } else {
+            Padding::Left
+        };
         let src_layout = Layout::contiguous([batch, seq, 1]);
         let dst_layout = Layout::strided([batch, dst_seq, 1], [dst_seq.max(1), 1, 1]).unwrap();
         // distinct ids: section, row and position encoded
@@ -722,13 +983,19 @@ fn gather_rows_position_ids() {
         let dst = Planes::new(dst_layout, 3, 0, 0, i32::POISON, || i32::POISON);
 
         let mut want = dst.clone();
-        cpu::gather_rows(&src.views(), &kp, padding, &mut want.views_mut()).expect("gather_rows (CPU)");
+        cpu::gather_rows(&src.views(), &kp, padding, &mut want.views_mut())
+            .expect("gather_rows (CPU)");
         let dev_kp = DeviceKeepPositions::from_host(&stream, &kp).expect("device positions");
         let src_bufs = SrcBufs::new(&stream, &src, true);
         let src_views = src_bufs.views(&src);
         let got = with_dst_views(&stream, &dst, true, |outs| {
-            cuda::gather_rows(&stream, &src_views, &dev_kp, padding, outs).expect("gather_rows (CUDA)");
+            cuda::gather_rows(&stream, &src_views, &dev_kp, padding, outs)
+                .expect("gather_rows (CUDA)");
         });
-        assert_bits_eq(&got, &want.data, &format!("case {n}: B {batch}, S {seq} -> {dst_seq}, {padding:?}"));
+        assert_bits_eq(
+            &got,
+            &want.data,
+            &format!("case {n}: B {batch}, S {seq} -> {dst_seq}, {padding:?}"),
+        );
     }
 }

@@ -16,7 +16,9 @@ use cudarc::driver::CudaStream;
 use foveal::cuda::{DevView, DevViewMut, DeviceRowLayout, Workspace};
 use foveal::glimpse_scores::{cpu, cuda};
 use foveal::{Error, Layout, RowLayout, RowSpec, ScoreMode};
-use foveal_tests::gpu::{assert_bits_eq, assert_untouched, cases, download, gpu, in_sweep, poisoned, upload, GpuElem};
+use foveal_tests::gpu::{
+    assert_bits_eq, assert_untouched, cases, download, gpu, in_sweep, poisoned, upload, GpuElem,
+};
 use foveal_tests::{random_elem, random_rows, rng, Bits, KvOrder, Poison, RowOpts, Tensor};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -40,9 +42,14 @@ fn vec_elems<T>() -> usize {
 enum Order3 {
     Contiguous,
     /// Row-major with a gap after each innermost row and after each batch.
-    Padded { inner_gap: usize, outer_gap: usize },
+    Padded {
+        inner_gap: usize,
+        outer_gap: usize,
+    },
     /// The middle dim outermost: `[dim1, B, dim2]` storage.
-    MiddleMajor { inner_gap: usize },
+    MiddleMajor {
+        inner_gap: usize,
+    },
 }
 
 impl Order3 {
@@ -50,8 +57,13 @@ impl Order3 {
     fn pick(r: &mut StdRng, align: usize) -> Order3 {
         match r.random_range(0..3) {
             0 => Order3::Contiguous,
-            1 => Order3::Padded { inner_gap: align * r.random_range(0..3), outer_gap: align * r.random_range(0..3) },
-            _ => Order3::MiddleMajor { inner_gap: align * r.random_range(0..2) },
+            1 => Order3::Padded {
+                inner_gap: align * r.random_range(0..3),
+                outer_gap: align * r.random_range(0..3),
+            },
+            _ => Order3::MiddleMajor {
+                inner_gap: align * r.random_range(0..2),
+            },
         }
     }
 
@@ -60,7 +72,10 @@ impl Order3 {
         let [a, m, n] = shape.map(|x| x.max(1));
         match self {
             Order3::Contiguous => [m * n, n, 1],
-            Order3::Padded { inner_gap, outer_gap } => [m * (n + inner_gap) + outer_gap, n + inner_gap, 1],
+            Order3::Padded {
+                inner_gap,
+                outer_gap,
+            } => [m * (n + inner_gap) + outer_gap, n + inner_gap, 1],
             Order3::MiddleMajor { inner_gap } => [n + inner_gap, a * (n + inner_gap), 1],
         }
     }
@@ -92,7 +107,11 @@ struct Case {
 fn random_case<T>(r: &mut StdRng, seed: u64, mode: ScoreMode, long: bool) -> Case {
     let vec = vec_elems::<T>();
     let group = GROUPS[r.random_range(0..GROUPS.len())];
-    let kv_heads = if group >= 12 { r.random_range(1..=2) } else { r.random_range(1..=3) };
+    let kv_heads = if group >= 12 {
+        r.random_range(1..=2)
+    } else {
+        r.random_range(1..=3)
+    };
     let dims = [vec, 2 * vec, 3 * vec, 64, 80, 96, 128, 256];
     let mut head_dim = dims[r.random_range(0..dims.len())];
     let (batch, seq) = if long {
@@ -141,8 +160,10 @@ fn inputs<T: GpuElem>(c: &Case, rows: Vec<RowSpec>) -> Inputs<T> {
     let hq = c.group * c.kv_heads;
     let offset = if c.offset { vec_elems::<T>() } else { 0 };
     let q_shape = [c.batch, hq, c.head_dim];
-    let q = Tensor::from_fn(q_shape, c.q_order.strides(q_shape), T::POISON, |_| random_elem(&mut r, -c.amp, c.amp))
-        .offset_by(offset, T::POISON);
+    let q = Tensor::from_fn(q_shape, c.q_order.strides(q_shape), T::POISON, |_| {
+        random_elem(&mut r, -c.amp, c.amp)
+    })
+    .offset_by(offset, T::POISON);
     // Keys outside a row's valid range are poison: reading one makes the
     // row's log-sum-exp NaN.
     let k_shape = [c.batch, c.seq, c.kv_heads, c.head_dim];
@@ -157,7 +178,13 @@ fn inputs<T: GpuElem>(c: &Case, rows: Vec<RowSpec>) -> Inputs<T> {
     .offset_by(offset, T::POISON);
     let out_shape = [c.batch, layout.nv_max(), hq];
     let out = Tensor::filled(out_shape, c.out_order.strides(out_shape), f32::POISON);
-    Inputs { rows, layout, q, k, out }
+    Inputs {
+        rows,
+        layout,
+        q,
+        k,
+        out,
+    }
 }
 
 /// Runs the CUDA path on `inp` into a fresh poisoned copy of its output and
@@ -190,14 +217,24 @@ fn run_gpu<T: GpuElem>(
 /// The CPU reference's output storage.
 fn run_cpu<T: GpuElem>(inp: &Inputs<T>, scale: Option<f32>, mode: ScoreMode) -> Vec<f32> {
     let mut want = inp.out.clone();
-    cpu::glimpse_scores(inp.q.view(), inp.k.view(), &inp.layout, scale, mode, &mut want.view_mut())
-        .expect("glimpse_scores (CPU)");
+    cpu::glimpse_scores(
+        inp.q.view(),
+        inp.k.view(),
+        &inp.layout,
+        scale,
+        mode,
+        &mut want.view_mut(),
+    )
+    .expect("glimpse_scores (CPU)");
     want.data
 }
 
 /// Euclidean norm of a stored vector, in f64.
 fn norm<T: GpuElem>(x: &[T]) -> f64 {
-    x.iter().map(|v| (v.to_f32() as f64).powi(2)).sum::<f64>().sqrt()
+    x.iter()
+        .map(|v| (v.to_f32() as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Compares the GPU output storage with the CPU one: visual entries within
@@ -214,7 +251,11 @@ fn compare<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: &[f32]) {
         let ln_n = (row.end as f64 - row.start as f64).ln();
         // |k_p| of every valid key of the row, per KV head.
         let k_norm: Vec<Vec<f64>> = (0..c.kv_heads)
-            .map(|kvh| (row.start..row.end).map(|p| norm(k.row([b, p, kvh, 0]))).collect())
+            .map(|kvh| {
+                (row.start..row.end)
+                    .map(|p| norm(k.row([b, p, kvh, 0])))
+                    .collect()
+            })
             .collect();
         for h in 0..hq {
             let q_norm = norm(q.row([b, h, 0]));
@@ -252,14 +293,20 @@ fn compare<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: &[f32]) {
     for (o, &is_logical) in logical.iter().enumerate() {
         if !is_logical {
             let g = got[o];
-            assert!(g.bits() == f32::POISON.bits(), "{c:?}: storage offset {o} outside the output view was written: {g}");
+            assert!(
+                g.bits() == f32::POISON.bits(),
+                "{c:?}: storage offset {o} outside the output view was written: {g}"
+            );
         }
     }
 }
 
 fn check_case<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, c: &Case) {
     let mut r = rng(c.seed);
-    let inp = inputs::<T>(c, random_rows(&mut r, c.batch, c.seq, RowOpts::with_all_visual(true)));
+    let inp = inputs::<T>(
+        c,
+        random_rows(&mut r, c.batch, c.seq, RowOpts::with_all_visual(true)),
+    );
     let want = run_cpu(&inp, c.scale, c.mode);
     let got = run_gpu(stream, ws, &inp, c.scale, c.mode);
     compare(c, &inp, &got, &want);
@@ -274,7 +321,12 @@ fn random_cases<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
     let mut r = rng(seed);
     let mut ws = Workspace::new();
     for n in 0..cases(200) as u64 {
-        let c = random_case::<T>(&mut r, seed.wrapping_mul(1000) + n, MODES[n as usize % 3], n % 8 == 7);
+        let c = random_case::<T>(
+            &mut r,
+            seed.wrapping_mul(1000) + n,
+            MODES[n as usize % 3],
+            n % 8 == 7,
+        );
         check_case::<T>(stream, &mut ws, &c);
     }
 }
@@ -351,12 +403,31 @@ fn long_rows_merge_key_splits() {
     let mut ws = Workspace::new();
     let seq = 6000;
     let rows = vec![
-        RowSpec { start: 0, end: seq, visual: (200..5200).collect() },
-        RowSpec { start: seq - 1, end: seq, visual: vec![] },
-        RowSpec { start: 10, end: 400, visual: (11..399).step_by(3).collect() },
-        RowSpec { start: seq - 3000, end: seq, visual: (seq - 3000..seq - 1).collect() },
+        RowSpec {
+            start: 0,
+            end: seq,
+            visual: (200..5200).collect(),
+        },
+        RowSpec {
+            start: seq - 1,
+            end: seq,
+            visual: vec![],
+        },
+        RowSpec {
+            start: 10,
+            end: 400,
+            visual: (11..399).step_by(3).collect(),
+        },
+        RowSpec {
+            start: seq - 3000,
+            end: seq,
+            visual: (seq - 3000..seq - 1).collect(),
+        },
     ];
-    for (n, (kv_heads, group, head_dim)) in [(1, 1, 128), (2, 4, 64), (1, 16, 64), (2, 7, 80)].into_iter().enumerate() {
+    for (n, (kv_heads, group, head_dim)) in [(1, 1, 128), (2, 4, 64), (1, 16, 64), (2, 7, 80)]
+        .into_iter()
+        .enumerate()
+    {
         for (m, mode) in MODES.into_iter().enumerate() {
             if !in_sweep(3 * n + m, 12) {
                 continue;
@@ -371,7 +442,11 @@ fn long_rows_merge_key_splits() {
                 scale: None,
                 mode,
                 amp: 2.0,
-                k_order: if n % 2 == 0 { KvOrder::Bhsd } else { KvOrder::Bshd },
+                k_order: if n % 2 == 0 {
+                    KvOrder::Bhsd
+                } else {
+                    KvOrder::Bshd
+                },
                 q_order: Order3::Contiguous,
                 out_order: Order3::Contiguous,
                 offset: false,
@@ -390,8 +465,30 @@ fn long_rows_merge_key_splits() {
 fn rows_without_visual_tokens() {
     let Some(stream) = gpu() else { return };
     let mut ws = Workspace::new();
-    let empty = vec![RowSpec { start: 0, end: 5, visual: vec![] }, RowSpec { start: 3, end: 9, visual: vec![] }];
-    let some = vec![RowSpec { start: 0, end: 5, visual: vec![] }, RowSpec { start: 3, end: 9, visual: vec![4, 6, 7] }];
+    let empty = vec![
+        RowSpec {
+            start: 0,
+            end: 5,
+            visual: vec![],
+        },
+        RowSpec {
+            start: 3,
+            end: 9,
+            visual: vec![],
+        },
+    ];
+    let some = vec![
+        RowSpec {
+            start: 0,
+            end: 5,
+            visual: vec![],
+        },
+        RowSpec {
+            start: 3,
+            end: 9,
+            visual: vec![4, 6, 7],
+        },
+    ];
     for (n, rows) in [empty, some].into_iter().enumerate() {
         for mode in MODES {
             let c = Case {
@@ -406,7 +503,10 @@ fn rows_without_visual_tokens() {
                 amp: 1.0,
                 k_order: KvOrder::Bshd,
                 q_order: Order3::Contiguous,
-                out_order: Order3::Padded { inner_gap: 1, outer_gap: 2 },
+                out_order: Order3::Padded {
+                    inner_gap: 1,
+                    outer_gap: 2,
+                },
                 offset: false,
             };
             let inp = inputs::<f32>(&c, rows.clone());
@@ -425,12 +525,24 @@ fn deterministic<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
     let mut ws = Workspace::new();
     for n in 0..cases(12) as u64 {
         let c = random_case::<T>(&mut r, seed * 100 + n, MODES[n as usize % 3], n % 2 == 1);
-        let inp = inputs::<T>(&c, random_rows(&mut rng(c.seed), c.batch, c.seq, RowOpts::with_all_visual(true)));
+        let inp = inputs::<T>(
+            &c,
+            random_rows(
+                &mut rng(c.seed),
+                c.batch,
+                c.seq,
+                RowOpts::with_all_visual(true),
+            ),
+        );
         let first = run_gpu(stream, &mut ws, &inp, c.scale, c.mode);
         let second = run_gpu(stream, &mut ws, &inp, c.scale, c.mode);
         let third = run_gpu(&other, &mut Workspace::new(), &inp, c.scale, c.mode);
         assert_bits_eq(&second, &first, &format!("{c:?}: second run"));
-        assert_bits_eq(&third, &first, &format!("{c:?}: run with a fresh workspace on another stream"));
+        assert_bits_eq(
+            &third,
+            &first,
+            &format!("{c:?}: run with a fresh workspace on another stream"),
+        );
     }
 }
 
@@ -457,18 +569,36 @@ struct Small<T> {
 
 impl<T: GpuElem> Small<T> {
     fn new(d: usize) -> Self {
-        let rows = RowLayout::new(6, &[RowSpec { start: 0, end: 6, visual: vec![1, 3] }]).expect("rows");
+        let rows = RowLayout::new(
+            6,
+            &[RowSpec {
+                start: 0,
+                end: 6,
+                visual: vec![1, 3],
+            }],
+        )
+        .expect("rows");
         let mut r = rng(9);
         // one spare element at the end of each buffer, for the shifted views
-        let q = (0..2 * d + 1).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
-        let k = (0..6 * d + 1).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
+        let q = (0..2 * d + 1)
+            .map(|_| random_elem(&mut r, -1.0, 1.0))
+            .collect();
+        let k = (0..6 * d + 1)
+            .map(|_| random_elem(&mut r, -1.0, 1.0))
+            .collect();
         Small { rows, q, k, d }
     }
 
     /// Runs the CUDA path with q and k starting `q_shift` / `k_shift`
     /// elements into their buffers and q's head stride `q_stride`;
     /// returns the result and the output storage (poisoned before).
-    fn run(&self, stream: &Arc<CudaStream>, q_shift: usize, k_shift: usize, q_stride: usize) -> (Result<(), Error>, Vec<f32>) {
+    fn run(
+        &self,
+        stream: &Arc<CudaStream>,
+        q_shift: usize,
+        k_shift: usize,
+        q_stride: usize,
+    ) -> (Result<(), Error>, Vec<f32>) {
         let d = self.d;
         let rows = DeviceRowLayout::new(stream, &self.rows).expect("device rows");
         let q_dev = upload(stream, &self.q);
@@ -478,8 +608,18 @@ impl<T: GpuElem> Small<T> {
         let k = DevView::new(k_dev.slice(k_shift..), Layout::bshd(1, 6, 1, d)).expect("k view");
         let mut out_dev = poisoned::<f32>(stream, 2 * 2);
         let res = {
-            let mut out = DevViewMut::new(out_dev.as_view_mut(), Layout::contiguous([1, 2, 2])).expect("out view");
-            cuda::glimpse_scores(stream, &q, &k, &rows, None, ScoreMode::LogSoftmax, &mut out, &mut Workspace::new())
+            let mut out = DevViewMut::new(out_dev.as_view_mut(), Layout::contiguous([1, 2, 2]))
+                .expect("out view");
+            cuda::glimpse_scores(
+                stream,
+                &q,
+                &k,
+                &rows,
+                None,
+                ScoreMode::LogSoftmax,
+                &mut out,
+                &mut Workspace::new(),
+            )
         };
         (res, download(stream, &out_dev))
     }
@@ -525,8 +665,14 @@ fn refuses_head_dims_off_the_vector_width() {
     let (res, out) = Small::<bf16>::new(264).run(&stream, 0, 0, 264);
     assert_unsupported(res, &out, "bf16 head dim 264 (past 256)");
     // the smallest valid ones work
-    Small::<f32>::new(4).run(&stream, 0, 0, 4).0.expect("f32 head dim 4");
-    Small::<bf16>::new(8).run(&stream, 0, 0, 8).0.expect("bf16 head dim 8");
+    Small::<f32>::new(4)
+        .run(&stream, 0, 0, 4)
+        .0
+        .expect("f32 head dim 4");
+    Small::<bf16>::new(8)
+        .run(&stream, 0, 0, 8)
+        .0
+        .expect("bf16 head dim 8");
 }
 
 #[test]
@@ -534,13 +680,20 @@ fn refuses_q_strides_off_the_vector_width() {
     let Some(stream) = gpu() else { return };
     let mut small = Small::<bf16>::new(8);
     let mut r = rng(4);
-    small.q = (0..2 * 12).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
+    small.q = (0..2 * 12)
+        .map(|_| random_elem(&mut r, -1.0, 1.0))
+        .collect();
     let (res, out) = small.run(&stream, 0, 0, 11);
     assert_unsupported(res, &out, "bf16 q head stride 11");
     let (res, out) = small.run(&stream, 0, 0, 12);
     assert_unsupported(res, &out, "bf16 q head stride 12 (not a multiple of 8)");
-    small.q = (0..2 * 16).map(|_| random_elem(&mut r, -1.0, 1.0)).collect();
-    small.run(&stream, 0, 0, 16).0.expect("bf16 q head stride 16");
+    small.q = (0..2 * 16)
+        .map(|_| random_elem(&mut r, -1.0, 1.0))
+        .collect();
+    small
+        .run(&stream, 0, 0, 16)
+        .0
+        .expect("bf16 q head stride 16");
 }
 
 #[test]
@@ -555,9 +708,22 @@ fn refuses_output_of_wrong_shape() {
     let mut out_dev = poisoned::<f32>(&stream, 8);
     let res = {
         // [B, Hq, Nv] instead of [B, Nv, Hq]
-        let mut out = DevViewMut::new(out_dev.slice_mut(..), Layout::contiguous([1, 2, 3])).expect("out view");
-        cuda::glimpse_scores(&stream, &q, &k, &rows, None, ScoreMode::Logits, &mut out, &mut Workspace::new())
+        let mut out = DevViewMut::new(out_dev.slice_mut(..), Layout::contiguous([1, 2, 3]))
+            .expect("out view");
+        cuda::glimpse_scores(
+            &stream,
+            &q,
+            &k,
+            &rows,
+            None,
+            ScoreMode::Logits,
+            &mut out,
+            &mut Workspace::new(),
+        )
     };
-    assert!(matches!(res, Err(Error::Shape { arg: "out", .. })), "{res:?}");
+    assert!(
+        matches!(res, Err(Error::Shape { arg: "out", .. })),
+        "{res:?}"
+    );
     assert_untouched(&download(&stream, &out_dev), "output of wrong shape");
 }

@@ -23,13 +23,27 @@ fn check<T: GpuElem>(seed: u64) {
             (4, 0) => ScaleSet::three(),
             (4, 1) => ScaleSet::seven(),
             _ => {
-                let divs: Vec<usize> = (1..=window).filter(|&d| window.checked_rem(d) == Some(0)).collect();
+                let divs: Vec<usize> = (1..=window)
+                    .filter(|&d| window.checked_rem(d) == Some(0))
+                    .collect();
                 let k = r.random_range(1..=6);
-                let s: Vec<(usize, usize)> = (0..k).map(|_| (divs[r.random_range(0..divs.len())], divs[r.random_range(0..divs.len())])).collect();
+                let s: Vec<(usize, usize)> = (0..k)
+                    .map(|_| {
+                        (
+                            divs[r.random_range(0..divs.len())],
+                            divs[r.random_range(0..divs.len())],
+                        )
+                    })
+                    .collect();
                 ScaleSet::new(&s).unwrap()
             }
         };
-        let shape = [r.random_range(1..4), r.random_range(1..50), r.random_range(1..50), r.random_range(1..200)];
+        let shape = [
+            r.random_range(1..4),
+            r.random_range(1..50),
+            r.random_range(1..50),
+            r.random_range(1..200),
+        ];
         let prob = r.random_bool(0.5);
         let ties = r.random_bool(0.5);
         let xs = random_strides(&mut r, shape);
@@ -48,7 +62,8 @@ fn check<T: GpuElem>(seed: u64) {
         let n_out = max_tokens(shape[1], shape[2], window, &set);
         let ts = random_strides(&mut r, [shape[0], n_out, shape[3]]);
         let mut want_t: Tensor<T, 3> = Tensor::filled([shape[0], n_out, shape[3]], ts, T::POISON);
-        let mut want_p: Tensor<i32, 2> = Tensor::filled([shape[0], n_out], [n_out + 3, 1], i32::MIN);
+        let mut want_p: Tensor<i32, 2> =
+            Tensor::filled([shape[0], n_out], [n_out + 3, 1], i32::MIN);
         let mut want_c = vec![i32::MIN; shape[0]];
         let got_t = want_t.clone();
         let got_p = want_p.clone();
@@ -81,9 +96,16 @@ fn check<T: GpuElem>(seed: u64) {
         )
         .expect("CUDA");
         let what = format!("case {n}: {shape:?}, w {window}, {set:?}, prob {prob}");
-        assert_eq!(download(&stream, &dc)[..shape[0]], want_c[..], "{what}: counts");
+        assert_eq!(
+            download(&stream, &dc)[..shape[0]],
+            want_c[..],
+            "{what}: counts"
+        );
         assert_eq!(download(&stream, &dp), want_p.data, "{what}: positions");
-        let tol = Tol { rel: if prob { Tol::for_elem::<T>().rel } else { 0.0 }, abs: 0.0 };
+        let tol = Tol {
+            rel: if prob { Tol::for_elem::<T>().rel } else { 0.0 },
+            abs: 0.0,
+        };
         for (o, (g, w)) in download(&stream, &dt).iter().zip(&want_t.data).enumerate() {
             let ok = g.bits() == w.bits() || tol.allows(to_f64(*g), to_f64(*w), 0.0);
             assert!(ok, "{what}: token storage offset {o}: GPU {g:?}, CPU {w:?}");
@@ -113,7 +135,12 @@ fn refuses_scales_not_dividing_the_window() {
     let z: Tensor<f32, 3> = Tensor::filled([1, 1, 1], [1, 1, 1], 0.0);
     let t: Tensor<f32, 3> = Tensor::filled([1, 16, 2], [32, 2, 1], f32::NAN);
     let p: Tensor<i32, 2> = Tensor::filled([1, 16], [16, 1], -7);
-    let (dx, dz, mut dt, mut dp) = (x.upload(&stream), z.upload(&stream), t.upload(&stream), p.upload(&stream));
+    let (dx, dz, mut dt, mut dp) = (
+        x.upload(&stream),
+        z.upload(&stream),
+        t.upload(&stream),
+        p.upload(&stream),
+    );
     let mut dc = poisoned::<i32>(&stream, 1);
     let mut cview = DevViewMut::new(dc.as_view_mut(), Layout::contiguous([1])).unwrap();
     let set = ScaleSet::new(&[(3, 3)]).unwrap();
@@ -131,5 +158,8 @@ fn refuses_scales_not_dividing_the_window() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::Value { arg: "scales", .. }));
-    assert!(download(&stream, &dp).iter().all(|&v| v == -7), "written on error");
+    assert!(
+        download(&stream, &dp).iter().all(|&v| v == -7),
+        "written on error"
+    );
 }

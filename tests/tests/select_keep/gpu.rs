@@ -26,7 +26,11 @@ fn rows_with_counts(nv: &[usize]) -> RowLayout {
     let seq = 2 * nv.iter().copied().max().unwrap_or(0) + 2;
     let rows: Vec<RowSpec> = nv
         .iter()
-        .map(|&n| RowSpec { start: 0, end: 2 * n + 2, visual: (0..n).map(|i| 2 * i + 1).collect() })
+        .map(|&n| RowSpec {
+            start: 0,
+            end: 2 * n + 2,
+            visual: (0..n).map(|i| 2 * i + 1).collect(),
+        })
         .collect();
     RowLayout::new(seq, &rows).expect("rows")
 }
@@ -115,7 +119,11 @@ fn random_rule(r: &mut StdRng, nv_max: usize) -> KeepRule {
         4 => usize::MAX,
         _ => nv_max + 1,
     };
-    KeepRule { threshold, max_ratio, min_keep }
+    KeepRule {
+        threshold,
+        max_ratio,
+        min_keep,
+    }
 }
 
 /// Row counts: empty rows, short rows, rows across the 512-thread block, and
@@ -161,12 +169,24 @@ fn assert_same(got: &KeepSet, want: &KeepSet, rows: &RowLayout, what: &str) {
     let nv_max = rows.nv_max();
     for b in 0..rows.batch() {
         assert_eq!(gc[b], wc[b], "{what}: row {b} (nv {}): count", rows.nv(b));
-        let (g, w) = (&gi[b * nv_max..(b + 1) * nv_max], &wi[b * nv_max..(b + 1) * nv_max]);
+        let (g, w) = (
+            &gi[b * nv_max..(b + 1) * nv_max],
+            &wi[b * nv_max..(b + 1) * nv_max],
+        );
         if let Some(j) = (0..nv_max).find(|&j| g[j] != w[j]) {
-            panic!("{what}: row {b} (nv {}, count {}): slot {j}: GPU {}, CPU {}", rows.nv(b), wc[b], g[j], w[j]);
+            panic!(
+                "{what}: row {b} (nv {}, count {}): slot {j}: GPU {}, CPU {}",
+                rows.nv(b),
+                wc[b],
+                g[j],
+                w[j]
+            );
         }
     }
-    assert!(got == want, "{what}: the keep sets differ in their bookkeeping (nv_max or layout id)");
+    assert!(
+        got == want,
+        "{what}: the keep sets differ in their bookkeeping (nv_max or layout id)"
+    );
 }
 
 /// One random case: a first call with another rule and other logits leaves
@@ -174,7 +194,12 @@ fn assert_same(got: &KeepSet, want: &KeepSet, rows: &RowLayout, what: &str) {
 fn check_case(stream: &Arc<CudaStream>, r: &mut StdRng, large: bool, what: &str) {
     let nv = random_counts(r, large);
     let rows = rows_with_counts(&nv);
-    let values = [Values::Ties, Values::Uniform, Values::Extremes, Values::Constant][r.random_range(0..4)];
+    let values = [
+        Values::Ties,
+        Values::Uniform,
+        Values::Extremes,
+        Values::Constant,
+    ][r.random_range(0..4)];
     let nan = [0.0, 0.0, 0.05, 0.5][r.random_range(0..4)];
     let gap = r.random_range(0..=3);
     let offset = r.random_range(0..=1);
@@ -185,8 +210,18 @@ fn check_case(stream: &Arc<CudaStream>, r: &mut StdRng, large: bool, what: &str)
     let dev_rows = DeviceRowLayout::new(stream, &rows).expect("device rows");
     let mut keep = DeviceKeepSet::new(stream, &dev_rows).expect("device keep set");
     let stale = logits_for(&rows, 0, 0, |_, _| r.random_range(-1.0f32..1.0));
-    run_gpu(stream, &stale, &dev_rows, &KeepRule { threshold: 0.5, max_ratio: None, min_keep: 0 }, &mut keep)
-        .expect("select_keep (CUDA), first call");
+    run_gpu(
+        stream,
+        &stale,
+        &dev_rows,
+        &KeepRule {
+            threshold: 0.5,
+            max_ratio: None,
+            min_keep: 0,
+        },
+        &mut keep,
+    )
+    .expect("select_keep (CUDA), first call");
     run_gpu(stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
     let got = keep.to_host(stream).expect("readback");
     assert_same(&got, &run_cpu(&logits, &rows, &rule), &rows, &what);
@@ -217,9 +252,17 @@ fn matches_cpu_on_rule_edges() {
         ("ties", |r, _, _| TIES[r.random_range(0..TIES.len())]),
         ("constant", |_, _, _| 0.0),
         ("all NaN", |_, _, _| f32::NAN),
-        ("NaN and -inf", |_, _, i| if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY }),
+        ("NaN and -inf", |_, _, i| {
+            if i % 2 == 0 {
+                f32::NAN
+            } else {
+                f32::NEG_INFINITY
+            }
+        }),
         ("descending", |_, _, i| -(i as f32)),
-        ("row-dependent ascending", |_, b, i| (i as f32 - b as f32 * 50.0) * 0.01),
+        ("row-dependent ascending", |_, b, i| {
+            (i as f32 - b as f32 * 50.0) * 0.01
+        }),
     ];
     let mut item = 0;
     for (name, pattern) in &patterns {
@@ -231,11 +274,21 @@ fn matches_cpu_on_rule_edges() {
                     if !in_sweep(item - 1, 6 * 4 * 5 * 5) {
                         continue;
                     }
-                    let rule = KeepRule { threshold, max_ratio, min_keep };
+                    let rule = KeepRule {
+                        threshold,
+                        max_ratio,
+                        min_keep,
+                    };
                     let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
-                    run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
+                    run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep)
+                        .expect("select_keep (CUDA)");
                     let got = keep.to_host(&stream).expect("readback");
-                    assert_same(&got, &run_cpu(&logits, &rows, &rule), &rows, &format!("{name}, {rule:?}"));
+                    assert_same(
+                        &got,
+                        &run_cpu(&logits, &rows, &rule),
+                        &rows,
+                        &format!("{name}, {rule:?}"),
+                    );
                 }
             }
         }
@@ -249,11 +302,24 @@ fn batch_without_visual_tokens() {
     let rows = rows_with_counts(&[0, 0, 0]);
     let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
     let logits = logits_for(&rows, 0, 0, |_, _| 0.0);
-    for rule in [KeepRule::default(), KeepRule::keep_all(), KeepRule { threshold: 0.0, max_ratio: Some(1.0), min_keep: 5 }] {
+    for rule in [
+        KeepRule::default(),
+        KeepRule::keep_all(),
+        KeepRule {
+            threshold: 0.0,
+            max_ratio: Some(1.0),
+            min_keep: 5,
+        },
+    ] {
         let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
         run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
         let got = keep.to_host(&stream).expect("readback");
-        assert_same(&got, &run_cpu(&logits, &rows, &rule), &rows, &format!("{rule:?}"));
+        assert_same(
+            &got,
+            &run_cpu(&logits, &rows, &rule),
+            &rows,
+            &format!("{rule:?}"),
+        );
         assert!((0..3).all(|b| got.kept(b).is_empty()));
     }
 }
@@ -268,7 +334,11 @@ fn deterministic_runs() {
     for n in 0..cases(20) {
         let nv = random_counts(&mut r, true);
         let rows = rows_with_counts(&nv);
-        let values = if n % 2 == 0 { Values::Ties } else { Values::Uniform };
+        let values = if n % 2 == 0 {
+            Values::Ties
+        } else {
+            Values::Uniform
+        };
         let logits = logits_for(&rows, 0, 0, |_, _| draw(&mut r, values, 0.05));
         let rule = random_rule(&mut r, rows.nv_max());
         let mut sets = Vec::new();
@@ -279,7 +349,12 @@ fn deterministic_runs() {
             sets.push(keep.to_host(s).expect("readback"));
         }
         assert_same(&sets[1], &sets[0], &rows, &format!("case {n}: second run"));
-        assert_same(&sets[2], &sets[0], &rows, &format!("case {n}: run on another stream"));
+        assert_same(
+            &sets[2],
+            &sets[0],
+            &rows,
+            &format!("case {n}: run on another stream"),
+        );
     }
 }
 
@@ -299,7 +374,10 @@ fn assert_refused(
     let host = keep.to_host(stream).expect("readback");
     let (idx, count) = host.packed();
     assert_eq!(count.len(), rows.batch(), "{what}: batch");
-    assert!(idx.iter().all(|&i| i == -1) && count.iter().all(|&c| c == 0), "{what}: the keep set was written");
+    assert!(
+        idx.iter().all(|&i| i == -1) && count.iter().all(|&c| c == 0),
+        "{what}: the keep set was written"
+    );
 }
 
 #[test]
@@ -312,9 +390,23 @@ fn refuses_keep_set_of_another_layout() {
     let logits = logits_for(&rows, 0, 0, |_, i| i as f32);
     let mut keep = DeviceKeepSet::new(&stream, &dev_other).expect("device keep set");
     let res = run_gpu(&stream, &logits, &dev_rows, &KeepRule::default(), &mut keep);
-    assert_refused(&stream, res, &keep, &other, "keep set sized for another layout", |e| {
-        matches!(e, Error::Shape { op: "select_keep", arg: "keep", .. })
-    });
+    assert_refused(
+        &stream,
+        res,
+        &keep,
+        &other,
+        "keep set sized for another layout",
+        |e| {
+            matches!(
+                e,
+                Error::Shape {
+                    op: "select_keep",
+                    arg: "keep",
+                    ..
+                }
+            )
+        },
+    );
 }
 
 #[test]
@@ -326,17 +418,36 @@ fn refuses_logits_of_wrong_shape_and_bad_rules() {
     let dev = upload(&stream, &[0.0f32; 16]);
     let wrong = DevView::new(dev.as_view(), Layout::contiguous([2, 4])).expect("view");
     let res = cuda::select_keep(&stream, &wrong, &dev_rows, &KeepRule::default(), &mut keep);
-    assert_refused(&stream, res, &keep, &rows, "logits [2, 4] for nv_max 5", |e| {
-        matches!(e, Error::Shape { arg: "logits", .. })
-    });
+    assert_refused(
+        &stream,
+        res,
+        &keep,
+        &rows,
+        "logits [2, 4] for nv_max 5",
+        |e| matches!(e, Error::Shape { arg: "logits", .. }),
+    );
     let logits = logits_for(&rows, 0, 0, |_, i| i as f32);
     for rule in [
-        KeepRule { threshold: 1.5, ..KeepRule::default() },
-        KeepRule { threshold: f32::NAN, ..KeepRule::default() },
-        KeepRule { max_ratio: Some(-0.1), ..KeepRule::default() },
-        KeepRule { max_ratio: Some(1.01), ..KeepRule::default() },
+        KeepRule {
+            threshold: 1.5,
+            ..KeepRule::default()
+        },
+        KeepRule {
+            threshold: f32::NAN,
+            ..KeepRule::default()
+        },
+        KeepRule {
+            max_ratio: Some(-0.1),
+            ..KeepRule::default()
+        },
+        KeepRule {
+            max_ratio: Some(1.01),
+            ..KeepRule::default()
+        },
     ] {
         let res = run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep);
-        assert_refused(&stream, res, &keep, &rows, &format!("{rule:?}"), |e| matches!(e, Error::Value { .. }));
+        assert_refused(&stream, res, &keep, &rows, &format!("{rule:?}"), |e| {
+            matches!(e, Error::Value { .. })
+        });
     }
 }

@@ -40,17 +40,42 @@ fn random_case<T: GpuElem>(r: &mut StdRng, large: bool) -> Case<T> {
     let q = random_tensor(r, qshape, qs, -1.0, 1.0);
     let ks = KvOrder::pick_aligned(r).strides(r, kshape);
     let k = random_tensor(r, kshape, ks, -1.0, 1.0);
-    let t: Vec<usize> = (0..batch).map(|_| if r.random_bool(0.1) { 0 } else { r.random_range(1..=text) }).collect();
-    let n: Vec<usize> = (0..batch).map(|_| if r.random_bool(0.1) { 0 } else { r.random_range(1..=visual) }).collect();
+    let t: Vec<usize> = (0..batch)
+        .map(|_| {
+            if r.random_bool(0.1) {
+                0
+            } else {
+                r.random_range(1..=text)
+            }
+        })
+        .collect();
+    let n: Vec<usize> = (0..batch)
+        .map(|_| {
+            if r.random_bool(0.1) {
+                0
+            } else {
+                r.random_range(1..=visual)
+            }
+        })
+        .collect();
     let gamma = [0.85, 1.0, 0.5, r.random_range(0.01f32..1.0)][r.random_range(0..4)];
-    Case { q, k, lengths: Lengths::new(&t, &n).unwrap(), gamma }
+    Case {
+        q,
+        k,
+        lengths: Lengths::new(&t, &n).unwrap(),
+        gamma,
+    }
 }
 
 /// keep `[B, N]`, count `[B]`, scores `[B, N]` read back.
 type Outputs = (Vec<i32>, Vec<i32>, Vec<f32>);
 
 /// Runs the GPU path on poisoned outputs.
-fn run_gpu<T: GpuElem>(stream: &Arc<CudaStream>, c: &Case<T>, ws: &mut Workspace) -> Result<Outputs, Error> {
+fn run_gpu<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    c: &Case<T>,
+    ws: &mut Workspace,
+) -> Result<Outputs, Error> {
     let (b, n) = (c.q.shape[0], c.k.shape[1]);
     let (dq, dk) = (c.q.upload(stream), c.k.upload(stream));
     let lengths = DeviceLengths::new(stream, &c.lengths)?;
@@ -61,9 +86,23 @@ fn run_gpu<T: GpuElem>(stream: &Arc<CudaStream>, c: &Case<T>, ws: &mut Workspace
         let mut kv = DevViewMut::new(keep.as_view_mut(), Layout::contiguous([b, n])).unwrap();
         let mut cv = DevViewMut::new(count.as_view_mut(), Layout::contiguous([b])).unwrap();
         let mut sv = DevViewMut::new(scores.as_view_mut(), Layout::contiguous([b, n])).unwrap();
-        cuda::text_guided_select(stream, &c.q.dev_view(&dq), &c.k.dev_view(&dk), &lengths, c.gamma, &mut kv, &mut cv, Some(&mut sv), ws)?;
+        cuda::text_guided_select(
+            stream,
+            &c.q.dev_view(&dq),
+            &c.k.dev_view(&dk),
+            &lengths,
+            c.gamma,
+            &mut kv,
+            &mut cv,
+            Some(&mut sv),
+            ws,
+        )?;
     }
-    Ok((download(stream, &keep), download(stream, &count), download(stream, &scores)))
+    Ok((
+        download(stream, &keep),
+        download(stream, &count),
+        download(stream, &scores),
+    ))
 }
 
 fn check<T: GpuElem>(seed: u64) {
@@ -73,7 +112,11 @@ fn check<T: GpuElem>(seed: u64) {
     for case in 0..cases(24) {
         let c: Case<T> = random_case(&mut r, case % 6 == 5);
         let (b, n) = (c.q.shape[0], c.k.shape[1]);
-        let (mut keep, mut count, mut scores) = (vec![i32::MIN; b * n], vec![i32::MIN; b], vec![f32::NAN; b * n]);
+        let (mut keep, mut count, mut scores) = (
+            vec![i32::MIN; b * n],
+            vec![i32::MIN; b],
+            vec![f32::NAN; b * n],
+        );
         cpu::text_guided_select(
             c.q.view(),
             c.k.view(),
@@ -85,18 +128,37 @@ fn check<T: GpuElem>(seed: u64) {
         )
         .expect("CPU");
         let (gk, gc, gs) = run_gpu(&stream, &c, &mut ws).expect("CUDA");
-        let what = format!("case {case}: q {:?}, k {:?}, {:?}, gamma {}", c.q.shape, c.k.shape, c.lengths, c.gamma);
+        let what = format!(
+            "case {case}: q {:?}, k {:?}, {:?}, gamma {}",
+            c.q.shape, c.k.shape, c.lengths, c.gamma
+        );
         for row in 0..b {
             let nl = c.lengths.n_len()[row];
             let s = &gs[row * n..(row + 1) * n];
             for i in 0..n {
                 let w = scores[row * n + i];
-                assert!((s[i] - w).abs() <= 1e-5 * w.abs() + 1e-7, "{what}: row {row}: S[{i}] GPU {}, CPU {w}", s[i]);
+                assert!(
+                    (s[i] - w).abs() <= 1e-5 * w.abs() + 1e-7,
+                    "{what}: row {row}: S[{i}] GPU {}, CPU {w}",
+                    s[i]
+                );
             }
-            let want: Vec<i32> = select_from_scores(&s[..nl], c.gamma).iter().map(|&i| i as i32).collect();
+            let want: Vec<i32> = select_from_scores(&s[..nl], c.gamma)
+                .iter()
+                .map(|&i| i as i32)
+                .collect();
             assert_eq!(gc[row] as usize, want.len(), "{what}: row {row}: count");
-            assert_eq!(&gk[row * n..row * n + want.len()], &want[..], "{what}: row {row}: kept");
-            assert!(gk[row * n + want.len()..(row + 1) * n].iter().all(|&v| v == -1), "{what}: row {row}: padding");
+            assert_eq!(
+                &gk[row * n..row * n + want.len()],
+                &want[..],
+                "{what}: row {row}: kept"
+            );
+            assert!(
+                gk[row * n + want.len()..(row + 1) * n]
+                    .iter()
+                    .all(|&v| v == -1),
+                "{what}: row {row}: padding"
+            );
             // the CPU's count within the ambiguity of rounding: equal counts when S agree bitwise
             if s[..nl] == scores[row * n..row * n + nl] {
                 assert_eq!(gc[row], count[row], "{what}: row {row}: same S, same count");
@@ -104,9 +166,22 @@ fn check<T: GpuElem>(seed: u64) {
         }
         // determinism: again on this stream and on another
         let other = gpu().expect("second stream");
-        assert_eq!(run_gpu(&stream, &c, &mut ws).expect("CUDA"), (gk.clone(), gc.clone(), gs.clone()), "{what}: rerun");
+        assert_eq!(
+            run_gpu(&stream, &c, &mut ws).expect("CUDA"),
+            (gk.clone(), gc.clone(), gs.clone()),
+            "{what}: rerun"
+        );
         let again = run_gpu(&other, &c, &mut Workspace::new()).expect("CUDA");
-        assert!(again.0 == gk && again.1 == gc && again.2.iter().zip(&gs).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: other stream");
+        assert!(
+            again.0 == gk
+                && again.1 == gc
+                && again
+                    .2
+                    .iter()
+                    .zip(&gs)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: other stream"
+        );
     }
 }
 
@@ -131,10 +206,29 @@ fn refuses_unsupported_head_dims_and_bad_gamma() {
     let mut r = rng(34);
     let q: Tensor<f32, 4> = random_tensor(&mut r, [1, 2, 2, 6], [24, 12, 6, 1], -1.0, 1.0);
     let k: Tensor<f32, 4> = random_tensor(&mut r, [1, 5, 1, 6], [30, 6, 6, 1], -1.0, 1.0);
-    let c = Case { q, k, lengths: Lengths::full(1, 2, 5), gamma: 0.85 };
-    assert!(matches!(run_gpu(&stream, &c, &mut Workspace::new()), Err(Error::Unsupported { .. })), "head dim 6");
+    let c = Case {
+        q,
+        k,
+        lengths: Lengths::full(1, 2, 5),
+        gamma: 0.85,
+    };
+    assert!(
+        matches!(
+            run_gpu(&stream, &c, &mut Workspace::new()),
+            Err(Error::Unsupported { .. })
+        ),
+        "head dim 6"
+    );
     let q: Tensor<f32, 4> = random_tensor(&mut r, [1, 2, 2, 8], [32, 16, 8, 1], -1.0, 1.0);
     let k: Tensor<f32, 4> = random_tensor(&mut r, [1, 5, 1, 8], [40, 8, 8, 1], -1.0, 1.0);
-    let c = Case { q, k, lengths: Lengths::full(1, 2, 5), gamma: 0.0 };
-    assert!(matches!(run_gpu(&stream, &c, &mut Workspace::new()), Err(Error::Value { arg: "gamma", .. })));
+    let c = Case {
+        q,
+        k,
+        lengths: Lengths::full(1, 2, 5),
+        gamma: 0.0,
+    };
+    assert!(matches!(
+        run_gpu(&stream, &c, &mut Workspace::new()),
+        Err(Error::Value { arg: "gamma", .. })
+    ));
 }

@@ -14,9 +14,18 @@ fn check<T: GpuElem>(seed: u64) {
     let Some(stream) = gpu() else { return };
     let mut r = rng(seed);
     for n in 0..cases(40) {
-        let shape = [r.random_range(1..4), r.random_range(1..40), r.random_range(1..40), r.random_range(1..300)];
+        let shape = [
+            r.random_range(1..4),
+            r.random_range(1..40),
+            r.random_range(1..40),
+            r.random_range(1..300),
+        ];
         let window = r.random_range(1..9);
-        let pool = if r.random_bool(0.5) { Pool::Max } else { Pool::Mean };
+        let pool = if r.random_bool(0.5) {
+            Pool::Max
+        } else {
+            Pool::Mean
+        };
         let xs = random_strides(&mut r, shape);
         let x: Tensor<T, 4> = random_tensor(&mut r, shape, xs, -4.0, 4.0);
         let out_shape = [shape[0], num_windows(shape[1], shape[2], window), shape[3]];
@@ -26,11 +35,21 @@ fn check<T: GpuElem>(seed: u64) {
         cpu::window_mean(x.view(), window, pool, &mut want.view_mut()).expect("CPU");
         let dx = x.upload(&stream);
         let mut dout = got_t.upload(&stream);
-        cuda::window_mean(&stream, &x.dev_view(&dx), window, pool, &mut got_t.dev_view_mut(&mut dout)).expect("CUDA");
+        cuda::window_mean(
+            &stream,
+            &x.dev_view(&dx),
+            window,
+            pool,
+            &mut got_t.dev_view_mut(&mut dout),
+        )
+        .expect("CUDA");
         let got = download(&stream, &dout);
         for (o, (g, w)) in got.iter().zip(&want.data).enumerate() {
             let same = g.bits() == w.bits() || to_f64(*g) == to_f64(*w);
-            assert!(same, "case {n} ({shape:?}, w {window}, {pool:?}): offset {o}: GPU {g:?}, CPU {w:?}");
+            assert!(
+                same,
+                "case {n} ({shape:?}, w {window}, {pool:?}): offset {o}: GPU {g:?}, CPU {w:?}"
+            );
         }
     }
 }
@@ -57,6 +76,13 @@ fn refuses_bad_window() {
     let out: Tensor<f32, 3> = Tensor::filled([1, 1, 2], [2, 2, 1], f32::NAN);
     let dx = x.upload(&stream);
     let mut dout = out.upload(&stream);
-    let e = cuda::window_mean(&stream, &x.dev_view(&dx), 0, Pool::Mean, &mut out.dev_view_mut(&mut dout)).unwrap_err();
+    let e = cuda::window_mean(
+        &stream,
+        &x.dev_view(&dx),
+        0,
+        Pool::Mean,
+        &mut out.dev_view_mut(&mut dout),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::Value { arg: "window", .. }));
 }

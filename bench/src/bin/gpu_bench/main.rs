@@ -45,7 +45,9 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use foveal::compact_kv::{cpu as compact_cpu, cuda as compact_cuda};
-use foveal::cuda::{DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout, Workspace};
+use foveal::cuda::{
+    DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout, Workspace,
+};
 use foveal::glimpse_scores::{cpu as glimpse_cpu, cuda as glimpse_cuda};
 use foveal::multiscale_gather::{cpu as msg_cpu, cuda as msg_cuda};
 use foveal::select_keep::{cpu as select_cpu, cuda as select_cuda};
@@ -56,13 +58,23 @@ use foveal::{KeepRule, KeepSet, Layout, Pool as PoolKind, ScoreMode, View, ViewM
 use foveal_bench::multiscale_gather::{self as mg, Branches};
 use foveal_bench::text_guided_select::{self as tg};
 use foveal_bench::window_mean::{self as wm};
-use foveal_bench::{compact_kv as ck, fmt_bytes, glimpse_scores as gs, random_elems, rng, select_keep as sk, KvLayout, VISUAL_TOKENS};
+use foveal_bench::{
+    compact_kv as ck, fmt_bytes, glimpse_scores as gs, random_elems, rng, select_keep as sk,
+    KvLayout, VISUAL_TOKENS,
+};
 use half::bf16;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
 const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select] [--runs N] [--no-check]";
-const OPS: [&str; 6] = ["glimpse_scores", "select_keep", "compact_kv", "window_mean", "multiscale_gather", "text_guided_select"];
+const OPS: [&str; 6] = [
+    "glimpse_scores",
+    "select_keep",
+    "compact_kv",
+    "window_mean",
+    "multiscale_gather",
+    "text_guided_select",
+];
 
 // ---------------------------------------------------------------------------
 // Arguments
@@ -77,7 +89,13 @@ struct Args {
 }
 
 fn parse_args() -> Res<Args> {
-    let mut args = Args { quick: false, out: None, only: Vec::new(), runs: None, check: true };
+    let mut args = Args {
+        quick: false,
+        out: None,
+        only: Vec::new(),
+        runs: None,
+        check: true,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -179,7 +197,13 @@ fn close_gate(stream: &CudaStream) -> Res<Sender<()>> {
     let receiver = Box::into_raw(Box::new(receiver));
     // SAFETY: the callback takes ownership of the receiver exactly once; on a
     // failed launch it never runs and the box is reclaimed here.
-    let launched = unsafe { cudarc::driver::result::stream::launch_host_function(stream.cu_stream(), wait_for_release, receiver.cast()) };
+    let launched = unsafe {
+        cudarc::driver::result::stream::launch_host_function(
+            stream.cu_stream(),
+            wait_for_release,
+            receiver.cast(),
+        )
+    };
     if let Err(e) = launched {
         drop(unsafe { Box::from_raw(receiver) });
         return Err(e.into());
@@ -196,10 +220,22 @@ struct Timer {
 }
 
 impl Timer {
-    fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, warmup: usize, runs: usize) -> Res<Self> {
+    fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        warmup: usize,
+        runs: usize,
+    ) -> Res<Self> {
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let events = (0..runs).map(|_| Ok((ctx.new_event(timing)?, ctx.new_event(timing)?))).collect::<Res<_>>()?;
-        Ok(Timer { stream: stream.clone(), events, warmup, runs })
+        let events = (0..runs)
+            .map(|_| Ok((ctx.new_event(timing)?, ctx.new_event(timing)?)))
+            .collect::<Res<_>>()?;
+        Ok(Timer {
+            stream: stream.clone(),
+            events,
+            warmup,
+            runs,
+        })
     }
 
     /// The GPU time of `f(i)` (run `i`; rotate input sets by it), enqueued
@@ -222,7 +258,11 @@ impl Timer {
         let mut run = 0;
         while run < self.runs {
             let chunk = run..(run + GATE_CHUNK).min(self.runs);
-            let gate = if gated { Some(close_gate(&self.stream)?) } else { None };
+            let gate = if gated {
+                Some(close_gate(&self.stream)?)
+            } else {
+                None
+            };
             let issued = Instant::now();
             for i in chunk.clone() {
                 self.events[i].0.record(&self.stream)?;
@@ -230,17 +270,31 @@ impl Timer {
                 self.events[i].1.record(&self.stream)?;
             }
             if gated && issued.elapsed() >= GATE_TIMEOUT / 2 {
-                eprintln!("gpu_bench: issuing {} runs took {:.2?}: does the op wait on the GPU?", chunk.len(), issued.elapsed());
+                eprintln!(
+                    "gpu_bench: issuing {} runs took {:.2?}: does the op wait on the GPU?",
+                    chunk.len(),
+                    issued.elapsed()
+                );
             }
             drop(gate);
             run = chunk.end;
         }
-        let mut us: Vec<f64> =
-            self.events.iter().map(|(a, b)| a.elapsed_ms(b).map(|ms| ms as f64 * 1e3)).collect::<Result<_, _>>()?;
+        let mut us: Vec<f64> = self
+            .events
+            .iter()
+            .map(|(a, b)| a.elapsed_ms(b).map(|ms| ms as f64 * 1e3))
+            .collect::<Result<_, _>>()?;
         us.sort_by(f64::total_cmp);
         let n = us.len();
-        let median_us = if n % 2 == 1 { us[n / 2] } else { 0.5 * (us[n / 2 - 1] + us[n / 2]) };
-        Ok(Stats { median_us, min_us: us[0] })
+        let median_us = if n % 2 == 1 {
+            us[n / 2]
+        } else {
+            0.5 * (us[n / 2 - 1] + us[n / 2])
+        };
+        Ok(Stats {
+            median_us,
+            min_us: us[0],
+        })
     }
 }
 
@@ -268,7 +322,10 @@ struct Pool {
 impl Pool {
     fn new(stream: &Arc<CudaStream>, elems: usize) -> Res<Self> {
         let host: Vec<bf16> = random_elems(&mut rng(0x900d_5eed), elems, -1.0, 1.0);
-        Ok(Pool { data: stream.clone_htod(&host)?, salt: 1 })
+        Ok(Pool {
+            data: stream.clone_htod(&host)?,
+            salt: 1,
+        })
     }
 
     fn fill(&mut self, stream: &Arc<CudaStream>, dst: &mut CudaSlice<bf16>) -> Res<()> {
@@ -277,9 +334,15 @@ impl Pool {
         let mut off = 0;
         while off < dst.len() {
             let n = chunk.min(dst.len() - off);
-            self.salt = self.salt.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.salt = self
+                .salt
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let from = ((self.salt >> 33) as usize) % (p - n + 1);
-            stream.memcpy_dtod(&self.data.slice(from..from + n), &mut dst.slice_mut(off..off + n))?;
+            stream.memcpy_dtod(
+                &self.data.slice(from..from + n),
+                &mut dst.slice_mut(off..off + n),
+            )?;
             off += n;
         }
         Ok(())
@@ -319,11 +382,19 @@ struct Row {
 
 impl Row {
     fn failed(op: &'static str, shape: String, e: &dyn Error) -> Self {
-        Row { op, shape, stats: None, bytes: 0, baseline: None, check: format!("ERROR: {e}") }
+        Row {
+            op,
+            shape,
+            stats: None,
+            bytes: 0,
+            baseline: None,
+            check: format!("ERROR: {e}"),
+        }
     }
 
     fn gbps(&self) -> Option<f64> {
-        self.stats.map(|s| self.bytes as f64 / (s.median_us * 1e-6) / 1e9)
+        self.stats
+            .map(|s| self.bytes as f64 / (s.median_us * 1e-6) / 1e9)
     }
 
     /// The cells of the table, in COLUMNS order.
@@ -343,7 +414,8 @@ impl Row {
             f(self.stats.map(|s| s.min_us), 1),
             self.bytes.to_string(),
             f(self.gbps(), 1),
-            self.gbps().map_or(String::new(), |g| format!("{:.1}%", 100.0 * g / copy_gbps)),
+            self.gbps()
+                .map_or(String::new(), |g| format!("{:.1}%", 100.0 * g / copy_gbps)),
             b.map_or(String::new(), |b| b.name.clone()),
             f(b.and_then(|b| b.graph_us), 1),
             speedup(b.and_then(|b| b.graph_us), median),
@@ -379,7 +451,20 @@ const COLUMNS: [&str; 14] = [
 fn print_row(cells: &[String]) {
     println!(
         "{:<14} {:<32} {:>9} {:>9} {:>11} {:>7} {:>7}  {:<34} {:>8} {:>7} {:>8} {:>13} {:>13}  {}",
-        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7], cells[8], cells[9], cells[10], cells[11], cells[12], cells[13]
+        cells[0],
+        cells[1],
+        cells[2],
+        cells[3],
+        cells[4],
+        cells[5],
+        cells[6],
+        cells[7],
+        cells[8],
+        cells[9],
+        cells[10],
+        cells[11],
+        cells[12],
+        cells[13]
     );
 }
 
@@ -392,15 +477,34 @@ fn render(path: &std::path::Path, header: &str, rows: &[Row], copy_gbps: f64) ->
     let markdown = path.extension().is_some_and(|e| e == "md");
     let mut s = String::new();
     if markdown {
-        s += &format!("{header}\n\n| {} |\n|{}\n", COLUMNS.join(" | "), "---|".repeat(COLUMNS.len()));
+        s += &format!(
+            "{header}\n\n| {} |\n|{}\n",
+            COLUMNS.join(" | "),
+            "---|".repeat(COLUMNS.len())
+        );
         for r in rows {
-            s += &format!("| {} |\n", r.cells(copy_gbps).join(" | ").replace('\n', " "));
+            s += &format!(
+                "| {} |\n",
+                r.cells(copy_gbps).join(" | ").replace('\n', " ")
+            );
         }
     } else {
-        let quote = |c: &str| if c.contains([',', '"', '\n']) { format!("\"{}\"", c.replace('"', "\"\"")) } else { c.to_string() };
+        let quote = |c: &str| {
+            if c.contains([',', '"', '\n']) {
+                format!("\"{}\"", c.replace('"', "\"\""))
+            } else {
+                c.to_string()
+            }
+        };
         s += &(COLUMNS.join(",") + "\n");
         for r in rows {
-            s += &(r.cells(copy_gbps).iter().map(|c| quote(c)).collect::<Vec<_>>().join(",") + "\n");
+            s += &(r
+                .cells(copy_gbps)
+                .iter()
+                .map(|c| quote(c))
+                .collect::<Vec<_>>()
+                .join(",")
+                + "\n");
         }
     }
     s
@@ -417,7 +521,11 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
         num += (g as f64 - w as f64).powi(2);
         den += (w as f64).powi(2);
     }
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -445,7 +553,12 @@ impl Env {
             n -= 1;
         }
         if 3 * set_bytes > free as u64 {
-            return Err(format!("3 input sets of {} do not fit in {} of free memory", fmt_bytes(set_bytes), fmt_bytes(free as u64)).into());
+            return Err(format!(
+                "3 input sets of {} do not fit in {} of free memory",
+                fmt_bytes(set_bytes),
+                fmt_bytes(free as u64)
+            )
+            .into());
         }
         Ok(n)
     }
@@ -480,7 +593,9 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     let stream = ctx.new_stream()?;
     let name = ctx.name()?;
     let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let l2_bytes = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as u64;
+    let l2_bytes = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?
+        .max(0) as u64;
     let total = ctx.total_mem()?;
     let header = format!(
         "device: {name}, {sms} SMs, L2 {}, memory {}; {} mode",
@@ -494,7 +609,14 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     let warmup = if args.quick { 2 } else { 5 };
     let timer = Timer::new(&ctx, &stream, warmup, runs)?;
     let pool = Pool::new(&stream, 16 << 20)?;
-    let mut env = Env { ctx, stream, timer, pool, l2_bytes, check: args.check };
+    let mut env = Env {
+        ctx,
+        stream,
+        timer,
+        pool,
+        l2_bytes,
+        check: args.check,
+    };
     println!("timing: {warmup} warm-up runs, then the median of {runs} runs over input sets holding 4x the L2 size");
 
     // The ceiling: a large device-to-device copy, bytes read + written.
@@ -502,7 +624,11 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     let copy = copy_bandwidth(&mut env, copy_bytes)?;
     let copy_gbps = copy.gbps().expect("measured");
     let header = format!("{header}; device-to-device copy: {copy_gbps:.1} GB/s");
-    println!("copy bandwidth: {copy_gbps:.1} GB/s ({} copied, median {:.1} us)\n", fmt_bytes(copy_bytes as u64), copy.stats.unwrap().median_us);
+    println!(
+        "copy bandwidth: {copy_gbps:.1} GB/s ({} copied, median {:.1} us)\n",
+        fmt_bytes(copy_bytes as u64),
+        copy.stats.unwrap().median_us
+    );
     print_header();
     print_row(&copy.cells(copy_gbps));
     let mut rows = vec![copy];
@@ -516,7 +642,8 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
 
     if args.wants("glimpse_scores") {
         for case in glimpse_cases(args.quick) {
-            let row = glimpse_case(&mut env, &case).unwrap_or_else(|e| Row::failed("glimpse_scores", case.label(), e.as_ref()));
+            let row = glimpse_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("glimpse_scores", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
@@ -524,7 +651,8 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     }
     if args.wants("select_keep") {
         for case in select_cases(args.quick) {
-            let row = select_case(&mut env, &case).unwrap_or_else(|e| Row::failed("select_keep", case.label(), e.as_ref()));
+            let row = select_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("select_keep", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
@@ -532,7 +660,8 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     }
     if args.wants("compact_kv") {
         for case in compact_cases(args.quick) {
-            let row = compact_case(&mut env, &case).unwrap_or_else(|e| Row::failed("compact_kv", case.label(), e.as_ref()));
+            let row = compact_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("compact_kv", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
@@ -540,7 +669,8 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     }
     if args.wants("window_mean") {
         for case in window_cases(args.quick) {
-            let row = window_case(&mut env, &case).unwrap_or_else(|e| Row::failed("window_mean", case.label(), e.as_ref()));
+            let row = window_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("window_mean", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
@@ -548,7 +678,8 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     }
     if args.wants("multiscale_gather") {
         for case in multiscale_cases(args.quick) {
-            let row = multiscale_case(&mut env, &case).unwrap_or_else(|e| Row::failed("multiscale_gather", case.label(), e.as_ref()));
+            let row = multiscale_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("multiscale_gather", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
@@ -556,7 +687,8 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     }
     if args.wants("text_guided_select") {
         for case in text_cases(args.quick) {
-            let row = text_case(&mut env, &case).unwrap_or_else(|e| Row::failed("text_guided_select", case.label(), e.as_ref()));
+            let row = text_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("text_guided_select", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
@@ -572,7 +704,10 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     if let Some(path) = &args.out {
         println!("table written to {}", path.display());
     }
-    let failed = rows.iter().filter(|r| r.stats.is_none() || r.check.starts_with("FAIL")).count();
+    let failed = rows
+        .iter()
+        .filter(|r| r.stats.is_none() || r.check.starts_with("FAIL"))
+        .count();
     if failed > 0 {
         return Err(format!("{failed} case(s) failed or did not match the CPU reference").into());
     }
@@ -642,9 +777,15 @@ fn glimpse_case(env: &mut Env, case: &gs::Case) -> Res<Row> {
     let stream = env.stream.clone();
     let (q_len, k_len, out_len) = (plan.q_layout.span(), plan.k_layout.span(), plan.out_len());
     let sets = env.n_sets((2 * q_len + 2 * k_len + 4 * out_len) as u64)?;
-    let q: Vec<CudaSlice<bf16>> = (0..sets).map(|_| env.pool.filled(&stream, q_len)).collect::<Res<_>>()?;
-    let k: Vec<CudaSlice<bf16>> = (0..sets).map(|_| env.pool.filled(&stream, k_len)).collect::<Res<_>>()?;
-    let mut out: Vec<CudaSlice<f32>> = (0..sets).map(|_| stream.alloc_zeros::<f32>(out_len)).collect::<Result<_, _>>()?;
+    let q: Vec<CudaSlice<bf16>> = (0..sets)
+        .map(|_| env.pool.filled(&stream, q_len))
+        .collect::<Res<_>>()?;
+    let k: Vec<CudaSlice<bf16>> = (0..sets)
+        .map(|_| env.pool.filled(&stream, k_len))
+        .collect::<Res<_>>()?;
+    let mut out: Vec<CudaSlice<f32>> = (0..sets)
+        .map(|_| stream.alloc_zeros::<f32>(out_len))
+        .collect::<Result<_, _>>()?;
     let rows = DeviceRowLayout::new(&stream, &plan.rows)?;
     let mut ws = Workspace::new();
 
@@ -655,9 +796,20 @@ fn glimpse_case(env: &mut Env, case: &gs::Case) -> Res<Row> {
         let (qh, kh) = (stream.clone_dtoh(&q[0])?, stream.clone_dtoh(&k[0])?);
         let mut want = vec![0f32; out_len];
         let mut want_view = ViewMut::contiguous(&mut want, plan.out_shape())?;
-        glimpse_cpu::glimpse_scores(View::new(&qh, plan.q_layout)?, View::new(&kh, plan.k_layout)?, &plan.rows, None, plan.mode, &mut want_view)?;
+        glimpse_cpu::glimpse_scores(
+            View::new(&qh, plan.q_layout)?,
+            View::new(&kh, plan.k_layout)?,
+            &plan.rows,
+            None,
+            plan.mode,
+            &mut want_view,
+        )?;
         let err = rel_err(&got, &want);
-        if err <= 1e-4 { format!("ok (rel err {err:.0e}, {sets} sets)") } else { format!("FAIL (rel err {err:.1e})") }
+        if err <= 1e-4 {
+            format!("ok (rel err {err:.0e}, {sets} sets)")
+        } else {
+            format!("FAIL (rel err {err:.1e})")
+        }
     } else {
         format!("unchecked ({sets} sets)")
     };
@@ -666,7 +818,14 @@ fn glimpse_case(env: &mut Env, case: &gs::Case) -> Res<Row> {
         let s = i % sets;
         glimpse_launch(&stream, &plan, &q[s], &k[s], &rows, &mut out[s], &mut ws)
     })?;
-    Ok(Row { op: "glimpse_scores", shape: case.label(), stats: Some(stats), bytes: plan.floor_bytes(2), baseline: None, check })
+    Ok(Row {
+        op: "glimpse_scores",
+        shape: case.label(),
+        stats: Some(stats),
+        bytes: plan.floor_bytes(2),
+        baseline: None,
+        check,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -674,9 +833,16 @@ fn glimpse_case(env: &mut Env, case: &gs::Case) -> Res<Row> {
 // ---------------------------------------------------------------------------
 
 fn select_cases(quick: bool) -> Vec<sk::Case> {
-    let capped = KeepRule { threshold: 0.5, max_ratio: Some(0.25), min_keep: 1 };
+    let capped = KeepRule {
+        threshold: 0.5,
+        max_ratio: Some(0.25),
+        min_keep: 1,
+    };
     if quick {
-        return vec![sk::Case::new(1, 1024), sk::Case::new(8, 16384).with_rule(capped)];
+        return vec![
+            sk::Case::new(1, 1024),
+            sk::Case::new(8, 16384).with_rule(capped),
+        ];
     }
     let mut cases = Vec::new();
     for nv in VISUAL_TOKENS {
@@ -695,19 +861,40 @@ fn select_case(env: &mut Env, case: &sk::Case) -> Res<Row> {
     let layout = Layout::contiguous([b, nv_max]);
     let sets = env.n_sets((b * nv_max * 8) as u64)?;
     let host: Vec<Vec<f32>> = (0..sets)
-        .map(|s| if s == 0 { input.logits.clone() } else { sk::predictor_logits(&mut rng(case.seed + s as u64), &input.rows) })
+        .map(|s| {
+            if s == 0 {
+                input.logits.clone()
+            } else {
+                sk::predictor_logits(&mut rng(case.seed + s as u64), &input.rows)
+            }
+        })
         .collect();
-    let logits: Vec<CudaSlice<f32>> = host.iter().map(|h| stream.clone_htod(h)).collect::<Result<_, _>>()?;
+    let logits: Vec<CudaSlice<f32>> = host
+        .iter()
+        .map(|h| stream.clone_htod(h))
+        .collect::<Result<_, _>>()?;
     let rows = DeviceRowLayout::new(&stream, &input.rows)?;
-    let mut keep: Vec<DeviceKeepSet> = (0..sets).map(|_| DeviceKeepSet::new(&stream, &rows)).collect::<Result<_, _>>()?;
+    let mut keep: Vec<DeviceKeepSet> = (0..sets)
+        .map(|_| DeviceKeepSet::new(&stream, &rows))
+        .collect::<Result<_, _>>()?;
 
     let check = if env.check {
-        select_cuda::select_keep(&stream, &DevView::of(&logits[0], layout)?, &rows, &input.rule, &mut keep[0])?;
+        select_cuda::select_keep(
+            &stream,
+            &DevView::of(&logits[0], layout)?,
+            &rows,
+            &input.rule,
+            &mut keep[0],
+        )?;
         let got = keep[0].to_host(&stream)?;
         let mut want = KeepSet::new(&input.rows);
         select_cpu::select_keep(input.logits_view(), &input.rows, &input.rule, &mut want)?;
         let kept: usize = (0..b).map(|r| want.kept(r).len()).sum();
-        if got == want { format!("ok (exact, {kept} kept, {sets} sets)") } else { "FAIL (differs from the CPU reference)".to_string() }
+        if got == want {
+            format!("ok (exact, {kept} kept, {sets} sets)")
+        } else {
+            "FAIL (differs from the CPU reference)".to_string()
+        }
     } else {
         format!("unchecked ({sets} sets)")
     };
@@ -715,10 +902,23 @@ fn select_case(env: &mut Env, case: &sk::Case) -> Res<Row> {
     let rule = input.rule;
     let stats = env.timer.gpu(|i| {
         let s = i % sets;
-        select_cuda::select_keep(&stream, &DevView::of(&logits[s], layout)?, &rows, &rule, &mut keep[s])?;
+        select_cuda::select_keep(
+            &stream,
+            &DevView::of(&logits[s], layout)?,
+            &rows,
+            &rule,
+            &mut keep[s],
+        )?;
         Ok(())
     })?;
-    Ok(Row { op: "select_keep", shape: case.label(), stats: Some(stats), bytes: input.floor_bytes(), baseline: None, check })
+    Ok(Row {
+        op: "select_keep",
+        shape: case.label(),
+        stats: Some(stats),
+        bytes: input.floor_bytes(),
+        baseline: None,
+        check,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -754,17 +954,37 @@ struct KvSet {
     v_dst: Vec<CudaSlice<bf16>>,
 }
 
-fn src_views<'a>(planes: &'a [CudaSlice<bf16>], layout: Layout<4>) -> Res<Vec<DevView<'a, bf16, 4>>> {
-    Ok(planes.iter().map(|p| DevView::of(p, layout)).collect::<Result<_, _>>()?)
+fn src_views<'a>(
+    planes: &'a [CudaSlice<bf16>],
+    layout: Layout<4>,
+) -> Res<Vec<DevView<'a, bf16, 4>>> {
+    Ok(planes
+        .iter()
+        .map(|p| DevView::of(p, layout))
+        .collect::<Result<_, _>>()?)
 }
 
-fn dst_views<'a>(planes: &'a mut [CudaSlice<bf16>], layout: Layout<4>) -> Res<Vec<DevViewMut<'a, bf16, 4>>> {
-    Ok(planes.iter_mut().map(|p| DevViewMut::of(p, layout)).collect::<Result<_, _>>()?)
+fn dst_views<'a>(
+    planes: &'a mut [CudaSlice<bf16>],
+    layout: Layout<4>,
+) -> Res<Vec<DevViewMut<'a, bf16, 4>>> {
+    Ok(planes
+        .iter_mut()
+        .map(|p| DevViewMut::of(p, layout))
+        .collect::<Result<_, _>>()?)
 }
 
 /// The op: every layer's K and V in one compact_kv call.
-fn compact_one_call(stream: &Arc<CudaStream>, plan: &ck::Plan, keep: &DeviceKeepPositions, set: &mut KvSet) -> Res<()> {
-    let (ks, vs) = (src_views(&set.k_src, plan.src_layout)?, src_views(&set.v_src, plan.src_layout)?);
+fn compact_one_call(
+    stream: &Arc<CudaStream>,
+    plan: &ck::Plan,
+    keep: &DeviceKeepPositions,
+    set: &mut KvSet,
+) -> Res<()> {
+    let (ks, vs) = (
+        src_views(&set.k_src, plan.src_layout)?,
+        src_views(&set.v_src, plan.src_layout)?,
+    );
     let mut kd = dst_views(&mut set.k_dst, plan.dst_layout)?;
     let mut vd = dst_views(&mut set.v_dst, plan.dst_layout)?;
     compact_cuda::compact_kv(stream, &ks, &vs, keep, plan.padding, &mut kd, &mut vd)?;
@@ -782,14 +1002,28 @@ fn per_layer_name(plan: &ck::Plan) -> String {
 /// The baseline: one gather_rows per layer's K and per V (2L launches); for
 /// the [B, H, S, D] order, which has no [B, S, W] row view, one two-plane
 /// compact_kv per layer (L launches).
-fn compact_per_layer(stream: &Arc<CudaStream>, plan: &ck::Plan, keep: &DeviceKeepPositions, set: &mut KvSet) -> Res<()> {
+fn compact_per_layer(
+    stream: &Arc<CudaStream>,
+    plan: &ck::Plan,
+    keep: &DeviceKeepPositions,
+    set: &mut KvSet,
+) -> Res<()> {
     match (plan.src_rows_layout(), plan.dst_rows_layout()) {
         (Some(src3), Some(dst3)) => {
             for l in 0..plan.layers {
-                for (src, dst) in [(&set.k_src[l], &mut set.k_dst[l]), (&set.v_src[l], &mut set.v_dst[l])] {
+                for (src, dst) in [
+                    (&set.k_src[l], &mut set.k_dst[l]),
+                    (&set.v_src[l], &mut set.v_dst[l]),
+                ] {
                     let s = DevView::of(src, src3)?;
                     let mut d = DevViewMut::of(dst, dst3)?;
-                    compact_cuda::gather_rows(stream, &[s], keep, plan.padding, std::slice::from_mut(&mut d))?;
+                    compact_cuda::gather_rows(
+                        stream,
+                        &[s],
+                        keep,
+                        plan.padding,
+                        std::slice::from_mut(&mut d),
+                    )?;
                 }
             }
         }
@@ -799,7 +1033,15 @@ fn compact_per_layer(stream: &Arc<CudaStream>, plan: &ck::Plan, keep: &DeviceKee
                 let vs = DevView::of(&set.v_src[l], plan.src_layout)?;
                 let mut kd = DevViewMut::of(&mut set.k_dst[l], plan.dst_layout)?;
                 let mut vd = DevViewMut::of(&mut set.v_dst[l], plan.dst_layout)?;
-                compact_cuda::compact_kv(stream, &[ks], &[vs], keep, plan.padding, std::slice::from_mut(&mut kd), std::slice::from_mut(&mut vd))?;
+                compact_cuda::compact_kv(
+                    stream,
+                    &[ks],
+                    &[vs],
+                    keep,
+                    plan.padding,
+                    std::slice::from_mut(&mut kd),
+                    std::slice::from_mut(&mut vd),
+                )?;
             }
         }
     }
@@ -821,7 +1063,10 @@ fn compact_check(
     stream.memcpy_htod(&nan, &mut set.v_dst[last])?;
     f(set)?;
     let bits = |v: Vec<bf16>| v.into_iter().map(bf16::to_bits).collect::<Vec<_>>();
-    let got = [bits(stream.clone_dtoh(&set.k_dst[0])?), bits(stream.clone_dtoh(&set.v_dst[last])?)];
+    let got = [
+        bits(stream.clone_dtoh(&set.k_dst[0])?),
+        bits(stream.clone_dtoh(&set.v_dst[last])?),
+    ];
     Ok(&got == want)
 }
 
@@ -832,17 +1077,33 @@ fn compact_case(env: &mut Env, case: &ck::Case) -> Res<Row> {
     let sets = env.n_sets((plan.planes() * (src_len + dst_len) * 2) as u64)?;
     let mut data: Vec<KvSet> = Vec::with_capacity(sets);
     for _ in 0..sets {
-        let mut src = || (0..plan.layers).map(|_| env.pool.filled(&stream, src_len)).collect::<Res<Vec<_>>>();
+        let mut src = || {
+            (0..plan.layers)
+                .map(|_| env.pool.filled(&stream, src_len))
+                .collect::<Res<Vec<_>>>()
+        };
         let (k_src, v_src) = (src()?, src()?);
-        let dst = || (0..plan.layers).map(|_| stream.alloc_zeros::<bf16>(dst_len)).collect::<Result<Vec<_>, _>>();
-        data.push(KvSet { k_src, v_src, k_dst: dst()?, v_dst: dst()? });
+        let dst = || {
+            (0..plan.layers)
+                .map(|_| stream.alloc_zeros::<bf16>(dst_len))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        data.push(KvSet {
+            k_src,
+            v_src,
+            k_dst: dst()?,
+            v_dst: dst()?,
+        });
     }
     let keep = DeviceKeepPositions::from_host(&stream, &plan.keep)?;
 
     let check = if env.check {
         // The CPU reference on set 0's first K and last V planes.
         let last = plan.layers - 1;
-        let (kh, vh) = (stream.clone_dtoh(&data[0].k_src[0])?, stream.clone_dtoh(&data[0].v_src[last])?);
+        let (kh, vh) = (
+            stream.clone_dtoh(&data[0].k_src[0])?,
+            stream.clone_dtoh(&data[0].v_src[last])?,
+        );
         let (mut kw, mut vw) = (vec![bf16::ZERO; dst_len], vec![bf16::ZERO; dst_len]);
         {
             let mut kd = ViewMut::new(&mut kw, plan.dst_layout)?;
@@ -856,9 +1117,16 @@ fn compact_case(env: &mut Env, case: &ck::Case) -> Res<Row> {
                 std::slice::from_mut(&mut vd),
             )?;
         }
-        let want = [kw.iter().map(|x| x.to_bits()).collect(), vw.iter().map(|x| x.to_bits()).collect()];
-        let one = compact_check(&stream, &plan, &mut data[0], &want, |s| compact_one_call(&stream, &plan, &keep, s))?;
-        let base = compact_check(&stream, &plan, &mut data[0], &want, |s| compact_per_layer(&stream, &plan, &keep, s))?;
+        let want = [
+            kw.iter().map(|x| x.to_bits()).collect(),
+            vw.iter().map(|x| x.to_bits()).collect(),
+        ];
+        let one = compact_check(&stream, &plan, &mut data[0], &want, |s| {
+            compact_one_call(&stream, &plan, &keep, s)
+        })?;
+        let base = compact_check(&stream, &plan, &mut data[0], &want, |s| {
+            compact_per_layer(&stream, &plan, &keep, s)
+        })?;
         match (one, base) {
             (true, true) => format!("ok (exact, {sets} sets)"),
             (false, _) => "FAIL (compact_kv differs from the CPU reference)".to_string(),
@@ -868,16 +1136,27 @@ fn compact_case(env: &mut Env, case: &ck::Case) -> Res<Row> {
         format!("unchecked ({sets} sets)")
     };
 
-    let stats = env.timer.gpu(|i| compact_one_call(&stream, &plan, &keep, &mut data[i % sets]))?;
-    let op_eager = env.timer.eager(|i| compact_one_call(&stream, &plan, &keep, &mut data[i % sets]))?;
-    let eager = env.timer.eager(|i| compact_per_layer(&stream, &plan, &keep, &mut data[i % sets]))?;
+    let stats = env
+        .timer
+        .gpu(|i| compact_one_call(&stream, &plan, &keep, &mut data[i % sets]))?;
+    let op_eager = env
+        .timer
+        .eager(|i| compact_one_call(&stream, &plan, &keep, &mut data[i % sets]))?;
+    let eager = env
+        .timer
+        .eager(|i| compact_per_layer(&stream, &plan, &keep, &mut data[i % sets]))?;
     // The same loop replayed from a graph per input set: its GPU time alone.
-    let graphs: Res<Vec<CudaGraph>> =
-        data.iter_mut().map(|set| capture(&stream, || compact_per_layer(&stream, &plan, &keep, set))).collect();
+    let graphs: Res<Vec<CudaGraph>> = data
+        .iter_mut()
+        .map(|set| capture(&stream, || compact_per_layer(&stream, &plan, &keep, set)))
+        .collect();
     let graph_us = match graphs {
         Ok(graphs) => Some(env.timer.gpu(|i| Ok(graphs[i % sets].launch()?))?.median_us),
         Err(e) => {
-            eprintln!("compact_kv {}: graph capture of the baseline failed: {e}", case.label());
+            eprintln!(
+                "compact_kv {}: graph capture of the baseline failed: {e}",
+                case.label()
+            );
             None
         }
     };
@@ -886,7 +1165,12 @@ fn compact_case(env: &mut Env, case: &ck::Case) -> Res<Row> {
         shape: case.label(),
         stats: Some(stats),
         bytes: plan.floor_bytes(2),
-        baseline: Some(Baseline { name: per_layer_name(&plan), op_eager_us: op_eager.median_us, eager_us: eager.median_us, graph_us }),
+        baseline: Some(Baseline {
+            name: per_layer_name(&plan),
+            op_eager_us: op_eager.median_us,
+            eager_us: eager.median_us,
+            graph_us,
+        }),
         check,
     })
 }
@@ -911,7 +1195,12 @@ fn window_cases(quick: bool) -> Vec<wm::Case> {
     cases
 }
 
-fn window_launch(stream: &Arc<CudaStream>, case: &wm::Case, x: &CudaSlice<bf16>, out: &mut CudaSlice<bf16>) -> Res<()> {
+fn window_launch(
+    stream: &Arc<CudaStream>,
+    case: &wm::Case,
+    x: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+) -> Res<()> {
     let x = DevView::of(x, Layout::contiguous(case.x_shape()))?;
     let mut out = DevViewMut::of(out, Layout::contiguous(case.out_shape()))?;
     wm_cuda::window_mean(stream, &x, case.window, case.pool, &mut out)?;
@@ -922,8 +1211,12 @@ fn window_case(env: &mut Env, case: &wm::Case) -> Res<Row> {
     let stream = env.stream.clone();
     let (x_len, out_len) = (case.x_len(), case.out_len());
     let sets = env.n_sets(((x_len + out_len) * 2) as u64)?;
-    let x: Vec<CudaSlice<bf16>> = (0..sets).map(|_| env.pool.filled(&stream, x_len)).collect::<Res<_>>()?;
-    let mut out: Vec<CudaSlice<bf16>> = (0..sets).map(|_| stream.alloc_zeros::<bf16>(out_len.max(1))).collect::<Result<_, _>>()?;
+    let x: Vec<CudaSlice<bf16>> = (0..sets)
+        .map(|_| env.pool.filled(&stream, x_len))
+        .collect::<Res<_>>()?;
+    let mut out: Vec<CudaSlice<bf16>> = (0..sets)
+        .map(|_| stream.alloc_zeros::<bf16>(out_len.max(1)))
+        .collect::<Result<_, _>>()?;
 
     let check = if env.check {
         stream.memcpy_htod(&vec![bf16::NAN; out_len], &mut out[0])?;
@@ -931,9 +1224,21 @@ fn window_case(env: &mut Env, case: &wm::Case) -> Res<Row> {
         let got = stream.clone_dtoh(&out[0])?;
         let xh = stream.clone_dtoh(&x[0])?;
         let mut want = vec![bf16::ZERO; out_len];
-        wm_cpu::window_mean(View::contiguous(&xh, case.x_shape())?, case.window, case.pool, &mut ViewMut::contiguous(&mut want, case.out_shape())?)?;
-        let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
-        if same { format!("ok (exact, {sets} sets)") } else { "FAIL (differs from the CPU reference)".to_string() }
+        wm_cpu::window_mean(
+            View::contiguous(&xh, case.x_shape())?,
+            case.window,
+            case.pool,
+            &mut ViewMut::contiguous(&mut want, case.out_shape())?,
+        )?;
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == w.to_bits());
+        if same {
+            format!("ok (exact, {sets} sets)")
+        } else {
+            "FAIL (differs from the CPU reference)".to_string()
+        }
     } else {
         format!("unchecked ({sets} sets)")
     };
@@ -942,7 +1247,14 @@ fn window_case(env: &mut Env, case: &wm::Case) -> Res<Row> {
         let s = i % sets;
         window_launch(&stream, case, &x[s], &mut out[s])
     })?;
-    Ok(Row { op: "window_mean", shape: case.label(), stats: Some(stats), bytes: case.floor_bytes(2), baseline: None, check })
+    Ok(Row {
+        op: "window_mean",
+        shape: case.label(),
+        stats: Some(stats),
+        bytes: case.floor_bytes(2),
+        baseline: None,
+        check,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -951,7 +1263,10 @@ fn window_case(env: &mut Env, case: &wm::Case) -> Res<Row> {
 
 fn multiscale_cases(quick: bool) -> Vec<mg::Case> {
     if quick {
-        return vec![mg::Case::new(1, 24, 1024, Branches::Three), mg::Case::new(4, 48, 4096, Branches::Seven)];
+        return vec![
+            mg::Case::new(1, 24, 1024, Branches::Three),
+            mg::Case::new(4, 48, 4096, Branches::Seven),
+        ];
     }
     let mut cases = Vec::new();
     for grid in wm::GRIDS {
@@ -976,14 +1291,31 @@ struct GatherSet {
     count: CudaSlice<i32>,
 }
 
-fn multiscale_launch(stream: &Arc<CudaStream>, case: &mg::Case, scales: &foveal::ScaleSet, set: &mut GatherSet, ws: &mut Workspace) -> Res<()> {
+fn multiscale_launch(
+    stream: &Arc<CudaStream>,
+    case: &mg::Case,
+    scales: &foveal::ScaleSet,
+    set: &mut GatherSet,
+    ws: &mut Workspace,
+) -> Res<()> {
     let (b, n_out) = (case.batch, case.n_out());
     let x = DevView::of(&set.x, Layout::contiguous(case.x_shape()))?;
     let z = DevView::of(&set.z, Layout::contiguous(case.z_shape()))?;
     let mut t = DevViewMut::of(&mut set.tokens, Layout::contiguous(case.tokens_shape()))?;
     let mut p = DevViewMut::of(&mut set.positions, Layout::contiguous([b, n_out]))?;
     let mut c = DevViewMut::of(&mut set.count, Layout::contiguous([b]))?;
-    msg_cuda::multiscale_gather(stream, &x, &z, case.window, scales, case.scale_by_prob, &mut t, &mut p, &mut c, ws)?;
+    msg_cuda::multiscale_gather(
+        stream,
+        &x,
+        &z,
+        case.window,
+        scales,
+        case.scale_by_prob,
+        &mut t,
+        &mut p,
+        &mut c,
+        ws,
+    )?;
     Ok(())
 }
 
@@ -1012,9 +1344,17 @@ fn multiscale_case(env: &mut Env, case: &mg::Case) -> Res<Row> {
         stream.memcpy_htod(&vec![i32::MIN; b * n_out], &mut set.positions)?;
         stream.memcpy_htod(&vec![i32::MIN; b], &mut set.count)?;
         multiscale_launch(&stream, case, &scales, set, &mut ws)?;
-        let (got_t, got_p, got_c) = (stream.clone_dtoh(&set.tokens)?, stream.clone_dtoh(&set.positions)?, stream.clone_dtoh(&set.count)?);
+        let (got_t, got_p, got_c) = (
+            stream.clone_dtoh(&set.tokens)?,
+            stream.clone_dtoh(&set.positions)?,
+            stream.clone_dtoh(&set.count)?,
+        );
         let (xh, zh) = (stream.clone_dtoh(&set.x)?, stream.clone_dtoh(&set.z)?);
-        let (mut want_t, mut want_p, mut want_c) = (vec![bf16::ZERO; t_len], vec![0i32; b * n_out], vec![0i32; b]);
+        let (mut want_t, mut want_p, mut want_c) = (
+            vec![bf16::ZERO; t_len],
+            vec![0i32; b * n_out],
+            vec![0i32; b],
+        );
         msg_cpu::multiscale_gather(
             View::contiguous(&xh, case.x_shape())?,
             View::contiguous(&zh, case.z_shape())?,
@@ -1034,7 +1374,13 @@ fn multiscale_case(env: &mut Env, case: &mg::Case) -> Res<Row> {
             let err = rel_err(&f(&got_t), &f(&want_t));
             (err <= 1e-3, format!("rel err {err:.0e}"))
         } else {
-            (got_t.iter().zip(&want_t).all(|(g, w)| g.to_bits() == w.to_bits()), "exact".to_string())
+            (
+                got_t
+                    .iter()
+                    .zip(&want_t)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "exact".to_string(),
+            )
         };
         match (index_ok, tokens_ok) {
             (true, true) => format!("ok ({how}, {kept} tokens, {sets} sets)"),
@@ -1045,8 +1391,17 @@ fn multiscale_case(env: &mut Env, case: &mg::Case) -> Res<Row> {
         format!("unchecked ({sets} sets)")
     };
 
-    let stats = env.timer.gpu(|i| multiscale_launch(&stream, case, &scales, &mut data[i % sets], &mut ws))?;
-    Ok(Row { op: "multiscale_gather", shape: case.label(), stats: Some(stats), bytes: case.floor_bytes(2), baseline: None, check })
+    let stats = env
+        .timer
+        .gpu(|i| multiscale_launch(&stream, case, &scales, &mut data[i % sets], &mut ws))?;
+    Ok(Row {
+        op: "multiscale_gather",
+        shape: case.label(),
+        stats: Some(stats),
+        bytes: case.floor_bytes(2),
+        baseline: None,
+        check,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1055,7 +1410,10 @@ fn multiscale_case(env: &mut Env, case: &mg::Case) -> Res<Row> {
 
 fn text_cases(quick: bool) -> Vec<tg::Case> {
     if quick {
-        return vec![tg::Case::new(1, 2880, KvLayout::Bshd), tg::Case::new(4, 2880, KvLayout::Bhsd)];
+        return vec![
+            tg::Case::new(1, 2880, KvLayout::Bshd),
+            tg::Case::new(4, 2880, KvLayout::Bhsd),
+        ];
     }
     let mut cases = Vec::new();
     for nv in tg::VISUAL {
@@ -1090,8 +1448,20 @@ fn text_launch(
     let k = DevView::of(&set.k, case.k_layout())?;
     let mut keep = DevViewMut::of(&mut set.keep, Layout::contiguous([b, n]))?;
     let mut count = DevViewMut::of(&mut set.count, Layout::contiguous([b]))?;
-    let mut scores = scores.map(|s| DevViewMut::of(s, Layout::contiguous([b, n]))).transpose()?;
-    tgs_cuda::text_guided_select(stream, &q, &k, lengths, case.gamma, &mut keep, &mut count, scores.as_mut(), ws)?;
+    let mut scores = scores
+        .map(|s| DevViewMut::of(s, Layout::contiguous([b, n])))
+        .transpose()?;
+    tgs_cuda::text_guided_select(
+        stream,
+        &q,
+        &k,
+        lengths,
+        case.gamma,
+        &mut keep,
+        &mut count,
+        scores.as_mut(),
+        ws,
+    )?;
     Ok(())
 }
 
@@ -1125,14 +1495,22 @@ fn text_case(env: &mut Env, case: &tg::Case) -> Res<Row> {
         stream.memcpy_htod(&vec![i32::MIN; b * n], &mut set.keep)?;
         stream.memcpy_htod(&vec![i32::MIN; b], &mut set.count)?;
         text_launch(&stream, case, &lengths, set, Some(&mut scores), &mut ws)?;
-        let (got_s, got_k, got_c) = (stream.clone_dtoh(&scores)?, stream.clone_dtoh(&set.keep)?, stream.clone_dtoh(&set.count)?);
+        let (got_s, got_k, got_c) = (
+            stream.clone_dtoh(&scores)?,
+            stream.clone_dtoh(&set.keep)?,
+            stream.clone_dtoh(&set.count)?,
+        );
         stream.memcpy_htod(&vec![i32::MIN; b * n], &mut set.keep)?;
         stream.memcpy_htod(&vec![i32::MIN; b], &mut set.count)?;
         text_launch(&stream, case, &lengths, set, None, &mut ws)?;
-        let (own_k, own_c) = (stream.clone_dtoh(&set.keep)?, stream.clone_dtoh(&set.count)?);
+        let (own_k, own_c) = (
+            stream.clone_dtoh(&set.keep)?,
+            stream.clone_dtoh(&set.count)?,
+        );
 
         let (qh, kh) = (stream.clone_dtoh(&set.q)?, stream.clone_dtoh(&set.k)?);
-        let (mut want_k, mut want_c, mut want_s) = (vec![0i32; b * n], vec![0i32; b], vec![0f32; b * n]);
+        let (mut want_k, mut want_c, mut want_s) =
+            (vec![0i32; b * n], vec![0i32; b], vec![0f32; b * n]);
         tgs_cpu::text_guided_select(
             View::new(&qh, case.q_layout())?,
             View::new(&kh, case.k_layout())?,
@@ -1167,6 +1545,15 @@ fn text_case(env: &mut Env, case: &tg::Case) -> Res<Row> {
         format!("unchecked ({sets} sets)")
     };
 
-    let stats = env.timer.gpu(|i| text_launch(&stream, case, &lengths, &mut data[i % sets], None, &mut ws))?;
-    Ok(Row { op: "text_guided_select", shape: case.label(), stats: Some(stats), bytes: case.floor_bytes(2), baseline: None, check })
+    let stats = env
+        .timer
+        .gpu(|i| text_launch(&stream, case, &lengths, &mut data[i % sets], None, &mut ws))?;
+    Ok(Row {
+        op: "text_guided_select",
+        shape: case.label(),
+        stats: Some(stats),
+        bytes: case.floor_bytes(2),
+        baseline: None,
+        check,
+    })
 }
