@@ -28,17 +28,19 @@ build() {
   # candle's CUDA kernels, for the H100/H200 only (one architecture: minutes, not tens).
   export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
   rm -rf "$carry" && mkdir -p "$carry/bin"
-  # Test executables with the CUDA paths: every op's (tests crate) and the
-  # whole model's on the GPU against the CPU (foveal-candle's glimpse_gpu).
+  # Test executables with the CUDA paths: every op's (tests crate) and each
+  # method's whole model on the GPU against the CPU (foveal-candle's *_gpu tests).
   {
     cargo test --release -p foveal-tests --features cuda --no-run --message-format=json
-    cargo test --release -p foveal-candle --features cuda --test glimpse_gpu --no-run --message-format=json
+    cargo test --release -p foveal-candle --features cuda --tests --no-run --message-format=json
   } 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"], m["executable"])
+        name = m["target"]["name"]
+        if "foveal-candle" not in m["package_id"] or name.endswith("_gpu"):
+            print(name, m["executable"])
 ' | while read -r name exe; do cp "$exe" "$carry/bin/test-$name"; done
   cargo build --release -p foveal-bench --features cuda --bin gpu_bench
   cargo build --release -p foveal-candle --features cuda --bin foveal
