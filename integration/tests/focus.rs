@@ -75,13 +75,13 @@ fn the_1x1_scale_and_gamma_1_give_the_dense_model() -> Result<()> {
 /// logit, its cells' top-left pixels (raster order over the map) and their
 /// max-pooled features. Returns the number of distinct scales chosen.
 fn check_vision_sample(sample: &VisionSample, window: usize, scales: &[(usize, usize)]) -> Result<usize> {
-    let (b, h, w, _) = sample.map.dims4()?;
+    let (_, h, w, _) = sample.map.dims4()?;
     let z = sample.logits.to_dtype(DType::F32)?.to_vec3::<f32>()?;
     let wins_x = w.div_ceil(window);
     let mut used = std::collections::BTreeSet::new();
-    for row in 0..b {
+    for (row, z_row) in z.iter().enumerate() {
         let mut cells = Vec::new();
-        for (m, zm) in z[row].iter().enumerate() {
+        for (m, zm) in z_row.iter().enumerate() {
             let c = (0..zm.len()).fold(0, |best, i| if zm[i] > zm[best] { i } else { best });
             used.insert(c);
             let (kh, kw) = scales[c];
@@ -190,9 +190,9 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
         }
 
         // KV entries: whole rows in layers 0..=K, the kept ones after.
-        for b in 0..2 {
+        for (b, dropped) in dropped.iter().enumerate() {
             let len = seq - prompt.starts[b];
-            let kept_len = len - dropped[b].len();
+            let kept_len = len - dropped.len();
             let want = len * (fcfg.layer + 1) + kept_len * (dec.num_layers() - fcfg.layer - 1);
             assert_eq!(run.kv_entries[b], want, "row {b}");
         }
@@ -219,11 +219,11 @@ fn seven_branches_and_probability_scaling() -> Result<()> {
     let probs = candle_nn::ops::softmax_last_dim(&plain.logits)?.max(D::Minus1)?.to_vec2::<f32>()?;
     let (_, _, w, _) = plain.map.dims4()?;
     let wins_x = w.div_ceil(fcfg.vision.window);
-    for b in 0..2 {
+    for (b, probs) in probs.iter().enumerate() {
         for (i, &cell) in plain.cells[b].iter().enumerate() {
             let (y, x) = (cell as usize / w, cell as usize % w);
             let m = (y / fcfg.vision.window) * wins_x + x / fcfg.vision.window;
-            let want = (plain.tokens[b].get(i)? * f64::from(probs[b][m]))?;
+            let want = (plain.tokens[b].get(i)? * f64::from(probs[m]))?;
             let d = max_abs_diff(&scaled.tokens[b].get(i)?, &want)?;
             assert!(d < 1e-5, "row {b}, token {i}: differs by {d}");
         }
