@@ -115,6 +115,20 @@ pub struct Captured {
     /// The last layer of the range's query at the last position, after RoPE:
     /// `[B, Hq, D]` (model dtype, contiguous).
     pub last_query: Tensor,
+    /// The same layer's queries at every position of the call, after RoPE:
+    /// `[B, Hq, S_q, D]` (model dtype, contiguous).
+    pub queries: Tensor,
+}
+
+/// Layers whose caches share one row layout while decoding: `starts[b]` is
+/// the first valid cache slot of row `b` in each of them. After a token
+/// reduction inside the decoder the layers before and after it hold caches
+/// of different lengths (FocusLLaVA: the full prompt up to the sampler's
+/// layer, the kept tokens after it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSpan {
+    pub layers: Range<usize>,
+    pub starts: Vec<usize>,
 }
 
 /// A greedy generation.
@@ -152,7 +166,7 @@ impl Attention {
     }
 
     /// `xs` `[B, Sq, Dm]` (normed); appends this call's K/V to `kv`. Returns
-    /// the output `[B, Sq, Dm]` and, when `capture`, the last position's query.
+    /// the output `[B, Sq, Dm]` and, when `capture`, the queries `[B, Hq, Sq, D]`.
     fn forward(
         &self,
         xs: &Tensor,
@@ -175,11 +189,7 @@ impl Attention {
         };
         *kv = Some((k.clone(), v.clone()));
         let skv = k.dims()[2];
-        let captured = if capture {
-            Some(q.narrow(2, sq - 1, 1)?.squeeze(2)?.contiguous()?)
-        } else {
-            None
-        };
+        let captured = if capture { Some(q.contiguous()?) } else { None };
 
         // GQA without repeating K/V: the G query heads of a KV head become
         // G*Sq query rows of that head.
@@ -388,9 +398,10 @@ impl Decoder {
             .0)
     }
 
-    /// [`Decoder::forward_layers`], also returning the query (after RoPE) of
-    /// the last position at the last layer of the range: GlimpsePrune's
-    /// glimpse query at layer K is `forward_layers_capture(.., 0..K + 1, ..)`.
+    /// [`Decoder::forward_layers`], also returning the queries (after RoPE)
+    /// of the last layer of the range: GlimpsePrune's glimpse query at layer K
+    /// is the last position's of `forward_layers_capture(.., 0..K + 1, ..)`,
+    /// FocusLLaVA's text queries its instruction tokens'.
     pub fn forward_layers_capture(
         &self,
         hidden: &Tensor,
@@ -401,7 +412,11 @@ impl Decoder {
     ) -> Result<(Tensor, Captured)> {
         let (h, q) = self.run_layers(hidden, positions, mask, layers, cache, true)?;
         match q {
-            Some(last_query) => Ok((h, Captured { last_query })),
+            Some(queries) => {
+                let s = queries.dim(2)?;
+                let last_query = queries.narrow(2, s - 1, 1)?.squeeze(2)?.contiguous()?;
+                Ok((h, Captured { last_query, queries }))
+            }
             None => candle_core::bail!("Decoder::forward_layers_capture: the layer range is empty"),
         }
     }
@@ -465,36 +480,42 @@ impl Decoder {
     /// One decode step of every layer: token `tokens[b]` at position
     /// `positions[b]` appended after the cached entries (rows left-padded,
     /// valid from `starts[b]`). Returns the logits `[B, vocab]` (f32).
-    pub fn decode_step(
-        &self,
-        tokens: &[u32],
-        positions: &[u32],
-        starts: &[usize],
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn decode_step(&self, tokens: &[u32], positions: &[u32], starts: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        self.decode_step_spans(tokens, positions, &[self.whole_span(starts)], cache)
+    }
+
+    /// One span over every layer, valid from `starts`.
+    fn whole_span(&self, starts: &[usize]) -> CacheSpan {
+        CacheSpan { layers: 0..self.layers.len(), starts: starts.to_vec() }
+    }
+
+    /// [`Decoder::decode_step`] over caches of different layouts: `spans`
+    /// cover the layers in order, each with its own left-padding starts (and
+    /// its own cache length, read from its first layer).
+    pub fn decode_step_spans(&self, tokens: &[u32], positions: &[u32], spans: &[CacheSpan], cache: &mut KvCache) -> Result<Tensor> {
         let b = tokens.len();
-        if positions.len() != b || starts.len() != b {
-            candle_core::bail!(
-                "Decoder::decode_step: {b} tokens, {} positions, {} starts",
-                positions.len(),
-                starts.len()
-            );
+        if positions.len() != b || spans.iter().any(|s| s.starts.len() != b) {
+            candle_core::bail!("Decoder::decode_step: {b} tokens, {} positions, spans with starts for another batch", positions.len());
+        }
+        let mut next = 0;
+        for span in spans {
+            if span.layers.start != next || span.layers.end < span.layers.start {
+                candle_core::bail!("Decoder::decode_step: spans {:?} must cover layers 0..{} in order", spans.iter().map(|s| &s.layers).collect::<Vec<_>>(), self.layers.len());
+            }
+            next = span.layers.end;
+        }
+        if next != self.layers.len() {
+            candle_core::bail!("Decoder::decode_step: the spans end at layer {next}, the decoder has {}", self.layers.len());
         }
         let ids = Tensor::from_slice(tokens, (b, 1), &self.device)?;
         let pos = Tensor::from_slice(positions, (b, 1), &self.device)?;
-        let kv_len = cache.seq_len(0) + 1;
-        let mask = if starts.iter().any(|&s| s > 0) {
-            Some(attention_mask(starts, 1, kv_len, &self.device)?)
-        } else {
-            None
-        };
-        let h = self.forward_layers(
-            &self.embed(&ids)?,
-            &pos,
-            mask.as_ref(),
-            0..self.layers.len(),
-            cache,
-        )?;
+        let mut h = self.embed(&ids)?;
+        for span in spans.iter().filter(|s| !s.layers.is_empty()) {
+            let kv_len = cache.seq_len(span.layers.start) + 1;
+            let mask =
+                if span.starts.iter().any(|&s| s > 0) { Some(attention_mask(&span.starts, 1, kv_len, &self.device)?) } else { None };
+            h = self.forward_layers(&h, &pos, mask.as_ref(), span.layers.clone(), cache)?;
+        }
         self.last_logits(&h)
     }
 
@@ -507,6 +528,19 @@ impl Decoder {
         first_logits: &Tensor,
         next_positions: &[u32],
         starts: &[usize],
+        cache: &mut KvCache,
+        max_new_tokens: usize,
+    ) -> Result<Generation> {
+        self.greedy_spans(first_logits, next_positions, &[self.whole_span(starts)], cache, max_new_tokens)
+    }
+
+    /// [`Decoder::greedy`] over caches of different layouts (see
+    /// [`Decoder::decode_step_spans`]).
+    pub fn greedy_spans(
+        &self,
+        first_logits: &Tensor,
+        next_positions: &[u32],
+        spans: &[CacheSpan],
         cache: &mut KvCache,
         max_new_tokens: usize,
     ) -> Result<Generation> {
@@ -526,7 +560,7 @@ impl Decoder {
             if step + 1 == max_new_tokens {
                 break;
             }
-            logits = self.decode_step(&next, &pos, starts, cache)?;
+            logits = self.decode_step_spans(&next, &pos, spans, cache)?;
             pos.iter_mut().for_each(|p| *p += 1);
         }
         Ok(gen)

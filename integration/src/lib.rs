@@ -10,15 +10,21 @@
 //!   left-padded input embeddings with their visual positions), [`model`]
 //!   (the whole model: HF-named safetensors, seeded init, dense generation)
 //!   and [`images`] (seeded synthetic images, image files).
-//! - foveal on candle tensors: [`ops`] (the `glimpse_scores` CustomOp, the
-//!   kept set, one compaction of many caches, the row gather; CPU tensors go to
+//! - foveal on candle tensors: [`ops`] (the `glimpse_scores` and
+//!   `window_mean` CustomOps, the kept set, one compaction of many caches,
+//!   the row gather, `multiscale_gather`, `text_guided_select`; CPU tensors go to
 //!   foveal's CPU references, CUDA tensors to its CUDA paths in place).
 //! - GlimpsePrune end to end: [`vip`] (the Visual Importance Predictor) and
 //!   [`glimpse`] (glimpse token, pruning at layer K, decoding on the
 //!   compacted cache).
+//! - FocusLLaVA end to end: [`vision_sampler`] (sub-images stitched into one
+//!   map, the selector, multi-scale sampling in the projector) and [`focus`]
+//!   (the text-guided sampler at layer K, the later layers and decoding on
+//!   the kept tokens).
 
 pub mod config;
 pub mod decoder;
+pub mod focus;
 pub mod glimpse;
 pub mod glimpse_pipeline;
 pub mod images;
@@ -29,10 +35,13 @@ pub mod projector;
 pub mod prompt;
 pub mod vip;
 pub mod vision;
+pub mod vision_sampler;
 
 pub use config::{ModelConfig, TextConfig, VisionConfig};
-pub use decoder::{attention_mask, Decoder, Generation, KvCache, MASK_MIN};
+pub use focus::{FocusConfig, FocusLlava, FocusRun};
 pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
+pub use decoder::{attention_mask, CacheSpan, Decoder, Generation, KvCache, MASK_MIN};
 pub use model::{ImageFeatures, LlavaModel};
 pub use nn::Named;
 pub use prompt::{Prompt, Segment};
+pub use vision_sampler::{VisionSample, VisionSampler, VisionSamplerConfig};

@@ -1,5 +1,8 @@
 //! The main job: every method end to end on the built-in small model (seeded
-//! weights, synthetic images or `cargo run --release -- IMAGE`), CPU by default; built with the feature `cuda`
+//! weights, synthetic images or `cargo run --release -- IMAGE`): the dense
+//! baseline, GlimpsePrune and FocusLLaVA (on the images, and on images cut
+//! into 2 x 2 sub-images beside the dense model over the same stitched map),
+//! CPU by default; built with the feature `cuda`
 //! on a machine with a GPU, on the GPU. Then the GlimpsePrune kernel pipeline
 //! on a synthetic batch with planted salient tokens (and, on a GPU, its CUDA
 //! run checked against the CPU references).
@@ -11,7 +14,8 @@ use foveal::KeepRule;
 use foveal_candle::glimpse_pipeline::{self, Batch, Config};
 use foveal_candle::images::{load_image, synthetic_images};
 use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig};
+use foveal_candle::vision_sampler::encode_grid;
+use foveal_candle::{FocusConfig, FocusLlava, GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig, Prompt};
 
 const NEW_TOKENS: usize = 8;
 
@@ -33,6 +37,8 @@ fn device() -> Device {
 struct Row {
     method: &'static str,
     visual: Vec<usize>,
+    /// Tokens after a vision-side sampler (FocusLLaVA), if the method has one.
+    sampled: Option<Vec<usize>>,
     kept: Vec<usize>,
     kv_entries: Vec<usize>,
     prefill_ms: f64,
@@ -40,18 +46,67 @@ struct Row {
     tokens: Vec<Vec<u32>>,
 }
 
+/// Dense greedy generation over `prompt`, timed.
+fn dense_row(method: &'static str, model: &LlavaModel, prompt: &Prompt) -> Result<Row> {
+    let dec = &model.decoder;
+    let t = Instant::now();
+    let mut cache = dec.new_cache();
+    let h = dec.forward_layers(&prompt.embeds, &prompt.positions, Some(&prompt.mask()?), 0..dec.num_layers(), &mut cache)?;
+    let first = dec.last_logits(&h)?;
+    let prefill = t.elapsed();
+    let t = Instant::now();
+    let dense = dec.greedy(&first, &prompt.next_positions(), &prompt.starts, &mut cache, NEW_TOKENS)?;
+    let visual: Vec<usize> = prompt.visual.iter().map(Vec::len).collect();
+    Ok(Row {
+        method,
+        sampled: None,
+        kept: visual.clone(),
+        visual,
+        kv_entries: prompt.starts.iter().map(|s| (prompt.seq() - s) * dec.num_layers()).collect(),
+        prefill_ms: prefill.as_secs_f64() * 1e3,
+        decode_ms: t.elapsed().as_secs_f64() * 1e3,
+        tokens: dense.tokens,
+    })
+}
+
+fn focus_row(
+    method: &'static str,
+    fl: &FocusLlava,
+    model: &LlavaModel,
+    pixels: &Tensor,
+    grid: (usize, usize),
+    system: &[u32],
+    questions: &[Vec<u32>],
+) -> Result<Row> {
+    let run = fl.generate(model, pixels, grid, system, questions, NEW_TOKENS)?;
+    Ok(Row {
+        method,
+        visual: run.visual,
+        sampled: Some(run.sampled),
+        kept: run.kept.iter().map(Vec::len).collect(),
+        kv_entries: run.kv_entries,
+        prefill_ms: run.prefill.as_secs_f64() * 1e3,
+        decode_ms: run.decode.as_secs_f64() * 1e3,
+        tokens: run.generation.tokens,
+    })
+}
+
 fn run() -> Result<()> {
     let dev = device();
     let cfg = ModelConfig::tiny();
     let model = LlavaModel::seeded(&cfg, 1, &dev, DType::F32)?;
-    // Synthetic images, or the image file given as the first argument (for both rows).
-    let pixels = match std::env::args().nth(1) {
-        Some(path) => {
-            let img = load_image(&path, cfg.vision.image_size, &dev)?;
-            Tensor::cat(&[&img, &img], 0)?
+    // Synthetic images, or the image file given as the first argument (for both rows), of `size` pixels.
+    let path = std::env::args().nth(1);
+    let images = |size: usize| -> Result<Tensor> {
+        match &path {
+            Some(path) => {
+                let img = load_image(path, size, &dev)?;
+                Tensor::cat(&[&img, &img], 0)
+            }
+            None => Ok(synthetic_images(2, size, 2, &dev)?.0),
         }
-        None => synthetic_images(2, cfg.vision.image_size, 2, &dev)?.0,
     };
+    let pixels = images(cfg.vision.image_size)?;
     let system = byte_tokens("A chat about an image.");
     let questions = vec![
         byte_tokens("What is in the top left corner?"),
@@ -71,38 +126,7 @@ fn run() -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    // Dense baseline.
-    let dec = &model.decoder;
-    let t = Instant::now();
-    let prompt = model.build_prompt(&pixels, &system, &questions)?;
-    let mut cache = dec.new_cache();
-    let h = dec.forward_layers(
-        &prompt.embeds,
-        &prompt.positions,
-        Some(&prompt.mask()?),
-        0..dec.num_layers(),
-        &mut cache,
-    )?;
-    let first = dec.last_logits(&h)?;
-    let prefill = t.elapsed();
-    let t = Instant::now();
-    let dense = dec.greedy(
-        &first,
-        &prompt.next_positions(),
-        &prompt.starts,
-        &mut cache,
-        NEW_TOKENS,
-    )?;
-    let lens: Vec<usize> = prompt.starts.iter().map(|s| prompt.seq() - s).collect();
-    rows.push(Row {
-        method: "dense",
-        visual: prompt.visual.iter().map(Vec::len).collect(),
-        kept: prompt.visual.iter().map(Vec::len).collect(),
-        kv_entries: lens.iter().map(|n| n * dec.num_layers()).collect(),
-        prefill_ms: prefill.as_secs_f64() * 1e3,
-        decode_ms: t.elapsed().as_secs_f64() * 1e3,
-        tokens: dense.tokens,
-    });
+    rows.push(dense_row("dense", &model, &model.build_prompt(&pixels, &system, &questions)?)?);
 
     // GlimpsePrune (seeded predictor: an untrained importance map, capped at a quarter).
     let mut gcfg = GlimpseConfig::for_model(&cfg);
@@ -116,6 +140,7 @@ fn run() -> Result<()> {
     rows.push(Row {
         method: "GlimpsePrune",
         visual: run.visual.clone(),
+        sampled: None,
         kept: run.kept.iter().map(Vec::len).collect(),
         kv_entries: run.kv_entries.clone(),
         prefill_ms: run.prefill.as_secs_f64() * 1e3,
@@ -123,9 +148,20 @@ fn run() -> Result<()> {
         tokens: run.generation.tokens,
     });
 
+    // FocusLLaVA (seeded selector), on the same images (one sub-image each),
+    // then on images twice the size cut into 2 x 2 sub-images, beside the
+    // dense model over the same stitched map.
+    let fl = FocusLlava::seeded(&cfg, &FocusConfig::for_model(&cfg), 1, &dev, DType::F32)?;
+    rows.push(focus_row("FocusLLaVA", &fl, &model, &pixels, (1, 1), &system, &questions)?);
+    let large = images(2 * cfg.vision.image_size)?;
+    let (map, _) = encode_grid(&model, &large, (2, 2))?;
+    let (b, h, w, c) = map.dims4()?;
+    rows.push(dense_row("dense 2x2", &model, &model.build_prompt_from_embeds(&map.reshape((b, h * w, c))?, &system, &questions)?)?);
+    rows.push(focus_row("FocusLLaVA 2x2", &fl, &model, &large, (2, 2), &system, &questions)?);
+
     println!(
-        "\n{:<13} {:>4} {:>10} {:>6} {:>11} {:>11} {:>10}  tokens generated",
-        "method", "row", "visual in", "kept", "KV entries", "prefill ms", "decode ms"
+        "\n{:<15} {:>4} {:>10} {:>8} {:>6} {:>11} {:>11} {:>10}  tokens generated",
+        "method", "row", "visual in", "sampled", "kept", "KV entries", "prefill ms", "decode ms"
     );
     for r in &rows {
         for b in 0..r.visual.len() {
@@ -138,10 +174,11 @@ fn run() -> Result<()> {
                 (String::new(), String::new())
             };
             println!(
-                "{:<13} {:>4} {:>10} {:>6} {:>11} {:>11} {:>10}  {:?}",
+                "{:<15} {:>4} {:>10} {:>8} {:>6} {:>11} {:>11} {:>10}  {:?}",
                 if b == 0 { r.method } else { "" },
                 b,
                 r.visual[b],
+                r.sampled.as_ref().map_or("-".to_string(), |s| s[b].to_string()),
                 r.kept[b],
                 r.kv_entries[b],
                 p,
@@ -150,6 +187,7 @@ fn run() -> Result<()> {
             );
         }
     }
+    println!("(sampled: after FocusLLaVA's vision-guided sampler; kept: after the pruning / text-guided sampler)");
     kernel_pipeline().map_err(candle_core::Error::wrap)
 }
 

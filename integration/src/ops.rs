@@ -1,4 +1,5 @@
-//! foveal's GlimpsePrune ops on candle tensors.
+//! foveal's ops on candle tensors: GlimpsePrune's here, FocusLLaVA's in
+//! [`focus`](self::focus) (re-exported).
 //!
 //! `glimpse_scores` is a candle `CustomOp2`: `cpu_fwd` runs foveal's CPU
 //! reference on candle's host buffers, `cuda_fwd` (feature `cuda`) runs the
@@ -443,3 +444,6 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
     };
     Ok(out)
 }
+
+mod focus;
+pub use focus::{multiscale_gather, plan_from_kept, text_guided_select, window_mean, Gathered, TextSelection};

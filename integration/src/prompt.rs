@@ -19,11 +19,19 @@ pub enum Segment {
     Image(Tensor),
     /// Other embeddings `[n, Dm]` (not visual), e.g. a learned glimpse token.
     Embeds(Tensor),
+    /// Visual embeddings `[N, Dm]` sampled from a feature map of `span`
+    /// cells (FocusLLaVA's vision-guided sampler): token `i` gets the position
+    /// id `base + offsets[i]` (its source cell), where `base` is the segment's
+    /// first position id, and the segment takes `span` position ids (the next
+    /// segment starts at `base + span`). With every cell kept, in order, it
+    /// is [`Segment::Image`] of the whole map.
+    SampledImage { embeds: Tensor, offsets: Vec<u32>, span: usize },
 }
 
 /// A left-padded batch of prompts. Row `b` is valid at sequence indices
-/// `starts[b]..seq`; its position ids count from 0 at `starts[b]` (padding
-/// slots get 0, hold zero embeddings and are masked).
+/// `starts[b]..seq`; its position ids count from 0 at `starts[b]`, one per
+/// token except inside a [`Segment::SampledImage`] (padding slots get 0, hold
+/// zero embeddings and are masked).
 #[derive(Debug, Clone)]
 pub struct Prompt {
     /// `[B, S, Dm]`, the decoder's dtype.
@@ -51,36 +59,44 @@ impl Prompt {
         );
         let mut parts = Vec::with_capacity(rows.len());
         for (b, row) in rows.iter().enumerate() {
-            let (mut pieces, mut visual, mut len) = (Vec::new(), Vec::new(), 0usize);
+            let (mut pieces, mut visual, mut ids, mut len, mut next) = (Vec::new(), Vec::new(), Vec::<u32>::new(), 0usize, 0u32);
             for seg in row {
                 let t = match seg {
                     Segment::Text(ids) if ids.is_empty() => continue,
-                    Segment::Text(ids) => {
-                        decoder.embed(&Tensor::from_slice(ids, ids.len(), dev)?)?
-                    }
-                    Segment::Image(e) | Segment::Embeds(e) => {
+                    Segment::Text(ids) => decoder.embed(&Tensor::from_slice(ids, ids.len(), dev)?)?,
+                    Segment::Image(e) | Segment::Embeds(e) | Segment::SampledImage { embeds: e, .. } => {
                         let (n, d) = e.dims2()?;
                         if d != dm {
                             candle_core::bail!("Prompt::build: row {b}: embeddings of width {d}, the decoder's is {dm}");
                         }
-                        if matches!(seg, Segment::Image(_)) {
+                        if !matches!(seg, Segment::Embeds(_)) {
                             visual.extend(len..len + n);
                         }
                         e.to_dtype(dtype)?
                     }
                 };
-                len += t.dim(0)?;
+                let n = t.dim(0)?;
+                if let Segment::SampledImage { offsets, span, .. } = seg {
+                    if offsets.len() != n || offsets.iter().any(|&o| o as usize >= *span) {
+                        candle_core::bail!("Prompt::build: row {b}: {n} sampled tokens need {n} offsets below the span {span}");
+                    }
+                    ids.extend(offsets.iter().map(|&o| next + o));
+                    next += *span as u32;
+                } else {
+                    ids.extend(next..next + n as u32);
+                    next += n as u32;
+                }
+                len += n;
                 pieces.push(t);
             }
             if len == 0 {
                 candle_core::bail!("Prompt::build: row {b} is empty");
             }
-            parts.push((Tensor::cat(&pieces, 0)?, visual, len));
+            parts.push((Tensor::cat(&pieces, 0)?, visual, ids, len));
         }
-        let seq = parts.iter().map(|p| p.2).max().unwrap_or(0);
-        let (mut embeds, mut position_ids, mut starts, mut vis) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (e, visual, len) in parts {
+        let seq = parts.iter().map(|p| p.3).max().unwrap_or(0);
+        let (mut embeds, mut position_ids, mut starts, mut vis) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (e, visual, ids, len) in parts {
             let start = seq - len;
             let e = if start > 0 {
                 Tensor::cat(&[&Tensor::zeros((start, dm), dtype, dev)?, &e], 0)?
@@ -88,11 +104,7 @@ impl Prompt {
                 e
             };
             embeds.push(e);
-            position_ids.push(
-                (0..seq)
-                    .map(|s| s.saturating_sub(start) as u32)
-                    .collect::<Vec<_>>(),
-            );
+            position_ids.push(std::iter::repeat_n(0, start).chain(ids).collect::<Vec<u32>>());
             vis.push(visual.into_iter().map(|v| v + start).collect());
             starts.push(start);
         }

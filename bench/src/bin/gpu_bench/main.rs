@@ -5,8 +5,10 @@
 //! cargo run -p foveal-bench --features cuda --release --bin gpu_bench -- [--quick] [--out FILE] [--only OPS] [--runs N] [--no-check]
 //! ```
 //!
-//! - Finds device 0; without one (no libcuda, no device) it prints a "no GPU"
-//!   line and exits 0.
+//! - Finds device 0; without one (no device) it prints a "no GPU" line and
+//!   exits 0. The binary links candle's CUDA backend (the unfused baseline),
+//!   hence the driver library, cuBLAS, cuRAND and NVRTC: it starts only where
+//!   they are (a GPU machine; scripts/gpu-suite.sh finds them there).
 //! - Measures the device-to-device copy bandwidth (a 1 GiB `memcpy_dtod`,
 //!   bytes read + written), the ceiling every GB/s figure is compared to.
 //! - For each op (sections `glimpse_scores`, `select_keep`, `compact_kv`,
@@ -26,9 +28,11 @@
 //!   eagerly, a loop of calls issued back to back without the gate (what an
 //!   eager framework pays, host launch overhead included, against the op
 //!   issued the same way, `eager_us`).
-//! - text_guided_select has no baseline yet (the unfused framework ops,
-//!   matmul / softmax / max / mean / sort / cumsum, need a candle or PyTorch
-//!   run beside it; left for later).
+//! - text_guided_select is also timed against the same computation in
+//!   unfused candle ops (matmul, softmax, max, mean, sort, cumsum, threshold)
+//!   on candle's stream, at Qwen2.5-VL-7B-like heads, 64 text and 2,880
+//!   visual tokens ([`text_guided_unfused`]): base_us is the unfused ops'
+//!   gated GPU time, base_eager_us theirs issued eagerly.
 //! - Prints one row per case and writes the table to `--out` (markdown when
 //!   the name ends in `.md`, CSV otherwise). `bytes` is the op's floor: what
 //!   it must read plus write (`foveal_bench::<op>::floor_bytes`); GB/s is
@@ -36,6 +40,8 @@
 //!
 //! `--quick` runs a few cases with 20 runs each (a smoke test); `--only`
 //! takes a comma-separated list of op names.
+
+mod text_guided_unfused;
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -431,6 +437,8 @@ impl Row {
 /// For compact_kv: base_us, speedup: the per-layer loop's GPU time (graph
 /// replay) and the op's speedup over it; eager_us, base_eager_us,
 /// speedup_eager: the op and the loop issued eagerly (host overhead included).
+/// For text_guided_select vs unfused: the same with the unfused candle ops
+/// (their gated GPU time, not a graph) in place of the loop.
 const COLUMNS: [&str; 14] = [
     "op",
     "shape",
@@ -689,6 +697,13 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
         for case in text_cases(args.quick) {
             let row = text_case(&mut env, &case)
                 .unwrap_or_else(|e| Row::failed("text_guided_select", case.label(), e.as_ref()));
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+        for case in text_guided_unfused::cases(args.quick) {
+            let row = text_guided_unfused::case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("text_guided_select", format!("{} vs unfused", case.label()), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;

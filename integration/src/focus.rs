@@ -1,0 +1,260 @@
+//! FocusLLaVA (seeds/004) end to end: the vision-guided sampler in the
+//! projector ([`crate::vision_sampler`]: sub-images stitched into one map,
+//! window means, the selector's GEMMs, foveal multiscale_gather), then the
+//! text-guided sampler inside the decoder at layer K: the instruction
+//! tokens' queries and the visual keys of layer K go to foveal
+//! text_guided_select, and the unselected visual tokens are dropped from the
+//! layer-K hidden states and position ids (foveal's row gather), so layers
+//! K+1.. run, cache and decode on the shorter sequence. Layers 0..=K keep
+//! their full caches (the paper: the dropped tokens went through those
+//! layers, and stay in their caches); decoding reads each span of layers
+//! with its own layout ([`CacheSpan`]). Kept tokens keep their position ids.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use foveal::text_guided_select::{Lengths, DEFAULT_GAMMA};
+use foveal::Padding;
+
+use crate::config::ModelConfig;
+use crate::decoder::{attention_mask, CacheSpan, Generation, KvCache};
+use crate::model::{LlavaModel, SeededInit};
+use crate::nn::Named;
+use crate::ops;
+use crate::prompt::{Prompt, Segment};
+use crate::vision_sampler::{encode_grid, VisionSample, VisionSampler, VisionSamplerConfig};
+
+/// How FocusLLaVA runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FocusConfig {
+    pub vision: VisionSamplerConfig,
+    /// The text-guided sampler's layer K (0-based): its queries and keys
+    /// select, and layers K+1.. see only the kept visual tokens.
+    pub layer: usize,
+    /// The cumulative-importance threshold (the paper's 0.85; 1 keeps all).
+    pub gamma: f32,
+}
+
+impl FocusConfig {
+    /// The paper's defaults for `model`: w = 4, the 3-branch scale set, and
+    /// the text-guided sampler at the 8th of 32 layers (index 7), i.e. a
+    /// quarter of the depth: K = min(7, ceil(L / 4) - 1), which is layer 1 of
+    /// the tiny 6-layer model (so 4 of its 6 layers run on the kept tokens).
+    /// gamma = 0.85.
+    pub fn for_model(model: &ModelConfig) -> Self {
+        FocusConfig {
+            vision: VisionSamplerConfig::default(),
+            layer: 7.min(model.text.num_layers.div_ceil(4).max(1) - 1),
+            gamma: DEFAULT_GAMMA,
+        }
+    }
+}
+
+/// The learned parts: the vision-guided sampler's selector.
+#[derive(Debug, Clone)]
+pub struct FocusLlava {
+    sampler: VisionSampler,
+    cfg: FocusConfig,
+}
+
+/// One FocusLLaVA generation and what it did.
+#[derive(Debug)]
+pub struct FocusRun {
+    pub generation: Generation,
+    /// Per row, the visual tokens of the stitched map (before the samplers).
+    pub visual: Vec<usize>,
+    /// Per row, the tokens after the vision-guided sampler.
+    pub sampled: Vec<usize>,
+    /// Per row, the tokens the text-guided sampler kept (indices into the
+    /// row's sampled tokens, ascending).
+    pub kept: Vec<Vec<usize>>,
+    /// KV entries per row: the full prompt in layers 0..=K, the kept
+    /// sequence in the later layers.
+    pub kv_entries: Vec<usize>,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+/// What the prefill up to layer K leaves.
+#[derive(Debug, Clone)]
+pub struct LayerK {
+    /// Hidden states after layer K `[B, S, Dm]`.
+    pub hidden: Tensor,
+    /// The caches of layers 0..=K.
+    pub cache: KvCache,
+    /// Layer K's queries after RoPE `[B, Hq, S, D]`.
+    pub queries: Tensor,
+}
+
+impl FocusLlava {
+    /// From `vb` at the root of a LLaVA checkpoint (names
+    /// `multi_modal_projector.selector.{weight,bias}`).
+    pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &FocusConfig) -> Result<Self> {
+        if cfg.layer >= model.text.num_layers {
+            candle_core::bail!("FocusConfig: layer {} of {}", cfg.layer, model.text.num_layers);
+        }
+        if !(cfg.gamma > 0.0 && cfg.gamma <= 1.0) {
+            candle_core::bail!("FocusConfig: gamma {} is outside (0, 1]", cfg.gamma);
+        }
+        let sampler = VisionSampler::new(vb.pp("multi_modal_projector"), model.vision.num_patches(), &cfg.vision)?;
+        Ok(FocusLlava { sampler, cfg: cfg.clone() })
+    }
+
+    /// A deterministic random initialisation (the model's seeded scheme).
+    pub fn seeded(model: &ModelConfig, cfg: &FocusConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        Self::new(VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()), model, cfg)
+    }
+
+    pub fn load_safetensors(path: impl AsRef<Path>, model: &ModelConfig, cfg: &FocusConfig, device: &Device, dtype: DType) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(path, device)?;
+        Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
+    }
+
+    pub fn named_tensors(&self) -> Named {
+        let mut out = Vec::new();
+        self.sampler.named_tensors("multi_modal_projector", &mut out);
+        out
+    }
+
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let map: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
+        candle_core::safetensors::save(&map, path)
+    }
+
+    pub fn config(&self) -> &FocusConfig {
+        &self.cfg
+    }
+
+    /// The vision-guided sampler over images `pixels [B, 3, rows * s, cols *
+    /// s]` cut into a `grid` of sub-images (`(1, 1)`: one image of the
+    /// tower's size).
+    pub fn sample_vision(&self, model: &LlavaModel, pixels: &Tensor, grid: (usize, usize)) -> Result<VisionSample> {
+        let (map, global) = encode_grid(model, pixels, grid)?;
+        self.sampler.sample(&map, &global)
+    }
+
+    /// The prompt rows `[system][sampled visual tokens of image b][question b]`.
+    pub fn prompt(&self, model: &LlavaModel, sample: &VisionSample, system: &[u32], questions: &[Vec<u32>]) -> Result<Prompt> {
+        if questions.len() != sample.tokens.len() {
+            candle_core::bail!("FocusLlava::prompt: {} images, {} questions", sample.tokens.len(), questions.len());
+        }
+        let span = sample.map_cells()?;
+        let rows = questions
+            .iter()
+            .zip(sample.tokens.iter().zip(&sample.cells))
+            .map(|(q, (tokens, cells))| {
+                vec![
+                    Segment::Text(system.to_vec()),
+                    Segment::SampledImage { embeds: tokens.clone(), offsets: cells.clone(), span },
+                    Segment::Text(q.clone()),
+                ]
+            })
+            .collect::<Vec<_>>();
+        Prompt::build(&model.decoder, &rows)
+    }
+
+    /// Layers 0..=K over the whole prompt, capturing layer K's queries.
+    pub fn prefill_to_layer_k(&self, model: &LlavaModel, prompt: &Prompt) -> Result<LayerK> {
+        let dec = &model.decoder;
+        let mut cache = dec.new_cache();
+        let mask = prompt.mask()?;
+        let (hidden, captured) = dec.forward_layers_capture(&prompt.embeds, &prompt.positions, Some(&mask), 0..self.cfg.layer + 1, &mut cache)?;
+        Ok(LayerK { hidden, cache, queries: captured.queries })
+    }
+
+    /// The text-guided sampler at layer K: per row the kept visual indices
+    /// (into its visual tokens, ascending). The text tokens are the
+    /// instruction, the last `text_len[b]` positions of row `b`.
+    pub fn select_text(&self, prompt: &Prompt, layer_k: &LayerK, text_len: &[usize]) -> Result<Vec<Vec<usize>>> {
+        let seq = prompt.seq();
+        if text_len.len() != prompt.batch() || text_len.iter().zip(&prompt.starts).any(|(&t, &s)| t > seq - s) {
+            candle_core::bail!("FocusLlava::select_text: instruction lengths {text_len:?} do not fit the prompt rows");
+        }
+        let Some((k, _)) = layer_k.cache.layer(self.cfg.layer) else { candle_core::bail!("FocusLlava: layer K's cache is empty") };
+        let text: Vec<Vec<usize>> = text_len.iter().map(|&t| (seq - t..seq).collect()).collect();
+        let q_text = gather_positions(&layer_k.queries, &text)?.transpose(1, 2)?;
+        let k_vis = gather_positions(k, &prompt.visual)?.transpose(1, 2)?;
+        let n_len: Vec<usize> = prompt.visual.iter().map(Vec::len).collect();
+        let lengths = Lengths::new(text_len, &n_len).map_err(candle_core::Error::wrap)?;
+        ops::text_guided_select(&q_text, &k_vis, &lengths, self.cfg.gamma)?.kept()
+    }
+
+    /// FocusLLaVA generation of `max_new_tokens` greedy tokens per row for
+    /// images `pixels` cut into a `grid` of sub-images, one question each.
+    pub fn generate(
+        &self,
+        model: &LlavaModel,
+        pixels: &Tensor,
+        grid: (usize, usize),
+        system: &[u32],
+        questions: &[Vec<u32>],
+        max_new_tokens: usize,
+    ) -> Result<FocusRun> {
+        let t0 = Instant::now();
+        let dec = &model.decoder;
+        let sample = self.sample_vision(model, pixels, grid)?;
+        let prompt = self.prompt(model, &sample, system, questions)?;
+        let layer_k = self.prefill_to_layer_k(model, &prompt)?;
+        let text_len: Vec<usize> = questions.iter().map(Vec::len).collect();
+        let kept = self.select_text(&prompt, &layer_k, &text_len)?;
+
+        // Drop the unselected visual tokens from the layer-K hidden states and
+        // position ids; the caches of layers 0..=K stay whole.
+        let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
+        let mut plan = ops::plan_from_kept(&rows, &kept, dec.device())?;
+        let s_new = plan.fetch_max_len()?;
+        let LayerK { hidden, mut cache, .. } = layer_k;
+        let h = ops::gather_rows(&hidden, &plan, Padding::Left)?;
+        let (b, s) = prompt.positions.dims2()?;
+        let positions = ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?.reshape((b, s_new))?;
+        let lengths: Vec<usize> = {
+            let keep = plan.positions()?;
+            (0..b).map(|row| keep.row(row).len()).collect()
+        };
+        let starts: Vec<usize> = lengths.iter().map(|&n| s_new - n).collect();
+
+        let k = self.cfg.layer;
+        let layers = dec.num_layers();
+        let mask = attention_mask(&starts, s_new, s_new, h.device())?;
+        let h = dec.forward_layers(&h, &positions, Some(&mask), k + 1..layers, &mut cache)?;
+        let first = dec.last_logits(&h)?;
+        let prefill = t0.elapsed();
+        let t1 = Instant::now();
+        let spans = [
+            CacheSpan { layers: 0..k + 1, starts: prompt.starts.clone() },
+            CacheSpan { layers: k + 1..layers, starts: starts.clone() },
+        ];
+        let generation = dec.greedy_spans(&first, &prompt.next_positions(), &spans, &mut cache, max_new_tokens)?;
+        let decode = t1.elapsed();
+        let full: Vec<usize> = prompt.starts.iter().map(|&st| s - st).collect();
+        Ok(FocusRun {
+            generation,
+            visual: vec![sample.map_cells()?; b],
+            sampled: prompt.visual.iter().map(Vec::len).collect(),
+            kept,
+            kv_entries: full.iter().zip(&lengths).map(|(&f, &n)| f * (k + 1) + n * (layers - k - 1)).collect(),
+            prefill,
+            decode,
+        })
+    }
+}
+
+/// Rows `[B, H, S, D]` -> `[B, H, N, D]`: row `b` takes the sequence
+/// positions `rows[b]` in order, padded (with its first position, or 0) to
+/// the longest list (at least 1).
+fn gather_positions(t: &Tensor, rows: &[Vec<usize>]) -> Result<Tensor> {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let per_row = rows
+        .iter()
+        .enumerate()
+        .map(|(b, r)| {
+            let pad = r.first().copied().unwrap_or(0) as u32;
+            let idx: Vec<u32> = r.iter().map(|&i| i as u32).chain(std::iter::repeat(pad)).take(width).collect();
+            t.get(b)?.index_select(&Tensor::from_vec(idx, width, t.device())?, 1)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&per_row, 0)
+}

@@ -1,0 +1,53 @@
+//! FocusLLaVA on the GPU against the CPU: the same seeded weights and
+//! images (one image and a 2 x 2 grid of sub-images); the sampled cells, the
+//! kept tokens, the generated tokens and the logits agree. Skips (and says
+//! so) where no GPU is present.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor};
+use foveal_candle::images::synthetic_images;
+use foveal_candle::prompt::byte_tokens;
+use foveal_candle::{FocusConfig, FocusLlava, LlavaModel, ModelConfig};
+
+fn gpu() -> Option<Device> {
+    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
+        Ok(Ok(d)) => Some(d),
+        _ => {
+            eprintln!("SKIP: no CUDA GPU");
+            None
+        }
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+#[test]
+fn cuda_and_cpu_focus_generations_agree() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let cfg = ModelConfig::tiny();
+    let system = byte_tokens("You see an image.");
+    let questions = vec![byte_tokens("Where is the red square?"), byte_tokens("Count the shapes.")];
+    let fcfg = FocusConfig::for_model(&cfg);
+    for g in [1, 2] {
+        let mut runs = Vec::new();
+        for dev in [Device::Cpu, gpu.clone()] {
+            let model = LlavaModel::seeded(&cfg, 11, &dev, DType::F32)?;
+            let (pixels, _) = synthetic_images(2, g * cfg.vision.image_size, 5, &dev)?;
+            let fl = FocusLlava::seeded(&cfg, &fcfg, 1, &dev, DType::F32)?;
+            let sample = fl.sample_vision(&model, &pixels, (g, g))?;
+            runs.push((sample, fl.generate(&model, &pixels, (g, g), &system, &questions, 4)?));
+        }
+        let ((s_cpu, cpu), (s_gpu, gpu_run)) = (&runs[0], &runs[1]);
+        assert_eq!(s_cpu.cells, s_gpu.cells, "grid {g}: the sampled cells");
+        assert_eq!(cpu.kept, gpu_run.kept, "grid {g}: the kept visual tokens");
+        assert_eq!(cpu.kv_entries, gpu_run.kv_entries);
+        assert_eq!(cpu.generation.tokens, gpu_run.generation.tokens, "grid {g}");
+        for (a, b) in cpu.generation.logits.iter().zip(&gpu_run.generation.logits) {
+            let d = max_abs_diff(a, b)?;
+            assert!(d < 1e-2, "grid {g}: CPU and GPU logits differ by {d}");
+        }
+    }
+    Ok(())
+}
