@@ -28,11 +28,11 @@ build() {
   # candle's CUDA kernels, for the H100/H200 only (one architecture: minutes, not tens).
   export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
   rm -rf "$carry" && mkdir -p "$carry/bin"
-  # Test executables with the CUDA paths: every op's (tests crate) and the
-  # whole model's on the GPU against the CPU (foveal-candle's glimpse_gpu, focus_gpu).
+  # Test executables with the CUDA paths: every op's (tests crate) and each
+  # method's whole model on the GPU against the CPU (foveal-candle's *_gpu tests).
   {
     cargo test --release -p foveal-tests --features cuda --no-run --message-format=json
-    cargo test --release -p foveal-candle --features cuda --test glimpse_gpu --test focus_gpu --no-run --message-format=json
+    cargo test --release -p foveal-candle --features cuda --tests --no-run --message-format=json
   } 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -415,7 +415,13 @@ impl Decoder {
             Some(queries) => {
                 let s = queries.dim(2)?;
                 let last_query = queries.narrow(2, s - 1, 1)?.squeeze(2)?.contiguous()?;
-                Ok((h, Captured { last_query, queries }))
+                Ok((
+                    h,
+                    Captured {
+                        last_query,
+                        queries,
+                    },
+                ))
             }
             None => candle_core::bail!("Decoder::forward_layers_capture: the layer range is empty"),
         }
@@ -480,19 +486,34 @@ impl Decoder {
     /// One decode step of every layer: token `tokens[b]` at position
     /// `positions[b]` appended after the cached entries (rows left-padded,
     /// valid from `starts[b]`). Returns the logits `[B, vocab]` (f32).
-    pub fn decode_step(&self, tokens: &[u32], positions: &[u32], starts: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        starts: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         self.decode_step_spans(tokens, positions, &[self.whole_span(starts)], cache)
     }
 
     /// One span over every layer, valid from `starts`.
     fn whole_span(&self, starts: &[usize]) -> CacheSpan {
-        CacheSpan { layers: 0..self.layers.len(), starts: starts.to_vec() }
+        CacheSpan {
+            layers: 0..self.layers.len(),
+            starts: starts.to_vec(),
+        }
     }
 
     /// [`Decoder::decode_step`] over caches of different layouts: `spans`
     /// cover the layers in order, each with its own left-padding starts (and
     /// its own cache length, read from its first layer).
-    pub fn decode_step_spans(&self, tokens: &[u32], positions: &[u32], spans: &[CacheSpan], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn decode_step_spans(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        spans: &[CacheSpan],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let b = tokens.len();
         if positions.len() != b || spans.iter().any(|s| s.starts.len() != b) {
             candle_core::bail!("Decoder::decode_step: {b} tokens, {} positions, spans with starts for another batch", positions.len());
@@ -500,20 +521,30 @@ impl Decoder {
         let mut next = 0;
         for span in spans {
             if span.layers.start != next || span.layers.end < span.layers.start {
-                candle_core::bail!("Decoder::decode_step: spans {:?} must cover layers 0..{} in order", spans.iter().map(|s| &s.layers).collect::<Vec<_>>(), self.layers.len());
+                candle_core::bail!(
+                    "Decoder::decode_step: spans {:?} must cover layers 0..{} in order",
+                    spans.iter().map(|s| &s.layers).collect::<Vec<_>>(),
+                    self.layers.len()
+                );
             }
             next = span.layers.end;
         }
         if next != self.layers.len() {
-            candle_core::bail!("Decoder::decode_step: the spans end at layer {next}, the decoder has {}", self.layers.len());
+            candle_core::bail!(
+                "Decoder::decode_step: the spans end at layer {next}, the decoder has {}",
+                self.layers.len()
+            );
         }
         let ids = Tensor::from_slice(tokens, (b, 1), &self.device)?;
         let pos = Tensor::from_slice(positions, (b, 1), &self.device)?;
         let mut h = self.embed(&ids)?;
         for span in spans.iter().filter(|s| !s.layers.is_empty()) {
             let kv_len = cache.seq_len(span.layers.start) + 1;
-            let mask =
-                if span.starts.iter().any(|&s| s > 0) { Some(attention_mask(&span.starts, 1, kv_len, &self.device)?) } else { None };
+            let mask = if span.starts.iter().any(|&s| s > 0) {
+                Some(attention_mask(&span.starts, 1, kv_len, &self.device)?)
+            } else {
+                None
+            };
             h = self.forward_layers(&h, &pos, mask.as_ref(), span.layers.clone(), cache)?;
         }
         self.last_logits(&h)
@@ -531,7 +562,13 @@ impl Decoder {
         cache: &mut KvCache,
         max_new_tokens: usize,
     ) -> Result<Generation> {
-        self.greedy_spans(first_logits, next_positions, &[self.whole_span(starts)], cache, max_new_tokens)
+        self.greedy_spans(
+            first_logits,
+            next_positions,
+            &[self.whole_span(starts)],
+            cache,
+            max_new_tokens,
+        )
     }
 
     /// [`Decoder::greedy`] over caches of different layouts (see

@@ -94,28 +94,56 @@ impl FocusLlava {
     /// `multi_modal_projector.selector.{weight,bias}`).
     pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &FocusConfig) -> Result<Self> {
         if cfg.layer >= model.text.num_layers {
-            candle_core::bail!("FocusConfig: layer {} of {}", cfg.layer, model.text.num_layers);
+            candle_core::bail!(
+                "FocusConfig: layer {} of {}",
+                cfg.layer,
+                model.text.num_layers
+            );
         }
         if !(cfg.gamma > 0.0 && cfg.gamma <= 1.0) {
             candle_core::bail!("FocusConfig: gamma {} is outside (0, 1]", cfg.gamma);
         }
-        let sampler = VisionSampler::new(vb.pp("multi_modal_projector"), model.vision.num_patches(), &cfg.vision)?;
-        Ok(FocusLlava { sampler, cfg: cfg.clone() })
+        let sampler = VisionSampler::new(
+            vb.pp("multi_modal_projector"),
+            model.vision.num_patches(),
+            &cfg.vision,
+        )?;
+        Ok(FocusLlava {
+            sampler,
+            cfg: cfg.clone(),
+        })
     }
 
     /// A deterministic random initialisation (the model's seeded scheme).
-    pub fn seeded(model: &ModelConfig, cfg: &FocusConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        Self::new(VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()), model, cfg)
+    pub fn seeded(
+        model: &ModelConfig,
+        cfg: &FocusConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::new(
+            VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()),
+            model,
+            cfg,
+        )
     }
 
-    pub fn load_safetensors(path: impl AsRef<Path>, model: &ModelConfig, cfg: &FocusConfig, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_safetensors(
+        path: impl AsRef<Path>,
+        model: &ModelConfig,
+        cfg: &FocusConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, device)?;
         Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
     }
 
     pub fn named_tensors(&self) -> Named {
         let mut out = Vec::new();
-        self.sampler.named_tensors("multi_modal_projector", &mut out);
+        self.sampler
+            .named_tensors("multi_modal_projector", &mut out);
         out
     }
 
@@ -131,15 +159,30 @@ impl FocusLlava {
     /// The vision-guided sampler over images `pixels [B, 3, rows * s, cols *
     /// s]` cut into a `grid` of sub-images (`(1, 1)`: one image of the
     /// tower's size).
-    pub fn sample_vision(&self, model: &LlavaModel, pixels: &Tensor, grid: (usize, usize)) -> Result<VisionSample> {
+    pub fn sample_vision(
+        &self,
+        model: &LlavaModel,
+        pixels: &Tensor,
+        grid: (usize, usize),
+    ) -> Result<VisionSample> {
         let (map, global) = encode_grid(model, pixels, grid)?;
         self.sampler.sample(&map, &global)
     }
 
     /// The prompt rows `[system][sampled visual tokens of image b][question b]`.
-    pub fn prompt(&self, model: &LlavaModel, sample: &VisionSample, system: &[u32], questions: &[Vec<u32>]) -> Result<Prompt> {
+    pub fn prompt(
+        &self,
+        model: &LlavaModel,
+        sample: &VisionSample,
+        system: &[u32],
+        questions: &[Vec<u32>],
+    ) -> Result<Prompt> {
         if questions.len() != sample.tokens.len() {
-            candle_core::bail!("FocusLlava::prompt: {} images, {} questions", sample.tokens.len(), questions.len());
+            candle_core::bail!(
+                "FocusLlava::prompt: {} images, {} questions",
+                sample.tokens.len(),
+                questions.len()
+            );
         }
         let span = sample.map_cells()?;
         let rows = questions
@@ -148,7 +191,11 @@ impl FocusLlava {
             .map(|(q, (tokens, cells))| {
                 vec![
                     Segment::Text(system.to_vec()),
-                    Segment::SampledImage { embeds: tokens.clone(), offsets: cells.clone(), span },
+                    Segment::SampledImage {
+                        embeds: tokens.clone(),
+                        offsets: cells.clone(),
+                        span,
+                    },
                     Segment::Text(q.clone()),
                 ]
             })
@@ -161,19 +208,41 @@ impl FocusLlava {
         let dec = &model.decoder;
         let mut cache = dec.new_cache();
         let mask = prompt.mask()?;
-        let (hidden, captured) = dec.forward_layers_capture(&prompt.embeds, &prompt.positions, Some(&mask), 0..self.cfg.layer + 1, &mut cache)?;
-        Ok(LayerK { hidden, cache, queries: captured.queries })
+        let (hidden, captured) = dec.forward_layers_capture(
+            &prompt.embeds,
+            &prompt.positions,
+            Some(&mask),
+            0..self.cfg.layer + 1,
+            &mut cache,
+        )?;
+        Ok(LayerK {
+            hidden,
+            cache,
+            queries: captured.queries,
+        })
     }
 
     /// The text-guided sampler at layer K: per row the kept visual indices
     /// (into its visual tokens, ascending). The text tokens are the
     /// instruction, the last `text_len[b]` positions of row `b`.
-    pub fn select_text(&self, prompt: &Prompt, layer_k: &LayerK, text_len: &[usize]) -> Result<Vec<Vec<usize>>> {
+    pub fn select_text(
+        &self,
+        prompt: &Prompt,
+        layer_k: &LayerK,
+        text_len: &[usize],
+    ) -> Result<Vec<Vec<usize>>> {
         let seq = prompt.seq();
-        if text_len.len() != prompt.batch() || text_len.iter().zip(&prompt.starts).any(|(&t, &s)| t > seq - s) {
+        if text_len.len() != prompt.batch()
+            || text_len
+                .iter()
+                .zip(&prompt.starts)
+                .any(|(&t, &s)| t > seq - s)
+        {
             candle_core::bail!("FocusLlava::select_text: instruction lengths {text_len:?} do not fit the prompt rows");
         }
-        let Some((k, _)) = layer_k.cache.layer(self.cfg.layer) else { candle_core::bail!("FocusLlava: layer K's cache is empty") };
+        let Some((k, _)) = layer_k.cache.layer(self.cfg.layer) else {
+            candle_core::bail!("FocusLlava: layer K's cache is empty")
+        };
         let text: Vec<Vec<usize>> = text_len.iter().map(|&t| (seq - t..seq).collect()).collect();
         let q_text = gather_positions(&layer_k.queries, &text)?.transpose(1, 2)?;
         let k_vis = gather_positions(k, &prompt.visual)?.transpose(1, 2)?;
@@ -206,10 +275,14 @@ impl FocusLlava {
         let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
         let mut plan = ops::plan_from_kept(&rows, &kept, dec.device())?;
         let s_new = plan.fetch_max_len()?;
-        let LayerK { hidden, mut cache, .. } = layer_k;
+        let LayerK {
+            hidden, mut cache, ..
+        } = layer_k;
         let h = ops::gather_rows(&hidden, &plan, Padding::Left)?;
         let (b, s) = prompt.positions.dims2()?;
-        let positions = ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?.reshape((b, s_new))?;
+        let positions =
+            ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?
+                .reshape((b, s_new))?;
         let lengths: Vec<usize> = {
             let keep = plan.positions()?;
             (0..b).map(|row| keep.row(row).len()).collect()
@@ -224,10 +297,22 @@ impl FocusLlava {
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         let spans = [
-            CacheSpan { layers: 0..k + 1, starts: prompt.starts.clone() },
-            CacheSpan { layers: k + 1..layers, starts: starts.clone() },
+            CacheSpan {
+                layers: 0..k + 1,
+                starts: prompt.starts.clone(),
+            },
+            CacheSpan {
+                layers: k + 1..layers,
+                starts: starts.clone(),
+            },
         ];
-        let generation = dec.greedy_spans(&first, &prompt.next_positions(), &spans, &mut cache, max_new_tokens)?;
+        let generation = dec.greedy_spans(
+            &first,
+            &prompt.next_positions(),
+            &spans,
+            &mut cache,
+            max_new_tokens,
+        )?;
         let decode = t1.elapsed();
         let full: Vec<usize> = prompt.starts.iter().map(|&st| s - st).collect();
         Ok(FocusRun {
@@ -235,7 +320,11 @@ impl FocusLlava {
             visual: vec![sample.map_cells()?; b],
             sampled: prompt.visual.iter().map(Vec::len).collect(),
             kept,
-            kv_entries: full.iter().zip(&lengths).map(|(&f, &n)| f * (k + 1) + n * (layers - k - 1)).collect(),
+            kv_entries: full
+                .iter()
+                .zip(&lengths)
+                .map(|(&f, &n)| f * (k + 1) + n * (layers - k - 1))
+                .collect(),
             prefill,
             decode,
         })
@@ -252,8 +341,14 @@ fn gather_positions(t: &Tensor, rows: &[Vec<usize>]) -> Result<Tensor> {
         .enumerate()
         .map(|(b, r)| {
             let pad = r.first().copied().unwrap_or(0) as u32;
-            let idx: Vec<u32> = r.iter().map(|&i| i as u32).chain(std::iter::repeat(pad)).take(width).collect();
-            t.get(b)?.index_select(&Tensor::from_vec(idx, width, t.device())?, 1)
+            let idx: Vec<u32> = r
+                .iter()
+                .map(|&i| i as u32)
+                .chain(std::iter::repeat(pad))
+                .take(width)
+                .collect();
+            t.get(b)?
+                .index_select(&Tensor::from_vec(idx, width, t.device())?, 1)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::stack(&per_row, 0)

@@ -38,9 +38,9 @@ pub mod vision;
 pub mod vision_sampler;
 
 pub use config::{ModelConfig, TextConfig, VisionConfig};
+pub use decoder::{attention_mask, CacheSpan, Decoder, Generation, KvCache, MASK_MIN};
 pub use focus::{FocusConfig, FocusLlava, FocusRun};
 pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
-pub use decoder::{attention_mask, CacheSpan, Decoder, Generation, KvCache, MASK_MIN};
 pub use model::{ImageFeatures, LlavaModel};
 pub use nn::Named;
 pub use prompt::{Prompt, Segment};

@@ -15,7 +15,9 @@ use foveal_candle::glimpse_pipeline::{self, Batch, Config};
 use foveal_candle::images::{load_image, synthetic_images};
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::vision_sampler::encode_grid;
-use foveal_candle::{FocusConfig, FocusLlava, GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig, Prompt};
+use foveal_candle::{
+    FocusConfig, FocusLlava, GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig, Prompt,
+};
 
 const NEW_TOKENS: usize = 8;
 
@@ -51,18 +53,34 @@ fn dense_row(method: &'static str, model: &LlavaModel, prompt: &Prompt) -> Resul
     let dec = &model.decoder;
     let t = Instant::now();
     let mut cache = dec.new_cache();
-    let h = dec.forward_layers(&prompt.embeds, &prompt.positions, Some(&prompt.mask()?), 0..dec.num_layers(), &mut cache)?;
+    let h = dec.forward_layers(
+        &prompt.embeds,
+        &prompt.positions,
+        Some(&prompt.mask()?),
+        0..dec.num_layers(),
+        &mut cache,
+    )?;
     let first = dec.last_logits(&h)?;
     let prefill = t.elapsed();
     let t = Instant::now();
-    let dense = dec.greedy(&first, &prompt.next_positions(), &prompt.starts, &mut cache, NEW_TOKENS)?;
+    let dense = dec.greedy(
+        &first,
+        &prompt.next_positions(),
+        &prompt.starts,
+        &mut cache,
+        NEW_TOKENS,
+    )?;
     let visual: Vec<usize> = prompt.visual.iter().map(Vec::len).collect();
     Ok(Row {
         method,
         sampled: None,
         kept: visual.clone(),
         visual,
-        kv_entries: prompt.starts.iter().map(|s| (prompt.seq() - s) * dec.num_layers()).collect(),
+        kv_entries: prompt
+            .starts
+            .iter()
+            .map(|s| (prompt.seq() - s) * dec.num_layers())
+            .collect(),
         prefill_ms: prefill.as_secs_f64() * 1e3,
         decode_ms: t.elapsed().as_secs_f64() * 1e3,
         tokens: dense.tokens,
@@ -126,7 +144,11 @@ fn run() -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    rows.push(dense_row("dense", &model, &model.build_prompt(&pixels, &system, &questions)?)?);
+    rows.push(dense_row(
+        "dense",
+        &model,
+        &model.build_prompt(&pixels, &system, &questions)?,
+    )?);
 
     // GlimpsePrune (seeded predictor: an untrained importance map, capped at a quarter).
     let mut gcfg = GlimpseConfig::for_model(&cfg);
@@ -152,12 +174,32 @@ fn run() -> Result<()> {
     // then on images twice the size cut into 2 x 2 sub-images, beside the
     // dense model over the same stitched map.
     let fl = FocusLlava::seeded(&cfg, &FocusConfig::for_model(&cfg), 1, &dev, DType::F32)?;
-    rows.push(focus_row("FocusLLaVA", &fl, &model, &pixels, (1, 1), &system, &questions)?);
+    rows.push(focus_row(
+        "FocusLLaVA",
+        &fl,
+        &model,
+        &pixels,
+        (1, 1),
+        &system,
+        &questions,
+    )?);
     let large = images(2 * cfg.vision.image_size)?;
     let (map, _) = encode_grid(&model, &large, (2, 2))?;
     let (b, h, w, c) = map.dims4()?;
-    rows.push(dense_row("dense 2x2", &model, &model.build_prompt_from_embeds(&map.reshape((b, h * w, c))?, &system, &questions)?)?);
-    rows.push(focus_row("FocusLLaVA 2x2", &fl, &model, &large, (2, 2), &system, &questions)?);
+    rows.push(dense_row(
+        "dense 2x2",
+        &model,
+        &model.build_prompt_from_embeds(&map.reshape((b, h * w, c))?, &system, &questions)?,
+    )?);
+    rows.push(focus_row(
+        "FocusLLaVA 2x2",
+        &fl,
+        &model,
+        &large,
+        (2, 2),
+        &system,
+        &questions,
+    )?);
 
     println!(
         "\n{:<15} {:>4} {:>10} {:>8} {:>6} {:>11} {:>11} {:>10}  tokens generated",
@@ -178,7 +220,9 @@ fn run() -> Result<()> {
                 if b == 0 { r.method } else { "" },
                 b,
                 r.visual[b],
-                r.sampled.as_ref().map_or("-".to_string(), |s| s[b].to_string()),
+                r.sampled
+                    .as_ref()
+                    .map_or("-".to_string(), |s| s[b].to_string()),
                 r.kept[b],
                 r.kv_entries[b],
                 p,

@@ -446,4 +446,6 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
 }
 
 mod focus;
-pub use focus::{multiscale_gather, plan_from_kept, text_guided_select, window_mean, Gathered, TextSelection};
+pub use focus::{
+    multiscale_gather, plan_from_kept, text_guided_select, window_mean, Gathered, TextSelection,
+};

@@ -25,7 +25,11 @@ pub enum Segment {
     /// first position id, and the segment takes `span` position ids (the next
     /// segment starts at `base + span`). With every cell kept, in order, it
     /// is [`Segment::Image`] of the whole map.
-    SampledImage { embeds: Tensor, offsets: Vec<u32>, span: usize },
+    SampledImage {
+        embeds: Tensor,
+        offsets: Vec<u32>,
+        span: usize,
+    },
 }
 
 /// A left-padded batch of prompts. Row `b` is valid at sequence indices
@@ -59,12 +63,17 @@ impl Prompt {
         );
         let mut parts = Vec::with_capacity(rows.len());
         for (b, row) in rows.iter().enumerate() {
-            let (mut pieces, mut visual, mut ids, mut len, mut next) = (Vec::new(), Vec::new(), Vec::<u32>::new(), 0usize, 0u32);
+            let (mut pieces, mut visual, mut ids, mut len, mut next) =
+                (Vec::new(), Vec::new(), Vec::<u32>::new(), 0usize, 0u32);
             for seg in row {
                 let t = match seg {
                     Segment::Text(ids) if ids.is_empty() => continue,
-                    Segment::Text(ids) => decoder.embed(&Tensor::from_slice(ids, ids.len(), dev)?)?,
-                    Segment::Image(e) | Segment::Embeds(e) | Segment::SampledImage { embeds: e, .. } => {
+                    Segment::Text(ids) => {
+                        decoder.embed(&Tensor::from_slice(ids, ids.len(), dev)?)?
+                    }
+                    Segment::Image(e)
+                    | Segment::Embeds(e)
+                    | Segment::SampledImage { embeds: e, .. } => {
                         let (n, d) = e.dims2()?;
                         if d != dm {
                             candle_core::bail!("Prompt::build: row {b}: embeddings of width {d}, the decoder's is {dm}");
@@ -95,7 +104,8 @@ impl Prompt {
             parts.push((Tensor::cat(&pieces, 0)?, visual, ids, len));
         }
         let seq = parts.iter().map(|p| p.3).max().unwrap_or(0);
-        let (mut embeds, mut position_ids, mut starts, mut vis) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut embeds, mut position_ids, mut starts, mut vis) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (e, visual, ids, len) in parts {
             let start = seq - len;
             let e = if start > 0 {
@@ -104,7 +114,11 @@ impl Prompt {
                 e
             };
             embeds.push(e);
-            position_ids.push(std::iter::repeat_n(0, start).chain(ids).collect::<Vec<u32>>());
+            position_ids.push(
+                std::iter::repeat_n(0, start)
+                    .chain(ids)
+                    .collect::<Vec<u32>>(),
+            );
             vis.push(visual.into_iter().map(|v| v + start).collect());
             starts.push(start);
         }

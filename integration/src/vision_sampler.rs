@@ -97,10 +97,21 @@ impl VisionSampler {
         if let Some(c) = cfg.force_scale.filter(|&c| c >= s) {
             candle_core::bail!("VisionSamplerConfig: forced scale {c} of {s}");
         }
-        if let Some(&(kh, kw)) = cfg.scales.scales().iter().find(|&&(kh, kw)| cfg.window == 0 || cfg.window % kh != 0 || cfg.window % kw != 0) {
-            candle_core::bail!("VisionSamplerConfig: the kernel ({kh}, {kw}) does not divide the window {}", cfg.window);
+        if let Some(&(kh, kw)) = cfg
+            .scales
+            .scales()
+            .iter()
+            .find(|&&(kh, kw)| cfg.window == 0 || cfg.window % kh != 0 || cfg.window % kw != 0)
+        {
+            candle_core::bail!(
+                "VisionSamplerConfig: the kernel ({kh}, {kw}) does not divide the window {}",
+                cfg.window
+            );
         }
-        Ok(VisionSampler { selector: linear(global_tokens, s, vb.pp("selector"))?, cfg: cfg.clone() })
+        Ok(VisionSampler {
+            selector: linear(global_tokens, s, vb.pp("selector"))?,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &VisionSamplerConfig {
@@ -118,7 +129,9 @@ impl VisionSampler {
         let windows = foveal::window_mean::num_windows(h, w, self.cfg.window);
         if let Some(c) = self.cfg.force_scale {
             let s = self.cfg.scales.len();
-            let one_hot: Vec<f32> = (0..b * windows * s).map(|i| f32::from(u8::from(i % s == c))).collect();
+            let one_hot: Vec<f32> = (0..b * windows * s)
+                .map(|i| f32::from(u8::from(i % s == c)))
+                .collect();
             return Tensor::from_vec(one_hot, (b, windows, s), map.device());
         }
         let pooled = ops::window_mean(map, self.cfg.window, self.cfg.pool)?;
@@ -130,7 +143,13 @@ impl VisionSampler {
     /// features `[B, Np, C]`.
     pub fn sample(&self, map: &Tensor, global: &Tensor) -> Result<VisionSample> {
         let logits = self.logits(map, global)?;
-        let g = ops::multiscale_gather(map, &logits, self.cfg.window, &self.cfg.scales, self.cfg.scale_by_prob)?;
+        let g = ops::multiscale_gather(
+            map,
+            &logits,
+            self.cfg.window,
+            &self.cfg.scales,
+            self.cfg.scale_by_prob,
+        )?;
         // The counts and cells lay out the prompt: read back (host sync).
         let counts = g.count.to_vec1::<i32>()?;
         let positions = g.positions.to_vec2::<i32>()?;
@@ -142,7 +161,12 @@ impl VisionSampler {
             let idx = Tensor::from_vec(order, n as usize, map.device())?;
             tokens.push(g.tokens.get(b)?.index_select(&idx, 0)?);
         }
-        Ok(VisionSample { map: map.clone(), logits, tokens, cells })
+        Ok(VisionSample {
+            map: map.clone(),
+            logits,
+            tokens,
+            cells,
+        })
     }
 }
 
@@ -150,7 +174,11 @@ impl VisionSampler {
 /// `[B, Np, C]` of images `pixels [B, 3, rows * s, cols * s]` (`s` the
 /// tower's image size, `p` its patches per side): each sub-image encoded and
 /// projected, the whole image average-pooled to `s x s` for the global view.
-pub fn encode_grid(model: &LlavaModel, pixels: &Tensor, (rows, cols): (usize, usize)) -> Result<(Tensor, Tensor)> {
+pub fn encode_grid(
+    model: &LlavaModel,
+    pixels: &Tensor,
+    (rows, cols): (usize, usize),
+) -> Result<(Tensor, Tensor)> {
     let (b, _, h, w) = pixels.dims4()?;
     let s = model.config.vision.image_size;
     let p = model.config.vision.patches_per_side();
@@ -159,15 +187,25 @@ pub fn encode_grid(model: &LlavaModel, pixels: &Tensor, (rows, cols): (usize, us
     }
     let crops = (0..b)
         .flat_map(|i| (0..rows).flat_map(move |r| (0..cols).map(move |c| (i, r, c))))
-        .map(|(i, r, c)| pixels.narrow(0, i, 1)?.narrow(2, r * s, s)?.narrow(3, c * s, s))
+        .map(|(i, r, c)| {
+            pixels
+                .narrow(0, i, 1)?
+                .narrow(2, r * s, s)?
+                .narrow(3, c * s, s)
+        })
         .collect::<Result<Vec<_>>>()?;
     let features = model.encode_images(&Tensor::cat(&crops, 0)?)?.embeds; // [B * rows * cols, p * p, C]
     let c = features.dim(2)?;
-    let map = features.reshape((b, rows, cols, p, p, c))?.permute((0, 1, 3, 2, 4, 5))?.reshape((b, rows * p, cols * p, c))?;
+    let map = features
+        .reshape((b, rows, cols, p, p, c))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .reshape((b, rows * p, cols * p, c))?;
     let global = if (rows, cols) == (1, 1) {
         features
     } else {
-        model.encode_images(&pixels.avg_pool2d_with_stride((rows, cols), (rows, cols))?)?.embeds
+        model
+            .encode_images(&pixels.avg_pool2d_with_stride((rows, cols), (rows, cols))?)?
+            .embeds
     };
     Ok((map, global))
 }

@@ -9,7 +9,9 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use foveal::text_guided_select::select_from_scores;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{attention_mask, FocusConfig, FocusLlava, LlavaModel, ModelConfig, VisionSample, MASK_MIN};
+use foveal_candle::{
+    attention_mask, FocusConfig, FocusLlava, LlavaModel, ModelConfig, VisionSample, MASK_MIN,
+};
 
 const STEPS: usize = 5;
 
@@ -24,8 +26,16 @@ fn setup() -> Result<Setup> {
     let cfg = ModelConfig::tiny();
     let model = LlavaModel::seeded(&cfg, 11, &Device::Cpu, DType::F32)?;
     // Questions of different lengths: a ragged, left-padded batch.
-    let questions = vec![byte_tokens("Where is the red square?"), byte_tokens("Count the shapes.")];
-    Ok(Setup { system: byte_tokens("You see an image."), questions, model, cfg })
+    let questions = vec![
+        byte_tokens("Where is the red square?"),
+        byte_tokens("Count the shapes."),
+    ];
+    Ok(Setup {
+        system: byte_tokens("You see an image."),
+        questions,
+        model,
+        cfg,
+    })
 }
 
 /// Two images for a `g x g` grid of the tower's image size.
@@ -50,14 +60,24 @@ fn the_1x1_scale_and_gamma_1_give_the_dense_model() -> Result<()> {
         let cells = g * g * s.model.num_patches();
         assert_eq!(run.visual, vec![cells; 2]);
         assert_eq!(run.sampled, vec![cells; 2], "grid {g}: every cell sampled");
-        assert_eq!(run.kept, vec![(0..cells).collect::<Vec<_>>(); 2], "grid {g}: every token kept");
+        assert_eq!(
+            run.kept,
+            vec![(0..cells).collect::<Vec<_>>(); 2],
+            "grid {g}: every token kept"
+        );
 
         // The dense model over the stitched map in raster order.
         let sample = fl.sample_vision(&s.model, &pixels, (g, g))?;
-        let prompt = s.model.build_prompt_from_embeds(&sample.dense_tokens()?, &s.system, &s.questions)?;
+        let prompt =
+            s.model
+                .build_prompt_from_embeds(&sample.dense_tokens()?, &s.system, &s.questions)?;
         if g == 1 {
             let plain = s.model.build_prompt(&pixels, &s.system, &s.questions)?;
-            assert_eq!(max_abs_diff(&plain.embeds, &prompt.embeds)?, 0.0, "one sub-image: the map is the image's features");
+            assert_eq!(
+                max_abs_diff(&plain.embeds, &prompt.embeds)?,
+                0.0,
+                "one sub-image: the map is the image's features"
+            );
         }
         let dense = s.model.generate_dense(&prompt, STEPS)?;
         assert_eq!(run.generation.tokens, dense.tokens, "grid {g}");
@@ -74,7 +94,11 @@ fn the_1x1_scale_and_gamma_1_give_the_dense_model() -> Result<()> {
 /// The sampler's tokens, checked by hand: per window the scale of the largest
 /// logit, its cells' top-left pixels (raster order over the map) and their
 /// max-pooled features. Returns the number of distinct scales chosen.
-fn check_vision_sample(sample: &VisionSample, window: usize, scales: &[(usize, usize)]) -> Result<usize> {
+fn check_vision_sample(
+    sample: &VisionSample,
+    window: usize,
+    scales: &[(usize, usize)],
+) -> Result<usize> {
     let (_, h, w, _) = sample.map.dims4()?;
     let z = sample.logits.to_dtype(DType::F32)?.to_vec3::<f32>()?;
     let wins_x = w.div_ceil(window);
@@ -94,11 +118,18 @@ fn check_vision_sample(sample: &VisionSample, window: usize, scales: &[(usize, u
         }
         cells.sort_by_key(|c| c.0);
         let got: Vec<usize> = sample.cells[row].iter().map(|&c| c as usize).collect();
-        assert_eq!(got, cells.iter().map(|c| c.0).collect::<Vec<_>>(), "row {row}: the sampled cells");
+        assert_eq!(
+            got,
+            cells.iter().map(|c| c.0).collect::<Vec<_>>(),
+            "row {row}: the sampled cells"
+        );
         for (i, &(_, (y, x, ch, cw))) in cells.iter().enumerate() {
             let want = sample.map.i((row, y..y + ch, x..x + cw))?.max(0)?.max(0)?;
             let d = max_abs_diff(&sample.tokens[row].get(i)?, &want)?;
-            assert_eq!(d, 0.0, "row {row}, cell ({y}, {x}): not the max over its pixels");
+            assert_eq!(
+                d, 0.0,
+                "row {row}, cell ({y}, {x}): not the max over its pixels"
+            );
         }
     }
     Ok(used.len())
@@ -108,7 +139,10 @@ fn check_vision_sample(sample: &VisionSample, window: usize, scales: &[(usize, u
 /// head, max over the heads, mean over the instruction tokens.
 fn importance(q: &Tensor, k: &Tensor, group: usize) -> Result<Vec<f32>> {
     let (hkv, n, d) = k.dims3()?;
-    let k = k.unsqueeze(1)?.broadcast_as((hkv, group, n, d))?.reshape((hkv * group, n, d))?;
+    let k = k
+        .unsqueeze(1)?
+        .broadcast_as((hkv, group, n, d))?
+        .reshape((hkv * group, n, d))?;
     let a = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (d as f64).sqrt())?)?;
     a.max(0)?.mean(0)?.to_vec1::<f32>()
 }
@@ -131,12 +165,28 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
 
         // The vision-guided sampler.
         let sample = fl.sample_vision(&s.model, &pixels, (g, g))?;
-        let scales_used = check_vision_sample(&sample, fcfg.vision.window, fcfg.vision.scales.scales())?;
+        let scales_used =
+            check_vision_sample(&sample, fcfg.vision.window, fcfg.vision.scales.scales())?;
         if g == 2 {
-            assert!(scales_used >= 2, "the seeded selector should mix scales on the 2 x 2 grid");
+            assert!(
+                scales_used >= 2,
+                "the seeded selector should mix scales on the 2 x 2 grid"
+            );
         }
-        assert_eq!(run.sampled, sample.tokens.iter().map(|t| t.dim(0).unwrap()).collect::<Vec<_>>());
-        assert!(run.sampled.iter().all(|&n| n < run.visual[0]), "grid {g}: the sampler reduced {:?} of {}", run.sampled, run.visual[0]);
+        assert_eq!(
+            run.sampled,
+            sample
+                .tokens
+                .iter()
+                .map(|t| t.dim(0).unwrap())
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            run.sampled.iter().all(|&n| n < run.visual[0]),
+            "grid {g}: the sampler reduced {:?} of {}",
+            run.sampled,
+            run.visual[0]
+        );
 
         // The text-guided sampler: Eq. 9 on S computed here.
         let prompt = fl.prompt(&s.model, &sample, &s.system, &s.questions)?;
@@ -145,17 +195,38 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
         let seq = prompt.seq();
         for (b, q) in s.questions.iter().enumerate() {
             let qt = layer_k.queries.get(b)?.narrow(1, seq - q.len(), q.len())?;
-            let vis = Tensor::from_vec(prompt.visual[b].iter().map(|&p| p as u32).collect::<Vec<_>>(), prompt.visual[b].len(), &Device::Cpu)?;
+            let vis = Tensor::from_vec(
+                prompt.visual[b]
+                    .iter()
+                    .map(|&p| p as u32)
+                    .collect::<Vec<_>>(),
+                prompt.visual[b].len(),
+                &Device::Cpu,
+            )?;
             let kv = k_cache.get(b)?.index_select(&vis, 1)?;
             let score = importance(&qt, &kv, s.cfg.text.group_size())?;
-            assert_eq!(run.kept[b], select_from_scores(&score, fcfg.gamma), "grid {g}, row {b}: the kept set");
-            assert!(!run.kept[b].is_empty() && run.kept[b].len() < run.sampled[b], "grid {g}, row {b}: needs real selection");
+            assert_eq!(
+                run.kept[b],
+                select_from_scores(&score, fcfg.gamma),
+                "grid {g}, row {b}: the kept set"
+            );
+            assert!(
+                !run.kept[b].is_empty() && run.kept[b].len() < run.sampled[b],
+                "grid {g}, row {b}: needs real selection"
+            );
         }
 
         // The reference: layers K+1.. over the whole prompt, dropped keys masked.
         let dec = &s.model.decoder;
         let dropped: Vec<Vec<usize>> = (0..prompt.batch())
-            .map(|b| prompt.visual[b].iter().enumerate().filter(|(i, _)| !run.kept[b].contains(i)).map(|(_, &p)| p).collect())
+            .map(|b| {
+                prompt.visual[b]
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !run.kept[b].contains(i))
+                    .map(|(_, &p)| p)
+                    .collect()
+            })
             .collect();
         let masked = |mask: Tensor| -> Result<Tensor> {
             let (b, _, q, kv) = mask.dims4()?;
@@ -171,7 +242,13 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
         };
         let mut cache = layer_k.cache.clone();
         let after = fcfg.layer + 1..dec.num_layers();
-        let h = dec.forward_layers(&layer_k.hidden, &prompt.positions, Some(&masked(prompt.mask()?)?), after.clone(), &mut cache)?;
+        let h = dec.forward_layers(
+            &layer_k.hidden,
+            &prompt.positions,
+            Some(&masked(prompt.mask()?)?),
+            after.clone(),
+            &mut cache,
+        )?;
         let d = max_abs_diff(&dec.last_logits(&h)?, &run.generation.logits[0])?;
         assert!(d < 1e-4, "grid {g}, prefill: logits differ by {d}");
         let mut pos = prompt.next_positions();
@@ -180,12 +257,28 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
             let ids = Tensor::from_slice(&tokens, (tokens.len(), 1), &Device::Cpu)?;
             let p = Tensor::from_slice(&pos, (pos.len(), 1), &Device::Cpu)?;
             let mask = attention_mask(&prompt.starts, 1, cache.seq_len(0) + 1, &Device::Cpu)?;
-            let h = dec.forward_layers(&dec.embed(&ids)?, &p, Some(&mask), 0..fcfg.layer + 1, &mut cache)?;
+            let h = dec.forward_layers(
+                &dec.embed(&ids)?,
+                &p,
+                Some(&mask),
+                0..fcfg.layer + 1,
+                &mut cache,
+            )?;
             let h = dec.forward_layers(&h, &p, Some(&masked(mask)?), after.clone(), &mut cache)?;
             let logits = dec.last_logits(&h)?;
             let d = max_abs_diff(&logits, &run.generation.logits[step])?;
-            assert!(d < 1e-4, "grid {g}, decode step {step}: logits differ by {d}");
-            assert_eq!(logits.argmax(D::Minus1)?.to_vec1::<u32>()?, run.generation.tokens.iter().map(|t| t[step]).collect::<Vec<_>>());
+            assert!(
+                d < 1e-4,
+                "grid {g}, decode step {step}: logits differ by {d}"
+            );
+            assert_eq!(
+                logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
+                run.generation
+                    .tokens
+                    .iter()
+                    .map(|t| t[step])
+                    .collect::<Vec<_>>()
+            );
             pos.iter_mut().for_each(|p| *p += 1);
         }
 
@@ -213,10 +306,16 @@ fn seven_branches_and_probability_scaling() -> Result<()> {
     assert_eq!(plain.logits.dim(2)?, 7);
 
     fcfg.vision.scale_by_prob = true;
-    let scaled = FocusLlava::seeded(&s.cfg, &fcfg, 4, &Device::Cpu, DType::F32)?.sample_vision(&s.model, &pixels, (2, 2))?;
+    let scaled = FocusLlava::seeded(&s.cfg, &fcfg, 4, &Device::Cpu, DType::F32)?.sample_vision(
+        &s.model,
+        &pixels,
+        (2, 2),
+    )?;
     assert_eq!(scaled.cells, plain.cells);
     // Each token times the softmax probability of its window's scale.
-    let probs = candle_nn::ops::softmax_last_dim(&plain.logits)?.max(D::Minus1)?.to_vec2::<f32>()?;
+    let probs = candle_nn::ops::softmax_last_dim(&plain.logits)?
+        .max(D::Minus1)?
+        .to_vec2::<f32>()?;
     let (_, _, w, _) = plain.map.dims4()?;
     let wins_x = w.div_ceil(fcfg.vision.window);
     for (b, probs) in probs.iter().enumerate() {
@@ -237,8 +336,15 @@ fn focus_weights_round_trip_through_safetensors() -> Result<()> {
     let fcfg = FocusConfig::for_model(&s.cfg);
     let fl = FocusLlava::seeded(&s.cfg, &fcfg, 9, &Device::Cpu, DType::F32)?;
     let names: Vec<String> = fl.named_tensors().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, ["multi_modal_projector.selector.weight", "multi_modal_projector.selector.bias"]);
-    let path = std::env::temp_dir().join(format!("foveal-focus-{}.safetensors", std::process::id()));
+    assert_eq!(
+        names,
+        [
+            "multi_modal_projector.selector.weight",
+            "multi_modal_projector.selector.bias"
+        ]
+    );
+    let path =
+        std::env::temp_dir().join(format!("foveal-focus-{}.safetensors", std::process::id()));
     fl.save_safetensors(&path)?;
     let loaded = FocusLlava::load_safetensors(&path, &s.cfg, &fcfg, &Device::Cpu, DType::F32)?;
     std::fs::remove_file(&path).ok();
@@ -247,8 +353,15 @@ fn focus_weights_round_trip_through_safetensors() -> Result<()> {
     let b = loaded.sample_vision(&s.model, &pixels, (2, 2))?;
     assert_eq!(max_abs_diff(&a.logits, &b.logits)?, 0.0);
     assert_eq!(a.cells, b.cells);
-    let other = FocusLlava::seeded(&s.cfg, &fcfg, 10, &Device::Cpu, DType::F32)?.sample_vision(&s.model, &pixels, (2, 2))?;
-    assert_ne!(a.cells, other.cells, "another seed must sample differently (the round trip would otherwise prove nothing)");
+    let other = FocusLlava::seeded(&s.cfg, &fcfg, 10, &Device::Cpu, DType::F32)?.sample_vision(
+        &s.model,
+        &pixels,
+        (2, 2),
+    )?;
+    assert_ne!(
+        a.cells, other.cells,
+        "another seed must sample differently (the round trip would otherwise prove nothing)"
+    );
     Ok(())
 }
 
@@ -258,18 +371,33 @@ fn bad_configurations_and_inputs_are_refused() -> Result<()> {
     let dev = Device::Cpu;
     let mut fcfg = FocusConfig::for_model(&s.cfg);
     fcfg.gamma = 0.0;
-    assert!(FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(), "gamma 0");
+    assert!(
+        FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(),
+        "gamma 0"
+    );
     fcfg = FocusConfig::for_model(&s.cfg);
     fcfg.layer = s.cfg.text.num_layers;
-    assert!(FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(), "layer past the decoder");
+    assert!(
+        FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(),
+        "layer past the decoder"
+    );
     fcfg = FocusConfig::for_model(&s.cfg);
     fcfg.vision.force_scale = Some(3);
-    assert!(FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(), "forced scale past the set");
+    assert!(
+        FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(),
+        "forced scale past the set"
+    );
     fcfg = FocusConfig::for_model(&s.cfg);
     fcfg.vision.window = 6;
-    assert!(FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(), "a scale that does not divide the window");
+    assert!(
+        FocusLlava::seeded(&s.cfg, &fcfg, 1, &dev, DType::F32).is_err(),
+        "a scale that does not divide the window"
+    );
     let fl = FocusLlava::seeded(&s.cfg, &FocusConfig::for_model(&s.cfg), 1, &dev, DType::F32)?;
-    let err = fl.sample_vision(&s.model, &images(&s, 1)?, (2, 2)).unwrap_err().to_string();
+    let err = fl
+        .sample_vision(&s.model, &images(&s, 1)?, (2, 2))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("grid"), "{err}");
     Ok(())
 }

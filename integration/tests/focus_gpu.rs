@@ -20,7 +20,11 @@ fn gpu() -> Option<Device> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
 }
 
 #[test]
@@ -28,7 +32,10 @@ fn cuda_and_cpu_focus_generations_agree() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let cfg = ModelConfig::tiny();
     let system = byte_tokens("You see an image.");
-    let questions = vec![byte_tokens("Where is the red square?"), byte_tokens("Count the shapes.")];
+    let questions = vec![
+        byte_tokens("Where is the red square?"),
+        byte_tokens("Count the shapes."),
+    ];
     let fcfg = FocusConfig::for_model(&cfg);
     for g in [1, 2] {
         let mut runs = Vec::new();
@@ -37,7 +44,10 @@ fn cuda_and_cpu_focus_generations_agree() -> Result<()> {
             let (pixels, _) = synthetic_images(2, g * cfg.vision.image_size, 5, &dev)?;
             let fl = FocusLlava::seeded(&cfg, &fcfg, 1, &dev, DType::F32)?;
             let sample = fl.sample_vision(&model, &pixels, (g, g))?;
-            runs.push((sample, fl.generate(&model, &pixels, (g, g), &system, &questions, 4)?));
+            runs.push((
+                sample,
+                fl.generate(&model, &pixels, (g, g), &system, &questions, 4)?,
+            ));
         }
         let ((s_cpu, cpu), (s_gpu, gpu_run)) = (&runs[0], &runs[1]);
         assert_eq!(s_cpu.cells, s_gpu.cells, "grid {g}: the sampled cells");

@@ -136,8 +136,15 @@ fn window_mean_reads_a_transposed_map_in_place() -> Result<()> {
     assert_eq!(got.dims(), &[2, 4, c]);
     for (m, (y0, x0)) in [(0, 0), (0, 4), (4, 0), (4, 4)].into_iter().enumerate() {
         let (hh, ww) = ((y0 + win).min(h) - y0, (x0 + win).min(w) - x0);
-        let want = x.i((.., y0..y0 + hh, x0..x0 + ww, ..))?.sum((1, 2))?.affine(1.0 / (hh * ww) as f64, 0.0)?;
-        let d = (got.i((.., m, ..))? - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let want = x
+            .i((.., y0..y0 + hh, x0..x0 + ww, ..))?
+            .sum((1, 2))?
+            .affine(1.0 / (hh * ww) as f64, 0.0)?;
+        let d = (got.i((.., m, ..))? - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5, "window {m}: differs by {d}");
     }
     Ok(())
@@ -150,13 +157,23 @@ fn text_guided_select_reads_head_major_views_in_place() -> Result<()> {
     let dev = Device::Cpu;
     let q = Tensor::randn(0f32, 1.0, (2, 4, 5, 16), &dev)?.transpose(1, 2)?; // [B, T, Hq, D] view
     let k = Tensor::randn(0f32, 1.0, (2, 2, 9, 16), &dev)?.transpose(1, 2)?; // [B, N, Hkv, D] view
-    let lengths = foveal::text_guided_select::Lengths::new(&[5, 3], &[9, 7]).map_err(candle_core::Error::wrap)?;
+    let lengths = foveal::text_guided_select::Lengths::new(&[5, 3], &[9, 7])
+        .map_err(candle_core::Error::wrap)?;
     let a = ops::text_guided_select(&q, &k, &lengths, 0.85)?;
     let b = ops::text_guided_select(&q.contiguous()?, &k.contiguous()?, &lengths, 0.85)?;
     let (ka, kb) = (a.kept()?, b.kept()?);
     assert_eq!(ka, kb);
-    assert!(ka[1].iter().all(|&i| i < 7), "row 1 keeps only its valid tokens");
-    assert_eq!(a.count.to_vec1::<i32>()?, ka.iter().map(|r| r.len() as i32).collect::<Vec<_>>());
-    assert!(ops::text_guided_select(&q, &k, &lengths, 0.0).is_err(), "gamma 0 is refused");
+    assert!(
+        ka[1].iter().all(|&i| i < 7),
+        "row 1 keeps only its valid tokens"
+    );
+    assert_eq!(
+        a.count.to_vec1::<i32>()?,
+        ka.iter().map(|r| r.len() as i32).collect::<Vec<_>>()
+    );
+    assert!(
+        ops::text_guided_select(&q, &k, &lengths, 0.0).is_err(),
+        "gamma 0 is refused"
+    );
     Ok(())
 }

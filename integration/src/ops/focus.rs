@@ -6,7 +6,9 @@
 //! text_guided_select's kept indices by [`plan_from_kept`].
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout as CLayout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, DType, Layout as CLayout, Result, Shape, Storage, Tensor,
+};
 use foveal::compact_kv::cpu as compact_cpu;
 use foveal::multiscale_gather::max_tokens;
 use foveal::text_guided_select::Lengths;
@@ -22,7 +24,12 @@ fn tensor_from_cuda<T: candle_core::cuda_backend::CudaDType>(
     shape: &[usize],
 ) -> Tensor {
     let storage = candle_core::CudaStorage::wrap_cuda_slice(data, dev.clone());
-    Tensor::from_storage(Storage::Cuda(storage), shape, candle_core::op::BackpropOp::none(), false)
+    Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
 }
 
 /// The mean (or max) of every `window x window` window of `x [B, Hx, Wx, C]`
@@ -63,7 +70,11 @@ impl CustomOp1 for WindowMean {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &CLayout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &CLayout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         use foveal::cuda::{DevView, DevViewMut};
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
@@ -97,7 +108,13 @@ pub struct Gathered {
 /// of `x [B, Hx, Wx, C]` the scale `argmax z` (`z [B, M, S]`, any float type,
 /// taken to f32) max-pooled, times its softmax probability when
 /// `scale_by_prob` (the paper's Eq. 2).
-pub fn multiscale_gather(x: &Tensor, z: &Tensor, window: usize, scales: &ScaleSet, scale_by_prob: bool) -> Result<Gathered> {
+pub fn multiscale_gather(
+    x: &Tensor,
+    z: &Tensor,
+    window: usize,
+    scales: &ScaleSet,
+    scale_by_prob: bool,
+) -> Result<Gathered> {
     let z = z.to_dtype(DType::F32)?;
     let (xs, xl) = x.storage_and_layout();
     let (zs, zl) = z.storage_and_layout();
@@ -183,7 +200,11 @@ impl TextSelection {
     pub fn kept(&self) -> Result<Vec<Vec<usize>>> {
         let keep = self.keep.to_vec2::<i32>()?;
         let count = self.count.to_vec1::<i32>()?;
-        Ok(keep.iter().zip(&count).map(|(row, &n)| row[..n as usize].iter().map(|&i| i as usize).collect()).collect())
+        Ok(keep
+            .iter()
+            .zip(&count)
+            .map(|(row, &n)| row[..n as usize].iter().map(|&i| i as usize).collect())
+            .collect())
     }
 }
 
@@ -192,9 +213,18 @@ impl TextSelection {
 /// visual keys of the same layer), both in the SPEC's logical order with any
 /// strides (a transposed `[B, H, S, D]` view reads in place); `lengths` the
 /// valid text and visual tokens of each row.
-pub fn text_guided_select(q_text: &Tensor, k_vis: &Tensor, lengths: &Lengths, gamma: f32) -> Result<TextSelection> {
+pub fn text_guided_select(
+    q_text: &Tensor,
+    k_vis: &Tensor,
+    lengths: &Lengths,
+    gamma: f32,
+) -> Result<TextSelection> {
     if q_text.dtype() != k_vis.dtype() {
-        bail!("text_guided_select: q_text is {:?} but k_vis is {:?}", q_text.dtype(), k_vis.dtype())
+        bail!(
+            "text_guided_select: q_text is {:?} but k_vis is {:?}",
+            q_text.dtype(),
+            k_vis.dtype()
+        )
     }
     let (qs, ql) = q_text.storage_and_layout();
     let (ks, kl) = k_vis.storage_and_layout();
@@ -255,7 +285,11 @@ pub fn text_guided_select(q_text: &Tensor, k_vis: &Tensor, lengths: &Lengths, ga
 /// each row's visual tokens, ascending): every text position of a row and its
 /// kept visual tokens, nothing dropped at the end. On a GPU the lists are
 /// uploaded and the positions built there (foveal keep_positions).
-pub fn plan_from_kept(rows: &RowLayout, kept: &[Vec<usize>], device: &candle_core::Device) -> Result<KeepPlan> {
+pub fn plan_from_kept(
+    rows: &RowLayout,
+    kept: &[Vec<usize>],
+    device: &candle_core::Device,
+) -> Result<KeepPlan> {
     let keep = KeepSet::from_rows(rows, kept).map_err(wrap)?;
     let inner = match device {
         candle_core::Device::Cpu => {
@@ -269,11 +303,26 @@ pub fn plan_from_kept(rows: &RowLayout, kept: &[Vec<usize>], device: &candle_cor
             let stream = dev.cuda_stream();
             let dev_rows = DeviceRowLayout::new(&stream, rows).map_err(wrap)?;
             let dev_keep = DeviceKeepSet::from_host(&stream, &keep).map_err(wrap)?;
-            let mut positions = DeviceKeepPositions::for_rows(&stream, &dev_rows, false).map_err(wrap)?;
-            foveal::compact_kv::cuda::keep_positions(&stream, &dev_rows, &dev_keep, false, &mut positions).map_err(wrap)?;
-            Plan::Device { stream, keep: dev_keep, positions }
+            let mut positions =
+                DeviceKeepPositions::for_rows(&stream, &dev_rows, false).map_err(wrap)?;
+            foveal::compact_kv::cuda::keep_positions(
+                &stream,
+                &dev_rows,
+                &dev_keep,
+                false,
+                &mut positions,
+            )
+            .map_err(wrap)?;
+            Plan::Device {
+                stream,
+                keep: dev_keep,
+                positions,
+            }
         }
         _ => bail!("foveal: plans live on CPU or CUDA devices"),
     };
-    Ok(KeepPlan { rows: rows.clone(), inner })
+    Ok(KeepPlan {
+        rows: rows.clone(),
+        inner,
+    })
 }

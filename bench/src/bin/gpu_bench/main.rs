@@ -702,8 +702,13 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
             write_out(&rows)?;
         }
         for case in text_guided_unfused::cases(args.quick) {
-            let row = text_guided_unfused::case(&mut env, &case)
-                .unwrap_or_else(|e| Row::failed("text_guided_select", format!("{} vs unfused", case.label()), e.as_ref()));
+            let row = text_guided_unfused::case(&mut env, &case).unwrap_or_else(|e| {
+                Row::failed(
+                    "text_guided_select",
+                    format!("{} vs unfused", case.label()),
+                    e.as_ref(),
+                )
+            });
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;

@@ -45,7 +45,10 @@ use super::{tgs_cuda, Baseline, Env, Res, Row, Timer};
 const VISUAL: usize = 2880;
 
 pub(super) fn cases(quick: bool) -> Vec<tg::Case> {
-    let case = |batch| tg::Case { dims: QWEN25_VL_7B, ..tg::Case::new(batch, VISUAL, KvLayout::Bhsd).with_text(TEXT) };
+    let case = |batch| tg::Case {
+        dims: QWEN25_VL_7B,
+        ..tg::Case::new(batch, VISUAL, KvLayout::Bhsd).with_text(TEXT)
+    };
     if quick {
         vec![case(1)]
     } else {
@@ -67,32 +70,53 @@ fn cuda_slice(t: &Tensor) -> Res<CudaSlice<bf16>> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         // A clone of the handle shares the allocation (no copy is made).
-        Storage::Cuda(s) if layout.start_offset() == 0 && t.is_contiguous() => Ok(s.as_cuda_slice::<bf16>()?.clone()),
+        Storage::Cuda(s) if layout.start_offset() == 0 && t.is_contiguous() => {
+            Ok(s.as_cuda_slice::<bf16>()?.clone())
+        }
         _ => Err("expected a contiguous CUDA tensor".into()),
     }
 }
 
-fn fused(stream: &Arc<CudaStream>, case: &tg::Case, lengths: &DeviceLengths, set: &mut Set, ws: &mut Workspace) -> Res<()> {
+fn fused(
+    stream: &Arc<CudaStream>,
+    case: &tg::Case,
+    lengths: &DeviceLengths,
+    set: &mut Set,
+    ws: &mut Workspace,
+) -> Res<()> {
     let (b, t, n) = (case.batch, case.text, case.visual);
     let (hq, hkv, d) = (case.dims.q_heads, case.dims.kv_heads, case.dims.head_dim);
     let (q_buf, k_buf) = (cuda_slice(&set.q)?, cuda_slice(&set.k)?);
     // q is [B, Hq, T, D] in memory: the logical [B, T, Hq, D] by strides.
-    let q = DevView::of(&q_buf, Layout::strided([b, t, hq, d], [hq * t * d, d, t * d, 1])?)?;
+    let q = DevView::of(
+        &q_buf,
+        Layout::strided([b, t, hq, d], [hq * t * d, d, t * d, 1])?,
+    )?;
     let k = DevView::of(&k_buf, Layout::bhsd(b, n, hkv, d))?;
     let mut keep = DevViewMut::of(&mut set.keep, Layout::contiguous([b, n]))?;
     let mut count = DevViewMut::of(&mut set.count, Layout::contiguous([b]))?;
-    tgs_cuda::text_guided_select(stream, &q, &k, lengths, case.gamma, &mut keep, &mut count, None, ws)?;
+    tgs_cuda::text_guided_select(
+        stream, &q, &k, lengths, case.gamma, &mut keep, &mut count, None, ws,
+    )?;
     Ok(())
 }
 
 /// The unfused form (module docs): kept indices `[B, N]` (the kept ones
 /// first, ascending; u32) and counts `[B]`.
-fn unfused(case: &tg::Case, q: &Tensor, k: &Tensor, triu: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+fn unfused(
+    case: &tg::Case,
+    q: &Tensor,
+    k: &Tensor,
+    triu: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (b, t, n) = (case.batch, case.text, case.visual);
     let (hq, hkv, d) = (case.dims.q_heads, case.dims.kv_heads, case.dims.head_dim);
     let g = hq / hkv;
     // GQA: the G query heads of a KV head are G*T rows of one product.
-    let logits = q.reshape((b, hkv, g * t, d))?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let logits = q
+        .reshape((b, hkv, g * t, d))?
+        .matmul(&k.t()?)?
+        .to_dtype(DType::F32)?;
     let logits = (logits * (d as f64).powf(-0.5))?;
     let m = logits.max_keepdim(D::Minus1)?;
     let e = logits.broadcast_sub(&m)?.exp()?;
@@ -102,7 +126,9 @@ fn unfused(case: &tg::Case, q: &Tensor, k: &Tensor, triu: &Tensor) -> candle_cor
     let sorted = s.gather(&order, 1)?;
     let cum = sorted.matmul(triu)?;
     let threshold = (s.sum_keepdim(1)? * f64::from(case.gamma))?;
-    let kept = (cum - &sorted)?.broadcast_lt(&threshold)?.to_dtype(DType::F32)?; // in sorted order
+    let kept = (cum - &sorted)?
+        .broadcast_lt(&threshold)?
+        .to_dtype(DType::F32)?; // in sorted order
     let count = kept.sum(1)?;
     let key = (order.to_dtype(DType::F32)? + ((1.0 - kept)? * n as f64)?)?;
     let first = key.arg_sort_last_dim(true)?;
@@ -114,11 +140,17 @@ fn overlap(a: &[u32], b: &[u32]) -> f64 {
     let sa: std::collections::BTreeSet<_> = a.iter().collect();
     let sb: std::collections::BTreeSet<_> = b.iter().collect();
     let union = sa.union(&sb).count();
-    if union == 0 { 1.0 } else { sa.intersection(&sb).count() as f64 / union as f64 }
+    if union == 0 {
+        1.0
+    } else {
+        sa.intersection(&sb).count() as f64 / union as f64
+    }
 }
 
 pub(super) fn case(env: &mut Env, case: &tg::Case) -> Res<Row> {
-    let Device::Cuda(dev) = Device::new_cuda(0)? else { return Err("candle gave no CUDA device".into()) };
+    let Device::Cuda(dev) = Device::new_cuda(0)? else {
+        return Err("candle gave no CUDA device".into());
+    };
     let device = Device::Cuda(dev.clone());
     let stream = dev.cuda_stream();
     let (b, t, n) = (case.batch, case.text, case.visual);
@@ -128,7 +160,9 @@ pub(super) fn case(env: &mut Env, case: &tg::Case) -> Res<Row> {
     for s in 0..sets {
         let (q, k) = tg::attention_inputs::<bf16>(&mut rng(case.seed + s as u64), case);
         data.push(Set {
-            q: Tensor::from_vec(q, (b, t, hq, d), &device)?.transpose(1, 2)?.contiguous()?,
+            q: Tensor::from_vec(q, (b, t, hq, d), &device)?
+                .transpose(1, 2)?
+                .contiguous()?,
             k: Tensor::from_vec(k, (b, hkv, n, d), &device)?,
             keep: stream.alloc_zeros::<i32>(b * n)?,
             count: stream.alloc_zeros::<i32>(b)?,
@@ -140,7 +174,10 @@ pub(super) fn case(env: &mut Env, case: &tg::Case) -> Res<Row> {
 
     // The kept sets of both on the first set.
     fused(&stream, case, &lengths, &mut data[0], &mut ws)?;
-    let (f_keep, f_count) = (stream.clone_dtoh(&data[0].keep)?, stream.clone_dtoh(&data[0].count)?);
+    let (f_keep, f_count) = (
+        stream.clone_dtoh(&data[0].keep)?,
+        stream.clone_dtoh(&data[0].count)?,
+    );
     let (u_keep, u_count) = unfused(case, &data[0].q, &data[0].k, &triu)?;
     let (u_keep, u_count) = (u_keep.to_vec2::<u32>()?, u_count.to_vec1::<f32>()?);
     let mut worst = (0usize, 1f64);
@@ -148,13 +185,25 @@ pub(super) fn case(env: &mut Env, case: &tg::Case) -> Res<Row> {
         let fc = f_count[row] as usize;
         let uc = u_count[row] as usize;
         let fk: Vec<u32> = f_keep[row * n..][..fc].iter().map(|&i| i as u32).collect();
-        worst = (worst.0.max(fc.abs_diff(uc)), worst.1.min(overlap(&fk, &u_keep[row][..uc])));
+        worst = (
+            worst.0.max(fc.abs_diff(uc)),
+            worst.1.min(overlap(&fk, &u_keep[row][..uc])),
+        );
     }
     let kept: usize = f_count.iter().map(|&c| c as usize).sum();
     let check = if worst.0 * 50 > n || worst.1 < 0.95 {
-        format!("FAIL (unfused kept sets differ: counts by {}, overlap {:.1}%)", worst.0, 100.0 * worst.1)
+        format!(
+            "FAIL (unfused kept sets differ: counts by {}, overlap {:.1}%)",
+            worst.0,
+            100.0 * worst.1
+        )
     } else {
-        format!("ok (kept {:.0}%; unfused: counts within {}, overlap >= {:.1}%; {sets} sets)", 100.0 * kept as f64 / (b * n) as f64, worst.0, 100.0 * worst.1)
+        format!(
+            "ok (kept {:.0}%; unfused: counts within {}, overlap >= {:.1}%; {sets} sets)",
+            100.0 * kept as f64 / (b * n) as f64,
+            worst.0,
+            100.0 * worst.1
+        )
     };
 
     let mut timer = Timer::new(stream.context(), &stream, env.timer.warmup, env.timer.runs)?;
