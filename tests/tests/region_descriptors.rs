@@ -206,3 +206,7 @@ fn rejects_bad_arguments() {
     go(&mut desc, kv, 5..100, ok).unwrap();
     assert_eq!(desc.iter().filter(|x| x.to_bits() != f32::POISON.to_bits()).count(), 2 * 4, "region 5 of both heads");
 }
+
+#[cfg(feature = "cuda")]
+#[path = "region_descriptors/gpu.rs"]
+mod gpu;

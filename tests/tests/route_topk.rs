@@ -280,3 +280,7 @@ fn rejects_bad_arguments() {
     route_topk(qv, dv, &layout, 3, &mut routes).unwrap();
     assert_eq!(routes, Routes::from_ids(&layout, 2, 4, 3, &[0, 1, 2].repeat(8)).unwrap(), "all equal scores: the lowest ids");
 }
+
+#[cfg(feature = "cuda")]
+#[path = "route_topk/gpu.rs"]
+mod gpu;
