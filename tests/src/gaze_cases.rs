@@ -114,6 +114,9 @@ mod tests {
             ragged += usize::from(counts.iter().any(|&c| c != counts[0]));
             multi += usize::from(layout.max_region_len() > 1);
         }
-        assert!(empty > 10 && ragged > 50 && multi > 90, "{empty} {ragged} {multi}");
+        assert!(
+            empty > 10 && ragged > 50 && multi > 90,
+            "{empty} {ragged} {multi}"
+        );
     }
 }

@@ -50,7 +50,10 @@ fn check<T: GpuElem>(seed: u64) {
     let mut r = rng(seed);
     for case in 0..cases(24) {
         let batch = r.random_range(1..4);
-        let opts = GazeOpts { max_units: 3, max_side: if case % 4 == 3 { 40 } else { 14 } };
+        let opts = GazeOpts {
+            max_units: 3,
+            max_side: if case % 4 == 3 { 40 } else { 14 },
+        };
         let (seq, rows) = random_gaze_rows(&mut r, batch, opts);
         let layout = GazeLayout::new(seq, &rows).unwrap();
         let kv_heads = r.random_range(1..5);
@@ -63,11 +66,16 @@ fn check<T: GpuElem>(seed: u64) {
         let fresh = poisoned_desc([batch, kv_heads, r_cap, head_dim]);
         let a = r.random_range(0..=r_cap);
         let range = a..r.random_range(a..=r_cap + 1);
-        let what = format!("case {case}: k {kshape:?} {order:?}, {} regions max, range {range:?}", layout.max_regions());
+        let what = format!(
+            "case {case}: k {kshape:?} {order:?}, {} regions max, range {range:?}",
+            layout.max_regions()
+        );
 
         let mut want = fresh.clone();
-        cpu::region_descriptors(k.view(), &layout, range.clone(), &mut want.view_mut()).expect("CPU");
-        let got = run_gpu(&stream, &k, &layout, std::slice::from_ref(&range), &fresh).expect("CUDA");
+        cpu::region_descriptors(k.view(), &layout, range.clone(), &mut want.view_mut())
+            .expect("CPU");
+        let got =
+            run_gpu(&stream, &k, &layout, std::slice::from_ref(&range), &fresh).expect("CUDA");
         assert_bits_eq(&got, &want.data, &what);
 
         // every region, in pieces, on top of the range computed above
@@ -105,14 +113,29 @@ fn refuses_unsupported_head_dims_strides_and_alignment() {
     let desc = |d: usize| poisoned_desc([1, 2, 1, d]);
     let unsupported = |k: &Tensor<bf16, 4>, d: usize| {
         let out = run_gpu(&stream, k, &layout, &[0..1], &desc(d));
-        assert!(matches!(out, Err(Error::Unsupported { .. })), "k {:?} {:?}: {out:?}", k.shape, k.strides);
+        assert!(
+            matches!(out, Err(Error::Unsupported { .. })),
+            "k {:?} {:?}: {out:?}",
+            k.shape,
+            k.strides
+        );
     };
     // head dim 12: not a multiple of 16 bytes
-    unsupported(&random_tensor(&mut r, [1, 4, 2, 12], [96, 24, 12, 1], -1.0, 1.0), 12);
+    unsupported(
+        &random_tensor(&mut r, [1, 4, 2, 12], [96, 24, 12, 1], -1.0, 1.0),
+        12,
+    );
     // a token stride of 20 elements (40 bytes)
-    unsupported(&random_tensor(&mut r, [1, 4, 2, 8], [80, 20, 8, 1], -1.0, 1.0), 8);
+    unsupported(
+        &random_tensor(&mut r, [1, 4, 2, 8], [80, 20, 8, 1], -1.0, 1.0),
+        8,
+    );
     // a base 2 bytes past a 16-byte boundary
-    unsupported(&random_tensor::<bf16, 4>(&mut r, [1, 4, 2, 8], [64, 16, 8, 1], -1.0, 1.0).offset_by(1, bf16::POISON), 8);
+    unsupported(
+        &random_tensor::<bf16, 4>(&mut r, [1, 4, 2, 8], [64, 16, 8, 1], -1.0, 1.0)
+            .offset_by(1, bf16::POISON),
+        8,
+    );
     // an argument error comes first and writes nothing
     let k: Tensor<bf16, 4> = random_tensor(&mut r, [1, 4, 2, 8], [64, 16, 8, 1], -1.0, 1.0);
     let fresh = desc(8);
@@ -123,7 +146,10 @@ fn refuses_unsupported_head_dims_strides_and_alignment() {
         let mut dv = fresh.dev_view_mut(&mut dd);
         #[allow(clippy::reversed_empty_ranges)]
         let out = cuda::region_descriptors(&stream, &k.dev_view(&dk), &dlayout, 1..0, &mut dv);
-        assert!(matches!(out, Err(Error::Value { arg: "regions", .. })), "{out:?}");
+        assert!(
+            matches!(out, Err(Error::Value { arg: "regions", .. })),
+            "{out:?}"
+        );
     }
     assert_untouched(&download(&stream, &dd), "desc");
 }

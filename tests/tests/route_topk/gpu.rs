@@ -35,7 +35,11 @@ fn short_routes(layout: &GazeLayout, queries: usize, heads: usize, k: usize) -> 
     let mut ids = vec![-1; layout.batch() * queries * heads * k];
     for (i, list) in ids.chunks_mut(k).enumerate() {
         let count = layout.regions(i / (queries * heads));
-        for (j, slot) in list.iter_mut().enumerate().take(k.min(count).saturating_sub(1)) {
+        for (j, slot) in list
+            .iter_mut()
+            .enumerate()
+            .take(k.min(count).saturating_sub(1))
+        {
             *slot = j as i32;
         }
     }
@@ -60,7 +64,12 @@ fn random_case<T: GpuElem>(r: &mut StdRng, layout: GazeLayout, big_k: bool) -> C
     let qshape = [batch, queries, kv_heads * group, head_dim];
     let qs = random_strides(r, qshape);
     let q = Tensor::from_fn(qshape, qs, T::POISON, |_| T::from_f32(value(r, exact)));
-    let dshape = [batch, kv_heads, layout.max_regions() + r.random_range(0..3), head_dim];
+    let dshape = [
+        batch,
+        kv_heads,
+        layout.max_regions() + r.random_range(0..3),
+        head_dim,
+    ];
     // rows 16-byte aligned: strides multiples of 4 floats
     let mut ds = contiguous_strides(dshape);
     if r.random_bool(0.5) {
@@ -69,7 +78,13 @@ fn random_case<T: GpuElem>(r: &mut StdRng, layout: GazeLayout, big_k: bool) -> C
         ds[0] = ds[1] * dshape[1];
     }
     let nan = if exact { 0.03 } else { 0.0 };
-    let mut desc = Tensor::from_fn(dshape, ds, f32::NAN, |_| if r.random_bool(nan) { f32::NAN } else { value(r, exact) });
+    let mut desc = Tensor::from_fn(dshape, ds, f32::NAN, |_| {
+        if r.random_bool(nan) {
+            f32::NAN
+        } else {
+            value(r, exact)
+        }
+    });
     if exact {
         // duplicate some descriptor rows: exact ties
         for b in 0..batch {
@@ -77,7 +92,8 @@ fn random_case<T: GpuElem>(r: &mut StdRng, layout: GazeLayout, big_k: bool) -> C
                 if r.random_bool(0.2) {
                     let (h, from) = (r.random_range(0..kv_heads), r.random_range(0..reg));
                     for e in 0..head_dim {
-                        let (src, dst) = (desc.offset([b, h, from, e]), desc.offset([b, h, reg, e]));
+                        let (src, dst) =
+                            (desc.offset([b, h, from, e]), desc.offset([b, h, reg, e]));
                         desc.data[dst] = desc.data[src];
                     }
                 }
@@ -85,17 +101,34 @@ fn random_case<T: GpuElem>(r: &mut StdRng, layout: GazeLayout, big_k: bool) -> C
         }
     }
     let max = layout.max_regions().max(1);
-    let k = if big_k { r.random_range(1..max + 4) } else { r.random_range(1..9) };
+    let k = if big_k {
+        r.random_range(1..max + 4)
+    } else {
+        r.random_range(1..9)
+    };
     Case { layout, q, desc, k }
 }
 
-fn run_gpu<T: GpuElem>(stream: &Arc<CudaStream>, c: &Case<T>, start: &Routes, ws: &mut Workspace) -> Result<Routes, Error> {
+fn run_gpu<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    c: &Case<T>,
+    start: &Routes,
+    ws: &mut Workspace,
+) -> Result<Routes, Error> {
     let [_, queries, heads, _] = c.q.shape;
     let (dq, dd) = (c.q.upload(stream), c.desc.upload(stream));
     let layout = DeviceGazeLayout::new(stream, &c.layout)?;
     let mut routes = DeviceRoutes::from_host(stream, start)?;
     assert_eq!(routes.shape(), [c.layout.batch(), queries, heads, c.k]);
-    cuda::route_topk(stream, &c.q.dev_view(&dq), &c.desc.dev_view(&dd), &layout, c.k, &mut routes, ws)?;
+    cuda::route_topk(
+        stream,
+        &c.q.dev_view(&dq),
+        &c.desc.dev_view(&dd),
+        &layout,
+        c.k,
+        &mut routes,
+        ws,
+    )?;
     routes.to_host(stream)
 }
 
@@ -108,13 +141,26 @@ fn compare<T: GpuElem>(stream: &Arc<CudaStream>, c: &Case<T>, ws: &mut Workspace
     assert_eq!(got.shape(), want.shape(), "{what}");
     if let Some(i) = (0..got.ids().len()).find(|&i| got.ids()[i] != want.ids()[i]) {
         let list = i / c.k * c.k;
-        panic!("{what}: list {} differs: GPU {:?}, CPU {:?}", list / c.k, &got.ids()[list..list + c.k], &want.ids()[list..list + c.k]);
+        panic!(
+            "{what}: list {} differs: GPU {:?}, CPU {:?}",
+            list / c.k,
+            &got.ids()[list..list + c.k],
+            &want.ids()[list..list + c.k]
+        );
     }
     assert_eq!(got, want, "{what}: the routes' layout");
     // deterministic: again, and on another stream with a fresh workspace
-    assert_eq!(run_gpu(stream, c, &start, ws).expect("CUDA"), want, "{what}: rerun");
+    assert_eq!(
+        run_gpu(stream, c, &start, ws).expect("CUDA"),
+        want,
+        "{what}: rerun"
+    );
     let other = gpu().expect("second stream");
-    assert_eq!(run_gpu(&other, c, &start, &mut Workspace::new()).expect("CUDA"), want, "{what}: other stream");
+    assert_eq!(
+        run_gpu(&other, c, &start, &mut Workspace::new()).expect("CUDA"),
+        want,
+        "{what}: other stream"
+    );
 }
 
 fn check<T: GpuElem>(seed: u64) {
@@ -123,9 +169,19 @@ fn check<T: GpuElem>(seed: u64) {
     let mut r = rng(seed);
     for case in 0..cases(24) {
         let batch = r.random_range(1..4);
-        let (seq, rows) = random_gaze_rows(&mut r, batch, GazeOpts { max_units: 3, max_side: 20 });
+        let (seq, rows) = random_gaze_rows(
+            &mut r,
+            batch,
+            GazeOpts {
+                max_units: 3,
+                max_side: 20,
+            },
+        );
         let c: Case<T> = random_case(&mut r, GazeLayout::new(seq, &rows).unwrap(), case % 2 == 1);
-        let what = format!("case {case}: q {:?}, desc {:?}, k {}", c.q.shape, c.desc.shape, c.k);
+        let what = format!(
+            "case {case}: q {:?}, desc {:?}, k {}",
+            c.q.shape, c.desc.shape, c.k
+        );
         compare(&stream, &c, &mut ws, &what);
     }
 }
@@ -174,28 +230,75 @@ fn refuses_unsupported_head_dims_and_descriptor_layouts() {
     let mut ws = Workspace::new();
     let case = |r: &mut StdRng, d: usize, dstrides: [usize; 4], offset: usize| Case::<f32> {
         layout: layout.clone(),
-        q: Tensor::from_fn([1, 1, 2, d], contiguous_strides([1, 1, 2, d]), 0.0, |_| value(r, false)),
-        desc: Tensor::from_fn([1, 1, 3, d], dstrides, 0.0, |_| value(r, false)).offset_by(offset, 0.0),
+        q: Tensor::from_fn([1, 1, 2, d], contiguous_strides([1, 1, 2, d]), 0.0, |_| {
+            value(r, false)
+        }),
+        desc: Tensor::from_fn([1, 1, 3, d], dstrides, 0.0, |_| value(r, false))
+            .offset_by(offset, 0.0),
         k: 2,
     };
     let start = short_routes(&layout, 1, 2, 2);
     let unsupported = |c: &Case<f32>, ws: &mut Workspace, what: &str| {
         let out = run_gpu(&stream, c, &start, ws);
-        assert!(matches!(out, Err(Error::Unsupported { .. })), "{what}: {out:?}");
+        assert!(
+            matches!(out, Err(Error::Unsupported { .. })),
+            "{what}: {out:?}"
+        );
     };
     unsupported(&case(&mut r, 6, [18, 18, 6, 1], 0), &mut ws, "head dim 6");
-    unsupported(&case(&mut r, 260, [780, 780, 260, 1], 0), &mut ws, "head dim 260");
-    unsupported(&case(&mut r, 8, [30, 30, 10, 1], 0), &mut ws, "region stride 10");
-    unsupported(&case(&mut r, 8, [24, 24, 8, 1], 1), &mut ws, "base 4 bytes off");
+    unsupported(
+        &case(&mut r, 260, [780, 780, 260, 1], 0),
+        &mut ws,
+        "head dim 260",
+    );
+    unsupported(
+        &case(&mut r, 8, [30, 30, 10, 1], 0),
+        &mut ws,
+        "region stride 10",
+    );
+    unsupported(
+        &case(&mut r, 8, [24, 24, 8, 1], 1),
+        &mut ws,
+        "base 4 bytes off",
+    );
     // routes of another shape: an argument error, nothing written
     let c = case(&mut r, 8, [24, 24, 8, 1], 0);
     let (dq, dd) = (c.q.upload(&stream), c.desc.upload(&stream));
     let dlayout = DeviceGazeLayout::new(&stream, &layout).unwrap();
     let mut routes = DeviceRoutes::from_host(&stream, &start).unwrap();
-    let out = cuda::route_topk(&stream, &c.q.dev_view(&dq), &c.desc.dev_view(&dd), &dlayout, 3, &mut routes, &mut ws);
-    assert!(matches!(out, Err(Error::Shape { arg: "routes", .. })), "{out:?}");
+    let out = cuda::route_topk(
+        &stream,
+        &c.q.dev_view(&dq),
+        &c.desc.dev_view(&dd),
+        &dlayout,
+        3,
+        &mut routes,
+        &mut ws,
+    );
+    assert!(
+        matches!(out, Err(Error::Shape { arg: "routes", .. })),
+        "{out:?}"
+    );
     assert_eq!(routes.to_host(&stream).unwrap(), start, "written on error");
     // the same call with k = 2 succeeds
-    cuda::route_topk(&stream, &c.q.dev_view(&dq), &c.desc.dev_view(&dd), &dlayout, 2, &mut routes, &mut ws).unwrap();
-    assert_eq!(routes.to_host(&stream).unwrap().ids().iter().filter(|&&x| x >= 0).count(), 4);
+    cuda::route_topk(
+        &stream,
+        &c.q.dev_view(&dq),
+        &c.desc.dev_view(&dd),
+        &dlayout,
+        2,
+        &mut routes,
+        &mut ws,
+    )
+    .unwrap();
+    assert_eq!(
+        routes
+            .to_host(&stream)
+            .unwrap()
+            .ids()
+            .iter()
+            .filter(|&&x| x >= 0)
+            .count(),
+        4
+    );
 }
