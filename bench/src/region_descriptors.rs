@@ -35,7 +35,7 @@ impl Case {
     /// Qwen2.5-VL-7B, 6 x 6 regions of one frame.
     pub fn new(batch: usize, visual: usize, kv_layout: KvLayout) -> Self {
         assert!(
-            visual > 0 && visual % (SIDE * SIDE) == 0,
+            visual > 0 && visual.checked_rem(SIDE * SIDE) == Some(0),
             "whole {SIDE} x {SIDE} frames"
         );
         Case {

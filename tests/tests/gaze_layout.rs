@@ -137,7 +137,7 @@ fn layout_packs_regions_and_visible_ranges() {
     let (count, len, pos) = layout.packed_regions();
     assert_eq!(count, &[4, 1]);
     assert_eq!(len, &[4, 2, 2, 1, 2, 0, 0, 0]);
-    let mut want_pos = vec![-1; 2 * 4 * 4];
+    let mut want_pos = [-1; 2 * 4 * 4];
     for (j, p) in [
         [2, 3, 5, 6],
         [4, -1, 7, -1],

@@ -112,7 +112,7 @@ fn refuses_unsupported_head_dims_strides_and_alignment() {
     let layout = GazeLayout::new(4, &[row]).unwrap();
     let desc = |d: usize| poisoned_desc([1, 2, 1, d]);
     let unsupported = |k: &Tensor<bf16, 4>, d: usize| {
-        let out = run_gpu(&stream, k, &layout, &[0..1], &desc(d));
+        let out = run_gpu(&stream, k, &layout, std::slice::from_ref(&(0..1)), &desc(d));
         assert!(
             matches!(out, Err(Error::Unsupported { .. })),
             "k {:?} {:?}: {out:?}",
