@@ -26,6 +26,8 @@ mod cuda {
         "src/window_mean.cu",
         "src/multiscale_gather.cu",
         "src/text_guided_select.cu",
+        "src/region_descriptors.cu",
+        "src/route_topk.cu",
         "src/status.cu",
     ];
     const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh", "src/top_select.cuh"];

@@ -26,16 +26,23 @@
 //! | window_mean | [`window_mean::generate`] | [`window_mean::baseline`]: a contiguous copy, then a naive loop per window and channel |
 //! | multiscale_gather | [`multiscale_gather::generate`] | [`multiscale_gather::baseline`]: every scale pooled, softmax, argmax, then a pick per window |
 //! | text_guided_select | [`text_guided_select::generate`] | [`text_guided_select::baseline`]: unfused (A `[H, T, N]` materialised, softmax, max, mean, sort, cumsum) |
+//! | region_descriptors | [`region_descriptors::generate`] | [`region_descriptors::baseline`]: per region, gather its keys to a new f32 tensor, then the mean |
+//! | route_topk | [`route_topk::generate`] | [`route_topk::baseline`]: repeat_kv of the descriptors, scores, full argsort, first k, sort |
 //!
 //! The FocusLLaVA ops (window_mean, multiscale_gather, text_guided_select)
 //! use LLaVA-NeXT-style shapes instead: 24 x 24 or 48 x 48 feature maps of
 //! 1024 (CLIP-L) or 4096 (projected) channels, and a Llama-3-8B language
 //! model ([`LLAMA3_8B`]) for text_guided_select. Their `Case`s carry the
 //! shapes themselves (no ragged rows), so `floor_bytes` is on the `Case`.
+//! The Gaze Attention ops (region_descriptors, route_topk) use Qwen2.5-VL-7B
+//! with 32 x 32-token frames (an image, or a video of up to 16 frames) cut
+//! into 6 x 6 regions; their `floor_bytes` take the region count.
 
 pub mod compact_kv;
 pub mod glimpse_scores;
 pub mod multiscale_gather;
+pub mod region_descriptors;
+pub mod route_topk;
 pub mod rows;
 pub mod select_keep;
 pub mod text_guided_select;

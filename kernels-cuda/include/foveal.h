@@ -247,6 +247,57 @@ typedef struct foveal_text_guided_select_params {
 
 int foveal_text_guided_select(const foveal_text_guided_select_params *p, foveal_stream_t stream);
 
+/* ------------------------------------------------------------ region_descriptors */
+
+typedef struct foveal_region_descriptors_params {
+  /* k [B, S, Hkv, D] of one layer, any memory order. */
+  const void *k;
+  int64_t k_stride_b, k_stride_s, k_stride_h;
+  /* The regions of each row: count [B], length [B, r_max], token positions
+   * [B, r_max, p_max] (padded with -1; every listed position < S). */
+  const int32_t *region_count;
+  const int32_t *region_len;
+  const int32_t *region_pos;
+  int32_t r_max, p_max;
+  /* desc [B, Hkv, R, D] float, R >= r_max. */
+  float *desc;
+  int64_t desc_stride_b, desc_stride_h, desc_stride_r;
+  /* Regions r_begin <= r < min(r_end, count[b]) of each row are written. */
+  int32_t r_begin, r_end;
+  int32_t batch, kv_heads, head_dim;
+  foveal_dtype dtype;
+} foveal_region_descriptors_params;
+
+int foveal_region_descriptors(const foveal_region_descriptors_params *p, foveal_stream_t stream);
+
+/* -------------------------------------------------------------------- route_topk */
+
+/* Largest head dim; query heads scored per block of the score kernel. */
+#define FOVEAL_ROUTE_MAX_HEAD_DIM 256
+#define FOVEAL_ROUTE_HEAD_CHUNK 4
+/* Regions scored per block (one per thread). */
+#define FOVEAL_ROUTE_REGIONS_PER_BLOCK 64
+
+typedef struct foveal_route_topk_params {
+  /* q [B, Nq, Hq, D] queries after RoPE. */
+  const void *q;
+  int64_t q_stride_b, q_stride_n, q_stride_h;
+  /* desc [B, Hkv, R, D] float (16-byte aligned rows), R >= r_max. */
+  const float *desc;
+  int64_t desc_stride_b, desc_stride_h, desc_stride_r;
+  /* Regions of each row: count [B] (each <= r_max). */
+  const int32_t *region_count;
+  int32_t r_max;
+  /* Workspace: scores [B, Nq, Hq, r_max] float. */
+  float *scores;
+  /* routes [B, Nq, Hq, k] int32, contiguous: ascending ids, padded with -1. */
+  int32_t *routes;
+  int32_t batch, queries, q_heads, kv_heads, head_dim, k;
+  foveal_dtype dtype;
+} foveal_route_topk_params;
+
+int foveal_route_topk(const foveal_route_topk_params *p, foveal_stream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -10,6 +10,9 @@ pub const FOVEAL_GATHER_MAX_PLANES: u32 = 128;
 pub const FOVEAL_MULTISCALE_MAX_SCALES: u32 = 16;
 pub const FOVEAL_TGS_KEYS_PER_BLOCK: u32 = 128;
 pub const FOVEAL_TGS_MAX_HEAD_DIM: u32 = 256;
+pub const FOVEAL_ROUTE_MAX_HEAD_DIM: u32 = 256;
+pub const FOVEAL_ROUTE_HEAD_CHUNK: u32 = 4;
+pub const FOVEAL_ROUTE_REGIONS_PER_BLOCK: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -655,6 +658,172 @@ impl Default for foveal_text_guided_select_params {
 unsafe extern "C" {
     pub fn foveal_text_guided_select(
         p: *const foveal_text_guided_select_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_region_descriptors_params {
+    pub k: *const ::std::os::raw::c_void,
+    pub k_stride_b: i64,
+    pub k_stride_s: i64,
+    pub k_stride_h: i64,
+    pub region_count: *const i32,
+    pub region_len: *const i32,
+    pub region_pos: *const i32,
+    pub r_max: i32,
+    pub p_max: i32,
+    pub desc: *mut f32,
+    pub desc_stride_b: i64,
+    pub desc_stride_h: i64,
+    pub desc_stride_r: i64,
+    pub r_begin: i32,
+    pub r_end: i32,
+    pub batch: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_region_descriptors_params"]
+        [::std::mem::size_of::<foveal_region_descriptors_params>() - 120usize];
+    ["Alignment of foveal_region_descriptors_params"]
+        [::std::mem::align_of::<foveal_region_descriptors_params>() - 8usize];
+    ["Offset of field: foveal_region_descriptors_params::k"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, k) - 0usize];
+    ["Offset of field: foveal_region_descriptors_params::k_stride_b"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, k_stride_b) - 8usize];
+    ["Offset of field: foveal_region_descriptors_params::k_stride_s"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, k_stride_s) - 16usize];
+    ["Offset of field: foveal_region_descriptors_params::k_stride_h"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, k_stride_h) - 24usize];
+    ["Offset of field: foveal_region_descriptors_params::region_count"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, region_count) - 32usize];
+    ["Offset of field: foveal_region_descriptors_params::region_len"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, region_len) - 40usize];
+    ["Offset of field: foveal_region_descriptors_params::region_pos"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, region_pos) - 48usize];
+    ["Offset of field: foveal_region_descriptors_params::r_max"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, r_max) - 56usize];
+    ["Offset of field: foveal_region_descriptors_params::p_max"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, p_max) - 60usize];
+    ["Offset of field: foveal_region_descriptors_params::desc"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, desc) - 64usize];
+    ["Offset of field: foveal_region_descriptors_params::desc_stride_b"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, desc_stride_b) - 72usize];
+    ["Offset of field: foveal_region_descriptors_params::desc_stride_h"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, desc_stride_h) - 80usize];
+    ["Offset of field: foveal_region_descriptors_params::desc_stride_r"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, desc_stride_r) - 88usize];
+    ["Offset of field: foveal_region_descriptors_params::r_begin"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, r_begin) - 96usize];
+    ["Offset of field: foveal_region_descriptors_params::r_end"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, r_end) - 100usize];
+    ["Offset of field: foveal_region_descriptors_params::batch"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, batch) - 104usize];
+    ["Offset of field: foveal_region_descriptors_params::kv_heads"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, kv_heads) - 108usize];
+    ["Offset of field: foveal_region_descriptors_params::head_dim"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, head_dim) - 112usize];
+    ["Offset of field: foveal_region_descriptors_params::dtype"]
+        [::std::mem::offset_of!(foveal_region_descriptors_params, dtype) - 116usize];
+};
+impl Default for foveal_region_descriptors_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_region_descriptors(
+        p: *const foveal_region_descriptors_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_route_topk_params {
+    pub q: *const ::std::os::raw::c_void,
+    pub q_stride_b: i64,
+    pub q_stride_n: i64,
+    pub q_stride_h: i64,
+    pub desc: *const f32,
+    pub desc_stride_b: i64,
+    pub desc_stride_h: i64,
+    pub desc_stride_r: i64,
+    pub region_count: *const i32,
+    pub r_max: i32,
+    pub scores: *mut f32,
+    pub routes: *mut i32,
+    pub batch: i32,
+    pub queries: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub k: i32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_route_topk_params"]
+        [::std::mem::size_of::<foveal_route_topk_params>() - 128usize];
+    ["Alignment of foveal_route_topk_params"]
+        [::std::mem::align_of::<foveal_route_topk_params>() - 8usize];
+    ["Offset of field: foveal_route_topk_params::q"]
+        [::std::mem::offset_of!(foveal_route_topk_params, q) - 0usize];
+    ["Offset of field: foveal_route_topk_params::q_stride_b"]
+        [::std::mem::offset_of!(foveal_route_topk_params, q_stride_b) - 8usize];
+    ["Offset of field: foveal_route_topk_params::q_stride_n"]
+        [::std::mem::offset_of!(foveal_route_topk_params, q_stride_n) - 16usize];
+    ["Offset of field: foveal_route_topk_params::q_stride_h"]
+        [::std::mem::offset_of!(foveal_route_topk_params, q_stride_h) - 24usize];
+    ["Offset of field: foveal_route_topk_params::desc"]
+        [::std::mem::offset_of!(foveal_route_topk_params, desc) - 32usize];
+    ["Offset of field: foveal_route_topk_params::desc_stride_b"]
+        [::std::mem::offset_of!(foveal_route_topk_params, desc_stride_b) - 40usize];
+    ["Offset of field: foveal_route_topk_params::desc_stride_h"]
+        [::std::mem::offset_of!(foveal_route_topk_params, desc_stride_h) - 48usize];
+    ["Offset of field: foveal_route_topk_params::desc_stride_r"]
+        [::std::mem::offset_of!(foveal_route_topk_params, desc_stride_r) - 56usize];
+    ["Offset of field: foveal_route_topk_params::region_count"]
+        [::std::mem::offset_of!(foveal_route_topk_params, region_count) - 64usize];
+    ["Offset of field: foveal_route_topk_params::r_max"]
+        [::std::mem::offset_of!(foveal_route_topk_params, r_max) - 72usize];
+    ["Offset of field: foveal_route_topk_params::scores"]
+        [::std::mem::offset_of!(foveal_route_topk_params, scores) - 80usize];
+    ["Offset of field: foveal_route_topk_params::routes"]
+        [::std::mem::offset_of!(foveal_route_topk_params, routes) - 88usize];
+    ["Offset of field: foveal_route_topk_params::batch"]
+        [::std::mem::offset_of!(foveal_route_topk_params, batch) - 96usize];
+    ["Offset of field: foveal_route_topk_params::queries"]
+        [::std::mem::offset_of!(foveal_route_topk_params, queries) - 100usize];
+    ["Offset of field: foveal_route_topk_params::q_heads"]
+        [::std::mem::offset_of!(foveal_route_topk_params, q_heads) - 104usize];
+    ["Offset of field: foveal_route_topk_params::kv_heads"]
+        [::std::mem::offset_of!(foveal_route_topk_params, kv_heads) - 108usize];
+    ["Offset of field: foveal_route_topk_params::head_dim"]
+        [::std::mem::offset_of!(foveal_route_topk_params, head_dim) - 112usize];
+    ["Offset of field: foveal_route_topk_params::k"]
+        [::std::mem::offset_of!(foveal_route_topk_params, k) - 116usize];
+    ["Offset of field: foveal_route_topk_params::dtype"]
+        [::std::mem::offset_of!(foveal_route_topk_params, dtype) - 120usize];
+};
+impl Default for foveal_route_topk_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_route_topk(
+        p: *const foveal_route_topk_params,
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }

@@ -60,32 +60,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const fovea
 
   // 2. Radix select of the n-th largest key (only when some, not all, are kept).
   const bool partial = n > 0 && n < nv;
-  if (partial) {
-    uint32_t mask = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int d = threadIdx.x; d < 256; d += kSelectThreads) hist[d] = 0;
-      __syncthreads();
-      const uint32_t prefix = sh_prefix;
-      for (int i = threadIdx.x; i < nv; i += kSelectThreads) {
-        const uint32_t key = rank_key(x[i]);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1);
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        // The digit holding the remaining-th largest of the matching keys.
-        int remaining = sh_remaining;
-        int d = 255;
-        while (hist[d] < remaining) {
-          remaining -= hist[d];
-          --d;
-        }
-        sh_remaining = remaining;
-        sh_prefix = prefix | (static_cast<uint32_t>(d) << shift);
-      }
-      mask |= 0xffu << shift;
-      __syncthreads();
-    }
-  }
+  if (partial) radix_select_nth<kSelectThreads>(nv, n, [&](int i) { return rank_key(x[i]); }, hist, &sh_prefix, &sh_remaining);
   const uint32_t pivot = sh_prefix;     // the n-th largest key
   const int take_equal = sh_remaining;  // how many keys equal to the pivot are kept
 

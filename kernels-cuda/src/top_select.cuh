@@ -1,6 +1,7 @@
 // Shared pieces of the kernels that keep the top n of a row (select_keep,
-// text_guided_select): the order-preserving key of a float score and the
-// ordered pass that writes the kept indices in ascending order.
+// text_guided_select, route_topk): the order-preserving key of a float
+// score, the radix select of the n-th largest key, and the ordered pass that
+// writes the kept indices in ascending order.
 #pragma once
 
 #include <cub/block/block_scan.cuh>
@@ -16,6 +17,45 @@ __device__ __forceinline__ uint32_t rank_key(float x) {
   if (isnan(x)) return 0u;
   const uint32_t bits = __float_as_uint(x + 0.0f);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The n-th largest (1 <= n <= count) of the keys key_of(0..count): a 4-pass
+// most-significant-digit radix select over 8-bit digits (histograms of
+// shared-memory integer atomics, which commute: deterministic). On return
+// (after a barrier) *pivot is that key and *take_equal how many keys equal to
+// it are among the top n when ties go to the lower index. Every thread of the
+// block must call it; `hist` is 256 shared ints, pivot and take_equal shared.
+template <int kThreads, typename KeyFn>
+__device__ void radix_select_nth(int count, int n, KeyFn key_of, int* hist, uint32_t* pivot, int* take_equal) {
+  if (threadIdx.x == 0) {
+    *pivot = 0;
+    *take_equal = n;
+  }
+  __syncthreads();
+  uint32_t mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int d = threadIdx.x; d < 256; d += kThreads) hist[d] = 0;
+    __syncthreads();
+    const uint32_t prefix = *pivot;
+    for (int i = threadIdx.x; i < count; i += kThreads) {
+      const uint32_t key = key_of(i);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      // The digit holding the remaining-th largest of the matching keys.
+      int remaining = *take_equal;
+      int d = 255;
+      while (hist[d] < remaining) {
+        remaining -= hist[d];
+        --d;
+      }
+      *take_equal = remaining;
+      *pivot = prefix | (static_cast<uint32_t>(d) << shift);
+    }
+    mask |= 0xffu << shift;
+    __syncthreads();
+  }
 }
 
 // Ordered pass over the row's n entries (key_of(i) their keys): keeps every

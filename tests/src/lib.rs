@@ -6,7 +6,7 @@
 //! - seeded generators (rand 0.9 [`StdRng`]) of ragged row layouts
 //!   ([`random_rows`]), of strided memory orders ([`random_strides`],
 //!   [`KvOrder`]), of elements ([`random_elem`]) and of strided tensors
-//!   ([`Tensor`]);
+//!   ([`Tensor`]); of Gaze Attention layouts ([`gaze_cases`]);
 //! - the tolerance of each element type ([`Tol`]);
 //! - [`Poison`]: fill an output with a NaN (or a sentinel for integers)
 //!   first, so that an element the op forgot to write fails the comparison;
@@ -18,6 +18,7 @@
 //! rather than going through foveal's views, so the oracles read the inputs
 //! independently of the code under test.
 
+pub mod gaze_cases;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 

@@ -12,7 +12,8 @@
 //! - Measures the device-to-device copy bandwidth (a 1 GiB `memcpy_dtod`,
 //!   bytes read + written), the ceiling every GB/s figure is compared to.
 //! - For each op (sections `glimpse_scores`, `select_keep`, `compact_kv`,
-//!   `window_mean`, `multiscale_gather`, `text_guided_select`) and
+//!   `window_mean`, `multiscale_gather`, `text_guided_select`,
+//!   `region_descriptors`, `route_topk`; the last two in their own modules) and
 //!   case: fills input sets on the device (at least 3, more until together
 //!   they hold 4x the L2 size, at most 256), checks the op once against the
 //!   CPU reference (output poisoned first), then times it with CUDA events:
@@ -70,16 +71,21 @@ use foveal_bench::{
 };
 use half::bf16;
 
+mod region_descriptors;
+mod route_topk;
+
 type Res<T> = Result<T, Box<dyn Error>>;
 
-const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select] [--runs N] [--no-check]";
-const OPS: [&str; 6] = [
+const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select,region_descriptors,route_topk] [--runs N] [--no-check]";
+const OPS: [&str; 8] = [
     "glimpse_scores",
     "select_keep",
     "compact_kv",
     "window_mean",
     "multiscale_gather",
     "text_guided_select",
+    "region_descriptors",
+    "route_topk",
 ];
 
 // ---------------------------------------------------------------------------
@@ -709,6 +715,24 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
                     e.as_ref(),
                 )
             });
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+    }
+    if args.wants("region_descriptors") {
+        for case in region_descriptors::cases(args.quick) {
+            let row = region_descriptors::run(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("region_descriptors", case.label(), e.as_ref()));
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+    }
+    if args.wants("route_topk") {
+        for case in route_topk::cases(args.quick) {
+            let row = route_topk::run(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("route_topk", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
