@@ -126,6 +126,73 @@ pub struct Generation {
     pub logits: Vec<Tensor>,
 }
 
+/// The attention of one layer over its projected heads: what a method
+/// replaces to change how queries read the cache (Gaze Attention's sparse
+/// decode), the projections, RoPE, the cache and the rest of the layer
+/// staying the decoder's. [`DenseAttention`] is the model's own.
+pub trait AttentionCore {
+    /// `q` `[B, Hq, Sq, D]` (after RoPE) of this call's `Sq` tokens at layer
+    /// `layer`; `k`, `v` `[B, Hkv, S_kv, D]` the layer's whole cache, this
+    /// call's tokens last; `mask` the additive mask the decoder was given
+    /// (see [`Decoder::forward_layers`]). Returns `[B, Hq, Sq, D]`, q's dtype.
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor>;
+}
+
+/// Dense softmax attention with an additive mask `[B, 1, Sq, S_kv]` (`None`:
+/// causal among the new tokens, every cached key visible), scale
+/// `1/sqrt(D)`, GQA without repeating K/V, scores and softmax in f32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenseAttention;
+
+impl AttentionCore for DenseAttention {
+    fn attend(
+        &mut self,
+        _layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, hq, sq, d) = q.dims4()?;
+        let (_, hkv, skv, _) = k.dims4()?;
+        // The G query heads of a KV head become G*Sq query rows of that head.
+        let g = hq / hkv;
+        let dtype = q.dtype();
+        let qg = q.reshape((b, hkv, g * sq, d))?;
+        let scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * (d as f64).powf(-0.5))?;
+        let scores = scores.reshape(vec![b, hkv, g, sq, skv])?;
+        let scores = match mask {
+            Some(m) => {
+                let m = m.to_dtype(DType::F32)?;
+                if m.dims() != [b, 1, sq, skv] {
+                    candle_core::bail!(
+                        "Decoder: mask {:?}, expected [{b}, 1, {sq}, {skv}]",
+                        m.dims()
+                    );
+                }
+                scores.broadcast_add(&m.unsqueeze(1)?)?
+            }
+            None if sq > 1 => {
+                let m = attention_mask(&vec![0; b], sq, skv, q.device())?;
+                scores.broadcast_add(&m.unsqueeze(1)?)?
+            }
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.to_dtype(dtype)?;
+        probs
+            .reshape((b, hkv, g * sq, skv))?
+            .matmul(v)?
+            .reshape((b, hq, sq, d))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -151,14 +218,18 @@ impl Attention {
         })
     }
 
-    /// `xs` `[B, Sq, Dm]` (normed); appends this call's K/V to `kv`. Returns
-    /// the output `[B, Sq, Dm]` and, when `capture`, the last position's query.
+    /// `xs` `[B, Sq, Dm]` (normed); appends this call's K/V to `kv` and
+    /// lets `core` attend. Returns the output `[B, Sq, Dm]` and, when
+    /// `capture`, the last position's query.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         xs: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
+        layer: usize,
+        core: &mut dyn AttentionCore,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, sq, _) = xs.dims3()?;
@@ -174,43 +245,19 @@ impl Attention {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let skv = k.dims()[2];
         let captured = if capture {
             Some(q.narrow(2, sq - 1, 1)?.squeeze(2)?.contiguous()?)
         } else {
             None
         };
-
-        // GQA without repeating K/V: the G query heads of a KV head become
-        // G*Sq query rows of that head.
-        let g = hq / hkv;
-        let dtype = q.dtype();
-        let qg = q.reshape((b, hkv, g * sq, d))?;
-        let scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * (d as f64).powf(-0.5))?;
-        let scores = scores.reshape(vec![b, hkv, g, sq, skv])?;
-        let scores = match mask {
-            Some(m) => {
-                let m = m.to_dtype(DType::F32)?;
-                if m.dims() != [b, 1, sq, skv] {
-                    candle_core::bail!(
-                        "Decoder: mask {:?}, expected [{b}, 1, {sq}, {skv}]",
-                        m.dims()
-                    );
-                }
-                scores.broadcast_add(&m.unsqueeze(1)?)?
-            }
-            None if sq > 1 => {
-                let m = attention_mask(&vec![0; b], sq, skv, xs.device())?;
-                scores.broadcast_add(&m.unsqueeze(1)?)?
-            }
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.to_dtype(dtype)?;
-        let out = probs.reshape((b, hkv, g * sq, skv))?.matmul(&v)?;
-        let out = out
-            .reshape((b, hq, sq, d))?
-            .transpose(1, 2)?
-            .reshape((b, sq, hq * d))?;
+        let out = core.attend(layer, &q, &k, &v, mask)?;
+        if out.dims() != [b, hq, sq, d] {
+            candle_core::bail!(
+                "Decoder: the attention core returned {:?}, expected [{b}, {hq}, {sq}, {d}]",
+                out.dims()
+            );
+        }
+        let out = out.transpose(1, 2)?.reshape((b, sq, hq * d))?;
         Ok((self.o_proj.forward(&out)?, captured))
     }
 
@@ -244,17 +291,26 @@ impl Layer {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         xs: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
+        layer: usize,
+        core: &mut dyn AttentionCore,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (attn, q) =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(xs)?, rope, mask, kv, capture)?;
+        let (attn, q) = self.self_attn.forward(
+            &self.input_layernorm.forward(xs)?,
+            rope,
+            mask,
+            kv,
+            layer,
+            core,
+            capture,
+        )?;
         let xs = (xs + attn)?;
         let out = (&xs
             + self
@@ -383,8 +439,22 @@ impl Decoder {
         layers: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.forward_layers_with(hidden, positions, mask, layers, cache, &mut DenseAttention)
+    }
+
+    /// [`Decoder::forward_layers`] with every layer's attention done by
+    /// `core` (called once per layer, in order).
+    pub fn forward_layers_with(
+        &self,
+        hidden: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        layers: Range<usize>,
+        cache: &mut KvCache,
+        core: &mut dyn AttentionCore,
+    ) -> Result<Tensor> {
         Ok(self
-            .run_layers(hidden, positions, mask, layers, cache, false)?
+            .run_layers(hidden, positions, mask, layers, cache, core, false)?
             .0)
     }
 
@@ -399,13 +469,22 @@ impl Decoder {
         layers: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<(Tensor, Captured)> {
-        let (h, q) = self.run_layers(hidden, positions, mask, layers, cache, true)?;
+        let (h, q) = self.run_layers(
+            hidden,
+            positions,
+            mask,
+            layers,
+            cache,
+            &mut DenseAttention,
+            true,
+        )?;
         match q {
             Some(last_query) => Ok((h, Captured { last_query })),
             None => candle_core::bail!("Decoder::forward_layers_capture: the layer range is empty"),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_layers(
         &self,
         hidden: &Tensor,
@@ -413,6 +492,7 @@ impl Decoder {
         mask: Option<&Tensor>,
         layers: Range<usize>,
         cache: &mut KvCache,
+        core: &mut dyn AttentionCore,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         if layers.end > self.layers.len() || cache.num_layers() != self.layers.len() {
@@ -438,6 +518,8 @@ impl Decoder {
                 &rope,
                 mask,
                 &mut cache.layers[l],
+                l,
+                core,
                 capture && l == last,
             )?;
             xs = out;
@@ -472,6 +554,19 @@ impl Decoder {
         starts: &[usize],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.decode_step_with(tokens, positions, starts, cache, &mut DenseAttention)
+    }
+
+    /// [`Decoder::decode_step`] with every layer's attention done by `core`
+    /// (which gets the left-padding mask, or `None` when no row is padded).
+    pub fn decode_step_with(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        starts: &[usize],
+        cache: &mut KvCache,
+        core: &mut dyn AttentionCore,
+    ) -> Result<Tensor> {
         let b = tokens.len();
         if positions.len() != b || starts.len() != b {
             candle_core::bail!(
@@ -488,12 +583,13 @@ impl Decoder {
         } else {
             None
         };
-        let h = self.forward_layers(
+        let h = self.forward_layers_with(
             &self.embed(&ids)?,
             &pos,
             mask.as_ref(),
             0..self.layers.len(),
             cache,
+            core,
         )?;
         self.last_logits(&h)
     }
@@ -509,6 +605,26 @@ impl Decoder {
         starts: &[usize],
         cache: &mut KvCache,
         max_new_tokens: usize,
+    ) -> Result<Generation> {
+        self.greedy_with(
+            first_logits,
+            next_positions,
+            starts,
+            cache,
+            max_new_tokens,
+            &mut DenseAttention,
+        )
+    }
+
+    /// [`Decoder::greedy`] with every decode step's attention done by `core`.
+    pub fn greedy_with(
+        &self,
+        first_logits: &Tensor,
+        next_positions: &[u32],
+        starts: &[usize],
+        cache: &mut KvCache,
+        max_new_tokens: usize,
+        core: &mut dyn AttentionCore,
     ) -> Result<Generation> {
         let b = next_positions.len();
         let mut gen = Generation {
@@ -526,7 +642,7 @@ impl Decoder {
             if step + 1 == max_new_tokens {
                 break;
             }
-            logits = self.decode_step(&next, &pos, starts, cache)?;
+            logits = self.decode_step_with(&next, &pos, starts, cache, core)?;
             pos.iter_mut().for_each(|p| *p += 1);
         }
         Ok(gen)

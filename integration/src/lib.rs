@@ -13,12 +13,18 @@
 //! - foveal on candle tensors: [`ops`] (the `glimpse_scores` CustomOp, the
 //!   kept set, one compaction of many caches, the row gather; CPU tensors go to
 //!   foveal's CPU references, CUDA tensors to its CUDA paths in place).
+//! - Gaze Attention end to end: [`gaze_prompt`] (text, images and videos
+//!   with context tokens after each visual unit, the context-token prefill
+//!   mask, the region layout) and [`gaze`] (context tokens, region
+//!   descriptors, decoding with routed sparse attention in every layer).
 //! - GlimpsePrune end to end: [`vip`] (the Visual Importance Predictor) and
 //!   [`glimpse`] (glimpse token, pruning at layer K, decoding on the
 //!   compacted cache).
 
 pub mod config;
 pub mod decoder;
+pub mod gaze;
+pub mod gaze_prompt;
 pub mod glimpse;
 pub mod glimpse_pipeline;
 pub mod images;
@@ -31,7 +37,11 @@ pub mod vip;
 pub mod vision;
 
 pub use config::{ModelConfig, TextConfig, VisionConfig};
-pub use decoder::{attention_mask, Decoder, Generation, KvCache, MASK_MIN};
+pub use decoder::{
+    attention_mask, AttentionCore, Decoder, DenseAttention, Generation, KvCache, MASK_MIN,
+};
+pub use gaze::{GazeAttention, GazeConfig, GazePrefill, GazeRun, GazeStep};
+pub use gaze_prompt::{GazePrompt, GazeSegment, GazeUnit};
 pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
 pub use model::{ImageFeatures, LlavaModel};
 pub use nn::Named;

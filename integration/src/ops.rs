@@ -443,3 +443,6 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
     };
     Ok(out)
 }
+
+mod gaze;
+pub use gaze::{gaze_decode, region_descriptors, route_topk, GazeIndex, GazeRoutes};
