@@ -130,15 +130,15 @@ impl GazeAttention {
     /// From `vb` (name `gaze.context_tokens`, `[c, Dm]`).
     pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GazeConfig) -> Result<Self> {
         let r = cfg.region;
-        if cfg.context_tokens == 0 || cfg.k == 0 || r.frames == 0 || r.height == 0 || r.width == 0
-        {
+        if cfg.context_tokens == 0 || cfg.k == 0 || r.frames == 0 || r.height == 0 || r.width == 0 {
             candle_core::bail!(
                 "GazeConfig: {cfg:?}: context tokens, k and every region side must be at least 1"
             );
         }
-        let context = vb
-            .pp("gaze")
-            .get((cfg.context_tokens, model.text.hidden_size), "context_tokens")?;
+        let context = vb.pp("gaze").get(
+            (cfg.context_tokens, model.text.hidden_size),
+            "context_tokens",
+        )?;
         Ok(GazeAttention { context, cfg: *cfg })
     }
 

@@ -172,7 +172,11 @@ impl GazePrompt {
                 for q in u.context.clone() {
                     let row = &mut m[(b * s + q) * s..][..s];
                     for (j, x) in row.iter_mut().enumerate() {
-                        *x = if (u.start..=q).contains(&j) { 0.0 } else { MASK_MIN };
+                        *x = if (u.start..=q).contains(&j) {
+                            0.0
+                        } else {
+                            MASK_MIN
+                        };
                     }
                 }
             }
@@ -196,9 +200,7 @@ impl GazePrompt {
 
 fn check_grid(b: usize, n: usize, height: usize, width: usize) -> Result<()> {
     if n == 0 || n != height * width {
-        candle_core::bail!(
-            "GazePrompt: row {b}: {n} visual tokens for a {height} x {width} grid"
-        );
+        candle_core::bail!("GazePrompt: row {b}: {n} visual tokens for a {height} x {width} grid");
     }
     Ok(())
 }

@@ -141,7 +141,10 @@ pub fn region_descriptors(k: &Tensor, index: &GazeIndex) -> Result<Tensor> {
 /// D]` (after RoPE), `desc [B, Hkv, R, D]` f32 from [`region_descriptors`].
 pub fn route_topk(q: &Tensor, desc: &Tensor, index: &GazeIndex, k: usize) -> Result<GazeRoutes> {
     if desc.dtype() != DType::F32 {
-        bail!("route_topk: descriptors must be f32, got {:?}", desc.dtype())
+        bail!(
+            "route_topk: descriptors must be f32, got {:?}",
+            desc.dtype()
+        )
     }
     let layout = &index.layout;
     let (sq, lq) = q.storage_and_layout();
@@ -159,11 +162,19 @@ pub fn route_topk(q: &Tensor, desc: &Tensor, index: &GazeIndex, k: usize) -> Res
             RoutesOn::Host(routes)
         }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda(qs), Storage::Cuda(ds), Placed::Device { stream, layout: dev_layout }) => {
+        (
+            Storage::Cuda(qs),
+            Storage::Cuda(ds),
+            Placed::Device {
+                stream,
+                layout: dev_layout,
+            },
+        ) => {
             use foveal::cuda::{DevView, Workspace};
             use foveal::gaze_layout::cuda::DeviceRoutes;
             let mut routes = DeviceRoutes::new(stream, dev_layout, nq, hq, k).map_err(wrap)?;
-            let dv = DevView::new(ds.as_cuda_slice::<f32>()?.slice(ld.start_offset()..), dl).map_err(wrap)?;
+            let dv = DevView::new(ds.as_cuda_slice::<f32>()?.slice(ld.start_offset()..), dl)
+                .map_err(wrap)?;
             let mut workspace = Workspace::new();
             with_element!(q.dtype(), T => {
                 let qv = DevView::new(qs.as_cuda_slice::<T>()?.slice(lq.start_offset()..), ql).map_err(wrap)?;
@@ -218,7 +229,10 @@ pub fn gaze_decode(
             Storage::Cuda(qs),
             Storage::Cuda(ks),
             Storage::Cuda(vs),
-            Placed::Device { stream, layout: dev_layout },
+            Placed::Device {
+                stream,
+                layout: dev_layout,
+            },
             RoutesOn::Device { routes: r, .. },
         ) => {
             use foveal::cuda::{DevView, DevViewMut, Workspace};
@@ -242,6 +256,8 @@ pub fn gaze_decode(
                 ))
             })
         }
-        _ => bail!("gaze_decode: the query, the caches, the layout and the routes must be on one device"),
+        _ => bail!(
+            "gaze_decode: the query, the caches, the layout and the routes must be on one device"
+        ),
     }
 }
