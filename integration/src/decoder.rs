@@ -10,6 +10,11 @@
 //! positions) or left padding runs as it is. The KV cache ([`KvCache`]) holds
 //! per layer K and V as `[B, Hkv, S, D]` (contiguous, the candle/HF order that
 //! foveal reads in place), keys after RoPE.
+//!
+//! A method changes how queries read the cache through [`AttentionCore`]:
+//! the `_with` variants of the layer, decode-step and greedy functions hand
+//! every layer's projected heads (after RoPE, the cache already appended) to
+//! the given core; the others use [`DenseAttention`].
 
 use std::ops::Range;
 

@@ -6,13 +6,16 @@
 //!   built-in [`config::ModelConfig::tiny`]), [`vision`] (a CLIP-style ViT
 //!   returning every layer's features), [`projector`] (LLaVA's 2-layer MLP),
 //!   [`decoder`] (Qwen2: RMSNorm, RoPE from explicit position ids, GQA,
-//!   SwiGLU, a `[B, Hkv, S, D]` KV cache, layer ranges), [`prompt`] (prompts as
+//!   SwiGLU, a `[B, Hkv, S, D]` KV cache, layer ranges, an
+//!   [`decoder::AttentionCore`] hook that replaces a layer's attention),
+//!   [`prompt`] (prompts as
 //!   left-padded input embeddings with their visual positions), [`model`]
 //!   (the whole model: HF-named safetensors, seeded init, dense generation)
 //!   and [`images`] (seeded synthetic images, image files).
 //! - foveal on candle tensors: [`ops`] (the `glimpse_scores` CustomOp, the
-//!   kept set, one compaction of many caches, the row gather; CPU tensors go to
-//!   foveal's CPU references, CUDA tensors to its CUDA paths in place).
+//!   kept set, one compaction of many caches, the row gather; Gaze
+//!   Attention's region descriptors, routing and sparse decode; CPU tensors
+//!   go to foveal's CPU references, CUDA tensors to its CUDA paths in place).
 //! - Gaze Attention end to end: [`gaze_prompt`] (text, images and videos
 //!   with context tokens after each visual unit, the context-token prefill
 //!   mask, the region layout) and [`gaze`] (context tokens, region
