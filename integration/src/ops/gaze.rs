@@ -41,7 +41,6 @@ impl GazeIndex {
                     layout: dev_layout,
                 }
             }
-            #[allow(unreachable_patterns)]
             d => bail!("foveal: Gaze Attention runs on CPU or CUDA tensors, not {d:?}"),
         };
         Ok(GazeIndex { layout, placed })
