@@ -10,6 +10,11 @@
 //! positions) or left padding runs as it is. The KV cache ([`KvCache`]) holds
 //! per layer K and V as `[B, Hkv, S, D]` (contiguous, the candle/HF order that
 //! foveal reads in place), keys after RoPE.
+//!
+//! A method changes how queries read the cache through [`AttentionCore`]:
+//! the `_with` variants of the layer, decode-step and greedy functions hand
+//! every layer's projected heads (after RoPE, the cache already appended) to
+//! the given core; the others use [`DenseAttention`].
 
 use std::ops::Range;
 
@@ -140,6 +145,73 @@ pub struct Generation {
     pub logits: Vec<Tensor>,
 }
 
+/// The attention of one layer over its projected heads: what a method
+/// replaces to change how queries read the cache (Gaze Attention's sparse
+/// decode), the projections, RoPE, the cache and the rest of the layer
+/// staying the decoder's. [`DenseAttention`] is the model's own.
+pub trait AttentionCore {
+    /// `q` `[B, Hq, Sq, D]` (after RoPE) of this call's `Sq` tokens at layer
+    /// `layer`; `k`, `v` `[B, Hkv, S_kv, D]` the layer's whole cache, this
+    /// call's tokens last; `mask` the additive mask the decoder was given
+    /// (see [`Decoder::forward_layers`]). Returns `[B, Hq, Sq, D]`, q's dtype.
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor>;
+}
+
+/// Dense softmax attention with an additive mask `[B, 1, Sq, S_kv]` (`None`:
+/// causal among the new tokens, every cached key visible), scale
+/// `1/sqrt(D)`, GQA without repeating K/V, scores and softmax in f32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenseAttention;
+
+impl AttentionCore for DenseAttention {
+    fn attend(
+        &mut self,
+        _layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, hq, sq, d) = q.dims4()?;
+        let (_, hkv, skv, _) = k.dims4()?;
+        // The G query heads of a KV head become G*Sq query rows of that head.
+        let g = hq / hkv;
+        let dtype = q.dtype();
+        let qg = q.reshape((b, hkv, g * sq, d))?;
+        let scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * (d as f64).powf(-0.5))?;
+        let scores = scores.reshape(vec![b, hkv, g, sq, skv])?;
+        let scores = match mask {
+            Some(m) => {
+                let m = m.to_dtype(DType::F32)?;
+                if m.dims() != [b, 1, sq, skv] {
+                    candle_core::bail!(
+                        "Decoder: mask {:?}, expected [{b}, 1, {sq}, {skv}]",
+                        m.dims()
+                    );
+                }
+                scores.broadcast_add(&m.unsqueeze(1)?)?
+            }
+            None if sq > 1 => {
+                let m = attention_mask(&vec![0; b], sq, skv, q.device())?;
+                scores.broadcast_add(&m.unsqueeze(1)?)?
+            }
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.to_dtype(dtype)?;
+        probs
+            .reshape((b, hkv, g * sq, skv))?
+            .matmul(v)?
+            .reshape((b, hq, sq, d))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -165,14 +237,18 @@ impl Attention {
         })
     }
 
-    /// `xs` `[B, Sq, Dm]` (normed); appends this call's K/V to `kv`. Returns
-    /// the output `[B, Sq, Dm]` and, when `capture`, the queries `[B, Hq, Sq, D]`.
+    /// `xs` `[B, Sq, Dm]` (normed); appends this call's K/V to `kv` and
+    /// lets `core` attend. Returns the output `[B, Sq, Dm]` and, when
+    /// `capture`, the queries `[B, Hq, Sq, D]`.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         xs: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
+        layer: usize,
+        core: &mut dyn AttentionCore,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, sq, _) = xs.dims3()?;
@@ -188,39 +264,15 @@ impl Attention {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let skv = k.dims()[2];
         let captured = if capture { Some(q.contiguous()?) } else { None };
-
-        // GQA without repeating K/V: the G query heads of a KV head become
-        // G*Sq query rows of that head.
-        let g = hq / hkv;
-        let dtype = q.dtype();
-        let qg = q.reshape((b, hkv, g * sq, d))?;
-        let scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * (d as f64).powf(-0.5))?;
-        let scores = scores.reshape(vec![b, hkv, g, sq, skv])?;
-        let scores = match mask {
-            Some(m) => {
-                let m = m.to_dtype(DType::F32)?;
-                if m.dims() != [b, 1, sq, skv] {
-                    candle_core::bail!(
-                        "Decoder: mask {:?}, expected [{b}, 1, {sq}, {skv}]",
-                        m.dims()
-                    );
-                }
-                scores.broadcast_add(&m.unsqueeze(1)?)?
-            }
-            None if sq > 1 => {
-                let m = attention_mask(&vec![0; b], sq, skv, xs.device())?;
-                scores.broadcast_add(&m.unsqueeze(1)?)?
-            }
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.to_dtype(dtype)?;
-        let out = probs.reshape((b, hkv, g * sq, skv))?.matmul(&v)?;
-        let out = out
-            .reshape((b, hq, sq, d))?
-            .transpose(1, 2)?
-            .reshape((b, sq, hq * d))?;
+        let out = core.attend(layer, &q, &k, &v, mask)?;
+        if out.dims() != [b, hq, sq, d] {
+            candle_core::bail!(
+                "Decoder: the attention core returned {:?}, expected [{b}, {hq}, {sq}, {d}]",
+                out.dims()
+            );
+        }
+        let out = out.transpose(1, 2)?.reshape((b, sq, hq * d))?;
         Ok((self.o_proj.forward(&out)?, captured))
     }
 
@@ -254,17 +306,26 @@ impl Layer {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         xs: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
+        layer: usize,
+        core: &mut dyn AttentionCore,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (attn, q) =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(xs)?, rope, mask, kv, capture)?;
+        let (attn, q) = self.self_attn.forward(
+            &self.input_layernorm.forward(xs)?,
+            rope,
+            mask,
+            kv,
+            layer,
+            core,
+            capture,
+        )?;
         let xs = (xs + attn)?;
         let out = (&xs
             + self
@@ -393,8 +454,22 @@ impl Decoder {
         layers: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.forward_layers_with(hidden, positions, mask, layers, cache, &mut DenseAttention)
+    }
+
+    /// [`Decoder::forward_layers`] with every layer's attention done by
+    /// `core` (called once per layer, in order).
+    pub fn forward_layers_with(
+        &self,
+        hidden: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        layers: Range<usize>,
+        cache: &mut KvCache,
+        core: &mut dyn AttentionCore,
+    ) -> Result<Tensor> {
         Ok(self
-            .run_layers(hidden, positions, mask, layers, cache, false)?
+            .run_layers(hidden, positions, mask, layers, cache, core, false)?
             .0)
     }
 
@@ -410,23 +485,26 @@ impl Decoder {
         layers: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<(Tensor, Captured)> {
-        let (h, q) = self.run_layers(hidden, positions, mask, layers, cache, true)?;
+        let (h, q) = self.run_layers(
+            hidden,
+            positions,
+            mask,
+            layers,
+            cache,
+            &mut DenseAttention,
+            true,
+        )?;
         match q {
             Some(queries) => {
                 let s = queries.dim(2)?;
                 let last_query = queries.narrow(2, s - 1, 1)?.squeeze(2)?.contiguous()?;
-                Ok((
-                    h,
-                    Captured {
-                        last_query,
-                        queries,
-                    },
-                ))
+                Ok((h, Captured { last_query, queries }))
             }
             None => candle_core::bail!("Decoder::forward_layers_capture: the layer range is empty"),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_layers(
         &self,
         hidden: &Tensor,
@@ -434,6 +512,7 @@ impl Decoder {
         mask: Option<&Tensor>,
         layers: Range<usize>,
         cache: &mut KvCache,
+        core: &mut dyn AttentionCore,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         if layers.end > self.layers.len() || cache.num_layers() != self.layers.len() {
@@ -459,6 +538,8 @@ impl Decoder {
                 &rope,
                 mask,
                 &mut cache.layers[l],
+                l,
+                core,
                 capture && l == last,
             )?;
             xs = out;
@@ -493,15 +574,20 @@ impl Decoder {
         starts: &[usize],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        self.decode_step_spans(tokens, positions, &[self.whole_span(starts)], cache)
+        self.decode_step_with(tokens, positions, starts, cache, &mut DenseAttention)
     }
 
-    /// One span over every layer, valid from `starts`.
-    fn whole_span(&self, starts: &[usize]) -> CacheSpan {
-        CacheSpan {
-            layers: 0..self.layers.len(),
-            starts: starts.to_vec(),
-        }
+    /// [`Decoder::decode_step`] with every layer's attention done by `core`
+    /// (which gets the left-padding mask, or `None` when no row is padded).
+    pub fn decode_step_with(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        starts: &[usize],
+        cache: &mut KvCache,
+        core: &mut dyn AttentionCore,
+    ) -> Result<Tensor> {
+        self.decode_step_spans_with(tokens, positions, &[self.whole_span(starts)], cache, core)
     }
 
     /// [`Decoder::decode_step`] over caches of different layouts: `spans`
@@ -514,9 +600,30 @@ impl Decoder {
         spans: &[CacheSpan],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.decode_step_spans_with(tokens, positions, spans, cache, &mut DenseAttention)
+    }
+
+    /// One span over every layer, valid from `starts`.
+    fn whole_span(&self, starts: &[usize]) -> CacheSpan {
+        CacheSpan { layers: 0..self.layers.len(), starts: starts.to_vec() }
+    }
+
+    /// [`Decoder::decode_step_spans`] with every layer's attention done by
+    /// `core` (which gets each span's left-padding mask, or `None`).
+    pub fn decode_step_spans_with(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        spans: &[CacheSpan],
+        cache: &mut KvCache,
+        core: &mut dyn AttentionCore,
+    ) -> Result<Tensor> {
         let b = tokens.len();
         if positions.len() != b || spans.iter().any(|s| s.starts.len() != b) {
-            candle_core::bail!("Decoder::decode_step: {b} tokens, {} positions, spans with starts for another batch", positions.len());
+            candle_core::bail!(
+                "Decoder::decode_step: {b} tokens, {} positions, spans with starts for another batch",
+                positions.len()
+            );
         }
         let mut next = 0;
         for span in spans {
@@ -545,7 +652,7 @@ impl Decoder {
             } else {
                 None
             };
-            h = self.forward_layers(&h, &pos, mask.as_ref(), span.layers.clone(), cache)?;
+            h = self.forward_layers_with(&h, &pos, mask.as_ref(), span.layers.clone(), cache, core)?;
         }
         self.last_logits(&h)
     }
@@ -562,13 +669,21 @@ impl Decoder {
         cache: &mut KvCache,
         max_new_tokens: usize,
     ) -> Result<Generation> {
-        self.greedy_spans(
-            first_logits,
-            next_positions,
-            &[self.whole_span(starts)],
-            cache,
-            max_new_tokens,
-        )
+        self.greedy_with(first_logits, next_positions, starts, cache, max_new_tokens, &mut DenseAttention)
+    }
+
+    /// [`Decoder::greedy`] with every decode step's attention done by `core`.
+    pub fn greedy_with(
+        &self,
+        first_logits: &Tensor,
+        next_positions: &[u32],
+        starts: &[usize],
+        cache: &mut KvCache,
+        max_new_tokens: usize,
+        core: &mut dyn AttentionCore,
+    ) -> Result<Generation> {
+        let spans = [self.whole_span(starts)];
+        self.greedy_spans_with(first_logits, next_positions, &spans, cache, max_new_tokens, core)
     }
 
     /// [`Decoder::greedy`] over caches of different layouts (see
@@ -580,6 +695,19 @@ impl Decoder {
         spans: &[CacheSpan],
         cache: &mut KvCache,
         max_new_tokens: usize,
+    ) -> Result<Generation> {
+        self.greedy_spans_with(first_logits, next_positions, spans, cache, max_new_tokens, &mut DenseAttention)
+    }
+
+    /// [`Decoder::greedy_spans`] with every decode step's attention done by `core`.
+    pub fn greedy_spans_with(
+        &self,
+        first_logits: &Tensor,
+        next_positions: &[u32],
+        spans: &[CacheSpan],
+        cache: &mut KvCache,
+        max_new_tokens: usize,
+        core: &mut dyn AttentionCore,
     ) -> Result<Generation> {
         let b = next_positions.len();
         let mut gen = Generation {
@@ -597,7 +725,7 @@ impl Decoder {
             if step + 1 == max_new_tokens {
                 break;
             }
-            logits = self.decode_step_spans(&next, &pos, spans, cache)?;
+            logits = self.decode_step_spans_with(&next, &pos, spans, cache, core)?;
             pos.iter_mut().for_each(|p| *p += 1);
         }
         Ok(gen)

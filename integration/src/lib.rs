@@ -6,14 +6,21 @@
 //!   built-in [`config::ModelConfig::tiny`]), [`vision`] (a CLIP-style ViT
 //!   returning every layer's features), [`projector`] (LLaVA's 2-layer MLP),
 //!   [`decoder`] (Qwen2: RMSNorm, RoPE from explicit position ids, GQA,
-//!   SwiGLU, a `[B, Hkv, S, D]` KV cache, layer ranges), [`prompt`] (prompts as
+//!   SwiGLU, a `[B, Hkv, S, D]` KV cache, layer ranges, an
+//!   [`decoder::AttentionCore`] hook that replaces a layer's attention),
+//!   [`prompt`] (prompts as
 //!   left-padded input embeddings with their visual positions), [`model`]
 //!   (the whole model: HF-named safetensors, seeded init, dense generation)
 //!   and [`images`] (seeded synthetic images, image files).
 //! - foveal on candle tensors: [`ops`] (the `glimpse_scores` and
 //!   `window_mean` CustomOps, the kept set, one compaction of many caches,
-//!   the row gather, `multiscale_gather`, `text_guided_select`; CPU tensors go to
-//!   foveal's CPU references, CUDA tensors to its CUDA paths in place).
+//!   the row gather, `multiscale_gather`, `text_guided_select`; Gaze
+//!   Attention's region descriptors, routing and sparse decode; CPU tensors
+//!   go to foveal's CPU references, CUDA tensors to its CUDA paths in place).
+//! - Gaze Attention end to end: [`gaze_prompt`] (text, images and videos
+//!   with context tokens after each visual unit, the context-token prefill
+//!   mask, the region layout) and [`gaze`] (context tokens, region
+//!   descriptors, decoding with routed sparse attention in every layer).
 //! - GlimpsePrune end to end: [`vip`] (the Visual Importance Predictor) and
 //!   [`glimpse`] (glimpse token, pruning at layer K, decoding on the
 //!   compacted cache).
@@ -25,6 +32,8 @@
 pub mod config;
 pub mod decoder;
 pub mod focus;
+pub mod gaze;
+pub mod gaze_prompt;
 pub mod glimpse;
 pub mod glimpse_pipeline;
 pub mod images;
@@ -38,8 +47,13 @@ pub mod vision;
 pub mod vision_sampler;
 
 pub use config::{ModelConfig, TextConfig, VisionConfig};
-pub use decoder::{attention_mask, CacheSpan, Decoder, Generation, KvCache, MASK_MIN};
+pub use decoder::{
+    attention_mask, AttentionCore, CacheSpan, Decoder, DenseAttention, Generation, KvCache,
+    MASK_MIN,
+};
 pub use focus::{FocusConfig, FocusLlava, FocusRun};
+pub use gaze::{GazeAttention, GazeConfig, GazePrefill, GazeRun, GazeStep};
+pub use gaze_prompt::{GazePrompt, GazeSegment, GazeUnit};
 pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
 pub use model::{ImageFeatures, LlavaModel};
 pub use nn::Named;

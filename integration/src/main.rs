@@ -1,8 +1,9 @@
 //! The main job: every method end to end on the built-in small model (seeded
 //! weights, synthetic images or `cargo run --release -- IMAGE`): the dense
-//! baseline, GlimpsePrune and FocusLLaVA (on the images, and on images cut
-//! into 2 x 2 sub-images beside the dense model over the same stitched map),
-//! CPU by default; built with the feature `cuda`
+//! baseline, GlimpsePrune, FocusLLaVA (on the images, and on images cut
+//! into 2 x 2 sub-images beside the dense model over the same stitched map)
+//! and Gaze Attention (also on a video and a two-image prompt, with what each
+//! decode step attended), CPU by default; built with the feature `cuda`
 //! on a machine with a GPU, on the GPU. Then the GlimpsePrune kernel pipeline
 //! on a synthetic batch with planted salient tokens (and, on a GPU, its CUDA
 //! run checked against the CPU references).
@@ -10,13 +11,14 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
-use foveal::KeepRule;
+use foveal::{KeepRule, RegionShape};
 use foveal_candle::glimpse_pipeline::{self, Batch, Config};
 use foveal_candle::images::{load_image, synthetic_images};
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::vision_sampler::encode_grid;
 use foveal_candle::{
-    FocusConfig, FocusLlava, GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig, Prompt,
+    FocusConfig, FocusLlava, GazeAttention, GazeConfig, GazeRun, GazeSegment, GlimpseConfig,
+    GlimpsePrune, LlavaModel, ModelConfig, Prompt,
 };
 
 const NEW_TOKENS: usize = 8;
@@ -201,6 +203,79 @@ fn run() -> Result<()> {
         &questions,
     )?);
 
+    // Gaze Attention: context tokens per image, 2 x 2 regions (16 per image), 4 per head.
+    let gcfg = GazeConfig {
+        context_tokens: 4,
+        region: RegionShape {
+            frames: 1,
+            height: 2,
+            width: 2,
+        },
+        k: 4,
+    };
+    let gaze = GazeAttention::seeded(&cfg, &gcfg, 3, &dev, DType::F32)?;
+    let t = Instant::now();
+    let embeds = model.encode_images(&pixels)?.embeds;
+    let prompt = gaze.image_prompt(&model, &embeds, &system, &questions)?;
+    let encode = t.elapsed();
+    let run = gaze.generate(&model, &prompt, NEW_TOKENS)?;
+    let lens: Vec<usize> = prompt
+        .prompt
+        .starts
+        .iter()
+        .map(|s| prompt.prompt.seq() - s)
+        .collect();
+    rows.push(Row {
+        method: "Gaze Attention",
+        visual: run.visual.clone(),
+        sampled: None,
+        kept: run.visual.clone(),
+        kv_entries: lens.iter().map(|n| n * cfg.text.num_layers).collect(),
+        prefill_ms: (encode + run.prefill).as_secs_f64() * 1e3,
+        decode_ms: run.decode.as_secs_f64() * 1e3,
+        tokens: run.generation.tokens.clone(),
+    });
+    let mut gaze_runs = vec![("images", gcfg, run)];
+    // A 4-frame video (regions spanning 2 frames) and a two-image prompt.
+    let vcfg = GazeConfig {
+        region: RegionShape {
+            frames: 2,
+            ..gcfg.region
+        },
+        ..gcfg
+    };
+    let video_gaze = GazeAttention::seeded(&cfg, &vcfg, 3, &dev, DType::F32)?;
+    let (clips, _) = synthetic_images(6, cfg.vision.image_size, 7, &dev)?;
+    let clips = model.encode_images(&clips)?.embeds;
+    let side = cfg.vision.patches_per_side();
+    let image = |i: usize| -> Result<GazeSegment> {
+        Ok(GazeSegment::Image {
+            embeds: clips.get(i)?,
+            height: side,
+            width: side,
+        })
+    };
+    let video_rows = vec![
+        vec![
+            GazeSegment::Text(byte_tokens("A video: ")),
+            GazeSegment::Video {
+                frames: clips.narrow(0, 0, 4)?,
+                height: side,
+                width: side,
+            },
+            GazeSegment::Text(byte_tokens("What moves?")),
+        ],
+        vec![
+            GazeSegment::Text(byte_tokens("Compare ")),
+            image(4)?,
+            GazeSegment::Text(byte_tokens(" with ")),
+            image(5)?,
+            GazeSegment::Text(byte_tokens(".")),
+        ],
+    ];
+    let run = video_gaze.generate(&model, &video_gaze.prompt(&model, &video_rows)?, NEW_TOKENS)?;
+    gaze_runs.push(("video | 2 images", vcfg, run));
+
     println!(
         "\n{:<15} {:>4} {:>10} {:>8} {:>6} {:>11} {:>11} {:>10}  tokens generated",
         "method", "row", "visual in", "sampled", "kept", "KV entries", "prefill ms", "decode ms"
@@ -232,7 +307,50 @@ fn run() -> Result<()> {
         }
     }
     println!("(sampled: after FocusLLaVA's vision-guided sampler; kept: after the pruning / text-guided sampler)");
+    print_gaze(&gaze_runs);
     kernel_pipeline().map_err(candle_core::Error::wrap)
+}
+
+/// What Gaze Attention attended: per row its units' visual and context
+/// tokens, regions, k, and the KV entries a query head read per decode step
+/// and layer (mean) against dense attention's.
+fn print_gaze(runs: &[(&str, GazeConfig, GazeRun)]) {
+    println!("\nGaze Attention: KV entries attended per decode step (mean over steps, layers and query heads) vs dense");
+    println!(
+        "{:<17} {:>4} {:>7} {:>8} {:>8} {:>7} {:>3} {:>9} {:>7} {:>6} {:>11} {:>10}  tokens generated",
+        "prompt", "row", "visual", "context", "region", "regions", "k", "attended", "dense", "%", "prefill ms", "decode ms"
+    );
+    for (name, gcfg, run) in runs {
+        let r = gcfg.region;
+        for b in 0..run.visual.len() {
+            let (attended, dense) = run.mean_attended(b);
+            let (label, p, d) = if b == 0 {
+                (
+                    *name,
+                    format!("{:.1}", run.prefill.as_secs_f64() * 1e3),
+                    format!("{:.1}", run.decode.as_secs_f64() * 1e3),
+                )
+            } else {
+                ("", String::new(), String::new())
+            };
+            println!(
+                "{:<17} {:>4} {:>7} {:>8} {:>8} {:>7} {:>3} {:>9.1} {:>7.1} {:>5.0}% {:>11} {:>10}  {:?}",
+                label,
+                b,
+                run.visual[b],
+                run.context[b],
+                format!("{}x{}x{}", r.frames, r.height, r.width),
+                run.regions[b],
+                gcfg.k,
+                attended,
+                dense,
+                100.0 * attended / dense,
+                p,
+                d,
+                run.generation.tokens[b]
+            );
+        }
+    }
 }
 
 /// The GlimpsePrune kernels on a synthetic batch whose salient tokens are known.

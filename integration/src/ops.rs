@@ -446,6 +446,8 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
 }
 
 mod focus;
+mod gaze;
 pub use focus::{
     multiscale_gather, plan_from_kept, text_guided_select, window_mean, Gathered, TextSelection,
 };
+pub use gaze::{gaze_decode, region_descriptors, route_topk, GazeIndex, GazeRoutes};
