@@ -26,6 +26,7 @@ mod cuda {
         "src/window_mean.cu",
         "src/multiscale_gather.cu",
         "src/text_guided_select.cu",
+        "src/gaze_decode.cu",
         "src/status.cu",
     ];
     const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh", "src/top_select.cuh"];
