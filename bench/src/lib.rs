@@ -26,6 +26,7 @@
 //! | window_mean | [`window_mean::generate`] | [`window_mean::baseline`]: a contiguous copy, then a naive loop per window and channel |
 //! | multiscale_gather | [`multiscale_gather::generate`] | [`multiscale_gather::baseline`]: every scale pooled, softmax, argmax, then a pick per window |
 //! | text_guided_select | [`text_guided_select::generate`] | [`text_guided_select::baseline`]: unfused (A `[H, T, N]` materialised, softmax, max, mean, sort, cumsum) |
+//! | gaze_decode | [`gaze_decode::generate`], [`gaze_decode::plan`] | [`gaze_decode::Plan::dense`]: the same op with every position visible (dense decode attention) |
 //!
 //! The FocusLLaVA ops (window_mean, multiscale_gather, text_guided_select)
 //! use LLaVA-NeXT-style shapes instead: 24 x 24 or 48 x 48 feature maps of
@@ -34,6 +35,7 @@
 //! shapes themselves (no ragged rows), so `floor_bytes` is on the `Case`.
 
 pub mod compact_kv;
+pub mod gaze_decode;
 pub mod glimpse_scores;
 pub mod multiscale_gather;
 pub mod rows;

@@ -10,7 +10,7 @@
 //! - Measures the device-to-device copy bandwidth (a 1 GiB `memcpy_dtod`,
 //!   bytes read + written), the ceiling every GB/s figure is compared to.
 //! - For each op (sections `glimpse_scores`, `select_keep`, `compact_kv`,
-//!   `window_mean`, `multiscale_gather`, `text_guided_select`) and
+//!   `window_mean`, `multiscale_gather`, `text_guided_select`, `gaze_decode`) and
 //!   case: fills input sets on the device (at least 3, more until together
 //!   they hold 4x the L2 size, at most 256), checks the op once against the
 //!   CPU reference (output poisoned first), then times it with CUDA events:
@@ -26,6 +26,9 @@
 //!   eagerly, a loop of calls issued back to back without the gate (what an
 //!   eager framework pays, host launch overhead included, against the op
 //!   issued the same way, `eager_us`).
+//! - gaze_decode (module `gaze_decode`) also times dense decode attention
+//!   over the same cache (the same kernels, every position visible), gated
+//!   and eagerly.
 //! - text_guided_select has no baseline yet (the unfused framework ops,
 //!   matmul / softmax / max / mean / sort / cumsum, need a candle or PyTorch
 //!   run beside it; left for later).
@@ -36,6 +39,8 @@
 //!
 //! `--quick` runs a few cases with 20 runs each (a smoke test); `--only`
 //! takes a comma-separated list of op names.
+
+mod gaze_decode;
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -66,14 +71,15 @@ use half::bf16;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
-const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select] [--runs N] [--no-check]";
-const OPS: [&str; 6] = [
+const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select,gaze_decode] [--runs N] [--no-check]";
+const OPS: [&str; 7] = [
     "glimpse_scores",
     "select_keep",
     "compact_kv",
     "window_mean",
     "multiscale_gather",
     "text_guided_select",
+    "gaze_decode",
 ];
 
 // ---------------------------------------------------------------------------
@@ -359,14 +365,16 @@ impl Pool {
 // Results
 // ---------------------------------------------------------------------------
 
-/// compact_kv's per-layer loop, and the op timed the same ways.
+/// A baseline (compact_kv's per-layer loop, gaze_decode's dense decode), and
+/// the op timed the same ways.
 struct Baseline {
     name: String,
     /// The op issued eagerly (no gate).
     op_eager_us: f64,
     /// The loop issued eagerly.
     eager_us: f64,
-    /// The loop replayed from a graph, gated (GPU time).
+    /// The baseline's GPU time, gated (compact_kv: the loop replayed from a
+    /// graph; gaze_decode: dense decode attention).
     graph_us: Option<f64>,
 }
 
@@ -431,6 +439,7 @@ impl Row {
 /// For compact_kv: base_us, speedup: the per-layer loop's GPU time (graph
 /// replay) and the op's speedup over it; eager_us, base_eager_us,
 /// speedup_eager: the op and the loop issued eagerly (host overhead included).
+/// For gaze_decode the same columns with dense decode attention as the baseline.
 const COLUMNS: [&str; 14] = [
     "op",
     "shape",
@@ -689,6 +698,15 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
         for case in text_cases(args.quick) {
             let row = text_case(&mut env, &case)
                 .unwrap_or_else(|e| Row::failed("text_guided_select", case.label(), e.as_ref()));
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+    }
+    if args.wants("gaze_decode") {
+        for case in gaze_decode::cases(args.quick) {
+            let row = gaze_decode::run_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("gaze_decode", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;
