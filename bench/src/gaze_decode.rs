@@ -78,7 +78,13 @@ pub struct Plan {
 impl Plan {
     /// The dense baseline over the same cache: every position visible, no region.
     pub fn dense(&self) -> Plan {
-        let rows: Vec<GazeRow> = (0..self.layout.batch()).map(|b| GazeRow { visible: vec![0..self.layout.end(b)], regions: vec![] }).collect();
+        let rows: Vec<GazeRow> = (0..self.layout.batch())
+            .map(|b| {
+                let mut row = GazeRow::new();
+                row.push_visible(0..self.layout.end(b));
+                row
+            })
+            .collect();
         let layout = GazeLayout::new(self.layout.seq(), &rows).expect("dense rows");
         let hq = self.dims.q_heads;
         let routes = Routes::from_ids(&layout, 1, hq, 1, &vec![-1; layout.batch() * hq]).expect("empty routes");

@@ -136,7 +136,11 @@ fn all_regions_routed_is_dense() {
     let routed = Inputs::<bf16>::with(&mut r, &c, layout, routes);
     let dense_rows: Vec<GazeRow> = rows
         .iter()
-        .map(|row| GazeRow { visible: vec![0..row.visible.last().unwrap().end], regions: vec![] })
+        .map(|row| {
+            let mut dense = GazeRow::new();
+            dense.push_visible(0..row.visible.last().unwrap().end);
+            dense
+        })
         .collect();
     let dense_layout = GazeLayout::new(seq, &dense_rows).unwrap();
     let dense_routes = Routes::from_ids(&dense_layout, 1, 28, 1, &[-1; 3 * 28]).unwrap();
