@@ -28,6 +28,7 @@ mod cuda {
         "src/text_guided_select.cu",
         "src/region_descriptors.cu",
         "src/route_topk.cu",
+        "src/gaze_decode.cu",
         "src/status.cu",
     ];
     const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh", "src/top_select.cuh"];

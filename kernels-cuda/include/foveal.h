@@ -297,6 +297,62 @@ typedef struct foveal_route_topk_params {
 } foveal_route_topk_params;
 
 int foveal_route_topk(const foveal_route_topk_params *p, foveal_stream_t stream);
+/* ------------------------------------------------------------------- gaze_decode */
+
+/* Largest head dim, query heads served by one pass over a KV head's tiles
+ * (larger GQA groups are served in chunks of this many), and most regions
+ * of a row (the per-region head masks live in shared memory). */
+#define FOVEAL_GAZE_MAX_HEAD_DIM 256
+#define FOVEAL_GAZE_MAX_GROUP 8
+#define FOVEAL_GAZE_MAX_REGIONS 32768
+
+typedef struct foveal_gaze_decode_params {
+  /* q [B, Hq, D], the new token's queries. */
+  const void *q;
+  int64_t q_stride_b, q_stride_h;
+  /* k, v [B, S, Hkv, D], any memory order. */
+  const void *k;
+  int64_t k_stride_b, k_stride_s, k_stride_h;
+  const void *v;
+  int64_t v_stride_b, v_stride_s, v_stride_h;
+  /* The GazeLayout: region_count [B], region_len [B, max_regions],
+   * region_pos [B, max_regions, max_region_len] (padded with -1),
+   * visible_count [B], visible [B, max_visible, 2] (start, end) pairs. */
+  const int32_t *region_count;
+  const int32_t *region_len;
+  const int32_t *region_pos;
+  const int32_t *visible_count;
+  const int32_t *visible;
+  int32_t max_regions, max_region_len, max_visible;
+  /* routes [B, 1, Hq, route_k]: region ids ascending, padded with -1. */
+  const int32_t *routes;
+  int32_t route_k;
+  /* o [B, Hq, D] in the input type; lse [B, Hq] float, or NULL. */
+  void *o;
+  int64_t o_stride_b, o_stride_h;
+  float *lse;
+  int64_t lse_stride_b, lse_stride_h;
+  /* Workspace. Per unit (row, KV head, chunk of up to FOVEAL_GAZE_MAX_GROUP
+   * query heads): segments [B, units, max_segments, 4] int32 (the attended
+   * set as visible ranges and routed regions: id, head mask, first and one
+   * past the last token index) and unit_tokens [B, units, 2] int32 (segment
+   * count, token count); per query head and split: partial_o
+   * [B, Hq, num_splits, D] and partial_ml [B, Hq, num_splits, 2] float
+   * (running max in log2 units, sum of exponentials). */
+  int32_t *segments;
+  int32_t *unit_tokens;
+  float *partial_o;
+  float *partial_ml;
+  int32_t batch, q_heads, kv_heads, head_dim;
+  /* Bound on the segments of a unit: max_visible + min(max_regions, heads per unit * route_k). */
+  int32_t max_segments;
+  /* Blocks that share one unit's attended tokens (flash-decoding split). */
+  int32_t num_splits;
+  float scale;
+  foveal_dtype dtype;
+} foveal_gaze_decode_params;
+
+int foveal_gaze_decode(const foveal_gaze_decode_params *p, foveal_stream_t stream);
 
 #ifdef __cplusplus
 }

@@ -13,6 +13,9 @@ pub const FOVEAL_TGS_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_ROUTE_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_ROUTE_HEAD_CHUNK: u32 = 4;
 pub const FOVEAL_ROUTE_REGIONS_PER_BLOCK: u32 = 64;
+pub const FOVEAL_GAZE_MAX_HEAD_DIM: u32 = 256;
+pub const FOVEAL_GAZE_MAX_GROUP: u32 = 8;
+pub const FOVEAL_GAZE_MAX_REGIONS: u32 = 32768;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -824,6 +827,149 @@ impl Default for foveal_route_topk_params {
 unsafe extern "C" {
     pub fn foveal_route_topk(
         p: *const foveal_route_topk_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_gaze_decode_params {
+    pub q: *const ::std::os::raw::c_void,
+    pub q_stride_b: i64,
+    pub q_stride_h: i64,
+    pub k: *const ::std::os::raw::c_void,
+    pub k_stride_b: i64,
+    pub k_stride_s: i64,
+    pub k_stride_h: i64,
+    pub v: *const ::std::os::raw::c_void,
+    pub v_stride_b: i64,
+    pub v_stride_s: i64,
+    pub v_stride_h: i64,
+    pub region_count: *const i32,
+    pub region_len: *const i32,
+    pub region_pos: *const i32,
+    pub visible_count: *const i32,
+    pub visible: *const i32,
+    pub max_regions: i32,
+    pub max_region_len: i32,
+    pub max_visible: i32,
+    pub routes: *const i32,
+    pub route_k: i32,
+    pub o: *mut ::std::os::raw::c_void,
+    pub o_stride_b: i64,
+    pub o_stride_h: i64,
+    pub lse: *mut f32,
+    pub lse_stride_b: i64,
+    pub lse_stride_h: i64,
+    pub segments: *mut i32,
+    pub unit_tokens: *mut i32,
+    pub partial_o: *mut f32,
+    pub partial_ml: *mut f32,
+    pub batch: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub max_segments: i32,
+    pub num_splits: i32,
+    pub scale: f32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_gaze_decode_params"]
+        [::std::mem::size_of::<foveal_gaze_decode_params>() - 272usize];
+    ["Alignment of foveal_gaze_decode_params"]
+        [::std::mem::align_of::<foveal_gaze_decode_params>() - 8usize];
+    ["Offset of field: foveal_gaze_decode_params::q"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, q) - 0usize];
+    ["Offset of field: foveal_gaze_decode_params::q_stride_b"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, q_stride_b) - 8usize];
+    ["Offset of field: foveal_gaze_decode_params::q_stride_h"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, q_stride_h) - 16usize];
+    ["Offset of field: foveal_gaze_decode_params::k"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, k) - 24usize];
+    ["Offset of field: foveal_gaze_decode_params::k_stride_b"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, k_stride_b) - 32usize];
+    ["Offset of field: foveal_gaze_decode_params::k_stride_s"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, k_stride_s) - 40usize];
+    ["Offset of field: foveal_gaze_decode_params::k_stride_h"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, k_stride_h) - 48usize];
+    ["Offset of field: foveal_gaze_decode_params::v"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, v) - 56usize];
+    ["Offset of field: foveal_gaze_decode_params::v_stride_b"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, v_stride_b) - 64usize];
+    ["Offset of field: foveal_gaze_decode_params::v_stride_s"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, v_stride_s) - 72usize];
+    ["Offset of field: foveal_gaze_decode_params::v_stride_h"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, v_stride_h) - 80usize];
+    ["Offset of field: foveal_gaze_decode_params::region_count"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, region_count) - 88usize];
+    ["Offset of field: foveal_gaze_decode_params::region_len"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, region_len) - 96usize];
+    ["Offset of field: foveal_gaze_decode_params::region_pos"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, region_pos) - 104usize];
+    ["Offset of field: foveal_gaze_decode_params::visible_count"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, visible_count) - 112usize];
+    ["Offset of field: foveal_gaze_decode_params::visible"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, visible) - 120usize];
+    ["Offset of field: foveal_gaze_decode_params::max_regions"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, max_regions) - 128usize];
+    ["Offset of field: foveal_gaze_decode_params::max_region_len"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, max_region_len) - 132usize];
+    ["Offset of field: foveal_gaze_decode_params::max_visible"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, max_visible) - 136usize];
+    ["Offset of field: foveal_gaze_decode_params::routes"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, routes) - 144usize];
+    ["Offset of field: foveal_gaze_decode_params::route_k"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, route_k) - 152usize];
+    ["Offset of field: foveal_gaze_decode_params::o"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, o) - 160usize];
+    ["Offset of field: foveal_gaze_decode_params::o_stride_b"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, o_stride_b) - 168usize];
+    ["Offset of field: foveal_gaze_decode_params::o_stride_h"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, o_stride_h) - 176usize];
+    ["Offset of field: foveal_gaze_decode_params::lse"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, lse) - 184usize];
+    ["Offset of field: foveal_gaze_decode_params::lse_stride_b"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, lse_stride_b) - 192usize];
+    ["Offset of field: foveal_gaze_decode_params::lse_stride_h"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, lse_stride_h) - 200usize];
+    ["Offset of field: foveal_gaze_decode_params::segments"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, segments) - 208usize];
+    ["Offset of field: foveal_gaze_decode_params::unit_tokens"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, unit_tokens) - 216usize];
+    ["Offset of field: foveal_gaze_decode_params::partial_o"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, partial_o) - 224usize];
+    ["Offset of field: foveal_gaze_decode_params::partial_ml"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, partial_ml) - 232usize];
+    ["Offset of field: foveal_gaze_decode_params::batch"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, batch) - 240usize];
+    ["Offset of field: foveal_gaze_decode_params::q_heads"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, q_heads) - 244usize];
+    ["Offset of field: foveal_gaze_decode_params::kv_heads"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, kv_heads) - 248usize];
+    ["Offset of field: foveal_gaze_decode_params::head_dim"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, head_dim) - 252usize];
+    ["Offset of field: foveal_gaze_decode_params::max_segments"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, max_segments) - 256usize];
+    ["Offset of field: foveal_gaze_decode_params::num_splits"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, num_splits) - 260usize];
+    ["Offset of field: foveal_gaze_decode_params::scale"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, scale) - 264usize];
+    ["Offset of field: foveal_gaze_decode_params::dtype"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, dtype) - 268usize];
+};
+impl Default for foveal_gaze_decode_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_gaze_decode(
+        p: *const foveal_gaze_decode_params,
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }

@@ -13,7 +13,8 @@
 //!   bytes read + written), the ceiling every GB/s figure is compared to.
 //! - For each op (sections `glimpse_scores`, `select_keep`, `compact_kv`,
 //!   `window_mean`, `multiscale_gather`, `text_guided_select`,
-//!   `region_descriptors`, `route_topk`; the last two in their own modules) and
+//!   `region_descriptors`, `route_topk`, `gaze_decode`; the last three in
+//!   their own modules) and
 //!   case: fills input sets on the device (at least 3, more until together
 //!   they hold 4x the L2 size, at most 256), checks the op once against the
 //!   CPU reference (output poisoned first), then times it with CUDA events:
@@ -34,6 +35,9 @@
 //!   on candle's stream, at Qwen2.5-VL-7B-like heads, 64 text and 2,880
 //!   visual tokens ([`text_guided_unfused`]): base_us is the unfused ops'
 //!   gated GPU time, base_eager_us theirs issued eagerly.
+//! - gaze_decode (module `gaze_decode`) also times dense decode attention
+//!   over the same cache (the same kernels, every position visible), gated
+//!   and eagerly.
 //! - Prints one row per case and writes the table to `--out` (markdown when
 //!   the name ends in `.md`, CSV otherwise). `bytes` is the op's floor: what
 //!   it must read plus write (`foveal_bench::<op>::floor_bytes`); GB/s is
@@ -41,8 +45,6 @@
 //!
 //! `--quick` runs a few cases with 20 runs each (a smoke test); `--only`
 //! takes a comma-separated list of op names.
-
-mod text_guided_unfused;
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -71,13 +73,15 @@ use foveal_bench::{
 };
 use half::bf16;
 
+mod gaze_decode;
 mod region_descriptors;
 mod route_topk;
+mod text_guided_unfused;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
-const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select,region_descriptors,route_topk] [--runs N] [--no-check]";
-const OPS: [&str; 8] = [
+const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select,region_descriptors,route_topk,gaze_decode] [--runs N] [--no-check]";
+const OPS: [&str; 9] = [
     "glimpse_scores",
     "select_keep",
     "compact_kv",
@@ -86,6 +90,7 @@ const OPS: [&str; 8] = [
     "text_guided_select",
     "region_descriptors",
     "route_topk",
+    "gaze_decode",
 ];
 
 // ---------------------------------------------------------------------------
@@ -371,14 +376,16 @@ impl Pool {
 // Results
 // ---------------------------------------------------------------------------
 
-/// compact_kv's per-layer loop, and the op timed the same ways.
+/// A baseline (compact_kv's per-layer loop, gaze_decode's dense decode), and
+/// the op timed the same ways.
 struct Baseline {
     name: String,
     /// The op issued eagerly (no gate).
     op_eager_us: f64,
     /// The loop issued eagerly.
     eager_us: f64,
-    /// The loop replayed from a graph, gated (GPU time).
+    /// The baseline's GPU time, gated (compact_kv: the loop replayed from a
+    /// graph; gaze_decode: dense decode attention).
     graph_us: Option<f64>,
 }
 
@@ -445,6 +452,7 @@ impl Row {
 /// speedup_eager: the op and the loop issued eagerly (host overhead included).
 /// For text_guided_select vs unfused: the same with the unfused candle ops
 /// (their gated GPU time, not a graph) in place of the loop.
+/// For gaze_decode the same columns with dense decode attention as the baseline.
 const COLUMNS: [&str; 14] = [
     "op",
     "shape",
@@ -733,6 +741,15 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
         for case in route_topk::cases(args.quick) {
             let row = route_topk::run(&mut env, &case)
                 .unwrap_or_else(|e| Row::failed("route_topk", case.label(), e.as_ref()));
+            print_row(&row.cells(copy_gbps));
+            rows.push(row);
+            write_out(&rows)?;
+        }
+    }
+    if args.wants("gaze_decode") {
+        for case in gaze_decode::cases(args.quick) {
+            let row = gaze_decode::run_case(&mut env, &case)
+                .unwrap_or_else(|e| Row::failed("gaze_decode", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
             write_out(&rows)?;

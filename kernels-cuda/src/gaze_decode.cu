@@ -1,0 +1,444 @@
+// gaze_decode: Gaze Attention's sparse decode attention (SPEC "Gaze Attention /
+// gaze_decode"): each query head attends its row's always-visible keys and the
+// tokens of the regions it routed, with an exact softmax.
+//
+// The work unit is (row, KV head, chunk of up to FOVEAL_GAZE_MAX_GROUP query
+// heads of its GQA group). Three launches on the caller's stream, no host
+// synchronisation:
+//  1. plan, one block per unit: marks in shared memory, per region of the row,
+//     which of the unit's heads routed it (a byte of head bits per region),
+//     then lists the unit's attended set in order as segments: the visible
+//     ranges (every head), then the routed regions ascending (the union over
+//     the unit's heads, with their head mask), each with its token span in the
+//     concatenated set (a block-wide prefix sum). Unrouted regions get no
+//     segment, so no later pass ever touches their tokens.
+//  2. attend, grid (split, unit, row): the flash-decoding split. Block `split`
+//     takes one contiguous slice of the unit's attended tokens (sizes only the
+//     GPU knows: the slice is computed from the plan's token count). A lane
+//     group reads one token's key and value with 16-byte loads, ONCE for all
+//     the unit's heads (their queries sit in registers); a head whose mask
+//     bit is clear skips the token, so each head's softmax is over exactly
+//     its own set. Online softmax in log2 units with f32 accumulators, a few
+//     tokens per step; the lane groups' states merge in shared memory (fixed
+//     order) into the block's partial (max, sum, unnormalised output).
+//  3. merge, one block per (row, query head): combines the splits' partials by
+//     log-sum-exp in split order, writes o (0 when nothing was attended) and
+//     lse (-inf then).
+// Every reduction has a fixed order (the only atomic is a bitwise OR), so the
+// output is bit-identical run to run.
+
+#include "common.cuh"
+
+namespace foveal {
+namespace {
+
+constexpr int kPlanThreads = 256;
+constexpr int kAttendThreads = 128;
+constexpr int kMergeThreads = 128;
+// Accumulator floats per thread from which the attend kernel keeps fewer
+// tokens per lane group in flight (2, or 1 with two vectors per lane) instead
+// of 4: on sm_80 the larger states spill registers at 4; sm_90 fits them.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kWideState = 32;
+#else
+constexpr int kWideState = 1 << 30;
+#endif
+constexpr int kVisibleFlag = 1 << 8;  // segment mask bit: a visible range (id = its first position)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Query heads of one unit, and where they start.
+struct Unit {
+  int kv_head, h0, heads;
+};
+
+__device__ __forceinline__ Unit unit_of(int q_heads, int kv_heads, int unit) {
+  const int group = q_heads / kv_heads;
+  const int chunks = ceil_div(group, FOVEAL_GAZE_MAX_GROUP);
+  const int kvh = unit / chunks;
+  const int chunk = unit % chunks;
+  return {kvh, kvh * group + chunk * FOVEAL_GAZE_MAX_GROUP, min(FOVEAL_GAZE_MAX_GROUP, group - chunk * FOVEAL_GAZE_MAX_GROUP)};
+}
+
+__device__ __forceinline__ int units_per_row(int q_heads, int kv_heads) {
+  return kv_heads * ceil_div(q_heads / kv_heads, FOVEAL_GAZE_MAX_GROUP);
+}
+
+// Exclusive prefix sum of x over the block in thread order; `total` gets the
+// block's sum. `sm` holds one int per warp.
+__device__ __forceinline__ int block_exclusive_sum(int x, int* sm, int& total) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  int incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) sm[warp] = incl;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < kPlanThreads / 32; ++w) {
+    if (w < warp) before += sm[w];
+    total += sm[w];
+  }
+  __syncthreads();  // `sm` is reused by the next call
+  return before + incl - x;
+}
+
+__global__ void __launch_bounds__(kPlanThreads) gaze_plan_kernel(const foveal_gaze_decode_params p) {
+  extern __shared__ uint32_t route_bits[];  // byte r % 4 of word r / 4: the heads that routed region r
+  __shared__ int sm_scan[kPlanThreads / 32];
+  const int unit = blockIdx.x;
+  const int b = blockIdx.y;
+  const Unit u = unit_of(p.q_heads, p.kv_heads, unit);
+  const int regions = p.region_count[b];
+  const int n_visible = p.visible_count[b];
+
+  for (int w = threadIdx.x; w < ceil_div(regions, 4); w += kPlanThreads) route_bits[w] = 0;
+  __syncthreads();
+  const int32_t* routes = p.routes + (static_cast<int64_t>(b) * p.q_heads + u.h0) * p.route_k;
+  for (int i = threadIdx.x; i < u.heads * p.route_k; i += kPlanThreads) {
+    const int r = routes[i];  // head i / route_k of the unit; -1 pads
+    if (r >= 0) atomicOr(&route_bits[r / 4], 1u << (8 * (r % 4) + i / p.route_k));
+  }
+  __syncthreads();
+
+  // Items: the visible ranges, then every region; the routed ones become segments.
+  int4* segs = reinterpret_cast<int4*>(p.segments) +
+               (static_cast<int64_t>(b) * units_per_row(p.q_heads, p.kv_heads) + unit) * p.max_segments;
+  const int32_t* visible = p.visible + static_cast<int64_t>(b) * p.max_visible * 2;
+  const int all_heads = (1 << u.heads) - 1;
+  const int items = n_visible + regions;
+  int n_segs = 0;
+  int n_tokens = 0;
+  for (int base = 0; base < items; base += kPlanThreads) {
+    const int i = base + threadIdx.x;
+    int id = 0, mask = 0, len = 0;
+    if (i < n_visible) {
+      id = visible[2 * i];
+      len = visible[2 * i + 1] - id;
+      mask = all_heads | kVisibleFlag;
+    } else if (i < items) {
+      id = i - n_visible;
+      mask = (route_bits[id / 4] >> (8 * (id % 4))) & 0xff;
+      len = mask != 0 ? p.region_len[static_cast<int64_t>(b) * p.max_regions + id] : 0;
+    }
+    int seg_total, tok_total;
+    const int seg_at = block_exclusive_sum(mask != 0, sm_scan, seg_total);
+    const int tok_at = block_exclusive_sum(len, sm_scan, tok_total);
+    if (mask != 0) segs[n_segs + seg_at] = make_int4(id, mask, n_tokens + tok_at, n_tokens + tok_at + len);
+    n_segs += seg_total;
+    n_tokens += tok_total;
+  }
+  if (threadIdx.x == 0) {
+    int32_t* info = p.unit_tokens + (static_cast<int64_t>(b) * units_per_row(p.q_heads, p.kv_heads) + unit) * 2;
+    info[0] = n_segs;
+    info[1] = n_tokens;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void widen16(const uint4& raw, float (&out)[Vec16<T>::kElems]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElems; ++i) out[i] = to_float(e[i]);
+}
+
+// kHeadDimMax bounds the head dim (the runtime one is any multiple of the
+// 16-byte vector up to it); kGroupMax bounds the query heads of a unit. A
+// token is served by kHeadSplit lane groups side by side, each holding
+// kHeadsPerThread of the unit's heads: they load the same 16-byte chunks of
+// the token's key and value (one transaction where they share a warp), and
+// each thread's state stays small enough to keep several tokens in flight.
+template <typename T, int kHeadDimMax, int kGroupMax>
+__global__ void __launch_bounds__(kAttendThreads, 2) gaze_attend_kernel(const foveal_gaze_decode_params p) {
+  constexpr int kVec = Vec16<T>::kElems;
+  constexpr int kChunks = kHeadDimMax / kVec;          // 16-byte vectors per row, at most
+  constexpr int kLanes = kChunks < 32 ? kChunks : 32;  // lanes sharing one token's row
+  constexpr int kChunksPerLane = kChunks / kLanes;
+  constexpr int kHeadsPerThread = kGroupMax < 4 ? kGroupMax : 4;
+  constexpr int kHeadSplit = kGroupMax / kHeadsPerThread;
+  constexpr int kKeyGroups = kAttendThreads / (kLanes * kHeadSplit);  // tokens per step and slot
+  constexpr int kSlice = kChunksPerLane * kVec;        // output elements a lane holds per head
+  // Tokens a lane group has in flight (each costs 2 * kChunksPerLane 16-byte registers).
+  constexpr int kUnroll = kHeadsPerThread * kSlice < kWideState ? 4 : kChunksPerLane > 1 ? 1 : 2;
+  constexpr int kTile = kKeyGroups * kUnroll;          // tokens per block step
+
+  const int split = blockIdx.x;
+  const int unit = blockIdx.y;
+  const int b = blockIdx.z;
+  const Unit u = unit_of(p.q_heads, p.kv_heads, unit);
+  const int lane = threadIdx.x % kLanes;
+  const int g0 = (threadIdx.x / kLanes) % kHeadSplit * kHeadsPerThread;  // this thread's first head of the unit
+  const int key_group = threadIdx.x / (kLanes * kHeadSplit);
+  const int n_chunks = p.head_dim / kVec;
+
+  float q[kHeadsPerThread][kChunksPerLane][kVec];
+  const T* q_b = static_cast<const T*>(p.q) + b * p.q_stride_b;
+#pragma unroll
+  for (int g = 0; g < kHeadsPerThread; ++g) {
+#pragma unroll
+    for (int c = 0; c < kChunksPerLane; ++c) {
+      const int chunk = c * kLanes + lane;
+      if (g0 + g < u.heads && chunk < n_chunks) {
+        load16_as_float(q_b + (u.h0 + g0 + g) * p.q_stride_h + chunk * kVec, q[g][c]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) q[g][c][e] = 0.f;
+      }
+    }
+  }
+
+  // This block's slice [lo, hi) of the unit's attended tokens, whole steps
+  // each (the last block's may be shorter, later ones empty).
+  const int64_t unit_index = static_cast<int64_t>(b) * gridDim.y + unit;
+  const int n_segs = p.unit_tokens[unit_index * 2];
+  const int total = p.unit_tokens[unit_index * 2 + 1];
+  const int64_t per_split = static_cast<int64_t>(ceil_div(ceil_div(total, p.num_splits), kTile)) * kTile;
+  const int lo = static_cast<int>(min(static_cast<int64_t>(total), split * per_split));
+  const int hi = static_cast<int>(min(static_cast<int64_t>(total), lo + per_split));
+
+  // The segment holding token lo: the first whose end is past it.
+  const int4* segs = reinterpret_cast<const int4*>(p.segments) + unit_index * p.max_segments;
+  int seg = 0;
+  {
+    int top = n_segs;
+    while (seg < top) {
+      const int mid = (seg + top) / 2;
+      if (segs[mid].w <= lo) seg = mid + 1; else top = mid;
+    }
+  }
+  int4 cur = seg < n_segs ? segs[seg] : make_int4(0, 0, 0, 0);
+
+  const T* k_bh = static_cast<const T*>(p.k) + b * p.k_stride_b + u.kv_head * p.k_stride_h;
+  const T* v_bh = static_cast<const T*>(p.v) + b * p.v_stride_b + u.kv_head * p.v_stride_h;
+  const int32_t* region_pos = p.region_pos + static_cast<int64_t>(b) * p.max_regions * p.max_region_len;
+
+  float m[kHeadsPerThread], l[kHeadsPerThread], acc[kHeadsPerThread][kSlice];
+#pragma unroll
+  for (int g = 0; g < kHeadsPerThread; ++g) {
+    m[g] = -CUDART_INF_F;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < kSlice; ++e) acc[g][e] = 0.f;
+  }
+  const float scale_log2 = p.scale * kLog2e;
+
+  // The loop bound is uniform across the block, so every lane of a warp
+  // reaches the shuffles; slots past the slice load zeros and count for no head.
+  for (int base = lo; base < hi; base += kTile) {
+    uint4 k_raw[kUnroll][kChunksPerLane], v_raw[kUnroll][kChunksPerLane];
+    int heads[kUnroll];  // mask of the unit's heads attending the slot's token
+#pragma unroll
+    for (int s = 0; s < kUnroll; ++s) {
+      const int t = base + s * kKeyGroups + key_group;
+      heads[s] = 0;
+      int64_t pos = 0;
+      if (t < hi) {
+        while (t >= cur.w) cur = segs[++seg];  // tokens only grow along a lane group
+        const int i = t - cur.z;
+        pos = (cur.y & kVisibleFlag) ? cur.x + i : region_pos[static_cast<int64_t>(cur.x) * p.max_region_len + i];
+        heads[s] = cur.y & 0xff;
+      }
+      const T* k_row = k_bh + pos * p.k_stride_s;
+      const T* v_row = v_bh + pos * p.v_stride_s;
+#pragma unroll
+      for (int c = 0; c < kChunksPerLane; ++c) {
+        const int chunk = c * kLanes + lane;
+        if (heads[s] != 0 && chunk < n_chunks) {
+          k_raw[s][c] = __ldg(reinterpret_cast<const uint4*>(k_row + chunk * kVec));
+          v_raw[s][c] = __ldg(reinterpret_cast<const uint4*>(v_row + chunk * kVec));
+        } else {
+          k_raw[s][c] = make_uint4(0, 0, 0, 0);
+          v_raw[s][c] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+
+    // Scores in log2 units: scale * log2(e) * q . k.
+    float score[kUnroll][kHeadsPerThread];
+#pragma unroll
+    for (int s = 0; s < kUnroll; ++s) {
+      float kf[kChunksPerLane][kVec];
+#pragma unroll
+      for (int c = 0; c < kChunksPerLane; ++c) widen16<T>(k_raw[s][c], kf[c]);
+#pragma unroll
+      for (int g = 0; g < kHeadsPerThread; ++g) {
+        float dot = 0.f;
+#pragma unroll
+        for (int c = 0; c < kChunksPerLane; ++c) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) dot = fmaf(q[g][c][e], kf[c][e], dot);
+        }
+        score[s][g] = group_sum<kLanes>(dot) * scale_log2;
+      }
+    }
+
+    // Online softmax per head over the slots whose token it attends: the
+    // running state is rescaled once per step, `score` becomes the weights.
+#pragma unroll
+    for (int g = 0; g < kHeadsPerThread; ++g) {
+      float m_new = m[g];
+#pragma unroll
+      for (int s = 0; s < kUnroll; ++s) {
+        if ((heads[s] >> (g0 + g)) & 1) m_new = fmaxf(m_new, score[s][g]);
+      }
+      // While head g has attended nothing, m_new is -inf: weights 0, no rescale.
+      const bool any = m_new != -CUDART_INF_F;
+      const float alpha = any ? exp2f(m[g] - m_new) : 1.f;  // 0 while m[g] is -inf
+      float sum = 0.f;
+#pragma unroll
+      for (int s = 0; s < kUnroll; ++s) {
+        score[s][g] = any && ((heads[s] >> (g0 + g)) & 1) ? exp2f(score[s][g] - m_new) : 0.f;
+        sum += score[s][g];
+      }
+      l[g] = l[g] * alpha + sum;
+      m[g] = m_new;
+#pragma unroll
+      for (int e = 0; e < kSlice; ++e) acc[g][e] *= alpha;
+    }
+#pragma unroll
+    for (int s = 0; s < kUnroll; ++s) {
+      float vf[kSlice];
+#pragma unroll
+      for (int c = 0; c < kChunksPerLane; ++c) {
+        float w[kVec];
+        widen16<T>(v_raw[s][c], w);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) vf[c * kVec + e] = w[e];
+      }
+#pragma unroll
+      for (int g = 0; g < kHeadsPerThread; ++g) {
+#pragma unroll
+        for (int e = 0; e < kSlice; ++e) acc[g][e] = fmaf(score[s][g], vf[e], acc[g][e]);
+      }
+    }
+  }
+
+  // Merge the lane groups' states in key-group order, one thread per (head, dim).
+  __shared__ float sm_m[kKeyGroups][kGroupMax];
+  __shared__ float sm_l[kKeyGroups][kGroupMax];
+  __shared__ float sm_acc[kKeyGroups][kGroupMax][kHeadDimMax];
+#pragma unroll
+  for (int g = 0; g < kHeadsPerThread; ++g) {
+    if (lane == 0) {
+      sm_m[key_group][g0 + g] = m[g];
+      sm_l[key_group][g0 + g] = l[g];
+    }
+#pragma unroll
+    for (int c = 0; c < kChunksPerLane; ++c) {
+      const int chunk = c * kLanes + lane;
+      if (chunk < n_chunks) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sm_acc[key_group][g0 + g][chunk * kVec + e] = acc[g][c * kVec + e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < u.heads * p.head_dim; idx += kAttendThreads) {
+    const int g = idx / p.head_dim;
+    const int d = idx % p.head_dim;
+    float mm = -CUDART_INF_F;
+    for (int kg = 0; kg < kKeyGroups; ++kg) mm = fmaxf(mm, sm_m[kg][g]);
+    float ll = 0.f;
+    float oo = 0.f;
+    if (mm != -CUDART_INF_F) {
+      for (int kg = 0; kg < kKeyGroups; ++kg) {
+        const float mk = sm_m[kg][g];
+        if (mk == -CUDART_INF_F) continue;
+        const float w = exp2f(mk - mm);
+        ll += sm_l[kg][g] * w;
+        oo += sm_acc[kg][g][d] * w;
+      }
+    }
+    const int64_t part = (static_cast<int64_t>(b) * p.q_heads + u.h0 + g) * p.num_splits + split;
+    p.partial_o[part * p.head_dim + d] = oo;
+    if (d == 0) {
+      p.partial_ml[part * 2] = mm;
+      p.partial_ml[part * 2 + 1] = ll;
+    }
+  }
+}
+
+// One block per (query head, row): o = sum_s o_s 2^(m_s - M) / L with
+// L = sum_s l_s 2^(m_s - M), M = max_s m_s, in split order.
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads) gaze_merge_kernel(const foveal_gaze_decode_params p) {
+  extern __shared__ float weight[];  // [num_splits]
+  __shared__ float sm_lse;
+  const int h = blockIdx.x;
+  const int b = blockIdx.y;
+  const int64_t first = (static_cast<int64_t>(b) * p.q_heads + h) * p.num_splits;
+  const float* ml = p.partial_ml + first * 2;
+  if (threadIdx.x < 32) {
+    // Lane-strided max and sum, then a fixed shuffle tree: deterministic.
+    float mm = -CUDART_INF_F;
+    for (int s = threadIdx.x; s < p.num_splits; s += 32) mm = fmaxf(mm, ml[2 * s]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    float ll = 0.f;
+    if (mm != -CUDART_INF_F) {
+      for (int s = threadIdx.x; s < p.num_splits; s += 32) {
+        if (ml[2 * s] != -CUDART_INF_F) ll += ml[2 * s + 1] * exp2f(ml[2 * s] - mm);
+      }
+    }
+    ll = group_sum<32>(ll);
+    for (int s = threadIdx.x; s < p.num_splits; s += 32) {
+      weight[s] = (mm == -CUDART_INF_F || ml[2 * s] == -CUDART_INF_F) ? 0.f : exp2f(ml[2 * s] - mm) / ll;
+    }
+    if (threadIdx.x == 0) sm_lse = mm == -CUDART_INF_F ? -CUDART_INF_F : (mm + log2f(ll)) * kLn2;
+  }
+  __syncthreads();
+  const float* po = p.partial_o + first * p.head_dim;
+  T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  for (int d = threadIdx.x; d < p.head_dim; d += kMergeThreads) {
+    float acc = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) acc = fmaf(weight[s], po[static_cast<int64_t>(s) * p.head_dim + d], acc);
+    o[d] = from_float<T>(acc);
+  }
+  if (p.lse != nullptr && threadIdx.x == 0) p.lse[b * p.lse_stride_b + h * p.lse_stride_h] = sm_lse;
+}
+
+template <typename T, int kHeadDimMax, int kGroupMax>
+void launch_attend(const foveal_gaze_decode_params& p, int units, cudaStream_t stream) {
+  const dim3 grid(p.num_splits, units, p.batch);
+  gaze_attend_kernel<T, kHeadDimMax, kGroupMax><<<grid, kAttendThreads, 0, stream>>>(p);
+}
+
+template <typename T, int kHeadDimMax>
+void launch_attend_for_group(const foveal_gaze_decode_params& p, int units, cudaStream_t stream) {
+  const int group = p.q_heads / p.kv_heads;
+  if (group <= 1) launch_attend<T, kHeadDimMax, 1>(p, units, stream);
+  else if (group <= 2) launch_attend<T, kHeadDimMax, 2>(p, units, stream);
+  else if (group <= 4) launch_attend<T, kHeadDimMax, 4>(p, units, stream);
+  else launch_attend<T, kHeadDimMax, FOVEAL_GAZE_MAX_GROUP>(p, units, stream);
+}
+
+template <typename T>
+int launch_gaze_decode(const foveal_gaze_decode_params& p, cudaStream_t stream) {
+  if (p.head_dim <= 0 || p.head_dim % Vec16<T>::kElems != 0 || p.head_dim > FOVEAL_GAZE_MAX_HEAD_DIM ||
+      p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || p.num_splits <= 0 || p.max_regions < 0 ||
+      p.max_regions > FOVEAL_GAZE_MAX_REGIONS) {
+    return FOVEAL_ERR_UNSUPPORTED;
+  }
+  const int units = p.kv_heads * ceil_div(p.q_heads / p.kv_heads, FOVEAL_GAZE_MAX_GROUP);
+  const size_t plan_smem = static_cast<size_t>(ceil_div(p.max_regions, 4)) * sizeof(uint32_t);
+  gaze_plan_kernel<<<dim3(units, p.batch), kPlanThreads, plan_smem, stream>>>(p);
+  if (p.head_dim <= 64) launch_attend_for_group<T, 64>(p, units, stream);
+  else if (p.head_dim <= 128) launch_attend_for_group<T, 128>(p, units, stream);
+  else launch_attend_for_group<T, 256>(p, units, stream);
+  const size_t merge_smem = static_cast<size_t>(p.num_splits) * sizeof(float);
+  gaze_merge_kernel<T><<<dim3(p.q_heads, p.batch), kMergeThreads, merge_smem, stream>>>(p);
+  return launch_status();
+}
+
+}  // namespace
+}  // namespace foveal
+
+extern "C" int foveal_gaze_decode(const foveal_gaze_decode_params* p, foveal_stream_t stream) {
+  if (p->batch == 0 || p->q_heads == 0) return 0;  // nothing to write
+  FOVEAL_DISPATCH_DTYPE(p->dtype, T, return foveal::launch_gaze_decode<T>(*p, stream));
+  return 0;
+}

@@ -1,0 +1,205 @@
+//! CUDA path of gaze_decode (kernels: kernels-cuda/src/gaze_decode.cu).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr};
+use foveal_sys as ffi;
+
+use super::{check, Dims, OP};
+use crate::cuda::{check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, Workspace};
+use crate::dtype::Element;
+use crate::error::{ensure, Error, Result};
+use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
+use crate::gaze_layout::GazeLayout;
+use crate::glimpse_scores::cuda::ffi_dtype;
+
+/// Attended tokens a split gets at least (by the host's bound), so that short
+/// sets are not spread thin over blocks whose merge would cost more than
+/// their share.
+const MIN_TOKENS_PER_SPLIT: usize = 64;
+
+/// Attends each query head to its row's visible keys and routed regions
+/// (module docs), into `o [B, Hq, D]` and, when given, `lse [B, Hq]`.
+///
+/// Needs 16-byte-aligned q, k and v whose strides (but the head dim's) are
+/// multiples of 16 bytes, and a head dim that is a multiple of 16 bytes, at
+/// most 256; at most 32,768 regions per row. Scratch comes from `workspace`
+/// (reserve [`workspace_bytes`] before capturing a graph).
+#[allow(clippy::too_many_arguments)]
+pub fn gaze_decode<T: Element>(
+    stream: &Arc<CudaStream>,
+    q: &DevView<'_, T, 3>,
+    k: &DevView<'_, T, 4>,
+    v: &DevView<'_, T, 4>,
+    layout: &DeviceGazeLayout,
+    routes: &DeviceRoutes,
+    scale: Option<f32>,
+    o: &mut DevViewMut<'_, T, 3>,
+    lse: Option<&mut DevViewMut<'_, f32, 2>>,
+    workspace: &mut Workspace,
+) -> Result<()> {
+    let host = layout.host();
+    let dims = check(q.shape(), k.shape(), v.shape(), host, routes.shape(), scale, o.shape(), lse.as_ref().map(|l| l.shape()))?;
+    routes.check_from(OP, layout)?;
+    let vec = 16 / std::mem::size_of::<T>();
+    ensure(dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GAZE_MAX_HEAD_DIM as usize, || Error::Unsupported {
+        op: OP,
+        msg: format!("head dim {} must be a multiple of {vec} and at most {}", dims.head_dim, ffi::FOVEAL_GAZE_MAX_HEAD_DIM),
+    })?;
+    for (arg, shape, strides) in [
+        ("q", &q.shape()[..2], &q.layout().strides()[..2]),
+        ("k", &k.shape()[..3], &k.layout().strides()[..3]),
+        ("v", &v.shape()[..3], &v.layout().strides()[..3]),
+    ] {
+        let misaligned = shape.iter().zip(strides).any(|(&n, &s)| n > 1 && s % vec != 0);
+        ensure(!misaligned, || Error::Unsupported { op: OP, msg: format!("the strides of `{arg}` must be multiples of {vec} elements") })?;
+    }
+    let plan = Plan::new(&dims, host, sm_count(stream, OP)?)?;
+
+    let (q_ptr, _q) = q.ptr(stream);
+    let (k_ptr, _k) = k.ptr(stream);
+    let (v_ptr, _v) = v.ptr(stream);
+    check_aligned(OP, "q", q_ptr, 16)?;
+    check_aligned(OP, "k", k_ptr, 16)?;
+    check_aligned(OP, "v", v_ptr, 16)?;
+    let ([segments, unit_tokens, partial_o, partial_ml], _ws) = workspace.regions(stream, plan.region_bytes(&dims))?;
+    let o_strides = o.layout().strides();
+    let (o_ptr, _o) = o.ptr_mut(stream);
+    let lse_strides = lse.as_ref().map_or([0, 0], |l| l.layout().strides());
+    let (lse_ptr, _l) = match lse {
+        Some(l) => {
+            let (ptr, guard) = l.ptr_mut(stream);
+            (ptr, Some(guard))
+        }
+        None => (0, None),
+    };
+    let (region_count, _rc) = layout.region_count.device_ptr(stream);
+    let (region_len, _rl) = layout.region_len.device_ptr(stream);
+    let (region_pos, _rp) = layout.region_pos.device_ptr(stream);
+    let (visible_count, _vc) = layout.visible_count.device_ptr(stream);
+    let (visible, _vi) = layout.visible.device_ptr(stream);
+    let (route_ids, _ri) = routes.ids.device_ptr(stream);
+    let [qsb, qsh, _] = q.layout().strides();
+    let [ksb, kss, ksh, _] = k.layout().strides();
+    let [vsb, vss, vsh, _] = v.layout().strides();
+    let params = ffi::foveal_gaze_decode_params {
+        q: q_ptr as *const _,
+        q_stride_b: qsb as i64,
+        q_stride_h: qsh as i64,
+        k: k_ptr as *const _,
+        k_stride_b: ksb as i64,
+        k_stride_s: kss as i64,
+        k_stride_h: ksh as i64,
+        v: v_ptr as *const _,
+        v_stride_b: vsb as i64,
+        v_stride_s: vss as i64,
+        v_stride_h: vsh as i64,
+        region_count: region_count as *const i32,
+        region_len: region_len as *const i32,
+        region_pos: region_pos as *const i32,
+        visible_count: visible_count as *const i32,
+        visible: visible as *const i32,
+        max_regions: host.max_regions() as i32,
+        max_region_len: host.max_region_len() as i32,
+        max_visible: host.max_visible() as i32,
+        routes: route_ids as *const i32,
+        route_k: dims.k as i32,
+        o: o_ptr as *mut _,
+        o_stride_b: o_strides[0] as i64,
+        o_stride_h: o_strides[1] as i64,
+        lse: lse_ptr as *mut f32,
+        lse_stride_b: lse_strides[0] as i64,
+        lse_stride_h: lse_strides[1] as i64,
+        segments: segments as *mut i32,
+        unit_tokens: unit_tokens as *mut i32,
+        partial_o: partial_o as *mut f32,
+        partial_ml: partial_ml as *mut f32,
+        batch: dims.batch as i32,
+        q_heads: dims.q_heads as i32,
+        kv_heads: dims.kv_heads as i32,
+        head_dim: dims.head_dim as i32,
+        max_segments: plan.max_segments as i32,
+        num_splits: plan.num_splits as i32,
+        scale: dims.scale,
+        dtype: ffi_dtype(T::DTYPE),
+    };
+    let stream_ptr = ffi_stream(stream, OP)?;
+    // SAFETY: every pointer is a live device allocation of the stream's
+    // context, held (with its ordering guard) until this call has enqueued
+    // the kernels; lse is null exactly when no lse view was given. `check`
+    // and the checks above bound every index the kernels form: q/k/v/o/lse by
+    // their validated layouts; positions by the GazeLayout (each < seq <= S,
+    // each region's count and the padded widths from the same host layout as
+    // the uploaded arrays); region ids by the routes, checked against this
+    // layout (DeviceRoutes::check_from: ids < the row's region count, -1
+    // padding); the workspace regions by `Plan::region_bytes`, sized from
+    // the same `max_segments` and `num_splits` the kernels use.
+    let status = unsafe { ffi::foveal_gaze_decode(&params, stream_ptr) };
+    check_status(OP, status)
+}
+
+/// The workspace bytes [`gaze_decode`] uses for these sizes (reserve them
+/// before capturing a CUDA graph).
+pub fn workspace_bytes(stream: &Arc<CudaStream>, layout: &DeviceGazeLayout, q_shape: [usize; 3], kv_heads: usize, k: usize) -> Result<usize> {
+    let [batch, q_heads, head_dim] = q_shape;
+    ensure(kv_heads > 0 && q_heads % kv_heads == 0, || {
+        Error::shape(OP, "q", format!("{q_heads} query heads are not a multiple of {kv_heads} KV heads"))
+    })?;
+    let dims = Dims { batch, q_heads, kv_heads, head_dim, k, scale: 1.0 };
+    let plan = Plan::new(&dims, layout.host(), sm_count(stream, OP)?)?;
+    Ok(Workspace::size_of(&plan.region_bytes(&dims)))
+}
+
+/// The launch shape of one call, from host-known bounds only.
+struct Plan {
+    /// Units (row, KV head, chunk of query heads) per row.
+    units: usize,
+    max_segments: usize,
+    num_splits: usize,
+}
+
+impl Plan {
+    fn new(dims: &Dims, layout: &GazeLayout, sms: usize) -> Result<Self> {
+        let max_group = ffi::FOVEAL_GAZE_MAX_GROUP as usize;
+        let group = dims.q_heads / dims.kv_heads;
+        let units = dims.kv_heads * group.div_ceil(max_group);
+        let heads_per_unit = group.min(max_group);
+        ensure(layout.max_regions() <= ffi::FOVEAL_GAZE_MAX_REGIONS as usize, || Error::Unsupported {
+            op: OP,
+            msg: format!("{} regions in a row, the kernels take at most {}", layout.max_regions(), ffi::FOVEAL_GAZE_MAX_REGIONS),
+        })?;
+        let max_segments = layout.max_visible() + layout.max_regions().min(heads_per_unit.saturating_mul(dims.k));
+        // A bound on any unit's attended tokens: its visible keys plus the
+        // union of at most heads_per_unit * k regions.
+        let union_bound = heads_per_unit.saturating_mul(dims.k).saturating_mul(layout.max_region_len());
+        let max_tokens = (0..layout.batch())
+            .map(|b| {
+                let regions: usize = (0..layout.regions(b)).map(|r| layout.region(b, r).len()).sum();
+                layout.visible_len(b) + regions.min(union_bound)
+            })
+            .max()
+            .unwrap_or(0);
+        // Flash-decoding split: enough blocks to fill the GPU twice over.
+        let blocks_per_split = dims.batch * units;
+        let max_splits = max_tokens.div_ceil(MIN_TOKENS_PER_SPLIT).max(1);
+        let num_splits = (2 * sms).div_ceil(blocks_per_split.max(1)).clamp(1, max_splits);
+        // The kernels' int32 index space and grids (y, z <= 65,535).
+        let fits = units <= 65_535
+            && dims.batch <= 65_535
+            && dims.batch.saturating_mul(units).saturating_mul(max_segments) <= i32::MAX as usize / 4
+            && heads_per_unit.saturating_mul(dims.k) <= i32::MAX as usize;
+        ensure(fits, || Error::Unsupported {
+            op: OP,
+            msg: format!("{} rows x {units} units x {max_segments} segments exceed the kernels' limits", dims.batch),
+        })?;
+        Ok(Plan { units, max_segments, num_splits })
+    }
+
+    /// Bytes of the workspace regions: segments, unit token counts, partial
+    /// outputs, partial (max, sum).
+    fn region_bytes(&self, dims: &Dims) -> [usize; 4] {
+        let units = dims.batch * self.units;
+        let partials = dims.batch * dims.q_heads * self.num_splits;
+        [units * self.max_segments * 16, units * 8, partials * dims.head_dim * 4, partials * 8]
+    }
+}

@@ -1,0 +1,612 @@
+//! gaze_decode: the CPU reference against an f64 oracle written from the SPEC
+//! ("Gaze Attention / gaze_decode"), dense attention when every region is
+//! routed, the edge cases (short and empty route lists, rows that attend
+//! nothing), and every argument check.
+//!
+//! Keys and values no head of a KV group attends are NaN, so a reference that
+//! reads an unrouted region's tokens (or a position outside the layout) fails.
+//! The inputs are stored as bf16 / f16 / f32 and read by the oracle as exact
+//! f64 values: the difference allowed is the reference's f32 accumulation
+//! (relative to the size of the logits' terms, scaled by the largest value
+//! attended) plus the rounding of the output to its storage type.
+
+use foveal::gaze_decode::cpu::gaze_decode;
+use foveal::{Element, Error, GazeLayout, GazeRow, Layout, RegionShape, Routes, View, ViewMut};
+use foveal_tests::{
+    contiguous_strides, indices, random_strides, random_tensor, rng, to_f64, KvOrder, Poison,
+    Tensor, TestElem, Tol,
+};
+use half::bf16;
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+// ---------------------------------------------------------------------------
+// Random layouts, routes and tensors (shared with the GPU tests)
+// ---------------------------------------------------------------------------
+
+/// One random row starting at `pos`: optional text, 0 to 3 visual units
+/// (images, or video frames with visible context tokens between them) of
+/// random grids and region shapes, optional text after; a gap of unused
+/// positions now and then. Returns the row and one past its last position.
+fn random_row(r: &mut StdRng, mut pos: usize, long: bool) -> (GazeRow, usize) {
+    let mut row = GazeRow::new();
+    let text = |r: &mut StdRng| if r.random_bool(0.3) { 0 } else { r.random_range(1..6) };
+    let n = text(r);
+    row.push_visible(pos..pos + n);
+    pos += n;
+    for _ in 0..r.random_range(0..=3) {
+        let (h, w) = if long { (r.random_range(20..40), r.random_range(20..40)) } else { (r.random_range(1..7), r.random_range(1..7)) };
+        let frames = if r.random_bool(0.3) { r.random_range(2..4) } else { 1 };
+        let shape = RegionShape { frames: r.random_range(1..3), height: r.random_range(1..5), width: r.random_range(1..5) };
+        let shape = if long { RegionShape::default() } else { shape };
+        let mut bases = Vec::new();
+        for _ in 0..frames {
+            bases.push(pos);
+            pos += h * w;
+            let context = r.random_range(0..3);
+            row.push_visible(pos..pos + context);
+            pos += context;
+        }
+        row.push_units(&bases, h, w, shape).expect("valid grid");
+        pos += usize::from(r.random_bool(0.2)); // an unused position
+    }
+    let n = text(r);
+    row.push_visible(pos..pos + n);
+    (row, pos + n)
+}
+
+/// `batch` random rows (each with a random left offset) and the cache
+/// capacity they need, plus 0 to 2 spare slots.
+pub(crate) fn random_rows(r: &mut StdRng, batch: usize, long: bool) -> (Vec<GazeRow>, usize) {
+    let mut seq = 0;
+    let rows = (0..batch)
+        .map(|_| {
+            let start = r.random_range(0..3);
+            let (row, end) = random_row(r, start, long);
+            seq = seq.max(end);
+            row
+        })
+        .collect();
+    (rows, seq + r.random_range(0..3))
+}
+
+/// Routes `[B, 1, Hq, k]`: each list a random set of 0 to `k` of its row's
+/// regions (the whole list most of the time), ascending, padded with -1.
+pub(crate) fn random_routes(r: &mut StdRng, layout: &GazeLayout, q_heads: usize) -> Routes {
+    let k = r.random_range(1..=layout.max_regions() + 1);
+    let mut ids = Vec::with_capacity(layout.batch() * q_heads * k);
+    for b in 0..layout.batch() {
+        let regions = layout.regions(b);
+        for _ in 0..q_heads {
+            let most = k.min(regions);
+            let n = if r.random_bool(0.7) { most } else { r.random_range(0..=most) };
+            let mut pick: Vec<i32> = rand::seq::index::sample(r, regions, n).into_iter().map(|x| x as i32).collect();
+            pick.sort_unstable();
+            pick.resize(k, -1);
+            ids.extend(pick);
+        }
+    }
+    Routes::from_ids(layout, 1, q_heads, k, &ids).expect("valid routes")
+}
+
+/// The positions query head `h` of row `b` attends: the visible ranges, then
+/// its routed regions.
+pub(crate) fn attended(layout: &GazeLayout, routes: &Routes, b: usize, h: usize) -> Vec<usize> {
+    let mut p: Vec<usize> = layout.visible(b).flatten().collect();
+    for &r in routes.get(b, 0, h) {
+        p.extend(layout.region(b, r as usize).iter().map(|&x| x as usize));
+    }
+    p
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Case {
+    pub seed: u64,
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub head_dim: usize,
+    pub scale: Option<f32>,
+    /// Rows of 400 to 1,600 visual tokens per unit in 6 x 6 regions.
+    pub long: bool,
+    /// Memory orders the CUDA kernels take (q contiguous, KV strides
+    /// multiples of the head dim); otherwise any order with gaps.
+    pub aligned: bool,
+}
+
+/// A case's inputs: the rows, layout and routes, q `[B, Hq, D]` and k, v
+/// `[B, S, Hkv, D]` (uniform in [-1, 1); NaN wherever no head of the KV
+/// group attends).
+#[derive(Debug, Clone)]
+pub(crate) struct Inputs<T> {
+    pub layout: GazeLayout,
+    pub routes: Routes,
+    pub q: Tensor<T, 3>,
+    pub k: Tensor<T, 4>,
+    pub v: Tensor<T, 4>,
+    pub scale: Option<f32>,
+}
+
+impl<T: TestElem> Inputs<T> {
+    pub fn new(c: &Case) -> Self {
+        let mut r = rng(c.seed);
+        let (rows, seq) = random_rows(&mut r, c.batch, c.long);
+        let layout = GazeLayout::new(seq, &rows).expect("valid rows");
+        let hq = c.group * c.kv_heads;
+        let routes = random_routes(&mut r, &layout, hq);
+        Self::with(&mut r, c, layout, routes)
+    }
+
+    /// Random tensors for a given layout and routes.
+    pub fn with(r: &mut StdRng, c: &Case, layout: GazeLayout, routes: Routes) -> Self {
+        let (hkv, d) = (c.kv_heads, c.head_dim);
+        let hq = c.group * hkv;
+        let q_shape = [c.batch, hq, d];
+        let q_strides = if c.aligned { contiguous_strides(q_shape) } else { random_strides(r, q_shape) };
+        let q = random_tensor(r, q_shape, q_strides, -1.0, 1.0);
+        let kv_shape = [c.batch, layout.seq().max(1), hkv, d];
+        let order = if c.aligned { KvOrder::pick_aligned(r) } else { KvOrder::pick(r) };
+        let (k_strides, v_strides) = (order.strides(r, kv_shape), order.strides(r, kv_shape));
+        let mut k = random_tensor(r, kv_shape, k_strides, -1.0, 1.0);
+        let mut v = random_tensor(r, kv_shape, v_strides, -1.0, 1.0);
+        for b in 0..c.batch {
+            for kvh in 0..hkv {
+                let mut used = vec![false; kv_shape[1]];
+                for h in kvh * c.group..(kvh + 1) * c.group {
+                    attended(&layout, &routes, b, h).into_iter().for_each(|p| used[p] = true);
+                }
+                for (p, _) in used.iter().enumerate().filter(|(_, &u)| !u) {
+                    for j in 0..d {
+                        let (ok, ov) = (k.offset([b, p, kvh, j]), v.offset([b, p, kvh, j]));
+                        k.data[ok] = T::POISON;
+                        v.data[ov] = T::POISON;
+                    }
+                }
+            }
+        }
+        Inputs { layout, routes, q, k, v, scale: c.scale }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The oracle
+// ---------------------------------------------------------------------------
+
+/// What the oracle says about one (row, query head).
+#[derive(Debug, Clone)]
+pub(crate) struct Want {
+    pub o: Vec<f64>,
+    pub lse: f64,
+    /// The largest |v| attended: the scale of the output's error.
+    pub v_max: f64,
+    /// `scale * max_p sum_d |q_d k_d|`: the size of the logits' terms.
+    pub magnitude: f64,
+}
+
+impl Want {
+    /// The bound on |got - want[d]| for a result stored as `T` after f32
+    /// accumulation (`slack` times the accumulation error allowed).
+    pub fn bound<T: Element>(&self, d: usize, slack: f64) -> f64 {
+        let storage = Tol::for_elem::<T>();
+        storage.abs + storage.rel * self.o[d].abs() + slack * Tol::F32.rel * (1.0 + self.magnitude) * self.v_max
+    }
+
+    pub fn lse_bound(&self, slack: f64) -> f64 {
+        Tol::F32.abs + slack * Tol::F32.rel * (1.0 + self.magnitude + self.lse.abs())
+    }
+}
+
+/// SPEC math in f64 over a list of positions per (row, head): `s_p = scale *
+/// q . k[p]`, `o = sum_p softmax(s)_p v[p]`, `lse = ln sum_p exp s_p`; no
+/// position: `o = 0`, `lse = -inf`. Indexed `[b * Hq + h]`.
+pub(crate) fn oracle<T: Element>(q: &Tensor<T, 3>, k: &Tensor<T, 4>, v: &Tensor<T, 4>, scale: Option<f32>, positions: impl Fn(usize, usize) -> Vec<usize>) -> Vec<Want> {
+    let [batch, hq, d] = q.shape;
+    let group = hq / k.shape[2];
+    let scale = scale.map_or(1.0 / (d as f64).sqrt(), f64::from);
+    let mut out = Vec::new();
+    for b in 0..batch {
+        for h in 0..hq {
+            let kvh = h / group;
+            let ps = positions(b, h);
+            let (mut logits, mut magnitude, mut v_max) = (Vec::new(), 0f64, 0f64);
+            for &p in &ps {
+                let (mut s, mut m) = (0.0, 0.0);
+                for j in 0..d {
+                    let t = to_f64(q.get([b, h, j])) * to_f64(k.get([b, p, kvh, j]));
+                    s += t;
+                    m += t.abs();
+                    v_max = v_max.max(to_f64(v.get([b, p, kvh, j])).abs());
+                }
+                logits.push(scale * s);
+                magnitude = magnitude.max(scale * m);
+            }
+            let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            let o = (0..d)
+                .map(|j| if ps.is_empty() { 0.0 } else { ps.iter().zip(&w).map(|(&p, w)| w * to_f64(v.get([b, p, kvh, j]))).sum::<f64>() / sum })
+                .collect();
+            let lse = if ps.is_empty() { f64::NEG_INFINITY } else { max + sum.ln() };
+            out.push(Want { o, lse, v_max, magnitude });
+        }
+    }
+    out
+}
+
+/// The oracle of gaze_decode: each head over its own attended positions.
+pub(crate) fn gaze_oracle<T: Element>(inp: &Inputs<T>) -> Vec<Want> {
+    oracle(&inp.q, &inp.k, &inp.v, inp.scale, |b, h| attended(&inp.layout, &inp.routes, b, h))
+}
+
+/// Output tensors o `[B, Hq, D]` (random strides unless `aligned`) and lse
+/// `[B, Hq]`, poisoned.
+pub(crate) fn outputs<T: TestElem>(r: &mut StdRng, shape: [usize; 3], aligned: bool) -> (Tensor<T, 3>, Tensor<f32, 2>) {
+    let o_strides = if aligned { contiguous_strides(shape) } else { random_strides(r, shape) };
+    let lse_shape = [shape[0], shape[1]];
+    let lse_strides = if aligned { contiguous_strides(lse_shape) } else { random_strides(r, lse_shape) };
+    (Tensor::filled(shape, o_strides, T::POISON), Tensor::filled(lse_shape, lse_strides, f32::POISON))
+}
+
+/// Asserts `o` and `lse` match `want` within `slack` times the f32 accumulation
+/// tolerance, and that nothing outside the views was written.
+pub(crate) fn assert_matches<T: TestElem>(o: &Tensor<T, 3>, lse: &Tensor<f32, 2>, want: &[Want], slack: f64, what: &str) {
+    let hq = o.shape[1];
+    for [b, h, j] in indices(o.shape) {
+        let w = &want[b * hq + h];
+        let got = to_f64(o.get([b, h, j]));
+        let bound = w.bound::<T>(j, slack);
+        assert!((got - w.o[j]).abs() <= bound, "{what}: o[{b}, {h}, {j}] = {got}, want {} (bound {bound:e})", w.o[j]);
+    }
+    for [b, h] in indices(lse.shape) {
+        let w = &want[b * hq + h];
+        let got = lse.get([b, h]) as f64;
+        let ok = if w.lse.is_infinite() { got == w.lse } else { (got - w.lse).abs() <= w.lse_bound(slack) };
+        assert!(ok, "{what}: lse[{b}, {h}] = {got}, want {}", w.lse);
+    }
+    for off in o.gap_offsets() {
+        assert!(o.data[off].bits() == T::POISON.bits(), "{what}: o storage offset {off} outside the view was written");
+    }
+    for off in lse.gap_offsets() {
+        assert!(lse.data[off].to_bits() == f32::POISON.to_bits(), "{what}: lse storage offset {off} outside the view was written");
+    }
+}
+
+/// Runs the CPU reference into fresh poisoned outputs.
+fn run_cpu<T: TestElem>(inp: &Inputs<T>, r: &mut StdRng, aligned: bool) -> (Tensor<T, 3>, Tensor<f32, 2>) {
+    let (mut o, mut lse) = outputs::<T>(r, inp.q.shape, aligned);
+    gaze_decode(inp.q.view(), inp.k.view(), inp.v.view(), &inp.layout, &inp.routes, inp.scale, &mut o.view_mut(), Some(&mut lse.view_mut())).expect("valid call");
+    (o, lse)
+}
+
+// ---------------------------------------------------------------------------
+// Random cases
+// ---------------------------------------------------------------------------
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        any::<u64>(),
+        1usize..=3,
+        1usize..=2,
+        1usize..=8,
+        prop::sample::select(vec![1usize, 2, 3, 5, 8, 16, 17, 64, 80]),
+        prop::sample::select(vec![None, Some(1.0f32), Some(0.3), Some(2.5)]),
+    )
+        .prop_map(|(seed, batch, kv_heads, group, head_dim, scale)| Case { seed, batch, kv_heads, group, head_dim, scale, long: false, aligned: false })
+}
+
+fn check_case<T: TestElem>(c: Case) {
+    let inp = Inputs::<T>::new(&c);
+    let want = gaze_oracle(&inp);
+    let (o, lse) = run_cpu(&inp, &mut rng(c.seed ^ 1), false);
+    assert_matches(&o, &lse, &want, 1.0, &format!("{c:?}"));
+}
+
+foveal_tests::oracle_proptests!(48, case(), check_case);
+
+/// Every head dim the SPEC names at every GQA width up to 8, on long rows
+/// (6 x 6 regions of grids of 400 to 1,600 tokens).
+#[test]
+fn head_dims_groups_and_long_rows() {
+    let mut seed = 500;
+    for head_dim in [64, 80, 96, 128, 256] {
+        for group in [1, 3, 4, 7, 8] {
+            seed += 1;
+            let c = Case { seed, batch: 2, kv_heads: 1, group, head_dim, scale: None, long: group == 7, aligned: false };
+            check_case::<bf16>(c);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Dense attention, short and empty routes
+// ---------------------------------------------------------------------------
+
+/// Rows with no unused position: text, then one image of `h x w` in 6 x 6
+/// regions (plus context tokens), then text; with every region routed for
+/// every head, gaze_decode is plain softmax attention over `0..end`.
+pub(crate) fn gapless_rows(r: &mut StdRng, batch: usize) -> (Vec<GazeRow>, usize) {
+    let mut seq = 0;
+    let rows = (0..batch)
+        .map(|_| {
+            let mut row = GazeRow::new();
+            let (pre, h, w, post) = (r.random_range(0..9), r.random_range(1..20), r.random_range(1..20), r.random_range(0..9));
+            row.push_visible(0..pre);
+            row.push_units(&[pre], h, w, RegionShape::default()).expect("grid");
+            row.push_visible(pre + h * w..pre + h * w + 4 + post);
+            seq = seq.max(pre + h * w + 4 + post);
+            row
+        })
+        .collect();
+    (rows, seq)
+}
+
+/// Routes `[B, 1, Hq, max_regions]` naming every region of each row.
+pub(crate) fn all_routes(layout: &GazeLayout, q_heads: usize) -> Routes {
+    let k = layout.max_regions().max(1);
+    let mut ids = Vec::new();
+    for b in 0..layout.batch() {
+        for _ in 0..q_heads {
+            let mut list: Vec<i32> = (0..layout.regions(b) as i32).collect();
+            list.resize(k, -1);
+            ids.extend(list);
+        }
+    }
+    Routes::from_ids(layout, 1, q_heads, k, &ids).expect("routes")
+}
+
+#[test]
+fn all_regions_routed_is_dense_attention() {
+    for (n, group) in [1usize, 2, 7].into_iter().enumerate() {
+        let mut r = rng(40 + n as u64);
+        let (rows, seq) = gapless_rows(&mut r, 3);
+        let layout = GazeLayout::new(seq, &rows).unwrap();
+        let c = Case { seed: 0, batch: 3, kv_heads: 2, group, head_dim: 32, scale: None, long: false, aligned: false };
+        let routes = all_routes(&layout, 2 * group);
+        let inp = Inputs::<f32>::with(&mut r, &c, layout, routes);
+        // the dense oracle: every position of the row, no layout involved
+        let want = oracle(&inp.q, &inp.k, &inp.v, None, |b, _| (0..rows[b].visible.last().unwrap().end).collect());
+        let (o, lse) = run_cpu(&inp, &mut r, false);
+        assert_matches(&o, &lse, &want, 1.0, &format!("dense, group {group}"));
+    }
+}
+
+/// A hand-checked two-key case: one visible key and one region of one token;
+/// head 0 routes it (a two-way softmax), head 1 does not (its only key).
+#[test]
+fn each_head_attends_its_own_regions() {
+    let mut row = GazeRow::new();
+    row.push_visible(0..1);
+    row.regions.push(vec![1]);
+    let layout = GazeLayout::new(2, &[row]).unwrap();
+    let routes = Routes::from_ids(&layout, 1, 2, 1, &[0, -1]).unwrap();
+    let q = [1.0f32, 0.0, 2.0, 0.0]; // heads 0 and 1, D = 2
+    let k = [0.5f32, 0.0, 2.0, 0.0]; // keys at 0 and 1
+    let v = [1.0f32, -1.0, 3.0, 5.0];
+    let (mut o, mut lse) = ([f32::NAN; 4], [f32::NAN; 2]);
+    gaze_decode(
+        View::contiguous(&q, [1, 2, 2]).unwrap(),
+        View::contiguous(&k, [1, 2, 1, 2]).unwrap(),
+        View::contiguous(&v, [1, 2, 1, 2]).unwrap(),
+        &layout,
+        &routes,
+        Some(1.0),
+        &mut ViewMut::contiguous(&mut o, [1, 2, 2]).unwrap(),
+        Some(&mut ViewMut::contiguous(&mut lse, [1, 2]).unwrap()),
+    )
+    .unwrap();
+    let (s0, s1) = (0.5f64, 2.0f64);
+    let p1 = s1.exp() / (s0.exp() + s1.exp());
+    let want0 = [(1.0 - p1) + 3.0 * p1, -(1.0 - p1) + 5.0 * p1];
+    for j in 0..2 {
+        assert!((o[j] as f64 - want0[j]).abs() < 1e-6, "head 0: {o:?} vs {want0:?}");
+    }
+    assert!((lse[0] as f64 - (s0.exp() + s1.exp()).ln()).abs() < 1e-6);
+    assert_eq!(&o[2..], &[1.0, -1.0], "head 1 sees only the visible key");
+    assert!((lse[1] - 1.0).abs() < 1e-6, "head 1: lse = 2 * 0.5");
+}
+
+/// Route lists shorter than k (padding), empty lists, rows with neither
+/// visible keys nor routes (o = 0, lse = -inf), a row with no regions.
+#[test]
+fn short_and_empty_routes_and_empty_rows() {
+    let mut rows = vec![GazeRow::new(), GazeRow::new(), GazeRow::new()];
+    rows[0].push_units(&[0], 4, 4, RegionShape { frames: 1, height: 2, width: 2 }).unwrap(); // 4 regions, nothing visible
+    rows[1].push_visible(3..9); // no regions
+    rows[2].push_visible(0..2);
+    rows[2].push_units(&[2], 3, 3, RegionShape { frames: 1, height: 2, width: 2 }).unwrap();
+    let layout = GazeLayout::new(16, &rows).unwrap();
+    #[rustfmt::skip]
+    let ids = [
+        2, -1, -1,  -1, -1, -1,  0, 1, 3,   // row 0: one region, none, three
+        -1, -1, -1,  -1, -1, -1,  -1, -1, -1, // row 1: only visible keys
+        1, -1, -1,  -1, -1, -1,  0, 2, 3,   // row 2
+    ];
+    let routes = Routes::from_ids(&layout, 1, 3, 3, &ids).unwrap();
+    let c = Case { seed: 0, batch: 3, kv_heads: 1, group: 3, head_dim: 8, scale: Some(0.5), long: false, aligned: false };
+    let mut r = rng(3);
+    let inp = Inputs::<f32>::with(&mut r, &c, layout, routes);
+    let want = gaze_oracle(&inp);
+    assert!(want[1].lse == f64::NEG_INFINITY && want[1].o.iter().all(|&x| x == 0.0), "row 0 head 1 attends nothing");
+    let (o, lse) = run_cpu(&inp, &mut r, false);
+    assert_matches(&o, &lse, &want, 1.0, "short and empty routes");
+    assert!(o.view().row([0, 1, 0]).iter().all(|x| x.to_bits() == 0), "o = +0 where nothing is attended");
+}
+
+/// The lse output is optional; without it o is the same.
+#[test]
+fn lse_is_optional() {
+    let c = Case { seed: 9, batch: 2, kv_heads: 2, group: 2, head_dim: 16, scale: None, long: false, aligned: true };
+    let inp = Inputs::<bf16>::new(&c);
+    let (with, _) = run_cpu(&inp, &mut rng(1), true);
+    let mut without = Tensor::filled(inp.q.shape, contiguous_strides(inp.q.shape), bf16::POISON);
+    gaze_decode(inp.q.view(), inp.k.view(), inp.v.view(), &inp.layout, &inp.routes, None, &mut without.view_mut(), None).unwrap();
+    assert_eq!(with.data, without.data);
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------
+
+/// A valid small problem (B 2, Hq 4, Hkv 2, D 8, S 12), each shape overridable.
+struct Problem {
+    q: [usize; 3],
+    kv: [usize; 4],
+    v: Option<[usize; 4]>,
+    o: [usize; 3],
+    lse: Option<[usize; 2]>,
+    routes: [usize; 3], // [B, Nq, Hq] with k = 2
+    scale: Option<f32>,
+    foreign_routes: bool,
+}
+
+impl Problem {
+    fn valid() -> Self {
+        Problem { q: [2, 4, 8], kv: [2, 12, 2, 8], v: None, o: [2, 4, 8], lse: Some([2, 4]), routes: [2, 1, 4], scale: None, foreign_routes: false }
+    }
+
+    fn layout(rows: usize) -> GazeLayout {
+        let mut row = GazeRow::new();
+        row.push_visible(0..2);
+        row.push_units(&[2], 3, 3, RegionShape { frames: 1, height: 2, width: 2 }).unwrap();
+        GazeLayout::new(12, &vec![row; rows]).unwrap()
+    }
+
+    fn run(&self) -> Result<(), Error> {
+        let layout = Self::layout(2);
+        let [rb, nq, hq] = self.routes;
+        let route_layout = if self.foreign_routes || rb != 2 { Self::layout(rb) } else { layout.clone() };
+        let ids: Vec<i32> = (0..rb * nq * hq).flat_map(|_| [0, 3]).collect();
+        let routes = Routes::from_ids(&route_layout, nq, hq, 2, &ids).unwrap();
+        let mut r = rng(5);
+        let t3 = |r: &mut StdRng, s: [usize; 3]| random_tensor::<f32, 3>(r, s, contiguous_strides(s), -1.0, 1.0);
+        let t4 = |r: &mut StdRng, s: [usize; 4]| random_tensor::<f32, 4>(r, s, contiguous_strides(s), -1.0, 1.0);
+        let (q, k, v) = (t3(&mut r, self.q), t4(&mut r, self.kv), t4(&mut r, self.v.unwrap_or(self.kv)));
+        let mut o = Tensor::filled(self.o, contiguous_strides(self.o), f32::POISON);
+        let mut lse = self.lse.map(|s| Tensor::filled(s, contiguous_strides(s), f32::POISON));
+        let mut lse_view = lse.as_mut().map(|l| l.view_mut());
+        let res = gaze_decode(q.view(), k.view(), v.view(), &layout, &routes, self.scale, &mut o.view_mut(), lse_view.as_mut());
+        if res.is_err() {
+            assert!(o.data.iter().all(|x| x.is_nan()), "a failed call must not write o");
+            assert!(lse.iter().all(|l| l.data.iter().all(|x| x.is_nan())), "a failed call must not write lse");
+        }
+        res
+    }
+}
+
+fn assert_err(res: Result<(), Error>, kind: &str, want_arg: &str) {
+    let (got_kind, arg) = match &res {
+        Err(Error::Shape { op: "gaze_decode", arg, .. }) => ("shape", *arg),
+        Err(Error::Index { op: "gaze_decode", arg, .. }) => ("index", *arg),
+        Err(Error::Value { op: "gaze_decode", arg, .. }) => ("value", *arg),
+        other => panic!("want a {kind} error on `{want_arg}`, got {other:?}"),
+    };
+    assert_eq!((got_kind, arg), (kind, want_arg), "{res:?}");
+}
+
+#[test]
+fn valid_problem_is_accepted() {
+    Problem::valid().run().unwrap();
+    let mut p = Problem::valid();
+    p.lse = None;
+    p.run().unwrap();
+}
+
+#[test]
+fn rejects_mismatched_q_k_v() {
+    let mut p = Problem::valid();
+    p.kv[0] = 1;
+    assert_err(p.run(), "shape", "k");
+    let mut p = Problem::valid();
+    p.kv[3] = 16;
+    assert_err(p.run(), "shape", "k");
+    let mut p = Problem::valid();
+    p.v = Some([2, 12, 2, 16]);
+    assert_err(p.run(), "shape", "v");
+    let mut p = Problem::valid();
+    p.v = Some([2, 13, 2, 8]);
+    assert_err(p.run(), "shape", "v");
+}
+
+#[test]
+fn rejects_query_heads_not_a_multiple_of_kv_heads() {
+    let mut p = Problem::valid();
+    p.kv[2] = 3;
+    assert_err(p.run(), "shape", "q");
+}
+
+#[test]
+fn rejects_layout_of_another_batch_or_a_short_cache() {
+    let mut p = Problem::valid();
+    p.q[0] = 3;
+    p.kv[0] = 3;
+    p.o[0] = 3;
+    p.lse = Some([3, 4]);
+    assert_err(p.run(), "shape", "layout");
+    let mut p = Problem::valid();
+    p.kv[1] = 11; // the layout indexes a cache of 12
+    assert_err(p.run(), "index", "layout");
+}
+
+#[test]
+fn rejects_routes_of_wrong_shape_or_layout() {
+    for routes in [[2, 2, 4], [2, 1, 2], [2, 1, 8]] {
+        let mut p = Problem::valid();
+        p.routes = routes;
+        assert_err(p.run(), "shape", "routes");
+    }
+    let mut p = Problem::valid();
+    p.routes = [1, 1, 4];
+    assert_err(p.run(), "shape", "routes");
+    let mut p = Problem::valid();
+    p.foreign_routes = true;
+    assert_err(p.run(), "value", "routes");
+}
+
+#[test]
+fn rejects_bad_scale() {
+    for scale in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let mut p = Problem::valid();
+        p.scale = Some(scale);
+        assert_err(p.run(), "value", "scale");
+    }
+}
+
+#[test]
+fn rejects_outputs_of_wrong_shape() {
+    for o in [[2, 4, 16], [2, 2, 8], [1, 4, 8]] {
+        let mut p = Problem::valid();
+        p.o = o;
+        assert_err(p.run(), "shape", "o");
+    }
+    for lse in [[2, 2], [4, 2], [1, 4]] {
+        let mut p = Problem::valid();
+        p.lse = Some(lse);
+        assert_err(p.run(), "shape", "lse");
+    }
+}
+
+/// Routes built by `Routes::new` (not filled by route_topk) are refused.
+#[test]
+fn rejects_unfilled_routes() {
+    let layout = Problem::layout(1);
+    let routes = Routes::new(&layout, 1, 2, 1);
+    let q = [0.0f32; 16];
+    let kv = [0.0f32; 12 * 8];
+    let mut o = [0.0f32; 16];
+    let res = gaze_decode(
+        View::contiguous(&q, [1, 2, 8]).unwrap(),
+        View::new(&kv, Layout::bshd(1, 12, 1, 8)).unwrap(),
+        View::new(&kv, Layout::bhsd(1, 12, 1, 8)).unwrap(),
+        &layout,
+        &routes,
+        None,
+        &mut ViewMut::contiguous(&mut o, [1, 2, 8]).unwrap(),
+        None,
+    );
+    assert_err(res, "value", "routes");
+}
+
+#[cfg(feature = "cuda")]
+#[path = "gaze_decode/gpu.rs"]
+mod gpu;
