@@ -27,6 +27,8 @@
 // Every reduction has a fixed order (the only atomic is a bitwise OR), so the
 // output is bit-identical run to run.
 
+#include <cub/block/block_scan.cuh>
+
 #include "common.cuh"
 
 namespace foveal {
@@ -64,32 +66,10 @@ __device__ __forceinline__ int units_per_row(int q_heads, int kv_heads) {
   return kv_heads * ceil_div(q_heads / kv_heads, FOVEAL_GAZE_MAX_GROUP);
 }
 
-// Exclusive prefix sum of x over the block in thread order; `total` gets the
-// block's sum. `sm` holds one int per warp.
-__device__ __forceinline__ int block_exclusive_sum(int x, int* sm, int& total) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  int incl = x;
-#pragma unroll
-  for (int o = 1; o < 32; o *= 2) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) sm[warp] = incl;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < kPlanThreads / 32; ++w) {
-    if (w < warp) before += sm[w];
-    total += sm[w];
-  }
-  __syncthreads();  // `sm` is reused by the next call
-  return before + incl - x;
-}
-
 __global__ void __launch_bounds__(kPlanThreads) gaze_plan_kernel(const foveal_gaze_decode_params p) {
+  using BlockScan = cub::BlockScan<int, kPlanThreads>;
   extern __shared__ uint32_t route_bits[];  // byte r % 4 of word r / 4: the heads that routed region r
-  __shared__ int sm_scan[kPlanThreads / 32];
+  __shared__ typename BlockScan::TempStorage scan;
   const int unit = blockIdx.x;
   const int b = blockIdx.y;
   const Unit u = unit_of(p.q_heads, p.kv_heads, unit);
@@ -125,9 +105,11 @@ __global__ void __launch_bounds__(kPlanThreads) gaze_plan_kernel(const foveal_ga
       mask = (route_bits[id / 4] >> (8 * (id % 4))) & 0xff;
       len = mask != 0 ? p.region_len[static_cast<int64_t>(b) * p.max_regions + id] : 0;
     }
-    int seg_total, tok_total;
-    const int seg_at = block_exclusive_sum(mask != 0, sm_scan, seg_total);
-    const int tok_at = block_exclusive_sum(len, sm_scan, tok_total);
+    int seg_at, seg_total, tok_at, tok_total;
+    BlockScan(scan).ExclusiveSum(static_cast<int>(mask != 0), seg_at, seg_total);
+    __syncthreads();  // `scan` is reused
+    BlockScan(scan).ExclusiveSum(len, tok_at, tok_total);
+    __syncthreads();
     if (mask != 0) segs[n_segs + seg_at] = make_int4(id, mask, n_tokens + tok_at, n_tokens + tok_at + len);
     n_segs += seg_total;
     n_tokens += tok_total;
