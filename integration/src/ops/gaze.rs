@@ -118,7 +118,7 @@ pub fn region_descriptors(k: &Tensor, index: &GazeIndex) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         (Storage::Cuda(s), Placed::Device { stream, layout: dl }) => {
             use foveal::cuda::{DevView, DevViewMut};
-            let dev = s.device().clone();
+            let dev = s.device.clone();
             let mut out = dev.alloc_zeros::<f32>(shape.iter().product())?;
             with_element!(k.dtype(), T => {
                 let kv = DevView::new(s.as_cuda_slice::<T>()?.slice(l.start_offset()..), kl).map_err(wrap)?;
@@ -235,7 +235,7 @@ pub fn gaze_decode(
             RoutesOn::Device { routes: r, .. },
         ) => {
             use foveal::cuda::{DevView, DevViewMut, Workspace};
-            let dev = qs.device().clone();
+            let dev = qs.device.clone();
             let mut workspace = Workspace::new();
             with_element!(q.dtype(), T => {
                 let mut out = dev.alloc_zeros::<T>(shape.iter().product())?;
