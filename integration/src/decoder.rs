@@ -498,7 +498,13 @@ impl Decoder {
             Some(queries) => {
                 let s = queries.dim(2)?;
                 let last_query = queries.narrow(2, s - 1, 1)?.squeeze(2)?.contiguous()?;
-                Ok((h, Captured { last_query, queries }))
+                Ok((
+                    h,
+                    Captured {
+                        last_query,
+                        queries,
+                    },
+                ))
             }
             None => candle_core::bail!("Decoder::forward_layers_capture: the layer range is empty"),
         }
@@ -574,43 +580,30 @@ impl Decoder {
         starts: &[usize],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        self.decode_step_with(tokens, positions, starts, cache, &mut DenseAttention)
+        self.decode_step_with(
+            tokens,
+            positions,
+            &[self.span_all(starts)],
+            cache,
+            &mut DenseAttention,
+        )
     }
 
-    /// [`Decoder::decode_step`] with every layer's attention done by `core`
-    /// (which gets the left-padding mask, or `None` when no row is padded).
+    /// One span over every layer, valid from `starts`: the layout of a cache
+    /// no method has reduced inside the decoder.
+    pub fn span_all(&self, starts: &[usize]) -> CacheSpan {
+        CacheSpan {
+            layers: 0..self.layers.len(),
+            starts: starts.to_vec(),
+        }
+    }
+
+    /// [`Decoder::decode_step`] over caches of different layouts, with every
+    /// layer's attention done by `core`: `spans` cover the layers in order,
+    /// each with its own left-padding starts (and its own cache length, read
+    /// from its first layer); `core` gets each span's left-padding mask, or
+    /// `None` when no row of the span is padded.
     pub fn decode_step_with(
-        &self,
-        tokens: &[u32],
-        positions: &[u32],
-        starts: &[usize],
-        cache: &mut KvCache,
-        core: &mut dyn AttentionCore,
-    ) -> Result<Tensor> {
-        self.decode_step_spans_with(tokens, positions, &[self.whole_span(starts)], cache, core)
-    }
-
-    /// [`Decoder::decode_step`] over caches of different layouts: `spans`
-    /// cover the layers in order, each with its own left-padding starts (and
-    /// its own cache length, read from its first layer).
-    pub fn decode_step_spans(
-        &self,
-        tokens: &[u32],
-        positions: &[u32],
-        spans: &[CacheSpan],
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        self.decode_step_spans_with(tokens, positions, spans, cache, &mut DenseAttention)
-    }
-
-    /// One span over every layer, valid from `starts`.
-    fn whole_span(&self, starts: &[usize]) -> CacheSpan {
-        CacheSpan { layers: 0..self.layers.len(), starts: starts.to_vec() }
-    }
-
-    /// [`Decoder::decode_step_spans`] with every layer's attention done by
-    /// `core` (which gets each span's left-padding mask, or `None`).
-    pub fn decode_step_spans_with(
         &self,
         tokens: &[u32],
         positions: &[u32],
@@ -652,7 +645,14 @@ impl Decoder {
             } else {
                 None
             };
-            h = self.forward_layers_with(&h, &pos, mask.as_ref(), span.layers.clone(), cache, core)?;
+            h = self.forward_layers_with(
+                &h,
+                &pos,
+                mask.as_ref(),
+                span.layers.clone(),
+                cache,
+                core,
+            )?;
         }
         self.last_logits(&h)
     }
@@ -669,38 +669,20 @@ impl Decoder {
         cache: &mut KvCache,
         max_new_tokens: usize,
     ) -> Result<Generation> {
-        self.greedy_with(first_logits, next_positions, starts, cache, max_new_tokens, &mut DenseAttention)
+        let spans = [self.span_all(starts)];
+        self.greedy_with(
+            first_logits,
+            next_positions,
+            &spans,
+            cache,
+            max_new_tokens,
+            &mut DenseAttention,
+        )
     }
 
-    /// [`Decoder::greedy`] with every decode step's attention done by `core`.
+    /// [`Decoder::greedy`] over caches of different layouts, every decode
+    /// step's attention done by `core` (see [`Decoder::decode_step_with`]).
     pub fn greedy_with(
-        &self,
-        first_logits: &Tensor,
-        next_positions: &[u32],
-        starts: &[usize],
-        cache: &mut KvCache,
-        max_new_tokens: usize,
-        core: &mut dyn AttentionCore,
-    ) -> Result<Generation> {
-        let spans = [self.whole_span(starts)];
-        self.greedy_spans_with(first_logits, next_positions, &spans, cache, max_new_tokens, core)
-    }
-
-    /// [`Decoder::greedy`] over caches of different layouts (see
-    /// [`Decoder::decode_step_spans`]).
-    pub fn greedy_spans(
-        &self,
-        first_logits: &Tensor,
-        next_positions: &[u32],
-        spans: &[CacheSpan],
-        cache: &mut KvCache,
-        max_new_tokens: usize,
-    ) -> Result<Generation> {
-        self.greedy_spans_with(first_logits, next_positions, spans, cache, max_new_tokens, &mut DenseAttention)
-    }
-
-    /// [`Decoder::greedy_spans`] with every decode step's attention done by `core`.
-    pub fn greedy_spans_with(
         &self,
         first_logits: &Tensor,
         next_positions: &[u32],
@@ -725,7 +707,7 @@ impl Decoder {
             if step + 1 == max_new_tokens {
                 break;
             }
-            logits = self.decode_step_spans_with(&next, &pos, spans, cache, core)?;
+            logits = self.decode_step_with(&next, &pos, spans, cache, core)?;
             pos.iter_mut().for_each(|p| *p += 1);
         }
         Ok(gen)

@@ -20,7 +20,7 @@ use foveal::text_guided_select::{Lengths, DEFAULT_GAMMA};
 use foveal::Padding;
 
 use crate::config::ModelConfig;
-use crate::decoder::{attention_mask, CacheSpan, Generation, KvCache};
+use crate::decoder::{attention_mask, CacheSpan, DenseAttention, Generation, KvCache};
 use crate::model::{LlavaModel, SeededInit};
 use crate::nn::Named;
 use crate::ops;
@@ -306,12 +306,13 @@ impl FocusLlava {
                 starts: starts.clone(),
             },
         ];
-        let generation = dec.greedy_spans(
+        let generation = dec.greedy_with(
             &first,
             &prompt.next_positions(),
             &spans,
             &mut cache,
             max_new_tokens,
+            &mut DenseAttention,
         )?;
         let decode = t1.elapsed();
         let full: Vec<usize> = prompt.starts.iter().map(|&st| s - st).collect();

@@ -276,7 +276,7 @@ impl GazeAttention {
         let generation = dec.greedy_with(
             &first_logits,
             &p.next_positions(),
-            &p.starts,
+            &[dec.span_all(&p.starts)],
             &mut cache,
             max_new_tokens,
             &mut core,

@@ -13,6 +13,9 @@ use foveal_candle::{
     attention_mask, FocusConfig, FocusLlava, LlavaModel, ModelConfig, VisionSample, MASK_MIN,
 };
 
+mod common;
+use common::max_abs_diff;
+
 const STEPS: usize = 5;
 
 struct Setup {
@@ -41,10 +44,6 @@ fn setup() -> Result<Setup> {
 /// Two images for a `g x g` grid of the tower's image size.
 fn images(s: &Setup, g: usize) -> Result<Tensor> {
     Ok(synthetic_images(2, g * s.cfg.vision.image_size, 5, &Device::Cpu)?.0)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
 
 #[test]

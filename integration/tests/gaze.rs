@@ -16,6 +16,9 @@ use foveal_candle::{
     ModelConfig, MASK_MIN,
 };
 
+mod common;
+use common::max_abs_diff;
+
 const STEPS: usize = 5;
 /// Grid side of the tiny model's images.
 const SIDE: usize = 8;
@@ -90,10 +93,6 @@ fn mixed_batch(gaze: &GazeAttention, model: &LlavaModel) -> Result<GazePrompt> {
         ],
     ];
     gaze.prompt(model, &rows)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
 
 /// The regions of a row, computed here from its units: `items` lists how
@@ -284,8 +283,13 @@ fn routed_decoding_equals_dense_attention_with_unrouted_regions_masked() -> Resu
         let mut routing_mattered = false;
         for step in 1..STEPS {
             let tokens: Vec<u32> = run.generation.tokens.iter().map(|t| t[step - 1]).collect();
-            let want =
-                dec.decode_step_with(&tokens, &pos, &p.starts, &mut pre.cache, &mut reference)?;
+            let want = dec.decode_step_with(
+                &tokens,
+                &pos,
+                &[dec.span_all(&p.starts)],
+                &mut pre.cache,
+                &mut reference,
+            )?;
             let diff = max_abs_diff(&want, &run.generation.logits[step])?;
             assert!(
                 diff < 1e-4,

@@ -5,31 +5,16 @@
 //! says so) where no GPU is present.
 #![cfg(feature = "cuda")]
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result};
 use foveal::RegionShape;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{GazeAttention, GazeConfig, GazeRun, GazeSegment, LlavaModel, ModelConfig};
 
+mod common;
+use common::{gpu, max_abs_diff};
+
 const STEPS: usize = 4;
-
-fn gpu() -> Option<Device> {
-    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
-        Ok(Ok(d)) => Some(d),
-        _ => {
-            eprintln!("SKIP: no CUDA GPU");
-            None
-        }
-    }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()
-}
 
 /// Both prompts on `dev`: one image per row, then a video and two images.
 fn runs(dev: &Device, cfg: &ModelConfig) -> Result<Vec<GazeRun>> {

@@ -10,6 +10,9 @@ use foveal_candle::{
     attention_mask, GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig, MASK_MIN,
 };
 
+mod common;
+use common::max_abs_diff;
+
 const STEPS: usize = 5;
 
 struct Setup {
@@ -36,10 +39,6 @@ fn setup() -> Result<Setup> {
         model,
         cfg,
     })
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
 
 #[test]
