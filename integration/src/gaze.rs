@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use foveal::{GazeLayout, GazeRow, RegionShape, Routes};
+use foveal::{GazeLayout, RegionShape, Routes};
 
 use crate::config::ModelConfig;
 use crate::decoder::{AttentionCore, Generation, KvCache};
@@ -267,7 +267,6 @@ impl GazeAttention {
         let p = &prompt.prompt;
         let mut core = GazeDecode {
             descriptors,
-            rows: prompt.rows.clone(),
             end: p.seq(),
             index,
             k: self.cfg.k,
@@ -315,7 +314,6 @@ impl GazeAttention {
 struct GazeDecode {
     /// Per layer, `[B, Hkv, R_max, D]` f32.
     descriptors: Vec<Tensor>,
-    rows: Vec<GazeRow>,
     /// Cache length the current layout covers.
     end: usize,
     index: GazeIndex,
@@ -344,17 +342,13 @@ impl AttentionCore for GazeDecode {
         let s = k.dim(2)?;
         if s != self.end {
             // A new step: every row's valid cache now ends at `s` (rows are
-            // left-padded and decode in lockstep). The layout is rebuilt at
-            // the new cache length (its positions index a cache of exactly
-            // that many), keeping the region ids the descriptors use.
+            // left-padded and decode in lockstep), the new entries visible;
+            // the region ids the descriptors use stay.
             if s < self.end {
                 candle_core::bail!("Gaze Attention: the cache shrank from {} to {s}", self.end);
             }
-            for row in &mut self.rows {
-                row.push_visible(self.end..s);
-            }
-            let layout = GazeLayout::new(s, &self.rows).map_err(candle_core::Error::wrap)?;
-            self.index = GazeIndex::new(layout.clone(), q.device())?;
+            self.index.extend_visible(s)?;
+            let layout = self.index.layout().clone();
             self.steps.push((layout, Vec::new()));
             self.end = s;
         }

@@ -31,14 +31,32 @@ use rand::Rng;
 /// positions now and then. Returns the row and one past its last position.
 fn random_row(r: &mut StdRng, mut pos: usize, long: bool) -> (GazeRow, usize) {
     let mut row = GazeRow::new();
-    let text = |r: &mut StdRng| if r.random_bool(0.3) { 0 } else { r.random_range(1..6) };
+    let text = |r: &mut StdRng| {
+        if r.random_bool(0.3) {
+            0
+        } else {
+            r.random_range(1..6)
+        }
+    };
     let n = text(r);
     row.push_visible(pos..pos + n);
     pos += n;
     for _ in 0..r.random_range(0..=3) {
-        let (h, w) = if long { (r.random_range(20..40), r.random_range(20..40)) } else { (r.random_range(1..7), r.random_range(1..7)) };
-        let frames = if r.random_bool(0.3) { r.random_range(2..4) } else { 1 };
-        let shape = RegionShape { frames: r.random_range(1..3), height: r.random_range(1..5), width: r.random_range(1..5) };
+        let (h, w) = if long {
+            (r.random_range(20..40), r.random_range(20..40))
+        } else {
+            (r.random_range(1..7), r.random_range(1..7))
+        };
+        let frames = if r.random_bool(0.3) {
+            r.random_range(2..4)
+        } else {
+            1
+        };
+        let shape = RegionShape {
+            frames: r.random_range(1..3),
+            height: r.random_range(1..5),
+            width: r.random_range(1..5),
+        };
         let shape = if long { RegionShape::default() } else { shape };
         let mut bases = Vec::new();
         for _ in 0..frames {
@@ -80,8 +98,15 @@ pub(crate) fn random_routes(r: &mut StdRng, layout: &GazeLayout, q_heads: usize)
         let regions = layout.regions(b);
         for _ in 0..q_heads {
             let most = k.min(regions);
-            let n = if r.random_bool(0.7) { most } else { r.random_range(0..=most) };
-            let mut pick: Vec<i32> = rand::seq::index::sample(r, regions, n).into_iter().map(|x| x as i32).collect();
+            let n = if r.random_bool(0.7) {
+                most
+            } else {
+                r.random_range(0..=most)
+            };
+            let mut pick: Vec<i32> = rand::seq::index::sample(r, regions, n)
+                .into_iter()
+                .map(|x| x as i32)
+                .collect();
             pick.sort_unstable();
             pick.resize(k, -1);
             ids.extend(pick);
@@ -143,10 +168,18 @@ impl<T: TestElem> Inputs<T> {
         let (hkv, d) = (c.kv_heads, c.head_dim);
         let hq = c.group * hkv;
         let q_shape = [c.batch, hq, d];
-        let q_strides = if c.aligned { contiguous_strides(q_shape) } else { random_strides(r, q_shape) };
+        let q_strides = if c.aligned {
+            contiguous_strides(q_shape)
+        } else {
+            random_strides(r, q_shape)
+        };
         let q = random_tensor(r, q_shape, q_strides, -1.0, 1.0);
         let kv_shape = [c.batch, layout.seq().max(1), hkv, d];
-        let order = if c.aligned { KvOrder::pick_aligned(r) } else { KvOrder::pick(r) };
+        let order = if c.aligned {
+            KvOrder::pick_aligned(r)
+        } else {
+            KvOrder::pick(r)
+        };
         let (k_strides, v_strides) = (order.strides(r, kv_shape), order.strides(r, kv_shape));
         let mut k = random_tensor(r, kv_shape, k_strides, -1.0, 1.0);
         let mut v = random_tensor(r, kv_shape, v_strides, -1.0, 1.0);
@@ -154,7 +187,9 @@ impl<T: TestElem> Inputs<T> {
             for kvh in 0..hkv {
                 let mut used = vec![false; kv_shape[1]];
                 for h in kvh * c.group..(kvh + 1) * c.group {
-                    attended(&layout, &routes, b, h).into_iter().for_each(|p| used[p] = true);
+                    attended(&layout, &routes, b, h)
+                        .into_iter()
+                        .for_each(|p| used[p] = true);
                 }
                 for (p, _) in used.iter().enumerate().filter(|(_, &u)| !u) {
                     for j in 0..d {
@@ -165,7 +200,14 @@ impl<T: TestElem> Inputs<T> {
                 }
             }
         }
-        Inputs { layout, routes, q, k, v, scale: c.scale }
+        Inputs {
+            layout,
+            routes,
+            q,
+            k,
+            v,
+            scale: c.scale,
+        }
     }
 }
 
@@ -189,7 +231,9 @@ impl Want {
     /// accumulation (`slack` times the accumulation error allowed).
     pub fn bound<T: Element>(&self, d: usize, slack: f64) -> f64 {
         let storage = Tol::for_elem::<T>();
-        storage.abs + storage.rel * self.o[d].abs() + slack * Tol::F32.rel * (1.0 + self.magnitude) * self.v_max
+        storage.abs
+            + storage.rel * self.o[d].abs()
+            + slack * Tol::F32.rel * (1.0 + self.magnitude) * self.v_max
     }
 
     pub fn lse_bound(&self, slack: f64) -> f64 {
@@ -200,7 +244,13 @@ impl Want {
 /// SPEC math in f64 over a list of positions per (row, head): `s_p = scale *
 /// q . k[p]`, `o = sum_p softmax(s)_p v[p]`, `lse = ln sum_p exp s_p`; no
 /// position: `o = 0`, `lse = -inf`. Indexed `[b * Hq + h]`.
-pub(crate) fn oracle<T: Element>(q: &Tensor<T, 3>, k: &Tensor<T, 4>, v: &Tensor<T, 4>, scale: Option<f32>, positions: impl Fn(usize, usize) -> Vec<usize>) -> Vec<Want> {
+pub(crate) fn oracle<T: Element>(
+    q: &Tensor<T, 3>,
+    k: &Tensor<T, 4>,
+    v: &Tensor<T, 4>,
+    scale: Option<f32>,
+    positions: impl Fn(usize, usize) -> Vec<usize>,
+) -> Vec<Want> {
     let [batch, hq, d] = q.shape;
     let group = hq / k.shape[2];
     let scale = scale.map_or(1.0 / (d as f64).sqrt(), f64::from);
@@ -225,10 +275,29 @@ pub(crate) fn oracle<T: Element>(q: &Tensor<T, 3>, k: &Tensor<T, 4>, v: &Tensor<
             let w: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = w.iter().sum();
             let o = (0..d)
-                .map(|j| if ps.is_empty() { 0.0 } else { ps.iter().zip(&w).map(|(&p, w)| w * to_f64(v.get([b, p, kvh, j]))).sum::<f64>() / sum })
+                .map(|j| {
+                    if ps.is_empty() {
+                        0.0
+                    } else {
+                        ps.iter()
+                            .zip(&w)
+                            .map(|(&p, w)| w * to_f64(v.get([b, p, kvh, j])))
+                            .sum::<f64>()
+                            / sum
+                    }
+                })
                 .collect();
-            let lse = if ps.is_empty() { f64::NEG_INFINITY } else { max + sum.ln() };
-            out.push(Want { o, lse, v_max, magnitude });
+            let lse = if ps.is_empty() {
+                f64::NEG_INFINITY
+            } else {
+                max + sum.ln()
+            };
+            out.push(Want {
+                o,
+                lse,
+                v_max,
+                magnitude,
+            });
         }
     }
     out
@@ -236,46 +305,97 @@ pub(crate) fn oracle<T: Element>(q: &Tensor<T, 3>, k: &Tensor<T, 4>, v: &Tensor<
 
 /// The oracle of gaze_decode: each head over its own attended positions.
 pub(crate) fn gaze_oracle<T: Element>(inp: &Inputs<T>) -> Vec<Want> {
-    oracle(&inp.q, &inp.k, &inp.v, inp.scale, |b, h| attended(&inp.layout, &inp.routes, b, h))
+    oracle(&inp.q, &inp.k, &inp.v, inp.scale, |b, h| {
+        attended(&inp.layout, &inp.routes, b, h)
+    })
 }
 
 /// Output tensors o `[B, Hq, D]` (random strides unless `aligned`) and lse
 /// `[B, Hq]`, poisoned.
-pub(crate) fn outputs<T: TestElem>(r: &mut StdRng, shape: [usize; 3], aligned: bool) -> (Tensor<T, 3>, Tensor<f32, 2>) {
-    let o_strides = if aligned { contiguous_strides(shape) } else { random_strides(r, shape) };
+pub(crate) fn outputs<T: TestElem>(
+    r: &mut StdRng,
+    shape: [usize; 3],
+    aligned: bool,
+) -> (Tensor<T, 3>, Tensor<f32, 2>) {
+    let o_strides = if aligned {
+        contiguous_strides(shape)
+    } else {
+        random_strides(r, shape)
+    };
     let lse_shape = [shape[0], shape[1]];
-    let lse_strides = if aligned { contiguous_strides(lse_shape) } else { random_strides(r, lse_shape) };
-    (Tensor::filled(shape, o_strides, T::POISON), Tensor::filled(lse_shape, lse_strides, f32::POISON))
+    let lse_strides = if aligned {
+        contiguous_strides(lse_shape)
+    } else {
+        random_strides(r, lse_shape)
+    };
+    (
+        Tensor::filled(shape, o_strides, T::POISON),
+        Tensor::filled(lse_shape, lse_strides, f32::POISON),
+    )
 }
 
 /// Asserts `o` and `lse` match `want` within `slack` times the f32 accumulation
 /// tolerance, and that nothing outside the views was written.
-pub(crate) fn assert_matches<T: TestElem>(o: &Tensor<T, 3>, lse: &Tensor<f32, 2>, want: &[Want], slack: f64, what: &str) {
+pub(crate) fn assert_matches<T: TestElem>(
+    o: &Tensor<T, 3>,
+    lse: &Tensor<f32, 2>,
+    want: &[Want],
+    slack: f64,
+    what: &str,
+) {
     let hq = o.shape[1];
     for [b, h, j] in indices(o.shape) {
         let w = &want[b * hq + h];
         let got = to_f64(o.get([b, h, j]));
         let bound = w.bound::<T>(j, slack);
-        assert!((got - w.o[j]).abs() <= bound, "{what}: o[{b}, {h}, {j}] = {got}, want {} (bound {bound:e})", w.o[j]);
+        assert!(
+            (got - w.o[j]).abs() <= bound,
+            "{what}: o[{b}, {h}, {j}] = {got}, want {} (bound {bound:e})",
+            w.o[j]
+        );
     }
     for [b, h] in indices(lse.shape) {
         let w = &want[b * hq + h];
         let got = lse.get([b, h]) as f64;
-        let ok = if w.lse.is_infinite() { got == w.lse } else { (got - w.lse).abs() <= w.lse_bound(slack) };
+        let ok = if w.lse.is_infinite() {
+            got == w.lse
+        } else {
+            (got - w.lse).abs() <= w.lse_bound(slack)
+        };
         assert!(ok, "{what}: lse[{b}, {h}] = {got}, want {}", w.lse);
     }
     for off in o.gap_offsets() {
-        assert!(o.data[off].bits() == T::POISON.bits(), "{what}: o storage offset {off} outside the view was written");
+        assert!(
+            o.data[off].bits() == T::POISON.bits(),
+            "{what}: o storage offset {off} outside the view was written"
+        );
     }
     for off in lse.gap_offsets() {
-        assert!(lse.data[off].to_bits() == f32::POISON.to_bits(), "{what}: lse storage offset {off} outside the view was written");
+        assert!(
+            lse.data[off].to_bits() == f32::POISON.to_bits(),
+            "{what}: lse storage offset {off} outside the view was written"
+        );
     }
 }
 
 /// Runs the CPU reference into fresh poisoned outputs.
-fn run_cpu<T: TestElem>(inp: &Inputs<T>, r: &mut StdRng, aligned: bool) -> (Tensor<T, 3>, Tensor<f32, 2>) {
+fn run_cpu<T: TestElem>(
+    inp: &Inputs<T>,
+    r: &mut StdRng,
+    aligned: bool,
+) -> (Tensor<T, 3>, Tensor<f32, 2>) {
     let (mut o, mut lse) = outputs::<T>(r, inp.q.shape, aligned);
-    gaze_decode(inp.q.view(), inp.k.view(), inp.v.view(), &inp.layout, &inp.routes, inp.scale, &mut o.view_mut(), Some(&mut lse.view_mut())).expect("valid call");
+    gaze_decode(
+        inp.q.view(),
+        inp.k.view(),
+        inp.v.view(),
+        &inp.layout,
+        &inp.routes,
+        inp.scale,
+        &mut o.view_mut(),
+        Some(&mut lse.view_mut()),
+    )
+    .expect("valid call");
     (o, lse)
 }
 
@@ -292,7 +412,16 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![1usize, 2, 3, 5, 8, 16, 17, 64, 80]),
         prop::sample::select(vec![None, Some(1.0f32), Some(0.3), Some(2.5)]),
     )
-        .prop_map(|(seed, batch, kv_heads, group, head_dim, scale)| Case { seed, batch, kv_heads, group, head_dim, scale, long: false, aligned: false })
+        .prop_map(|(seed, batch, kv_heads, group, head_dim, scale)| Case {
+            seed,
+            batch,
+            kv_heads,
+            group,
+            head_dim,
+            scale,
+            long: false,
+            aligned: false,
+        })
 }
 
 fn check_case<T: TestElem>(c: Case) {
@@ -312,7 +441,16 @@ fn head_dims_groups_and_long_rows() {
     for head_dim in [64, 80, 96, 128, 256] {
         for group in [1, 3, 4, 7, 8] {
             seed += 1;
-            let c = Case { seed, batch: 2, kv_heads: 1, group, head_dim, scale: None, long: group == 7, aligned: false };
+            let c = Case {
+                seed,
+                batch: 2,
+                kv_heads: 1,
+                group,
+                head_dim,
+                scale: None,
+                long: group == 7,
+                aligned: false,
+            };
             check_case::<bf16>(c);
         }
     }
@@ -330,9 +468,15 @@ pub(crate) fn gapless_rows(r: &mut StdRng, batch: usize) -> (Vec<GazeRow>, usize
     let rows = (0..batch)
         .map(|_| {
             let mut row = GazeRow::new();
-            let (pre, h, w, post) = (r.random_range(0..9), r.random_range(1..20), r.random_range(1..20), r.random_range(0..9));
+            let (pre, h, w, post) = (
+                r.random_range(0..9),
+                r.random_range(1..20),
+                r.random_range(1..20),
+                r.random_range(0..9),
+            );
             row.push_visible(0..pre);
-            row.push_units(&[pre], h, w, RegionShape::default()).expect("grid");
+            row.push_units(&[pre], h, w, RegionShape::default())
+                .expect("grid");
             row.push_visible(pre + h * w..pre + h * w + 4 + post);
             seq = seq.max(pre + h * w + 4 + post);
             row
@@ -361,11 +505,22 @@ fn all_regions_routed_is_dense_attention() {
         let mut r = rng(40 + n as u64);
         let (rows, seq) = gapless_rows(&mut r, 3);
         let layout = GazeLayout::new(seq, &rows).unwrap();
-        let c = Case { seed: 0, batch: 3, kv_heads: 2, group, head_dim: 32, scale: None, long: false, aligned: false };
+        let c = Case {
+            seed: 0,
+            batch: 3,
+            kv_heads: 2,
+            group,
+            head_dim: 32,
+            scale: None,
+            long: false,
+            aligned: false,
+        };
         let routes = all_routes(&layout, 2 * group);
         let inp = Inputs::<f32>::with(&mut r, &c, layout, routes);
         // the dense oracle: every position of the row, no layout involved
-        let want = oracle(&inp.q, &inp.k, &inp.v, None, |b, _| (0..rows[b].visible.last().unwrap().end).collect());
+        let want = oracle(&inp.q, &inp.k, &inp.v, None, |b, _| {
+            (0..rows[b].visible.last().unwrap().end).collect()
+        });
         let (o, lse) = run_cpu(&inp, &mut r, false);
         assert_matches(&o, &lse, &want, 1.0, &format!("dense, group {group}"));
     }
@@ -399,7 +554,10 @@ fn each_head_attends_its_own_regions() {
     let p1 = s1.exp() / (s0.exp() + s1.exp());
     let want0 = [(1.0 - p1) + 3.0 * p1, -(1.0 - p1) + 5.0 * p1];
     for j in 0..2 {
-        assert!((o[j] as f64 - want0[j]).abs() < 1e-6, "head 0: {o:?} vs {want0:?}");
+        assert!(
+            (o[j] as f64 - want0[j]).abs() < 1e-6,
+            "head 0: {o:?} vs {want0:?}"
+        );
     }
     assert!((lse[0] as f64 - (s0.exp() + s1.exp()).ln()).abs() < 1e-6);
     assert_eq!(&o[2..], &[1.0, -1.0], "head 1 sees only the visible key");
@@ -411,10 +569,32 @@ fn each_head_attends_its_own_regions() {
 #[test]
 fn short_and_empty_routes_and_empty_rows() {
     let mut rows = vec![GazeRow::new(), GazeRow::new(), GazeRow::new()];
-    rows[0].push_units(&[0], 4, 4, RegionShape { frames: 1, height: 2, width: 2 }).unwrap(); // 4 regions, nothing visible
+    rows[0]
+        .push_units(
+            &[0],
+            4,
+            4,
+            RegionShape {
+                frames: 1,
+                height: 2,
+                width: 2,
+            },
+        )
+        .unwrap(); // 4 regions, nothing visible
     rows[1].push_visible(3..9); // no regions
     rows[2].push_visible(0..2);
-    rows[2].push_units(&[2], 3, 3, RegionShape { frames: 1, height: 2, width: 2 }).unwrap();
+    rows[2]
+        .push_units(
+            &[2],
+            3,
+            3,
+            RegionShape {
+                frames: 1,
+                height: 2,
+                width: 2,
+            },
+        )
+        .unwrap();
     let layout = GazeLayout::new(16, &rows).unwrap();
     #[rustfmt::skip]
     let ids = [
@@ -423,24 +603,58 @@ fn short_and_empty_routes_and_empty_rows() {
         1, -1, -1,  -1, -1, -1,  0, 2, 3,   // row 2
     ];
     let routes = Routes::from_ids(&layout, 1, 3, 3, &ids).unwrap();
-    let c = Case { seed: 0, batch: 3, kv_heads: 1, group: 3, head_dim: 8, scale: Some(0.5), long: false, aligned: false };
+    let c = Case {
+        seed: 0,
+        batch: 3,
+        kv_heads: 1,
+        group: 3,
+        head_dim: 8,
+        scale: Some(0.5),
+        long: false,
+        aligned: false,
+    };
     let mut r = rng(3);
     let inp = Inputs::<f32>::with(&mut r, &c, layout, routes);
     let want = gaze_oracle(&inp);
-    assert!(want[1].lse == f64::NEG_INFINITY && want[1].o.iter().all(|&x| x == 0.0), "row 0 head 1 attends nothing");
+    assert!(
+        want[1].lse == f64::NEG_INFINITY && want[1].o.iter().all(|&x| x == 0.0),
+        "row 0 head 1 attends nothing"
+    );
     let (o, lse) = run_cpu(&inp, &mut r, false);
     assert_matches(&o, &lse, &want, 1.0, "short and empty routes");
-    assert!(o.view().row([0, 1, 0]).iter().all(|x| x.to_bits() == 0), "o = +0 where nothing is attended");
+    assert!(
+        o.view().row([0, 1, 0]).iter().all(|x| x.to_bits() == 0),
+        "o = +0 where nothing is attended"
+    );
 }
 
 /// The lse output is optional; without it o is the same.
 #[test]
 fn lse_is_optional() {
-    let c = Case { seed: 9, batch: 2, kv_heads: 2, group: 2, head_dim: 16, scale: None, long: false, aligned: true };
+    let c = Case {
+        seed: 9,
+        batch: 2,
+        kv_heads: 2,
+        group: 2,
+        head_dim: 16,
+        scale: None,
+        long: false,
+        aligned: true,
+    };
     let inp = Inputs::<bf16>::new(&c);
     let (with, _) = run_cpu(&inp, &mut rng(1), true);
     let mut without = Tensor::filled(inp.q.shape, contiguous_strides(inp.q.shape), bf16::POISON);
-    gaze_decode(inp.q.view(), inp.k.view(), inp.v.view(), &inp.layout, &inp.routes, None, &mut without.view_mut(), None).unwrap();
+    gaze_decode(
+        inp.q.view(),
+        inp.k.view(),
+        inp.v.view(),
+        &inp.layout,
+        &inp.routes,
+        None,
+        &mut without.view_mut(),
+        None,
+    )
+    .unwrap();
     assert_eq!(with.data, without.data);
 }
 
@@ -462,33 +676,81 @@ struct Problem {
 
 impl Problem {
     fn valid() -> Self {
-        Problem { q: [2, 4, 8], kv: [2, 12, 2, 8], v: None, o: [2, 4, 8], lse: Some([2, 4]), routes: [2, 1, 4], scale: None, foreign_routes: false }
+        Problem {
+            q: [2, 4, 8],
+            kv: [2, 12, 2, 8],
+            v: None,
+            o: [2, 4, 8],
+            lse: Some([2, 4]),
+            routes: [2, 1, 4],
+            scale: None,
+            foreign_routes: false,
+        }
     }
 
     fn layout(rows: usize) -> GazeLayout {
         let mut row = GazeRow::new();
         row.push_visible(0..2);
-        row.push_units(&[2], 3, 3, RegionShape { frames: 1, height: 2, width: 2 }).unwrap();
+        row.push_units(
+            &[2],
+            3,
+            3,
+            RegionShape {
+                frames: 1,
+                height: 2,
+                width: 2,
+            },
+        )
+        .unwrap();
         GazeLayout::new(12, &vec![row; rows]).unwrap()
     }
 
     fn run(&self) -> Result<(), Error> {
         let layout = Self::layout(2);
         let [rb, nq, hq] = self.routes;
-        let route_layout = if self.foreign_routes || rb != 2 { Self::layout(rb) } else { layout.clone() };
+        let route_layout = if self.foreign_routes || rb != 2 {
+            Self::layout(rb)
+        } else {
+            layout.clone()
+        };
         let ids: Vec<i32> = (0..rb * nq * hq).flat_map(|_| [0, 3]).collect();
         let routes = Routes::from_ids(&route_layout, nq, hq, 2, &ids).unwrap();
         let mut r = rng(5);
-        let t3 = |r: &mut StdRng, s: [usize; 3]| random_tensor::<f32, 3>(r, s, contiguous_strides(s), -1.0, 1.0);
-        let t4 = |r: &mut StdRng, s: [usize; 4]| random_tensor::<f32, 4>(r, s, contiguous_strides(s), -1.0, 1.0);
-        let (q, k, v) = (t3(&mut r, self.q), t4(&mut r, self.kv), t4(&mut r, self.v.unwrap_or(self.kv)));
+        let t3 = |r: &mut StdRng, s: [usize; 3]| {
+            random_tensor::<f32, 3>(r, s, contiguous_strides(s), -1.0, 1.0)
+        };
+        let t4 = |r: &mut StdRng, s: [usize; 4]| {
+            random_tensor::<f32, 4>(r, s, contiguous_strides(s), -1.0, 1.0)
+        };
+        let (q, k, v) = (
+            t3(&mut r, self.q),
+            t4(&mut r, self.kv),
+            t4(&mut r, self.v.unwrap_or(self.kv)),
+        );
         let mut o = Tensor::filled(self.o, contiguous_strides(self.o), f32::POISON);
-        let mut lse = self.lse.map(|s| Tensor::filled(s, contiguous_strides(s), f32::POISON));
+        let mut lse = self
+            .lse
+            .map(|s| Tensor::filled(s, contiguous_strides(s), f32::POISON));
         let mut lse_view = lse.as_mut().map(|l| l.view_mut());
-        let res = gaze_decode(q.view(), k.view(), v.view(), &layout, &routes, self.scale, &mut o.view_mut(), lse_view.as_mut());
+        let res = gaze_decode(
+            q.view(),
+            k.view(),
+            v.view(),
+            &layout,
+            &routes,
+            self.scale,
+            &mut o.view_mut(),
+            lse_view.as_mut(),
+        );
         if res.is_err() {
-            assert!(o.data.iter().all(|x| x.is_nan()), "a failed call must not write o");
-            assert!(lse.iter().all(|l| l.data.iter().all(|x| x.is_nan())), "a failed call must not write lse");
+            assert!(
+                o.data.iter().all(|x| x.is_nan()),
+                "a failed call must not write o"
+            );
+            assert!(
+                lse.iter().all(|l| l.data.iter().all(|x| x.is_nan())),
+                "a failed call must not write lse"
+            );
         }
         res
     }
@@ -496,9 +758,21 @@ impl Problem {
 
 fn assert_err(res: Result<(), Error>, kind: &str, want_arg: &str) {
     let (got_kind, arg) = match &res {
-        Err(Error::Shape { op: "gaze_decode", arg, .. }) => ("shape", *arg),
-        Err(Error::Index { op: "gaze_decode", arg, .. }) => ("index", *arg),
-        Err(Error::Value { op: "gaze_decode", arg, .. }) => ("value", *arg),
+        Err(Error::Shape {
+            op: "gaze_decode",
+            arg,
+            ..
+        }) => ("shape", *arg),
+        Err(Error::Index {
+            op: "gaze_decode",
+            arg,
+            ..
+        }) => ("index", *arg),
+        Err(Error::Value {
+            op: "gaze_decode",
+            arg,
+            ..
+        }) => ("value", *arg),
         other => panic!("want a {kind} error on `{want_arg}`, got {other:?}"),
     };
     assert_eq!((got_kind, arg), (kind, want_arg), "{res:?}");

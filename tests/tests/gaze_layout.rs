@@ -252,6 +252,7 @@ fn extend_visible_grows_the_tail_and_keeps_identity() {
     let mut rows = two_rows();
     rows[1].visible.push(3..4);
     let mut layout = GazeLayout::new(20, &rows).unwrap();
+    let id = layout.id();
     assert_eq!(layout.max_visible(), 2);
     layout.extend_visible(1, 7).unwrap();
     assert_eq!(
@@ -269,13 +270,19 @@ fn extend_visible_grows_the_tail_and_keeps_identity() {
         Err(Error::Index { arg: "b", .. })
     ));
     assert!(matches!(
-        layout.extend_visible(0, 21),
+        layout.extend_visible(0, i32::MAX as usize + 1),
         Err(Error::Index { arg: "end", .. })
     ));
     assert!(matches!(
         layout.extend_visible(0, 12),
         Err(Error::Value { arg: "end", .. })
     ));
+
+    // past the capacity: the cache grew by a decode step
+    assert_eq!(layout.seq(), 20);
+    layout.extend_visible(0, 21).unwrap();
+    assert_eq!((layout.seq(), layout.end(0), layout.id()), (21, 21, id));
+    assert_eq!(layout.visible(0).collect::<Vec<_>>(), vec![0..2, 11..21]);
 }
 
 #[test]

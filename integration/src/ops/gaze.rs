@@ -49,6 +49,23 @@ impl GazeIndex {
     pub fn layout(&self) -> &GazeLayout {
         &self.layout
     }
+
+    /// Every row's keys up to `end` become visible, and the capacity grows
+    /// to `end` (a decode step appended one entry per row); on a GPU the
+    /// visible ranges are uploaded again. Region ids stay, so descriptors
+    /// and routes made for this index remain valid.
+    pub fn extend_visible(&mut self, end: usize) -> Result<()> {
+        for b in 0..self.layout.batch() {
+            self.layout.extend_visible(b, end).map_err(wrap)?;
+        }
+        match &mut self.placed {
+            Placed::Host => Ok(()),
+            #[cfg(feature = "cuda")]
+            Placed::Device { stream, layout } => {
+                layout.refresh_visible(stream, &self.layout).map_err(wrap)
+            }
+        }
+    }
 }
 
 /// route_topk's result, where it was computed.

@@ -169,12 +169,14 @@ impl GazeLayout {
     }
 
     /// Makes `end` the row's new length: positions from the row's current
-    /// end up to `end` (generated tokens) become visible. Keeps the layout's
-    /// identity (region ids and routes stay valid).
+    /// end up to `end` (generated tokens) become visible, and the cache
+    /// capacity grows to `end` where it was smaller (a decode step's cache
+    /// holds one entry more). Keeps the layout's identity (region ids and
+    /// routes stay valid).
     pub fn extend_visible(&mut self, b: usize, end: usize) -> Result<()> {
         const OP: &str = "GazeLayout::extend_visible";
         ensure(b < self.batch(), || Error::index(OP, "b", format!("row {b} of a batch of {}", self.batch())))?;
-        ensure(end <= self.seq, || Error::index(OP, "end", format!("{end} is past the cache of {}", self.seq)))?;
+        ensure(end <= i32::MAX as usize, || Error::index(OP, "end", format!("{end} exceeds i32::MAX")))?;
         let old = self.end[b];
         ensure(end >= old, || Error::value(OP, "end", format!("row {b}: {end} is before the row's end {old}")))?;
         if end == old {
@@ -193,6 +195,7 @@ impl GazeLayout {
             self.visible_count[b] += 1;
         }
         self.end[b] = end;
+        self.seq = self.seq.max(end);
         Ok(())
     }
 

@@ -16,7 +16,9 @@ use foveal::cuda::{DevView, DevViewMut, Workspace};
 use foveal::gaze_decode::{cpu, cuda};
 use foveal::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
 use foveal::{Error, GazeLayout, GazeRow, Layout, Routes};
-use foveal_tests::gpu::{assert_bits_eq, assert_untouched, cases, download, gpu, in_sweep, poisoned, upload, GpuElem};
+use foveal_tests::gpu::{
+    assert_bits_eq, assert_untouched, cases, download, gpu, in_sweep, poisoned, upload, GpuElem,
+};
 use foveal_tests::{random_elems, rng, Bits, Poison, Tensor};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -32,7 +34,11 @@ fn random_case<T>(r: &mut StdRng, seed: u64, long: bool) -> Case {
     let vec = 16 / std::mem::size_of::<T>();
     let dims = [vec, 2 * vec, 64, 80, 96, 128, 256];
     // long rows: one or two rows and one KV head, to keep the CPU side cheap
-    let (batch, kv_heads) = if long { (r.random_range(1..=2), 1) } else { (r.random_range(1..=4), r.random_range(1..=3)) };
+    let (batch, kv_heads) = if long {
+        (r.random_range(1..=2), 1)
+    } else {
+        (r.random_range(1..=4), r.random_range(1..=3))
+    };
     Case {
         seed,
         batch,
@@ -47,17 +53,38 @@ fn random_case<T>(r: &mut StdRng, seed: u64, long: bool) -> Case {
 
 /// Runs the CUDA path on `inp` into poisoned outputs laid out like
 /// `o_like` / `lse_like`; returns their storage.
-fn run_gpu<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, inp: &Inputs<T>, o_like: &Tensor<T, 3>, lse_like: &Tensor<f32, 2>) -> (Vec<T>, Vec<f32>) {
+fn run_gpu<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    ws: &mut Workspace,
+    inp: &Inputs<T>,
+    o_like: &Tensor<T, 3>,
+    lse_like: &Tensor<f32, 2>,
+) -> (Vec<T>, Vec<f32>) {
     let layout = DeviceGazeLayout::new(stream, &inp.layout).expect("device layout");
     let routes = DeviceRoutes::from_host(stream, &inp.routes).expect("device routes");
-    let (q_dev, k_dev, v_dev) = (inp.q.upload(stream), inp.k.upload(stream), inp.v.upload(stream));
+    let (q_dev, k_dev, v_dev) = (
+        inp.q.upload(stream),
+        inp.k.upload(stream),
+        inp.v.upload(stream),
+    );
     let mut o_dev = poisoned::<T>(stream, o_like.data.len());
     let mut lse_dev = poisoned::<f32>(stream, lse_like.data.len());
     {
         let mut o = o_like.dev_view_mut(&mut o_dev);
         let mut lse = lse_like.dev_view_mut(&mut lse_dev);
-        cuda::gaze_decode(stream, &inp.q.dev_view(&q_dev), &inp.k.dev_view(&k_dev), &inp.v.dev_view(&v_dev), &layout, &routes, inp.scale, &mut o, Some(&mut lse), ws)
-            .expect("valid call");
+        cuda::gaze_decode(
+            stream,
+            &inp.q.dev_view(&q_dev),
+            &inp.k.dev_view(&k_dev),
+            &inp.v.dev_view(&v_dev),
+            &layout,
+            &routes,
+            inp.scale,
+            &mut o,
+            Some(&mut lse),
+            ws,
+        )
+        .expect("valid call");
     }
     (download(stream, &o_dev), download(stream, &lse_dev))
 }
@@ -68,13 +95,41 @@ fn check_case<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, c: &Case
     check_inputs(stream, ws, &inp, &gaze_oracle(&inp), &format!("{c:?}"));
 }
 
-fn check_inputs<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, inp: &Inputs<T>, want: &[Want], what: &str) {
+fn check_inputs<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    ws: &mut Workspace,
+    inp: &Inputs<T>,
+    want: &[Want],
+    what: &str,
+) {
     let (mut o, mut lse) = outputs::<T>(&mut rng(7), inp.q.shape, true);
-    cpu::gaze_decode(inp.q.view(), inp.k.view(), inp.v.view(), &inp.layout, &inp.routes, inp.scale, &mut o.view_mut(), Some(&mut lse.view_mut())).expect("cpu");
+    cpu::gaze_decode(
+        inp.q.view(),
+        inp.k.view(),
+        inp.v.view(),
+        &inp.layout,
+        &inp.routes,
+        inp.scale,
+        &mut o.view_mut(),
+        Some(&mut lse.view_mut()),
+    )
+    .expect("cpu");
     let (got_o, got_lse) = run_gpu(stream, ws, inp, &o, &lse);
-    let gpu_o = Tensor { data: got_o, ..o.clone() };
-    let gpu_lse = Tensor { data: got_lse, ..lse.clone() };
-    assert_matches(&gpu_o, &gpu_lse, want, 2.0, &format!("GPU vs oracle, {what}"));
+    let gpu_o = Tensor {
+        data: got_o,
+        ..o.clone()
+    };
+    let gpu_lse = Tensor {
+        data: got_lse,
+        ..lse.clone()
+    };
+    assert_matches(
+        &gpu_o,
+        &gpu_lse,
+        want,
+        2.0,
+        &format!("GPU vs oracle, {what}"),
+    );
     // and the reference itself, beside it, within the same bound of the oracle
     assert_matches(&o, &lse, want, 1.0, &format!("CPU vs oracle, {what}"));
 }
@@ -112,12 +167,24 @@ fn matches_cpu_bf16() {
 fn head_dims_groups_long_rows() {
     let Some(stream) = gpu() else { return };
     let mut ws = Workspace::new();
-    let configs: Vec<(usize, usize)> = [64, 80, 96, 128, 256].into_iter().flat_map(|d| GROUPS.map(|g| (d, g))).collect();
+    let configs: Vec<(usize, usize)> = [64, 80, 96, 128, 256]
+        .into_iter()
+        .flat_map(|d| GROUPS.map(|g| (d, g)))
+        .collect();
     for (n, &(head_dim, group)) in configs.iter().enumerate() {
         if !in_sweep(n, configs.len()) {
             continue;
         }
-        let c = Case { seed: 900 + n as u64, batch: 2, kv_heads: 1, group, head_dim, scale: None, long: n % 3 == 0, aligned: true };
+        let c = Case {
+            seed: 900 + n as u64,
+            batch: 2,
+            kv_heads: 1,
+            group,
+            head_dim,
+            scale: None,
+            long: n % 3 == 0,
+            aligned: true,
+        };
         check_case::<bf16>(&stream, &mut ws, &c);
     }
 }
@@ -132,7 +199,16 @@ fn all_regions_routed_is_dense() {
     let (rows, seq) = gapless_rows(&mut r, 3);
     let layout = GazeLayout::new(seq, &rows).unwrap();
     let routes = all_routes(&layout, 28);
-    let c = Case { seed: 0, batch: 3, kv_heads: 4, group: 7, head_dim: 128, scale: None, long: false, aligned: true };
+    let c = Case {
+        seed: 0,
+        batch: 3,
+        kv_heads: 4,
+        group: 7,
+        head_dim: 128,
+        scale: None,
+        long: false,
+        aligned: true,
+    };
     let routed = Inputs::<bf16>::with(&mut r, &c, layout, routes);
     let dense_rows: Vec<GazeRow> = rows
         .iter()
@@ -144,7 +220,11 @@ fn all_regions_routed_is_dense() {
         .collect();
     let dense_layout = GazeLayout::new(seq, &dense_rows).unwrap();
     let dense_routes = Routes::from_ids(&dense_layout, 1, 28, 1, &[-1; 3 * 28]).unwrap();
-    let dense = Inputs { layout: dense_layout, routes: dense_routes, ..routed.clone() };
+    let dense = Inputs {
+        layout: dense_layout,
+        routes: dense_routes,
+        ..routed.clone()
+    };
     let want = gaze_oracle(&dense);
     check_inputs(&stream, &mut ws, &routed, &want, "every region routed");
     check_inputs(&stream, &mut ws, &dense, &want, "everything visible");
@@ -165,7 +245,10 @@ fn deterministic_runs() {
         let first = run_gpu(&stream, &mut ws, &inp, &o, &lse);
         let second = run_gpu(&stream, &mut ws, &inp, &o, &lse);
         let third = run_gpu(&other, &mut Workspace::new(), &inp, &o, &lse);
-        for (run, what) in [(&second, "second run"), (&third, "fresh workspace, other stream")] {
+        for (run, what) in [
+            (&second, "second run"),
+            (&third, "fresh workspace, other stream"),
+        ] {
             assert_bits_eq(&run.0, &first.0, &format!("{c:?}: o, {what}"));
             assert_bits_eq(&run.1, &first.1, &format!("{c:?}: lse, {what}"));
         }
@@ -177,15 +260,29 @@ fn deterministic_runs() {
 #[test]
 fn workspace_bytes_suffice() {
     let Some(stream) = gpu() else { return };
-    let c = Case { seed: 31, batch: 3, kv_heads: 2, group: 12, head_dim: 64, scale: None, long: true, aligned: true };
+    let c = Case {
+        seed: 31,
+        batch: 3,
+        kv_heads: 2,
+        group: 12,
+        head_dim: 64,
+        scale: None,
+        long: true,
+        aligned: true,
+    };
     let inp = Inputs::<f16>::new(&c);
     let layout = DeviceGazeLayout::new(&stream, &inp.layout).unwrap();
-    let need = cuda::workspace_bytes(&stream, &layout, inp.q.shape, 2, inp.routes.shape()[3]).unwrap();
+    let need =
+        cuda::workspace_bytes(&stream, &layout, inp.q.shape, 2, inp.routes.shape()[3]).unwrap();
     let mut ws = Workspace::new();
     ws.reserve(&stream, need).unwrap();
     let (o, lse) = outputs::<f16>(&mut rng(1), inp.q.shape, true);
     run_gpu(&stream, &mut ws, &inp, &o, &lse);
-    assert_eq!(ws.bytes(), need, "the call grew a workspace reserved to workspace_bytes");
+    assert_eq!(
+        ws.bytes(),
+        need,
+        "the call grew a workspace reserved to workspace_bytes"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -195,33 +292,80 @@ fn workspace_bytes_suffice() {
 /// A small call: q `[1, 2, d]`, k and v `[1, 8, 1, d]` starting `shift`
 /// elements into their buffers, q's head stride `q_stride`; returns the
 /// result and o's storage (poisoned before).
-fn small_call<T: GpuElem>(stream: &Arc<CudaStream>, d: usize, shift: [usize; 3], q_stride: usize, foreign: bool) -> (Result<(), Error>, Vec<T>) {
+fn small_call<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    d: usize,
+    shift: [usize; 3],
+    q_stride: usize,
+    foreign: bool,
+) -> (Result<(), Error>, Vec<T>) {
     let mut row = GazeRow::new();
     row.push_visible(0..2);
     row.regions.push((2..8).collect());
     let host = GazeLayout::new(8, &[row]).unwrap();
-    let routes_layout = if foreign { GazeLayout::new(8, &[GazeRow { visible: vec![], regions: vec![vec![0]] }]).unwrap() } else { host.clone() };
+    let routes_layout = if foreign {
+        GazeLayout::new(
+            8,
+            &[GazeRow {
+                visible: vec![],
+                regions: vec![vec![0]],
+            }],
+        )
+        .unwrap()
+    } else {
+        host.clone()
+    };
     let routes = Routes::from_ids(&routes_layout, 1, 2, 1, &[0, -1]).unwrap();
     let layout = DeviceGazeLayout::new(stream, &host).unwrap();
     let routes = DeviceRoutes::from_host(stream, &routes).unwrap();
     let mut r = rng(9);
     let buf = |r: &mut StdRng, n: usize| upload(stream, &random_elems::<T>(r, n + 1, -1.0, 1.0));
-    let (q_dev, k_dev, v_dev) = (buf(&mut r, 2 * q_stride), buf(&mut r, 8 * d), buf(&mut r, 8 * d));
-    let q = DevView::new(q_dev.slice(shift[0]..), Layout::strided([1, 2, d], [2 * q_stride, q_stride, 1]).unwrap()).unwrap();
+    let (q_dev, k_dev, v_dev) = (
+        buf(&mut r, 2 * q_stride),
+        buf(&mut r, 8 * d),
+        buf(&mut r, 8 * d),
+    );
+    let q = DevView::new(
+        q_dev.slice(shift[0]..),
+        Layout::strided([1, 2, d], [2 * q_stride, q_stride, 1]).unwrap(),
+    )
+    .unwrap();
     let k = DevView::new(k_dev.slice(shift[1]..), Layout::bshd(1, 8, 1, d)).unwrap();
     let v = DevView::new(v_dev.slice(shift[2]..), Layout::bhsd(1, 8, 1, d)).unwrap();
     let mut o_dev = poisoned::<T>(stream, 2 * d);
     let res = {
         let mut o = DevViewMut::new(o_dev.as_view_mut(), Layout::contiguous([1, 2, d])).unwrap();
-        cuda::gaze_decode(stream, &q, &k, &v, &layout, &routes, None, &mut o, None, &mut Workspace::new())
+        cuda::gaze_decode(
+            stream,
+            &q,
+            &k,
+            &v,
+            &layout,
+            &routes,
+            None,
+            &mut o,
+            None,
+            &mut Workspace::new(),
+        )
     };
     (res, download(stream, &o_dev))
 }
 
-fn assert_refused<T: Poison + Bits + std::fmt::Debug>(res: Result<(), Error>, out: &[T], unsupported: bool, what: &str) {
+fn assert_refused<T: Poison + Bits + std::fmt::Debug>(
+    res: Result<(), Error>,
+    out: &[T],
+    unsupported: bool,
+    what: &str,
+) {
     match res {
-        Err(Error::Unsupported { op: "gaze_decode", .. }) if unsupported => {}
-        Err(Error::Value { op: "gaze_decode", arg: "routes", .. }) if !unsupported => {}
+        Err(Error::Unsupported {
+            op: "gaze_decode", ..
+        }) if unsupported => {}
+        Err(Error::Value {
+            op: "gaze_decode",
+            arg: "routes",
+            ..
+        }) if !unsupported => {}
         other => panic!("{what}: refused as expected? got {other:?}"),
     }
     assert_untouched(out, what);
@@ -235,7 +379,12 @@ fn refuses_misaligned_inputs() {
     assert!(out.iter().all(|x| x.is_finite()));
     for (shift, what) in [([1, 0, 0], "q"), ([0, 1, 0], "k"), ([0, 0, 1], "v")] {
         let (res, out) = small_call::<bf16>(&stream, 64, shift, 64, false);
-        assert_refused(res, &out, true, &format!("bf16 {what} one element into its buffer"));
+        assert_refused(
+            res,
+            &out,
+            true,
+            &format!("bf16 {what} one element into its buffer"),
+        );
     }
     let (res, out) = small_call::<f32>(&stream, 16, [0, 0, 0], 18, false);
     assert_refused(res, &out, true, "f32 q head stride 18");
@@ -250,7 +399,9 @@ fn refuses_head_dims_off_the_vector_width() {
     }
     let (res, out) = small_call::<f16>(&stream, 12, [0, 0, 0], 12, false);
     assert_refused(res, &out, true, "f16 head dim 12");
-    small_call::<f32>(&stream, 4, [0, 0, 0], 4, false).0.expect("f32 head dim 4");
+    small_call::<f32>(&stream, 4, [0, 0, 0], 4, false)
+        .0
+        .expect("f32 head dim 4");
 }
 
 #[test]
@@ -265,11 +416,29 @@ fn refuses_routes_of_another_layout() {
 #[test]
 fn strided_outputs() {
     let Some(stream) = gpu() else { return };
-    let c = Case { seed: 41, batch: 3, kv_heads: 2, group: 3, head_dim: 32, scale: None, long: false, aligned: true };
+    let c = Case {
+        seed: 41,
+        batch: 3,
+        kv_heads: 2,
+        group: 3,
+        head_dim: 32,
+        scale: None,
+        long: false,
+        aligned: true,
+    };
     let inp = Inputs::<f32>::new(&c);
     let want = gaze_oracle(&inp);
     let o = Tensor::filled(inp.q.shape, [6 * 40, 40, 1], f32::POISON);
     let lse = Tensor::filled([3, 6], [1, 5], f32::POISON);
     let (got_o, got_lse) = run_gpu(&stream, &mut Workspace::new(), &inp, &o, &lse);
-    assert_matches(&Tensor { data: got_o, ..o }, &Tensor { data: got_lse, ..lse }, &want, 2.0, "strided outputs");
+    assert_matches(
+        &Tensor { data: got_o, ..o },
+        &Tensor {
+            data: got_lse,
+            ..lse
+        },
+        &want,
+        2.0,
+        "strided outputs",
+    );
 }
