@@ -9,7 +9,10 @@
 use std::sync::Arc;
 
 pub use cudarc;
-use cudarc::driver::{sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
+use cudarc::driver::{
+    sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError,
+    SyncOnDrop,
+};
 
 use crate::compact_kv::KeepPositions;
 use crate::error::{ensure, Error, Result};
@@ -18,7 +21,10 @@ use crate::rows::RowLayout;
 use crate::select_keep::KeepSet;
 
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(DriverError) -> Error {
-    move |e| Error::Cuda { op, msg: e.to_string() }
+    move |e| Error::Cuda {
+        op,
+        msg: e.to_string(),
+    }
 }
 
 /// A read-only strided tensor in device memory.
@@ -31,7 +37,15 @@ pub struct DevView<'a, T, const N: usize> {
 impl<'a, T, const N: usize> DevView<'a, T, N> {
     pub fn new(data: CudaView<'a, T>, layout: Layout<N>) -> Result<Self> {
         ensure(layout.span() <= data.len(), || {
-            Error::shape("view", "data", format!("layout spans {} elements, device buffer has {}", layout.span(), data.len()))
+            Error::shape(
+                "view",
+                "data",
+                format!(
+                    "layout spans {} elements, device buffer has {}",
+                    layout.span(),
+                    data.len()
+                ),
+            )
         })?;
         Ok(DevView { data, layout })
     }
@@ -66,10 +80,22 @@ pub struct DevViewMut<'a, T, const N: usize> {
 impl<'a, T, const N: usize> DevViewMut<'a, T, N> {
     pub fn new(data: CudaViewMut<'a, T>, layout: Layout<N>) -> Result<Self> {
         ensure(layout.span() <= data.len(), || {
-            Error::shape("view", "data", format!("layout spans {} elements, device buffer has {}", layout.span(), data.len()))
+            Error::shape(
+                "view",
+                "data",
+                format!(
+                    "layout spans {} elements, device buffer has {}",
+                    layout.span(),
+                    data.len()
+                ),
+            )
         })?;
         ensure(layout.is_non_overlapping(), || {
-            Error::shape("view", "layout", format!("an output layout must not overlap itself: {layout:?}"))
+            Error::shape(
+                "view",
+                "layout",
+                format!("an output layout must not overlap itself: {layout:?}"),
+            )
         })?;
         Ok(DevViewMut { data, layout })
     }
@@ -89,7 +115,10 @@ impl<'a, T, const N: usize> DevViewMut<'a, T, N> {
 
     /// The base pointer, with the guard that orders this write after earlier
     /// reads and writes on other streams.
-    pub(crate) fn ptr_mut<'s>(&'s mut self, stream: &'s CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'s>) {
+    pub(crate) fn ptr_mut<'s>(
+        &'s mut self,
+        stream: &'s CudaStream,
+    ) -> (sys::CUdeviceptr, SyncOnDrop<'s>) {
         self.data.device_ptr_mut(stream)
     }
 }
@@ -117,14 +146,22 @@ impl Workspace {
     /// Grows the workspace to at least `bytes` (stream-ordered allocation).
     pub fn reserve(&mut self, stream: &Arc<CudaStream>, bytes: usize) -> Result<()> {
         if self.bytes() < bytes {
-            self.buf = Some(stream.alloc_zeros::<u8>(bytes).map_err(driver_err("workspace"))?);
+            self.buf = Some(
+                stream
+                    .alloc_zeros::<u8>(bytes)
+                    .map_err(driver_err("workspace"))?,
+            );
         }
         Ok(())
     }
 
     /// Total bytes of the regions `sizes`, each aligned.
     pub(crate) fn size_of(sizes: &[usize]) -> usize {
-        sizes.iter().map(|s| s.div_ceil(REGION_ALIGN) * REGION_ALIGN).sum::<usize>().max(REGION_ALIGN)
+        sizes
+            .iter()
+            .map(|s| s.div_ceil(REGION_ALIGN) * REGION_ALIGN)
+            .sum::<usize>()
+            .max(REGION_ALIGN)
     }
 
     /// Carves `sizes.len()` aligned regions; returns their device addresses
@@ -149,17 +186,29 @@ impl Workspace {
 
 /// The kernels put the batch on a grid dimension of at most 65,535 blocks.
 pub(crate) fn check_grid_batch(op: &'static str, batch: usize) -> Result<()> {
-    ensure(batch <= 65_535, || Error::Unsupported { op, msg: format!("a batch of {batch} rows exceeds the 65,535 the kernels' grids take") })
+    ensure(batch <= 65_535, || Error::Unsupported {
+        op,
+        msg: format!("a batch of {batch} rows exceeds the 65,535 the kernels' grids take"),
+    })
 }
 
 /// Uploads an index array; an empty one becomes one -1 (the kernels never
 /// read it, and a zero-length allocation is not a valid buffer).
-pub(crate) fn upload(stream: &Arc<CudaStream>, op: &'static str, v: &[i32]) -> Result<CudaSlice<i32>> {
+pub(crate) fn upload(
+    stream: &Arc<CudaStream>,
+    op: &'static str,
+    v: &[i32],
+) -> Result<CudaSlice<i32>> {
     let data: &[i32] = if v.is_empty() { &[-1] } else { v };
     stream.clone_htod(data).map_err(driver_err(op))
 }
 
-pub(crate) fn download(stream: &Arc<CudaStream>, op: &'static str, v: &CudaSlice<i32>, n: usize) -> Result<Vec<i32>> {
+pub(crate) fn download(
+    stream: &Arc<CudaStream>,
+    op: &'static str,
+    v: &CudaSlice<i32>,
+    n: usize,
+) -> Result<Vec<i32>> {
     let mut host = stream.clone_dtoh(v).map_err(driver_err(op))?;
     host.truncate(n);
     Ok(host)
@@ -246,7 +295,11 @@ impl DeviceKeepSet {
 
     pub(crate) fn check_from(&self, op: &'static str, rows: &DeviceRowLayout) -> Result<()> {
         ensure(self.layout_id == rows.host.id(), || {
-            Error::value(op, "keep", "this keep set was not computed by select_keep from the same row layout")
+            Error::value(
+                op,
+                "keep",
+                "this keep set was not computed by select_keep from the same row layout",
+            )
         })
     }
 }
@@ -281,7 +334,11 @@ impl DeviceKeepPositions {
     }
 
     /// An empty list sized for compacting `rows` (see `keep_positions`).
-    pub fn for_rows(stream: &Arc<CudaStream>, rows: &DeviceRowLayout, drop_last: bool) -> Result<Self> {
+    pub fn for_rows(
+        stream: &Arc<CudaStream>,
+        rows: &DeviceRowLayout,
+        drop_last: bool,
+    ) -> Result<Self> {
         Self::from_host(stream, &KeepPositions::for_rows(&rows.host, drop_last))
     }
 
@@ -298,8 +355,17 @@ impl DeviceKeepPositions {
     /// explicit choice) and tightens `max_len` to the longest, so that the
     /// destination caches can be sized to the new maximum length.
     pub fn fetch_max_len(&mut self, stream: &Arc<CudaStream>) -> Result<usize> {
-        let lengths = download(stream, "DeviceKeepPositions::fetch_max_len", &self.lengths, self.batch)?;
-        self.max_len = lengths.iter().map(|&n| n.max(0) as usize).max().unwrap_or(0);
+        let lengths = download(
+            stream,
+            "DeviceKeepPositions::fetch_max_len",
+            &self.lengths,
+            self.batch,
+        )?;
+        self.max_len = lengths
+            .iter()
+            .map(|&n| n.max(0) as usize)
+            .max()
+            .unwrap_or(0);
         Ok(self.max_len)
     }
 
@@ -310,7 +376,11 @@ impl DeviceKeepPositions {
         Ok(KeepPositions {
             src_seq: self.src_seq,
             width: self.width,
-            max_len: lengths.iter().map(|&n| n.max(0) as usize).max().unwrap_or(0),
+            max_len: lengths
+                .iter()
+                .map(|&n| n.max(0) as usize)
+                .max()
+                .unwrap_or(0),
             positions: download(stream, OP, &self.positions, self.batch * self.width)?,
             lengths,
         })
@@ -328,7 +398,10 @@ pub(crate) fn sm_count(stream: &CudaStream, op: &'static str) -> Result<usize> {
 
 /// The stream as the C launchers take it, with the stream's context made
 /// current for the CUDA runtime, which the launchers use.
-pub(crate) fn ffi_stream(stream: &CudaStream, op: &'static str) -> Result<foveal_sys::foveal_stream_t> {
+pub(crate) fn ffi_stream(
+    stream: &CudaStream,
+    op: &'static str,
+) -> Result<foveal_sys::foveal_stream_t> {
     stream.context().bind_to_thread().map_err(driver_err(op))?;
     Ok(stream.cu_stream() as foveal_sys::foveal_stream_t)
 }
@@ -344,12 +417,20 @@ pub(crate) fn check_status(op: &'static str, status: i32) -> Result<()> {
     if status == foveal_sys::FOVEAL_ERR_UNSUPPORTED {
         Err(Error::Unsupported { op, msg })
     } else {
-        Err(Error::Cuda { op, msg: format!("{msg} (code {status})") })
+        Err(Error::Cuda {
+            op,
+            msg: format!("{msg} (code {status})"),
+        })
     }
 }
 
 /// Checks that a device address is aligned to `bytes`.
-pub(crate) fn check_aligned(op: &'static str, arg: &'static str, ptr: sys::CUdeviceptr, bytes: u64) -> Result<()> {
+pub(crate) fn check_aligned(
+    op: &'static str,
+    arg: &'static str,
+    ptr: sys::CUdeviceptr,
+    bytes: u64,
+) -> Result<()> {
     ensure(ptr % bytes == 0, || Error::Unsupported {
         op,
         msg: format!("`{arg}` must start on a {bytes}-byte boundary (address {ptr:#x})"),

@@ -28,7 +28,9 @@ mod sealed {
 }
 
 /// An element type the attention-like ops accept. Sealed: exactly f32, f16, bf16.
-pub trait Element: sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static {
+pub trait Element:
+    sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static
+{
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;

@@ -7,11 +7,23 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Error {
     /// A tensor's rank, shape, strides or storage length does not fit.
-    Shape { op: &'static str, arg: &'static str, msg: String },
+    Shape {
+        op: &'static str,
+        arg: &'static str,
+        msg: String,
+    },
     /// An index or length is outside the range it must lie in.
-    Index { op: &'static str, arg: &'static str, msg: String },
+    Index {
+        op: &'static str,
+        arg: &'static str,
+        msg: String,
+    },
     /// A scalar argument (k, a ratio, a threshold...) is out of its domain.
-    Value { op: &'static str, arg: &'static str, msg: String },
+    Value {
+        op: &'static str,
+        arg: &'static str,
+        msg: String,
+    },
     /// The arguments are valid but this build or device cannot run them
     /// (for example a head dim past the largest the kernels were built for).
     Unsupported { op: &'static str, msg: String },
@@ -21,13 +33,25 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn shape(op: &'static str, arg: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape { op, arg, msg: msg.into() }
+        Error::Shape {
+            op,
+            arg,
+            msg: msg.into(),
+        }
     }
     pub(crate) fn index(op: &'static str, arg: &'static str, msg: impl Into<String>) -> Self {
-        Error::Index { op, arg, msg: msg.into() }
+        Error::Index {
+            op,
+            arg,
+            msg: msg.into(),
+        }
     }
     pub(crate) fn value(op: &'static str, arg: &'static str, msg: impl Into<String>) -> Self {
-        Error::Value { op, arg, msg: msg.into() }
+        Error::Value {
+            op,
+            arg,
+            msg: msg.into(),
+        }
     }
 }
 
@@ -35,7 +59,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Shape { op, arg, msg } => write!(f, "{op}: bad shape of `{arg}`: {msg}"),
-            Error::Index { op, arg, msg } => write!(f, "{op}: index out of range in `{arg}`: {msg}"),
+            Error::Index { op, arg, msg } => {
+                write!(f, "{op}: index out of range in `{arg}`: {msg}")
+            }
             Error::Value { op, arg, msg } => write!(f, "{op}: bad value of `{arg}`: {msg}"),
             Error::Unsupported { op, msg } => write!(f, "{op}: unsupported: {msg}"),
             Error::Cuda { op, msg } => write!(f, "{op}: CUDA error: {msg}"),

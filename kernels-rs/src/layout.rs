@@ -33,10 +33,18 @@ impl<const N: usize> Layout<N> {
     pub fn strided(shape: [usize; N], strides: [usize; N]) -> Result<Self> {
         let layout = Layout { shape, strides };
         ensure(N == 0 || shape[N - 1] <= 1 || strides[N - 1] == 1, || {
-            Error::shape("layout", "strides", format!("the last dimension must be contiguous, got strides {strides:?}"))
+            Error::shape(
+                "layout",
+                "strides",
+                format!("the last dimension must be contiguous, got strides {strides:?}"),
+            )
         })?;
         layout.checked_span().ok_or_else(|| {
-            Error::shape("layout", "shape", format!("shape {shape:?} with strides {strides:?} overflows usize"))
+            Error::shape(
+                "layout",
+                "shape",
+                format!("shape {shape:?} with strides {strides:?} overflows usize"),
+            )
         })?;
         Ok(layout)
     }
@@ -91,8 +99,10 @@ impl<const N: usize> Layout<N> {
         if self.numel() == 0 {
             return true;
         }
-        let mut dims: Vec<(usize, usize)> =
-            (0..N).filter(|&i| self.shape[i] > 1).map(|i| (self.strides[i], self.shape[i])).collect();
+        let mut dims: Vec<(usize, usize)> = (0..N)
+            .filter(|&i| self.shape[i] > 1)
+            .map(|i| (self.strides[i], self.shape[i]))
+            .collect();
         dims.sort_unstable();
         let mut extent = 1usize;
         for (stride, size) in dims {
@@ -113,7 +123,10 @@ impl Layout<4> {
 
     /// KV cache stored `[B, H, S, D]` (candle/HF style), viewed as `[B, S, H, D]`.
     pub fn bhsd(b: usize, s: usize, h: usize, d: usize) -> Self {
-        Layout { shape: [b, s, h, d], strides: [h * s * d, d, s * d, 1] }
+        Layout {
+            shape: [b, s, h, d],
+            strides: [h * s * d, d, s * d, 1],
+        }
     }
 }
 
@@ -122,7 +135,10 @@ impl Layout<3> {
     pub(crate) fn with_unit_heads(&self) -> Layout<4> {
         let [b, s, w] = self.shape;
         let [sb, ss, sw] = self.strides;
-        Layout { shape: [b, s, 1, w], strides: [sb, ss, w.max(1), sw] }
+        Layout {
+            shape: [b, s, 1, w],
+            strides: [sb, ss, w.max(1), sw],
+        }
     }
 }
 
@@ -136,7 +152,15 @@ pub struct View<'a, T, const N: usize> {
 impl<'a, T: Copy, const N: usize> View<'a, T, N> {
     pub fn new(data: &'a [T], layout: Layout<N>) -> Result<Self> {
         ensure(layout.span() <= data.len(), || {
-            Error::shape("view", "data", format!("layout spans {} elements, storage has {}", layout.span(), data.len()))
+            Error::shape(
+                "view",
+                "data",
+                format!(
+                    "layout spans {} elements, storage has {}",
+                    layout.span(),
+                    data.len()
+                ),
+            )
         })?;
         Ok(View { data, layout })
     }
@@ -184,10 +208,22 @@ pub struct ViewMut<'a, T, const N: usize> {
 impl<'a, T: Copy, const N: usize> ViewMut<'a, T, N> {
     pub fn new(data: &'a mut [T], layout: Layout<N>) -> Result<Self> {
         ensure(layout.span() <= data.len(), || {
-            Error::shape("view", "data", format!("layout spans {} elements, storage has {}", layout.span(), data.len()))
+            Error::shape(
+                "view",
+                "data",
+                format!(
+                    "layout spans {} elements, storage has {}",
+                    layout.span(),
+                    data.len()
+                ),
+            )
         })?;
         ensure(layout.is_non_overlapping(), || {
-            Error::shape("view", "layout", format!("an output layout must not overlap itself: {layout:?}"))
+            Error::shape(
+                "view",
+                "layout",
+                format!("an output layout must not overlap itself: {layout:?}"),
+            )
         })?;
         Ok(ViewMut { data, layout })
     }
@@ -229,6 +265,9 @@ impl<'a, T: Copy, const N: usize> ViewMut<'a, T, N> {
 impl<T: Copy> ViewMut<'_, T, 3> {
     /// `[B, S, W]` seen as `[B, S, 1, W]`, for the row gathers.
     pub(crate) fn as_unit_heads(&mut self) -> ViewMut<'_, T, 4> {
-        ViewMut { data: &mut *self.data, layout: self.layout.with_unit_heads() }
+        ViewMut {
+            data: &mut *self.data,
+            layout: self.layout.with_unit_heads(),
+        }
     }
 }

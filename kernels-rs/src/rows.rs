@@ -42,8 +42,12 @@ impl RowLayout {
     /// Every row must be non-empty.
     pub fn new(seq: usize, rows: &[RowSpec]) -> Result<Self> {
         const OP: &str = "RowLayout::new";
-        ensure(!rows.is_empty(), || Error::shape(OP, "rows", "the batch is empty"))?;
-        ensure(seq <= i32::MAX as usize, || Error::value(OP, "seq", format!("{seq} exceeds i32::MAX")))?;
+        ensure(!rows.is_empty(), || {
+            Error::shape(OP, "rows", "the batch is empty")
+        })?;
+        ensure(seq <= i32::MAX as usize, || {
+            Error::value(OP, "seq", format!("{seq} exceeds i32::MAX"))
+        })?;
         let nv_max = rows.iter().map(|r| r.visual.len()).max().unwrap_or(0);
         let mut layout = RowLayout {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -56,14 +60,32 @@ impl RowLayout {
         };
         for (b, r) in rows.iter().enumerate() {
             ensure(r.start < r.end && r.end <= seq, || {
-                Error::index(OP, "rows", format!("row {b}: valid range {}..{} is empty or outside 0..{seq}", r.start, r.end))
+                Error::index(
+                    OP,
+                    "rows",
+                    format!(
+                        "row {b}: valid range {}..{} is empty or outside 0..{seq}",
+                        r.start, r.end
+                    ),
+                )
             })?;
             for (i, &p) in r.visual.iter().enumerate() {
                 ensure(p >= r.start && p < r.end, || {
-                    Error::index(OP, "visual", format!("row {b}: visual token {i} at position {p} is outside {}..{}", r.start, r.end))
+                    Error::index(
+                        OP,
+                        "visual",
+                        format!(
+                            "row {b}: visual token {i} at position {p} is outside {}..{}",
+                            r.start, r.end
+                        ),
+                    )
                 })?;
                 ensure(i == 0 || r.visual[i - 1] < p, || {
-                    Error::value(OP, "visual", format!("row {b}: visual positions must be strictly ascending (index {i})"))
+                    Error::value(
+                        OP,
+                        "visual",
+                        format!("row {b}: visual positions must be strictly ascending (index {i})"),
+                    )
                 })?;
                 layout.vis_pos[b * nv_max + i] = p as i32;
             }

@@ -1,6 +1,8 @@
 //! CPU reference of compact_kv, gather_rows and keep_positions.
 
-use super::{check_keep_positions, check_layer_counts, check_planes, source_slot, KeepPositions, Padding, OP};
+use super::{
+    check_keep_positions, check_layer_counts, check_planes, source_slot, KeepPositions, Padding, OP,
+};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::layout::{View, ViewMut};
@@ -11,7 +13,12 @@ use crate::select_keep::KeepSet;
 /// visual tokens that `keep` does not keep, less the last position (the
 /// glimpse token) when `drop_last`. `out` comes from
 /// [`KeepPositions::for_rows`] with the same `drop_last`.
-pub fn keep_positions(rows: &RowLayout, keep: &KeepSet, drop_last: bool, out: &mut KeepPositions) -> Result<()> {
+pub fn keep_positions(
+    rows: &RowLayout,
+    keep: &KeepSet,
+    drop_last: bool,
+    out: &mut KeepPositions,
+) -> Result<()> {
     const WHAT: &str = "keep_positions";
     keep.check_from(WHAT, rows)?;
     check_keep_positions(rows, drop_last, (out.width, out.src_seq, out.batch()))?;
@@ -71,8 +78,10 @@ pub fn gather_rows<T: bytemuck::Pod>(
     dst: &mut [ViewMut<'_, T, 3>],
 ) -> Result<()> {
     const WHAT: &str = "gather_rows";
-    let src4: Vec<View<'_, T, 4>> =
-        src.iter().map(|v| View::new(v.data(), v.layout().with_unit_heads())).collect::<Result<_>>()?;
+    let src4: Vec<View<'_, T, 4>> = src
+        .iter()
+        .map(|v| View::new(v.data(), v.layout().with_unit_heads()))
+        .collect::<Result<_>>()?;
     let mut dst4: Vec<ViewMut<'_, T, 4>> = dst.iter_mut().map(ViewMut::as_unit_heads).collect();
     let mut dst4_refs: Vec<&mut ViewMut<'_, T, 4>> = dst4.iter_mut().collect();
     gather_planes(WHAT, &src4, keep, padding, &mut dst4_refs)
@@ -85,14 +94,26 @@ fn gather_planes<T: bytemuck::Pod>(
     padding: Padding,
     dst: &mut [&mut ViewMut<'_, T, 4>],
 ) -> Result<()> {
-    let src_desc: Vec<([usize; 4], [usize; 4])> = src.iter().map(|v| (v.shape(), v.layout().strides())).collect();
-    let dst_desc: Vec<([usize; 4], [usize; 4])> = dst.iter().map(|v| (v.shape(), v.layout().strides())).collect();
-    let dims = check_planes(op, &src_desc, &dst_desc, (keep.batch(), keep.src_seq(), keep.max_len()))?;
+    let src_desc: Vec<([usize; 4], [usize; 4])> = src
+        .iter()
+        .map(|v| (v.shape(), v.layout().strides()))
+        .collect();
+    let dst_desc: Vec<([usize; 4], [usize; 4])> = dst
+        .iter()
+        .map(|v| (v.shape(), v.layout().strides()))
+        .collect();
+    let dims = check_planes(
+        op,
+        &src_desc,
+        &dst_desc,
+        (keep.batch(), keep.src_seq(), keep.max_len()),
+    )?;
     for (s, d) in src.iter().zip(dst.iter_mut()) {
         for b in 0..dims.batch {
             let row = keep.row(b);
             for j in 0..dims.dst_seq {
-                let from = source_slot(j, row.len(), dims.dst_seq, padding).map(|i| row[i] as usize);
+                let from =
+                    source_slot(j, row.len(), dims.dst_seq, padding).map(|i| row[i] as usize);
                 for h in 0..dims.heads {
                     let out = d.row_mut([b, j, h, 0]);
                     match from {

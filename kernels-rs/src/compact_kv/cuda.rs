@@ -7,7 +7,10 @@ use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use foveal_sys as ffi;
 
 use super::{check_keep_positions, check_layer_counts, check_planes, Padding};
-use crate::cuda::{check_status, ffi_stream, DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
+use crate::cuda::{
+    check_status, ffi_stream, DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet,
+    DeviceRowLayout,
+};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 use crate::layout::Layout;
@@ -80,12 +83,22 @@ pub fn compact_kv<'a, T: Element>(
     v_dst: &mut [DevViewMut<'a, T, 4>],
 ) -> Result<()> {
     check_layer_counts(k_src.len(), v_src.len(), k_dst.len(), v_dst.len())?;
-    let src: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> =
-        k_src.iter().chain(v_src).map(|v| { let (p, g) = v.ptr(stream); (p, g, *v.layout()) }).collect();
+    let src: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> = k_src
+        .iter()
+        .chain(v_src)
+        .map(|v| {
+            let (p, g) = v.ptr(stream);
+            (p, g, *v.layout())
+        })
+        .collect();
     let dst: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> = k_dst
         .iter_mut()
         .chain(v_dst.iter_mut())
-        .map(|v| { let l = *v.layout(); let (p, g) = v.ptr_mut(stream); (p, g, l) })
+        .map(|v| {
+            let l = *v.layout();
+            let (p, g) = v.ptr_mut(stream);
+            (p, g, l)
+        })
         .collect();
     gather_planes::<T>(super::OP, stream, &src, keep, padding, &dst)
 }
@@ -99,11 +112,20 @@ pub fn gather_rows<T: bytemuck::Pod>(
     padding: Padding,
     dst: &mut [DevViewMut<'_, T, 3>],
 ) -> Result<()> {
-    let src: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> =
-        src.iter().map(|v| { let (p, g) = v.ptr(stream); (p, g, v.layout().with_unit_heads()) }).collect();
+    let src: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> = src
+        .iter()
+        .map(|v| {
+            let (p, g) = v.ptr(stream);
+            (p, g, v.layout().with_unit_heads())
+        })
+        .collect();
     let dst: Vec<(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)> = dst
         .iter_mut()
-        .map(|v| { let l = v.layout().with_unit_heads(); let (p, g) = v.ptr_mut(stream); (p, g, l) })
+        .map(|v| {
+            let l = v.layout().with_unit_heads();
+            let (p, g) = v.ptr_mut(stream);
+            (p, g, l)
+        })
         .collect();
     gather_planes::<T>("gather_rows", stream, &src, keep, padding, &dst)
 }
@@ -121,7 +143,12 @@ fn gather_planes<T>(
     let desc = |planes: &[(sys::CUdeviceptr, SyncOnDrop<'_>, Layout<4>)]| -> Vec<([usize; 4], [usize; 4])> {
         planes.iter().map(|(_, _, l)| (l.shape(), l.strides())).collect()
     };
-    let dims = check_planes(op, &desc(src), &desc(dst), (keep.batch, keep.src_seq, keep.max_len))?;
+    let dims = check_planes(
+        op,
+        &desc(src),
+        &desc(dst),
+        (keep.batch, keep.src_seq, keep.max_len),
+    )?;
     let elem = std::mem::size_of::<T>();
     let [ssb, sss, ssh, _] = src[0].2.strides();
     let [dsb, dss, dsh, _] = dst[0].2.strides();
@@ -132,10 +159,16 @@ fn gather_planes<T>(
         (dims.heads, dims.width)
     };
     let row_bytes = width * elem;
-    ensure(heads * row_bytes <= i32::MAX as usize && dims.dst_seq <= i32::MAX as usize, || Error::Unsupported {
-        op,
-        msg: format!("a row of {row_bytes} bytes or a capacity of {} slots exceeds i32", dims.dst_seq),
-    })?;
+    ensure(
+        heads * row_bytes <= i32::MAX as usize && dims.dst_seq <= i32::MAX as usize,
+        || Error::Unsupported {
+            op,
+            msg: format!(
+                "a row of {row_bytes} bytes or a capacity of {} slots exceeds i32",
+                dims.dst_seq
+            ),
+        },
+    )?;
     let (positions, _p) = keep.positions.device_ptr(stream);
     let (lengths, _l) = keep.lengths.device_ptr(stream);
     let max_planes = ffi::FOVEAL_GATHER_MAX_PLANES as usize;

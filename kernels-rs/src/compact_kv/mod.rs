@@ -51,14 +51,32 @@ impl KeepPositions {
     /// From explicit lists; each must be strictly ascending and below `src_seq`.
     pub fn from_rows(src_seq: usize, rows: &[Vec<usize>]) -> Result<Self> {
         const WHAT: &str = "KeepPositions::from_rows";
-        ensure(!rows.is_empty(), || Error::shape(WHAT, "rows", "the batch is empty"))?;
+        ensure(!rows.is_empty(), || {
+            Error::shape(WHAT, "rows", "the batch is empty")
+        })?;
         let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let mut kp = KeepPositions { src_seq, width, max_len: width, positions: vec![-1; rows.len() * width], lengths: Vec::new() };
+        let mut kp = KeepPositions {
+            src_seq,
+            width,
+            max_len: width,
+            positions: vec![-1; rows.len() * width],
+            lengths: Vec::new(),
+        };
         for (b, row) in rows.iter().enumerate() {
             for (j, &p) in row.iter().enumerate() {
-                ensure(p < src_seq, || Error::index(WHAT, "rows", format!("row {b}: position {p} is not below {src_seq}")))?;
+                ensure(p < src_seq, || {
+                    Error::index(
+                        WHAT,
+                        "rows",
+                        format!("row {b}: position {p} is not below {src_seq}"),
+                    )
+                })?;
                 ensure(j == 0 || row[j - 1] < p, || {
-                    Error::value(WHAT, "rows", format!("row {b}: positions must be strictly ascending (index {j})"))
+                    Error::value(
+                        WHAT,
+                        "rows",
+                        format!("row {b}: positions must be strictly ascending (index {j})"),
+                    )
                 })?;
                 kp.positions[b * width + j] = p as i32;
             }
@@ -71,7 +89,13 @@ impl KeepPositions {
     /// `width` is the longest row, less the dropped glimpse token.
     pub fn for_rows(rows: &RowLayout, drop_last: bool) -> Self {
         let width = rows.max_len() - usize::from(drop_last);
-        KeepPositions { src_seq: rows.seq(), width, max_len: 0, positions: vec![-1; rows.batch() * width], lengths: vec![0; rows.batch()] }
+        KeepPositions {
+            src_seq: rows.seq(),
+            width,
+            max_len: 0,
+            positions: vec![-1; rows.batch() * width],
+            lengths: vec![0; rows.batch()],
+        }
     }
 
     pub fn batch(&self) -> usize {
@@ -115,12 +139,20 @@ pub(crate) fn check_keep_positions(
     const WHAT: &str = "keep_positions";
     let want = KeepPositions::for_rows(rows, drop_last);
     ensure(out == (want.width, want.src_seq, want.batch()), || {
-        Error::shape(WHAT, "out", "sized for another row layout or drop_last (use for_rows)")
+        Error::shape(
+            WHAT,
+            "out",
+            "sized for another row layout or drop_last (use for_rows)",
+        )
     })?;
     for b in 0..rows.batch() {
         let last = rows.end(b) as i32 - 1;
         ensure(!drop_last || rows.visual(b).last() != Some(&last), || {
-            Error::value(WHAT, "drop_last", format!("row {b}: the dropped last position {last} is a visual token"))
+            Error::value(
+                WHAT,
+                "drop_last",
+                format!("row {b}: the dropped last position {last} is a visual token"),
+            )
         })?;
     }
     Ok(())
@@ -128,10 +160,33 @@ pub(crate) fn check_keep_positions(
 
 /// compact_kv's four cache lists: as many V as K layers, and one destination
 /// per source.
-pub(crate) fn check_layer_counts(k_src: usize, v_src: usize, k_dst: usize, v_dst: usize) -> Result<()> {
-    ensure(k_src == v_src, || Error::shape(OP, "v_src", format!("{v_src} V layers for {k_src} K layers")))?;
-    ensure(k_dst == k_src, || Error::shape(OP, "k_dst", format!("{k_dst} destinations for {k_src} K layers")))?;
-    ensure(v_dst == v_src, || Error::shape(OP, "v_dst", format!("{v_dst} destinations for {v_src} V layers")))
+pub(crate) fn check_layer_counts(
+    k_src: usize,
+    v_src: usize,
+    k_dst: usize,
+    v_dst: usize,
+) -> Result<()> {
+    ensure(k_src == v_src, || {
+        Error::shape(
+            OP,
+            "v_src",
+            format!("{v_src} V layers for {k_src} K layers"),
+        )
+    })?;
+    ensure(k_dst == k_src, || {
+        Error::shape(
+            OP,
+            "k_dst",
+            format!("{k_dst} destinations for {k_src} K layers"),
+        )
+    })?;
+    ensure(v_dst == v_src, || {
+        Error::shape(
+            OP,
+            "v_dst",
+            format!("{v_dst} destinations for {v_src} V layers"),
+        )
+    })
 }
 
 /// The shared shape of a set of planes `[B, S, H, W]`.
@@ -154,21 +209,69 @@ pub(crate) fn check_planes<L: PartialEq + std::fmt::Debug>(
     dst: &[([usize; 4], L)],
     (keep_batch, keep_src_seq, keep_max_len): (usize, usize, usize),
 ) -> Result<PlaneDims> {
-    ensure(!src.is_empty(), || Error::shape(op, "src", "no planes to compact"))?;
-    ensure(src.len() == dst.len(), || Error::shape(op, "dst", format!("{} destination planes for {} sources", dst.len(), src.len())))?;
-    ensure(src.iter().all(|s| *s == src[0]), || Error::shape(op, "src", "every source plane must share one shape and strides"))?;
-    ensure(dst.iter().all(|d| *d == dst[0]), || Error::shape(op, "dst", "every destination plane must share one shape and strides"))?;
+    ensure(!src.is_empty(), || {
+        Error::shape(op, "src", "no planes to compact")
+    })?;
+    ensure(src.len() == dst.len(), || {
+        Error::shape(
+            op,
+            "dst",
+            format!("{} destination planes for {} sources", dst.len(), src.len()),
+        )
+    })?;
+    ensure(src.iter().all(|s| *s == src[0]), || {
+        Error::shape(
+            op,
+            "src",
+            "every source plane must share one shape and strides",
+        )
+    })?;
+    ensure(dst.iter().all(|d| *d == dst[0]), || {
+        Error::shape(
+            op,
+            "dst",
+            "every destination plane must share one shape and strides",
+        )
+    })?;
     let [b, s, h, w] = src[0].0;
     let [db, ds, dh, dw] = dst[0].0;
-    ensure(b == keep_batch, || Error::shape(op, "src", format!("batch {b}, the keep positions have {}", keep_batch)))?;
-    ensure(s >= keep_src_seq, || {
-        Error::shape(op, "src", format!("sequence capacity {s}, the keep positions index up to {}", keep_src_seq))
+    ensure(b == keep_batch, || {
+        Error::shape(
+            op,
+            "src",
+            format!("batch {b}, the keep positions have {}", keep_batch),
+        )
     })?;
-    ensure([db, dh, dw] == [b, h, w], || Error::shape(op, "dst", format!("shape {:?} does not match the source {:?}", dst[0].0, src[0].0)))?;
+    ensure(s >= keep_src_seq, || {
+        Error::shape(
+            op,
+            "src",
+            format!(
+                "sequence capacity {s}, the keep positions index up to {}",
+                keep_src_seq
+            ),
+        )
+    })?;
+    ensure([db, dh, dw] == [b, h, w], || {
+        Error::shape(
+            op,
+            "dst",
+            format!(
+                "shape {:?} does not match the source {:?}",
+                dst[0].0, src[0].0
+            ),
+        )
+    })?;
     ensure(ds >= keep_max_len, || {
         Error::shape(op, "dst", format!("sequence capacity {ds} cannot hold a compacted row of up to {keep_max_len} entries"))
     })?;
-    Ok(PlaneDims { batch: b, src_seq: s, dst_seq: ds, heads: h, width: w })
+    Ok(PlaneDims {
+        batch: b,
+        src_seq: s,
+        dst_seq: ds,
+        heads: h,
+        width: w,
+    })
 }
 
 /// Source slot read by destination slot `j` of a row of length `len` in a

@@ -20,7 +20,16 @@ pub fn gaze_decode<T: Element>(
     o: &mut ViewMut<'_, T, 3>,
     mut lse: Option<&mut ViewMut<'_, f32, 2>>,
 ) -> Result<()> {
-    let d = check(q.shape(), k.shape(), v.shape(), layout, routes.shape(), scale, o.shape(), lse.as_ref().map(|l| l.shape()))?;
+    let d = check(
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        layout,
+        routes.shape(),
+        scale,
+        o.shape(),
+        lse.as_ref().map(|l| l.shape()),
+    )?;
     routes.check_from(super::OP, layout)?;
     let g = d.q_heads / d.kv_heads;
     let mut positions = Vec::new();
@@ -38,7 +47,13 @@ pub fn gaze_decode<T: Element>(
             let qh: Vec<f32> = q.row([b, h, 0]).iter().map(|x| x.to_f32()).collect();
             let kvh = h / g;
             logits.clear();
-            logits.extend(positions.iter().map(|&p| d.scale * qh.iter().zip(k.row([b, p, kvh, 0])).map(|(a, c)| a * c.to_f32()).sum::<f32>()));
+            logits.extend(positions.iter().map(|&p| {
+                d.scale
+                    * qh.iter()
+                        .zip(k.row([b, p, kvh, 0]))
+                        .map(|(a, c)| a * c.to_f32())
+                        .sum::<f32>()
+            }));
             let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             acc.iter_mut().for_each(|a| *a = 0.0);
             let mut sum = 0f64;
@@ -58,7 +73,14 @@ pub fn gaze_decode<T: Element>(
                 }
             }
             if let Some(l) = lse.as_deref_mut() {
-                l.set([b, h], if positions.is_empty() { f32::NEG_INFINITY } else { m + sum.ln() as f32 });
+                l.set(
+                    [b, h],
+                    if positions.is_empty() {
+                        f32::NEG_INFINITY
+                    } else {
+                        m + sum.ln() as f32
+                    },
+                );
             }
         }
     }

@@ -6,7 +6,9 @@ use cudarc::driver::{CudaStream, DevicePtr};
 use foveal_sys as ffi;
 
 use super::{check, Dims, OP};
-use crate::cuda::{check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, Workspace};
+use crate::cuda::{
+    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, Workspace,
+};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
@@ -39,20 +41,42 @@ pub fn gaze_decode<T: Element>(
     workspace: &mut Workspace,
 ) -> Result<()> {
     let host = layout.host();
-    let dims = check(q.shape(), k.shape(), v.shape(), host, routes.shape(), scale, o.shape(), lse.as_ref().map(|l| l.shape()))?;
+    let dims = check(
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        host,
+        routes.shape(),
+        scale,
+        o.shape(),
+        lse.as_ref().map(|l| l.shape()),
+    )?;
     routes.check_from(OP, layout)?;
     let vec = 16 / std::mem::size_of::<T>();
-    ensure(dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GAZE_MAX_HEAD_DIM as usize, || Error::Unsupported {
-        op: OP,
-        msg: format!("head dim {} must be a multiple of {vec} and at most {}", dims.head_dim, ffi::FOVEAL_GAZE_MAX_HEAD_DIM),
-    })?;
+    ensure(
+        dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GAZE_MAX_HEAD_DIM as usize,
+        || Error::Unsupported {
+            op: OP,
+            msg: format!(
+                "head dim {} must be a multiple of {vec} and at most {}",
+                dims.head_dim,
+                ffi::FOVEAL_GAZE_MAX_HEAD_DIM
+            ),
+        },
+    )?;
     for (arg, shape, strides) in [
         ("q", &q.shape()[..2], &q.layout().strides()[..2]),
         ("k", &k.shape()[..3], &k.layout().strides()[..3]),
         ("v", &v.shape()[..3], &v.layout().strides()[..3]),
     ] {
-        let misaligned = shape.iter().zip(strides).any(|(&n, &s)| n > 1 && s % vec != 0);
-        ensure(!misaligned, || Error::Unsupported { op: OP, msg: format!("the strides of `{arg}` must be multiples of {vec} elements") })?;
+        let misaligned = shape
+            .iter()
+            .zip(strides)
+            .any(|(&n, &s)| n > 1 && s % vec != 0);
+        ensure(!misaligned, || Error::Unsupported {
+            op: OP,
+            msg: format!("the strides of `{arg}` must be multiples of {vec} elements"),
+        })?;
     }
     let plan = Plan::new(&dims, host, sm_count(stream, OP)?)?;
 
@@ -62,7 +86,8 @@ pub fn gaze_decode<T: Element>(
     check_aligned(OP, "q", q_ptr, 16)?;
     check_aligned(OP, "k", k_ptr, 16)?;
     check_aligned(OP, "v", v_ptr, 16)?;
-    let ([segments, unit_tokens, partial_o, partial_ml], _ws) = workspace.regions(stream, plan.region_bytes(&dims))?;
+    let ([segments, unit_tokens, partial_o, partial_ml], _ws) =
+        workspace.regions(stream, plan.region_bytes(&dims))?;
     let o_strides = o.layout().strides();
     let (o_ptr, _o) = o.ptr_mut(stream);
     let lse_strides = lse.as_ref().map_or([0, 0], |l| l.layout().strides());
@@ -140,12 +165,29 @@ pub fn gaze_decode<T: Element>(
 
 /// The workspace bytes [`gaze_decode`] uses for these sizes (reserve them
 /// before capturing a CUDA graph).
-pub fn workspace_bytes(stream: &Arc<CudaStream>, layout: &DeviceGazeLayout, q_shape: [usize; 3], kv_heads: usize, k: usize) -> Result<usize> {
+pub fn workspace_bytes(
+    stream: &Arc<CudaStream>,
+    layout: &DeviceGazeLayout,
+    q_shape: [usize; 3],
+    kv_heads: usize,
+    k: usize,
+) -> Result<usize> {
     let [batch, q_heads, head_dim] = q_shape;
     ensure(kv_heads > 0 && q_heads % kv_heads == 0, || {
-        Error::shape(OP, "q", format!("{q_heads} query heads are not a multiple of {kv_heads} KV heads"))
+        Error::shape(
+            OP,
+            "q",
+            format!("{q_heads} query heads are not a multiple of {kv_heads} KV heads"),
+        )
     })?;
-    let dims = Dims { batch, q_heads, kv_heads, head_dim, k, scale: 1.0 };
+    let dims = Dims {
+        batch,
+        q_heads,
+        kv_heads,
+        head_dim,
+        k,
+        scale: 1.0,
+    };
     let plan = Plan::new(&dims, layout.host(), sm_count(stream, OP)?)?;
     Ok(Workspace::size_of(&plan.region_bytes(&dims)))
 }
@@ -164,17 +206,31 @@ impl Plan {
         let group = dims.q_heads / dims.kv_heads;
         let units = dims.kv_heads * group.div_ceil(max_group);
         let heads_per_unit = group.min(max_group);
-        ensure(layout.max_regions() <= ffi::FOVEAL_GAZE_MAX_REGIONS as usize, || Error::Unsupported {
-            op: OP,
-            msg: format!("{} regions in a row, the kernels take at most {}", layout.max_regions(), ffi::FOVEAL_GAZE_MAX_REGIONS),
-        })?;
-        let max_segments = layout.max_visible() + layout.max_regions().min(heads_per_unit.saturating_mul(dims.k));
+        ensure(
+            layout.max_regions() <= ffi::FOVEAL_GAZE_MAX_REGIONS as usize,
+            || Error::Unsupported {
+                op: OP,
+                msg: format!(
+                    "{} regions in a row, the kernels take at most {}",
+                    layout.max_regions(),
+                    ffi::FOVEAL_GAZE_MAX_REGIONS
+                ),
+            },
+        )?;
+        let max_segments = layout.max_visible()
+            + layout
+                .max_regions()
+                .min(heads_per_unit.saturating_mul(dims.k));
         // A bound on any unit's attended tokens: its visible keys plus the
         // union of at most heads_per_unit * k regions.
-        let union_bound = heads_per_unit.saturating_mul(dims.k).saturating_mul(layout.max_region_len());
+        let union_bound = heads_per_unit
+            .saturating_mul(dims.k)
+            .saturating_mul(layout.max_region_len());
         let max_tokens = (0..layout.batch())
             .map(|b| {
-                let regions: usize = (0..layout.regions(b)).map(|r| layout.region(b, r).len()).sum();
+                let regions: usize = (0..layout.regions(b))
+                    .map(|r| layout.region(b, r).len())
+                    .sum();
                 layout.visible_len(b) + regions.min(union_bound)
             })
             .max()
@@ -182,17 +238,30 @@ impl Plan {
         // Flash-decoding split: enough blocks to fill the GPU twice over.
         let blocks_per_split = dims.batch * units;
         let max_splits = max_tokens.div_ceil(MIN_TOKENS_PER_SPLIT).max(1);
-        let num_splits = (2 * sms).div_ceil(blocks_per_split.max(1)).clamp(1, max_splits);
+        let num_splits = (2 * sms)
+            .div_ceil(blocks_per_split.max(1))
+            .clamp(1, max_splits);
         // The kernels' int32 index space and grids (y, z <= 65,535).
         let fits = units <= 65_535
             && dims.batch <= 65_535
-            && dims.batch.saturating_mul(units).saturating_mul(max_segments) <= i32::MAX as usize / 4
+            && dims
+                .batch
+                .saturating_mul(units)
+                .saturating_mul(max_segments)
+                <= i32::MAX as usize / 4
             && heads_per_unit.saturating_mul(dims.k) <= i32::MAX as usize;
         ensure(fits, || Error::Unsupported {
             op: OP,
-            msg: format!("{} rows x {units} units x {max_segments} segments exceed the kernels' limits", dims.batch),
+            msg: format!(
+                "{} rows x {units} units x {max_segments} segments exceed the kernels' limits",
+                dims.batch
+            ),
         })?;
-        Ok(Plan { units, max_segments, num_splits })
+        Ok(Plan {
+            units,
+            max_segments,
+            num_splits,
+        })
     }
 
     /// Bytes of the workspace regions: segments, unit token counts, partial
@@ -200,6 +269,11 @@ impl Plan {
     fn region_bytes(&self, dims: &Dims) -> [usize; 4] {
         let units = dims.batch * self.units;
         let partials = dims.batch * dims.q_heads * self.num_splits;
-        [units * self.max_segments * 16, units * 8, partials * dims.head_dim * 4, partials * 8]
+        [
+            units * self.max_segments * 16,
+            units * 8,
+            partials * dims.head_dim * 4,
+            partials * 8,
+        ]
     }
 }

@@ -51,25 +51,62 @@ pub(crate) fn check(
 ) -> Result<Dims> {
     let [b, hq, d] = q;
     let [kb, s, hkv, kd] = k;
-    ensure(kb == b && kd == d, || Error::shape(OP, "k", format!("shape {k:?}, q is {q:?}")))?;
-    ensure(v == k, || Error::shape(OP, "v", format!("shape {v:?}, k is {k:?}")))?;
-    ensure(d > 0 && hkv > 0 && hq > 0 && hq % hkv == 0, || {
-        Error::shape(OP, "q", format!("{hq} query heads are not a multiple of {hkv} KV heads (head dim {d})"))
+    ensure(kb == b && kd == d, || {
+        Error::shape(OP, "k", format!("shape {k:?}, q is {q:?}"))
     })?;
-    ensure(layout.batch() == b, || Error::shape(OP, "layout", format!("{} rows, q has {b}", layout.batch())))?;
-    ensure(layout.seq() <= s, || Error::index(OP, "layout", format!("positions index a cache of {}, k holds {s}", layout.seq())))?;
+    ensure(v == k, || {
+        Error::shape(OP, "v", format!("shape {v:?}, k is {k:?}"))
+    })?;
+    ensure(d > 0 && hkv > 0 && hq > 0 && hq % hkv == 0, || {
+        Error::shape(
+            OP,
+            "q",
+            format!("{hq} query heads are not a multiple of {hkv} KV heads (head dim {d})"),
+        )
+    })?;
+    ensure(layout.batch() == b, || {
+        Error::shape(OP, "layout", format!("{} rows, q has {b}", layout.batch()))
+    })?;
+    ensure(layout.seq() <= s, || {
+        Error::index(
+            OP,
+            "layout",
+            format!("positions index a cache of {}, k holds {s}", layout.seq()),
+        )
+    })?;
     ensure(routes[0] == b && routes[1] == 1 && routes[2] == hq, || {
-        Error::shape(OP, "routes", format!("shape {routes:?}, expected [{b}, 1, {hq}, k]"))
+        Error::shape(
+            OP,
+            "routes",
+            format!("shape {routes:?}, expected [{b}, 1, {hq}, k]"),
+        )
     })?;
     if let Some(sc) = scale {
-        ensure(sc.is_finite() && sc > 0.0, || Error::value(OP, "scale", format!("{sc} is not a finite positive number")))?;
+        ensure(sc.is_finite() && sc > 0.0, || {
+            Error::value(OP, "scale", format!("{sc} is not a finite positive number"))
+        })?;
     }
-    ensure(o == q, || Error::shape(OP, "o", format!("shape {o:?}, expected {q:?}")))?;
-    if let Some(l) = lse {
-        ensure(l == [b, hq], || Error::shape(OP, "lse", format!("shape {l:?}, expected [{b}, {hq}]")))?;
-    }
-    ensure(d <= i32::MAX as usize && hq <= i32::MAX as usize && routes[3] <= i32::MAX as usize, || {
-        Error::Unsupported { op: OP, msg: "sizes past 32-bit indices".into() }
+    ensure(o == q, || {
+        Error::shape(OP, "o", format!("shape {o:?}, expected {q:?}"))
     })?;
-    Ok(Dims { batch: b, q_heads: hq, kv_heads: hkv, head_dim: d, k: routes[3], scale: scale.unwrap_or(1.0 / (d as f32).sqrt()) })
+    if let Some(l) = lse {
+        ensure(l == [b, hq], || {
+            Error::shape(OP, "lse", format!("shape {l:?}, expected [{b}, {hq}]"))
+        })?;
+    }
+    ensure(
+        d <= i32::MAX as usize && hq <= i32::MAX as usize && routes[3] <= i32::MAX as usize,
+        || Error::Unsupported {
+            op: OP,
+            msg: "sizes past 32-bit indices".into(),
+        },
+    )?;
+    Ok(Dims {
+        batch: b,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+        k: routes[3],
+        scale: scale.unwrap_or(1.0 / (d as f32).sqrt()),
+    })
 }

@@ -40,7 +40,13 @@ impl DeviceGazeLayout {
     /// on the layout this was made from (same identity).
     pub fn refresh_visible(&mut self, stream: &Arc<CudaStream>, layout: &GazeLayout) -> Result<()> {
         const OP: &str = "DeviceGazeLayout::refresh_visible";
-        ensure(layout.id() == self.host.id(), || Error::value(OP, "layout", "not the layout this device copy was made from"))?;
+        ensure(layout.id() == self.host.id(), || {
+            Error::value(
+                OP,
+                "layout",
+                "not the layout this device copy was made from",
+            )
+        })?;
         let (vcount, visible) = layout.packed_visible();
         self.visible_count = upload(stream, OP, vcount)?;
         self.visible = upload(stream, OP, visible)?;
@@ -66,21 +72,35 @@ pub struct DeviceRoutes {
 impl DeviceRoutes {
     /// Routes `[B, queries, heads, k]` for `layout`, all -1, to be filled by
     /// route_topk.
-    pub fn new(stream: &Arc<CudaStream>, layout: &DeviceGazeLayout, queries: usize, heads: usize, k: usize) -> Result<Self> {
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        layout: &DeviceGazeLayout,
+        queries: usize,
+        heads: usize,
+        k: usize,
+    ) -> Result<Self> {
         Self::from_host(stream, &Routes::new(&layout.host, queries, heads, k))
     }
 
     /// Uploads host routes (from route_topk or [`Routes::from_ids`]).
     pub fn from_host(stream: &Arc<CudaStream>, routes: &Routes) -> Result<Self> {
         const OP: &str = "DeviceRoutes::from_host";
-        Ok(DeviceRoutes { layout_id: routes.layout_id, shape: routes.shape, ids: upload(stream, OP, &routes.ids)? })
+        Ok(DeviceRoutes {
+            layout_id: routes.layout_id,
+            shape: routes.shape,
+            ids: upload(stream, OP, &routes.ids)?,
+        })
     }
 
     /// Copies the routes to the host (synchronises with the stream).
     pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<Routes> {
         const OP: &str = "DeviceRoutes::to_host";
         let n = self.shape.iter().product();
-        Ok(Routes { layout_id: self.layout_id, shape: self.shape, ids: download(stream, OP, &self.ids, n)? })
+        Ok(Routes {
+            layout_id: self.layout_id,
+            shape: self.shape,
+            ids: download(stream, OP, &self.ids, n)?,
+        })
     }
 
     /// `[B, Nq, Hq, k]`.

@@ -36,7 +36,11 @@ pub struct RegionShape {
 
 impl Default for RegionShape {
     fn default() -> Self {
-        RegionShape { frames: 1, height: 6, width: 6 }
+        RegionShape {
+            frames: 1,
+            height: 6,
+            width: 6,
+        }
     }
 }
 
@@ -69,12 +73,21 @@ impl GazeRow {
     /// frame `f`'s token `(y, x)` sits at `frames[f] + y * width + x` (one
     /// image is one frame). Frames are grouped `shape.frames` at a time, the
     /// last group possibly shorter. Returns the new regions' ids.
-    pub fn push_units(&mut self, frames: &[usize], height: usize, width: usize, shape: RegionShape) -> Result<Range<usize>> {
+    pub fn push_units(
+        &mut self,
+        frames: &[usize],
+        height: usize,
+        width: usize,
+        shape: RegionShape,
+    ) -> Result<Range<usize>> {
         const WHAT: &str = "GazeRow::push_units";
-        ensure(shape.frames > 0 && shape.height > 0 && shape.width > 0, || {
-            Error::value(WHAT, "shape", format!("{shape:?} has an empty side"))
+        ensure(
+            shape.frames > 0 && shape.height > 0 && shape.width > 0,
+            || Error::value(WHAT, "shape", format!("{shape:?} has an empty side")),
+        )?;
+        ensure(height > 0 && width > 0, || {
+            Error::value(WHAT, "grid", format!("{height} x {width} grid is empty"))
         })?;
-        ensure(height > 0 && width > 0, || Error::value(WHAT, "grid", format!("{height} x {width} grid is empty")))?;
         let first = self.regions.len();
         for group in frames.chunks(shape.frames) {
             for y0 in (0..height).step_by(shape.height) {
@@ -82,7 +95,9 @@ impl GazeRow {
                     let mut region = Vec::new();
                     for &base in group {
                         for y in y0..(y0 + shape.height).min(height) {
-                            region.extend((x0..(x0 + shape.width).min(width)).map(|x| base + y * width + x));
+                            region.extend(
+                                (x0..(x0 + shape.width).min(width)).map(|x| base + y * width + x),
+                            );
                         }
                     }
                     self.regions.push(region);
@@ -117,10 +132,18 @@ impl GazeLayout {
     /// Checks and packs `rows` for a cache of capacity `seq` positions.
     pub fn new(seq: usize, rows: &[GazeRow]) -> Result<Self> {
         const OP: &str = "GazeLayout::new";
-        ensure(!rows.is_empty(), || Error::shape(OP, "rows", "the batch is empty"))?;
-        ensure(seq <= i32::MAX as usize, || Error::value(OP, "seq", format!("{seq} exceeds i32::MAX")))?;
+        ensure(!rows.is_empty(), || {
+            Error::shape(OP, "rows", "the batch is empty")
+        })?;
+        ensure(seq <= i32::MAX as usize, || {
+            Error::value(OP, "seq", format!("{seq} exceeds i32::MAX"))
+        })?;
         let max_regions = rows.iter().map(|r| r.regions.len()).max().unwrap_or(0);
-        let max_region_len = rows.iter().flat_map(|r| r.regions.iter().map(Vec::len)).max().unwrap_or(0);
+        let max_region_len = rows
+            .iter()
+            .flat_map(|r| r.regions.iter().map(Vec::len))
+            .max()
+            .unwrap_or(0);
         let max_visible = rows.iter().map(|r| r.visible.len()).max().unwrap_or(0);
         let batch = rows.len();
         let mut layout = GazeLayout {
@@ -140,13 +163,34 @@ impl GazeLayout {
         for (b, row) in rows.iter().enumerate() {
             seen.iter_mut().for_each(|s| *s = false);
             let mut claim = |p: usize, what: &dyn Fn() -> String| -> Result<()> {
-                ensure(p < seq, || Error::index(OP, "rows", format!("row {b}: {} at position {p} is outside the cache of {seq}", what())))?;
-                ensure(!seen[p], || Error::value(OP, "rows", format!("row {b}: position {p} ({}) is listed twice", what())))?;
+                ensure(p < seq, || {
+                    Error::index(
+                        OP,
+                        "rows",
+                        format!(
+                            "row {b}: {} at position {p} is outside the cache of {seq}",
+                            what()
+                        ),
+                    )
+                })?;
+                ensure(!seen[p], || {
+                    Error::value(
+                        OP,
+                        "rows",
+                        format!("row {b}: position {p} ({}) is listed twice", what()),
+                    )
+                })?;
                 seen[p] = true;
                 Ok(())
             };
             for (i, r) in row.visible.iter().enumerate() {
-                ensure(!r.is_empty(), || Error::value(OP, "visible", format!("row {b}: range {i} ({r:?}) is empty")))?;
+                ensure(!r.is_empty(), || {
+                    Error::value(
+                        OP,
+                        "visible",
+                        format!("row {b}: range {i} ({r:?}) is empty"),
+                    )
+                })?;
                 for p in r.clone() {
                     claim(p, &|| format!("visible range {i}"))?;
                 }
@@ -154,7 +198,9 @@ impl GazeLayout {
                 layout.visible[(b * max_visible + i) * 2 + 1] = r.end as i32;
             }
             for (j, region) in row.regions.iter().enumerate() {
-                ensure(!region.is_empty(), || Error::value(OP, "regions", format!("row {b}: region {j} is empty")))?;
+                ensure(!region.is_empty(), || {
+                    Error::value(OP, "regions", format!("row {b}: region {j} is empty"))
+                })?;
                 for (t, &p) in region.iter().enumerate() {
                     claim(p, &|| format!("region {j}"))?;
                     layout.region_pos[(b * max_regions + j) * max_region_len + t] = p as i32;
@@ -175,10 +221,20 @@ impl GazeLayout {
     /// routes stay valid).
     pub fn extend_visible(&mut self, b: usize, end: usize) -> Result<()> {
         const OP: &str = "GazeLayout::extend_visible";
-        ensure(b < self.batch(), || Error::index(OP, "b", format!("row {b} of a batch of {}", self.batch())))?;
-        ensure(end <= i32::MAX as usize, || Error::index(OP, "end", format!("{end} exceeds i32::MAX")))?;
+        ensure(b < self.batch(), || {
+            Error::index(OP, "b", format!("row {b} of a batch of {}", self.batch()))
+        })?;
+        ensure(end <= i32::MAX as usize, || {
+            Error::index(OP, "end", format!("{end} exceeds i32::MAX"))
+        })?;
         let old = self.end[b];
-        ensure(end >= old, || Error::value(OP, "end", format!("row {b}: {end} is before the row's end {old}")))?;
+        ensure(end >= old, || {
+            Error::value(
+                OP,
+                "end",
+                format!("row {b}: {end} is before the row's end {old}"),
+            )
+        })?;
         if end == old {
             return Ok(());
         }
@@ -203,7 +259,8 @@ impl GazeLayout {
         let (old, new) = (self.max_visible, self.max_visible + 1);
         let mut visible = vec![0; self.batch() * new * 2];
         for b in 0..self.batch() {
-            visible[b * new * 2..][..old * 2].copy_from_slice(&self.visible[b * old * 2..][..old * 2]);
+            visible[b * new * 2..][..old * 2]
+                .copy_from_slice(&self.visible[b * old * 2..][..old * 2]);
         }
         self.visible = visible;
         self.max_visible = new;
@@ -257,7 +314,9 @@ impl GazeLayout {
     /// The visible ranges of row `b`.
     pub fn visible(&self, b: usize) -> impl Iterator<Item = Range<usize>> + '_ {
         let at = b * self.max_visible * 2;
-        self.visible[at..at + self.visible_count[b] as usize * 2].chunks_exact(2).map(|r| r[0] as usize..r[1] as usize)
+        self.visible[at..at + self.visible_count[b] as usize * 2]
+            .chunks_exact(2)
+            .map(|r| r[0] as usize..r[1] as usize)
     }
 
     /// Always-visible keys of row `b`.
@@ -292,30 +351,64 @@ impl Routes {
     /// route_topk.
     pub fn new(layout: &GazeLayout, queries: usize, heads: usize, k: usize) -> Self {
         let shape = [layout.batch(), queries, heads, k];
-        Routes { layout_id: 0, shape, ids: vec![-1; shape.iter().product()] }
+        Routes {
+            layout_id: 0,
+            shape,
+            ids: vec![-1; shape.iter().product()],
+        }
     }
 
     /// Routes given directly, `[B, queries, heads, k]` row-major: each
     /// `k`-list strictly ascending region ids of its row, then -1 padding.
-    pub fn from_ids(layout: &GazeLayout, queries: usize, heads: usize, k: usize, ids: &[i32]) -> Result<Self> {
+    pub fn from_ids(
+        layout: &GazeLayout,
+        queries: usize,
+        heads: usize,
+        k: usize,
+        ids: &[i32],
+    ) -> Result<Self> {
         const WHAT: &str = "Routes::from_ids";
         let shape = [layout.batch(), queries, heads, k];
         ensure(ids.len() == shape.iter().product::<usize>(), || {
-            Error::shape(WHAT, "ids", format!("{} ids for routes {shape:?}", ids.len()))
+            Error::shape(
+                WHAT,
+                "ids",
+                format!("{} ids for routes {shape:?}", ids.len()),
+            )
         })?;
         for (i, list) in ids.chunks(k.max(1)).enumerate() {
             let b = i / (queries * heads).max(1);
             let regions = layout.regions(b) as i32;
             let valid = list.iter().take_while(|&&r| r >= 0).count();
             ensure(list[valid..].iter().all(|&r| r == -1), || {
-                Error::value(WHAT, "ids", format!("route list {i}: -1 padding must come last, and only -1"))
+                Error::value(
+                    WHAT,
+                    "ids",
+                    format!("route list {i}: -1 padding must come last, and only -1"),
+                )
             })?;
             for (j, &r) in list[..valid].iter().enumerate() {
-                ensure(r < regions, || Error::index(WHAT, "ids", format!("route list {i}: region {r} of a row with {regions}")))?;
-                ensure(j == 0 || list[j - 1] < r, || Error::value(WHAT, "ids", format!("route list {i}: ids must be strictly ascending")))?;
+                ensure(r < regions, || {
+                    Error::index(
+                        WHAT,
+                        "ids",
+                        format!("route list {i}: region {r} of a row with {regions}"),
+                    )
+                })?;
+                ensure(j == 0 || list[j - 1] < r, || {
+                    Error::value(
+                        WHAT,
+                        "ids",
+                        format!("route list {i}: ids must be strictly ascending"),
+                    )
+                })?;
             }
         }
-        Ok(Routes { layout_id: layout.id(), shape, ids: ids.to_vec() })
+        Ok(Routes {
+            layout_id: layout.id(),
+            shape,
+            ids: ids.to_vec(),
+        })
     }
 
     /// `[B, Nq, Hq, k]`.

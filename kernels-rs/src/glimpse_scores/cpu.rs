@@ -38,7 +38,11 @@ pub fn glimpse_scores<T: Element>(
             for p in start..end {
                 to_f32(k.row([b, p, kvh, 0]), &mut kf);
                 for h in kvh * g..(kvh + 1) * g {
-                    let dot: f32 = qf[h * d..(h + 1) * d].iter().zip(&kf).map(|(a, c)| a * c).sum();
+                    let dot: f32 = qf[h * d..(h + 1) * d]
+                        .iter()
+                        .zip(&kf)
+                        .map(|(a, c)| a * c)
+                        .sum();
                     logits[h * n + p - start] = dims.scale * dot;
                 }
             }

@@ -6,7 +6,10 @@ use cudarc::driver::{CudaStream, DevicePtr};
 use foveal_sys as ffi;
 
 use super::{check, ScoreMode, OP};
-use crate::cuda::{check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, DeviceRowLayout, Workspace};
+use crate::cuda::{
+    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, DeviceRowLayout,
+    Workspace,
+};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Error, Result};
 
@@ -30,32 +33,62 @@ pub fn glimpse_scores<T: Element>(
 ) -> Result<()> {
     let dims = check(q.shape(), k.shape(), out.shape(), rows.host(), scale)?;
     let vec = 16 / std::mem::size_of::<T>();
-    ensure(dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM as usize, || {
-        Error::Unsupported {
+    ensure(
+        dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM as usize,
+        || Error::Unsupported {
             op: OP,
-            msg: format!("head dim {} must be a multiple of {vec} and at most {}", dims.head_dim, ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM),
-        }
-    })?;
-    for (arg, shape, strides) in [("q", &q.shape()[..2], &q.layout().strides()[..2]), ("k", &k.shape()[..3], &k.layout().strides()[..3])] {
-        let misaligned = shape.iter().zip(strides).any(|(&n, &s)| n > 1 && s % vec != 0);
-        ensure(!misaligned, || Error::Unsupported { op: OP, msg: format!("the strides of `{arg}` must be multiples of {vec} elements") })?;
+            msg: format!(
+                "head dim {} must be a multiple of {vec} and at most {}",
+                dims.head_dim,
+                ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM
+            ),
+        },
+    )?;
+    for (arg, shape, strides) in [
+        ("q", &q.shape()[..2], &q.layout().strides()[..2]),
+        ("k", &k.shape()[..3], &k.layout().strides()[..3]),
+    ] {
+        let misaligned = shape
+            .iter()
+            .zip(strides)
+            .any(|(&n, &s)| n > 1 && s % vec != 0);
+        ensure(!misaligned, || Error::Unsupported {
+            op: OP,
+            msg: format!("the strides of `{arg}` must be multiples of {vec} elements"),
+        })?;
     }
     if dims.nv_max == 0 {
         return Ok(());
     }
 
     // Flash-decoding split: enough blocks to fill the GPU twice over.
-    let head_chunks = dims.group().div_ceil(ffi::FOVEAL_GLIMPSE_MAX_GROUP as usize);
+    let head_chunks = dims
+        .group()
+        .div_ceil(ffi::FOVEAL_GLIMPSE_MAX_GROUP as usize);
     // The kernels' int32 index space, grid (y <= 65,535) and shared memory (one float per head).
     ensure(
-        dims.nv_max * dims.q_heads <= i32::MAX as usize && dims.kv_heads * head_chunks <= 65_535 && dims.q_heads <= 12_288,
-        || Error::Unsupported { op: OP, msg: format!("{} visual tokens x {} query heads exceed the kernels' limits", dims.nv_max, dims.q_heads) },
+        dims.nv_max * dims.q_heads <= i32::MAX as usize
+            && dims.kv_heads * head_chunks <= 65_535
+            && dims.q_heads <= 12_288,
+        || Error::Unsupported {
+            op: OP,
+            msg: format!(
+                "{} visual tokens x {} query heads exceed the kernels' limits",
+                dims.nv_max, dims.q_heads
+            ),
+        },
     )?;
     let blocks_per_split = dims.batch * dims.kv_heads * head_chunks;
     // The softmax modes stream every valid key of a row, Logits mode its visual keys.
-    let max_keys = if mode == ScoreMode::Logits { dims.nv_max } else { rows.host().max_len() };
+    let max_keys = if mode == ScoreMode::Logits {
+        dims.nv_max
+    } else {
+        rows.host().max_len()
+    };
     let max_splits = max_keys.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
-    let num_splits = (2 * sm_count(stream, OP)?).div_ceil(blocks_per_split).clamp(1, max_splits);
+    let num_splits = (2 * sm_count(stream, OP)?)
+        .div_ceil(blocks_per_split)
+        .clamp(1, max_splits);
 
     let pos_to_vis_bytes = dims.batch * dims.seq * 4;
     let partial_bytes = dims.batch * num_splits * dims.q_heads * 2 * 4;
@@ -63,7 +96,8 @@ pub fn glimpse_scores<T: Element>(
     let (k_ptr, _k) = k.ptr(stream);
     check_aligned(OP, "q", q_ptr, 16)?;
     check_aligned(OP, "k", k_ptr, 16)?;
-    let ([pos_to_vis, partial], _ws) = workspace.regions(stream, [pos_to_vis_bytes, partial_bytes])?;
+    let ([pos_to_vis, partial], _ws) =
+        workspace.regions(stream, [pos_to_vis_bytes, partial_bytes])?;
     let out_strides = out.layout().strides();
     let (out_ptr, _o) = out.ptr_mut(stream);
     let (start, _s) = rows.start.device_ptr(stream);

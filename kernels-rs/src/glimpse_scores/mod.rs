@@ -64,23 +64,63 @@ pub(crate) fn check(
 ) -> Result<Dims> {
     let [b, hq, d] = q;
     let [kb, s, hkv, kd] = k;
-    ensure(b == rows.batch(), || Error::shape(OP, "q", format!("batch {b} but the row layout has {}", rows.batch())))?;
-    ensure(kb == b, || Error::shape(OP, "k", format!("batch {kb}, q has {b}")))?;
-    ensure(s == rows.seq(), || Error::shape(OP, "k", format!("sequence capacity {s}, the row layout indexes {}", rows.seq())))?;
-    ensure(d > 0 && kd == d, || Error::shape(OP, "k", format!("head dim {kd}, q has {d}")))?;
+    ensure(b == rows.batch(), || {
+        Error::shape(
+            OP,
+            "q",
+            format!("batch {b} but the row layout has {}", rows.batch()),
+        )
+    })?;
+    ensure(kb == b, || {
+        Error::shape(OP, "k", format!("batch {kb}, q has {b}"))
+    })?;
+    ensure(s == rows.seq(), || {
+        Error::shape(
+            OP,
+            "k",
+            format!(
+                "sequence capacity {s}, the row layout indexes {}",
+                rows.seq()
+            ),
+        )
+    })?;
+    ensure(d > 0 && kd == d, || {
+        Error::shape(OP, "k", format!("head dim {kd}, q has {d}"))
+    })?;
     ensure(hkv > 0 && hq > 0 && hq % hkv == 0, || {
-        Error::shape(OP, "q", format!("{hq} query heads are not a multiple of {hkv} KV heads"))
+        Error::shape(
+            OP,
+            "q",
+            format!("{hq} query heads are not a multiple of {hkv} KV heads"),
+        )
     })?;
     ensure(out == [b, rows.nv_max(), hq], || {
-        Error::shape(OP, "out", format!("shape {out:?}, expected {:?}", [b, rows.nv_max(), hq]))
+        Error::shape(
+            OP,
+            "out",
+            format!("shape {out:?}, expected {:?}", [b, rows.nv_max(), hq]),
+        )
     })?;
     for row in 0..b {
         let glimpse = rows.end(row) - 1;
-        ensure(rows.visual(row).iter().all(|&p| (p as usize) < glimpse), || {
-            Error::index(OP, "rows", format!("row {row}: the glimpse token (position {glimpse}, the last valid one) is listed as visual"))
-        })?;
+        ensure(
+            rows.visual(row).iter().all(|&p| (p as usize) < glimpse),
+            || {
+                Error::index(OP, "rows", format!("row {row}: the glimpse token (position {glimpse}, the last valid one) is listed as visual"))
+            },
+        )?;
     }
     let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
-    ensure(scale.is_finite(), || Error::value(OP, "scale", format!("{scale} is not finite")))?;
-    Ok(Dims { batch: b, seq: s, q_heads: hq, kv_heads: hkv, head_dim: d, nv_max: rows.nv_max(), scale })
+    ensure(scale.is_finite(), || {
+        Error::value(OP, "scale", format!("{scale} is not finite"))
+    })?;
+    Ok(Dims {
+        batch: b,
+        seq: s,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+        nv_max: rows.nv_max(),
+        scale,
+    })
 }

@@ -17,14 +17,26 @@ pub fn multiscale_gather<T: Element>(
     positions: &mut ViewMut<'_, i32, 2>,
     count: &mut ViewMut<'_, i32, 1>,
 ) -> Result<()> {
-    let (d, n_out) = check(x.shape(), z.shape(), window, scales, tokens.shape(), positions.shape(), count.shape())?;
+    let (d, n_out) = check(
+        x.shape(),
+        z.shape(),
+        window,
+        scales,
+        tokens.shape(),
+        positions.shape(),
+        count.shape(),
+    )?;
     let mut acc = vec![0f32; d.channels];
     for b in 0..d.batch {
         let mut slot = 0;
         for m in 0..d.windows {
             let zr = z.row([b, m, 0]);
             let c = choose(zr);
-            let prob = if scale_by_prob { 1.0 / zr.iter().fold(0f32, |s, &v| s + (v - zr[c]).exp()) } else { 1.0 };
+            let prob = if scale_by_prob {
+                1.0 / zr.iter().fold(0f32, |s, &v| s + (v - zr[c]).exp())
+            } else {
+                1.0
+            };
             let (kh, kw) = scales.scales()[c];
             let (wy0, wx0, wy1, wx1) = window_extent(&d, m);
             let cells_x = (wx1 - wx0).div_ceil(kw);

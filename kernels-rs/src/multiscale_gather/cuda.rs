@@ -27,7 +27,15 @@ pub fn multiscale_gather<T: Element>(
     count: &mut DevViewMut<'_, i32, 1>,
     workspace: &mut Workspace,
 ) -> Result<()> {
-    let (d, n_out) = check(x.shape(), z.shape(), window, scales, tokens.shape(), positions.shape(), count.shape())?;
+    let (d, n_out) = check(
+        x.shape(),
+        z.shape(),
+        window,
+        scales,
+        tokens.shape(),
+        positions.shape(),
+        count.shape(),
+    )?;
     check_grid_batch(OP, d.batch)?;
     if d.batch == 0 {
         return Ok(());

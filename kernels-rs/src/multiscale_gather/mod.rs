@@ -46,24 +46,40 @@ impl ScaleSet {
     /// A set of 1 to [`MAX_SCALES`] kernels, each at least 1 x 1 (that each
     /// divides the window is checked by the op).
     pub fn new(scales: &[(usize, usize)]) -> Result<Self> {
-        ensure(!scales.is_empty(), || Error::value(OP, "scales", "the scale set is empty"))?;
+        ensure(!scales.is_empty(), || {
+            Error::value(OP, "scales", "the scale set is empty")
+        })?;
         ensure(scales.len() <= MAX_SCALES, || {
-            Error::value(OP, "scales", format!("{} scales, at most {MAX_SCALES}", scales.len()))
+            Error::value(
+                OP,
+                "scales",
+                format!("{} scales, at most {MAX_SCALES}", scales.len()),
+            )
         })?;
         ensure(scales.iter().all(|&(h, w)| h >= 1 && w >= 1), || {
-            Error::value(OP, "scales", format!("every kernel must be at least 1 x 1: {scales:?}"))
+            Error::value(
+                OP,
+                "scales",
+                format!("every kernel must be at least 1 x 1: {scales:?}"),
+            )
         })?;
-        Ok(ScaleSet { scales: scales.to_vec() })
+        Ok(ScaleSet {
+            scales: scales.to_vec(),
+        })
     }
 
     /// The paper's default: (4, 4), (2, 2), (1, 1).
     pub fn three() -> Self {
-        ScaleSet { scales: vec![(4, 4), (2, 2), (1, 1)] }
+        ScaleSet {
+            scales: vec![(4, 4), (2, 2), (1, 1)],
+        }
     }
 
     /// The 7-branch set: the default plus (4, 2), (2, 4), (2, 1), (1, 2).
     pub fn seven() -> Self {
-        ScaleSet { scales: vec![(4, 4), (2, 2), (1, 1), (4, 2), (2, 4), (2, 1), (1, 2)] }
+        ScaleSet {
+            scales: vec![(4, 4), (2, 2), (1, 1), (4, 2), (2, 4), (2, 1), (1, 2)],
+        }
     }
 
     pub fn scales(&self) -> &[(usize, usize)] {
@@ -94,7 +110,12 @@ pub(crate) fn tokens_of(h: usize, w: usize, (kh, kw): (usize, usize)) -> usize {
 pub(crate) fn window_extent(d: &Dims, m: usize) -> (usize, usize, usize, usize) {
     let wins_x = d.width.div_ceil(d.window);
     let (y0, x0) = ((m / wins_x) * d.window, (m % wins_x) * d.window);
-    (y0, x0, (y0 + d.window).min(d.height), (x0 + d.window).min(d.width))
+    (
+        y0,
+        x0,
+        (y0 + d.window).min(d.height),
+        (x0 + d.window).min(d.width),
+    )
 }
 
 /// `N_out_max` of a `height x width` map: the tokens of every window at its
@@ -103,11 +124,23 @@ pub fn max_tokens(height: usize, width: usize, window: usize, scales: &ScaleSet)
     if window == 0 {
         return 0;
     }
-    let d = Dims { batch: 1, height, width, channels: 0, window, windows: crate::window_mean::num_windows(height, width, window) };
+    let d = Dims {
+        batch: 1,
+        height,
+        width,
+        channels: 0,
+        window,
+        windows: crate::window_mean::num_windows(height, width, window),
+    };
     (0..d.windows)
         .map(|m| {
             let (y0, x0, y1, x1) = window_extent(&d, m);
-            scales.scales.iter().map(|&k| tokens_of(y1 - y0, x1 - x0, k)).max().unwrap_or(0)
+            scales
+                .scales
+                .iter()
+                .map(|&k| tokens_of(y1 - y0, x1 - x0, k))
+                .max()
+                .unwrap_or(0)
         })
         .sum()
 }
@@ -124,21 +157,44 @@ pub(crate) fn check(
     count: [usize; 1],
 ) -> Result<(Dims, usize)> {
     let d = check_map(OP, x, window)?;
-    ensure(!scales.is_empty() && scales.len() <= MAX_SCALES, || Error::value(OP, "scales", "1 to 16 scales"))?;
+    ensure(!scales.is_empty() && scales.len() <= MAX_SCALES, || {
+        Error::value(OP, "scales", "1 to 16 scales")
+    })?;
     for &(kh, kw) in scales.scales() {
-        ensure(kh >= 1 && kw >= 1 && window % kh == 0 && window % kw == 0, || {
-            Error::value(OP, "scales", format!("the kernel ({kh}, {kw}) does not divide the window {window}"))
-        })?;
+        ensure(
+            kh >= 1 && kw >= 1 && window % kh == 0 && window % kw == 0,
+            || {
+                Error::value(
+                    OP,
+                    "scales",
+                    format!("the kernel ({kh}, {kw}) does not divide the window {window}"),
+                )
+            },
+        )?;
     }
     let want_z = [d.batch, d.windows, scales.len()];
-    ensure(z == want_z, || Error::shape(OP, "z", format!("shape {z:?}, expected {want_z:?}")))?;
+    ensure(z == want_z, || {
+        Error::shape(OP, "z", format!("shape {z:?}, expected {want_z:?}"))
+    })?;
     let n_out = max_tokens(d.height, d.width, window, scales);
     let want = [d.batch, n_out, d.channels];
-    ensure(tokens == want, || Error::shape(OP, "tokens", format!("shape {tokens:?}, expected {want:?}")))?;
-    ensure(positions == [d.batch, n_out], || {
-        Error::shape(OP, "positions", format!("shape {positions:?}, expected {:?}", [d.batch, n_out]))
+    ensure(tokens == want, || {
+        Error::shape(OP, "tokens", format!("shape {tokens:?}, expected {want:?}"))
     })?;
-    ensure(count == [d.batch], || Error::shape(OP, "count", format!("shape {count:?}, expected [{}]", d.batch)))?;
+    ensure(positions == [d.batch, n_out], || {
+        Error::shape(
+            OP,
+            "positions",
+            format!("shape {positions:?}, expected {:?}", [d.batch, n_out]),
+        )
+    })?;
+    ensure(count == [d.batch], || {
+        Error::shape(
+            OP,
+            "count",
+            format!("shape {count:?}, expected [{}]", d.batch),
+        )
+    })?;
     Ok((d, n_out))
 }
 

@@ -30,19 +30,31 @@ pub fn region_descriptors<T: Element>(
     let vec = 16 / std::mem::size_of::<T>();
     ensure(d.head_dim % vec == 0, || Error::Unsupported {
         op: OP,
-        msg: format!("head dim {} must be a multiple of {vec} elements (16 bytes)", d.head_dim),
+        msg: format!(
+            "head dim {} must be a multiple of {vec} elements (16 bytes)",
+            d.head_dim
+        ),
     })?;
     let k_shape = k.shape();
     let k_strides = k.layout().strides();
-    ensure((0..3).all(|i| k_shape[i] <= 1 || k_strides[i] % vec == 0), || Error::Unsupported {
-        op: OP,
-        msg: format!("the strides of `k` must be multiples of {vec} elements (16 bytes)"),
-    })?;
+    ensure(
+        (0..3).all(|i| k_shape[i] <= 1 || k_strides[i] % vec == 0),
+        || Error::Unsupported {
+            op: OP,
+            msg: format!("the strides of `k` must be multiples of {vec} elements (16 bytes)"),
+        },
+    )?;
     check_grid_batch(OP, d.batch)?;
     let threads = d.regions.len() * d.kv_heads * (d.head_dim / vec);
-    ensure(threads.div_ceil(128) <= i32::MAX as usize, || Error::Unsupported {
-        op: OP,
-        msg: format!("{} regions x {} KV heads exceed the kernel's grid", d.regions.len(), d.kv_heads),
+    ensure(threads.div_ceil(128) <= i32::MAX as usize, || {
+        Error::Unsupported {
+            op: OP,
+            msg: format!(
+                "{} regions x {} KV heads exceed the kernel's grid",
+                d.regions.len(),
+                d.kv_heads
+            ),
+        }
     })?;
     if threads == 0 {
         return Ok(());

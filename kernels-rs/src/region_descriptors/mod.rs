@@ -34,15 +34,50 @@ pub(crate) struct Dims {
 
 /// Checks k `[B, S, Hkv, D]`, the layout, the region range and desc
 /// `[B, Hkv, R, D]`.
-pub(crate) fn check(k: [usize; 4], layout: &GazeLayout, regions: &Range<usize>, desc: [usize; 4]) -> Result<Dims> {
+pub(crate) fn check(
+    k: [usize; 4],
+    layout: &GazeLayout,
+    regions: &Range<usize>,
+    desc: [usize; 4],
+) -> Result<Dims> {
     let [b, s, hkv, d] = k;
-    ensure(layout.batch() == b, || Error::shape(OP, "layout", format!("{} rows, k has {b}", layout.batch())))?;
-    ensure(layout.seq() <= s, || Error::index(OP, "layout", format!("positions index a cache of {}, k holds {s}", layout.seq())))?;
-    ensure(regions.start <= regions.end, || Error::value(OP, "regions", format!("{regions:?} is reversed")))?;
-    ensure(desc[0] == b && desc[1] == hkv && desc[3] == d && desc[2] >= layout.max_regions(), || {
-        Error::shape(OP, "desc", format!("shape {desc:?}, expected [{b}, {hkv}, >= {}, {d}]", layout.max_regions()))
+    ensure(layout.batch() == b, || {
+        Error::shape(OP, "layout", format!("{} rows, k has {b}", layout.batch()))
     })?;
-    ensure(d <= i32::MAX as usize && hkv <= i32::MAX as usize, || Error::Unsupported { op: OP, msg: "sizes past 32-bit indices".into() })?;
+    ensure(layout.seq() <= s, || {
+        Error::index(
+            OP,
+            "layout",
+            format!("positions index a cache of {}, k holds {s}", layout.seq()),
+        )
+    })?;
+    ensure(regions.start <= regions.end, || {
+        Error::value(OP, "regions", format!("{regions:?} is reversed"))
+    })?;
+    ensure(
+        desc[0] == b && desc[1] == hkv && desc[3] == d && desc[2] >= layout.max_regions(),
+        || {
+            Error::shape(
+                OP,
+                "desc",
+                format!(
+                    "shape {desc:?}, expected [{b}, {hkv}, >= {}, {d}]",
+                    layout.max_regions()
+                ),
+            )
+        },
+    )?;
+    ensure(d <= i32::MAX as usize && hkv <= i32::MAX as usize, || {
+        Error::Unsupported {
+            op: OP,
+            msg: "sizes past 32-bit indices".into(),
+        }
+    })?;
     let regions = regions.start.min(layout.max_regions())..regions.end.min(layout.max_regions());
-    Ok(Dims { batch: b, kv_heads: hkv, head_dim: d, regions })
+    Ok(Dims {
+        batch: b,
+        kv_heads: hkv,
+        head_dim: d,
+        regions,
+    })
 }

@@ -31,16 +31,24 @@ pub fn route_topk<T: Element>(
     let host = layout.host();
     let d = check(q.shape(), desc.shape(), host, k, routes.shape())?;
     let max_d = ffi::FOVEAL_ROUTE_MAX_HEAD_DIM as usize;
-    ensure(d.head_dim % 4 == 0 && d.head_dim <= max_d, || Error::Unsupported {
-        op: OP,
-        msg: format!("head dim {} must be a multiple of 4 and at most {max_d}", d.head_dim),
+    ensure(d.head_dim % 4 == 0 && d.head_dim <= max_d, || {
+        Error::Unsupported {
+            op: OP,
+            msg: format!(
+                "head dim {} must be a multiple of 4 and at most {max_d}",
+                d.head_dim
+            ),
+        }
     })?;
     let desc_shape = desc.shape();
     let desc_strides = desc.layout().strides();
-    ensure((0..3).all(|i| desc_shape[i] <= 1 || desc_strides[i] % 4 == 0), || Error::Unsupported {
-        op: OP,
-        msg: "the strides of `desc` must be multiples of 4 elements (16 bytes)".into(),
-    })?;
+    ensure(
+        (0..3).all(|i| desc_shape[i] <= 1 || desc_strides[i] % 4 == 0),
+        || Error::Unsupported {
+            op: OP,
+            msg: "the strides of `desc` must be multiples of 4 elements (16 bytes)".into(),
+        },
+    )?;
     check_grid_batch(OP, d.batch)?;
     let lists = d.batch * d.queries * d.q_heads;
     let chunk = ffi::FOVEAL_ROUTE_HEAD_CHUNK as usize;
@@ -51,7 +59,10 @@ pub fn route_topk<T: Element>(
             && r_max.div_ceil(ffi::FOVEAL_ROUTE_REGIONS_PER_BLOCK as usize) <= 65_535,
         || Error::Unsupported {
             op: OP,
-            msg: format!("{lists} route lists, {} KV heads or {r_max} regions exceed the kernels' grids", d.kv_heads),
+            msg: format!(
+                "{lists} route lists, {} KV heads or {r_max} regions exceed the kernels' grids",
+                d.kv_heads
+            ),
         },
     )?;
     if lists > 0 {

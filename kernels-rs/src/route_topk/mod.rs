@@ -35,21 +35,59 @@ pub(crate) struct Dims {
 
 /// Checks q `[B, Nq, Hq, D]`, desc `[B, Hkv, R, D]`, the layout, `k` and the
 /// routes' shape.
-pub(crate) fn check(q: [usize; 4], desc: [usize; 4], layout: &GazeLayout, k: usize, routes: [usize; 4]) -> Result<Dims> {
+pub(crate) fn check(
+    q: [usize; 4],
+    desc: [usize; 4],
+    layout: &GazeLayout,
+    k: usize,
+    routes: [usize; 4],
+) -> Result<Dims> {
     let [b, nq, hq, d] = q;
     let [db, hkv, r, dd] = desc;
     ensure(k > 0, || Error::value(OP, "k", "k must be at least 1"))?;
-    ensure(db == b && dd == d, || Error::shape(OP, "desc", format!("shape {desc:?}, q is {q:?}")))?;
+    ensure(db == b && dd == d, || {
+        Error::shape(OP, "desc", format!("shape {desc:?}, q is {q:?}"))
+    })?;
     ensure(d > 0 && hkv > 0 && hq > 0 && hq % hkv == 0, || {
-        Error::shape(OP, "q", format!("{hq} query heads are not a multiple of {hkv} KV heads (head dim {d})"))
+        Error::shape(
+            OP,
+            "q",
+            format!("{hq} query heads are not a multiple of {hkv} KV heads (head dim {d})"),
+        )
     })?;
-    ensure(layout.batch() == b, || Error::shape(OP, "layout", format!("{} rows, q has {b}", layout.batch())))?;
+    ensure(layout.batch() == b, || {
+        Error::shape(OP, "layout", format!("{} rows, q has {b}", layout.batch()))
+    })?;
     ensure(r >= layout.max_regions(), || {
-        Error::shape(OP, "desc", format!("{r} descriptors per head, the layout has up to {} regions", layout.max_regions()))
+        Error::shape(
+            OP,
+            "desc",
+            format!(
+                "{r} descriptors per head, the layout has up to {} regions",
+                layout.max_regions()
+            ),
+        )
     })?;
-    ensure(routes == [b, nq, hq, k], || Error::shape(OP, "routes", format!("shape {routes:?}, expected {:?}", [b, nq, hq, k])))?;
-    ensure(k <= i32::MAX as usize && d <= i32::MAX as usize && nq <= i32::MAX as usize, || {
-        Error::Unsupported { op: OP, msg: "sizes past 32-bit indices".into() }
+    ensure(routes == [b, nq, hq, k], || {
+        Error::shape(
+            OP,
+            "routes",
+            format!("shape {routes:?}, expected {:?}", [b, nq, hq, k]),
+        )
     })?;
-    Ok(Dims { batch: b, queries: nq, q_heads: hq, kv_heads: hkv, head_dim: d, k })
+    ensure(
+        k <= i32::MAX as usize && d <= i32::MAX as usize && nq <= i32::MAX as usize,
+        || Error::Unsupported {
+            op: OP,
+            msg: "sizes past 32-bit indices".into(),
+        },
+    )?;
+    Ok(Dims {
+        batch: b,
+        queries: nq,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+        k,
+    })
 }

@@ -8,7 +8,12 @@ use crate::layout::View;
 use crate::rows::RowLayout;
 
 /// Fills `keep` with the kept visual tokens of every row (see the module docs).
-pub fn select_keep(logits: View<'_, f32, 2>, rows: &RowLayout, rule: &KeepRule, keep: &mut KeepSet) -> Result<()> {
+pub fn select_keep(
+    logits: View<'_, f32, 2>,
+    rows: &RowLayout,
+    rule: &KeepRule,
+    keep: &mut KeepSet,
+) -> Result<()> {
     check(logits.shape(), rows, rule, keep.nv_max, keep.batch())?;
     let t = rule.threshold_logit();
     for b in 0..rows.batch() {
@@ -43,5 +48,9 @@ pub(crate) fn rank_key(x: f32) -> u32 {
         return 0;
     }
     let bits = (x + 0.0).to_bits();
-    if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 }
+    if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
 }

@@ -40,7 +40,11 @@ pub struct KeepRule {
 
 impl Default for KeepRule {
     fn default() -> Self {
-        KeepRule { threshold: 0.5, max_ratio: None, min_keep: 1 }
+        KeepRule {
+            threshold: 0.5,
+            max_ratio: None,
+            min_keep: 1,
+        }
     }
 }
 
@@ -48,15 +52,25 @@ impl KeepRule {
     /// A rule that keeps every visual token (for checking a pruned model
     /// against the dense one).
     pub fn keep_all() -> Self {
-        KeepRule { threshold: 0.0, max_ratio: None, min_keep: usize::MAX }
+        KeepRule {
+            threshold: 0.0,
+            max_ratio: None,
+            min_keep: usize::MAX,
+        }
     }
 
     pub(crate) fn check(&self) -> Result<()> {
         ensure((0.0..=1.0).contains(&self.threshold), || {
-            Error::value(OP, "threshold", format!("{} is outside [0, 1]", self.threshold))
+            Error::value(
+                OP,
+                "threshold",
+                format!("{} is outside [0, 1]", self.threshold),
+            )
         })?;
         if let Some(r) = self.max_ratio {
-            ensure((0.0..=1.0).contains(&r), || Error::value(OP, "max_ratio", format!("{r} is outside [0, 1]")))?;
+            ensure((0.0..=1.0).contains(&r), || {
+                Error::value(OP, "max_ratio", format!("{r} is outside [0, 1]"))
+            })?;
         }
         Ok(())
     }
@@ -86,7 +100,11 @@ impl KeepRule {
 pub(crate) fn ratio_cap(r: f32, nv: usize) -> usize {
     let x = r as f64 * nv as f64;
     let nearest = x.round();
-    if (x - nearest).abs() <= 1e-6 * x { nearest as usize } else { x.floor() as usize }
+    if (x - nearest).abs() <= 1e-6 * x {
+        nearest as usize
+    } else {
+        x.floor() as usize
+    }
 }
 
 /// The kept visual indices of a batch on the host: `idx [B, nv_max]`
@@ -102,19 +120,45 @@ pub struct KeepSet {
 impl KeepSet {
     /// An empty keep set sized for `rows`, to be filled by select_keep.
     pub fn new(rows: &RowLayout) -> Self {
-        KeepSet { layout_id: 0, nv_max: rows.nv_max(), idx: vec![-1; rows.batch() * rows.nv_max()], count: vec![0; rows.batch()] }
+        KeepSet {
+            layout_id: 0,
+            nv_max: rows.nv_max(),
+            idx: vec![-1; rows.batch() * rows.nv_max()],
+            count: vec![0; rows.batch()],
+        }
     }
 
     /// A keep set given directly (a selection made elsewhere): per row the
     /// kept visual indices, strictly ascending and below the row's count.
     pub fn from_rows(rows: &RowLayout, kept: &[Vec<usize>]) -> Result<Self> {
         const WHAT: &str = "KeepSet::from_rows";
-        ensure(kept.len() == rows.batch(), || Error::shape(WHAT, "kept", format!("{} rows for a batch of {}", kept.len(), rows.batch())))?;
+        ensure(kept.len() == rows.batch(), || {
+            Error::shape(
+                WHAT,
+                "kept",
+                format!("{} rows for a batch of {}", kept.len(), rows.batch()),
+            )
+        })?;
         let mut set = KeepSet::new(rows);
         for (b, row) in kept.iter().enumerate() {
             for (j, &i) in row.iter().enumerate() {
-                ensure(i < rows.nv(b), || Error::index(WHAT, "kept", format!("row {b}: index {i} is not below its {} visual tokens", rows.nv(b))))?;
-                ensure(j == 0 || row[j - 1] < i, || Error::value(WHAT, "kept", format!("row {b}: indices must be strictly ascending (index {j})")))?;
+                ensure(i < rows.nv(b), || {
+                    Error::index(
+                        WHAT,
+                        "kept",
+                        format!(
+                            "row {b}: index {i} is not below its {} visual tokens",
+                            rows.nv(b)
+                        ),
+                    )
+                })?;
+                ensure(j == 0 || row[j - 1] < i, || {
+                    Error::value(
+                        WHAT,
+                        "kept",
+                        format!("row {b}: indices must be strictly ascending (index {j})"),
+                    )
+                })?;
                 set.idx[b * set.nv_max + j] = i as i32;
             }
             set.count[b] = row.len() as i32;
@@ -140,18 +184,36 @@ impl KeepSet {
     /// Checks that this set was filled by select_keep from `rows`.
     pub(crate) fn check_from(&self, op: &'static str, rows: &RowLayout) -> Result<()> {
         ensure(self.layout_id == rows.id(), || {
-            Error::value(op, "keep", "this keep set was not computed by select_keep from the same row layout")
+            Error::value(
+                op,
+                "keep",
+                "this keep set was not computed by select_keep from the same row layout",
+            )
         })
     }
 }
 
 /// Checks the logits shape `[B, nv_max]` and the output's size against `rows`.
-pub(crate) fn check(logits: [usize; 2], rows: &RowLayout, rule: &KeepRule, keep_nv_max: usize, keep_batch: usize) -> Result<()> {
+pub(crate) fn check(
+    logits: [usize; 2],
+    rows: &RowLayout,
+    rule: &KeepRule,
+    keep_nv_max: usize,
+    keep_batch: usize,
+) -> Result<()> {
     rule.check()?;
     ensure(logits == [rows.batch(), rows.nv_max()], || {
-        Error::shape(OP, "logits", format!("shape {logits:?}, expected {:?}", [rows.batch(), rows.nv_max()]))
+        Error::shape(
+            OP,
+            "logits",
+            format!(
+                "shape {logits:?}, expected {:?}",
+                [rows.batch(), rows.nv_max()]
+            ),
+        )
     })?;
-    ensure(keep_nv_max == rows.nv_max() && keep_batch == rows.batch(), || {
-        Error::shape(OP, "keep", "the keep set was sized for another row layout")
-    })
+    ensure(
+        keep_nv_max == rows.nv_max() && keep_batch == rows.batch(),
+        || Error::shape(OP, "keep", "the keep set was sized for another row layout"),
+    )
 }

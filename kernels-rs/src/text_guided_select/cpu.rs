@@ -56,7 +56,11 @@ pub fn text_guided_select<T: Element>(
                         d.scale * qf.iter().zip(key).map(|(a, c)| a * c).sum::<f32>()
                     }));
                     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = m + logits.iter().map(|&l| f64::from(l - m).exp()).sum::<f64>().ln() as f32;
+                    let lse = m + logits
+                        .iter()
+                        .map(|&l| f64::from(l - m).exp())
+                        .sum::<f64>()
+                        .ln() as f32;
                     for (bi, &l) in best.iter_mut().zip(&logits) {
                         *bi = bi.max(l - lse);
                     }

@@ -6,7 +6,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use foveal_sys as ffi;
 
 use super::{check, Lengths, OP};
-use crate::cuda::{check_aligned, check_grid_batch, check_status, driver_err, ffi_stream, sm_count, DevView, DevViewMut, Workspace};
+use crate::cuda::{
+    check_aligned, check_grid_batch, check_status, driver_err, ffi_stream, sm_count, DevView,
+    DevViewMut, Workspace,
+};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 use crate::glimpse_scores::cuda::ffi_dtype;
@@ -26,7 +29,10 @@ impl DeviceLengths {
         let to_i32 = |v: &[usize]| -> Result<Vec<i32>> {
             let mut out: Vec<i32> = Vec::with_capacity(v.len().max(1));
             for &x in v {
-                out.push(i32::try_from(x).map_err(|_| Error::index(WHAT, "lengths", format!("{x} exceeds i32")))?);
+                out.push(
+                    i32::try_from(x)
+                        .map_err(|_| Error::index(WHAT, "lengths", format!("{x} exceeds i32")))?,
+                );
             }
             if out.is_empty() {
                 out.push(0);
@@ -75,16 +81,24 @@ pub fn text_guided_select<T: Element>(
     )?;
     let vec = 16 / std::mem::size_of::<T>();
     let max_d = ffi::FOVEAL_TGS_MAX_HEAD_DIM as usize;
-    ensure(d.head_dim % vec == 0 && d.head_dim <= max_d, || Error::Unsupported {
-        op: OP,
-        msg: format!("head dim {} must be a multiple of {vec} and at most {max_d}", d.head_dim),
+    ensure(d.head_dim % vec == 0 && d.head_dim <= max_d, || {
+        Error::Unsupported {
+            op: OP,
+            msg: format!(
+                "head dim {} must be a multiple of {vec} and at most {max_d}",
+                d.head_dim
+            ),
+        }
     })?;
     let k_shape = k_vis.shape();
     let k_strides = k_vis.layout().strides();
-    ensure((0..3).all(|i| k_shape[i] <= 1 || k_strides[i] % vec == 0), || Error::Unsupported {
-        op: OP,
-        msg: format!("the strides of `k_vis` must be multiples of {vec} elements"),
-    })?;
+    ensure(
+        (0..3).all(|i| k_shape[i] <= 1 || k_strides[i] % vec == 0),
+        || Error::Unsupported {
+            op: OP,
+            msg: format!("the strides of `k_vis` must be multiples of {vec} elements"),
+        },
+    )?;
     check_grid_batch(OP, d.batch)?;
     if d.batch == 0 {
         return Ok(());
@@ -94,12 +108,18 @@ pub fn text_guided_select<T: Element>(
     let keys = ffi::FOVEAL_TGS_KEYS_PER_BLOCK as usize;
     let key_chunks = d.visual.div_ceil(keys);
     let blocks = (key_chunks * d.batch).max(1);
-    let text_splits = (2 * sm_count(stream, OP)?).div_ceil(blocks).clamp(1, d.text.clamp(1, 65_535));
+    let text_splits = (2 * sm_count(stream, OP)?)
+        .div_ceil(blocks)
+        .clamp(1, d.text.clamp(1, 65_535));
 
     let lse_partial = d.batch * key_chunks * d.q_heads * d.text * 2 * 4;
     let lse = d.batch * d.q_heads * d.text * 4;
     let s_partial = d.batch * text_splits * d.visual * 4;
-    let own_scores = if scores.is_some() { 0 } else { d.batch * d.visual * 4 };
+    let own_scores = if scores.is_some() {
+        0
+    } else {
+        d.batch * d.visual * 4
+    };
 
     let (k_ptr, _k) = k_vis.ptr(stream);
     check_aligned(OP, "k_vis", k_ptr, 16)?;
@@ -112,7 +132,8 @@ pub fn text_guided_select<T: Element>(
     let (count_ptr, _c) = count.ptr_mut(stream);
     let (t_len, _t) = lengths.t_len.device_ptr(stream);
     let (n_len, _n) = lengths.n_len.device_ptr(stream);
-    let ([lse_partial, lse, s_partial, own], _ws) = workspace.regions(stream, [lse_partial, lse, s_partial, own_scores])?;
+    let ([lse_partial, lse, s_partial, own], _ws) =
+        workspace.regions(stream, [lse_partial, lse, s_partial, own_scores])?;
     let (scores_ptr, scores_sb, _s) = match scores {
         Some(s) => {
             let sb = s.layout().stride(0);

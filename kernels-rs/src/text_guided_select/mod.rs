@@ -53,14 +53,28 @@ impl Lengths {
     /// the tensors by the op).
     pub fn new(t_len: &[usize], n_len: &[usize]) -> Result<Self> {
         ensure(t_len.len() == n_len.len(), || {
-            Error::shape(OP, "lengths", format!("{} text lengths, {} visual lengths", t_len.len(), n_len.len()))
+            Error::shape(
+                OP,
+                "lengths",
+                format!(
+                    "{} text lengths, {} visual lengths",
+                    t_len.len(),
+                    n_len.len()
+                ),
+            )
         })?;
-        Ok(Lengths { t_len: t_len.to_vec(), n_len: n_len.to_vec() })
+        Ok(Lengths {
+            t_len: t_len.to_vec(),
+            n_len: n_len.to_vec(),
+        })
     }
 
     /// Every row full: `t` text and `n` visual tokens.
     pub fn full(batch: usize, t: usize, n: usize) -> Self {
-        Lengths { t_len: vec![t; batch], n_len: vec![n; batch] }
+        Lengths {
+            t_len: vec![t; batch],
+            n_len: vec![n; batch],
+        }
     }
 
     pub fn batch(&self) -> usize {
@@ -101,30 +115,81 @@ pub(crate) fn check(
 ) -> Result<Dims> {
     let [b, t, hq, d] = q;
     let [kb, n, hkv, kd] = k;
-    ensure(gamma > 0.0 && gamma <= 1.0, || Error::value(OP, "gamma", format!("{gamma} is outside (0, 1]")))?;
-    ensure(kb == b, || Error::shape(OP, "k_vis", format!("batch {kb}, q_text has {b}")))?;
-    ensure(d > 0 && kd == d, || Error::shape(OP, "k_vis", format!("head dim {kd}, q_text has {d}")))?;
-    ensure(hkv > 0 && hq > 0 && hq % hkv == 0, || {
-        Error::shape(OP, "q_text", format!("{hq} query heads are not a multiple of {hkv} KV heads"))
+    ensure(gamma > 0.0 && gamma <= 1.0, || {
+        Error::value(OP, "gamma", format!("{gamma} is outside (0, 1]"))
     })?;
-    ensure(lengths.batch() == b, || Error::shape(OP, "lengths", format!("{} rows, the batch has {b}", lengths.batch())))?;
+    ensure(kb == b, || {
+        Error::shape(OP, "k_vis", format!("batch {kb}, q_text has {b}"))
+    })?;
+    ensure(d > 0 && kd == d, || {
+        Error::shape(OP, "k_vis", format!("head dim {kd}, q_text has {d}"))
+    })?;
+    ensure(hkv > 0 && hq > 0 && hq % hkv == 0, || {
+        Error::shape(
+            OP,
+            "q_text",
+            format!("{hq} query heads are not a multiple of {hkv} KV heads"),
+        )
+    })?;
+    ensure(lengths.batch() == b, || {
+        Error::shape(
+            OP,
+            "lengths",
+            format!("{} rows, the batch has {b}", lengths.batch()),
+        )
+    })?;
     for row in 0..b {
         ensure(lengths.t_len[row] <= t, || {
-            Error::index(OP, "t_len", format!("row {row}: {} text tokens, q_text holds {t}", lengths.t_len[row]))
+            Error::index(
+                OP,
+                "t_len",
+                format!(
+                    "row {row}: {} text tokens, q_text holds {t}",
+                    lengths.t_len[row]
+                ),
+            )
         })?;
         ensure(lengths.n_len[row] <= n, || {
-            Error::index(OP, "n_len", format!("row {row}: {} visual tokens, k_vis holds {n}", lengths.n_len[row]))
+            Error::index(
+                OP,
+                "n_len",
+                format!(
+                    "row {row}: {} visual tokens, k_vis holds {n}",
+                    lengths.n_len[row]
+                ),
+            )
         })?;
     }
-    ensure(keep == [b, n], || Error::shape(OP, "keep", format!("shape {keep:?}, expected {:?}", [b, n])))?;
-    ensure(count == [b], || Error::shape(OP, "count", format!("shape {count:?}, expected [{b}]")))?;
-    if let Some(s) = scores {
-        ensure(s == [b, n], || Error::shape(OP, "scores", format!("shape {s:?}, expected {:?}", [b, n])))?;
-    }
-    ensure(t <= i32::MAX as usize && n <= i32::MAX as usize && hq <= i32::MAX as usize && d <= i32::MAX as usize, || {
-        Error::Unsupported { op: OP, msg: "sizes past the kernels' 32-bit indices".into() }
+    ensure(keep == [b, n], || {
+        Error::shape(OP, "keep", format!("shape {keep:?}, expected {:?}", [b, n]))
     })?;
-    Ok(Dims { batch: b, text: t, visual: n, q_heads: hq, kv_heads: hkv, head_dim: d, scale: 1.0 / (d as f32).sqrt() })
+    ensure(count == [b], || {
+        Error::shape(OP, "count", format!("shape {count:?}, expected [{b}]"))
+    })?;
+    if let Some(s) = scores {
+        ensure(s == [b, n], || {
+            Error::shape(OP, "scores", format!("shape {s:?}, expected {:?}", [b, n]))
+        })?;
+    }
+    ensure(
+        t <= i32::MAX as usize
+            && n <= i32::MAX as usize
+            && hq <= i32::MAX as usize
+            && d <= i32::MAX as usize,
+        || Error::Unsupported {
+            op: OP,
+            msg: "sizes past the kernels' 32-bit indices".into(),
+        },
+    )?;
+    Ok(Dims {
+        batch: b,
+        text: t,
+        visual: n,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+    })
 }
 
 /// `S` in 32.32 fixed point: `floor(min(S, 2) * 2^32)`, 0 for NaN and `S <= 0`

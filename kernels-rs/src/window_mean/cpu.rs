@@ -7,7 +7,12 @@ use crate::layout::{View, ViewMut};
 
 /// Writes the mean (or max) of every window of `x [B, Hx, Wx, C]` into `out
 /// [B, M, C]` (see the module docs).
-pub fn window_mean<T: Element>(x: View<'_, T, 4>, window: usize, pool: Pool, out: &mut ViewMut<'_, T, 3>) -> Result<()> {
+pub fn window_mean<T: Element>(
+    x: View<'_, T, 4>,
+    window: usize,
+    pool: Pool,
+    out: &mut ViewMut<'_, T, 3>,
+) -> Result<()> {
     let d = check(x.shape(), out.shape(), window)?;
     if d.channels == 0 {
         return Ok(());
@@ -18,11 +23,19 @@ pub fn window_mean<T: Element>(x: View<'_, T, 4>, window: usize, pool: Pool, out
         for m in 0..d.windows {
             let (y0, x0) = ((m / wins_x) * window, (m % wins_x) * window);
             let (y1, x1) = ((y0 + window).min(d.height), (x0 + window).min(d.width));
-            acc.fill(if pool == Pool::Max { f32::NEG_INFINITY } else { 0.0 });
+            acc.fill(if pool == Pool::Max {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            });
             for y in y0..y1 {
                 for xx in x0..x1 {
                     for (a, v) in acc.iter_mut().zip(x.row([b, y, xx, 0])) {
-                        *a = if pool == Pool::Max { a.max(v.to_f32()) } else { *a + v.to_f32() };
+                        *a = if pool == Pool::Max {
+                            a.max(v.to_f32())
+                        } else {
+                            *a + v.to_f32()
+                        };
                     }
                 }
             }

@@ -53,18 +53,37 @@ pub(crate) struct Dims {
 /// and multiscale_gather).
 pub(crate) fn check_map(op: &'static str, x: [usize; 4], window: usize) -> Result<Dims> {
     let [batch, height, width, channels] = x;
-    ensure(window >= 1, || Error::value(op, "window", "the window must be at least 1 cell"))?;
-    ensure(height.saturating_mul(width) <= i32::MAX as usize && channels <= i32::MAX as usize, || {
-        Error::Unsupported { op, msg: format!("a {height} x {width} x {channels} map exceeds the kernels' 32-bit indices") }
+    ensure(window >= 1, || {
+        Error::value(op, "window", "the window must be at least 1 cell")
     })?;
-    ensure(window <= i32::MAX as usize, || Error::value(op, "window", format!("{window} is too large")))?;
-    Ok(Dims { batch, height, width, channels, window, windows: num_windows(height, width, window) })
+    ensure(
+        height.saturating_mul(width) <= i32::MAX as usize && channels <= i32::MAX as usize,
+        || Error::Unsupported {
+            op,
+            msg: format!(
+                "a {height} x {width} x {channels} map exceeds the kernels' 32-bit indices"
+            ),
+        },
+    )?;
+    ensure(window <= i32::MAX as usize, || {
+        Error::value(op, "window", format!("{window} is too large"))
+    })?;
+    Ok(Dims {
+        batch,
+        height,
+        width,
+        channels,
+        window,
+        windows: num_windows(height, width, window),
+    })
 }
 
 /// Checks x `[B, Hx, Wx, C]` and out `[B, M, C]`.
 pub(crate) fn check(x: [usize; 4], out: [usize; 3], window: usize) -> Result<Dims> {
     let dims = check_map(OP, x, window)?;
     let want = [dims.batch, dims.windows, dims.channels];
-    ensure(out == want, || Error::shape(OP, "out", format!("shape {out:?}, expected {want:?}")))?;
+    ensure(out == want, || {
+        Error::shape(OP, "out", format!("shape {out:?}, expected {want:?}"))
+    })?;
     Ok(dims)
 }
