@@ -29,9 +29,10 @@ mod cuda {
         "src/region_descriptors.cu",
         "src/route_topk.cu",
         "src/gaze_decode.cu",
+        "src/gaze_route_decode.cu",
         "src/status.cu",
     ];
-    const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh", "src/top_select.cuh"];
+    const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh", "src/top_select.cuh", "src/gaze_attend.cuh"];
 
     pub fn build() {
         for f in SOURCES.iter().chain(HEADERS) {

@@ -29,6 +29,7 @@
 //! | region_descriptors | [`region_descriptors::generate`] | [`region_descriptors::baseline`]: per region, gather its keys to a new f32 tensor, then the mean |
 //! | route_topk | [`route_topk::generate`] | [`route_topk::baseline`]: repeat_kv of the descriptors, scores, full argsort, first k, sort |
 //! | gaze_decode | [`gaze_decode::generate`], [`gaze_decode::plan`] | [`gaze_decode::Plan::dense`]: the same op with every position visible (dense decode attention) |
+//! | gaze_route_decode | [`gaze_route_decode::generate`] (gaze_decode's case, routes chosen by the scores) | route_topk + gaze_decode (two ops); dense decode attention |
 //!
 //! The FocusLLaVA ops (window_mean, multiscale_gather, text_guided_select)
 //! use LLaVA-NeXT-style shapes instead: 24 x 24 or 48 x 48 feature maps of
@@ -41,6 +42,7 @@
 
 pub mod compact_kv;
 pub mod gaze_decode;
+pub mod gaze_route_decode;
 pub mod glimpse_scores;
 pub mod multiscale_gather;
 pub mod region_descriptors;

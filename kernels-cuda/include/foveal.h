@@ -354,6 +354,31 @@ typedef struct foveal_gaze_decode_params {
 
 int foveal_gaze_decode(const foveal_gaze_decode_params *p, foveal_stream_t stream);
 
+/* ------------------------------------------------------------- gaze_route_decode */
+
+/* Most regions of a row (their scores and head masks live in shared
+ * memory) and most blocks sharing one unit's attended set. */
+#define FOVEAL_GAZE_ROUTE_MAX_REGIONS 4096
+#define FOVEAL_GAZE_ROUTE_MAX_SPLITS 256
+
+typedef struct foveal_gaze_route_decode_params {
+  /* The attention's arguments as gaze_decode takes them, except: `routes`
+   * and `unit_tokens` are unused; `segments` holds one list per block,
+   * [B, units, num_splits, max_segments, 4] int32. */
+  foveal_gaze_decode_params decode;
+  /* desc [B, Hkv, R, D] float (16-byte aligned rows), R >= max_regions. */
+  const float *desc;
+  int64_t desc_stride_b, desc_stride_h, desc_stride_r;
+  /* Routes out, [B, 1, Hq, top_k] int32, contiguous: ascending, -1 padded. */
+  int32_t *routes;
+  int32_t top_k;
+  /* Workspace: one ticket per (row, unit), [B, units] uint32; zeroed by
+   * the launcher before the kernel, and reset by the kernel's last block. */
+  uint32_t *tickets;
+} foveal_gaze_route_decode_params;
+
+int foveal_gaze_route_decode(const foveal_gaze_route_decode_params *p, foveal_stream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,6 +16,8 @@ pub const FOVEAL_ROUTE_REGIONS_PER_BLOCK: u32 = 64;
 pub const FOVEAL_GAZE_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_GAZE_MAX_GROUP: u32 = 8;
 pub const FOVEAL_GAZE_MAX_REGIONS: u32 = 32768;
+pub const FOVEAL_GAZE_ROUTE_MAX_REGIONS: u32 = 4096;
+pub const FOVEAL_GAZE_ROUTE_MAX_SPLITS: u32 = 256;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -970,6 +972,56 @@ impl Default for foveal_gaze_decode_params {
 unsafe extern "C" {
     pub fn foveal_gaze_decode(
         p: *const foveal_gaze_decode_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_gaze_route_decode_params {
+    pub decode: foveal_gaze_decode_params,
+    pub desc: *const f32,
+    pub desc_stride_b: i64,
+    pub desc_stride_h: i64,
+    pub desc_stride_r: i64,
+    pub routes: *mut i32,
+    pub top_k: i32,
+    pub tickets: *mut u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_gaze_route_decode_params"]
+        [::std::mem::size_of::<foveal_gaze_route_decode_params>() - 328usize];
+    ["Alignment of foveal_gaze_route_decode_params"]
+        [::std::mem::align_of::<foveal_gaze_route_decode_params>() - 8usize];
+    ["Offset of field: foveal_gaze_route_decode_params::decode"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, decode) - 0usize];
+    ["Offset of field: foveal_gaze_route_decode_params::desc"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc) - 272usize];
+    ["Offset of field: foveal_gaze_route_decode_params::desc_stride_b"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_b) - 280usize];
+    ["Offset of field: foveal_gaze_route_decode_params::desc_stride_h"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_h) - 288usize];
+    ["Offset of field: foveal_gaze_route_decode_params::desc_stride_r"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_r) - 296usize];
+    ["Offset of field: foveal_gaze_route_decode_params::routes"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, routes) - 304usize];
+    ["Offset of field: foveal_gaze_route_decode_params::top_k"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, top_k) - 312usize];
+    ["Offset of field: foveal_gaze_route_decode_params::tickets"]
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, tickets) - 320usize];
+};
+impl Default for foveal_gaze_route_decode_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_gaze_route_decode(
+        p: *const foveal_gaze_route_decode_params,
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }

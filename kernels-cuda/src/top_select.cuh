@@ -61,13 +61,14 @@ __device__ void radix_select_nth(int count, int n, KeyFn key_of, int* hist, uint
 // Ordered pass over the row's n entries (key_of(i) their keys): keeps every
 // entry when `keep_all`; otherwise, when `partial`, the entries whose key is
 // above `pivot` and the first `take_equal` (lowest indices) equal to it.
-// Writes the kept indices ascending to out[0..] with block scans (exact,
-// deterministic). Every thread of the block must call it; `carry` is two
-// shared ints.
-template <int kThreads, typename KeyFn>
-__device__ void write_kept_ascending(int n, bool keep_all, bool partial, uint32_t pivot, int take_equal, KeyFn key_of,
-                                     int32_t* out, typename cub::BlockScan<int, kThreads>::TempStorage& scan,
-                                     int* carry) {
+// Calls emit(slot, i) for each kept index i, slot its rank among the kept
+// (so slots ascend with i), computed with block scans (exact,
+// deterministic); the thread that owns i calls it. Every thread of the block
+// must call it; `carry` is two shared ints.
+template <int kThreads, typename KeyFn, typename EmitFn>
+__device__ void for_kept_ascending(int n, bool keep_all, bool partial, uint32_t pivot, int take_equal, KeyFn key_of,
+                                   EmitFn emit, typename cub::BlockScan<int, kThreads>::TempStorage& scan,
+                                   int* carry) {
   using BlockScan = cub::BlockScan<int, kThreads>;
   if (threadIdx.x == 0) {
     carry[0] = 0;  // keys equal to the pivot seen so far
@@ -91,7 +92,7 @@ __device__ void write_kept_ascending(int n, bool keep_all, bool partial, uint32_
     int slot;
     int keep_total;
     BlockScan(scan).ExclusiveSum(static_cast<int>(keep), slot, keep_total);
-    if (keep) out[carry[1] + slot] = i;
+    if (keep) emit(carry[1] + slot, i);
     __syncthreads();
     if (threadIdx.x == 0) {
       carry[0] += eq_total;
@@ -99,6 +100,15 @@ __device__ void write_kept_ascending(int n, bool keep_all, bool partial, uint32_
     }
     __syncthreads();
   }
+}
+
+// for_kept_ascending writing the kept indices ascending to out[0..].
+template <int kThreads, typename KeyFn>
+__device__ void write_kept_ascending(int n, bool keep_all, bool partial, uint32_t pivot, int take_equal, KeyFn key_of,
+                                     int32_t* out, typename cub::BlockScan<int, kThreads>::TempStorage& scan,
+                                     int* carry) {
+  for_kept_ascending<kThreads>(n, keep_all, partial, pivot, take_equal, key_of, [&](int slot, int i) { out[slot] = i; },
+                               scan, carry);
 }
 
 }  // namespace foveal

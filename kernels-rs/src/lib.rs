@@ -19,13 +19,15 @@
 //! Gaze Attention: [`region_descriptors`] (the mean key of each region of a
 //! visual unit), [`route_topk`] (each query head's best regions),
 //! [`gaze_decode`] (decode attention over the always-visible keys and the
-//! routed regions only), all on a [`GazeLayout`].
+//! routed regions only), all on a [`GazeLayout`]; [`gaze_route_decode`] is
+//! route_topk and gaze_decode fused into one launch for a decode step.
 
 pub mod compact_kv;
 pub mod dtype;
 pub mod error;
 pub mod gaze_decode;
 pub mod gaze_layout;
+pub mod gaze_route_decode;
 pub mod glimpse_scores;
 pub mod layout;
 pub mod multiscale_gather;

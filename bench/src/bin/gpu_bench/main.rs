@@ -13,8 +13,8 @@
 //!   bytes read + written), the ceiling every GB/s figure is compared to.
 //! - For each op (sections `glimpse_scores`, `select_keep`, `compact_kv`,
 //!   `window_mean`, `multiscale_gather`, `text_guided_select`,
-//!   `region_descriptors`, `route_topk`, `gaze_decode`; the last three in
-//!   their own modules) and
+//!   `region_descriptors`, `route_topk`, `gaze_decode`, `gaze_route_decode`;
+//!   the last four in their own modules) and
 //!   case: fills input sets on the device (at least 3, more until together
 //!   they hold 4x the L2 size, at most 256), checks the op once against the
 //!   CPU reference (output poisoned first), then times it with CUDA events:
@@ -38,6 +38,9 @@
 //! - gaze_decode (module `gaze_decode`) also times dense decode attention
 //!   over the same cache (the same kernels, every position visible), gated
 //!   and eagerly.
+//! - gaze_route_decode (module `gaze_route_decode`, the fused route_topk +
+//!   gaze_decode) gives two rows per case: against the two ops called one
+//!   after the other, and against dense decode attention.
 //! - Prints one row per case and writes the table to `--out` (markdown when
 //!   the name ends in `.md`, CSV otherwise). `bytes` is the op's floor: what
 //!   it must read plus write (`foveal_bench::<op>::floor_bytes`); GB/s is
@@ -74,14 +77,15 @@ use foveal_bench::{
 use half::bf16;
 
 mod gaze_decode;
+mod gaze_route_decode;
 mod region_descriptors;
 mod route_topk;
 mod text_guided_unfused;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
-const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select,region_descriptors,route_topk,gaze_decode] [--runs N] [--no-check]";
-const OPS: [&str; 9] = [
+const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select,region_descriptors,route_topk,gaze_decode,gaze_route_decode] [--runs N] [--no-check]";
+const OPS: [&str; 10] = [
     "glimpse_scores",
     "select_keep",
     "compact_kv",
@@ -91,6 +95,7 @@ const OPS: [&str; 9] = [
     "region_descriptors",
     "route_topk",
     "gaze_decode",
+    "gaze_route_decode",
 ];
 
 // ---------------------------------------------------------------------------
@@ -752,6 +757,17 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
                 .unwrap_or_else(|e| Row::failed("gaze_decode", case.label(), e.as_ref()));
             print_row(&row.cells(copy_gbps));
             rows.push(row);
+            write_out(&rows)?;
+        }
+    }
+    if args.wants("gaze_route_decode") {
+        for case in gaze_route_decode::cases(args.quick) {
+            let new_rows = gaze_route_decode::run_case(&mut env, &case)
+                .unwrap_or_else(|e| vec![Row::failed("gaze_route_decode", case.label(), e.as_ref())]);
+            for row in new_rows {
+                print_row(&row.cells(copy_gbps));
+                rows.push(row);
+            }
             write_out(&rows)?;
         }
     }
