@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, SyncOnDrop};
 use foveal_sys as ffi;
 
 use super::{check, Dims, OP};
@@ -80,30 +80,80 @@ pub fn gaze_decode<T: Element>(
     }
     let plan = Plan::new(&dims, host, sm_count(stream, OP)?)?;
 
-    let (q_ptr, _q) = q.ptr(stream);
-    let (k_ptr, _k) = k.ptr(stream);
-    let (v_ptr, _v) = v.ptr(stream);
-    check_aligned(OP, "q", q_ptr, 16)?;
-    check_aligned(OP, "k", k_ptr, 16)?;
-    check_aligned(OP, "v", v_ptr, 16)?;
+    let (mut params, _guards) = decode_params(OP, stream, q, k, v, layout, &dims, o, lse)?;
     let ([segments, unit_tokens, partial_o, partial_ml], _ws) =
         workspace.regions(stream, plan.region_bytes(&dims))?;
+    let (route_ids, _ri) = routes.ids.device_ptr(stream);
+    params.routes = route_ids as *const i32;
+    params.segments = segments as *mut i32;
+    params.unit_tokens = unit_tokens as *mut i32;
+    params.partial_o = partial_o as *mut f32;
+    params.partial_ml = partial_ml as *mut f32;
+    params.max_segments = plan.max_segments as i32;
+    params.num_splits = plan.num_splits as i32;
+    let stream_ptr = ffi_stream(stream, OP)?;
+    // SAFETY: every pointer is a live device allocation of the stream's
+    // context, held (with its ordering guard) until this call has enqueued
+    // the kernels; lse is null exactly when no lse view was given. `check`
+    // and the checks above bound every index the kernels form: q/k/v/o/lse by
+    // their validated layouts; positions by the GazeLayout (each < seq <= S,
+    // each region's count and the padded widths from the same host layout as
+    // the uploaded arrays); region ids by the routes, checked against this
+    // layout (DeviceRoutes::check_from: ids < the row's region count, -1
+    // padding); the workspace regions by `Plan::region_bytes`, sized from
+    // the same `max_segments` and `num_splits` the kernels use.
+    let status = unsafe { ffi::foveal_gaze_decode(&params, stream_ptr) };
+    check_status(OP, status)
+}
+
+/// The launch parameters gaze_decode and gaze_route_decode share: q, k, v, o
+/// and lse (null without an lse view) with their strides, the layout's arrays
+/// and widths, and the sizes of the call, after checking that q, k and v are
+/// 16-byte aligned. The routes, the workspace regions and the split plan are
+/// left null / 0 for the caller to set. The guards order every buffer on
+/// `stream`: keep them until the launch is enqueued.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_params<'s, T: Element>(
+    op: &'static str,
+    stream: &'s CudaStream,
+    q: &'s DevView<'_, T, 3>,
+    k: &'s DevView<'_, T, 4>,
+    v: &'s DevView<'_, T, 4>,
+    layout: &'s DeviceGazeLayout,
+    dims: &Dims,
+    o: &'s mut DevViewMut<'_, T, 3>,
+    lse: Option<&'s mut DevViewMut<'_, f32, 2>>,
+) -> Result<(ffi::foveal_gaze_decode_params, Vec<SyncOnDrop<'s>>)> {
+    let host = layout.host();
+    let (q_ptr, q_guard) = q.ptr(stream);
+    let (k_ptr, k_guard) = k.ptr(stream);
+    let (v_ptr, v_guard) = v.ptr(stream);
+    check_aligned(op, "q", q_ptr, 16)?;
+    check_aligned(op, "k", k_ptr, 16)?;
+    check_aligned(op, "v", v_ptr, 16)?;
     let o_strides = o.layout().strides();
-    let (o_ptr, _o) = o.ptr_mut(stream);
+    let (o_ptr, o_guard) = o.ptr_mut(stream);
     let lse_strides = lse.as_ref().map_or([0, 0], |l| l.layout().strides());
-    let (lse_ptr, _l) = match lse {
+    let mut guards = vec![q_guard, k_guard, v_guard, o_guard];
+    let lse_ptr = match lse {
         Some(l) => {
             let (ptr, guard) = l.ptr_mut(stream);
-            (ptr, Some(guard))
+            guards.push(guard);
+            ptr
         }
-        None => (0, None),
+        None => 0,
     };
-    let (region_count, _rc) = layout.region_count.device_ptr(stream);
-    let (region_len, _rl) = layout.region_len.device_ptr(stream);
-    let (region_pos, _rp) = layout.region_pos.device_ptr(stream);
-    let (visible_count, _vc) = layout.visible_count.device_ptr(stream);
-    let (visible, _vi) = layout.visible.device_ptr(stream);
-    let (route_ids, _ri) = routes.ids.device_ptr(stream);
+    let mut array = |a: &'s CudaSlice<i32>| {
+        let (ptr, guard) = a.device_ptr(stream);
+        guards.push(guard);
+        ptr as *const i32
+    };
+    let (region_count, region_len, region_pos) = (
+        array(&layout.region_count),
+        array(&layout.region_len),
+        array(&layout.region_pos),
+    );
+    let (visible_count, visible) = (array(&layout.visible_count), array(&layout.visible));
     let [qsb, qsh, _] = q.layout().strides();
     let [ksb, kss, ksh, _] = k.layout().strides();
     let [vsb, vss, vsh, _] = v.layout().strides();
@@ -119,15 +169,15 @@ pub fn gaze_decode<T: Element>(
         v_stride_b: vsb as i64,
         v_stride_s: vss as i64,
         v_stride_h: vsh as i64,
-        region_count: region_count as *const i32,
-        region_len: region_len as *const i32,
-        region_pos: region_pos as *const i32,
-        visible_count: visible_count as *const i32,
-        visible: visible as *const i32,
+        region_count,
+        region_len,
+        region_pos,
+        visible_count,
+        visible,
         max_regions: host.max_regions() as i32,
         max_region_len: host.max_region_len() as i32,
         max_visible: host.max_visible() as i32,
-        routes: route_ids as *const i32,
+        routes: std::ptr::null(),
         route_k: dims.k as i32,
         o: o_ptr as *mut _,
         o_stride_b: o_strides[0] as i64,
@@ -135,32 +185,20 @@ pub fn gaze_decode<T: Element>(
         lse: lse_ptr as *mut f32,
         lse_stride_b: lse_strides[0] as i64,
         lse_stride_h: lse_strides[1] as i64,
-        segments: segments as *mut i32,
-        unit_tokens: unit_tokens as *mut i32,
-        partial_o: partial_o as *mut f32,
-        partial_ml: partial_ml as *mut f32,
+        segments: std::ptr::null_mut(),
+        unit_tokens: std::ptr::null_mut(),
+        partial_o: std::ptr::null_mut(),
+        partial_ml: std::ptr::null_mut(),
         batch: dims.batch as i32,
         q_heads: dims.q_heads as i32,
         kv_heads: dims.kv_heads as i32,
         head_dim: dims.head_dim as i32,
-        max_segments: plan.max_segments as i32,
-        num_splits: plan.num_splits as i32,
+        max_segments: 0,
+        num_splits: 0,
         scale: dims.scale,
         dtype: ffi_dtype(T::DTYPE),
     };
-    let stream_ptr = ffi_stream(stream, OP)?;
-    // SAFETY: every pointer is a live device allocation of the stream's
-    // context, held (with its ordering guard) until this call has enqueued
-    // the kernels; lse is null exactly when no lse view was given. `check`
-    // and the checks above bound every index the kernels form: q/k/v/o/lse by
-    // their validated layouts; positions by the GazeLayout (each < seq <= S,
-    // each region's count and the padded widths from the same host layout as
-    // the uploaded arrays); region ids by the routes, checked against this
-    // layout (DeviceRoutes::check_from: ids < the row's region count, -1
-    // padding); the workspace regions by `Plan::region_bytes`, sized from
-    // the same `max_segments` and `num_splits` the kernels use.
-    let status = unsafe { ffi::foveal_gaze_decode(&params, stream_ptr) };
-    check_status(OP, status)
+    Ok((params, guards))
 }
 
 /// The workspace bytes [`gaze_decode`] uses for these sizes (reserve them

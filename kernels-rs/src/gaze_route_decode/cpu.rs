@@ -27,9 +27,24 @@ pub fn gaze_route_decode<T: Element>(
     routes: &mut Routes,
 ) -> Result<()> {
     let [b, hq, d] = q.shape();
-    check(q.shape(), k.shape(), v.shape(), desc.shape(), layout, top_k, routes.shape(), scale, o.shape(), lse.as_ref().map(|l| l.shape()))?;
+    check(
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        desc.shape(),
+        layout,
+        top_k,
+        routes.shape(),
+        scale,
+        o.shape(),
+        lse.as_ref().map(|l| l.shape()),
+    )?;
     let [sb, sh, sd] = q.layout().strides();
-    let q4 = View::new(q.data(), Layout::strided([b, 1, hq, d], [sb, sh, sh, sd]).map_err(renamed)?).map_err(renamed)?;
+    let q4 = View::new(
+        q.data(),
+        Layout::strided([b, 1, hq, d], [sb, sh, sh, sd]).map_err(renamed)?,
+    )
+    .map_err(renamed)?;
     route_topk(q4, desc, layout, top_k, routes).map_err(renamed)?;
     gaze_decode(q, k, v, layout, routes, scale, o, lse).map_err(renamed)
 }

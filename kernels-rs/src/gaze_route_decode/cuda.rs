@@ -2,17 +2,19 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, DevicePtrMut};
 use foveal_sys as ffi;
 
 use super::{check, OP};
-use crate::cuda::{check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, Workspace};
+use crate::cuda::{
+    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, Workspace,
+};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
+use crate::gaze_decode::cuda::decode_params;
 use crate::gaze_decode::Dims;
 use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
 use crate::gaze_layout::GazeLayout;
-use crate::glimpse_scores::cuda::ffi_dtype;
 
 /// Attended tokens a split gets at least (by the host's bound), as in gaze_decode.
 const MIN_TOKENS_PER_SPLIT: usize = 64;
@@ -44,94 +46,60 @@ pub fn gaze_route_decode<T: Element>(
     workspace: &mut Workspace,
 ) -> Result<()> {
     let host = layout.host();
-    let dims = check(q.shape(), k.shape(), v.shape(), desc.shape(), host, top_k, routes.shape(), scale, o.shape(), lse.as_ref().map(|l| l.shape()))?;
+    let dims = check(
+        q.shape(),
+        k.shape(),
+        v.shape(),
+        desc.shape(),
+        host,
+        top_k,
+        routes.shape(),
+        scale,
+        o.shape(),
+        lse.as_ref().map(|l| l.shape()),
+    )?;
     let vec = 16 / std::mem::size_of::<T>();
     let max_d = ffi::FOVEAL_GAZE_MAX_HEAD_DIM as usize;
-    ensure(dims.head_dim % vec == 0 && dims.head_dim % 4 == 0 && dims.head_dim <= max_d, || Error::Unsupported {
-        op: OP,
-        msg: format!("head dim {} must be a multiple of {} and at most {max_d}", dims.head_dim, vec.max(4)),
-    })?;
+    ensure(
+        dims.head_dim % vec == 0 && dims.head_dim % 4 == 0 && dims.head_dim <= max_d,
+        || Error::Unsupported {
+            op: OP,
+            msg: format!(
+                "head dim {} must be a multiple of {} and at most {max_d}",
+                dims.head_dim,
+                vec.max(4)
+            ),
+        },
+    )?;
     for (arg, shape, strides, unit) in [
         ("q", &q.shape()[..2], &q.layout().strides()[..2], vec),
         ("k", &k.shape()[..3], &k.layout().strides()[..3], vec),
         ("v", &v.shape()[..3], &v.layout().strides()[..3], vec),
         ("desc", &desc.shape()[..3], &desc.layout().strides()[..3], 4),
     ] {
-        let misaligned = shape.iter().zip(strides).any(|(&n, &s)| n > 1 && s % unit != 0);
-        ensure(!misaligned, || Error::Unsupported { op: OP, msg: format!("the strides of `{arg}` must be multiples of {unit} elements (16 bytes)") })?;
+        let misaligned = shape
+            .iter()
+            .zip(strides)
+            .any(|(&n, &s)| n > 1 && s % unit != 0);
+        ensure(!misaligned, || Error::Unsupported {
+            op: OP,
+            msg: format!("the strides of `{arg}` must be multiples of {unit} elements (16 bytes)"),
+        })?;
     }
     let plan = Plan::new(&dims, host, sm_count(stream, OP)?)?;
 
-    let (q_ptr, _q) = q.ptr(stream);
-    let (k_ptr, _k) = k.ptr(stream);
-    let (v_ptr, _v) = v.ptr(stream);
+    let (mut decode, _guards) = decode_params(OP, stream, q, k, v, layout, &dims, o, lse)?;
     let (desc_ptr, _d) = desc.ptr(stream);
-    check_aligned(OP, "q", q_ptr, 16)?;
-    check_aligned(OP, "k", k_ptr, 16)?;
-    check_aligned(OP, "v", v_ptr, 16)?;
     check_aligned(OP, "desc", desc_ptr, 16)?;
-    let ([segments, partial_o, partial_ml, tickets], _ws) = workspace.regions(stream, plan.region_bytes(&dims))?;
-    let o_strides = o.layout().strides();
-    let (o_ptr, _o) = o.ptr_mut(stream);
-    let lse_strides = lse.as_ref().map_or([0, 0], |l| l.layout().strides());
-    let (lse_ptr, _l) = match lse {
-        Some(l) => {
-            let (ptr, guard) = l.ptr_mut(stream);
-            (ptr, Some(guard))
-        }
-        None => (0, None),
-    };
-    let (region_count, _rc) = layout.region_count.device_ptr(stream);
-    let (region_len, _rl) = layout.region_len.device_ptr(stream);
-    let (region_pos, _rp) = layout.region_pos.device_ptr(stream);
-    let (visible_count, _vc) = layout.visible_count.device_ptr(stream);
-    let (visible, _vi) = layout.visible.device_ptr(stream);
+    let ([segments, partial_o, partial_ml, tickets], _ws) =
+        workspace.regions(stream, plan.region_bytes(&dims))?;
     let (route_ids, _ri) = routes.ids.device_ptr_mut(stream);
-    let [qsb, qsh, _] = q.layout().strides();
-    let [ksb, kss, ksh, _] = k.layout().strides();
-    let [vsb, vss, vsh, _] = v.layout().strides();
     let [dsb, dsh, dsr, _] = desc.layout().strides();
-    let decode = ffi::foveal_gaze_decode_params {
-        q: q_ptr as *const _,
-        q_stride_b: qsb as i64,
-        q_stride_h: qsh as i64,
-        k: k_ptr as *const _,
-        k_stride_b: ksb as i64,
-        k_stride_s: kss as i64,
-        k_stride_h: ksh as i64,
-        v: v_ptr as *const _,
-        v_stride_b: vsb as i64,
-        v_stride_s: vss as i64,
-        v_stride_h: vsh as i64,
-        region_count: region_count as *const i32,
-        region_len: region_len as *const i32,
-        region_pos: region_pos as *const i32,
-        visible_count: visible_count as *const i32,
-        visible: visible as *const i32,
-        max_regions: host.max_regions() as i32,
-        max_region_len: host.max_region_len() as i32,
-        max_visible: host.max_visible() as i32,
-        routes: std::ptr::null(),
-        route_k: dims.k as i32,
-        o: o_ptr as *mut _,
-        o_stride_b: o_strides[0] as i64,
-        o_stride_h: o_strides[1] as i64,
-        lse: lse_ptr as *mut f32,
-        lse_stride_b: lse_strides[0] as i64,
-        lse_stride_h: lse_strides[1] as i64,
-        segments: segments as *mut i32,
-        unit_tokens: std::ptr::null_mut(),
-        partial_o: partial_o as *mut f32,
-        partial_ml: partial_ml as *mut f32,
-        batch: dims.batch as i32,
-        q_heads: dims.q_heads as i32,
-        kv_heads: dims.kv_heads as i32,
-        head_dim: dims.head_dim as i32,
-        max_segments: plan.max_segments as i32,
-        num_splits: plan.num_splits as i32,
-        scale: dims.scale,
-        dtype: ffi_dtype(T::DTYPE),
-    };
+    decode.segments = segments as *mut i32;
+    decode.partial_o = partial_o as *mut f32;
+    decode.partial_ml = partial_ml as *mut f32;
+    decode.max_segments = plan.max_segments as i32;
+    decode.num_splits = plan.num_splits as i32;
     let params = ffi::foveal_gaze_route_decode_params {
         decode,
         desc: desc_ptr as *const f32,
@@ -163,12 +131,29 @@ pub fn gaze_route_decode<T: Element>(
 
 /// The workspace bytes [`gaze_route_decode`] uses for these sizes (reserve
 /// them before capturing a CUDA graph).
-pub fn workspace_bytes(stream: &Arc<CudaStream>, layout: &DeviceGazeLayout, q_shape: [usize; 3], kv_heads: usize, top_k: usize) -> Result<usize> {
+pub fn workspace_bytes(
+    stream: &Arc<CudaStream>,
+    layout: &DeviceGazeLayout,
+    q_shape: [usize; 3],
+    kv_heads: usize,
+    top_k: usize,
+) -> Result<usize> {
     let [batch, q_heads, head_dim] = q_shape;
     ensure(kv_heads > 0 && q_heads % kv_heads == 0, || {
-        Error::shape(OP, "q", format!("{q_heads} query heads are not a multiple of {kv_heads} KV heads"))
+        Error::shape(
+            OP,
+            "q",
+            format!("{q_heads} query heads are not a multiple of {kv_heads} KV heads"),
+        )
     })?;
-    let dims = Dims { batch, q_heads, kv_heads, head_dim, k: top_k, scale: 1.0 };
+    let dims = Dims {
+        batch,
+        q_heads,
+        kv_heads,
+        head_dim,
+        k: top_k,
+        scale: 1.0,
+    };
     let plan = Plan::new(&dims, layout.host(), sm_count(stream, OP)?)?;
     Ok(Workspace::size_of(&plan.region_bytes(&dims)))
 }
@@ -188,34 +173,58 @@ impl Plan {
         let units = dims.kv_heads * group.div_ceil(max_group);
         let heads_per_unit = group.min(max_group);
         let max_regions = ffi::FOVEAL_GAZE_ROUTE_MAX_REGIONS as usize;
-        ensure(layout.max_regions() <= max_regions, || Error::Unsupported {
+        ensure(layout.max_regions() <= max_regions, || {
+            Error::Unsupported {
             op: OP,
             msg: format!(
                 "{} regions in a row, the fused kernel holds at most {max_regions} in shared memory (use route_topk + gaze_decode)",
                 layout.max_regions()
             ),
+        }
         })?;
-        let max_segments = layout.max_visible() + layout.max_regions().min(heads_per_unit.saturating_mul(dims.k));
-        let union_bound = heads_per_unit.saturating_mul(dims.k).saturating_mul(layout.max_region_len());
+        let max_segments = layout.max_visible()
+            + layout
+                .max_regions()
+                .min(heads_per_unit.saturating_mul(dims.k));
+        let union_bound = heads_per_unit
+            .saturating_mul(dims.k)
+            .saturating_mul(layout.max_region_len());
         let max_tokens = (0..layout.batch())
             .map(|b| {
-                let regions: usize = (0..layout.regions(b)).map(|r| layout.region(b, r).len()).sum();
+                let regions: usize = (0..layout.regions(b))
+                    .map(|r| layout.region(b, r).len())
+                    .sum();
                 layout.visible_len(b) + regions.min(union_bound)
             })
             .max()
             .unwrap_or(0);
         let blocks_per_split = dims.batch * units;
-        let max_splits = max_tokens.div_ceil(MIN_TOKENS_PER_SPLIT).clamp(1, ffi::FOVEAL_GAZE_ROUTE_MAX_SPLITS as usize);
-        let num_splits = (2 * sms).div_ceil(blocks_per_split.max(1)).clamp(1, max_splits);
+        let max_splits = max_tokens
+            .div_ceil(MIN_TOKENS_PER_SPLIT)
+            .clamp(1, ffi::FOVEAL_GAZE_ROUTE_MAX_SPLITS as usize);
+        let num_splits = (2 * sms)
+            .div_ceil(blocks_per_split.max(1))
+            .clamp(1, max_splits);
         let fits = units <= 65_535
             && dims.batch <= 65_535
-            && dims.batch.saturating_mul(units).saturating_mul(num_splits).saturating_mul(max_segments) <= i32::MAX as usize / 4
+            && dims
+                .batch
+                .saturating_mul(units)
+                .saturating_mul(num_splits)
+                .saturating_mul(max_segments)
+                <= i32::MAX as usize / 4
             && heads_per_unit.saturating_mul(dims.k) <= i32::MAX as usize;
-        ensure(fits, || Error::Unsupported {
+        ensure(fits, || {
+            Error::Unsupported {
             op: OP,
             msg: format!("{} rows x {units} units x {num_splits} splits x {max_segments} segments exceed the kernel's limits", dims.batch),
+        }
         })?;
-        Ok(Plan { units, max_segments, num_splits })
+        Ok(Plan {
+            units,
+            max_segments,
+            num_splits,
+        })
     }
 
     /// Bytes of the workspace regions: segments (one list per block),
@@ -223,6 +232,11 @@ impl Plan {
     fn region_bytes(&self, dims: &Dims) -> [usize; 4] {
         let units = dims.batch * self.units;
         let partials = dims.batch * dims.q_heads * self.num_splits;
-        [units * self.num_splits * self.max_segments * 16, partials * dims.head_dim * 4, partials * 8, units * 4]
+        [
+            units * self.num_splits * self.max_segments * 16,
+            partials * dims.head_dim * 4,
+            partials * 8,
+            units * 4,
+        ]
     }
 }
