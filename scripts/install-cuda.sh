@@ -41,11 +41,14 @@ runtime_pins=(
 )
 
 log() { [ "$env_only" = 1 ] || echo "$@"; }
+# Every step that can fail says which one failed (set -e alone exits silently).
+die() { echo "install-cuda.sh: $*" >&2; exit 1; }
+trap 'echo "install-cuda.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 if [ ! -x "$prefix/venv/bin/python" ]; then
   log "creating $prefix/venv"
   mkdir -p "$prefix"
-  python3 -m venv "$prefix/venv"
+  python3 -m venv "$prefix/venv" || die "python3 -m venv $prefix/venv failed (Debian: apt-get install python3-venv)"
 fi
 py="$prefix/venv/bin/python"
 cuda_home="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
@@ -53,29 +56,42 @@ cuda_home="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])
 stamp="$prefix/.installed-toolchain"
 if [ ! -f "$stamp" ] || [ ! -x "$cuda_home/bin/nvcc" ]; then
   log "installing ${toolchain_pins[*]}"
-  "$py" -m pip install --quiet --disable-pip-version-check "${toolchain_pins[@]}" >&2
+  "$py" -m pip install --quiet --disable-pip-version-check "${toolchain_pins[@]}" >&2 ||
+    die "pip could not install ${toolchain_pins[*]} (is PyPI reachable?)"
+  [ -x "$cuda_home/bin/nvcc" ] || die "the toolchain installed but $cuda_home/bin/nvcc is missing"
   touch "$stamp"
 fi
 
 if [ "$runtime" = 1 ] && [ ! -f "$prefix/.installed-runtime" ]; then
   log "installing ${runtime_pins[*]}"
-  "$py" -m pip install --quiet --disable-pip-version-check "${runtime_pins[@]}" >&2
+  "$py" -m pip install --quiet --disable-pip-version-check "${runtime_pins[@]}" >&2 ||
+    die "pip could not install ${runtime_pins[*]} (is PyPI reachable?)"
   # The linker wants unversioned names.
   for lib in cublas cublasLt cudart nvrtc curand; do
     real=$(ls "$cuda_home"/lib/lib"$lib".so.* 2>/dev/null | sort | head -n 1)
-    [ -n "$real" ] && ln -sf "$(basename "$real")" "$cuda_home/lib/lib$lib.so"
+    [ -n "$real" ] || die "lib$lib.so.* is missing from $cuda_home/lib after the runtime install"
+    ln -sf "$(basename "$real")" "$cuda_home/lib/lib$lib.so"
   done
   # A link-time stand-in for the driver library (the GPU machine's real
   # libcuda.so.1 is loaded at run time): one empty function for every driver
   # entry point cudarc declares. cudarc's build script searches lib/stubs.
   mkdir -p "$cuda_home/lib/stubs"
-  cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort | tail -n 1)
-  if [ -z "$cudarc_src" ]; then
-    (cd "$(dirname "$0")/.." && cargo fetch >/dev/null 2>&1)
-    cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort | tail -n 1)
-  fi
+  # cudarc's source, unpacked by cargo: `cargo metadata` downloads and
+  # unpacks every package of the lock file's graph (`cargo fetch` only
+  # downloads the archives).
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  cudarc_src=$(cargo metadata --format-version 1 --all-features --manifest-path "$root/Cargo.toml" 2>/dev/null |
+    "$py" -c 'import json, sys, os
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] == "cudarc":
+        print(os.path.dirname(p["manifest_path"]))
+        break') || true
+  [ -n "$cudarc_src" ] && [ -f "$cudarc_src/src/driver/sys/mod.rs" ] ||
+    die "cudarc's source was not found through cargo metadata (run cargo fetch in $root and check the network)"
   grep -ohE '^\s+fn cu[A-Z][A-Za-z0-9_]*\(' "$cudarc_src/src/driver/sys/mod.rs" | sed -E 's/^\s+fn (\w+)\(/void \1(void) {}/' | sort -u >"$prefix/libcuda_stub.c"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda_home/lib/stubs/libcuda.so" "$prefix/libcuda_stub.c"
+  [ -s "$prefix/libcuda_stub.c" ] || die "no driver entry points found in $cudarc_src/src/driver/sys/mod.rs"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda_home/lib/stubs/libcuda.so" "$prefix/libcuda_stub.c" ||
+    die "gcc could not build the libcuda link stub"
   touch "$prefix/.installed-runtime"
 fi
 
