@@ -177,11 +177,7 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Whether two slices are equal bit for bit (bf16, f32: NaN payloads too).
-pub fn bit_equal<T: Copy + PartialEq, B: PartialEq>(
-    got: &[T],
-    want: &[T],
-    bits: fn(T) -> B,
-) -> bool {
+pub fn bit_equal<T: Copy, B: PartialEq>(got: &[T], want: &[T], bits: fn(T) -> B) -> bool {
     got.len() == want.len() && got.iter().zip(want).all(|(&g, &w)| bits(g) == bits(w))
 }
 
@@ -189,9 +185,15 @@ pub fn bit_equal<T: Copy + PartialEq, B: PartialEq>(
 // Arguments
 // ---------------------------------------------------------------------------
 
-const USAGE: &str = "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only OPS] [--runs N] [--no-check] [--torch FILE]
+fn usage() -> String {
+    let ops: Vec<&str> = SECTIONS.iter().map(|s| s.name).collect();
+    format!(
+        "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only OPS] [--runs N] [--no-check] [--torch FILE]
        gpu_bench --list-cases [--quick] [--only OPS]
-OPS: a comma-separated list of glimpse_scores,select_keep,compact_kv,window_mean,multiscale_gather,text_guided_select,region_descriptors,route_topk,gaze_decode,gaze_route_decode";
+OPS: a comma-separated list of {}",
+        ops.join(",")
+    )
+}
 
 struct Args {
     mode: Mode,
@@ -239,7 +241,7 @@ fn parse_args() -> Res<Args> {
                 args.runs = Some(n);
             }
             "-h" | "--help" => {
-                println!("{USAGE}");
+                println!("{}", usage());
                 std::process::exit(0);
             }
             // `cargo bench` passes --bench to every target it runs.
@@ -322,7 +324,7 @@ fn main() {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("gpu_bench: {e}\n{USAGE}");
+            eprintln!("gpu_bench: {e}\n{}", usage());
             std::process::exit(2);
         }
     };
@@ -380,7 +382,7 @@ fn run(ctx: Arc<CudaContext>, args: &Args, torch: Option<&TorchTimes>) -> Res<()
     for section in args.sections() {
         for case in (section.cases)(args.mode) {
             let key = format!("{}/{}", section.name, case.label());
-            if case.torch().is_some() {
+            if torch.is_some() && case.torch().is_some() {
                 with_torch.push(key.clone());
             }
             let mut rows = run_case(&mut env, case.as_ref(), args.check)
