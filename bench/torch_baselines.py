@@ -5,7 +5,7 @@
     python3 bench/torch_baselines.py cases.json > torch.json
     gpu_bench --quick --torch torch.json --out bench.md
 
-    python3 bench/torch_baselines.py --dry-run cases.json      # CPU: every code path, small shapes
+    python3 bench/torch_baselines.py --dry-run cases.json      # no GPU: every code path on the CPU
     python3 bench/torch_baselines.py --check-cases cases.json  # no torch: the case list only
 
 Baselines (a case's "baseline"; its shape in "params"):
@@ -40,6 +40,11 @@ chunk is issued) so that the CUDA events time the GPU work, not the host's
 launch overhead; the median. Each baseline is first checked on set 0 against
 a result computed another way (f32 math attention, advanced indexing, the
 keep rule in f64, host dot products).
+
+--dry-run runs every baseline and its check on CPU tensors at small shapes
+(fewer heads, a small head dim, two layers; the real kept positions), with
+host clocks in place of CUDA events, so that the script's code paths are
+checked without a GPU (its times mean nothing).
 
 Output (stdout), read by `gpu_bench --torch`:
     {"torch": "2.11.0", "device": "...", "cases": {key: {backend: median_us or null}}}
@@ -364,7 +369,8 @@ def text_guided_unfused(torch, p, run):
     # The rule in f64 on the same inputs: bf16 logits move a few tokens at the threshold.
     q, k = (x.double() for x in sets[0])
     s = torch.softmax(torch.matmul(q.view(b, hkv, g * t, d), k.transpose(-1, -2)) * d**-0.5, dim=-1)
-    s = s.view(b, hq, t, n).amax(dim=1).mean(dim=1)
+    s = s.view(b, hq, t, n).amax(dim=1).mean(dim=1).cpu()
+    first, count = first.cpu(), count.cpu()
     for r in range(b):
         order = torch.argsort(s[r], descending=True).tolist()
         total, before, want = float(s[r].sum()), 0.0, set()
