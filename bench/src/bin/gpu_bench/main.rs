@@ -3,8 +3,8 @@
 //! same run, and (with `--torch`) against PyTorch baselines of the same cases.
 //!
 //! ```text
-//! cargo run -p foveal-bench --features cuda --release --bin gpu_bench -- [--quick] [--out FILE] [--only OPS] [--runs N] [--no-check] [--torch FILE]
-//! gpu_bench --list-cases [--quick] [--only OPS]     # the cases with a PyTorch baseline, as JSON; needs no GPU
+//! cargo run -p foveal-bench --features cuda --release --bin gpu_bench -- [--quick|--full] [--out FILE] [--only OPS] [--runs N] [--no-check] [--torch FILE]
+//! gpu_bench --list-cases [--quick|--full] [--only OPS]     # the cases with a PyTorch baseline, as JSON; needs no GPU
 //! ```
 //!
 //! The harness (this file and its modules `env`, `timing`, `table`,
@@ -41,8 +41,8 @@
 //!   and `vs_torch` = torch time / foveal time ([`torch`]).
 //!
 //! `--quick` takes one to three shapes per op (a smoke test; the GPU suite's
-//! first phase); the default is every shape. `--only` takes a comma-separated
-//! list of op names; the ceilings always run.
+//! first phase); the default (`--full`) is every shape. `--only` takes a
+//! comma-separated list of op names; the ceilings always run.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -188,8 +188,8 @@ pub fn bit_equal<T: Copy, B: PartialEq>(got: &[T], want: &[T], bits: fn(T) -> B)
 fn usage() -> String {
     let ops: Vec<&str> = SECTIONS.iter().map(|s| s.name).collect();
     format!(
-        "usage: gpu_bench [--quick] [--out FILE(.md|.csv)] [--only OPS] [--runs N] [--no-check] [--torch FILE]
-       gpu_bench --list-cases [--quick] [--only OPS]
+        "usage: gpu_bench [--quick|--full] [--out FILE(.md|.csv)] [--only OPS] [--runs N] [--no-check] [--torch FILE]
+       gpu_bench --list-cases [--quick|--full] [--only OPS]
 OPS: a comma-separated list of {}",
         ops.join(",")
     )
@@ -219,6 +219,7 @@ fn parse_args() -> Res<Args> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.mode = Mode::Quick,
+            "--full" => args.mode = Mode::Full,
             "--no-check" => args.check = false,
             "--list-cases" => args.list_cases = true,
             "--out" => args.out = Some(it.next().ok_or("--out needs a file name")?.into()),
