@@ -84,15 +84,9 @@ impl Case for gd::Case {
         let plan = gd::plan(self);
         let (q_len, kv_len) = (plan.q_layout.span(), plan.kv_layout.span());
         let sets = env.n_sets((4 * q_len + 4 * kv_len) as u64)?;
-        let mut data = Vec::with_capacity(sets);
-        for _ in 0..sets {
-            data.push(Set {
-                q: env.pool.filled(&env.stream, q_len)?,
-                k: env.pool.filled(&env.stream, kv_len)?,
-                v: env.pool.filled(&env.stream, kv_len)?,
-                o: env.stream.alloc_zeros(q_len)?,
-            });
-        }
+        let data = (0..sets)
+            .map(|_| Set::new(env, &plan, None))
+            .collect::<Res<_>>()?;
         let dense = plan.dense();
         Ok(Box::new(Prepared {
             sparse: DevicePlan::new(&env.stream, plan)?,
@@ -103,23 +97,40 @@ impl Case for gd::Case {
     }
 }
 
-/// One input set: q, k, v and the output.
-struct Set {
-    q: CudaSlice<bf16>,
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
-    o: CudaSlice<bf16>,
+/// One input set: q, k, v and the output (gaze_route_decode's too).
+pub struct Set {
+    pub q: CudaSlice<bf16>,
+    pub k: CudaSlice<bf16>,
+    pub v: CudaSlice<bf16>,
+    pub o: CudaSlice<bf16>,
+}
+
+impl Set {
+    /// q (filled from the pool unless given), k and v from the pool.
+    pub fn new(env: &mut Env, plan: &Plan, q: Option<&[bf16]>) -> Res<Self> {
+        let (q_len, kv_len) = (plan.q_layout.span(), plan.kv_layout.span());
+        Ok(Set {
+            q: match q {
+                Some(q) => env.stream.clone_htod(q)?,
+                None => env.pool.filled(&env.stream, q_len)?,
+            },
+            k: env.pool.filled(&env.stream, kv_len)?,
+            v: env.pool.filled(&env.stream, kv_len)?,
+            o: env.stream.alloc_zeros(q_len)?,
+        })
+    }
 }
 
 /// A plan, and its layout and routes on the device.
-struct DevicePlan {
-    plan: Plan,
-    layout: DeviceGazeLayout,
-    routes: DeviceRoutes,
+pub struct DevicePlan {
+    pub plan: Plan,
+    pub layout: DeviceGazeLayout,
+    pub routes: DeviceRoutes,
 }
 
 impl DevicePlan {
-    fn new(stream: &Arc<CudaStream>, plan: Plan) -> Res<Self> {
+    /// The plan's layout and routes uploaded.
+    pub fn new(stream: &Arc<CudaStream>, plan: Plan) -> Res<Self> {
         Ok(DevicePlan {
             layout: DeviceGazeLayout::new(stream, &plan.layout)?,
             routes: DeviceRoutes::from_host(stream, &plan.routes)?,
@@ -127,7 +138,18 @@ impl DevicePlan {
         })
     }
 
-    fn launch(&self, stream: &Arc<CudaStream>, set: &mut Set, ws: &mut Workspace) -> Res<()> {
+    /// The plan's layout uploaded, with unwritten routes of `top_k` regions
+    /// per head (for route_topk or gaze_route_decode to fill).
+    pub fn routed(stream: &Arc<CudaStream>, plan: Plan, top_k: usize) -> Res<Self> {
+        let layout = DeviceGazeLayout::new(stream, &plan.layout)?;
+        Ok(DevicePlan {
+            routes: DeviceRoutes::new(stream, &layout, 1, plan.dims.q_heads, top_k)?,
+            layout,
+            plan,
+        })
+    }
+
+    pub fn launch(&self, stream: &Arc<CudaStream>, set: &mut Set, ws: &mut Workspace) -> Res<()> {
         let plan = &self.plan;
         let q = DevView::of(&set.q, plan.q_layout)?;
         let k = DevView::of(&set.k, plan.kv_layout)?;

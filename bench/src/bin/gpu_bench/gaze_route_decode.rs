@@ -13,15 +13,15 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use foveal::cuda::{DevView, DevViewMut, Workspace};
-use foveal::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
 use foveal::gaze_route_decode::{cpu, cuda};
-use foveal::{gaze_decode, route_topk, Routes, View, ViewMut};
-use foveal_bench::gaze_decode::{self as gd, Plan};
+use foveal::route_topk::cuda::route_topk;
+use foveal::{Routes, View, ViewMut};
+use foveal_bench::gaze_decode as gd;
 use foveal_bench::gaze_route_decode::{generate, FusedInput};
 use half::bf16;
 
 use crate::env::Env;
-use crate::gaze_decode::{decode_cases, sdpa_decode};
+use crate::gaze_decode::{self, decode_cases, sdpa_decode, DevicePlan};
 use crate::table::{Baseline, Row};
 use crate::torch::TorchCase;
 use crate::{boxed, rel_err, Bench, Case, Check, Mode, Res, Section};
@@ -48,7 +48,6 @@ impl Case for Routed {
     }
 
     fn prepare<'a>(&'a self, env: &mut Env) -> Res<Box<dyn Bench + 'a>> {
-        let stream = &env.stream;
         let f = generate::<bf16>(&self.0);
         let plan = &f.input.plan;
         let (q_len, kv_len, desc_len) = (
@@ -62,21 +61,13 @@ impl Case for Routed {
             // q positive and the descriptors as generated (they set the
             // share); K and V from the pool.
             data.push(Set {
-                q: stream.clone_htod(&f.input.q)?,
-                k: env.pool.filled(stream, kv_len)?,
-                v: env.pool.filled(stream, kv_len)?,
-                desc: stream.clone_htod(&f.desc)?,
-                o: stream.alloc_zeros(q_len)?,
+                decode: gaze_decode::Set::new(env, plan, Some(&f.input.q))?,
+                desc: env.stream.clone_htod(&f.desc)?,
             });
         }
-        let dense = plan.dense();
-        let layout = DeviceGazeLayout::new(stream, &plan.layout)?;
         Ok(Box::new(Prepared {
-            routes: DeviceRoutes::new(stream, &layout, 1, plan.dims.q_heads, f.top_k)?,
-            layout,
-            dense_layout: DeviceGazeLayout::new(stream, &dense.layout)?,
-            dense_routes: DeviceRoutes::from_host(stream, &dense.routes)?,
-            dense,
+            routed: DevicePlan::routed(&env.stream, plan.clone(), f.top_k)?,
+            dense: DevicePlan::new(&env.stream, plan.dense())?,
             f,
             data,
             ws: Workspace::new(),
@@ -84,23 +75,18 @@ impl Case for Routed {
     }
 }
 
-/// One input set: q, k, v, desc and the output.
+/// One input set: gaze_decode's (q, k, v, o) and the descriptors.
 struct Set {
-    q: CudaSlice<bf16>,
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
+    decode: gaze_decode::Set,
     desc: CudaSlice<f32>,
-    o: CudaSlice<bf16>,
 }
 
-/// The input sets of a case, its layout and the dense plan.
+/// The input sets of a case, its plan (routes written by the op) and the
+/// dense plan.
 struct Prepared {
     f: FusedInput<bf16>,
-    layout: DeviceGazeLayout,
-    routes: DeviceRoutes,
-    dense: Plan,
-    dense_layout: DeviceGazeLayout,
-    dense_routes: DeviceRoutes,
+    routed: DevicePlan,
+    dense: DevicePlan,
     data: Vec<Set>,
     ws: Workspace,
 }
@@ -108,81 +94,50 @@ struct Prepared {
 impl Prepared {
     fn fused(&mut self, stream: &Arc<CudaStream>, set: usize) -> Res<()> {
         let (plan, set) = (&self.f.input.plan, &mut self.data[set]);
-        let q = DevView::of(&set.q, plan.q_layout)?;
-        let k = DevView::of(&set.k, plan.kv_layout)?;
-        let v = DevView::of(&set.v, plan.kv_layout)?;
+        let q = DevView::of(&set.decode.q, plan.q_layout)?;
+        let k = DevView::of(&set.decode.k, plan.kv_layout)?;
+        let v = DevView::of(&set.decode.v, plan.kv_layout)?;
         let desc = DevView::of(&set.desc, self.f.desc_layout)?;
-        let mut o = DevViewMut::of(&mut set.o, plan.q_layout)?;
-        let (layout, top_k) = (&self.layout, self.f.top_k);
+        let mut o = DevViewMut::of(&mut set.decode.o, plan.q_layout)?;
+        let routed = &mut self.routed;
         cuda::gaze_route_decode(
             stream,
             &q,
             &k,
             &v,
             &desc,
-            layout,
-            top_k,
+            &routed.layout,
+            self.f.top_k,
             None,
             &mut o,
             None,
-            &mut self.routes,
+            &mut routed.routes,
             &mut self.ws,
         )?;
         Ok(())
     }
 
+    /// route_topk, then gaze_decode on its routes.
     fn two_ops(&mut self, stream: &Arc<CudaStream>, set: usize) -> Res<()> {
-        let (plan, set) = (&self.f.input.plan, &mut self.data[set]);
-        let q4 = DevView::of(&set.q, self.f.q4_layout())?;
+        let (routed, set) = (&mut self.routed, &mut self.data[set]);
+        let q4 = DevView::of(&set.decode.q, self.f.q4_layout())?;
         let desc = DevView::of(&set.desc, self.f.desc_layout)?;
-        route_topk::cuda::route_topk(
+        let (layout, top_k) = (&routed.layout, self.f.top_k);
+        route_topk(
             stream,
             &q4,
             &desc,
-            &self.layout,
-            self.f.top_k,
-            &mut self.routes,
+            layout,
+            top_k,
+            &mut routed.routes,
             &mut self.ws,
         )?;
-        let q = DevView::of(&set.q, plan.q_layout)?;
-        let k = DevView::of(&set.k, plan.kv_layout)?;
-        let v = DevView::of(&set.v, plan.kv_layout)?;
-        let mut o = DevViewMut::of(&mut set.o, plan.q_layout)?;
-        gaze_decode::cuda::gaze_decode(
-            stream,
-            &q,
-            &k,
-            &v,
-            &self.layout,
-            &self.routes,
-            None,
-            &mut o,
-            None,
-            &mut self.ws,
-        )?;
-        Ok(())
+        routed.launch(stream, &mut set.decode, &mut self.ws)
     }
 
     fn dense(&mut self, stream: &Arc<CudaStream>, set: usize) -> Res<()> {
-        let (plan, set) = (&self.dense, &mut self.data[set]);
-        let q = DevView::of(&set.q, plan.q_layout)?;
-        let k = DevView::of(&set.k, plan.kv_layout)?;
-        let v = DevView::of(&set.v, plan.kv_layout)?;
-        let mut o = DevViewMut::of(&mut set.o, plan.q_layout)?;
-        let (layout, routes) = (&self.dense_layout, &self.dense_routes);
-        gaze_decode::cuda::gaze_decode(
-            stream,
-            &q,
-            &k,
-            &v,
-            layout,
-            routes,
-            None,
-            &mut o,
-            None,
-            &mut self.ws,
-        )?;
-        Ok(())
+        let set = &mut self.data[set].decode;
+        self.dense.launch(stream, set, &mut self.ws)
     }
 }
 
@@ -195,14 +150,20 @@ impl Bench for Prepared {
     /// reference: the routes equal, o within a bf16 rounding.
     fn check(&mut self, env: &mut Env) -> Res<Check> {
         let stream = &env.stream;
-        env.poison(&mut self.data[0].o, bf16::NAN)?;
+        env.poison(&mut self.data[0].decode.o, bf16::NAN)?;
         self.fused(stream, 0)?;
         let (f, set) = (&self.f, &self.data[0]);
         let plan = &f.input.plan;
-        let got = stream.clone_dtoh(&set.o)?;
-        let got_routes = self.routes.to_host(stream)?;
-        let (q, k) = (stream.clone_dtoh(&set.q)?, stream.clone_dtoh(&set.k)?);
-        let (v, desc) = (stream.clone_dtoh(&set.v)?, stream.clone_dtoh(&set.desc)?);
+        let got = stream.clone_dtoh(&set.decode.o)?;
+        let got_routes = self.routed.routes.to_host(stream)?;
+        let (q, k) = (
+            stream.clone_dtoh(&set.decode.q)?,
+            stream.clone_dtoh(&set.decode.k)?,
+        );
+        let (v, desc) = (
+            stream.clone_dtoh(&set.decode.v)?,
+            stream.clone_dtoh(&set.desc)?,
+        );
         let mut want = vec![bf16::ZERO; plan.q_layout.numel()];
         let mut routes = Routes::new(&plan.layout, 1, plan.dims.q_heads, f.top_k);
         cpu::gaze_route_decode(
