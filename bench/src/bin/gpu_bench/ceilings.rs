@@ -88,8 +88,8 @@ impl Bench for CopyBench {
     }
 
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
-        let (stream, src, dst) = (env.stream.clone(), &self.src, &mut self.dst);
-        let stats = env.timer.gpu(|_| Ok(stream.memcpy_dtod(src, dst)?))?;
+        let (src, dst) = (&self.src, &mut self.dst);
+        let stats = env.gpu(1, |stream, _| Ok(stream.memcpy_dtod(src, dst)?))?;
         Ok(vec![Row::new(stats, 4 * src.len() as u64)])
     }
 }
@@ -176,7 +176,7 @@ impl Bench for MatmulBench {
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
         let stream = env.candle()?.cuda_stream();
         let mut timer = env.timer.on(&stream)?;
-        let stats = timer.gpu(|_| {
+        let stats = timer.gpu(1, |_| {
             self.a.matmul(&self.b)?;
             Ok(())
         })?;

@@ -259,22 +259,16 @@ impl Bench for Prepared {
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
         let (stream, sets) = (env.stream.clone(), self.sets());
         let Prepared { plan, keep, data } = self;
-        let stats = env
-            .timer
-            .gpu(|i| one_call(&stream, plan, keep, &mut data[i % sets]))?;
-        let op_eager = env
-            .timer
-            .eager(|i| one_call(&stream, plan, keep, &mut data[i % sets]))?;
-        let eager = env
-            .timer
-            .eager(|i| per_layer(&stream, plan, keep, &mut data[i % sets]))?;
+        let stats = env.gpu(sets, |s, set| one_call(s, plan, keep, &mut data[set]))?;
+        let op_eager = env.eager(sets, |s, set| one_call(s, plan, keep, &mut data[set]))?;
+        let eager = env.eager(sets, |s, set| per_layer(s, plan, keep, &mut data[set]))?;
         // The same loop replayed from a graph per input set: its GPU time alone.
         let graphs: Res<Vec<CudaGraph>> = data
             .iter_mut()
             .map(|set| capture(&stream, || per_layer(&stream, plan, keep, set)))
             .collect();
         let gpu_us = match graphs {
-            Ok(graphs) => Some(env.timer.gpu(|i| Ok(graphs[i % sets].launch()?))?.median_us),
+            Ok(graphs) => Some(env.gpu(sets, |_, set| Ok(graphs[set].launch()?))?.median_us),
             Err(e) => {
                 eprintln!("compact_kv: graph capture of the per-layer baseline failed: {e}");
                 None

@@ -9,7 +9,7 @@ use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidA
 use foveal_bench::{fmt_bytes, random_elems, rng};
 use half::bf16;
 
-use crate::timing::Timer;
+use crate::timing::{Stats, Timer};
 use crate::Res;
 
 pub struct Env {
@@ -44,6 +44,26 @@ impl Env {
             l2_bytes,
             candle: None,
         })
+    }
+
+    /// [`Timer::gpu`] on foveal's stream: `f(stream, set)`.
+    pub fn gpu(
+        &mut self,
+        sets: usize,
+        mut f: impl FnMut(&Arc<CudaStream>, usize) -> Res<()>,
+    ) -> Res<Stats> {
+        let stream = self.stream.clone();
+        self.timer.gpu(sets, |set| f(&stream, set))
+    }
+
+    /// [`Timer::eager`] on foveal's stream: `f(stream, set)`.
+    pub fn eager(
+        &mut self,
+        sets: usize,
+        mut f: impl FnMut(&Arc<CudaStream>, usize) -> Res<()>,
+    ) -> Res<Stats> {
+        let stream = self.stream.clone();
+        self.timer.eager(sets, |set| f(&stream, set))
     }
 
     pub fn l2_bytes(&self) -> u64 {

@@ -226,25 +226,17 @@ impl Bench for Prepared {
     }
 
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
-        let (stream, sets) = (env.stream.clone(), self.sets());
+        let sets = self.sets();
         let Prepared {
             sparse,
             dense,
             data,
             ws,
         } = self;
-        let stats = env
-            .timer
-            .gpu(|i| sparse.launch(&stream, &mut data[i % sets], ws))?;
-        let dense_stats = env
-            .timer
-            .gpu(|i| dense.launch(&stream, &mut data[i % sets], ws))?;
-        let op_eager = env
-            .timer
-            .eager(|i| sparse.launch(&stream, &mut data[i % sets], ws))?;
-        let dense_eager = env
-            .timer
-            .eager(|i| dense.launch(&stream, &mut data[i % sets], ws))?;
+        let stats = env.gpu(sets, |s, set| sparse.launch(s, &mut data[set], ws))?;
+        let dense_stats = env.gpu(sets, |s, set| dense.launch(s, &mut data[set], ws))?;
+        let op_eager = env.eager(sets, |s, set| sparse.launch(s, &mut data[set], ws))?;
+        let dense_eager = env.eager(sets, |s, set| dense.launch(s, &mut data[set], ws))?;
         Ok(vec![Row::new(stats, sparse.plan.floor_bytes(2))
             .with_baseline(Baseline {
                 name: "dense (gaze_decode, all visible)".into(),

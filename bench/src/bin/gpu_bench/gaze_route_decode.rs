@@ -195,13 +195,13 @@ impl Bench for Prepared {
     }
 
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
-        let (stream, sets) = (env.stream.clone(), self.sets());
-        let stats = env.timer.gpu(|i| self.fused(&stream, i % sets))?;
-        let two_stats = env.timer.gpu(|i| self.two_ops(&stream, i % sets))?;
-        let dense_stats = env.timer.gpu(|i| self.dense(&stream, i % sets))?;
-        let op_eager = env.timer.eager(|i| self.fused(&stream, i % sets))?;
-        let two_eager = env.timer.eager(|i| self.two_ops(&stream, i % sets))?;
-        let dense_eager = env.timer.eager(|i| self.dense(&stream, i % sets))?;
+        let sets = self.sets();
+        let stats = env.gpu(sets, |stream, set| self.fused(stream, set))?;
+        let two_stats = env.gpu(sets, |stream, set| self.two_ops(stream, set))?;
+        let dense_stats = env.gpu(sets, |stream, set| self.dense(stream, set))?;
+        let op_eager = env.eager(sets, |stream, set| self.fused(stream, set))?;
+        let two_eager = env.eager(sets, |stream, set| self.two_ops(stream, set))?;
+        let dense_eager = env.eager(sets, |stream, set| self.dense(stream, set))?;
         let bytes = self.f.input.plan.floor_bytes(2) + (4 * self.f.desc_layout.span()) as u64;
         let row = |name: &str, base: f64, base_eager: f64| {
             Row::new(stats, bytes).with_baseline(Baseline {

@@ -143,8 +143,7 @@ impl Bench for Prepared<'_> {
     }
 
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
-        let (stream, sets) = (env.stream.clone(), self.sets());
-        let stats = env.timer.gpu(|i| self.launch(&stream, i % sets))?;
+        let stats = env.gpu(self.sets(), |stream, set| self.launch(stream, set))?;
         // The incremental step moves one frame's keys per row and writes its regions.
         let case = &self.case.case;
         let bytes = if self.case.last_frame {

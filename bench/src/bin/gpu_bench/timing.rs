@@ -82,21 +82,26 @@ impl Timer {
         Timer::new(stream.context(), stream, self.warmup, self.runs)
     }
 
-    /// The GPU time of `f(i)` (run `i`; rotate input sets by it), enqueued
-    /// behind a gate.
-    pub fn gpu(&mut self, f: impl FnMut(usize) -> Res<()>) -> Res<Stats> {
-        self.time(true, f)
+    /// The GPU time of `f(set)`, each run on the next of `sets` input sets,
+    /// enqueued behind a gate.
+    pub fn gpu(&mut self, sets: usize, f: impl FnMut(usize) -> Res<()>) -> Res<Stats> {
+        self.time(true, sets, f)
     }
 
-    /// The time of `f(i)` issued back to back with no gate: the larger of its
-    /// GPU time and the host's time to issue it.
-    pub fn eager(&mut self, f: impl FnMut(usize) -> Res<()>) -> Res<Stats> {
-        self.time(false, f)
+    /// The time of `f(set)` issued back to back with no gate: the larger of
+    /// its GPU time and the host's time to issue it.
+    pub fn eager(&mut self, sets: usize, f: impl FnMut(usize) -> Res<()>) -> Res<Stats> {
+        self.time(false, sets, f)
     }
 
-    fn time(&mut self, gated: bool, mut f: impl FnMut(usize) -> Res<()>) -> Res<Stats> {
+    fn time(
+        &mut self,
+        gated: bool,
+        sets: usize,
+        mut f: impl FnMut(usize) -> Res<()>,
+    ) -> Res<Stats> {
         for i in 0..self.warmup {
-            f(i)?;
+            f(i % sets)?;
         }
         self.stream.synchronize()?;
         let mut run = 0;
@@ -110,7 +115,7 @@ impl Timer {
             let issued = Instant::now();
             for i in chunk.clone() {
                 self.events[i].0.record(&self.stream)?;
-                f(self.warmup + i)?;
+                f((self.warmup + i) % sets)?;
                 self.events[i].1.record(&self.stream)?;
             }
             if gated && issued.elapsed() >= GATE_TIMEOUT / 2 {

@@ -98,8 +98,7 @@ impl Bench for Prepared<'_> {
     }
 
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
-        let (stream, sets) = (env.stream.clone(), self.sets());
-        let stats = env.timer.gpu(|i| self.launch(&stream, i % sets))?;
+        let stats = env.gpu(self.sets(), |stream, set| self.launch(stream, set))?;
         Ok(vec![Row::new(stats, self.case.floor_bytes(2))])
     }
 }

@@ -274,10 +274,10 @@ impl Bench for Prepared<'_> {
     fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
         let sets = self.sets();
         let mut timer = env.timer.on(&self.stream)?;
-        let op = timer.gpu(|i| self.fused(i % sets))?;
-        let base = timer.gpu(|i| self.unfused(i % sets))?;
-        let op_eager = timer.eager(|i| self.fused(i % sets))?;
-        let base_eager = timer.eager(|i| self.unfused(i % sets))?;
+        let op = timer.gpu(sets, |set| self.fused(set))?;
+        let base = timer.gpu(sets, |set| self.unfused(set))?;
+        let op_eager = timer.eager(sets, |set| self.fused(set))?;
+        let base_eager = timer.eager(sets, |set| self.unfused(set))?;
         Ok(vec![Row::new(op, self.case.floor_bytes(2)).with_baseline(
             Baseline {
                 name: "unfused candle ops".to_string(),
