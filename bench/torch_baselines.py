@@ -111,6 +111,8 @@ def load_cases(path):
                 need(isinstance(v, int) and v > 0, f"{key}: {name} = {v!r} is not a positive integer")
             elif kind is float:
                 need(isinstance(v, (int, float)) and 0 < v <= 1, f"{key}: {name} = {v!r} is not in (0, 1]")
+            elif kind is list:
+                need(isinstance(v, list), f"{key}: {name} is not a list")
             elif isinstance(kind, tuple):
                 need(v in kind, f"{key}: {name} = {v!r} is not one of {kind}")
         if case["baseline"] == "index_select":
