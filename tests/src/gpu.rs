@@ -56,18 +56,35 @@ fn probe() -> Result<Arc<CudaContext>, String> {
     })
 }
 
+/// Whether the GPU is required (`FOVEAL_REQUIRE_GPU=1`, set by
+/// scripts/gpu-suite.sh on the GPU machine): then a failed probe fails the
+/// test with its reason instead of skipping it.
+pub fn gpu_required() -> bool {
+    std::env::var("FOVEAL_REQUIRE_GPU").is_ok_and(|v| v.trim() == "1")
+}
+
 /// A new stream on device 0, or `None` when this machine has no usable CUDA
 /// device: the first call prints `SKIP: no CUDA GPU (reason)` to stderr.
 /// Every GPU test starts with `let Some(stream) = gpu() else { return; };`.
+///
+/// Panics, with the probe's reason, where there is no usable device and
+/// [`gpu_required`] holds: on the GPU machine a missing driver library, a
+/// failed `cuInit` or no device must fail the suite, never pass as a skip.
 pub fn gpu() -> Option<Arc<CudaStream>> {
     let ctx = CONTEXT.get_or_init(|| {
         let ctx = probe();
         if let Err(why) = &ctx {
-            eprintln!("SKIP: no CUDA GPU ({why})");
+            if !gpu_required() {
+                eprintln!("SKIP: no CUDA GPU ({why})");
+            }
         }
         ctx
     });
-    let ctx = ctx.as_ref().ok()?;
+    let ctx = match ctx {
+        Ok(ctx) => ctx,
+        Err(why) if gpu_required() => panic!("FOVEAL_REQUIRE_GPU=1 but no CUDA GPU: {why}"),
+        Err(_) => return None,
+    };
     // A stream per test: tests run on parallel threads.
     Some(
         ctx.new_stream()

@@ -24,7 +24,10 @@ use super::{rel_err, Baseline, Env, Res, Row};
 
 pub(super) fn cases(quick: bool) -> Vec<gd::Case> {
     if quick {
-        return vec![gd::Case::new(1, 16384, 10, KvLayout::Bshd), gd::Case::new(8, 4096, 25, KvLayout::Bhsd)];
+        return vec![
+            gd::Case::new(1, 16384, 10, KvLayout::Bshd),
+            gd::Case::new(8, 4096, 25, KvLayout::Bhsd),
+        ];
     }
     let mut cases = Vec::new();
     for nv in VISUAL_TOKENS {
@@ -55,27 +58,57 @@ struct DevicePlan {
 
 impl DevicePlan {
     fn new(stream: &Arc<CudaStream>, plan: &Plan) -> Res<Self> {
-        Ok(DevicePlan { layout: DeviceGazeLayout::new(stream, &plan.layout)?, routes: DeviceRoutes::from_host(stream, &plan.routes)? })
+        Ok(DevicePlan {
+            layout: DeviceGazeLayout::new(stream, &plan.layout)?,
+            routes: DeviceRoutes::from_host(stream, &plan.routes)?,
+        })
     }
 }
 
-fn launch(stream: &Arc<CudaStream>, plan: &Plan, dev: &DevicePlan, set: &mut Set, ws: &mut Workspace) -> Res<()> {
+fn launch(
+    stream: &Arc<CudaStream>,
+    plan: &Plan,
+    dev: &DevicePlan,
+    set: &mut Set,
+    ws: &mut Workspace,
+) -> Res<()> {
     let q = DevView::of(&set.q, plan.q_layout)?;
     let k = DevView::of(&set.k, plan.kv_layout)?;
     let v = DevView::of(&set.v, plan.kv_layout)?;
     let mut o = DevViewMut::of(&mut set.o, plan.q_layout)?;
-    cuda::gaze_decode(stream, &q, &k, &v, &dev.layout, &dev.routes, None, &mut o, None, ws)?;
+    cuda::gaze_decode(
+        stream,
+        &q,
+        &k,
+        &v,
+        &dev.layout,
+        &dev.routes,
+        None,
+        &mut o,
+        None,
+        ws,
+    )?;
     Ok(())
 }
 
 /// Runs `plan` on set 0 into a poisoned output and compares it with the CPU
 /// reference; returns the relative error.
-fn check(env: &mut Env, plan: &Plan, dev: &DevicePlan, set: &mut Set, ws: &mut Workspace) -> Res<f64> {
+fn check(
+    env: &mut Env,
+    plan: &Plan,
+    dev: &DevicePlan,
+    set: &mut Set,
+    ws: &mut Workspace,
+) -> Res<f64> {
     let stream = env.stream.clone();
     stream.memcpy_htod(&vec![bf16::NAN; plan.q_layout.numel()], &mut set.o)?;
     launch(&stream, plan, dev, set, ws)?;
     let got = stream.clone_dtoh(&set.o)?;
-    let (q, k, v) = (stream.clone_dtoh(&set.q)?, stream.clone_dtoh(&set.k)?, stream.clone_dtoh(&set.v)?);
+    let (q, k, v) = (
+        stream.clone_dtoh(&set.q)?,
+        stream.clone_dtoh(&set.k)?,
+        stream.clone_dtoh(&set.v)?,
+    );
     let mut want = vec![bf16::ZERO; plan.q_layout.numel()];
     cpu::gaze_decode(
         View::new(&q, plan.q_layout)?,
@@ -106,7 +139,10 @@ pub(super) fn run_case(env: &mut Env, case: &gd::Case) -> Res<Row> {
             o: stream.alloc_zeros::<bf16>(q_len)?,
         });
     }
-    let (sparse_dev, dense_dev) = (DevicePlan::new(&stream, &plan)?, DevicePlan::new(&stream, &dense)?);
+    let (sparse_dev, dense_dev) = (
+        DevicePlan::new(&stream, &plan)?,
+        DevicePlan::new(&stream, &dense)?,
+    );
     let mut ws = Workspace::new();
 
     let share = 100.0 * plan.attended_share();
@@ -123,10 +159,18 @@ pub(super) fn run_case(env: &mut Env, case: &gd::Case) -> Res<Row> {
         format!("unchecked (read {share:.1}% of the visual entries; {sets} sets)")
     };
 
-    let stats = env.timer.gpu(|i| launch(&stream, &plan, &sparse_dev, &mut data[i % sets], &mut ws))?;
-    let dense_stats = env.timer.gpu(|i| launch(&stream, &dense, &dense_dev, &mut data[i % sets], &mut ws))?;
-    let op_eager = env.timer.eager(|i| launch(&stream, &plan, &sparse_dev, &mut data[i % sets], &mut ws))?;
-    let dense_eager = env.timer.eager(|i| launch(&stream, &dense, &dense_dev, &mut data[i % sets], &mut ws))?;
+    let stats = env
+        .timer
+        .gpu(|i| launch(&stream, &plan, &sparse_dev, &mut data[i % sets], &mut ws))?;
+    let dense_stats = env
+        .timer
+        .gpu(|i| launch(&stream, &dense, &dense_dev, &mut data[i % sets], &mut ws))?;
+    let op_eager = env
+        .timer
+        .eager(|i| launch(&stream, &plan, &sparse_dev, &mut data[i % sets], &mut ws))?;
+    let dense_eager = env
+        .timer
+        .eager(|i| launch(&stream, &dense, &dense_dev, &mut data[i % sets], &mut ws))?;
     Ok(Row {
         op: "gaze_decode",
         shape: case.label(),

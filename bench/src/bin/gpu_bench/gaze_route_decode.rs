@@ -50,7 +50,20 @@ fn fused(stream: &Arc<CudaStream>, ctx: &mut Ctx, set: &mut Set, ws: &mut Worksp
     let v = DevView::of(&set.v, plan.kv_layout)?;
     let desc = DevView::of(&set.desc, ctx.f.desc_layout)?;
     let mut o = DevViewMut::of(&mut set.o, plan.q_layout)?;
-    cuda::gaze_route_decode(stream, &q, &k, &v, &desc, &ctx.layout, ctx.f.top_k, None, &mut o, None, &mut ctx.routes, ws)?;
+    cuda::gaze_route_decode(
+        stream,
+        &q,
+        &k,
+        &v,
+        &desc,
+        &ctx.layout,
+        ctx.f.top_k,
+        None,
+        &mut o,
+        None,
+        &mut ctx.routes,
+        ws,
+    )?;
     Ok(())
 }
 
@@ -58,12 +71,31 @@ fn two_ops(stream: &Arc<CudaStream>, ctx: &mut Ctx, set: &mut Set, ws: &mut Work
     let plan = &ctx.f.input.plan;
     let q4 = DevView::of(&set.q, ctx.f.q4_layout())?;
     let desc = DevView::of(&set.desc, ctx.f.desc_layout)?;
-    route_topk::cuda::route_topk(stream, &q4, &desc, &ctx.layout, ctx.f.top_k, &mut ctx.routes, ws)?;
+    route_topk::cuda::route_topk(
+        stream,
+        &q4,
+        &desc,
+        &ctx.layout,
+        ctx.f.top_k,
+        &mut ctx.routes,
+        ws,
+    )?;
     let q = DevView::of(&set.q, plan.q_layout)?;
     let k = DevView::of(&set.k, plan.kv_layout)?;
     let v = DevView::of(&set.v, plan.kv_layout)?;
     let mut o = DevViewMut::of(&mut set.o, plan.q_layout)?;
-    gaze_decode::cuda::gaze_decode(stream, &q, &k, &v, &ctx.layout, &ctx.routes, None, &mut o, None, ws)?;
+    gaze_decode::cuda::gaze_decode(
+        stream,
+        &q,
+        &k,
+        &v,
+        &ctx.layout,
+        &ctx.routes,
+        None,
+        &mut o,
+        None,
+        ws,
+    )?;
     Ok(())
 }
 
@@ -73,7 +105,18 @@ fn dense(stream: &Arc<CudaStream>, ctx: &mut Ctx, set: &mut Set, ws: &mut Worksp
     let k = DevView::of(&set.k, plan.kv_layout)?;
     let v = DevView::of(&set.v, plan.kv_layout)?;
     let mut o = DevViewMut::of(&mut set.o, plan.q_layout)?;
-    gaze_decode::cuda::gaze_decode(stream, &q, &k, &v, &ctx.dense_layout, &ctx.dense_routes, None, &mut o, None, ws)?;
+    gaze_decode::cuda::gaze_decode(
+        stream,
+        &q,
+        &k,
+        &v,
+        &ctx.dense_layout,
+        &ctx.dense_routes,
+        None,
+        &mut o,
+        None,
+        ws,
+    )?;
     Ok(())
 }
 
@@ -87,7 +130,12 @@ fn check(env: &mut Env, ctx: &mut Ctx, set: &mut Set, ws: &mut Workspace) -> Res
     let plan = &ctx.f.input.plan;
     let got = stream.clone_dtoh(&set.o)?;
     let got_routes = ctx.routes.to_host(&stream)?;
-    let (q, k, v, desc) = (stream.clone_dtoh(&set.q)?, stream.clone_dtoh(&set.k)?, stream.clone_dtoh(&set.v)?, stream.clone_dtoh(&set.desc)?);
+    let (q, k, v, desc) = (
+        stream.clone_dtoh(&set.q)?,
+        stream.clone_dtoh(&set.k)?,
+        stream.clone_dtoh(&set.v)?,
+        stream.clone_dtoh(&set.desc)?,
+    );
     let mut want = vec![bf16::ZERO; plan.q_layout.numel()];
     let mut routes = Routes::new(&plan.layout, 1, plan.dims.q_heads, ctx.f.top_k);
     cpu::gaze_route_decode(
@@ -103,14 +151,21 @@ fn check(env: &mut Env, ctx: &mut Ctx, set: &mut Set, ws: &mut Workspace) -> Res
         &mut routes,
     )?;
     let f = |x: &[bf16]| x.iter().map(|e| e.to_f32()).collect::<Vec<_>>();
-    Ok((got_routes.ids() == routes.ids(), rel_err(&f(&got), &f(&want))))
+    Ok((
+        got_routes.ids() == routes.ids(),
+        rel_err(&f(&got), &f(&want)),
+    ))
 }
 
 pub(super) fn run_case(env: &mut Env, case: &gd::Case) -> Res<Vec<Row>> {
     let stream = env.stream.clone();
     let f = generate::<bf16>(case);
     let plan = &f.input.plan;
-    let (q_len, kv_len, desc_len) = (plan.q_layout.span(), plan.kv_layout.span(), f.desc_layout.span());
+    let (q_len, kv_len, desc_len) = (
+        plan.q_layout.span(),
+        plan.kv_layout.span(),
+        f.desc_layout.span(),
+    );
     let sets = env.n_sets((4 * q_len + 4 * kv_len + 4 * desc_len) as u64)?;
     let mut data: Vec<Set> = Vec::with_capacity(sets);
     for _ in 0..sets {
@@ -129,7 +184,14 @@ pub(super) fn run_case(env: &mut Env, case: &gd::Case) -> Res<Vec<Row>> {
     let routes = DeviceRoutes::new(&stream, &layout, 1, plan.dims.q_heads, f.top_k)?;
     let dense_layout = DeviceGazeLayout::new(&stream, &dense_plan.layout)?;
     let dense_routes = DeviceRoutes::from_host(&stream, &dense_plan.routes)?;
-    let mut ctx = Ctx { f: &f, layout, routes, dense_layout, dense_routes, dense: dense_plan };
+    let mut ctx = Ctx {
+        f: &f,
+        layout,
+        routes,
+        dense_layout,
+        dense_routes,
+        dense: dense_plan,
+    };
     let mut ws = Workspace::new();
 
     let share = 100.0 * plan.attended_share();
@@ -141,24 +203,56 @@ pub(super) fn run_case(env: &mut Env, case: &gd::Case) -> Res<Vec<Row>> {
             format!("FAIL (routes equal: {routes_ok}, rel err {err:.1e})")
         }
     } else {
-        format!("unchecked (top_k {}, read {share:.1}% of the visual entries; {sets} sets)", f.top_k)
+        format!(
+            "unchecked (top_k {}, read {share:.1}% of the visual entries; {sets} sets)",
+            f.top_k
+        )
     };
 
-    let stats = env.timer.gpu(|i| fused(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
-    let two_stats = env.timer.gpu(|i| two_ops(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
-    let dense_stats = env.timer.gpu(|i| dense(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
-    let op_eager = env.timer.eager(|i| fused(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
-    let two_eager = env.timer.eager(|i| two_ops(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
-    let dense_eager = env.timer.eager(|i| dense(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
+    let stats = env
+        .timer
+        .gpu(|i| fused(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
+    let two_stats = env
+        .timer
+        .gpu(|i| two_ops(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
+    let dense_stats = env
+        .timer
+        .gpu(|i| dense(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
+    let op_eager = env
+        .timer
+        .eager(|i| fused(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
+    let two_eager = env
+        .timer
+        .eager(|i| two_ops(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
+    let dense_eager = env
+        .timer
+        .eager(|i| dense(&stream, &mut ctx, &mut data[i % sets], &mut ws))?;
     let bytes = plan.floor_bytes(2) + (4 * desc_len) as u64;
-    let row = |baseline: Baseline, stats| Row { op: "gaze_route_decode", shape: case.label(), stats: Some(stats), bytes, baseline: Some(baseline), check: check.clone() };
+    let row = |baseline: Baseline, stats| Row {
+        op: "gaze_route_decode",
+        shape: case.label(),
+        stats: Some(stats),
+        bytes,
+        baseline: Some(baseline),
+        check: check.clone(),
+    };
     Ok(vec![
         row(
-            Baseline { name: "route_topk + gaze_decode".into(), op_eager_us: op_eager.median_us, eager_us: two_eager.median_us, graph_us: Some(two_stats.median_us) },
+            Baseline {
+                name: "route_topk + gaze_decode".into(),
+                op_eager_us: op_eager.median_us,
+                eager_us: two_eager.median_us,
+                graph_us: Some(two_stats.median_us),
+            },
             stats,
         ),
         row(
-            Baseline { name: "dense (gaze_decode, all visible)".into(), op_eager_us: op_eager.median_us, eager_us: dense_eager.median_us, graph_us: Some(dense_stats.median_us) },
+            Baseline {
+                name: "dense (gaze_decode, all visible)".into(),
+                op_eager_us: op_eager.median_us,
+                eager_us: dense_eager.median_us,
+                graph_us: Some(dense_stats.median_us),
+            },
             stats,
         ),
     ])

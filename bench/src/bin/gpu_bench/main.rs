@@ -762,8 +762,9 @@ fn run(ctx: Arc<CudaContext>, args: &Args) -> Res<()> {
     }
     if args.wants("gaze_route_decode") {
         for case in gaze_route_decode::cases(args.quick) {
-            let new_rows = gaze_route_decode::run_case(&mut env, &case)
-                .unwrap_or_else(|e| vec![Row::failed("gaze_route_decode", case.label(), e.as_ref())]);
+            let new_rows = gaze_route_decode::run_case(&mut env, &case).unwrap_or_else(|e| {
+                vec![Row::failed("gaze_route_decode", case.label(), e.as_ref())]
+            });
             for row in new_rows {
                 print_row(&row.cells(copy_gbps));
                 rows.push(row);

@@ -29,7 +29,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::random_rule;
+use foveal_tests::random_rule;
 
 // ---------------------------------------------------------------------------
 // Keep sets and positions
