@@ -2,6 +2,7 @@
 """Writes the committed record of one lent GPU session from the suite's logs.
 
     python3 scripts/gpu-report.py PHASE1_DIR [PHASE2_DIR] [--out FILE]
+    python3 scripts/gpu-report.py --self-test   # (CI) on made-up logs
 
 PHASE1_DIR and PHASE2_DIR are the folders the device tool returned for
 `scripts/gpu-suite.sh phase1` and `phase2` (their $OUT). The record
@@ -21,7 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 TEST_LINE = re.compile(r"^test (\S+) \.\.\. (ok|FAILED|ignored)")
-RESULT_LINE = re.compile(r"^test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored")
+RESULT_LINE = re.compile(r"^test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", re.M)
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 
 
@@ -61,7 +62,7 @@ def test_table(title, log):
         f"### {title}",
         "",
         f"{totals[0]} passed, {totals[1]} failed, {totals[2]} ignored, {skips} skipped"
-        + ("" if totals[0] else " (no test ran)"),
+        + ("" if totals[0] + totals[1] else " (no test ran)"),
         "",
         "| op / method | passed | failed | ignored | result |",
         "|---|---|---|---|---|",
@@ -116,7 +117,38 @@ def torch_table(path):
     return lines + [""]
 
 
+def self_test():
+    """Writes a record from made-up phase logs and checks what it says."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        p1, p2 = Path(tmp, "p1"), Path(tmp, "p2")
+        p1.mkdir()
+        p2.mkdir()
+        (p1 / "env.txt").write_text("commit: abc123\ndate: 2026-12-01T00:00:00Z\ngpu: NVIDIA H200, 580.1, 143771 MiB, 1980 MHz\n")
+        (p1 / "summary.md").write_text("| step | status | seconds | detail |\n|---|---|---|---|\n| ops-tests | FAILED | 12 | exit 101 |\n")
+        (p1 / "tests.log").write_text(
+            "test window_mean::matches_cpu_f32 ... ok\ntest window_mean::matches_cpu_f16 ... ok\n"
+            "test select_keep::matches_cpu_on_random_cases ... FAILED\n"
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n")
+        (p1 / "torch.json").write_text(json.dumps({"gaze_decode/b8": {"flash": 12.5, "cudnn": 10.25}}))
+        (p2 / "memcheck.log").write_text("test result: ok. 3 passed; 0 failed; 0 ignored\n========= ERROR SUMMARY: 2 errors\n")
+        out = Path(tmp, "rec.md")
+        sys.argv = ["gpu-report.py", str(p1), str(p2), "--out", str(out)]
+        main()
+        text = out.read_text()
+        for want in ("# GPU run 2026-12-01: NVIDIA H200", "commit: abc123", "| 1 | ops-tests | FAILED | 12 | exit 101 |",
+                     "2 passed, 1 failed, 0 ignored, 0 skipped", "| window_mean | 2 | 0 | 0 | pass |",
+                     "| select_keep | 0 | 1 | 0 | FAIL |", "`select_keep::matches_cpu_on_random_cases`",
+                     "| memcheck | 3 | 2 |  |", "| racecheck | - | - | log missing |",
+                     "| gaze_decode/b8 | 10.25 | 12.50 |", "log missing (the step did not run"):
+            assert want in text, f"self-test: {want!r} missing from the record:\n{text}"
+    print("gpu-report.py self-test: ok")
+
+
 def main():
+    if sys.argv[1:] == ["--self-test"]:
+        return self_test()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase1", type=Path)
     ap.add_argument("phase2", type=Path, nargs="?")

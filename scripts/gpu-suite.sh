@@ -166,7 +166,7 @@ test_step() {
   else
     local why="exit $rc"
     (( rc == 124 || rc == 137 )) && why="timed out"
-    (( p == 0 )) && why="$why, no test ran"
+    (( p + f == 0 )) && why="$why, no test ran"
     (( skips > 0 )) && why="$why, $skips skipped"
     record "$name" FAILED "$STEP_SECONDS" "$why; $p passed, $f failed, $g ignored"
     failed=1
@@ -196,10 +196,11 @@ prepare() {
   } >"$out/env.txt"
   nvidia-smi --query-gpu=name --format=csv,noheader >/dev/null 2>&1 ||
     { cat "$out/env.txt"; die "no GPU here (nvidia-smi failed): the device phases run on the GPU machine"; }
-  # candle's CUDA backend links cuBLAS, cuRAND and NVRTC: the machine's own,
-  # beside its PyTorch.
+  # candle's CUDA backend links the driver, cuBLAS, cuRAND and NVRTC: the
+  # machine's own (the driver's folder; the others beside its PyTorch).
   local libdirs
-  libdirs=$(find /usr /opt /lib -name 'libcublas.so.13*' -o -name 'libcublasLt.so.13*' -o -name 'libcurand.so.10*' -o -name 'libnvrtc.so.13*' 2>/dev/null |
+  libdirs=$(find /usr /opt /lib \( -name 'libcuda.so.1' -o -name 'libcublas.so.13*' -o -name 'libcublasLt.so.13*' \
+    -o -name 'libcurand.so.10*' -o -name 'libnvrtc.so.13*' \) -not -path '*/stubs/*' 2>/dev/null |
     xargs -r -n1 dirname | sort -u | paste -sd:)
   export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   {
