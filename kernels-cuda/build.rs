@@ -32,7 +32,12 @@ mod cuda {
         "src/gaze_route_decode.cu",
         "src/status.cu",
     ];
-    const HEADERS: &[&str] = &["include/foveal.h", "src/common.cuh", "src/top_select.cuh", "src/gaze_attend.cuh"];
+    const HEADERS: &[&str] = &[
+        "include/foveal.h",
+        "src/common.cuh",
+        "src/top_select.cuh",
+        "src/gaze_attend.cuh",
+    ];
 
     pub fn build() {
         for f in SOURCES.iter().chain(HEADERS) {

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use foveal::gaze_decode::cpu;
 use foveal::ViewMut;
 use foveal_bench::gaze_decode::{generate, Case, Input, Plan};
@@ -24,13 +26,26 @@ fn cases() -> Vec<Case> {
             Case::new(1, 4096, 50, KvLayout::Bhsd),
         ]
     } else {
-        vec![Case::new(1, 64, 10, KvLayout::Bshd), Case::new(2, 64, 50, KvLayout::Bhsd)]
+        vec![
+            Case::new(1, 64, 10, KvLayout::Bshd),
+            Case::new(2, 64, 50, KvLayout::Bhsd),
+        ]
     }
 }
 
 fn run(input: &Input<bf16>, plan: &Plan, o: &mut [bf16]) {
     let mut view = ViewMut::contiguous(o, plan.o_shape()).unwrap();
-    cpu::gaze_decode(input.q_view(), input.k_view(), input.v_view(), &plan.layout, &plan.routes, None, &mut view, None).unwrap();
+    cpu::gaze_decode(
+        input.q_view(),
+        input.k_view(),
+        input.v_view(),
+        &plan.layout,
+        &plan.routes,
+        None,
+        &mut view,
+        None,
+    )
+    .unwrap();
 }
 
 fn bench(c: &mut Criterion) {
@@ -42,9 +57,13 @@ fn bench(c: &mut Criterion) {
         let label = case.label();
         let mut o = vec![bf16::ZERO; input.plan.q_layout.numel()];
         group.throughput(Throughput::Bytes(input.plan.floor_bytes(2)));
-        group.bench_function(BenchmarkId::new("foveal_cpu", &label), |b| b.iter(|| run(&input, &input.plan, &mut o)));
+        group.bench_function(BenchmarkId::new("foveal_cpu", &label), |b| {
+            b.iter(|| run(&input, &input.plan, &mut o))
+        });
         group.throughput(Throughput::Bytes(dense.floor_bytes(2)));
-        group.bench_function(BenchmarkId::new("dense_cpu", &label), |b| b.iter(|| run(&input, &dense, &mut o)));
+        group.bench_function(BenchmarkId::new("dense_cpu", &label), |b| {
+            b.iter(|| run(&input, &dense, &mut o))
+        });
     }
     group.finish();
 }

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use foveal::gaze_decode::cpu::gaze_decode;
 use foveal::gaze_route_decode::cpu::gaze_route_decode;
 use foveal::route_topk::cpu::route_topk;
@@ -20,16 +22,35 @@ use half::bf16;
 
 fn cases() -> Vec<Case> {
     if criterion_measuring() {
-        vec![Case::new(1, 1024, 10, KvLayout::Bshd), Case::new(1, 4096, 10, KvLayout::Bshd), Case::new(1, 4096, 50, KvLayout::Bhsd)]
+        vec![
+            Case::new(1, 1024, 10, KvLayout::Bshd),
+            Case::new(1, 4096, 10, KvLayout::Bshd),
+            Case::new(1, 4096, 50, KvLayout::Bhsd),
+        ]
     } else {
-        vec![Case::new(1, 64, 10, KvLayout::Bshd), Case::new(2, 64, 50, KvLayout::Bhsd)]
+        vec![
+            Case::new(1, 64, 10, KvLayout::Bshd),
+            Case::new(2, 64, 50, KvLayout::Bhsd),
+        ]
     }
 }
 
 fn fused(f: &FusedInput<bf16>, o: &mut [bf16], routes: &mut Routes) {
     let plan = &f.input.plan;
     let mut view = ViewMut::contiguous(o, plan.o_shape()).unwrap();
-    gaze_route_decode(f.input.q_view(), f.input.k_view(), f.input.v_view(), f.desc_view(), &plan.layout, f.top_k, None, &mut view, None, routes).unwrap();
+    gaze_route_decode(
+        f.input.q_view(),
+        f.input.k_view(),
+        f.input.v_view(),
+        f.desc_view(),
+        &plan.layout,
+        f.top_k,
+        None,
+        &mut view,
+        None,
+        routes,
+    )
+    .unwrap();
 }
 
 fn separate(f: &FusedInput<bf16>, o: &mut [bf16], routes: &mut Routes) {
@@ -37,7 +58,17 @@ fn separate(f: &FusedInput<bf16>, o: &mut [bf16], routes: &mut Routes) {
     let q4 = View::new(&f.input.q, f.q4_layout()).unwrap();
     route_topk(q4, f.desc_view(), &plan.layout, f.top_k, routes).unwrap();
     let mut view = ViewMut::contiguous(o, plan.o_shape()).unwrap();
-    gaze_decode(f.input.q_view(), f.input.k_view(), f.input.v_view(), &plan.layout, routes, None, &mut view, None).unwrap();
+    gaze_decode(
+        f.input.q_view(),
+        f.input.k_view(),
+        f.input.v_view(),
+        &plan.layout,
+        routes,
+        None,
+        &mut view,
+        None,
+    )
+    .unwrap();
 }
 
 fn bench(c: &mut Criterion) {
@@ -50,8 +81,13 @@ fn bench(c: &mut Criterion) {
         let mut o = vec![bf16::ZERO; plan.q_layout.numel()];
         let mut routes = Routes::new(&plan.layout, 1, plan.dims.q_heads, f.top_k);
         group.throughput(Throughput::Bytes(plan.floor_bytes(2)));
-        group.bench_function(BenchmarkId::new("fused_cpu", &label), |b| b.iter(|| fused(&f, &mut o, &mut routes)));
-        group.bench_function(BenchmarkId::new("route_topk+gaze_decode_cpu", &label), |b| b.iter(|| separate(&f, &mut o, &mut routes)));
+        group.bench_function(BenchmarkId::new("fused_cpu", &label), |b| {
+            b.iter(|| fused(&f, &mut o, &mut routes))
+        });
+        group.bench_function(
+            BenchmarkId::new("route_topk+gaze_decode_cpu", &label),
+            |b| b.iter(|| separate(&f, &mut o, &mut routes)),
+        );
     }
     group.finish();
 }

@@ -42,18 +42,35 @@ pub struct Case {
 
 impl Case {
     pub fn new(batch: usize, nv: usize, attended_pct: usize, kv_layout: KvLayout) -> Self {
-        Case { dims: QWEN25_VL_7B, batch, nv, attended_pct, kv_layout, seed: 0x6a2e }
+        Case {
+            dims: QWEN25_VL_7B,
+            batch,
+            nv,
+            attended_pct,
+            kv_layout,
+            seed: 0x6a2e,
+        }
     }
 
     /// `B1 Nv16384 10% bshd`.
     pub fn label(&self) -> String {
-        format!("B{} Nv{} {}% {}", self.batch, self.nv, self.attended_pct, self.kv_layout.name())
+        format!(
+            "B{} Nv{} {}% {}",
+            self.batch,
+            self.nv,
+            self.attended_pct,
+            self.kv_layout.name()
+        )
     }
 
     /// The side of the square grid.
     pub fn side(&self) -> usize {
         let side = (self.nv as f64).sqrt().round() as usize;
-        assert_eq!(side * side, self.nv, "{self:?}: the visual tokens must fill a square grid");
+        assert_eq!(
+            side * side,
+            self.nv,
+            "{self:?}: the visual tokens must fill a square grid"
+        );
         side
     }
 
@@ -87,8 +104,14 @@ impl Plan {
             .collect();
         let layout = GazeLayout::new(self.layout.seq(), &rows).expect("dense rows");
         let hq = self.dims.q_heads;
-        let routes = Routes::from_ids(&layout, 1, hq, 1, &vec![-1; layout.batch() * hq]).expect("empty routes");
-        Plan { dims: self.dims, layout, routes, ..self.clone() }
+        let routes = Routes::from_ids(&layout, 1, hq, 1, &vec![-1; layout.batch() * hq])
+            .expect("empty routes");
+        Plan {
+            dims: self.dims,
+            layout,
+            routes,
+            ..self.clone()
+        }
     }
 
     pub fn o_shape(&self) -> [usize; 3] {
@@ -109,10 +132,15 @@ impl Plan {
         let mut visual = 0usize;
         let mut read = 0usize;
         for b in 0..self.layout.batch() {
-            let all: usize = (0..self.layout.regions(b)).map(|r| self.layout.region(b, r).len()).sum();
+            let all: usize = (0..self.layout.regions(b))
+                .map(|r| self.layout.region(b, r).len())
+                .sum();
             for kvh in 0..self.dims.kv_heads {
                 visual += all;
-                read += union_regions(self, b, kvh * g..(kvh + 1) * g).iter().map(|&r| self.layout.region(b, r).len()).sum::<usize>();
+                read += union_regions(self, b, kvh * g..(kvh + 1) * g)
+                    .iter()
+                    .map(|&r| self.layout.region(b, r).len())
+                    .sum::<usize>();
             }
         }
         if visual == 0 {
@@ -125,7 +153,9 @@ impl Plan {
 
 /// The regions routed by any of `heads` in row `b`, ascending.
 fn union_regions(plan: &Plan, b: usize, heads: std::ops::Range<usize>) -> Vec<usize> {
-    let mut u: Vec<usize> = heads.flat_map(|h| plan.routes.get(b, 0, h).iter().map(|&r| r as usize)).collect();
+    let mut u: Vec<usize> = heads
+        .flat_map(|h| plan.routes.get(b, 0, h).iter().map(|&r| r as usize))
+        .collect();
     u.sort_unstable();
     u.dedup();
     u
@@ -138,7 +168,13 @@ pub fn attended_entries(plan: &Plan) -> usize {
     (0..plan.layout.batch())
         .map(|b| {
             (0..plan.dims.kv_heads)
-                .map(|kvh| plan.layout.visible_len(b) + union_regions(plan, b, kvh * g..(kvh + 1) * g).iter().map(|&r| plan.layout.region(b, r).len()).sum::<usize>())
+                .map(|kvh| {
+                    plan.layout.visible_len(b)
+                        + union_regions(plan, b, kvh * g..(kvh + 1) * g)
+                            .iter()
+                            .map(|&r| plan.layout.region(b, r).len())
+                            .sum::<usize>()
+                })
                 .sum::<usize>()
         })
         .sum()
@@ -150,14 +186,22 @@ pub fn plan(case: &Case) -> Plan {
     let seq = case.seq();
     let mut row = GazeRow::new();
     row.push_visible(0..TEXT_BEFORE);
-    row.push_units(&[TEXT_BEFORE], side, side, RegionShape::default()).expect("grid");
+    row.push_units(&[TEXT_BEFORE], side, side, RegionShape::default())
+        .expect("grid");
     row.push_visible(TEXT_BEFORE + case.nv..seq);
     let layout = GazeLayout::new(seq, &vec![row; case.batch]).expect("rows");
 
-    let ModelDims { q_heads, kv_heads, head_dim, .. } = case.dims;
+    let ModelDims {
+        q_heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = case.dims;
     let g = case.dims.group();
     let regions = layout.max_regions();
-    let pool_size = (regions * case.attended_pct).div_ceil(100).clamp(1, regions);
+    let pool_size = (regions * case.attended_pct)
+        .div_ceil(100)
+        .clamp(1, regions);
     let k = (3 * pool_size).div_ceil(4);
     let mut r = rng(case.seed);
     let mut ids = Vec::with_capacity(case.batch * q_heads * k);
@@ -165,7 +209,10 @@ pub fn plan(case: &Case) -> Plan {
         for _ in 0..kv_heads {
             let pool = sample(&mut r, regions, pool_size).into_vec();
             for _ in 0..g {
-                let mut pick: Vec<i32> = sample(&mut r, pool_size, k).into_iter().map(|i| pool[i] as i32).collect();
+                let mut pick: Vec<i32> = sample(&mut r, pool_size, k)
+                    .into_iter()
+                    .map(|i| pool[i] as i32)
+                    .collect();
                 pick.sort_unstable();
                 ids.extend(pick);
             }
@@ -227,7 +274,10 @@ mod tests {
             let p = plan(&Case::new(2, 4096, pct, KvLayout::Bshd));
             let share = p.attended_share();
             // the pool is pct% of the regions (border regions are smaller)
-            assert!(share > 0.6 * pct as f64 / 100.0 && share < 1.4 * pct as f64 / 100.0, "{pct}%: {share}");
+            assert!(
+                share > 0.6 * pct as f64 / 100.0 && share < 1.4 * pct as f64 / 100.0,
+                "{pct}%: {share}"
+            );
         }
         let p = plan(&Case::new(1, 1024, 10, KvLayout::Bshd));
         assert_eq!(p.dense().attended_share(), 0.0);
@@ -239,7 +289,12 @@ mod tests {
     #[test]
     fn dense_plan_matches_all_regions_routed() {
         let mut case = Case::new(1, 144, 100, KvLayout::Bhsd);
-        case.dims = ModelDims { layers: 1, q_heads: 4, kv_heads: 2, head_dim: 16 };
+        case.dims = ModelDims {
+            layers: 1,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+        };
         let mut input = generate::<bf16>(&case);
         let all: Vec<i32> = (0..input.plan.layout.regions(0) as i32).collect();
         let k = all.len();
@@ -247,12 +302,25 @@ mod tests {
         input.plan.routes = Routes::from_ids(&input.plan.layout, 1, 4, k, &ids).unwrap();
         let run = |plan: &Plan| {
             let mut o = vec![bf16::ZERO; plan.q_layout.numel()];
-            gaze_decode(input.q_view(), input.k_view(), input.v_view(), &plan.layout, &plan.routes, None, &mut ViewMut::contiguous(&mut o, plan.o_shape()).unwrap(), None).unwrap();
+            gaze_decode(
+                input.q_view(),
+                input.k_view(),
+                input.v_view(),
+                &plan.layout,
+                &plan.routes,
+                None,
+                &mut ViewMut::contiguous(&mut o, plan.o_shape()).unwrap(),
+                None,
+            )
+            .unwrap();
             o
         };
         let (sparse, dense) = (run(&input.plan), run(&input.plan.dense()));
         for (s, d) in sparse.iter().zip(&dense) {
-            assert!((s.to_f32() - d.to_f32()).abs() <= 1e-2 * d.to_f32().abs().max(0.05), "{s} vs {d}");
+            assert!(
+                (s.to_f32() - d.to_f32()).abs() <= 1e-2 * d.to_f32().abs().max(0.05),
+                "{s} vs {d}"
+            );
         }
     }
 }

@@ -41,7 +41,9 @@ impl<T: Element> FusedInput<T> {
 
 /// `top_k` for `case`: its attended share of the row's regions.
 pub fn top_k(regions: usize, attended_pct: usize) -> usize {
-    (regions * attended_pct).div_ceil(100).clamp(1, regions.max(1))
+    (regions * attended_pct)
+        .div_ceil(100)
+        .clamp(1, regions.max(1))
 }
 
 /// The input of `case` (gaze_decode's, with q in [0, 1) and descriptors).
@@ -53,12 +55,27 @@ pub fn generate<T: Element>(case: &Case) -> FusedInput<T> {
     let regions = input.plan.layout.max_regions();
     let desc_layout = Layout::contiguous([case.batch, dims.kv_heads, regions, dims.head_dim]);
     let scalars: Vec<f32> = random_elems(&mut r, case.batch * dims.kv_heads * regions, -1.0, 1.0);
-    let desc: Vec<f32> = scalars.iter().flat_map(|&c| std::iter::repeat_n(c, dims.head_dim)).collect();
+    let desc: Vec<f32> = scalars
+        .iter()
+        .flat_map(|&c| std::iter::repeat_n(c, dims.head_dim))
+        .collect();
     let top_k = top_k(regions, case.attended_pct);
-    let mut fused = FusedInput { input, desc, desc_layout, top_k };
+    let mut fused = FusedInput {
+        input,
+        desc,
+        desc_layout,
+        top_k,
+    };
     let mut routes = Routes::new(&fused.input.plan.layout, 1, dims.q_heads, top_k);
     let q4 = View::new(&fused.input.q, fused.q4_layout()).expect("q");
-    route_topk(q4, fused.desc_view(), &fused.input.plan.layout, top_k, &mut routes).expect("route_topk");
+    route_topk(
+        q4,
+        fused.desc_view(),
+        &fused.input.plan.layout,
+        top_k,
+        &mut routes,
+    )
+    .expect("route_topk");
     fused.input.plan.routes = routes;
     fused
 }
@@ -76,10 +93,17 @@ mod tests {
             let plan = &f.input.plan;
             let g = plan.dims.group();
             for h in 0..plan.dims.q_heads {
-                assert_eq!(plan.routes.get(0, 0, h), plan.routes.get(0, 0, h / g * g), "head {h}");
+                assert_eq!(
+                    plan.routes.get(0, 0, h),
+                    plan.routes.get(0, 0, h / g * g),
+                    "head {h}"
+                );
             }
             let share = plan.attended_share();
-            assert!(share > 0.6 * pct as f64 / 100.0 && share < 1.4 * pct as f64 / 100.0, "{pct}%: {share}");
+            assert!(
+                share > 0.6 * pct as f64 / 100.0 && share < 1.4 * pct as f64 / 100.0,
+                "{pct}%: {share}"
+            );
         }
     }
 }

@@ -282,6 +282,19 @@ impl DeviceKeepSet {
         })
     }
 
+    /// Test support: fills every index and count with `i32::MIN`, so that a
+    /// test sees any element select_keep fails to write (the -1 padding and
+    /// the counts included). The set is unfilled again: every consumer
+    /// refuses it until select_keep fills it.
+    #[doc(hidden)]
+    pub fn poison_for_tests(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        const OP: &str = "DeviceKeepSet::poison_for_tests";
+        self.layout_id = 0;
+        self.idx = upload(stream, OP, &vec![i32::MIN; self.batch * self.nv_max])?;
+        self.count = upload(stream, OP, &vec![i32::MIN; self.batch])?;
+        Ok(())
+    }
+
     /// Copies the set to the host (synchronises with the stream).
     pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<KeepSet> {
         const OP: &str = "DeviceKeepSet::to_host";

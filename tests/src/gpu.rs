@@ -17,10 +17,11 @@
 //! - the number of cases: [`cases`], [`in_sweep`] (`FOVEAL_GPU_CASES`).
 
 use std::fmt::Debug;
+use std::ops::{Bound, Range, RangeBounds};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaViewMut, DeviceRepr};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr};
 use foveal::cuda::{DevView, DevViewMut};
 
 use crate::{Bits, Poison, Tensor, TestElem};
@@ -56,18 +57,35 @@ fn probe() -> Result<Arc<CudaContext>, String> {
     })
 }
 
+/// Whether the GPU is required (`FOVEAL_REQUIRE_GPU=1`, set by
+/// scripts/gpu-suite.sh on the GPU machine): then a failed probe fails the
+/// test with its reason instead of skipping it.
+pub fn gpu_required() -> bool {
+    std::env::var("FOVEAL_REQUIRE_GPU").is_ok_and(|v| v.trim() == "1")
+}
+
 /// A new stream on device 0, or `None` when this machine has no usable CUDA
 /// device: the first call prints `SKIP: no CUDA GPU (reason)` to stderr.
 /// Every GPU test starts with `let Some(stream) = gpu() else { return; };`.
+///
+/// Panics, with the probe's reason, where there is no usable device and
+/// [`gpu_required`] holds: on the GPU machine a missing driver library, a
+/// failed `cuInit` or no device must fail the suite, never pass as a skip.
 pub fn gpu() -> Option<Arc<CudaStream>> {
     let ctx = CONTEXT.get_or_init(|| {
         let ctx = probe();
         if let Err(why) = &ctx {
-            eprintln!("SKIP: no CUDA GPU ({why})");
+            if !gpu_required() {
+                eprintln!("SKIP: no CUDA GPU ({why})");
+            }
         }
         ctx
     });
-    let ctx = ctx.as_ref().ok()?;
+    let ctx = match ctx {
+        Ok(ctx) => ctx,
+        Err(why) if gpu_required() => panic!("FOVEAL_REQUIRE_GPU=1 but no CUDA GPU: {why}"),
+        Err(_) => return None,
+    };
     // A stream per test: tests run on parallel threads.
     Some(
         ctx.new_stream()
@@ -84,24 +102,110 @@ pub fn gpu() -> Option<Arc<CudaStream>> {
 pub trait GpuElem: TestElem + DeviceRepr {}
 impl<T: TestElem + DeviceRepr> GpuElem for T {}
 
-/// Copies `host` (non-empty) to a new device buffer.
-pub fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {
-    assert!(
-        !host.is_empty(),
-        "upload: an empty buffer is not a valid device allocation"
-    );
-    stream.clone_htod(host).expect("host-to-device copy")
+/// Poison elements on each side of every buffer the tests put on the device
+/// (256 elements: 16-byte alignment is kept for every element type).
+pub const GUARD: usize = 256;
+
+/// A device buffer with [`GUARD`] poison elements before and after its
+/// contents. Kernels see only the contents (`as_view`, `slice`, ...);
+/// [`download`] fails the test when a guard element was written, so a write
+/// past either end of an output is caught, not left in a neighbour's memory.
+/// The methods mirror cudarc's `CudaSlice`, with indices relative to the
+/// contents.
+pub struct DevBuf<T> {
+    buf: CudaSlice<T>,
+    len: usize,
 }
 
-/// Copies a device buffer to the host (synchronises with the stream).
-pub fn download<T: DeviceRepr>(stream: &Arc<CudaStream>, dev: &CudaSlice<T>) -> Vec<T> {
-    stream.clone_dtoh(dev).expect("device-to-host copy")
+impl<T: DeviceRepr> DevBuf<T> {
+    /// Elements in the contents.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the contents are empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The contents.
+    pub fn as_view(&self) -> CudaView<'_, T> {
+        self.buf.slice(GUARD..GUARD + self.len)
+    }
+
+    /// The contents, writable.
+    pub fn as_view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.buf.slice_mut(GUARD..GUARD + self.len)
+    }
+
+    /// A range of the contents.
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> CudaView<'_, T> {
+        let r = self.range(range);
+        self.buf.slice(r)
+    }
+
+    /// A range of the contents, writable.
+    pub fn slice_mut(&mut self, range: impl RangeBounds<usize>) -> CudaViewMut<'_, T> {
+        let r = self.range(range);
+        self.buf.slice_mut(r)
+    }
+
+    fn range(&self, range: impl RangeBounds<usize>) -> Range<usize> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e + 1,
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => self.len,
+        };
+        assert!(
+            start <= end && end <= self.len,
+            "DevBuf: range {start}..{end} outside its {} elements",
+            self.len
+        );
+        GUARD + start..GUARD + end
+    }
 }
 
-/// A device buffer of `n` poison values (at least one, so that it is a valid
-/// allocation).
-pub fn poisoned<T: Poison + DeviceRepr>(stream: &Arc<CudaStream>, n: usize) -> CudaSlice<T> {
-    upload(stream, &vec![T::POISON; n.max(1)])
+/// Copies `host` to a new device buffer between poison guards.
+pub fn upload<T: Poison + DeviceRepr>(stream: &Arc<CudaStream>, host: &[T]) -> DevBuf<T> {
+    let mut all = Vec::with_capacity(host.len() + 2 * GUARD);
+    all.extend(std::iter::repeat_n(T::POISON, GUARD));
+    all.extend_from_slice(host);
+    all.extend(std::iter::repeat_n(T::POISON, GUARD));
+    DevBuf {
+        buf: stream.clone_htod(&all).expect("host-to-device copy"),
+        len: host.len(),
+    }
+}
+
+/// Copies a device buffer's contents to the host (synchronises with the
+/// stream), after checking that its guards still hold poison: a kernel that
+/// wrote before or after its view fails here.
+pub fn download<T: Poison + Bits + Debug + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    dev: &DevBuf<T>,
+) -> Vec<T> {
+    let mut all = stream.clone_dtoh(&dev.buf).expect("device-to-host copy");
+    let after = all.split_off(GUARD + dev.len);
+    for (side, guard) in [("before", &all[..GUARD]), ("after", &after[..])] {
+        if let Some(i) = guard.iter().position(|x| x.bits() != T::POISON.bits()) {
+            let at = if side == "before" { GUARD - i } else { i + 1 };
+            panic!(
+                "a kernel wrote {at} element(s) {side} a device buffer of {} ({:?})",
+                dev.len, guard[i]
+            );
+        }
+    }
+    all.split_off(GUARD)
+}
+
+/// A device buffer of `n` poison values, between poison guards.
+pub fn poisoned<T: Poison + DeviceRepr>(stream: &Arc<CudaStream>, n: usize) -> DevBuf<T> {
+    upload(stream, &vec![T::POISON; n])
 }
 
 /// Asserts two buffers are bit-identical; reports the first difference.
@@ -131,20 +235,20 @@ pub fn assert_untouched<T: Poison + Bits + Debug>(got: &[T], what: &str) {
 // Host tensors on the device, viewed alike by both backends
 // ---------------------------------------------------------------------------
 
-impl<T: DeviceRepr + Copy, const N: usize> Tensor<T, N> {
+impl<T: Poison + DeviceRepr, const N: usize> Tensor<T, N> {
     /// Uploads the whole storage (gaps and the elements before the base
-    /// included).
-    pub fn upload(&self, stream: &Arc<CudaStream>) -> CudaSlice<T> {
+    /// included), between poison guards.
+    pub fn upload(&self, stream: &Arc<CudaStream>) -> DevBuf<T> {
         upload(stream, &self.data)
     }
 
     /// The device view of this tensor in `dev` (its uploaded storage).
-    pub fn dev_view<'a>(&self, dev: &'a CudaSlice<T>) -> DevView<'a, T, N> {
+    pub fn dev_view<'a>(&self, dev: &'a DevBuf<T>) -> DevView<'a, T, N> {
         DevView::new(dev.slice(self.base..), self.layout()).expect("device view")
     }
 
     /// The device output view of this tensor in `dev`.
-    pub fn dev_view_mut<'a>(&self, dev: &'a mut CudaSlice<T>) -> DevViewMut<'a, T, N> {
+    pub fn dev_view_mut<'a>(&self, dev: &'a mut DevBuf<T>) -> DevViewMut<'a, T, N> {
         DevViewMut::new(dev.slice_mut(self.base..), self.layout()).expect("device output view")
     }
 }
@@ -153,8 +257,8 @@ impl<T: DeviceRepr + Copy, const N: usize> Tensor<T, N> {
 /// passes them to `f`. (cudarc 0.19 splits a `CudaViewMut` only through a
 /// `&mut` borrow of it, so N disjoint views of one buffer need one stack frame
 /// per split.)
-pub fn with_split_mut<T, R>(
-    buf: &mut CudaSlice<T>,
+pub fn with_split_mut<T: DeviceRepr, R>(
+    buf: &mut DevBuf<T>,
     lens: &[usize],
     f: impl for<'v> FnOnce(Vec<CudaViewMut<'v, T>>) -> R,
 ) -> R {
@@ -211,6 +315,25 @@ mod tests {
     #[test]
     fn gpu_probe_never_panics() {
         let _ = gpu();
+    }
+
+    /// A write just past either end of a buffer's contents fails its
+    /// download (on a GPU; skips without one).
+    #[test]
+    fn guards_catch_writes_past_either_end() {
+        let Some(stream) = gpu() else { return };
+        for (at, side) in [(GUARD - 1, "before"), (GUARD + 5, "after")] {
+            let mut dev = upload(&stream, &[1.0f32; 5]);
+            stream
+                .memcpy_htod(&[2.0f32], &mut dev.buf.slice_mut(at..at + 1))
+                .expect("write into a guard");
+            let caught = panic::catch_unwind(AssertUnwindSafe(|| download(&stream, &dev)));
+            let msg = caught.expect_err("the guard write went unnoticed");
+            let msg = msg.downcast_ref::<String>().expect("a formatted panic");
+            assert!(msg.contains(&format!("1 element(s) {side}")), "{msg}");
+        }
+        let dev = upload(&stream, &[1.0f32; 5]);
+        assert_eq!(download(&stream, &dev), vec![1.0f32; 5]);
     }
 
     #[test]

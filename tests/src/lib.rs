@@ -19,10 +19,12 @@
 //! independently of the code under test.
 
 pub mod gaze_cases;
+pub mod gaze_decode;
+pub mod gaze_route_decode;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 
-use foveal::{DType, Element, Layout, RowSpec, View, ViewMut};
+use foveal::{DType, Element, KeepRule, Layout, RowSpec, ScoreMode, View, ViewMut};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -651,3 +653,30 @@ mod tests {
         assert!(f32::POISON.is_nan() && f16::POISON.is_nan() && bf16::POISON.is_nan());
     }
 }
+
+/// A random rule, from keep-everything to keep-nothing-but-min_keep: of `n`
+/// equally likely draws, one keeps every token, one only `min_keep` of them
+/// (threshold 1), the others draw a threshold, a ratio and `min_keep`.
+pub fn random_rule(r: &mut StdRng, n: u32) -> KeepRule {
+    match r.random_range(0..n) {
+        0 => KeepRule::keep_all(),
+        1 => KeepRule {
+            threshold: 1.0,
+            max_ratio: None,
+            min_keep: 0,
+        },
+        _ => KeepRule {
+            threshold: r.random_range(0.0f32..=1.0),
+            max_ratio: if r.random_bool(0.5) {
+                Some(r.random_range(0.0f32..=1.0))
+            } else {
+                None
+            },
+            min_keep: r.random_range(0..=3),
+        },
+    }
+}
+
+/// Every glimpse_scores mode.
+pub const SCORE_MODES: [ScoreMode; 3] =
+    [ScoreMode::Logits, ScoreMode::LogSoftmax, ScoreMode::Softmax];

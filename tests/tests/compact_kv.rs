@@ -19,8 +19,8 @@ use foveal::{
     Error, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, RowSpec, View, ViewMut,
 };
 use foveal_tests::{
-    contiguous_strides, indices, random_logits, random_rows, random_strides, random_tensor, rng,
-    Bits, KvOrder, Poison, RowOpts, Tensor, TestElem,
+    contiguous_strides, indices, random_logits, random_rows, random_rule, random_strides,
+    random_tensor, rng, Bits, KvOrder, Poison, RowOpts, Tensor, TestElem,
 };
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -117,29 +117,6 @@ fn check_plane<T: Poison + Bits + std::fmt::Debug, const N: usize>(
 // ---------------------------------------------------------------------------
 // Random cases
 // ---------------------------------------------------------------------------
-
-/// A random rule, from keep-everything to keep-nothing-but-min_keep: of `n`
-/// equally likely draws, one keeps every token, one only `min_keep` of them
-/// (threshold 1), the others draw a threshold, a ratio and `min_keep`.
-fn random_rule(r: &mut StdRng, n: u32) -> KeepRule {
-    match r.random_range(0..n) {
-        0 => KeepRule::keep_all(),
-        1 => KeepRule {
-            threshold: 1.0,
-            max_ratio: None,
-            min_keep: 0,
-        },
-        _ => KeepRule {
-            threshold: r.random_range(0.0f32..=1.0),
-            max_ratio: if r.random_bool(0.5) {
-                Some(r.random_range(0.0f32..=1.0))
-            } else {
-                None
-            },
-            min_keep: r.random_range(0..=3),
-        },
-    }
-}
 
 /// A random layout with a keep set computed by select_keep from random logits
 /// and a random rule; returns the layout's rows, the layout, the keep set and
@@ -1029,7 +1006,3 @@ fn destination_sized_to_the_exact_new_maximum_length() {
     run(6).unwrap();
     assert_shape(run(5), "gather_rows", "dst");
 }
-
-#[cfg(feature = "cuda")]
-#[path = "compact_kv/gpu.rs"]
-mod gpu;

@@ -13,148 +13,13 @@
 use foveal::gaze_decode::cpu::gaze_decode;
 use foveal::gaze_route_decode::cpu::gaze_route_decode;
 use foveal::route_topk::cpu::route_topk;
-use foveal::{Element, Error, GazeLayout, Layout, Routes, View};
-use foveal_tests::gaze_cases::{random_gaze_rows, GazeOpts};
-use foveal_tests::{contiguous_strides, random_strides, rng, to_f64, Bits, KvOrder, Poison, Tensor, TestElem, Tol};
+use foveal::{Error, GazeLayout, Routes};
+use foveal_tests::gaze_cases::GazeOpts;
+use foveal_tests::gaze_route_decode::{outputs, q4, run_cpu, Case, Inputs};
+use foveal_tests::{contiguous_strides, rng, to_f64, Bits, Poison, Tensor, TestElem, Tol};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use rand::rngs::StdRng;
 use rand::Rng;
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Case {
-    pub seed: u64,
-    pub batch: usize,
-    pub kv_heads: usize,
-    pub group: usize,
-    pub head_dim: usize,
-    /// Integer-valued q and descriptors (exact scores, many ties) and now and
-    /// then a NaN descriptor; otherwise uniform in [-1, 1).
-    pub ties: bool,
-    /// `top_k` at least every row's region count (dense attention).
-    pub all: bool,
-    pub scale: Option<f32>,
-    /// Memory orders the CUDA kernel takes (q, desc contiguous, KV strides
-    /// multiples of the head dim); otherwise any order with gaps.
-    pub aligned: bool,
-    /// Most units per row and their largest side (long rows for the GPU).
-    pub opts: GazeOpts,
-}
-
-/// A case's inputs: layout, q `[B, Hq, D]`, k, v `[B, S, Hkv, D]`, desc
-/// `[B, Hkv, R, D]`, top_k, and the routes route_topk chooses for them.
-#[derive(Debug, Clone)]
-pub(crate) struct Inputs<T> {
-    pub layout: GazeLayout,
-    pub q: Tensor<T, 3>,
-    pub k: Tensor<T, 4>,
-    pub v: Tensor<T, 4>,
-    pub desc: Tensor<f32, 4>,
-    pub top_k: usize,
-    pub scale: Option<f32>,
-    pub routes: Routes,
-}
-
-fn value<T: Element>(r: &mut StdRng, ties: bool, lo: i32, hi: i32) -> T {
-    if ties {
-        T::from_f32(r.random_range(lo..=hi) as f32)
-    } else {
-        T::from_f32(r.random_range(-1.0f32..1.0))
-    }
-}
-
-impl<T: TestElem> Inputs<T> {
-    pub fn new(c: &Case) -> Self {
-        let mut r = rng(c.seed);
-        let (seq, rows) = random_gaze_rows(&mut r, c.batch, c.opts);
-        let layout = GazeLayout::new(seq, &rows).expect("valid rows");
-        let (hkv, d) = (c.kv_heads, c.head_dim);
-        let hq = c.group * hkv;
-        let q_shape = [c.batch, hq, d];
-        let q_strides = if c.aligned { contiguous_strides(q_shape) } else { random_strides(&mut r, q_shape) };
-        let q = Tensor::from_fn(q_shape, q_strides, T::POISON, |_| value::<T>(&mut r, c.ties, -1, 1));
-        let r_desc = layout.max_regions() + r.random_range(0..2);
-        let desc_shape = [c.batch, hkv, r_desc, d];
-        let desc_strides = if c.aligned { contiguous_strides(desc_shape) } else { random_strides(&mut r, desc_shape) };
-        let nan_row = c.ties && r.random_bool(0.3);
-        let mut desc = Tensor::from_fn(desc_shape, desc_strides, f32::NAN, |_| value::<f32>(&mut r, c.ties, -2, 2));
-        if nan_row && layout.max_regions() > 0 {
-            let (b, h, reg) = (r.random_range(0..c.batch), r.random_range(0..hkv), r.random_range(0..layout.max_regions()));
-            let at = desc.offset([b, h, reg, r.random_range(0..d)]);
-            desc.data[at] = f32::NAN;
-        }
-        let top_k = if c.all { layout.max_regions().max(1) + r.random_range(0..3) } else { r.random_range(1..=layout.max_regions() + 1) };
-        let mut routes = Routes::new(&layout, 1, hq, top_k);
-        route_topk(q4(&q), desc.view(), &layout, top_k, &mut routes).expect("route_topk");
-
-        let kv_shape = [c.batch, layout.seq().max(1), hkv, d];
-        let order = if c.aligned { KvOrder::pick_aligned(&mut r) } else { KvOrder::pick(&mut r) };
-        let (k_strides, v_strides) = (order.strides(&mut r, kv_shape), order.strides(&mut r, kv_shape));
-        let mut k = Tensor::from_fn(kv_shape, k_strides, T::POISON, |_| T::from_f32(r.random_range(-1.0f32..1.0)));
-        let mut v = Tensor::from_fn(kv_shape, v_strides, T::POISON, |_| T::from_f32(r.random_range(-1.0f32..1.0)));
-        for b in 0..c.batch {
-            for kvh in 0..hkv {
-                let mut used = vec![false; kv_shape[1]];
-                for h in kvh * c.group..(kvh + 1) * c.group {
-                    attended(&layout, &routes, b, h).into_iter().for_each(|p| used[p] = true);
-                }
-                for p in (0..kv_shape[1]).filter(|&p| !used[p]) {
-                    for j in 0..d {
-                        let (ok, ov) = (k.offset([b, p, kvh, j]), v.offset([b, p, kvh, j]));
-                        k.data[ok] = T::POISON;
-                        v.data[ov] = T::POISON;
-                    }
-                }
-            }
-        }
-        Inputs { layout, q, k, v, desc, top_k, scale: c.scale, routes }
-    }
-}
-
-/// q `[B, Hq, D]` as route_topk's `[B, 1, Hq, D]`.
-fn q4<T: Element>(q: &Tensor<T, 3>) -> View<'_, T, 4> {
-    let [b, hq, d] = q.shape;
-    let [sb, sh, sd] = q.strides;
-    View::new(&q.data[q.base..], Layout::strided([b, 1, hq, d], [sb, sh, sh, sd]).expect("layout")).expect("view")
-}
-
-/// The positions query head `h` of row `b` attends.
-pub(crate) fn attended(layout: &GazeLayout, routes: &Routes, b: usize, h: usize) -> Vec<usize> {
-    let mut p: Vec<usize> = layout.visible(b).flatten().collect();
-    for &r in routes.get(b, 0, h) {
-        p.extend(layout.region(b, r as usize).iter().map(|&x| x as usize));
-    }
-    p
-}
-
-/// Poisoned outputs o `[B, Hq, D]` and lse `[B, Hq]` (random gaps unless aligned).
-pub(crate) fn outputs<T: TestElem>(r: &mut StdRng, q_shape: [usize; 3], aligned: bool) -> (Tensor<T, 3>, Tensor<f32, 2>) {
-    let o_strides = if aligned { contiguous_strides(q_shape) } else { random_strides(r, q_shape) };
-    let lse_shape = [q_shape[0], q_shape[1]];
-    let lse_strides = if aligned { contiguous_strides(lse_shape) } else { random_strides(r, lse_shape) };
-    (Tensor::filled(q_shape, o_strides, T::POISON), Tensor::filled(lse_shape, lse_strides, f32::POISON))
-}
-
-/// The CPU reference: o, lse and routes.
-pub(crate) fn run_cpu<T: TestElem>(inp: &Inputs<T>, o_like: &Tensor<T, 3>, lse_like: &Tensor<f32, 2>) -> (Tensor<T, 3>, Tensor<f32, 2>, Routes) {
-    let (mut o, mut lse) = (o_like.clone(), lse_like.clone());
-    let hq = inp.q.shape[1];
-    let mut routes = Routes::new(&inp.layout, 1, hq, inp.top_k);
-    gaze_route_decode(
-        inp.q.view(),
-        inp.k.view(),
-        inp.v.view(),
-        inp.desc.view(),
-        &inp.layout,
-        inp.top_k,
-        inp.scale,
-        &mut o.view_mut(),
-        Some(&mut lse.view_mut()),
-        &mut routes,
-    )
-    .expect("valid call");
-    (o, lse, routes)
-}
 
 fn assert_bits<T: Bits + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -171,10 +36,26 @@ fn check_against_separate<T: TestElem>(c: &Case) {
 
     let hq = inp.q.shape[1];
     let mut want_routes = Routes::new(&inp.layout, 1, hq, inp.top_k);
-    route_topk(q4(&inp.q), inp.desc.view(), &inp.layout, inp.top_k, &mut want_routes).expect("route_topk");
+    route_topk(
+        q4(&inp.q),
+        inp.desc.view(),
+        &inp.layout,
+        inp.top_k,
+        &mut want_routes,
+    )
+    .expect("route_topk");
     let (mut want_o, mut want_lse) = (o_like.clone(), lse_like.clone());
-    gaze_decode(inp.q.view(), inp.k.view(), inp.v.view(), &inp.layout, &want_routes, inp.scale, &mut want_o.view_mut(), Some(&mut want_lse.view_mut()))
-        .expect("gaze_decode");
+    gaze_decode(
+        inp.q.view(),
+        inp.k.view(),
+        inp.v.view(),
+        &inp.layout,
+        &want_routes,
+        inp.scale,
+        &mut want_o.view_mut(),
+        Some(&mut want_lse.view_mut()),
+    )
+    .expect("gaze_decode");
     assert_eq!(routes, want_routes, "routes, {c:?}");
     assert_eq!(routes, inp.routes, "routes, {c:?}");
     assert_bits(&o.data, &want_o.data, &format!("o, {c:?}"));
@@ -182,19 +63,30 @@ fn check_against_separate<T: TestElem>(c: &Case) {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (any::<u64>(), 1usize..4, 1usize..3, 1usize..9, prop::sample::select(vec![4usize, 8, 16]), any::<bool>(), prop::bool::weighted(0.2), any::<bool>())
-        .prop_map(|(seed, batch, kv_heads, group, head_dim, ties, all, aligned)| Case {
-            seed,
-            batch,
-            kv_heads,
-            group,
-            head_dim,
-            ties,
-            all,
-            scale: [None, Some(0.05), Some(0.4)][(seed % 3) as usize],
-            aligned,
-            opts: GazeOpts::default(),
-        })
+    (
+        any::<u64>(),
+        1usize..4,
+        1usize..3,
+        1usize..9,
+        prop::sample::select(vec![4usize, 8, 16]),
+        any::<bool>(),
+        prop::bool::weighted(0.2),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(seed, batch, kv_heads, group, head_dim, ties, all, aligned)| Case {
+                seed,
+                batch,
+                kv_heads,
+                group,
+                head_dim,
+                ties,
+                all,
+                scale: [None, Some(0.05), Some(0.4)][(seed % 3) as usize],
+                aligned,
+                opts: GazeOpts::default(),
+            },
+        )
 }
 
 proptest! {
@@ -233,9 +125,24 @@ fn check_dense<T: TestElem>(c: &Case) {
             let ids: Vec<i32> = (0..inp.layout.regions(b) as i32).collect();
             assert_eq!(routes.get(b, 0, h), &ids[..], "every region routed, {c:?}");
             let kvh = h / g;
-            let dot = |p: usize| (0..d).map(|e| to_f64(inp.q.get([b, h, e])) * to_f64(inp.k.get([b, p, kvh, e]))).sum::<f64>() * scale;
+            let dot = |p: usize| {
+                (0..d)
+                    .map(|e| to_f64(inp.q.get([b, h, e])) * to_f64(inp.k.get([b, p, kvh, e])))
+                    .sum::<f64>()
+                    * scale
+            };
             let logits: Vec<f64> = positions.iter().map(|&p| dot(p)).collect();
-            let mag = positions.iter().map(|&p| (0..d).map(|e| (to_f64(inp.q.get([b, h, e])) * to_f64(inp.k.get([b, p, kvh, e]))).abs()).sum::<f64>() * scale).fold(0.0, f64::max);
+            let mag = positions
+                .iter()
+                .map(|&p| {
+                    (0..d)
+                        .map(|e| {
+                            (to_f64(inp.q.get([b, h, e])) * to_f64(inp.k.get([b, p, kvh, e]))).abs()
+                        })
+                        .sum::<f64>()
+                        * scale
+                })
+                .fold(0.0, f64::max);
             let got_lse = lse.get([b, h]) as f64;
             if positions.is_empty() {
                 assert_eq!(got_lse, f64::NEG_INFINITY, "{c:?}");
@@ -244,13 +151,23 @@ fn check_dense<T: TestElem>(c: &Case) {
             let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = logits.iter().map(|l| (l - m).exp()).sum();
             let want_lse = m + sum.ln();
-            assert!((got_lse - want_lse).abs() <= 1e-4 * (1.0 + mag + want_lse.abs()), "lse {got_lse} vs {want_lse}, {c:?}");
+            assert!(
+                (got_lse - want_lse).abs() <= 1e-4 * (1.0 + mag + want_lse.abs()),
+                "lse {got_lse} vs {want_lse}, {c:?}"
+            );
             let storage = Tol::for_elem::<T>();
             for e in 0..d {
-                let want: f64 = positions.iter().zip(&logits).map(|(&p, l)| (l - m).exp() / sum * to_f64(inp.v.get([b, p, kvh, e]))).sum();
+                let want: f64 = positions
+                    .iter()
+                    .zip(&logits)
+                    .map(|(&p, l)| (l - m).exp() / sum * to_f64(inp.v.get([b, p, kvh, e])))
+                    .sum();
                 let got = to_f64(o.get([b, h, e]));
                 let bound = storage.abs + storage.rel * want.abs() + 1e-4 * (1.0 + mag);
-                assert!((got - want).abs() <= bound, "o[{b}, {h}, {e}] {got} vs {want}, {c:?}");
+                assert!(
+                    (got - want).abs() <= bound,
+                    "o[{b}, {h}, {e}] {got} vs {want}, {c:?}"
+                );
             }
         }
     }
@@ -285,7 +202,21 @@ fn top_k_covering_every_region_is_dense_attention() {
 // ---------------------------------------------------------------------------
 
 fn base_case() -> Case {
-    Case { seed: 3, batch: 2, kv_heads: 2, group: 2, head_dim: 8, ties: false, all: false, scale: None, aligned: true, opts: GazeOpts { max_units: 2, max_side: 8 } }
+    Case {
+        seed: 3,
+        batch: 2,
+        kv_heads: 2,
+        group: 2,
+        head_dim: 8,
+        ties: false,
+        all: false,
+        scale: None,
+        aligned: true,
+        opts: GazeOpts {
+            max_units: 2,
+            max_side: 8,
+        },
+    }
 }
 
 /// Runs the op with pieces swapped in; returns the error and checks the
@@ -306,16 +237,32 @@ fn refuse(
     let mut lse = Tensor::filled(lse_shape, contiguous_strides(lse_shape), f32::POISON);
     let mut routes = Routes::new(&inp.layout, 1, q.shape[1], routes_k);
     let before = routes.clone();
-    let err = gaze_route_decode(q.view(), k.view(), inp.v.view(), desc.view(), &inp.layout, top_k, scale, &mut o.view_mut(), Some(&mut lse.view_mut()), &mut routes)
-        .expect_err("must refuse");
-    assert!(o.data.iter().all(|x| x.is_nan()) && lse.data.iter().all(|x| x.is_nan()), "outputs touched: {err}");
+    let err = gaze_route_decode(
+        q.view(),
+        k.view(),
+        inp.v.view(),
+        desc.view(),
+        &inp.layout,
+        top_k,
+        scale,
+        &mut o.view_mut(),
+        Some(&mut lse.view_mut()),
+        &mut routes,
+    )
+    .expect_err("must refuse");
+    assert!(
+        o.data.iter().all(|x| x.is_nan()) && lse.data.iter().all(|x| x.is_nan()),
+        "outputs touched: {err}"
+    );
     assert_eq!(routes, before, "routes touched: {err}");
     err
 }
 
 fn op_arg(e: &Error) -> (&'static str, &'static str) {
     match e {
-        Error::Shape { op, arg, .. } | Error::Index { op, arg, .. } | Error::Value { op, arg, .. } => (op, arg),
+        Error::Shape { op, arg, .. }
+        | Error::Index { op, arg, .. }
+        | Error::Value { op, arg, .. } => (op, arg),
         other => panic!("unexpected {other}"),
     }
 }
@@ -327,7 +274,17 @@ fn argument_errors_leave_outputs_untouched() {
     let [b, hq, d] = q.shape;
     let k_ok = inp.top_k;
     let ok = refuse(&inp, q, k, desc, 0, 0, None, q.shape, [b, hq]);
-    assert!(matches!(ok, Error::Value { op: "gaze_route_decode", arg: "k", .. }), "{ok}");
+    assert!(
+        matches!(
+            ok,
+            Error::Value {
+                op: "gaze_route_decode",
+                arg: "k",
+                ..
+            }
+        ),
+        "{ok}"
+    );
     // routes of another k
     let e = refuse(&inp, q, k, desc, k_ok, k_ok + 1, None, q.shape, [b, hq]);
     assert_eq!(op_arg(&e), ("gaze_route_decode", "routes"), "{e}");
@@ -368,7 +325,19 @@ fn argument_errors_leave_outputs_untouched() {
     let other = GazeLayout::new(inp.layout.seq(), &[foveal::GazeRow::new()]).expect("layout");
     let mut o = Tensor::filled(q.shape, contiguous_strides(q.shape), f32::POISON);
     let mut routes = Routes::new(&other, 1, hq, k_ok);
-    let e = gaze_route_decode(q.view(), k.view(), inp.v.view(), desc.view(), &other, k_ok, None, &mut o.view_mut(), None, &mut routes).expect_err("must refuse");
+    let e = gaze_route_decode(
+        q.view(),
+        k.view(),
+        inp.v.view(),
+        desc.view(),
+        &other,
+        k_ok,
+        None,
+        &mut o.view_mut(),
+        None,
+        &mut routes,
+    )
+    .expect_err("must refuse");
     assert_eq!(op_arg(&e).0, "gaze_route_decode", "{e}");
     assert!(o.data.iter().all(|x| x.is_nan()));
 }
@@ -379,10 +348,16 @@ fn routes_are_tied_to_the_layout_and_usable_by_gaze_decode() {
     let (o_like, lse_like) = outputs::<f32>(&mut rng(5), inp.q.shape, true);
     let (o, _, routes) = run_cpu(&inp, &o_like, &lse_like);
     let mut o2 = o_like.clone();
-    gaze_decode(inp.q.view(), inp.k.view(), inp.v.view(), &inp.layout, &routes, inp.scale, &mut o2.view_mut(), None).expect("routes accepted");
+    gaze_decode(
+        inp.q.view(),
+        inp.k.view(),
+        inp.v.view(),
+        &inp.layout,
+        &routes,
+        inp.scale,
+        &mut o2.view_mut(),
+        None,
+    )
+    .expect("routes accepted");
     assert_bits(&o2.data, &o.data, "o");
 }
-
-#[cfg(feature = "cuda")]
-#[path = "gaze_route_decode/gpu.rs"]
-mod gpu;

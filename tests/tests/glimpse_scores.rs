@@ -9,13 +9,11 @@ use foveal::glimpse_scores::cpu::glimpse_scores;
 use foveal::{Element, Error, Layout, RowLayout, RowSpec, ScoreMode, View};
 use foveal_tests::{
     indices, poison, random_rows, random_strides, random_tensor, rng, to_f64, KvOrder, Poison,
-    RowOpts, Tensor, TestElem, Tol,
+    RowOpts, Tensor, TestElem, Tol, SCORE_MODES,
 };
 use half::bf16;
 use proptest::prelude::*;
 use rand::Rng;
-
-const MODES: [ScoreMode; 3] = [ScoreMode::Logits, ScoreMode::LogSoftmax, ScoreMode::Softmax];
 
 /// What the oracle says about one output element.
 #[derive(Debug, Clone, Copy)]
@@ -179,7 +177,7 @@ fn check_case<T: TestElem>(c: Case) {
         random_strides(&mut r, out_shape)
     };
 
-    for mode in MODES {
+    for mode in SCORE_MODES {
         let want = oracle(&q, &k, &rows, c.scale, mode);
         let mut out: Tensor<f32, 3> = Tensor::filled(out_shape, out_strides, 0.0);
         poison(&mut out.data);
@@ -523,7 +521,3 @@ fn empty_output_view_is_accepted() {
     )
     .unwrap();
 }
-
-#[cfg(feature = "cuda")]
-#[path = "glimpse_scores/gpu.rs"]
-mod gpu;

@@ -357,7 +357,3 @@ fn rejects_bad_arguments() {
         "written on error"
     );
 }
-
-#[cfg(feature = "cuda")]
-#[path = "multiscale_gather/gpu.rs"]
-mod gpu;

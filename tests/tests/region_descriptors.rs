@@ -308,7 +308,3 @@ fn rejects_bad_arguments() {
         "region 5 of both heads"
     );
 }
-
-#[cfg(feature = "cuda")]
-#[path = "region_descriptors/gpu.rs"]
-mod gpu;

@@ -407,7 +407,3 @@ fn rejects_bad_arguments() {
         "all equal scores: the lowest ids"
     );
 }
-
-#[cfg(feature = "cuda")]
-#[path = "route_topk/gpu.rs"]
-mod gpu;

@@ -569,7 +569,3 @@ fn keep_set_from_rows_checks_and_packs() {
         "missing row"
     );
 }
-
-#[cfg(feature = "cuda")]
-#[path = "select_keep/gpu.rs"]
-mod gpu;

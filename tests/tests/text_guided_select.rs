@@ -371,7 +371,3 @@ fn rejects_bad_arguments() {
         "written on error"
     );
 }
-
-#[cfg(feature = "cuda")]
-#[path = "text_guided_select/gpu.rs"]
-mod gpu;

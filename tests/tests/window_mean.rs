@@ -193,7 +193,3 @@ fn empty_maps_give_no_windows() {
         window_mean(x.view(), 2, Pool::Mean, &mut out.view_mut()).expect("empty map");
     }
 }
-
-#[cfg(feature = "cuda")]
-#[path = "window_mean/gpu.rs"]
-mod gpu;

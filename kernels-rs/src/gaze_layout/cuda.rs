@@ -92,6 +92,18 @@ impl DeviceRoutes {
         })
     }
 
+    /// Test support: fills every id with `i32::MIN`, so that a test sees any
+    /// element route_topk fails to write (the -1 padding included). The
+    /// routes are unfilled again: every consumer refuses them until
+    /// route_topk (or gaze_route_decode) fills them.
+    #[doc(hidden)]
+    pub fn poison_for_tests(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        self.layout_id = 0;
+        let n = self.shape.iter().product::<usize>();
+        self.ids = upload(stream, "DeviceRoutes::poison_for_tests", &vec![i32::MIN; n])?;
+        Ok(())
+    }
+
     /// Copies the routes to the host (synchronises with the stream).
     pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<Routes> {
         const OP: &str = "DeviceRoutes::to_host";

@@ -24,7 +24,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::MODES;
+use foveal_tests::SCORE_MODES;
 
 /// GQA group sizes: every size one block serves (1..=8), and two that need
 /// several head chunks per KV head.
@@ -324,7 +324,7 @@ fn random_cases<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
         let c = random_case::<T>(
             &mut r,
             seed.wrapping_mul(1000) + n,
-            MODES[n as usize % 3],
+            SCORE_MODES[n as usize % 3],
             n % 8 == 7,
         );
         check_case::<T>(stream, &mut ws, &c);
@@ -375,7 +375,7 @@ fn sweep<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
             group,
             head_dim,
             scale: None,
-            mode: MODES[n % 3],
+            mode: SCORE_MODES[n % 3],
             amp: 1.0,
             k_order,
             q_order: Order3::Contiguous,
@@ -428,7 +428,7 @@ fn long_rows_merge_key_splits() {
         .into_iter()
         .enumerate()
     {
-        for (m, mode) in MODES.into_iter().enumerate() {
+        for (m, mode) in SCORE_MODES.into_iter().enumerate() {
             if !in_sweep(3 * n + m, 12) {
                 continue;
             }
@@ -490,7 +490,7 @@ fn rows_without_visual_tokens() {
         },
     ];
     for (n, rows) in [empty, some].into_iter().enumerate() {
-        for mode in MODES {
+        for mode in SCORE_MODES {
             let c = Case {
                 seed: 5 + n as u64,
                 batch: 2,
@@ -524,7 +524,12 @@ fn deterministic<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
     let mut r = rng(seed);
     let mut ws = Workspace::new();
     for n in 0..cases(12) as u64 {
-        let c = random_case::<T>(&mut r, seed * 100 + n, MODES[n as usize % 3], n % 2 == 1);
+        let c = random_case::<T>(
+            &mut r,
+            seed * 100 + n,
+            SCORE_MODES[n as usize % 3],
+            n % 2 == 1,
+        );
         let inp = inputs::<T>(
             &c,
             random_rows(

@@ -1,7 +1,6 @@
 //! The whole model on the GPU against the CPU: the same seeded weights and
 //! images, dense and GlimpsePrune generation. Skips (and says so) where no
 //! GPU is present.
-#![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result};
 use foveal::KeepRule;
@@ -9,8 +8,7 @@ use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig};
 
-mod common;
-use common::{gpu, max_abs_diff};
+use crate::common::{gpu, max_abs_diff};
 
 #[test]
 fn cuda_and_cpu_generations_agree() -> Result<()> {

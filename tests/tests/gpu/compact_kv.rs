@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use cudarc::driver::{CudaStream, DeviceRepr};
 use foveal::compact_kv::{cpu, cuda};
 use foveal::cuda::{DevView, DevViewMut, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
 use foveal::select_keep::cpu::select_keep as cpu_select_keep;
@@ -21,15 +21,15 @@ use foveal::{
     Error, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, RowSpec, View, ViewMut,
 };
 use foveal_tests::gpu::{
-    assert_bits_eq, assert_untouched, cases, download, gpu, poisoned, upload, with_split_mut,
+    assert_bits_eq, assert_untouched, cases, download, gpu, poisoned, upload, with_split_mut, DevBuf,
     GpuElem,
 };
-use foveal_tests::{indices, random_elem, random_rows, rng, KvOrder, Poison, RowOpts};
+use foveal_tests::{indices, random_elem, random_rows, rng, Bits, KvOrder, Poison, RowOpts};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::random_rule;
+use foveal_tests::random_rule;
 
 // ---------------------------------------------------------------------------
 // Keep sets and positions
@@ -406,7 +406,7 @@ impl<T: Poison + DeviceRepr, const N: usize> Planes<T, N> {
 
     /// The planes as separate device buffers (an empty one, for planes of
     /// capacity 0, holds one poison element: no allocation is empty).
-    fn upload_separate(&self, stream: &Arc<CudaStream>) -> Vec<CudaSlice<T>> {
+    fn upload_separate(&self, stream: &Arc<CudaStream>) -> Vec<DevBuf<T>> {
         (0..self.count)
             .map(|i| match &self.data[self.separate_range(i)] {
                 [] => upload(stream, &[T::POISON]),
@@ -432,7 +432,7 @@ impl<T: Poison + DeviceRepr, const N: usize> Planes<T, N> {
 
 /// Runs `f` with device views of `planes` in separate buffers (`stacked` =
 /// false) or in one buffer, then returns the device storage as host storage.
-fn with_dst_views<T: Poison + DeviceRepr, const N: usize>(
+fn with_dst_views<T: Poison + Bits + std::fmt::Debug + DeviceRepr, const N: usize>(
     stream: &Arc<CudaStream>,
     planes: &Planes<T, N>,
     stacked: bool,
@@ -471,8 +471,8 @@ fn with_dst_views<T: Poison + DeviceRepr, const N: usize>(
 
 /// Source device buffers (kept alive by the caller) and their views.
 enum SrcBufs<T> {
-    Stacked(CudaSlice<T>),
-    Separate(Vec<CudaSlice<T>>),
+    Stacked(DevBuf<T>),
+    Separate(Vec<DevBuf<T>>),
 }
 
 impl<T: Poison + DeviceRepr> SrcBufs<T> {

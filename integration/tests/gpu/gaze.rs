@@ -3,7 +3,6 @@
 //! generated with foveal's CUDA region_descriptors, route_topk and
 //! gaze_decode on candle's stream, and with the CPU references. Skips (and
 //! says so) where no GPU is present.
-#![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result};
 use foveal::RegionShape;
@@ -11,8 +10,7 @@ use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{GazeAttention, GazeConfig, GazeRun, GazeSegment, LlavaModel, ModelConfig};
 
-mod common;
-use common::{gpu, max_abs_diff};
+use crate::common::{gpu, max_abs_diff};
 
 const STEPS: usize = 4;
 

@@ -24,7 +24,9 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::{all_routes, assert_matches, gapless_rows, gaze_oracle, outputs, Case, Inputs, Want};
+use foveal_tests::gaze_decode::{
+    all_routes, assert_matches, gapless_rows, gaze_oracle, outputs, Case, Inputs, Want,
+};
 
 /// GQA group sizes: every size one pass serves (1..=8) and two served in
 /// chunks of 8 query heads.

@@ -22,6 +22,16 @@ use rand::Rng;
 
 /// A row layout whose rows hold `nv[b]` visual tokens, interleaved with text
 /// (visual tokens at the odd positions); the glimpse token last.
+
+/// A keep set whose every index and count is poison (`i32::MIN`), so that
+/// an element select_keep fails to write (the -1 padding, a count) differs
+/// from the CPU's.
+fn poisoned_keep(stream: &Arc<CudaStream>, rows: &DeviceRowLayout) -> DeviceKeepSet {
+    let mut keep = DeviceKeepSet::new(stream, rows).expect("device keep set");
+    keep.poison_for_tests(stream).expect("poison");
+    keep
+}
+
 fn rows_with_counts(nv: &[usize]) -> RowLayout {
     let seq = 2 * nv.iter().copied().max().unwrap_or(0) + 2;
     let rows: Vec<RowSpec> = nv
@@ -208,20 +218,7 @@ fn check_case(stream: &Arc<CudaStream>, r: &mut StdRng, large: bool, what: &str)
     let what = format!("{what}: nv {nv:?}, {values:?}, NaN {nan}, {rule:?}");
 
     let dev_rows = DeviceRowLayout::new(stream, &rows).expect("device rows");
-    let mut keep = DeviceKeepSet::new(stream, &dev_rows).expect("device keep set");
-    let stale = logits_for(&rows, 0, 0, |_, _| r.random_range(-1.0f32..1.0));
-    run_gpu(
-        stream,
-        &stale,
-        &dev_rows,
-        &KeepRule {
-            threshold: 0.5,
-            max_ratio: None,
-            min_keep: 0,
-        },
-        &mut keep,
-    )
-    .expect("select_keep (CUDA), first call");
+    let mut keep = poisoned_keep(stream, &dev_rows);
     run_gpu(stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
     let got = keep.to_host(stream).expect("readback");
     assert_same(&got, &run_cpu(&logits, &rows, &rule), &rows, &what);
@@ -279,7 +276,7 @@ fn matches_cpu_on_rule_edges() {
                         max_ratio,
                         min_keep,
                     };
-                    let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
+                    let mut keep = poisoned_keep(&stream, &dev_rows);
                     run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep)
                         .expect("select_keep (CUDA)");
                     let got = keep.to_host(&stream).expect("readback");
@@ -311,7 +308,7 @@ fn batch_without_visual_tokens() {
             min_keep: 5,
         },
     ] {
-        let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
+        let mut keep = poisoned_keep(&stream, &dev_rows);
         run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
         let got = keep.to_host(&stream).expect("readback");
         assert_same(
@@ -344,7 +341,7 @@ fn deterministic_runs() {
         let mut sets = Vec::new();
         for s in [&stream, &stream, &other] {
             let dev_rows = DeviceRowLayout::new(s, &rows).expect("device rows");
-            let mut keep = DeviceKeepSet::new(s, &dev_rows).expect("device keep set");
+            let mut keep = poisoned_keep(s, &dev_rows);
             run_gpu(s, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
             sets.push(keep.to_host(s).expect("readback"));
         }

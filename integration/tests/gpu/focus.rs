@@ -2,15 +2,13 @@
 //! images (one image and a 2 x 2 grid of sub-images); the sampled cells, the
 //! kept tokens, the generated tokens and the logits agree. Skips (and says
 //! so) where no GPU is present.
-#![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result};
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{FocusConfig, FocusLlava, LlavaModel, ModelConfig};
 
-mod common;
-use common::{gpu, max_abs_diff};
+use crate::common::{gpu, max_abs_diff};
 
 #[test]
 fn cuda_and_cpu_focus_generations_agree() -> Result<()> {
