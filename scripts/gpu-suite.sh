@@ -255,7 +255,7 @@ bench() {
     local rc=$?
     if (( rc == 125 )); then :
     elif (( rc == 0 )) && [ -s "$torch" ]; then
-      record "torch-baselines-$mode" ok "$STEP_SECONDS" "$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))), "cases")' "$torch" 2>&1)"
+      record "torch-baselines-$mode" ok "$STEP_SECONDS" "$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["cases"]), "cases")' "$torch" 2>&1)"
       torch_arg=(--torch "$torch")
     else
       record "torch-baselines-$mode" FAILED "$STEP_SECONDS" "exit $rc"

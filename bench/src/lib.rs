@@ -1,8 +1,9 @@
 //! Shared, seeded input generators of foveal's benchmarks.
 //!
 //! Both the criterion benchmarks of the CPU paths (`benches/<op>.rs`) and the
-//! CUDA-event benchmark of the GPU paths (`src/bin/gpu_bench.rs`) draw their
-//! inputs from here, so the two measure the same cases. Everything is seeded
+//! CUDA-event benchmark of the GPU paths (`src/bin/gpu_bench/`, one section
+//! per op: `src/bin/gpu_bench/<op>.rs`) draw their inputs from here, so the
+//! two measure the same cases. Everything is seeded
 //! (rand 0.9 [`StdRng`]): the same case gives the same bytes.
 //!
 //! The cases are GlimpsePrune on a Qwen2.5-VL-7B-style model ([`QWEN25_VL_7B`]:

@@ -16,34 +16,34 @@ use foveal_bench::region_descriptors::{self as rd, floor_bytes};
 use foveal_bench::{KvLayout, VISUAL_TOKENS};
 use half::bf16;
 
-use super::{Env, Res, Row};
+use crate::env::Env;
+use crate::table::Row;
+use crate::{bit_equal, boxed, Bench, Case, Check, Mode, Res, Section};
+
+pub const SECTION: Section = Section {
+    name: "region_descriptors",
+    cases,
+};
 
 /// Regions of one frame.
 const FRAME_REGIONS: usize = 36;
 
 /// A case and the regions it computes.
-pub(super) struct Case {
+struct Regions {
     case: rd::Case,
     last_frame: bool,
 }
 
-impl Case {
-    pub(super) fn label(&self) -> String {
-        let suffix = if self.last_frame { " last frame" } else { "" };
-        format!("{}{suffix}", self.case.label())
-    }
-}
-
-pub(super) fn cases(quick: bool) -> Vec<Case> {
-    let all = |case| Case {
+fn cases(mode: Mode) -> Vec<Box<dyn Case>> {
+    let all = |case| Regions {
         case,
         last_frame: false,
     };
-    if quick {
-        return vec![
+    if mode == Mode::Quick {
+        return boxed(vec![
             all(rd::Case::new(1, 16384, KvLayout::Bshd)),
             all(rd::Case::new(4, 4096, KvLayout::Bhsd)),
-        ];
+        ]);
     }
     let mut cases = Vec::new();
     for nv in VISUAL_TOKENS {
@@ -54,104 +54,110 @@ pub(super) fn cases(quick: bool) -> Vec<Case> {
         }
     }
     for batch in [1, 4] {
-        cases.push(Case {
+        cases.push(Regions {
             case: rd::Case::new(batch, 16384, KvLayout::Bshd),
             last_frame: true,
         });
     }
-    cases
+    boxed(cases)
 }
 
-fn launch(
-    stream: &Arc<CudaStream>,
-    case: &rd::Case,
-    layout: &DeviceGazeLayout,
-    range: Range<usize>,
-    k: &CudaSlice<bf16>,
-    desc: &mut CudaSlice<f32>,
-) -> Res<()> {
-    let k = DevView::of(k, case.k_layout())?;
-    let shape = case.desc_shape(layout.host().max_regions());
-    let mut desc = DevViewMut::of(desc, Layout::contiguous(shape))?;
-    cuda::region_descriptors(stream, &k, layout, range, &mut desc)?;
-    Ok(())
-}
+impl Case for Regions {
+    fn label(&self) -> String {
+        let suffix = if self.last_frame { " last frame" } else { "" };
+        format!("{}{suffix}", self.case.label())
+    }
 
-pub(super) fn run(env: &mut Env, c: &Case) -> Res<Row> {
-    let stream = env.stream.clone();
-    let case = &c.case;
-    let host = case.layout();
-    let regions = host.max_regions();
-    let range = if c.last_frame {
-        regions - FRAME_REGIONS..regions
-    } else {
-        0..regions
-    };
-    let layout = DeviceGazeLayout::new(&stream, &host)?;
-    let shape = case.desc_shape(regions);
-    let (k_len, desc_len) = (case.k_layout().span(), shape.iter().product::<usize>());
-    let sets = env.n_sets((k_len * 2 + desc_len * 4) as u64)?;
-    let k: Vec<CudaSlice<bf16>> = (0..sets)
-        .map(|_| env.pool.filled(&stream, k_len))
-        .collect::<Res<_>>()?;
-    let mut desc: Vec<CudaSlice<f32>> = (0..sets)
-        .map(|_| stream.alloc_zeros::<f32>(desc_len))
-        .collect::<Result<_, _>>()?;
-
-    let check = if env.check {
-        stream.memcpy_htod(&vec![f32::NAN; desc_len], &mut desc[0])?;
-        launch(&stream, case, &layout, range.clone(), &k[0], &mut desc[0])?;
-        let got = stream.clone_dtoh(&desc[0])?;
-        let kh = stream.clone_dtoh(&k[0])?;
-        let mut want = vec![f32::NAN; desc_len];
-        cpu::region_descriptors(
-            View::new(&kh, case.k_layout())?,
-            &host,
-            range.clone(),
-            &mut ViewMut::contiguous(&mut want, shape)?,
-        )?;
-        if got
-            .iter()
-            .zip(&want)
-            .all(|(g, w)| g.to_bits() == w.to_bits())
-        {
-            format!("ok (bit-identical, {} regions, {sets} sets)", range.len())
+    fn prepare<'a>(&'a self, env: &mut Env) -> Res<Box<dyn Bench + 'a>> {
+        let case = &self.case;
+        let host = case.layout();
+        let regions = host.max_regions();
+        let range = if self.last_frame {
+            regions - FRAME_REGIONS..regions
         } else {
-            "FAIL (differs from the CPU reference)".to_string()
-        }
-    } else {
-        format!("unchecked ({sets} sets)")
-    };
+            0..regions
+        };
+        let (k_len, desc_len) = (
+            case.k_layout().span(),
+            case.desc_shape(regions).iter().product::<usize>(),
+        );
+        let sets = env.n_sets((k_len * 2 + desc_len * 4) as u64)?;
+        Ok(Box::new(Prepared {
+            case: self,
+            layout: DeviceGazeLayout::new(&env.stream, &host)?,
+            range,
+            k: env.filled(sets, k_len)?,
+            desc: env.zeroed(sets, desc_len)?,
+        }))
+    }
+}
 
-    let stats = env.timer.gpu(|i| {
-        launch(
-            &stream,
-            case,
-            &layout,
-            range.clone(),
-            &k[i % sets],
-            &mut desc[i % sets],
-        )
-    })?;
-    // The incremental step moves one frame's keys per row and writes its regions.
-    let bytes = if c.last_frame {
-        floor_bytes(
-            &rd::Case {
-                visual: rd::SIDE * rd::SIDE,
-                ..*case
-            },
-            FRAME_REGIONS,
-            2,
-        )
-    } else {
-        floor_bytes(case, regions, 2)
-    };
-    Ok(Row {
-        op: "region_descriptors",
-        shape: c.label(),
-        stats: Some(stats),
-        bytes,
-        baseline: None,
-        check,
-    })
+/// The input sets of a case.
+struct Prepared<'a> {
+    case: &'a Regions,
+    layout: DeviceGazeLayout,
+    range: Range<usize>,
+    k: Vec<CudaSlice<bf16>>,
+    desc: Vec<CudaSlice<f32>>,
+}
+
+impl Prepared<'_> {
+    fn desc_shape(&self) -> [usize; 4] {
+        self.case.case.desc_shape(self.layout.host().max_regions())
+    }
+
+    fn launch(&mut self, stream: &Arc<CudaStream>, set: usize) -> Res<()> {
+        let shape = Layout::contiguous(self.desc_shape());
+        let k = DevView::of(&self.k[set], self.case.case.k_layout())?;
+        let mut desc = DevViewMut::of(&mut self.desc[set], shape)?;
+        cuda::region_descriptors(stream, &k, &self.layout, self.range.clone(), &mut desc)?;
+        Ok(())
+    }
+}
+
+impl Bench for Prepared<'_> {
+    fn sets(&self) -> usize {
+        self.k.len()
+    }
+
+    fn check(&mut self, env: &mut Env) -> Res<Check> {
+        let stream = &env.stream;
+        env.poison(&mut self.desc[0], f32::NAN)?;
+        self.launch(stream, 0)?;
+        let (got, k) = (
+            stream.clone_dtoh(&self.desc[0])?,
+            stream.clone_dtoh(&self.k[0])?,
+        );
+        let mut want = vec![f32::NAN; got.len()];
+        cpu::region_descriptors(
+            View::new(&k, self.case.case.k_layout())?,
+            self.layout.host(),
+            self.range.clone(),
+            &mut ViewMut::contiguous(&mut want, self.desc_shape())?,
+        )?;
+        Ok(Check::when(
+            bit_equal(&got, &want, f32::to_bits),
+            format!("bit-identical, {} regions", self.range.len()),
+            "differs from the CPU reference",
+        ))
+    }
+
+    fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
+        let stats = env.gpu(self.sets(), |stream, set| self.launch(stream, set))?;
+        // The incremental step moves one frame's keys per row and writes its regions.
+        let case = &self.case.case;
+        let bytes = if self.case.last_frame {
+            floor_bytes(
+                &rd::Case {
+                    visual: rd::SIDE * rd::SIDE,
+                    ..*case
+                },
+                FRAME_REGIONS,
+                2,
+            )
+        } else {
+            floor_bytes(case, self.layout.host().max_regions(), 2)
+        };
+        Ok(vec![Row::new(stats, bytes)])
+    }
 }

@@ -15,14 +15,21 @@ use foveal_bench::route_topk::{self as rt, floor_bytes};
 use foveal_bench::{random_elems, rng, VISUAL_TOKENS};
 use half::bf16;
 
-use super::{Env, Res, Row};
+use crate::env::Env;
+use crate::table::Row;
+use crate::{boxed, Bench, Case, Check, Mode, Res, Section};
 
-pub(super) fn cases(quick: bool) -> Vec<rt::Case> {
-    if quick {
-        return vec![
+pub const SECTION: Section = Section {
+    name: "route_topk",
+    cases,
+};
+
+fn cases(mode: Mode) -> Vec<Box<dyn Case>> {
+    if mode == Mode::Quick {
+        return boxed(vec![
             rt::Case::new(1, 16384),
             rt::Case::new(4, 4096).with_queries(16),
-        ];
+        ]);
     }
     let mut cases = Vec::new();
     for nv in VISUAL_TOKENS {
@@ -31,30 +38,7 @@ pub(super) fn cases(quick: bool) -> Vec<rt::Case> {
         }
     }
     cases.push(rt::Case::new(1, 16384).with_queries(16));
-    cases
-}
-
-/// One input set: queries, descriptors, routes.
-struct Set {
-    q: CudaSlice<bf16>,
-    desc: CudaSlice<f32>,
-    routes: DeviceRoutes,
-}
-
-fn launch(
-    stream: &Arc<CudaStream>,
-    case: &rt::Case,
-    layout: &DeviceGazeLayout,
-    set: &mut Set,
-    ws: &mut Workspace,
-) -> Res<()> {
-    let q = DevView::of(&set.q, Layout::contiguous(case.q_shape()))?;
-    let desc = DevView::of(
-        &set.desc,
-        Layout::contiguous(case.desc_shape(layout.host().max_regions())),
-    )?;
-    cuda::route_topk(stream, &q, &desc, layout, case.k, &mut set.routes, ws)?;
-    Ok(())
+    boxed(cases)
 }
 
 /// Routes one id short of any correct answer in every list with regions.
@@ -73,61 +57,109 @@ fn short_routes(layout: &GazeLayout, case: &rt::Case) -> Res<Routes> {
     Ok(Routes::from_ids(layout, case.queries, heads, case.k, &ids)?)
 }
 
-pub(super) fn run(env: &mut Env, case: &rt::Case) -> Res<Row> {
-    let stream = env.stream.clone();
-    let host = case.layout();
-    let regions = host.max_regions();
-    let layout = DeviceGazeLayout::new(&stream, &host)?;
-    let (q_len, desc_len) = (
-        case.q_shape().iter().product::<usize>(),
-        case.desc_shape(regions).iter().product::<usize>(),
-    );
-    let sets = env.n_sets((q_len * 2 + desc_len * 4 + case.routes_len() * 4) as u64)?;
-    let start = short_routes(&host, case)?;
-    let mut data: Vec<Set> = Vec::with_capacity(sets);
-    for s in 0..sets {
-        let desc: Vec<f32> = random_elems(&mut rng(case.seed + s as u64), desc_len, -1.0, 1.0);
-        data.push(Set {
-            q: env.pool.filled(&stream, q_len)?,
-            desc: stream.clone_htod(&desc)?,
-            routes: DeviceRoutes::from_host(&stream, &start)?,
-        });
+impl Case for rt::Case {
+    fn label(&self) -> String {
+        rt::Case::label(self)
     }
-    let mut ws = Workspace::new();
 
-    let check = if env.check {
-        launch(&stream, case, &layout, &mut data[0], &mut ws)?;
-        let got = data[0].routes.to_host(&stream)?;
-        let (qh, dh) = (
-            stream.clone_dtoh(&data[0].q)?,
-            stream.clone_dtoh(&data[0].desc)?,
+    fn prepare<'a>(&'a self, env: &mut Env) -> Res<Box<dyn Bench + 'a>> {
+        let host = self.layout();
+        let regions = host.max_regions();
+        let (q_len, desc_len) = (
+            self.q_shape().iter().product::<usize>(),
+            self.desc_shape(regions).iter().product::<usize>(),
         );
-        let mut want = Routes::new(&host, case.queries, case.dims.q_heads, case.k);
+        let sets = env.n_sets((q_len * 2 + desc_len * 4 + self.routes_len() * 4) as u64)?;
+        let start = short_routes(&host, self)?;
+        let mut data = Vec::with_capacity(sets);
+        for s in 0..sets {
+            let desc: Vec<f32> = random_elems(&mut rng(self.seed + s as u64), desc_len, -1.0, 1.0);
+            data.push(Set {
+                q: env.pool.filled(&env.stream, q_len)?,
+                desc: env.stream.clone_htod(&desc)?,
+                routes: DeviceRoutes::from_host(&env.stream, &start)?,
+            });
+        }
+        Ok(Box::new(Prepared {
+            case: self,
+            layout: DeviceGazeLayout::new(&env.stream, &host)?,
+            data,
+            ws: Workspace::new(),
+        }))
+    }
+}
+
+/// One input set: queries, descriptors, routes.
+struct Set {
+    q: CudaSlice<bf16>,
+    desc: CudaSlice<f32>,
+    routes: DeviceRoutes,
+}
+
+/// The input sets of a case.
+struct Prepared<'a> {
+    case: &'a rt::Case,
+    layout: DeviceGazeLayout,
+    data: Vec<Set>,
+    ws: Workspace,
+}
+
+impl Prepared<'_> {
+    fn desc_shape(&self) -> [usize; 4] {
+        self.case.desc_shape(self.layout.host().max_regions())
+    }
+
+    fn launch(&mut self, stream: &Arc<CudaStream>, set: usize) -> Res<()> {
+        let (case, desc_shape, set) = (self.case, self.desc_shape(), &mut self.data[set]);
+        let q = DevView::of(&set.q, Layout::contiguous(case.q_shape()))?;
+        let desc = DevView::of(&set.desc, Layout::contiguous(desc_shape))?;
+        cuda::route_topk(
+            stream,
+            &q,
+            &desc,
+            &self.layout,
+            case.k,
+            &mut set.routes,
+            &mut self.ws,
+        )?;
+        Ok(())
+    }
+}
+
+impl Bench for Prepared<'_> {
+    fn sets(&self) -> usize {
+        self.data.len()
+    }
+
+    fn check(&mut self, env: &mut Env) -> Res<Check> {
+        let (stream, case) = (&env.stream, self.case);
+        self.launch(stream, 0)?;
+        let got = self.data[0].routes.to_host(stream)?;
+        let (q, desc) = (
+            stream.clone_dtoh(&self.data[0].q)?,
+            stream.clone_dtoh(&self.data[0].desc)?,
+        );
+        let host = self.layout.host();
+        let mut want = Routes::new(host, case.queries, case.dims.q_heads, case.k);
         cpu::route_topk(
-            View::contiguous(&qh, case.q_shape())?,
-            View::contiguous(&dh, case.desc_shape(regions))?,
-            &host,
+            View::contiguous(&q, case.q_shape())?,
+            View::contiguous(&desc, self.desc_shape())?,
+            host,
             case.k,
             &mut want,
         )?;
-        if got == want {
-            format!("ok (exact, {regions} regions, {sets} sets)")
-        } else {
-            "FAIL (routes differ from the CPU reference)".to_string()
-        }
-    } else {
-        format!("unchecked ({sets} sets)")
-    };
+        Ok(Check::when(
+            got == want,
+            format!("exact, {} regions", host.max_regions()),
+            "routes differ from the CPU reference",
+        ))
+    }
 
-    let stats = env
-        .timer
-        .gpu(|i| launch(&stream, case, &layout, &mut data[i % sets], &mut ws))?;
-    Ok(Row {
-        op: "route_topk",
-        shape: case.label(),
-        stats: Some(stats),
-        bytes: floor_bytes(case, regions, 2),
-        baseline: None,
-        check,
-    })
+    fn time(&mut self, env: &mut Env) -> Res<Vec<Row>> {
+        let stats = env.gpu(self.sets(), |stream, set| self.launch(stream, set))?;
+        Ok(vec![Row::new(
+            stats,
+            floor_bytes(self.case, self.layout.host().max_regions(), 2),
+        )])
+    }
 }
