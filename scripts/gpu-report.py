@@ -106,10 +106,15 @@ def torch_table(path):
             data = json.loads(path.read_text())
         except ValueError as e:
             return [f"{path.name} is not JSON: {e}", ""]
+    # torch_baselines.py writes {"torch": version, "device": name, "cases": {key: {backend: us}}}.
+    header = []
+    if isinstance(data, dict) and "cases" in data:
+        header = [f"torch {data.get('torch', '?')} on {data.get('device', '?')}", ""]
+        data = data["cases"]
     if not data:
         return [f"{path.name}: missing or empty", ""]
     backends = sorted({b for v in data.values() if isinstance(v, dict) for b in v})
-    lines = ["| case | " + " | ".join(f"{b} (us)" for b in backends) + " |",
+    lines = header + ["| case | " + " | ".join(f"{b} (us)" for b in backends) + " |",
              "|---|" + "---|" * len(backends)]
     for case, v in data.items():
         cells = [f"{v[b]:.2f}" if isinstance(v, dict) and isinstance(v.get(b), (int, float)) else "-" for b in backends]
@@ -131,7 +136,8 @@ def self_test():
             "test window_mean::matches_cpu_f32 ... ok\ntest window_mean::matches_cpu_f16 ... ok\n"
             "test select_keep::matches_cpu_on_random_cases ... FAILED\n"
             "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n")
-        (p1 / "torch.json").write_text(json.dumps({"gaze_decode/b8": {"flash": 12.5, "cudnn": 10.25}}))
+        (p1 / "torch.json").write_text(json.dumps({"torch": "2.11.0", "device": "NVIDIA H200",
+                                                    "cases": {"gaze_decode/b8": {"flash": 12.5, "cudnn": 10.25}}}))
         (p2 / "memcheck.log").write_text("test result: ok. 3 passed; 0 failed; 0 ignored\n========= ERROR SUMMARY: 2 errors\n")
         out = Path(tmp, "rec.md")
         sys.argv = ["gpu-report.py", str(p1), str(p2), "--out", str(out)]
@@ -141,7 +147,7 @@ def self_test():
                      "2 passed, 1 failed, 0 ignored, 0 skipped", "| window_mean | 2 | 0 | 0 | pass |",
                      "| select_keep | 0 | 1 | 0 | FAIL |", "`select_keep::matches_cpu_on_random_cases`",
                      "| memcheck | 3 | 2 |  |", "| racecheck | - | - | log missing |",
-                     "| gaze_decode/b8 | 10.25 | 12.50 |", "log missing (the step did not run"):
+                     "| gaze_decode/b8 | 10.25 | 12.50 |", "torch 2.11.0 on NVIDIA H200", "log missing (the step did not run"):
             assert want in text, f"self-test: {want!r} missing from the record:\n{text}"
     print("gpu-report.py self-test: ok")
 
