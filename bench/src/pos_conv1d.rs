@@ -31,7 +31,7 @@ impl Case {
             batch,
             tokens,
             channels,
-            seed: 0x9c_0_7,
+            seed: 0x9c07,
         }
     }
 
