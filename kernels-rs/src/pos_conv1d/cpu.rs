@@ -1,4 +1,5 @@
-//! CPU reference of pos_conv1d: per token and channel, the taps in order.
+//! CPU reference of pos_conv1d: per row the valid tokens widened to f32 once,
+//! then per token the taps in order, each over all channels.
 
 use super::{check, KERNEL_SIZE, PADDING};
 use crate::dtype::Element;
@@ -15,33 +16,38 @@ pub fn pos_conv1d<T: Element>(
     out: &mut ViewMut<'_, T, 3>,
 ) -> Result<()> {
     let d = check(x.shape(), lens, weight.shape(), bias.shape(), out.shape())?;
-    let w: Vec<[f32; KERNEL_SIZE]> = (0..d.channels)
-        .map(|c| std::array::from_fn(|t| weight.at([c, t]).to_f32()))
+    let c = d.channels;
+    // weight transposed to [7, C], so that a tap runs over contiguous channels
+    let w: Vec<f32> = (0..KERNEL_SIZE)
+        .flat_map(|t| (0..c).map(move |ch| (ch, t)))
+        .map(|(ch, t)| weight.at([ch, t]).to_f32())
         .collect();
-    let bias: Vec<f32> = (0..d.channels).map(|c| bias.at([c]).to_f32()).collect();
+    let bias: Vec<f32> = (0..c).map(|ch| bias.at([ch]).to_f32()).collect();
+    let mut xf: Vec<f32> = Vec::new();
+    let mut acc = vec![0f32; c];
     for (b, &len) in lens.iter().enumerate() {
+        xf.clear();
+        for i in 0..len {
+            xf.extend(x.row([b, i, 0]).iter().map(|v| v.to_f32()));
+        }
         for i in 0..d.tokens {
+            let o = out.row_mut([b, i, 0]);
             if i >= len {
-                out.row_mut([b, i, 0])
-                    .iter_mut()
-                    .for_each(|o| *o = T::from_f32(0.0));
+                o.iter_mut().for_each(|v| *v = T::from_f32(0.0));
                 continue;
             }
-            // Taps j = i + t - 3 inside the row.
-            let t0 = PADDING.saturating_sub(i);
-            let t1 = KERNEL_SIZE.min(len + PADDING - i);
-            let mut rows: [&[T]; KERNEL_SIZE] = [&[]; KERNEL_SIZE];
-            for (t, row) in rows.iter_mut().enumerate().take(t1).skip(t0) {
-                *row = x.row([b, i + t - PADDING, 0]);
-            }
-            let centre = x.row([b, i, 0]);
-            let o = out.row_mut([b, i, 0]);
-            for c in 0..d.channels {
-                let mut acc = bias[c];
-                for (t, row) in rows.iter().enumerate().take(t1).skip(t0) {
-                    acc += w[c][t] * row[c].to_f32();
+            // Per channel: the bias, then the taps j = i + t - 3 inside the
+            // row in order of t, each product and sum rounded (no fma).
+            acc.copy_from_slice(&bias);
+            for t in PADDING.saturating_sub(i)..KERNEL_SIZE.min(len + PADDING - i) {
+                let j = i + t - PADDING;
+                let (wt, xj) = (&w[t * c..(t + 1) * c], &xf[j * c..(j + 1) * c]);
+                for ((a, &wv), &xv) in acc.iter_mut().zip(wt).zip(xj) {
+                    *a += wv * xv;
                 }
-                o[c] = T::from_f32(centre[c].to_f32() + acc);
+            }
+            for ((v, &a), &centre) in o.iter_mut().zip(&acc).zip(&xf[i * c..(i + 1) * c]) {
+                *v = T::from_f32(centre + a);
             }
         }
     }
