@@ -320,10 +320,3 @@ pub fn p_round<T: Element>() -> f64 {
         foveal::DType::F32 => 0.0,
     }
 }
-
-impl<T: Poison + Copy> Inputs<T> {
-    /// Query heads `Hq`.
-    pub fn q_heads(&self) -> usize {
-        self.q.shape[2]
-    }
-}
