@@ -30,6 +30,9 @@ mod cuda {
         "src/route_topk.cu",
         "src/gaze_decode.cu",
         "src/gaze_route_decode.cu",
+        "src/cross_attention.cu",
+        "src/pos_conv1d.cu",
+        "src/token_pack.cu",
         "src/status.cu",
     ];
     const HEADERS: &[&str] = &[
@@ -37,6 +40,7 @@ mod cuda {
         "src/common.cuh",
         "src/top_select.cuh",
         "src/gaze_attend.cuh",
+        "src/attention_tile.cuh",
     ];
 
     pub fn build() {

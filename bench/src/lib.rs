@@ -31,6 +31,9 @@
 //! | route_topk | [`route_topk::generate`] | [`route_topk::baseline`]: repeat_kv of the descriptors, scores, full argsort, first k, sort |
 //! | gaze_decode | [`gaze_decode::generate`], [`gaze_decode::plan`] | [`gaze_decode::Plan::dense`]: the same op with every position visible (dense decode attention) |
 //! | gaze_route_decode | [`gaze_route_decode::generate`] (gaze_decode's case, routes chosen by the scores) | route_topk + gaze_decode (two ops); dense decode attention |
+//! | cross_attention | [`cross_attention::generate`], [`cross_attention::sweep`] | [`cross_attention::baseline`]: repeat_kv, S = Q K^T materialised, softmax, P V |
+//! | pos_conv1d | [`pos_conv1d::generate`] | [`pos_conv1d::baseline`]: transpose to channels-first, padded conv per channel, transpose back, residual |
+//! | token_pack | [`token_pack::generate`] | [`token_pack::baseline`]: the resized map materialised, then the space-to-depth copy |
 //!
 //! The FocusLLaVA ops (window_mean, multiscale_gather, text_guided_select)
 //! use LLaVA-NeXT-style shapes instead: 24 x 24 or 48 x 48 feature maps of
@@ -40,17 +43,24 @@
 //! The Gaze Attention ops (region_descriptors, route_topk) use Qwen2.5-VL-7B
 //! with 32 x 32-token frames (an image, or a video of up to 16 frames) cut
 //! into 6 x 6 regions; their `floor_bytes` take the region count.
+//! The VISOR ops use LLaVA-OneVision shapes (27 x 27 SigLIP grids of 729
+//! tokens per crop): cross_attention with 0.5B (14 / 2 heads, D 64) and
+//! 7B-like (28 / 4, D 128) heads, whose `Case` also carries `flops` and the
+//! floor that bounds it on a given machine (`bound`).
 
 pub mod compact_kv;
+pub mod cross_attention;
 pub mod gaze_decode;
 pub mod gaze_route_decode;
 pub mod glimpse_scores;
 pub mod multiscale_gather;
+pub mod pos_conv1d;
 pub mod region_descriptors;
 pub mod route_topk;
 pub mod rows;
 pub mod select_keep;
 pub mod text_guided_select;
+pub mod token_pack;
 pub mod window_mean;
 
 use foveal::{Element, Layout};

@@ -379,6 +379,87 @@ typedef struct foveal_gaze_route_decode_params {
 
 int foveal_gaze_route_decode(const foveal_gaze_route_decode_params *p, foveal_stream_t stream);
 
+/* --------------------------------------------------------------- cross_attention */
+
+/* Largest head dim. Rows (query x GQA group: row r is query r / G, head
+ * r % G of the KV head's group) per block of each kernel: the tensor-core
+ * kernels (bf16/f16) take DECODE_ROWS-row tiles when every row's
+ * q_len * G fits one (decode), PREFILL_ROWS otherwise (PREFILL_ROWS_WIDE
+ * for head dims above 128); the f32 kernel takes F32_ROWS. */
+#define FOVEAL_CROSS_ATTN_MAX_HEAD_DIM 256
+#define FOVEAL_CROSS_ATTN_DECODE_ROWS 16
+#define FOVEAL_CROSS_ATTN_PREFILL_ROWS 128
+#define FOVEAL_CROSS_ATTN_PREFILL_ROWS_WIDE 64
+#define FOVEAL_CROSS_ATTN_F32_ROWS 16
+
+typedef struct foveal_cross_attention_params {
+  /* q [B, Nq, Hq, D]; k, v [B, Nk, Hkv, D], any memory order. */
+  const void *q;
+  int64_t q_stride_b, q_stride_n, q_stride_h;
+  const void *k;
+  int64_t k_stride_b, k_stride_n, k_stride_h;
+  const void *v;
+  int64_t v_stride_b, v_stride_n, v_stride_h;
+  /* Valid queries q_len[b] <= Nq and keys kv_len[b] <= Nk of each row. */
+  const int32_t *q_len;
+  const int32_t *kv_len;
+  /* o [B, Nq, Hq, D] in the input type; lse [B, Hq, Nq] float, or NULL. */
+  void *o;
+  int64_t o_stride_b, o_stride_n, o_stride_h;
+  float *lse;
+  int64_t lse_stride_b, lse_stride_h, lse_stride_n;
+  /* Workspace, used when num_splits > 1: per (row, query, query head) and
+   * split, partial_o [B, Nq, Hq, num_splits, D] (unnormalised output) and
+   * partial_ml [B, Nq, Hq, num_splits, 2] float (max in log2 units, sum). */
+  float *partial_o;
+  float *partial_ml;
+  int32_t batch, queries, keys, q_heads, kv_heads, head_dim;
+  /* Rows per block (one of the FOVEAL_CROSS_ATTN_*_ROWS above, matching the
+   * dtype and head dim) and blocks sharing one tile's keys (split-KV). */
+  int32_t tile_rows;
+  int32_t num_splits;
+  float scale;
+  foveal_dtype dtype;
+} foveal_cross_attention_params;
+
+int foveal_cross_attention(const foveal_cross_attention_params *p, foveal_stream_t stream);
+
+/* ------------------------------------------------------------------- pos_conv1d */
+
+typedef struct foveal_pos_conv1d_params {
+  /* x [B, N, C], out [B, N, C] (channels contiguous). */
+  const void *x;
+  int64_t x_stride_b, x_stride_n;
+  void *out;
+  int64_t out_stride_b, out_stride_n;
+  /* Valid tokens len[b] <= N of each row. */
+  const int32_t *len;
+  /* weight [C, 7] (taps contiguous), bias [C] contiguous, input type. */
+  const void *weight;
+  int64_t weight_stride_c;
+  const void *bias;
+  int32_t batch, tokens, channels;
+  foveal_dtype dtype;
+} foveal_pos_conv1d_params;
+
+int foveal_pos_conv1d(const foveal_pos_conv1d_params *p, foveal_stream_t stream);
+
+/* ------------------------------------------------------------------- token_pack */
+
+typedef struct foveal_token_pack_params {
+  /* x [B, h, w, C] channels last. */
+  const void *x;
+  int64_t x_stride_b, x_stride_y, x_stride_x;
+  /* out [B, H'/2, W'/2, 4C]. */
+  void *out;
+  int64_t out_stride_b, out_stride_y, out_stride_x;
+  /* h, w, C and the resized grid H', W' (even). */
+  int32_t batch, height, width, channels, out_height, out_width;
+  foveal_dtype dtype;
+} foveal_token_pack_params;
+
+int foveal_token_pack(const foveal_token_pack_params *p, foveal_stream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

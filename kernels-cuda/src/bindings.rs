@@ -18,6 +18,11 @@ pub const FOVEAL_GAZE_MAX_GROUP: u32 = 8;
 pub const FOVEAL_GAZE_MAX_REGIONS: u32 = 32768;
 pub const FOVEAL_GAZE_ROUTE_MAX_REGIONS: u32 = 4096;
 pub const FOVEAL_GAZE_ROUTE_MAX_SPLITS: u32 = 256;
+pub const FOVEAL_CROSS_ATTN_MAX_HEAD_DIM: u32 = 256;
+pub const FOVEAL_CROSS_ATTN_DECODE_ROWS: u32 = 16;
+pub const FOVEAL_CROSS_ATTN_PREFILL_ROWS: u32 = 128;
+pub const FOVEAL_CROSS_ATTN_PREFILL_ROWS_WIDE: u32 = 64;
+pub const FOVEAL_CROSS_ATTN_F32_ROWS: u32 = 16;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -1022,6 +1027,273 @@ impl Default for foveal_gaze_route_decode_params {
 unsafe extern "C" {
     pub fn foveal_gaze_route_decode(
         p: *const foveal_gaze_route_decode_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_cross_attention_params {
+    pub q: *const ::std::os::raw::c_void,
+    pub q_stride_b: i64,
+    pub q_stride_n: i64,
+    pub q_stride_h: i64,
+    pub k: *const ::std::os::raw::c_void,
+    pub k_stride_b: i64,
+    pub k_stride_n: i64,
+    pub k_stride_h: i64,
+    pub v: *const ::std::os::raw::c_void,
+    pub v_stride_b: i64,
+    pub v_stride_n: i64,
+    pub v_stride_h: i64,
+    pub q_len: *const i32,
+    pub kv_len: *const i32,
+    pub o: *mut ::std::os::raw::c_void,
+    pub o_stride_b: i64,
+    pub o_stride_n: i64,
+    pub o_stride_h: i64,
+    pub lse: *mut f32,
+    pub lse_stride_b: i64,
+    pub lse_stride_h: i64,
+    pub lse_stride_n: i64,
+    pub partial_o: *mut f32,
+    pub partial_ml: *mut f32,
+    pub batch: i32,
+    pub queries: i32,
+    pub keys: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub tile_rows: i32,
+    pub num_splits: i32,
+    pub scale: f32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_cross_attention_params"]
+        [::std::mem::size_of::<foveal_cross_attention_params>() - 232usize];
+    ["Alignment of foveal_cross_attention_params"]
+        [::std::mem::align_of::<foveal_cross_attention_params>() - 8usize];
+    ["Offset of field: foveal_cross_attention_params::q"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, q) - 0usize];
+    ["Offset of field: foveal_cross_attention_params::q_stride_b"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, q_stride_b) - 8usize];
+    ["Offset of field: foveal_cross_attention_params::q_stride_n"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, q_stride_n) - 16usize];
+    ["Offset of field: foveal_cross_attention_params::q_stride_h"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, q_stride_h) - 24usize];
+    ["Offset of field: foveal_cross_attention_params::k"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, k) - 32usize];
+    ["Offset of field: foveal_cross_attention_params::k_stride_b"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, k_stride_b) - 40usize];
+    ["Offset of field: foveal_cross_attention_params::k_stride_n"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, k_stride_n) - 48usize];
+    ["Offset of field: foveal_cross_attention_params::k_stride_h"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, k_stride_h) - 56usize];
+    ["Offset of field: foveal_cross_attention_params::v"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, v) - 64usize];
+    ["Offset of field: foveal_cross_attention_params::v_stride_b"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, v_stride_b) - 72usize];
+    ["Offset of field: foveal_cross_attention_params::v_stride_n"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, v_stride_n) - 80usize];
+    ["Offset of field: foveal_cross_attention_params::v_stride_h"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, v_stride_h) - 88usize];
+    ["Offset of field: foveal_cross_attention_params::q_len"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, q_len) - 96usize];
+    ["Offset of field: foveal_cross_attention_params::kv_len"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, kv_len) - 104usize];
+    ["Offset of field: foveal_cross_attention_params::o"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, o) - 112usize];
+    ["Offset of field: foveal_cross_attention_params::o_stride_b"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, o_stride_b) - 120usize];
+    ["Offset of field: foveal_cross_attention_params::o_stride_n"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, o_stride_n) - 128usize];
+    ["Offset of field: foveal_cross_attention_params::o_stride_h"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, o_stride_h) - 136usize];
+    ["Offset of field: foveal_cross_attention_params::lse"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, lse) - 144usize];
+    ["Offset of field: foveal_cross_attention_params::lse_stride_b"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, lse_stride_b) - 152usize];
+    ["Offset of field: foveal_cross_attention_params::lse_stride_h"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, lse_stride_h) - 160usize];
+    ["Offset of field: foveal_cross_attention_params::lse_stride_n"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, lse_stride_n) - 168usize];
+    ["Offset of field: foveal_cross_attention_params::partial_o"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, partial_o) - 176usize];
+    ["Offset of field: foveal_cross_attention_params::partial_ml"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, partial_ml) - 184usize];
+    ["Offset of field: foveal_cross_attention_params::batch"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, batch) - 192usize];
+    ["Offset of field: foveal_cross_attention_params::queries"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, queries) - 196usize];
+    ["Offset of field: foveal_cross_attention_params::keys"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, keys) - 200usize];
+    ["Offset of field: foveal_cross_attention_params::q_heads"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, q_heads) - 204usize];
+    ["Offset of field: foveal_cross_attention_params::kv_heads"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, kv_heads) - 208usize];
+    ["Offset of field: foveal_cross_attention_params::head_dim"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, head_dim) - 212usize];
+    ["Offset of field: foveal_cross_attention_params::tile_rows"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, tile_rows) - 216usize];
+    ["Offset of field: foveal_cross_attention_params::num_splits"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, num_splits) - 220usize];
+    ["Offset of field: foveal_cross_attention_params::scale"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, scale) - 224usize];
+    ["Offset of field: foveal_cross_attention_params::dtype"]
+        [::std::mem::offset_of!(foveal_cross_attention_params, dtype) - 228usize];
+};
+impl Default for foveal_cross_attention_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_cross_attention(
+        p: *const foveal_cross_attention_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_pos_conv1d_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub x_stride_b: i64,
+    pub x_stride_n: i64,
+    pub out: *mut ::std::os::raw::c_void,
+    pub out_stride_b: i64,
+    pub out_stride_n: i64,
+    pub len: *const i32,
+    pub weight: *const ::std::os::raw::c_void,
+    pub weight_stride_c: i64,
+    pub bias: *const ::std::os::raw::c_void,
+    pub batch: i32,
+    pub tokens: i32,
+    pub channels: i32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_pos_conv1d_params"]
+        [::std::mem::size_of::<foveal_pos_conv1d_params>() - 96usize];
+    ["Alignment of foveal_pos_conv1d_params"]
+        [::std::mem::align_of::<foveal_pos_conv1d_params>() - 8usize];
+    ["Offset of field: foveal_pos_conv1d_params::x"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, x) - 0usize];
+    ["Offset of field: foveal_pos_conv1d_params::x_stride_b"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, x_stride_b) - 8usize];
+    ["Offset of field: foveal_pos_conv1d_params::x_stride_n"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, x_stride_n) - 16usize];
+    ["Offset of field: foveal_pos_conv1d_params::out"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, out) - 24usize];
+    ["Offset of field: foveal_pos_conv1d_params::out_stride_b"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, out_stride_b) - 32usize];
+    ["Offset of field: foveal_pos_conv1d_params::out_stride_n"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, out_stride_n) - 40usize];
+    ["Offset of field: foveal_pos_conv1d_params::len"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, len) - 48usize];
+    ["Offset of field: foveal_pos_conv1d_params::weight"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, weight) - 56usize];
+    ["Offset of field: foveal_pos_conv1d_params::weight_stride_c"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, weight_stride_c) - 64usize];
+    ["Offset of field: foveal_pos_conv1d_params::bias"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, bias) - 72usize];
+    ["Offset of field: foveal_pos_conv1d_params::batch"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, batch) - 80usize];
+    ["Offset of field: foveal_pos_conv1d_params::tokens"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, tokens) - 84usize];
+    ["Offset of field: foveal_pos_conv1d_params::channels"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, channels) - 88usize];
+    ["Offset of field: foveal_pos_conv1d_params::dtype"]
+        [::std::mem::offset_of!(foveal_pos_conv1d_params, dtype) - 92usize];
+};
+impl Default for foveal_pos_conv1d_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_pos_conv1d(
+        p: *const foveal_pos_conv1d_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_token_pack_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub x_stride_b: i64,
+    pub x_stride_y: i64,
+    pub x_stride_x: i64,
+    pub out: *mut ::std::os::raw::c_void,
+    pub out_stride_b: i64,
+    pub out_stride_y: i64,
+    pub out_stride_x: i64,
+    pub batch: i32,
+    pub height: i32,
+    pub width: i32,
+    pub channels: i32,
+    pub out_height: i32,
+    pub out_width: i32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_token_pack_params"]
+        [::std::mem::size_of::<foveal_token_pack_params>() - 96usize];
+    ["Alignment of foveal_token_pack_params"]
+        [::std::mem::align_of::<foveal_token_pack_params>() - 8usize];
+    ["Offset of field: foveal_token_pack_params::x"]
+        [::std::mem::offset_of!(foveal_token_pack_params, x) - 0usize];
+    ["Offset of field: foveal_token_pack_params::x_stride_b"]
+        [::std::mem::offset_of!(foveal_token_pack_params, x_stride_b) - 8usize];
+    ["Offset of field: foveal_token_pack_params::x_stride_y"]
+        [::std::mem::offset_of!(foveal_token_pack_params, x_stride_y) - 16usize];
+    ["Offset of field: foveal_token_pack_params::x_stride_x"]
+        [::std::mem::offset_of!(foveal_token_pack_params, x_stride_x) - 24usize];
+    ["Offset of field: foveal_token_pack_params::out"]
+        [::std::mem::offset_of!(foveal_token_pack_params, out) - 32usize];
+    ["Offset of field: foveal_token_pack_params::out_stride_b"]
+        [::std::mem::offset_of!(foveal_token_pack_params, out_stride_b) - 40usize];
+    ["Offset of field: foveal_token_pack_params::out_stride_y"]
+        [::std::mem::offset_of!(foveal_token_pack_params, out_stride_y) - 48usize];
+    ["Offset of field: foveal_token_pack_params::out_stride_x"]
+        [::std::mem::offset_of!(foveal_token_pack_params, out_stride_x) - 56usize];
+    ["Offset of field: foveal_token_pack_params::batch"]
+        [::std::mem::offset_of!(foveal_token_pack_params, batch) - 64usize];
+    ["Offset of field: foveal_token_pack_params::height"]
+        [::std::mem::offset_of!(foveal_token_pack_params, height) - 68usize];
+    ["Offset of field: foveal_token_pack_params::width"]
+        [::std::mem::offset_of!(foveal_token_pack_params, width) - 72usize];
+    ["Offset of field: foveal_token_pack_params::channels"]
+        [::std::mem::offset_of!(foveal_token_pack_params, channels) - 76usize];
+    ["Offset of field: foveal_token_pack_params::out_height"]
+        [::std::mem::offset_of!(foveal_token_pack_params, out_height) - 80usize];
+    ["Offset of field: foveal_token_pack_params::out_width"]
+        [::std::mem::offset_of!(foveal_token_pack_params, out_width) - 84usize];
+    ["Offset of field: foveal_token_pack_params::dtype"]
+        [::std::mem::offset_of!(foveal_token_pack_params, dtype) - 88usize];
+};
+impl Default for foveal_token_pack_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_token_pack(
+        p: *const foveal_token_pack_params,
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }

@@ -41,6 +41,37 @@ __device__ __forceinline__ void load16_as_float(const T* p, float (&out)[Vec16<T
   for (int i = 0; i < Vec16<T>::kElems; ++i) out[i] = to_float(e[i]);
 }
 
+// Loads kVec elements (one, or one 16-byte vector: kVec = Vec16<T>::kElems,
+// 16-byte aligned) through the read-only path, widened to floats.
+template <typename T, int kVec>
+__device__ __forceinline__ void load_as_float(const T* p, float (&out)[kVec]) {
+  static_assert(kVec == 1 || kVec == Vec16<T>::kElems, "one element or one 16-byte vector");
+  if constexpr (kVec == 1) {
+    out[0] = to_float(__ldg(p));
+  } else {
+    load16_as_float(p, out);
+  }
+}
+
+// Stores kVec floats rounded to T (one element, or one aligned 16-byte vector).
+template <typename T, int kVec>
+__device__ __forceinline__ void store_from_float(T* p, const float (&v)[kVec]) {
+  static_assert(kVec == 1 || kVec == Vec16<T>::kElems, "one element or one 16-byte vector");
+  if constexpr (kVec == 1) {
+    *p = from_float<T>(v[0]);
+  } else {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) e[i] = from_float<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+// Whether every address and stride in `parts` (OR-ed together, in bytes) is
+// a multiple of 16 bytes.
+__host__ __device__ constexpr bool aligned16(uint64_t parts) { return (parts & 15u) == 0; }
+
 // Sum over aligned groups of `kWidth` lanes (a power of two); every lane of
 // the group ends with the group's sum. The order of additions is fixed, so
 // the result is deterministic.

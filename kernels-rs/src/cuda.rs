@@ -214,6 +214,38 @@ pub(crate) fn download(
     Ok(host)
 }
 
+/// Per-row lengths uploaded to the device (once per batch, before the ops),
+/// with the host copy the ops validate against.
+#[derive(Debug)]
+pub struct DeviceLens {
+    host: Vec<usize>,
+    pub(crate) dev: CudaSlice<i32>,
+}
+
+impl DeviceLens {
+    /// Uploads `lens` (each at most `i32::MAX`; at most 65,535 rows).
+    pub fn new(stream: &Arc<CudaStream>, lens: &[usize]) -> Result<Self> {
+        const OP: &str = "DeviceLens::new";
+        check_grid_batch(OP, lens.len())?;
+        let packed = lens
+            .iter()
+            .map(|&n| {
+                i32::try_from(n)
+                    .map_err(|_| Error::index(OP, "lens", format!("{n} exceeds 32-bit lengths")))
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        Ok(DeviceLens {
+            host: lens.to_vec(),
+            dev: upload(stream, OP, &packed)?,
+        })
+    }
+
+    /// The host lengths it was made from.
+    pub fn host(&self) -> &[usize] {
+        &self.host
+    }
+}
+
 /// A [`RowLayout`] uploaded to the device (once per batch, before the ops).
 #[derive(Debug)]
 pub struct DeviceRowLayout {

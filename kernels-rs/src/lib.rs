@@ -21,8 +21,14 @@
 //! [`gaze_decode`] (decode attention over the always-visible keys and the
 //! routed regions only), all on a [`GazeLayout`]; [`gaze_route_decode`] is
 //! route_topk and gaze_decode fused into one launch for a decode step.
+//!
+//! VISOR: [`cross_attention`] (non-causal attention of a few queries over
+//! many keys: text over visual tokens, or learned queries), [`pos_conv1d`]
+//! (the visual tokens' conditional position embedding), [`token_pack`]
+//! (bilinear resize and space-to-depth at any reduction ratio, VISOR-TR).
 
 pub mod compact_kv;
+pub mod cross_attention;
 pub mod dtype;
 pub mod error;
 pub mod gaze_decode;
@@ -31,17 +37,20 @@ pub mod gaze_route_decode;
 pub mod glimpse_scores;
 pub mod layout;
 pub mod multiscale_gather;
+pub mod pos_conv1d;
 pub mod region_descriptors;
 pub mod route_topk;
 pub mod rows;
 pub mod select_keep;
 pub mod text_guided_select;
+pub mod token_pack;
 pub mod window_mean;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 pub use compact_kv::{KeepPositions, Padding};
+pub use cross_attention::SeqLens;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use gaze_layout::{GazeLayout, GazeRow, RegionShape, Routes};

@@ -18,6 +18,7 @@
 //! rather than going through foveal's views, so the oracles read the inputs
 //! independently of the code under test.
 
+pub mod cross_attention;
 pub mod gaze_cases;
 pub mod gaze_decode;
 pub mod gaze_route_decode;

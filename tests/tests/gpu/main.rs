@@ -10,12 +10,15 @@
 #![cfg(feature = "cuda")]
 
 mod compact_kv;
+mod cross_attention;
 mod gaze_decode;
 mod gaze_route_decode;
 mod glimpse_scores;
 mod multiscale_gather;
+mod pos_conv1d;
 mod region_descriptors;
 mod route_topk;
 mod select_keep;
 mod text_guided_select;
+mod token_pack;
 mod window_mean;
