@@ -28,6 +28,8 @@ listed exception that no longer fails is an error too (remove its line), so
 the list only ever holds what is still owed.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import re
@@ -461,6 +463,7 @@ class SassFigures:
     cp_async: dict = field(default_factory=dict)  # width -> count (LDGSTS)
     mma: dict = field(default_factory=dict)  # opcode -> count
     loop_loads: dict | None = None  # width -> count in the main loop, None: no loop with loads
+    loop_instrs: int = 0  # instructions in the main loop's body
     in_flight16: int = 0
 
 
@@ -481,6 +484,7 @@ def sass_figures(sass, loop_file=None):
             w = load_width(ins)
             if w is not None:
                 f.loop_loads[w] = f.loop_loads.get(w, 0) + 1
+        f.loop_instrs = len(body)
         f.in_flight16 = in_flight16(body)
     return f
 
@@ -639,6 +643,9 @@ def render(instances, sources, archs):
         "  kernel whose MEMORY_BOUND entry names a source file, among the loops holding",
         "  code of that file (gaze's attend loop in gaze_attend.cuh, not its routing or",
         "  merge loops). `—`: no loop loads from global memory.",
+        "- **loop instrs**: SASS instructions in the main loop's body (all its blocks,",
+        "  cold paths included): with the main loop's loads, the instructions issued",
+        "  per byte moved.",
         "- **in flight**: the most 16-byte global loads the main loop has issued and",
         "  not yet waited for, per thread, walking its body in program order (again",
         "  with what is left in flight, until that repeats, for pipelined loops): an",
@@ -660,20 +667,21 @@ def render(instances, sources, archs):
             lines += ["No kernel (host code only).", ""]
             continue
         lines += [
-            "| instance | arch | regs | spill st/ld | stack | smem | 16B loads | other loads | main loop | in flight "
-            "| mma | cp.async |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| instance | arch | regs | spill st/ld | stack | smem | 16B loads | other loads | main loop | loop instrs "
+            "| in flight | mma | cp.async |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i in rows:
             r, s = i.res, i.sass
             name = f"`{i.name}`" + ("" if r.entry else " (device function)")
             wide = s.loads.get(16, 0) + s.cp_async.get(16, 0)
             other = {w: c for w, c in s.loads.items() if w != 16}
-            loop = "—" if s.loop_loads is None else fmt_widths(s.loop_loads)
+            loop, instrs = ("—", "—") if s.loop_loads is None else (fmt_widths(s.loop_loads), str(s.loop_instrs))
             mma = " · ".join(f"{k}×{v}" for k, v in sorted(s.mma.items())) or "—"
             regs = str(r.registers) if r.entry else "—"
             lines.append(f"| {name} | {i.arch} | {regs} | {r.spill_stores}/{r.spill_loads} | {r.stack} | {r.smem} | "
-                         f"{wide} | {fmt_widths(other)} | {loop} | {s.in_flight16} | {mma} | {fmt_widths(s.cp_async)} |")
+                         f"{wide} | {fmt_widths(other)} | {loop} | {instrs} | {s.in_flight16} | {mma} | "
+                         f"{fmt_widths(s.cp_async)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -779,7 +787,7 @@ ptxas info    : Function properties for _Z3devv
 """)
     f = sass_figures(two_deep)
     assert f.loads == {2: 1, 16: 4, 4: 1}, f.loads
-    assert f.loop_loads == {16: 4}, f.loop_loads
+    assert f.loop_loads == {16: 4} and f.loop_instrs == 7, f
     assert f.in_flight16 == 4, f.in_flight16
     # Each load used at once: one in flight.
     serial = sass(""".L_x_0:
@@ -862,7 +870,8 @@ ptxas info    : Function properties for _Z3devv
     assert sass_figures(two, "attend.cuh").loop_loads == {16: 1}
     assert sass_figures(two, "other.cuh").loop_loads is None
     # No loop: no main loop.
-    assert sass_figures(sass("        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;\n")).loop_loads is None
+    straight = sass("        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;\n")
+    assert sass_figures(straight).loop_loads is None
 
     # The checks: a spill and a missed expectation fail; the allow-list takes them.
     inst = [Instance("window_mean", "window_mean_kernel<bf16>", "sm_90a", Resources(True, 40, 8, 4, 4, 0),
@@ -872,6 +881,8 @@ ptxas info    : Function properties for _Z3devv
     assert ("spill", "sm_90a", "window_mean/window_mean_kernel<bf16>") in keys, found
     assert ("vec16", "sm_90a", "window_mean/window_mean_kernel<bf16>") in keys, found
     assert any(k[2].startswith("compact_kv/") and k[1] == "*" for k in keys), "unmatched entries fail"
+    table = [line for line in render(inst, ["src/window_mean.cu"], ["80"]).splitlines() if line.startswith("|")]
+    assert len(table) == 3 and len({line.count("|") for line in table}) == 1, table
     known = parse_known("# comment\nspill sm_90a window_mean/window_mean_kernel<bf16> issue 11: owed\n")
     assert known == {("spill", "sm_90a", "window_mean/window_mean_kernel<bf16>"): "issue 11: owed"}
     try:
