@@ -4,6 +4,8 @@
     eval "$(scripts/install-cuda.sh --env)"
     python3 scripts/kernel-report.py                # write docs/kernels.md, check
     python3 scripts/kernel-report.py --check-doc    # (CI) also fail if docs/kernels.md is stale
+    python3 scripts/kernel-report.py --only window_mean   # check one op or a few, write nothing
+    python3 scripts/kernel-report.py --show-loop 'window_mean/window_mean_kernel<bf16>'  # its main loop
     python3 scripts/kernel-report.py --self-test    # the parsers on made-up compiler output
 
 No GPU needed: it compiles every kernel source that kernels-cuda/build.rs
@@ -574,15 +576,18 @@ def parse_known(text):
     return known
 
 
-def failures(instances):
+def failures(instances, ops):
     """(check, arch, op/instance, message) for every spill and every missed
-    16-byte-load expectation; plus expectations that match no instance."""
+    16-byte-load expectation; plus expectations of the compiled `ops` that
+    match no instance."""
     out = []
     for i in instances:
         if i.res.spill_stores or i.res.spill_loads:
             out.append(("spill", i.arch, i.key,
                         f"{i.res.spill_stores} bytes spill stores, {i.res.spill_loads} bytes spill loads"))
     for op, pattern, _, need, why in MEMORY_BOUND:
+        if op not in ops:
+            continue
         matched = [i for i in instances if i.op == op and re.match(pattern, i.name)]
         if not matched:
             out.append(("vec16", "*", f"{op}/{pattern}", "this MEMORY_BOUND entry matches no kernel instance "
@@ -614,6 +619,9 @@ def render(instances, sources, archs):
         'eval "$(scripts/install-cuda.sh --env)"',
         "python3 scripts/kernel-report.py",
         "```",
+        "",
+        "(`--only OP` checks one op without writing this file; `--show-loop",
+        "'OP/INSTANCE'` prints an instance's main loop in SASS with the loads in flight.)",
         "",
         "CI runs it with `--check-doc`: it fails when an instance spills registers, when a",
         "memory-bound kernel (the script's MEMORY_BOUND table) keeps too few 16-byte",
@@ -698,28 +706,44 @@ def run(args):
         op = args.show_loop.split("/")[0]
         _, results = collect([s for s in sources if Path(s).stem == op], archs, args.jobs)
         return show_loop(args.show_loop, results)
-    instances, results = collect(sources, archs, args.jobs)
-    doc = render(instances, sources, archs) + "\n"
+    if args.only:
+        unknown = set(args.only) - {Path(s).stem for s in sources}
+        if unknown:
+            raise SystemExit(f"kernel-report: --only {' '.join(sorted(unknown))}: not in build.rs's SOURCES")
+        sources = [s for s in sources if Path(s).stem in args.only]
+    instances, _ = collect(sources, archs, args.jobs)
     status = 0
-    if args.check_doc and (not DOC.is_file() or DOC.read_text() != doc):
-        print("kernel-report: docs/kernels.md is stale: regenerate it with `python3 scripts/kernel-report.py` "
-              "and commit it", file=sys.stderr)
-        status = 1
-    DOC.write_text(doc)
+    if not args.only:
+        doc = render(instances, sources, archs) + "\n"
+        if args.check_doc and (not DOC.is_file() or DOC.read_text() != doc):
+            print("kernel-report: docs/kernels.md is stale: regenerate it with `python3 scripts/kernel-report.py` "
+                  "and commit it", file=sys.stderr)
+            status = 1
+        DOC.write_text(doc)
 
     known = parse_known(KNOWN.read_text() if KNOWN.is_file() else "")
-    found = failures(instances)
-    new = [f for f in found if (f[0], f[1], f[2]) not in known]
-    fixed = sorted(set(known) - {(f[0], f[1], f[2]) for f in found})
+    ops = {Path(s).stem for s in sources}
+    found = failures(instances, ops)
+    new, stale = judge(found, known, ops)
     for check, arch, key, msg in new:
         print(f"kernel-report: FAIL {check} {arch} {key}: {msg}", file=sys.stderr)
-    for check, arch, key in fixed:
+    for check, arch, key in stale:
         print(f"kernel-report: FAIL {check} {arch} {key} is listed in {KNOWN.name} ({known[(check, arch, key)]}) "
               "but no longer fails: remove its line", file=sys.stderr)
+    wrote = "" if args.only else f"; wrote {DOC.relative_to(ROOT)}"
     print(f"kernel-report: {len(instances)} kernel instances ({len(sources)} sources x {len(archs)} architectures), "
-          f"{len(found) - len(new)} known exceptions, {len(new)} new failures, {len(fixed)} stale exceptions; "
-          f"wrote {DOC.relative_to(ROOT)} in {time.monotonic() - start:.0f} s")
-    return 1 if new or fixed else status
+          f"{len(found) - len(new)} known exceptions, {len(new)} new failures, {len(stale)} stale exceptions"
+          f"{wrote} in {time.monotonic() - start:.0f} s")
+    return 1 if new or stale else status
+
+
+def judge(found, known, ops):
+    """The failures the allow-list does not list, and its lines (of the ops
+    compiled) that no longer fail."""
+    new = [f for f in found if (f[0], f[1], f[2]) not in known]
+    failing = {(f[0], f[1], f[2]) for f in found}
+    stale = sorted(k for k in known if k not in failing and k[2].split("/")[0] in ops)
+    return new, stale
 
 
 def show_loop(key, results):
@@ -876,7 +900,7 @@ ptxas info    : Function properties for _Z3devv
     # The checks: a spill and a missed expectation fail; the allow-list takes them.
     inst = [Instance("window_mean", "window_mean_kernel<bf16>", "sm_90a", Resources(True, 40, 8, 4, 4, 0),
                      sass_figures(scalar))]
-    found = failures(inst)
+    found = failures(inst, {op for op, *_ in MEMORY_BOUND})
     keys = {(c, a, k) for c, a, k, _ in found}
     assert ("spill", "sm_90a", "window_mean/window_mean_kernel<bf16>") in keys, found
     assert ("vec16", "sm_90a", "window_mean/window_mean_kernel<bf16>") in keys, found
@@ -885,6 +909,14 @@ ptxas info    : Function properties for _Z3devv
     assert len(table) == 3 and len({line.count("|") for line in table}) == 1, table
     known = parse_known("# comment\nspill sm_90a window_mean/window_mean_kernel<bf16> issue 11: owed\n")
     assert known == {("spill", "sm_90a", "window_mean/window_mean_kernel<bf16>"): "issue 11: owed"}
+    # A listed failure passes, an unlisted one fails, a listed pass is stale
+    # (only for the ops compiled).
+    known = parse_known("spill sm_90a window_mean/window_mean_kernel<bf16> issue 11: owed\n"
+                        "spill sm_80 window_mean/window_mean_kernel<f16> issue 11: fixed since\n"
+                        "spill sm_80 compact_kv/gather_positions_kernel<uint4> issue 11: not compiled here\n")
+    new, stale = judge(failures(inst, {"window_mean"}), known, {"window_mean"})
+    assert [(c, a, k) for c, a, k, _ in new] == [("vec16", "sm_90a", "window_mean/window_mean_kernel<bf16>")], new
+    assert stale == [("spill", "sm_80", "window_mean/window_mean_kernel<f16>")], stale
     try:
         parse_known("spill sm_90a window_mean/window_mean_kernel<bf16> no issue named\n")
         raise AssertionError("a line without its issue must be refused")
@@ -900,6 +932,9 @@ def main():
     ap.add_argument("--show-loop", metavar="OP/INSTANCE",
                     help="print the main loop's SASS of one instance (e.g. window_mean/window_mean_kernel<bf16>), "
                          "with the 16-byte loads in flight after each instruction, and exit")
+    ap.add_argument("--only", nargs="+", metavar="OP",
+                    help="compile and check only these ops (source stems, e.g. window_mean); "
+                         "docs/kernels.md is not written")
     ap.add_argument("--self-test", action="store_true", help="test the parsers on made-up output and exit")
     args = ap.parse_args()
     if args.self_test:
