@@ -11,7 +11,8 @@
 No GPU needed: it compiles every kernel source that kernels-cuda/build.rs
 lists in SOURCES, for every architecture of build.rs's default
 FOVEAL_CUDA_ARCHS (sm_80, sm_90a), with build.rs's flags (-O3 -std=c++17
---expt-relaxed-constexpr -I include) plus `-Xptxas -v`, into cubins in a
+--expt-relaxed-constexpr -I include) plus `-Xptxas -v` and `-lineinfo`
+(line info only: the same SASS), into cubins in a
 temporary folder, as many nvcc processes at once as the machine has cores.
 From ptxas's resource report it reads, per kernel instance (every template
 instance), the registers, spill stores and loads, stack frame and static
@@ -111,7 +112,7 @@ def short_name(demangled):
     if name.startswith("void "):
         name = name[len("void "):]
     name = re.sub(r"foveal::\(anonymous namespace\)::|foveal::", "", name)
-    # Drop the parameter list: the last top-level parenthesised group.
+    # Drop the parameter list: from the first "(" outside the template arguments.
     depth = 0
     for i, ch in enumerate(name):
         if ch == "<":
