@@ -427,6 +427,14 @@ def in_flight16(body):
     return max((n for _, n in flight_trace(body)), default=0)
 
 
+def in_flight_grows(body):
+    """Whether the loads in flight still grow after MAX_WALKS walks: a loop
+    that issues cp.async copies and waits for them only after it (a tile
+    staging loop) keeps one more group in flight per iteration."""
+    states = [n for ins, n in flight_trace(body) if ins is body[-1]]
+    return len(states) == MAX_WALKS and states[-1] > states[-2]
+
+
 def flight_trace(body, walks=MAX_WALKS):
     """(instruction, 16-byte loads in flight after it) along in_flight16's walks."""
     pending = []  # register sets of in-flight LDG.128
@@ -468,6 +476,7 @@ class SassFigures:
     loop_loads: dict | None = None  # width -> count in the main loop, None: no loop with loads
     loop_instrs: int = 0  # instructions in the main loop's body
     in_flight16: int = 0
+    in_flight_grows: bool = False  # still growing after MAX_WALKS walks
 
 
 def sass_figures(sass, loop_file=None):
@@ -489,6 +498,7 @@ def sass_figures(sass, loop_file=None):
                 f.loop_loads[w] = f.loop_loads.get(w, 0) + 1
         f.loop_instrs = len(body)
         f.in_flight16 = in_flight16(body)
+        f.in_flight_grows = in_flight_grows(body)
     return f
 
 
@@ -660,7 +670,9 @@ def render(instances, sources, archs):
         "  with what is left in flight, until that repeats, for pipelined loops): an",
         "  LDG.128 is waited for at the first later instruction naming one of its",
         "  destination registers; a 16-byte cp.async when a DEPBAR retires its group.",
-        "  A static estimate of memory-level parallelism (branches ignored).",
+        "  A static estimate of memory-level parallelism (branches ignored). `8+`: still",
+        "  growing after 8 walks (a loop issuing cp.async copies it waits for after the",
+        "  loop: one more per iteration).",
         "- **mma**: tensor-core instructions (HMMA, HGMMA, ...), static count.",
         "- **cp.async**: LDGSTS instructions by width.",
         "",
@@ -688,8 +700,9 @@ def render(instances, sources, archs):
             loop, instrs = ("—", "—") if s.loop_loads is None else (fmt_widths(s.loop_loads), str(s.loop_instrs))
             mma = " · ".join(f"{k}×{v}" for k, v in sorted(s.mma.items())) or "—"
             regs = str(r.registers) if r.entry else "—"
+            flight = f"{s.in_flight16}{'+' if s.in_flight_grows else ''}"
             lines.append(f"| {name} | {i.arch} | {regs} | {r.spill_stores}/{r.spill_loads} | {r.stack} | {r.smem} | "
-                         f"{wide} | {fmt_widths(other)} | {loop} | {instrs} | {s.in_flight16} | {mma} | "
+                         f"{wide} | {fmt_widths(other)} | {loop} | {instrs} | {flight} | {mma} | "
                          f"{fmt_widths(s.cp_async)} |")
         lines.append("")
     return "\n".join(lines)
@@ -894,6 +907,17 @@ ptxas info    : Function properties for _Z3devv
     assert sass_figures(two).loop_loads == {4: 5}
     assert sass_figures(two, "attend.cuh").loop_loads == {16: 1}
     assert sass_figures(two, "other.cuh").loop_loads is None
+    # A staging loop: cp.async copies, waited for after the loop: grows.
+    staging = sass(""".L_x_0:
+        /*0000*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0010*/               @P0 BRA `(.L_x_0) ;
+        /*0020*/                   LDGDEPBAR ;
+        /*0030*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0040*/                   EXIT ;
+""")
+    f = sass_figures(staging)
+    assert f.in_flight16 == MAX_WALKS and f.in_flight_grows, f
+    assert not sass_figures(cp_async).in_flight_grows and not sass_figures(pipelined).in_flight_grows
     # No loop: no main loop.
     straight = sass("        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;\n")
     assert sass_figures(straight).loop_loads is None
