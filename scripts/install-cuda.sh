@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install the pinned CUDA 13.0 toolchain (nvcc, nvvm, cudart, crt headers, CCCL)
-# from PyPI into a user-local virtual environment, and print how to point the
-# build at it. CUDA 13.0 exactly: the GPU machines run driver 580, which rejects
-# PTX from newer toolkits, and an unpinned nvidia-nvvm pulls a newer PTX ISA that
-# the 13.0 ptxas refuses.
+# Install the pinned CUDA 13.0 toolchain (nvcc, nvvm, cudart, crt headers, CCCL,
+# and the SASS readers cuobjdump and nvdisasm) from PyPI into a user-local
+# virtual environment, and print how to point the build at it. CUDA 13.0
+# exactly: the GPU machines run driver 580, which rejects PTX from newer
+# toolkits, and an unpinned nvidia-nvvm pulls a newer PTX ISA that the 13.0
+# ptxas refuses.
 #
 #   scripts/install-cuda.sh            # install (idempotent), print the exports
 #   scripts/install-cuda.sh --env      # print only `export ...` lines, for eval
@@ -32,6 +33,11 @@ toolchain_pins=(
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-crt==13.0.88
   nvidia-cuda-cccl==13.0.85
+  # SASS readers (scripts/kernel-report.py, `cuobjdump -sass`): PyPI has no 13.0
+  # wheel of either; 13.2.51 is the oldest. They only read the 13.0 cubins
+  # (they generate no code), so the newer version changes nothing built.
+  nvidia-cuda-cuobjdump==13.2.51
+  nvidia-cuda-nvdisasm==13.2.51
 )
 
 runtime_pins=(
@@ -53,13 +59,17 @@ fi
 py="$prefix/venv/bin/python"
 cuda_home="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
 
+# The stamp holds the pins it installed: a changed pin list installs again.
 stamp="$prefix/.installed-toolchain"
-if [ ! -f "$stamp" ] || [ ! -x "$cuda_home/bin/nvcc" ]; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "${toolchain_pins[*]}" ] || [ ! -x "$cuda_home/bin/nvcc" ] ||
+  [ ! -x "$cuda_home/bin/nvdisasm" ]; then
   log "installing ${toolchain_pins[*]}"
   "$py" -m pip install --quiet --disable-pip-version-check "${toolchain_pins[@]}" >&2 ||
     die "pip could not install ${toolchain_pins[*]} (is PyPI reachable?)"
-  [ -x "$cuda_home/bin/nvcc" ] || die "the toolchain installed but $cuda_home/bin/nvcc is missing"
-  touch "$stamp"
+  for tool in nvcc nvdisasm cuobjdump; do
+    [ -x "$cuda_home/bin/$tool" ] || die "the toolchain installed but $cuda_home/bin/$tool is missing"
+  done
+  echo "${toolchain_pins[*]}" >"$stamp"
 fi
 
 if [ "$runtime" = 1 ] && [ ! -f "$prefix/.installed-runtime" ]; then
