@@ -24,7 +24,7 @@ use candle_nn::{
 };
 
 use crate::config::TextConfig;
-use crate::nn::{push_linear, push_rms_norm, Named, SwiGlu};
+use crate::nn::SwiGlu;
 
 /// The additive mask value of a hidden key. Finite, so that a query row with
 /// every key hidden (a padding slot) gets a uniform softmax, not NaN; any key
@@ -275,13 +275,6 @@ impl Attention {
         let out = out.transpose(1, 2)?.reshape((b, sq, hq * d))?;
         Ok((self.o_proj.forward(&out)?, captured))
     }
-
-    fn named(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.q_proj"), &self.q_proj);
-        push_linear(out, &format!("{prefix}.k_proj"), &self.k_proj);
-        push_linear(out, &format!("{prefix}.v_proj"), &self.v_proj);
-        push_linear(out, &format!("{prefix}.o_proj"), &self.o_proj);
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -332,21 +325,6 @@ impl Layer {
                 .mlp
                 .forward(&self.post_attention_layernorm.forward(&xs)?)?)?;
         Ok((out, q))
-    }
-
-    fn named(&self, prefix: &str, out: &mut Named) {
-        self.self_attn.named(&format!("{prefix}.self_attn"), out);
-        self.mlp.named(&format!("{prefix}.mlp"), out);
-        push_rms_norm(
-            out,
-            &format!("{prefix}.input_layernorm"),
-            &self.input_layernorm,
-        );
-        push_rms_norm(
-            out,
-            &format!("{prefix}.post_attention_layernorm"),
-            &self.post_attention_layernorm,
-        );
     }
 }
 
@@ -711,29 +689,6 @@ impl Decoder {
             pos.iter_mut().for_each(|p| *p += 1);
         }
         Ok(gen)
-    }
-
-    /// The parameters with their HF names under `prefix` (`language_model`
-    /// in LLaVA, empty for a bare Qwen2).
-    pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        let p = |s: &str| {
-            if prefix.is_empty() {
-                s.to_string()
-            } else {
-                format!("{prefix}.{s}")
-            }
-        };
-        out.push((
-            p("model.embed_tokens.weight"),
-            self.embed_tokens.embeddings().clone(),
-        ));
-        for (i, l) in self.layers.iter().enumerate() {
-            l.named(&p(&format!("model.layers.{i}")), out);
-        }
-        push_rms_norm(out, &p("model.norm"), &self.norm);
-        if let Some(head) = &self.lm_head {
-            push_linear(out, &p("lm_head"), head);
-        }
     }
 }
 

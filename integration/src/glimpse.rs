@@ -8,20 +8,19 @@
 //! on the shorter sequence; greedy decoding on the compacted cache. Kept
 //! tokens keep their original position ids.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use foveal::{KeepRule, Padding, ScoreMode};
 
+use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::decoder::{attention_mask, Generation, KvCache};
-use crate::model::{LlavaModel, SeededInit};
-use crate::nn::Named;
+use crate::method::{ImageQuestions, Method, Report};
+use crate::model::LlavaModel;
 use crate::ops;
-use crate::prompt::{Prompt, Segment};
+use crate::prompt::{image_question_rows, Prompt, Segment};
 use crate::vip::{Vip, VipConfig};
 
 /// How GlimpsePrune runs.
@@ -61,6 +60,7 @@ pub struct GlimpsePrune {
     embeddings: Tensor,
     vip: Vip,
     cfg: GlimpseConfig,
+    checkpoint: Checkpoint,
 }
 
 /// One GlimpsePrune generation and what it did.
@@ -77,9 +77,18 @@ pub struct GlimpseRun {
     pub decode: Duration,
 }
 
-impl GlimpsePrune {
+impl Method for GlimpsePrune {
+    type Config = GlimpseConfig;
+    const NAME: &'static str = "GlimpsePrune";
+    /// No: the predictor reads one tower-sized image's ViT grid.
+    const TAKES_GRIDS: bool = false;
+
+    fn parts(&self) -> (&GlimpseConfig, &Checkpoint) {
+        (&self.cfg, &self.checkpoint)
+    }
+
     /// From `vb` (names `glimpse.embeddings`, `vip.…`).
-    pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GlimpseConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GlimpseConfig) -> Result<Self> {
         if cfg.layer >= model.text.num_layers || cfg.feature_layers.len() != cfg.vip.blocks {
             candle_core::bail!(
                 "GlimpseConfig: layer {} of {}, {} feature layers for {} blocks",
@@ -100,58 +109,43 @@ impl GlimpsePrune {
                 model.vision.num_layers
             );
         }
-        let embeddings = vb.pp("glimpse").get(
-            (model.text.num_layers, model.text.hidden_size),
-            "embeddings",
-        )?;
+        let ((embeddings, vip), checkpoint) = Checkpoint::record(vb, |vb| {
+            let shape = (model.text.num_layers, model.text.hidden_size);
+            Ok((
+                vb.pp("glimpse").get(shape, "embeddings")?,
+                Vip::new(vb.pp("vip"), &cfg.vip)?,
+            ))
+        })?;
         Ok(GlimpsePrune {
             embeddings,
-            vip: Vip::new(vb.pp("vip"), &cfg.vip)?,
+            vip,
             cfg: cfg.clone(),
+            checkpoint,
         })
     }
 
-    /// A deterministic random initialisation (the model's seeded scheme).
-    pub fn seeded(
-        model: &ModelConfig,
-        cfg: &GlimpseConfig,
-        seed: u64,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        Self::new(
-            VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()),
+    fn answer(&self, model: &LlavaModel, input: &ImageQuestions, tokens: usize) -> Result<Report> {
+        let run = self.generate(
             model,
-            cfg,
-        )
+            &input.pixels,
+            &input.system,
+            &input.questions,
+            tokens,
+        )?;
+        Ok(Report {
+            kept: run.kept.iter().map(Vec::len).collect(),
+            ..Report::new(
+                Self::NAME,
+                run.visual,
+                run.kv_entries,
+                (run.prefill, run.decode),
+                run.generation.tokens,
+            )
+        })
     }
+}
 
-    pub fn load_safetensors(
-        path: impl AsRef<Path>,
-        model: &ModelConfig,
-        cfg: &GlimpseConfig,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let tensors = candle_core::safetensors::load(path, device)?;
-        Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
-    }
-
-    pub fn named_tensors(&self) -> Named {
-        let mut out = vec![("glimpse.embeddings".to_string(), self.embeddings.clone())];
-        self.vip.named_tensors("vip", &mut out);
-        out
-    }
-
-    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
-        let map: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
-        candle_core::safetensors::save(&map, path)
-    }
-
-    pub fn config(&self) -> &GlimpseConfig {
-        &self.cfg
-    }
-
+impl GlimpsePrune {
     /// The prompt rows `[system][image b][question b][glimpse]`, the glimpse
     /// token entering with its layer-0 embedding.
     pub fn prompt(
@@ -162,18 +156,12 @@ impl GlimpsePrune {
         questions: &[Vec<u32>],
     ) -> Result<Prompt> {
         let glimpse = self.embeddings.narrow(0, 0, 1)?;
-        let rows = questions
-            .iter()
-            .enumerate()
-            .map(|(b, q)| {
-                Ok(vec![
-                    Segment::Text(system.to_vec()),
-                    Segment::Image(image_embeds.get(b)?),
-                    Segment::Text(q.clone()),
-                    Segment::Embeds(glimpse.clone()),
-                ])
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let image = |b| Ok(Segment::Image(image_embeds.get(b)?));
+        let n = image_embeds.dim(0)?;
+        let mut rows = image_question_rows(n, system, questions, Segment::Text, image)?;
+        for row in &mut rows {
+            row.push(Segment::Embeds(glimpse.clone()));
+        }
         Prompt::build(&model.decoder, &rows)
     }
 

@@ -218,6 +218,26 @@ impl Prompt {
     }
 }
 
+/// The rows `[system][image b][questions[b]]` of a batch of `images` image
+/// questions, in any segment type: `text` wraps token ids, `image(b)` makes
+/// row `b`'s image segment. One question per image, or an error.
+pub fn image_question_rows<S>(
+    images: usize,
+    system: &[u32],
+    questions: &[Vec<u32>],
+    text: impl Fn(Vec<u32>) -> S,
+    image: impl Fn(usize) -> Result<S>,
+) -> Result<Vec<Vec<S>>> {
+    if questions.len() != images {
+        candle_core::bail!("{images} images, {} questions", questions.len());
+    }
+    questions
+        .iter()
+        .enumerate()
+        .map(|(b, q)| Ok(vec![text(system.to_vec()), image(b)?, text(q.clone())]))
+        .collect()
+}
+
 /// A stand-in tokenizer: the bytes of `text` as token ids (0..256; the
 /// built-in vocabulary has 512).
 pub fn byte_tokens(text: &str) -> Vec<u32> {

@@ -10,7 +10,8 @@ use foveal::text_guided_select::select_from_scores;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
-    attention_mask, FocusConfig, FocusLlava, LlavaModel, ModelConfig, VisionSample, MASK_MIN,
+    attention_mask, FocusConfig, FocusLlava, LlavaModel, Method, ModelConfig, VisionSample,
+    MASK_MIN,
 };
 
 mod common;

@@ -13,7 +13,7 @@ use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
     AttentionCore, GazeAttention, GazeConfig, GazePrompt, GazeSegment, GazeUnit, LlavaModel,
-    ModelConfig, MASK_MIN,
+    Method, ModelConfig, MASK_MIN,
 };
 
 mod common;

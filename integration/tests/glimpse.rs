@@ -7,7 +7,7 @@ use foveal::KeepRule;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
-    attention_mask, GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig, MASK_MIN,
+    attention_mask, GlimpseConfig, GlimpsePrune, LlavaModel, Method, ModelConfig, MASK_MIN,
 };
 
 mod common;

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result};
 use foveal::KeepRule;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig};
+use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, Method, ModelConfig};
 
 use crate::common::{gpu, max_abs_diff};
 
