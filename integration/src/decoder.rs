@@ -139,8 +139,10 @@ pub struct CacheSpan {
 /// A greedy generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    /// Per row, the generated tokens.
+    /// Per row, the generated tokens ...
     pub tokens: Vec<Vec<u32>>,
+    /// ... and their position ids (the first: where decoding began).
+    pub positions: Vec<Vec<u32>>,
     /// Per step, the logits `[B, vocab]` (f32) the step's token was chosen from.
     pub logits: Vec<Tensor>,
 }
@@ -672,14 +674,16 @@ impl Decoder {
         let b = next_positions.len();
         let mut gen = Generation {
             tokens: vec![Vec::with_capacity(max_new_tokens); b],
+            positions: vec![Vec::with_capacity(max_new_tokens); b],
             logits: Vec::with_capacity(max_new_tokens),
         };
         let mut logits = first_logits.to_dtype(DType::F32)?;
         let mut pos = next_positions.to_vec();
         for step in 0..max_new_tokens {
             let next = argmax(&logits)?;
-            for (row, &t) in gen.tokens.iter_mut().zip(&next) {
-                row.push(t);
+            for (row, (&t, &p)) in next.iter().zip(&pos).enumerate() {
+                gen.tokens[row].push(t);
+                gen.positions[row].push(p);
             }
             gen.logits.push(logits);
             if step + 1 == max_new_tokens {

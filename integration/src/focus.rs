@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use foveal::text_guided_select::{Lengths, DEFAULT_GAMMA};
-use foveal::Padding;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::decoder::{attention_mask, CacheSpan, DenseAttention, Generation, KvCache};
+use crate::decoder::{CacheSpan, DenseAttention, Generation, KvCache};
 use crate::method::{ImageQuestions, Method, Report};
 use crate::model::LlavaModel;
 use crate::ops;
 use crate::prompt::{image_question_rows, Prompt, Segment};
+use crate::reduce::Reduced;
 use crate::vision_sampler::{encode_grid, VisionSample, VisionSampler, VisionSamplerConfig};
 
 /// How FocusLLaVA runs.
@@ -252,26 +252,13 @@ impl FocusLlava {
         // position ids; the caches of layers 0..=K stay whole.
         let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
         let mut plan = ops::plan_from_kept(&rows, &kept, dec.device())?;
-        let s_new = plan.fetch_max_len()?;
         let LayerK {
             hidden, mut cache, ..
         } = layer_k;
-        let h = ops::gather_rows(&hidden, &plan, Padding::Left)?;
-        let (b, s) = prompt.positions.dims2()?;
-        let positions =
-            ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?
-                .reshape((b, s_new))?;
-        let lengths: Vec<usize> = {
-            let keep = plan.positions()?;
-            (0..b).map(|row| keep.row(row).len()).collect()
-        };
-        let starts: Vec<usize> = lengths.iter().map(|&n| s_new - n).collect();
-
+        let reduced = Reduced::gather(&prompt, &hidden, &mut plan, "FocusLLaVA")?;
         let k = self.cfg.layer;
         let layers = dec.num_layers();
-        let mask = attention_mask(&starts, s_new, s_new, h.device())?;
-        let h = dec.forward_layers(&h, &positions, Some(&mask), k + 1..layers, &mut cache)?;
-        let first = dec.last_logits(&h)?;
+        let first = reduced.forward(dec, k + 1..layers, &mut cache)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         let spans = [
@@ -281,7 +268,7 @@ impl FocusLlava {
             },
             CacheSpan {
                 layers: k + 1..layers,
-                starts: starts.clone(),
+                starts: reduced.starts.clone(),
             },
         ];
         let generation = dec.greedy_with(
@@ -293,15 +280,15 @@ impl FocusLlava {
             &mut DenseAttention,
         )?;
         let decode = t1.elapsed();
-        let full: Vec<usize> = prompt.starts.iter().map(|&st| s - st).collect();
+        let full: Vec<usize> = prompt.starts.iter().map(|&st| prompt.seq() - st).collect();
         Ok(FocusRun {
             generation,
-            visual: vec![sample.map_cells()?; b],
+            visual: vec![sample.map_cells()?; prompt.batch()],
             sampled: prompt.visual.iter().map(Vec::len).collect(),
             kept,
             kv_entries: full
                 .iter()
-                .zip(&lengths)
+                .zip(&reduced.lengths)
                 .map(|(&f, &n)| f * (k + 1) + n * (layers - k - 1))
                 .collect(),
             prefill,

@@ -16,11 +16,12 @@ use foveal::{KeepRule, Padding, ScoreMode};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::decoder::{attention_mask, Generation, KvCache};
+use crate::decoder::{Generation, KvCache};
 use crate::method::{ImageQuestions, Method, Report};
 use crate::model::LlavaModel;
 use crate::ops;
 use crate::prompt::{image_question_rows, Prompt, Segment};
+use crate::reduce::Reduced;
 use crate::vip::{Vip, VipConfig};
 
 /// How GlimpsePrune runs.
@@ -160,7 +161,7 @@ impl GlimpsePrune {
         let n = image_embeds.dim(0)?;
         let mut rows = image_question_rows(n, system, questions, Segment::Text, image)?;
         for row in &mut rows {
-            row.push(Segment::Embeds(glimpse.clone()));
+            row.push(Segment::Transient(glimpse.clone()));
         }
         Prompt::build(&model.decoder, &rows)
     }
@@ -244,6 +245,7 @@ impl GlimpsePrune {
         questions: &[Vec<u32>],
         max_new_tokens: usize,
     ) -> Result<GlimpseRun> {
+        self.refuse_emptiable_rows(system, questions)?;
         let t0 = Instant::now();
         let dec = &model.decoder;
         let vit_states = model.vision.forward(pixels)?;
@@ -257,7 +259,7 @@ impl GlimpsePrune {
         // One-shot pruning: the kept set, then one compaction of layers 0..=K.
         let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
         let mut plan = ops::plan_keep(&logits, &rows, &self.cfg.rule, true)?;
-        let s_new = plan.fetch_max_len()?;
+        let kept = Reduced::gather(&prompt, &h, &mut plan, "GlimpsePrune")?;
         let k = self.cfg.layer;
         let caches = (0..=k)
             .map(|l| cache.layer(l).cloned())
@@ -271,41 +273,44 @@ impl GlimpsePrune {
         {
             cache.set_layer(l, kc, vc);
         }
-        let h = ops::gather_rows(&h, &plan, Padding::Left)?;
-        let (b, s) = prompt.positions.dims2()?;
-        let positions =
-            ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?
-                .reshape((b, s_new))?;
-        let lengths: Vec<usize> = {
-            let kept = plan.positions()?;
-            (0..b).map(|row| kept.row(row).len()).collect()
-        };
-        let starts: Vec<usize> = lengths.iter().map(|&n| s_new - n).collect();
 
-        // The remaining layers on the shorter sequence, then decoding.
-        let mask = attention_mask(&starts, s_new, s_new, h.device())?;
-        let h = dec.forward_layers(
-            &h,
-            &positions,
-            Some(&mask),
-            k + 1..dec.num_layers(),
-            &mut cache,
-        )?;
-        let first = dec.last_logits(&h)?;
-        // The glimpse token is gone: decoding continues at its position.
-        let next: Vec<u32> = prompt.next_positions().iter().map(|p| p - 1).collect();
+        // The remaining layers on the shorter sequence, then decoding at the
+        // end of the dense layout (the glimpse token's position).
+        let layers = dec.num_layers();
+        let first = kept.forward(dec, k + 1..layers, &mut cache)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
-        let generation = dec.greedy(&first, &next, &starts, &mut cache, max_new_tokens)?;
+        let generation = dec.greedy(
+            &first,
+            &prompt.next_positions(),
+            &kept.starts,
+            &mut cache,
+            max_new_tokens,
+        )?;
         let decode = t1.elapsed();
-        let layers = dec.num_layers();
         Ok(GlimpseRun {
             generation,
             kept: plan.kept_visual()?,
             visual: prompt.visual.iter().map(Vec::len).collect(),
-            kv_entries: lengths.iter().map(|n| n * layers).collect(),
+            kv_entries: kept.lengths.iter().map(|n| n * layers).collect(),
             prefill,
             decode,
         })
+    }
+
+    /// No row may be left with nothing to attend (docs/architecture.md):
+    /// a row that is only its image and the glimpse token (no system
+    /// prompt, no question) keeps nothing but visual tokens, so a rule that
+    /// may keep none of them (`min_keep` 0) is refused before the model runs.
+    fn refuse_emptiable_rows(&self, system: &[u32], questions: &[Vec<u32>]) -> Result<()> {
+        if self.cfg.rule.min_keep > 0 || !system.is_empty() {
+            return Ok(());
+        }
+        match questions.iter().position(Vec::is_empty) {
+            Some(b) => candle_core::bail!(
+                "GlimpsePrune: row {b} is only its image and the glimpse token, and the keep rule (min_keep 0) may drop every visual token, leaving the row nothing to attend; keep one (min_keep >= 1) or give the row text"
+            ),
+            None => Ok(()),
+        }
     }
 }

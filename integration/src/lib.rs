@@ -5,7 +5,10 @@
 //! - One shape for every method: [`method`] (how a method is built, seeded,
 //!   saved and loaded; one generation over image questions with a shared
 //!   report; the dense baseline) over [`checkpoint`] (seeded or safetensors
-//!   parameters, saved under the names they were fetched by).
+//!   parameters, saved under the names they were fetched by), and
+//!   [`reduce`] (the batch after a reduction inside the decoder, and the two
+//!   rules every method keeps: decoding continues at the end of each row's
+//!   dense layout, no row is left with nothing to attend).
 //! - A small LLaVA-style model built from candle ops: [`config`] (sizes, the
 //!   built-in [`config::ModelConfig::tiny`]), [`vision`] (a CLIP-style ViT
 //!   returning every layer's features), [`projector`] (LLaVA's 2-layer MLP),
@@ -48,6 +51,7 @@ mod nn;
 pub mod ops;
 pub mod projector;
 pub mod prompt;
+pub mod reduce;
 pub mod vip;
 pub mod vision;
 pub mod vision_sampler;
@@ -65,4 +69,5 @@ pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
 pub use method::{Dense, ImageMethod, ImageQuestions, Method, Report};
 pub use model::{ImageFeatures, LlavaModel};
 pub use prompt::{Prompt, Segment};
+pub use reduce::Reduced;
 pub use vision_sampler::{VisionSample, VisionSampler, VisionSamplerConfig};
