@@ -214,6 +214,16 @@ impl AttentionCore for DenseAttention {
     }
 }
 
+/// What every layer of one decoder call shares: the rotary tables of its
+/// positions, the mask, the attention core, and the layer whose queries to
+/// return.
+struct Pass<'a> {
+    rope: (Tensor, Tensor),
+    mask: Option<&'a Tensor>,
+    core: &'a mut dyn AttentionCore,
+    capture: Option<usize>,
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -240,18 +250,14 @@ impl Attention {
     }
 
     /// `xs` `[B, Sq, Dm]` (normed); appends this call's K/V to `kv` and
-    /// lets `core` attend. Returns the output `[B, Sq, Dm]` and, when
-    /// `capture`, the queries `[B, Hq, Sq, D]`.
-    #[allow(clippy::too_many_arguments)]
+    /// lets the pass's core attend. Returns the output `[B, Sq, Dm]` and, at
+    /// the pass's capture layer, the queries `[B, Hq, Sq, D]`.
     fn forward(
         &self,
         xs: &Tensor,
-        rope: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
         layer: usize,
-        core: &mut dyn AttentionCore,
-        capture: bool,
+        pass: &mut Pass,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, sq, _) = xs.dims3()?;
         let (hq, hkv, d) = (self.hq, self.hkv, self.d);
@@ -259,15 +265,20 @@ impl Attention {
         let q = heads(self.q_proj.forward(xs)?, hq)?;
         let k = heads(self.k_proj.forward(xs)?, hkv)?;
         let v = heads(self.v_proj.forward(xs)?, hkv)?;
-        let q = candle_nn::rotary_emb::rope(&q, &rope.0, &rope.1)?;
-        let k = candle_nn::rotary_emb::rope(&k, &rope.0, &rope.1)?;
+        let (cos, sin) = &pass.rope;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match kv.as_ref() {
             Some((k0, v0)) => (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?),
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let captured = if capture { Some(q.contiguous()?) } else { None };
-        let out = core.attend(layer, &q, &k, &v, mask)?;
+        let captured = if pass.capture == Some(layer) {
+            Some(q.contiguous()?)
+        } else {
+            None
+        };
+        let out = pass.core.attend(layer, &q, &k, &v, pass.mask)?;
         if out.dims() != [b, hq, sq, d] {
             candle_core::bail!(
                 "Decoder: the attention core returned {:?}, expected [{b}, {hq}, {sq}, {d}]",
@@ -301,26 +312,15 @@ impl Layer {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         xs: &Tensor,
-        rope: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
         layer: usize,
-        core: &mut dyn AttentionCore,
-        capture: bool,
+        pass: &mut Pass,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (attn, q) = self.self_attn.forward(
-            &self.input_layernorm.forward(xs)?,
-            rope,
-            mask,
-            kv,
-            layer,
-            core,
-            capture,
-        )?;
+        let normed = self.input_layernorm.forward(xs)?;
+        let (attn, q) = self.self_attn.forward(&normed, kv, layer, pass)?;
         let xs = (xs + attn)?;
         let out = (&xs
             + self
@@ -515,19 +515,15 @@ impl Decoder {
                 positions.dims()
             );
         }
-        let rope = self.rope_tables(positions)?;
+        let mut pass = Pass {
+            rope: self.rope_tables(positions)?,
+            mask,
+            core,
+            capture: capture.then(|| layers.end.saturating_sub(1)),
+        };
         let (mut xs, mut q) = (hidden.clone(), None);
-        let last = layers.end.saturating_sub(1);
         for l in layers {
-            let (out, ql) = self.layers[l].forward(
-                &xs,
-                &rope,
-                mask,
-                &mut cache.layers[l],
-                l,
-                core,
-                capture && l == last,
-            )?;
+            let (out, ql) = self.layers[l].forward(&xs, &mut cache.layers[l], l, &mut pass)?;
             xs = out;
             q = q.or(ql);
         }

@@ -9,14 +9,16 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use foveal::text_guided_select::select_from_scores;
 use foveal_candle::focus::LayerK;
 use foveal_candle::images::synthetic_images;
-use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
     attention_mask, FocusConfig, FocusLlava, FocusRun, LlavaModel, Method, ModelConfig, Prompt,
     VisionSample,
 };
 
 mod common;
-use common::{assert_steps_close, mask_columns, max_abs_diff, replay_steps};
+use common::{
+    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, mask_columns,
+    max_abs_diff, replay_steps, system_and_questions,
+};
 
 const STEPS: usize = 5;
 
@@ -30,13 +32,9 @@ struct Setup {
 fn setup() -> Result<Setup> {
     let cfg = ModelConfig::tiny();
     let model = LlavaModel::seeded(&cfg, 11, &Device::Cpu, DType::F32)?;
-    // Questions of different lengths: a ragged, left-padded batch.
-    let questions = vec![
-        byte_tokens("Where is the red square?"),
-        byte_tokens("Count the shapes."),
-    ];
+    let (system, questions) = system_and_questions();
     Ok(Setup {
-        system: byte_tokens("You see an image."),
+        system,
         questions,
         model,
         cfg,
@@ -331,13 +329,7 @@ fn decoding_continues_at_the_end_of_the_dense_layout() -> Result<()> {
                 questions.iter().map(Vec::len).collect::<Vec<_>>()
             );
             let next = dense_ends(&s, g, &questions);
-            for (b, &n) in next.iter().enumerate() {
-                assert_eq!(
-                    run.generation.positions[b],
-                    (n..n + STEPS as u32).collect::<Vec<_>>(),
-                    "{what}: row {b} decodes after its dense layout"
-                );
-            }
+            assert_decodes_from(&run.generation, &next, &what);
             let sample = fl.sample_vision(&s.model, &pixels, (g, g))?;
             let prompt = fl.prompt(&s.model, &sample, &s.system, &questions)?;
             let layer_k = fl.prefill_to_layer_k(&s.model, &prompt)?;
@@ -378,22 +370,7 @@ fn a_row_that_is_only_its_image_keeps_a_token_alone_and_in_a_batch() -> Result<(
     );
     assert!(!batch.kept[1].is_empty() && batch.kept[1].len() < batch.sampled[1]);
     assert_eq!(alone.kept[0], batch.kept[0]);
-    assert_eq!(alone.generation.tokens[0], batch.generation.tokens[0]);
-    assert_eq!(alone.generation.positions[0], batch.generation.positions[0]);
-    for (step, (a, b)) in alone
-        .generation
-        .logits
-        .iter()
-        .zip(&batch.generation.logits)
-        .enumerate()
-    {
-        let d = max_abs_diff(a, &b.narrow(0, 0, 1)?)?;
-        assert!(
-            d < 1e-4,
-            "step {step}: the row alone and in a batch differ by {d}"
-        );
-    }
-    Ok(())
+    assert_row_alone_as_in_batch(&alone.generation, &batch.generation)
 }
 
 /// The 7-branch set and Eq. 2's probability scaling reach the gather.

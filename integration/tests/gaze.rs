@@ -18,7 +18,10 @@ use foveal_candle::{
 };
 
 mod common;
-use common::{assert_steps_close, max_abs_diff, replay_steps};
+use common::{
+    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, max_abs_diff,
+    replay_steps,
+};
 
 const STEPS: usize = 5;
 /// Grid side of the tiny model's images.
@@ -368,13 +371,7 @@ fn decoding_continues_at_the_end_of_the_dense_layout() -> Result<()> {
             let prompt = gaze.prompt(&model, &rows)?;
             let run = gaze.generate(&model, &prompt, STEPS)?;
             let what = format!("k {k}, question of {}", question.len());
-            for (b, &n) in next.iter().enumerate() {
-                assert_eq!(
-                    run.generation.positions[b],
-                    (n..n + STEPS as u32).collect::<Vec<_>>(),
-                    "{what}: row {b} decodes after its dense layout"
-                );
-            }
+            assert_decodes_from(&run.generation, &next, &what);
             let want = routed_reference(&model, &gaze, &prompt, &[vec![1], vec![3]], &run, &next)?;
             assert_steps_close(&run.generation.logits, &want, 1e-4, &what)?;
         }
@@ -409,22 +406,7 @@ fn a_row_that_is_only_its_image_decodes_alone_and_in_a_batch() -> Result<()> {
     for step in &a.steps {
         assert!(step.layout.visible_len(0) >= 4, "its context tokens");
     }
-    assert_eq!(a.generation.tokens[0], b.generation.tokens[0]);
-    assert_eq!(a.generation.positions[0], b.generation.positions[0]);
-    for (step, (x, y)) in a
-        .generation
-        .logits
-        .iter()
-        .zip(&b.generation.logits)
-        .enumerate()
-    {
-        let d = max_abs_diff(x, &y.narrow(0, 0, 1)?)?;
-        assert!(
-            d < 1e-4,
-            "step {step}: the row alone and in a batch differ by {d}"
-        );
-    }
-    Ok(())
+    assert_row_alone_as_in_batch(&a.generation, &b.generation)
 }
 
 /// Row `[sys][image A][ctx][text][image B][ctx][question]` and the change

@@ -7,13 +7,15 @@
 use candle_core::{DType, Device, Result, Tensor};
 use foveal::KeepRule;
 use foveal_candle::images::synthetic_images;
-use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
     attention_mask, GlimpseConfig, GlimpsePrune, GlimpseRun, LlavaModel, Method, ModelConfig,
 };
 
 mod common;
-use common::{assert_steps_close, logits_at, mask_columns, max_abs_diff, replay_steps};
+use common::{
+    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, logits_at, mask_columns,
+    max_abs_diff, replay_steps, system_and_questions,
+};
 
 const STEPS: usize = 5;
 
@@ -29,13 +31,9 @@ fn setup() -> Result<Setup> {
     let cfg = ModelConfig::tiny();
     let model = LlavaModel::seeded(&cfg, 11, &Device::Cpu, DType::F32)?;
     let (pixels, _) = synthetic_images(2, cfg.vision.image_size, 5, &Device::Cpu)?;
-    // Questions of different lengths: a ragged, left-padded batch.
-    let questions = vec![
-        byte_tokens("Where is the red square?"),
-        byte_tokens("Count the shapes."),
-    ];
+    let (system, questions) = system_and_questions();
     Ok(Setup {
-        system: byte_tokens("You see an image."),
+        system,
         questions,
         pixels,
         model,
@@ -43,12 +41,26 @@ fn setup() -> Result<Setup> {
     })
 }
 
+/// GlimpsePrune on the tiny model with `rule` (predictor seeded by `seed`).
+fn glimpse(s: &Setup, rule: KeepRule, seed: u64) -> Result<GlimpsePrune> {
+    let mut gcfg = GlimpseConfig::for_model(&s.cfg);
+    gcfg.rule = rule;
+    GlimpsePrune::seeded(&s.cfg, &gcfg, seed, &Device::Cpu, DType::F32)
+}
+
+/// `threshold` 0.5 with a cap and a floor.
+fn rule(max_ratio: f64, min_keep: usize) -> KeepRule {
+    KeepRule {
+        threshold: 0.5,
+        max_ratio: Some(max_ratio as _),
+        min_keep,
+    }
+}
+
 #[test]
 fn keeping_every_visual_token_equals_the_dense_model() -> Result<()> {
     let s = setup()?;
-    let mut gcfg = GlimpseConfig::for_model(&s.cfg);
-    gcfg.rule = KeepRule::keep_all();
-    let gp = GlimpsePrune::seeded(&s.cfg, &gcfg, 3, &Device::Cpu, DType::F32)?;
+    let gp = glimpse(&s, KeepRule::keep_all(), 3)?;
     let run = gp.generate(&s.model, &s.pixels, &s.system, &s.questions, STEPS)?;
     let dense = s.model.generate_dense(
         &s.model.build_prompt(&s.pixels, &s.system, &s.questions)?,
@@ -149,13 +161,7 @@ fn dense_ends(s: &Setup, system: &[u32], questions: &[Vec<u32>]) -> Vec<u32> {
 #[test]
 fn decoding_on_the_compacted_cache_equals_masking_the_pruned_tokens() -> Result<()> {
     let s = setup()?;
-    let mut gcfg = GlimpseConfig::for_model(&s.cfg);
-    gcfg.rule = KeepRule {
-        threshold: 0.5,
-        max_ratio: Some(0.4),
-        min_keep: 3,
-    };
-    let gp = GlimpsePrune::seeded(&s.cfg, &gcfg, 3, &Device::Cpu, DType::F32)?;
+    let gp = glimpse(&s, rule(0.4, 3), 3)?;
     let run = gp.generate(&s.model, &s.pixels, &s.system, &s.questions, STEPS)?;
     for (b, kept) in run.kept.iter().enumerate() {
         assert!(
@@ -178,40 +184,20 @@ fn decoding_on_the_compacted_cache_equals_masking_the_pruned_tokens() -> Result<
 #[test]
 fn decoding_continues_at_the_end_of_the_dense_layout() -> Result<()> {
     let s = setup()?;
-    let rules = [
-        KeepRule::keep_all(),
-        KeepRule {
-            threshold: 0.5,
-            max_ratio: Some(0.4),
-            min_keep: 3,
-        },
-        KeepRule {
-            threshold: 0.5,
-            max_ratio: Some(0.1),
-            min_keep: 1,
-        },
-    ];
+    let rules = [KeepRule::keep_all(), rule(0.4, 3), rule(0.1, 1)];
     for questions in [vec![vec![], vec![]], vec![vec![], s.questions[1].clone()]] {
         let next = dense_ends(&s, &s.system, &questions);
-        for rule in &rules {
-            let mut gcfg = GlimpseConfig::for_model(&s.cfg);
-            gcfg.rule = *rule;
-            let gp = GlimpsePrune::seeded(&s.cfg, &gcfg, 3, &Device::Cpu, DType::F32)?;
+        for rule in rules {
+            let gp = glimpse(&s, rule, 3)?;
             let run = gp.generate(&s.model, &s.pixels, &s.system, &questions, STEPS)?;
             let what = format!(
                 "{rule:?}, question lengths {:?}",
                 questions.iter().map(Vec::len).collect::<Vec<_>>()
             );
-            for (b, &n) in next.iter().enumerate() {
-                assert_eq!(
-                    run.generation.positions[b],
-                    (n..n + STEPS as u32).collect::<Vec<_>>(),
-                    "{what}: row {b} decodes after its dense layout"
-                );
-            }
+            assert_decodes_from(&run.generation, &next, &what);
             let want = masked_reference(&s, &gp, &s.system, &questions, &run, &next)?;
             assert_steps_close(&run.generation.logits, &want, 1e-4, &what)?;
-            if *rule == KeepRule::keep_all() {
+            if rule == KeepRule::keep_all() {
                 let prompt = s.model.build_prompt(&s.pixels, &s.system, &questions)?;
                 let dense = s.model.generate_dense(&prompt, STEPS)?;
                 assert_eq!(dense.positions, run.generation.positions, "{what}");
@@ -230,13 +216,7 @@ fn decoding_continues_at_the_end_of_the_dense_layout() -> Result<()> {
 #[test]
 fn a_row_that_pruning_could_empty_is_refused_alone_and_in_a_batch() -> Result<()> {
     let s = setup()?;
-    let mut gcfg = GlimpseConfig::for_model(&s.cfg);
-    gcfg.rule = KeepRule {
-        threshold: 0.5,
-        max_ratio: Some(0.0),
-        min_keep: 0,
-    };
-    let gp = GlimpsePrune::seeded(&s.cfg, &gcfg, 3, &Device::Cpu, DType::F32)?;
+    let gp = glimpse(&s, rule(0.0, 0), 3)?;
     let one = s.pixels.narrow(0, 0, 1)?;
     let err = gp.generate(&s.model, &one, &[], &[vec![]], 2).unwrap_err();
     let msg = err.to_string();
@@ -257,8 +237,7 @@ fn a_row_that_pruning_could_empty_is_refused_alone_and_in_a_batch() -> Result<()
     assert_eq!(run.kept, [Vec::<usize>::new(), vec![]]);
 
     // min_keep 1: the row keeps one visual token; alone = in a batch.
-    gcfg.rule.min_keep = 1;
-    let gp = GlimpsePrune::seeded(&s.cfg, &gcfg, 3, &Device::Cpu, DType::F32)?;
+    let gp = glimpse(&s, rule(0.0, 1), 3)?;
     let alone = gp.generate(&s.model, &one, &[], &[vec![]], STEPS)?;
     let batch = gp.generate(
         &s.model,
@@ -269,50 +248,25 @@ fn a_row_that_pruning_could_empty_is_refused_alone_and_in_a_batch() -> Result<()
     )?;
     assert_eq!(alone.kept[0].len(), 1);
     assert_eq!(alone.kept[0], batch.kept[0]);
-    assert_eq!(alone.generation.tokens[0], batch.generation.tokens[0]);
-    assert_eq!(alone.generation.positions[0], batch.generation.positions[0]);
-    for (step, (a, b)) in alone
-        .generation
-        .logits
-        .iter()
-        .zip(&batch.generation.logits)
-        .enumerate()
-    {
-        let d = max_abs_diff(a, &b.narrow(0, 0, 1)?)?;
-        assert!(
-            d < 1e-4,
-            "step {step}: the row alone and in a batch differ by {d}"
-        );
-    }
-    Ok(())
+    assert_row_alone_as_in_batch(&alone.generation, &batch.generation)
 }
 
 #[test]
 fn glimpse_weights_round_trip_through_safetensors() -> Result<()> {
     let s = setup()?;
-    let mut gcfg = GlimpseConfig::for_model(&s.cfg);
-    gcfg.rule = KeepRule {
-        threshold: 0.5,
-        max_ratio: Some(0.5),
-        min_keep: 1,
-    };
-    let gp = GlimpsePrune::seeded(&s.cfg, &gcfg, 9, &Device::Cpu, DType::F32)?;
+    let gp = glimpse(&s, rule(0.5, 1), 9)?;
     let path =
         std::env::temp_dir().join(format!("foveal-glimpse-{}.safetensors", std::process::id()));
     gp.save_safetensors(&path)?;
-    let loaded = GlimpsePrune::load_safetensors(&path, &s.cfg, &gcfg, &Device::Cpu, DType::F32)?;
+    let loaded =
+        GlimpsePrune::load_safetensors(&path, &s.cfg, gp.config(), &Device::Cpu, DType::F32)?;
     std::fs::remove_file(&path).ok();
     let a = gp.generate(&s.model, &s.pixels, &s.system, &s.questions, 2)?;
     let b = loaded.generate(&s.model, &s.pixels, &s.system, &s.questions, 2)?;
     assert_eq!(a.kept, b.kept);
     assert_eq!(a.generation.tokens, b.generation.tokens);
-    let other = GlimpsePrune::seeded(&s.cfg, &gcfg, 10, &Device::Cpu, DType::F32)?.generate(
-        &s.model,
-        &s.pixels,
-        &s.system,
-        &s.questions,
-        2,
-    )?;
+    let other =
+        glimpse(&s, rule(0.5, 1), 10)?.generate(&s.model, &s.pixels, &s.system, &s.questions, 2)?;
     assert_ne!(
         a.kept, other.kept,
         "another seed must select differently (the round trip would otherwise prove nothing)"

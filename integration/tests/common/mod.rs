@@ -4,7 +4,8 @@
 use std::ops::Range;
 
 use candle_core::{Device, Result, Tensor};
-use foveal_candle::{Decoder, KvCache, MASK_MIN};
+use foveal_candle::prompt::byte_tokens;
+use foveal_candle::{Decoder, Generation, KvCache, MASK_MIN};
 
 /// The largest absolute difference of two tensors of one shape (f32), on
 /// whatever devices they live.
@@ -109,6 +110,45 @@ pub fn assert_steps_close(got: &[Tensor], want: &[Tensor], tol: f32, what: &str)
     for (step, (a, b)) in got.iter().zip(want).enumerate() {
         let d = max_abs_diff(a, b)?;
         assert!(d < tol, "{what}, step {step}: logits differ by {d}");
+    }
+    Ok(())
+}
+
+/// The image questions the method tests share: a system prompt and two
+/// questions of different lengths (a ragged, left-padded batch).
+pub fn system_and_questions() -> (Vec<u32>, Vec<Vec<u32>>) {
+    (
+        byte_tokens("You see an image."),
+        vec![
+            byte_tokens("Where is the red square?"),
+            byte_tokens("Count the shapes."),
+        ],
+    )
+}
+
+/// Asserts that row `b` of `gen` was decoded from `next[b]` on, one position
+/// per token: where the dense layout ends, by the test's own account.
+pub fn assert_decodes_from(gen: &Generation, next: &[u32], what: &str) {
+    for (b, &n) in next.iter().enumerate() {
+        let want: Vec<u32> = (n..).take(gen.tokens[b].len()).collect();
+        assert_eq!(
+            gen.positions[b], want,
+            "{what}: row {b} decodes after its dense layout"
+        );
+    }
+}
+
+/// Asserts that a row generated alone (`alone`, one row) and as row 0 of a
+/// batch agree: the same tokens and positions, logits within 1e-4.
+pub fn assert_row_alone_as_in_batch(alone: &Generation, batch: &Generation) -> Result<()> {
+    assert_eq!(alone.tokens[0], batch.tokens[0]);
+    assert_eq!(alone.positions[0], batch.positions[0]);
+    for (step, (a, b)) in alone.logits.iter().zip(&batch.logits).enumerate() {
+        let d = max_abs_diff(a, &b.narrow(0, 0, 1)?)?;
+        assert!(
+            d < 1e-4,
+            "step {step}: the row alone and in a batch differ by {d}"
+        );
     }
     Ok(())
 }
