@@ -10,8 +10,9 @@
 //! - [`ImageMethod`]: every [`Method`] as a trait object, so that the main
 //!   job holds the methods, the dense baseline [`Dense`] first, in one list.
 //!
-//! The rules every method keeps after a reduction (docs/architecture.md,
-//! "Every method"): decoding continues at the end of each row's dense layout
+//! The rules every method keeps after a reduction ([`crate::reduce`];
+//! docs/architecture.md, "Every method in the model"): decoding continues at
+//! the end of each row's dense layout
 //! ([`Prompt::next_positions`](crate::prompt::Prompt::next_positions)), and
 //! no row is ever left with nothing to attend.
 

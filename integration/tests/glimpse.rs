@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use foveal::KeepRule;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::{
-    attention_mask, GlimpseConfig, GlimpsePrune, GlimpseRun, LlavaModel, Method, ModelConfig,
+    attention_mask, GlimpseConfig, GlimpsePrune, GlimpseRun, ImageMethod, ImageQuestions,
+    LlavaModel, Method, ModelConfig,
 };
 
 mod common;
@@ -249,6 +250,24 @@ fn a_row_that_pruning_could_empty_is_refused_alone_and_in_a_batch() -> Result<()
     assert_eq!(alone.kept[0].len(), 1);
     assert_eq!(alone.kept[0], batch.kept[0]);
     assert_row_alone_as_in_batch(&alone.generation, &batch.generation)
+}
+
+/// The predictor reads one tower-sized image's ViT grid: sub-image grids
+/// are refused before anything runs.
+#[test]
+fn sub_image_grids_are_refused() -> Result<()> {
+    let s = setup()?;
+    let gp = glimpse(&s, rule(0.5, 1), 3)?;
+    assert!(!gp.takes_grids());
+    let input = ImageQuestions {
+        pixels: synthetic_images(2, 2 * s.cfg.vision.image_size, 5, &Device::Cpu)?.0,
+        grid: (2, 2),
+        system: s.system.clone(),
+        questions: s.questions.clone(),
+    };
+    let err = gp.run(&s.model, &input, 2).unwrap_err();
+    assert!(err.to_string().contains("not a (2, 2) grid"), "{err}");
+    Ok(())
 }
 
 #[test]

@@ -8,7 +8,10 @@ use foveal_candle::decoder::argmax;
 use foveal_candle::images::{load_image, synthetic_images};
 use foveal_candle::ops::plan_from_kept;
 use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{attention_mask, LlavaModel, ModelConfig, Prompt, Reduced, Segment};
+use foveal_candle::{
+    attention_mask, Dense, ImageMethod, ImageQuestions, LlavaModel, ModelConfig, Prompt, Reduced,
+    Segment,
+};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
@@ -158,6 +161,34 @@ fn a_reduction_that_empties_a_row_is_refused() -> Result<()> {
         (vec![1, 2], vec![1, 0])
     );
     assert_eq!(r.positions.to_vec2::<u32>()?, [[0, 2], [0, 1]]);
+    Ok(())
+}
+
+/// The dense baseline through the interface every method shares is the
+/// dense generation, with its counts.
+#[test]
+fn the_dense_method_reports_the_dense_generation() -> Result<()> {
+    let m = model(2);
+    let (pixels, _) = synthetic_images(2, 64, 4, &Device::Cpu)?;
+    let input = ImageQuestions {
+        pixels: pixels.clone(),
+        grid: (1, 1),
+        system: byte_tokens("sys: "),
+        questions: vec![byte_tokens("what is red?"), byte_tokens("where?")],
+    };
+    let report = Dense.run(&m, &input, 3)?;
+    let p = m.build_prompt(&pixels, &input.system, &input.questions)?;
+    assert_eq!(report.tokens, m.generate_dense(&p, 3)?.tokens);
+    assert_eq!(
+        (report.method, report.visual.clone()),
+        ("dense", vec![64, 64])
+    );
+    assert_eq!(report.kept, report.visual);
+    let layers = m.config.text.num_layers;
+    assert_eq!(
+        report.kv_entries,
+        [(5 + 64 + 12) * layers, (5 + 64 + 6) * layers]
+    );
     Ok(())
 }
 
