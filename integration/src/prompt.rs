@@ -81,6 +81,7 @@ impl Prompt {
                 match (seg, end) {
                     (Segment::Transient(_), None) => end = Some(next),
                     (Segment::Transient(_), Some(_)) => {}
+                    (Segment::Text(t), Some(_)) if t.is_empty() => {}
                     (_, Some(_)) => candle_core::bail!(
                         "Prompt::build: row {b}: a transient segment must end its row"
                     ),
