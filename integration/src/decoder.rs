@@ -24,7 +24,7 @@ use candle_nn::{
 };
 
 use crate::config::TextConfig;
-use crate::nn::{push_linear, push_rms_norm, Named, SwiGlu};
+use crate::nn::SwiGlu;
 
 /// The additive mask value of a hidden key. Finite, so that a query row with
 /// every key hidden (a padding slot) gets a uniform softmax, not NaN; any key
@@ -139,8 +139,10 @@ pub struct CacheSpan {
 /// A greedy generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    /// Per row, the generated tokens.
+    /// Per row, the generated tokens ...
     pub tokens: Vec<Vec<u32>>,
+    /// ... and their position ids (the first: where decoding began).
+    pub positions: Vec<Vec<u32>>,
     /// Per step, the logits `[B, vocab]` (f32) the step's token was chosen from.
     pub logits: Vec<Tensor>,
 }
@@ -212,6 +214,16 @@ impl AttentionCore for DenseAttention {
     }
 }
 
+/// What every layer of one decoder call shares: the rotary tables of its
+/// positions, the mask, the attention core, and the layer whose queries to
+/// return.
+struct Pass<'a> {
+    rope: (Tensor, Tensor),
+    mask: Option<&'a Tensor>,
+    core: &'a mut dyn AttentionCore,
+    capture: Option<usize>,
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -238,18 +250,14 @@ impl Attention {
     }
 
     /// `xs` `[B, Sq, Dm]` (normed); appends this call's K/V to `kv` and
-    /// lets `core` attend. Returns the output `[B, Sq, Dm]` and, when
-    /// `capture`, the queries `[B, Hq, Sq, D]`.
-    #[allow(clippy::too_many_arguments)]
+    /// lets the pass's core attend. Returns the output `[B, Sq, Dm]` and, at
+    /// the pass's capture layer, the queries `[B, Hq, Sq, D]`.
     fn forward(
         &self,
         xs: &Tensor,
-        rope: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
         layer: usize,
-        core: &mut dyn AttentionCore,
-        capture: bool,
+        pass: &mut Pass,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, sq, _) = xs.dims3()?;
         let (hq, hkv, d) = (self.hq, self.hkv, self.d);
@@ -257,15 +265,20 @@ impl Attention {
         let q = heads(self.q_proj.forward(xs)?, hq)?;
         let k = heads(self.k_proj.forward(xs)?, hkv)?;
         let v = heads(self.v_proj.forward(xs)?, hkv)?;
-        let q = candle_nn::rotary_emb::rope(&q, &rope.0, &rope.1)?;
-        let k = candle_nn::rotary_emb::rope(&k, &rope.0, &rope.1)?;
+        let (cos, sin) = &pass.rope;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match kv.as_ref() {
             Some((k0, v0)) => (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?),
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let captured = if capture { Some(q.contiguous()?) } else { None };
-        let out = core.attend(layer, &q, &k, &v, mask)?;
+        let captured = if pass.capture == Some(layer) {
+            Some(q.contiguous()?)
+        } else {
+            None
+        };
+        let out = pass.core.attend(layer, &q, &k, &v, pass.mask)?;
         if out.dims() != [b, hq, sq, d] {
             candle_core::bail!(
                 "Decoder: the attention core returned {:?}, expected [{b}, {hq}, {sq}, {d}]",
@@ -274,13 +287,6 @@ impl Attention {
         }
         let out = out.transpose(1, 2)?.reshape((b, sq, hq * d))?;
         Ok((self.o_proj.forward(&out)?, captured))
-    }
-
-    fn named(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.q_proj"), &self.q_proj);
-        push_linear(out, &format!("{prefix}.k_proj"), &self.k_proj);
-        push_linear(out, &format!("{prefix}.v_proj"), &self.v_proj);
-        push_linear(out, &format!("{prefix}.o_proj"), &self.o_proj);
     }
 }
 
@@ -306,47 +312,21 @@ impl Layer {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         xs: &Tensor,
-        rope: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
         layer: usize,
-        core: &mut dyn AttentionCore,
-        capture: bool,
+        pass: &mut Pass,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (attn, q) = self.self_attn.forward(
-            &self.input_layernorm.forward(xs)?,
-            rope,
-            mask,
-            kv,
-            layer,
-            core,
-            capture,
-        )?;
+        let normed = self.input_layernorm.forward(xs)?;
+        let (attn, q) = self.self_attn.forward(&normed, kv, layer, pass)?;
         let xs = (xs + attn)?;
         let out = (&xs
             + self
                 .mlp
                 .forward(&self.post_attention_layernorm.forward(&xs)?)?)?;
         Ok((out, q))
-    }
-
-    fn named(&self, prefix: &str, out: &mut Named) {
-        self.self_attn.named(&format!("{prefix}.self_attn"), out);
-        self.mlp.named(&format!("{prefix}.mlp"), out);
-        push_rms_norm(
-            out,
-            &format!("{prefix}.input_layernorm"),
-            &self.input_layernorm,
-        );
-        push_rms_norm(
-            out,
-            &format!("{prefix}.post_attention_layernorm"),
-            &self.post_attention_layernorm,
-        );
     }
 }
 
@@ -535,19 +515,15 @@ impl Decoder {
                 positions.dims()
             );
         }
-        let rope = self.rope_tables(positions)?;
+        let mut pass = Pass {
+            rope: self.rope_tables(positions)?,
+            mask,
+            core,
+            capture: capture.then(|| layers.end.saturating_sub(1)),
+        };
         let (mut xs, mut q) = (hidden.clone(), None);
-        let last = layers.end.saturating_sub(1);
         for l in layers {
-            let (out, ql) = self.layers[l].forward(
-                &xs,
-                &rope,
-                mask,
-                &mut cache.layers[l],
-                l,
-                core,
-                capture && l == last,
-            )?;
+            let (out, ql) = self.layers[l].forward(&xs, &mut cache.layers[l], l, &mut pass)?;
             xs = out;
             q = q.or(ql);
         }
@@ -694,14 +670,16 @@ impl Decoder {
         let b = next_positions.len();
         let mut gen = Generation {
             tokens: vec![Vec::with_capacity(max_new_tokens); b],
+            positions: vec![Vec::with_capacity(max_new_tokens); b],
             logits: Vec::with_capacity(max_new_tokens),
         };
         let mut logits = first_logits.to_dtype(DType::F32)?;
         let mut pos = next_positions.to_vec();
         for step in 0..max_new_tokens {
             let next = argmax(&logits)?;
-            for (row, &t) in gen.tokens.iter_mut().zip(&next) {
-                row.push(t);
+            for (row, (&t, &p)) in next.iter().zip(&pos).enumerate() {
+                gen.tokens[row].push(t);
+                gen.positions[row].push(p);
             }
             gen.logits.push(logits);
             if step + 1 == max_new_tokens {
@@ -711,29 +689,6 @@ impl Decoder {
             pos.iter_mut().for_each(|p| *p += 1);
         }
         Ok(gen)
-    }
-
-    /// The parameters with their HF names under `prefix` (`language_model`
-    /// in LLaVA, empty for a bare Qwen2).
-    pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        let p = |s: &str| {
-            if prefix.is_empty() {
-                s.to_string()
-            } else {
-                format!("{prefix}.{s}")
-            }
-        };
-        out.push((
-            p("model.embed_tokens.weight"),
-            self.embed_tokens.embeddings().clone(),
-        ));
-        for (i, l) in self.layers.iter().enumerate() {
-            l.named(&p(&format!("model.layers.{i}")), out);
-        }
-        push_rms_norm(out, &p("model.norm"), &self.norm);
-        if let Some(head) = &self.lm_head {
-            push_linear(out, &p("lm_head"), head);
-        }
     }
 }
 

@@ -10,21 +10,20 @@
 //! layers, and stay in their caches); decoding reads each span of layers
 //! with its own layout ([`CacheSpan`]). Kept tokens keep their position ids.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use foveal::text_guided_select::{Lengths, DEFAULT_GAMMA};
-use foveal::Padding;
 
+use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::decoder::{attention_mask, CacheSpan, DenseAttention, Generation, KvCache};
-use crate::model::{LlavaModel, SeededInit};
-use crate::nn::Named;
+use crate::decoder::{CacheSpan, DenseAttention, Generation, KvCache};
+use crate::method::{ImageQuestions, Method, Report};
+use crate::model::LlavaModel;
 use crate::ops;
-use crate::prompt::{Prompt, Segment};
+use crate::prompt::{image_question_rows, Prompt, Segment};
+use crate::reduce::Reduced;
 use crate::vision_sampler::{encode_grid, VisionSample, VisionSampler, VisionSamplerConfig};
 
 /// How FocusLLaVA runs.
@@ -58,6 +57,7 @@ impl FocusConfig {
 pub struct FocusLlava {
     sampler: VisionSampler,
     cfg: FocusConfig,
+    checkpoint: Checkpoint,
 }
 
 /// One FocusLLaVA generation and what it did.
@@ -89,10 +89,17 @@ pub struct LayerK {
     pub queries: Tensor,
 }
 
-impl FocusLlava {
+impl Method for FocusLlava {
+    type Config = FocusConfig;
+    const NAME: &'static str = "FocusLLaVA";
+
+    fn parts(&self) -> (&FocusConfig, &Checkpoint) {
+        (&self.cfg, &self.checkpoint)
+    }
+
     /// From `vb` at the root of a LLaVA checkpoint (names
     /// `multi_modal_projector.selector.{weight,bias}`).
-    pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &FocusConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, model: &ModelConfig, cfg: &FocusConfig) -> Result<Self> {
         if cfg.layer >= model.text.num_layers {
             candle_core::bail!(
                 "FocusConfig: layer {} of {}",
@@ -103,59 +110,43 @@ impl FocusLlava {
         if !(cfg.gamma > 0.0 && cfg.gamma <= 1.0) {
             candle_core::bail!("FocusConfig: gamma {} is outside (0, 1]", cfg.gamma);
         }
-        let sampler = VisionSampler::new(
-            vb.pp("multi_modal_projector"),
-            model.vision.num_patches(),
-            &cfg.vision,
-        )?;
+        let (sampler, checkpoint) = Checkpoint::record(vb, |vb| {
+            VisionSampler::new(
+                vb.pp("multi_modal_projector"),
+                model.vision.num_patches(),
+                &cfg.vision,
+            )
+        })?;
         Ok(FocusLlava {
             sampler,
             cfg: cfg.clone(),
+            checkpoint,
         })
     }
 
-    /// A deterministic random initialisation (the model's seeded scheme).
-    pub fn seeded(
-        model: &ModelConfig,
-        cfg: &FocusConfig,
-        seed: u64,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        Self::new(
-            VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()),
-            model,
-            cfg,
-        )
+    fn answer(&self, model: &LlavaModel, input: &ImageQuestions, tokens: usize) -> Result<Report> {
+        let ImageQuestions {
+            pixels,
+            grid,
+            system,
+            questions,
+        } = input;
+        let run = self.generate(model, pixels, *grid, system, questions, tokens)?;
+        Ok(Report {
+            sampled: Some(run.sampled),
+            kept: run.kept.iter().map(Vec::len).collect(),
+            ..Report::new(
+                Self::NAME,
+                run.visual,
+                run.kv_entries,
+                (run.prefill, run.decode),
+                run.generation.tokens,
+            )
+        })
     }
+}
 
-    pub fn load_safetensors(
-        path: impl AsRef<Path>,
-        model: &ModelConfig,
-        cfg: &FocusConfig,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let tensors = candle_core::safetensors::load(path, device)?;
-        Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
-    }
-
-    pub fn named_tensors(&self) -> Named {
-        let mut out = Vec::new();
-        self.sampler
-            .named_tensors("multi_modal_projector", &mut out);
-        out
-    }
-
-    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
-        let map: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
-        candle_core::safetensors::save(&map, path)
-    }
-
-    pub fn config(&self) -> &FocusConfig {
-        &self.cfg
-    }
-
+impl FocusLlava {
     /// The vision-guided sampler over images `pixels [B, 3, rows * s, cols *
     /// s]` cut into a `grid` of sub-images (`(1, 1)`: one image of the
     /// tower's size).
@@ -177,29 +168,16 @@ impl FocusLlava {
         system: &[u32],
         questions: &[Vec<u32>],
     ) -> Result<Prompt> {
-        if questions.len() != sample.tokens.len() {
-            candle_core::bail!(
-                "FocusLlava::prompt: {} images, {} questions",
-                sample.tokens.len(),
-                questions.len()
-            );
-        }
         let span = sample.map_cells()?;
-        let rows = questions
-            .iter()
-            .zip(sample.tokens.iter().zip(&sample.cells))
-            .map(|(q, (tokens, cells))| {
-                vec![
-                    Segment::Text(system.to_vec()),
-                    Segment::SampledImage {
-                        embeds: tokens.clone(),
-                        offsets: cells.clone(),
-                        span,
-                    },
-                    Segment::Text(q.clone()),
-                ]
+        let image = |b: usize| {
+            Ok(Segment::SampledImage {
+                embeds: sample.tokens[b].clone(),
+                offsets: sample.cells[b].clone(),
+                span,
             })
-            .collect::<Vec<_>>();
+        };
+        let n = sample.tokens.len();
+        let rows = image_question_rows(n, system, questions, Segment::Text, image)?;
         Prompt::build(&model.decoder, &rows)
     }
 
@@ -274,26 +252,13 @@ impl FocusLlava {
         // position ids; the caches of layers 0..=K stay whole.
         let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
         let mut plan = ops::plan_from_kept(&rows, &kept, dec.device())?;
-        let s_new = plan.fetch_max_len()?;
         let LayerK {
             hidden, mut cache, ..
         } = layer_k;
-        let h = ops::gather_rows(&hidden, &plan, Padding::Left)?;
-        let (b, s) = prompt.positions.dims2()?;
-        let positions =
-            ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?
-                .reshape((b, s_new))?;
-        let lengths: Vec<usize> = {
-            let keep = plan.positions()?;
-            (0..b).map(|row| keep.row(row).len()).collect()
-        };
-        let starts: Vec<usize> = lengths.iter().map(|&n| s_new - n).collect();
-
+        let reduced = Reduced::gather(&prompt, &hidden, &mut plan, "FocusLLaVA")?;
         let k = self.cfg.layer;
         let layers = dec.num_layers();
-        let mask = attention_mask(&starts, s_new, s_new, h.device())?;
-        let h = dec.forward_layers(&h, &positions, Some(&mask), k + 1..layers, &mut cache)?;
-        let first = dec.last_logits(&h)?;
+        let first = reduced.forward(dec, k + 1..layers, &mut cache)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         let spans = [
@@ -303,7 +268,7 @@ impl FocusLlava {
             },
             CacheSpan {
                 layers: k + 1..layers,
-                starts: starts.clone(),
+                starts: reduced.starts.clone(),
             },
         ];
         let generation = dec.greedy_with(
@@ -315,15 +280,15 @@ impl FocusLlava {
             &mut DenseAttention,
         )?;
         let decode = t1.elapsed();
-        let full: Vec<usize> = prompt.starts.iter().map(|&st| s - st).collect();
+        let full: Vec<usize> = prompt.starts.iter().map(|&st| prompt.seq() - st).collect();
         Ok(FocusRun {
             generation,
-            visual: vec![sample.map_cells()?; b],
+            visual: vec![sample.map_cells()?; prompt.batch()],
             sampled: prompt.visual.iter().map(Vec::len).collect(),
             kept,
             kv_entries: full
                 .iter()
-                .zip(&lengths)
+                .zip(&reduced.lengths)
                 .map(|(&f, &n)| f * (k + 1) + n * (layers - k - 1))
                 .collect(),
             prefill,

@@ -8,20 +8,21 @@
 //! visual token (foveal gaze_decode). The KV cache keeps every visual token;
 //! what is attended changes at every step and layer.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use foveal::{GazeLayout, RegionShape, Routes};
 
+use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::decoder::{AttentionCore, Generation, KvCache};
 use crate::gaze_prompt::{GazePrompt, GazeSegment};
-use crate::model::{LlavaModel, SeededInit};
-use crate::nn::Named;
+use crate::method::{ImageQuestions, Method, Report};
+use crate::model::LlavaModel;
 use crate::ops::{self, GazeIndex, GazeRoutes};
+use crate::prompt::image_question_rows;
+use crate::vision_sampler::encode_grid;
 
 /// How Gaze Attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,7 @@ impl Default for GazeConfig {
 pub struct GazeAttention {
     context: Tensor,
     cfg: GazeConfig,
+    checkpoint: Checkpoint,
 }
 
 /// A prefill of a Gaze Attention prompt.
@@ -108,6 +110,9 @@ pub struct GazeRun {
     pub visual: Vec<usize>,
     pub context: Vec<usize>,
     pub regions: Vec<usize>,
+    /// KV entries (positions x layers) per row after the prefill: every
+    /// token stays cached.
+    pub kv_entries: Vec<usize>,
     /// The decode steps (one fewer than the generated tokens: the first
     /// token comes from the prefill).
     pub steps: Vec<GazeStep>,
@@ -124,63 +129,80 @@ impl GazeRun {
         let dense = self.steps.iter().map(|s| s.dense(b) as f64).sum::<f64>() / n;
         (attended, dense)
     }
+
+    /// The run in the terms every method shares; the detail of row `b` is
+    /// its regions, `k` and the KV entries a query head attended per step
+    /// against dense attention's.
+    pub fn report(self, method: &'static str, cfg: &GazeConfig) -> Report {
+        let r = cfg.region;
+        let detail = (0..self.visual.len())
+            .map(|b| {
+                let (attended, dense) = self.mean_attended(b);
+                format!(
+                    "{} regions of {}x{}x{}, k {}, {} context: attended {attended:.1} of {dense:.1} KV entries per step ({:.0}%)",
+                    self.regions[b],
+                    r.frames,
+                    r.height,
+                    r.width,
+                    cfg.k,
+                    self.context[b],
+                    100.0 * attended / dense
+                )
+            })
+            .collect();
+        Report {
+            detail,
+            ..Report::new(
+                method,
+                self.visual,
+                self.kv_entries,
+                (self.prefill, self.decode),
+                self.generation.tokens,
+            )
+        }
+    }
 }
 
-impl GazeAttention {
+impl Method for GazeAttention {
+    type Config = GazeConfig;
+    const NAME: &'static str = "Gaze Attention";
+
+    fn parts(&self) -> (&GazeConfig, &Checkpoint) {
+        (&self.cfg, &self.checkpoint)
+    }
+
     /// From `vb` (name `gaze.context_tokens`, `[c, Dm]`).
-    pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GazeConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GazeConfig) -> Result<Self> {
         let r = cfg.region;
         if cfg.context_tokens == 0 || cfg.k == 0 || r.frames == 0 || r.height == 0 || r.width == 0 {
             candle_core::bail!(
                 "GazeConfig: {cfg:?}: context tokens, k and every region side must be at least 1"
             );
         }
-        let context = vb.pp("gaze").get(
-            (cfg.context_tokens, model.text.hidden_size),
-            "context_tokens",
-        )?;
-        Ok(GazeAttention { context, cfg: *cfg })
+        let (context, checkpoint) = Checkpoint::record(vb, |vb| {
+            let shape = (cfg.context_tokens, model.text.hidden_size);
+            vb.pp("gaze").get(shape, "context_tokens")
+        })?;
+        Ok(GazeAttention {
+            context,
+            cfg: *cfg,
+            checkpoint,
+        })
     }
 
-    /// A deterministic random initialisation (the model's seeded scheme).
-    pub fn seeded(
-        model: &ModelConfig,
-        cfg: &GazeConfig,
-        seed: u64,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        Self::new(
-            VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()),
-            model,
-            cfg,
-        )
+    /// The stitched map of a grid is one visual unit.
+    fn answer(&self, model: &LlavaModel, input: &ImageQuestions, tokens: usize) -> Result<Report> {
+        let t0 = Instant::now();
+        let (map, _) = encode_grid(model, &input.pixels, input.grid)?;
+        let prompt = self.map_prompt(model, &map, &input.system, &input.questions)?;
+        let encode = t0.elapsed();
+        let mut run = self.generate(model, &prompt, tokens)?;
+        run.prefill += encode;
+        Ok(run.report(Self::NAME, &self.cfg))
     }
+}
 
-    pub fn load_safetensors(
-        path: impl AsRef<Path>,
-        model: &ModelConfig,
-        cfg: &GazeConfig,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let tensors = candle_core::safetensors::load(path, device)?;
-        Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
-    }
-
-    pub fn named_tensors(&self) -> Named {
-        vec![("gaze.context_tokens".to_string(), self.context.clone())]
-    }
-
-    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
-        let map: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
-        candle_core::safetensors::save(&map, path)
-    }
-
-    pub fn config(&self) -> &GazeConfig {
-        &self.cfg
-    }
-
+impl GazeAttention {
     /// The context tokens `[c, Dm]`.
     pub fn context_tokens(&self) -> &Tensor {
         &self.context
@@ -200,22 +222,30 @@ impl GazeAttention {
         system: &[u32],
         questions: &[Vec<u32>],
     ) -> Result<GazePrompt> {
+        let (b, _, dm) = image_embeds.dims3()?;
         let side = model.config.vision.patches_per_side();
-        let rows = questions
-            .iter()
-            .enumerate()
-            .map(|(b, q)| {
-                Ok(vec![
-                    GazeSegment::Text(system.to_vec()),
-                    GazeSegment::Image {
-                        embeds: image_embeds.get(b)?,
-                        height: side,
-                        width: side,
-                    },
-                    GazeSegment::Text(q.clone()),
-                ])
+        let map = image_embeds.reshape((b, side, side, dm))?;
+        self.map_prompt(model, &map, system, questions)
+    }
+
+    /// [`GazeAttention::image_prompt`] from feature maps `[B, H, W, Dm]`
+    /// (one image, or a grid's stitched map, per row).
+    pub fn map_prompt(
+        &self,
+        model: &LlavaModel,
+        map: &Tensor,
+        system: &[u32],
+        questions: &[Vec<u32>],
+    ) -> Result<GazePrompt> {
+        let (n, height, width, dm) = map.dims4()?;
+        let image = |b| {
+            Ok(GazeSegment::Image {
+                embeds: map.get(b)?.reshape((height * width, dm))?,
+                height,
+                width,
             })
-            .collect::<Result<Vec<_>>>()?;
+        };
+        let rows = image_question_rows(n, system, questions, GazeSegment::Text, image)?;
         self.prompt(model, &rows)
     }
 
@@ -297,6 +327,11 @@ impl GazeAttention {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(GazeRun {
+            kv_entries: p
+                .starts
+                .iter()
+                .map(|s| (p.seq() - s) * dec.num_layers())
+                .collect(),
             visual: p.visual.iter().map(Vec::len).collect(),
             context: prompt.context_positions().iter().map(Vec::len).collect(),
             regions: (0..p.batch()).map(|b| layout.regions(b)).collect(),

@@ -8,20 +8,20 @@
 //! on the shorter sequence; greedy decoding on the compacted cache. Kept
 //! tokens keep their original position ids.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use foveal::{KeepRule, Padding, ScoreMode};
 
+use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::decoder::{attention_mask, Generation, KvCache};
-use crate::model::{LlavaModel, SeededInit};
-use crate::nn::Named;
+use crate::decoder::{Generation, KvCache};
+use crate::method::{ImageQuestions, Method, Report};
+use crate::model::LlavaModel;
 use crate::ops;
-use crate::prompt::{Prompt, Segment};
+use crate::prompt::{image_question_rows, Prompt, Segment};
+use crate::reduce::Reduced;
 use crate::vip::{Vip, VipConfig};
 
 /// How GlimpsePrune runs.
@@ -61,6 +61,7 @@ pub struct GlimpsePrune {
     embeddings: Tensor,
     vip: Vip,
     cfg: GlimpseConfig,
+    checkpoint: Checkpoint,
 }
 
 /// One GlimpsePrune generation and what it did.
@@ -77,9 +78,18 @@ pub struct GlimpseRun {
     pub decode: Duration,
 }
 
-impl GlimpsePrune {
+impl Method for GlimpsePrune {
+    type Config = GlimpseConfig;
+    const NAME: &'static str = "GlimpsePrune";
+    /// No: the predictor reads one tower-sized image's ViT grid.
+    const TAKES_GRIDS: bool = false;
+
+    fn parts(&self) -> (&GlimpseConfig, &Checkpoint) {
+        (&self.cfg, &self.checkpoint)
+    }
+
     /// From `vb` (names `glimpse.embeddings`, `vip.…`).
-    pub fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GlimpseConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GlimpseConfig) -> Result<Self> {
         if cfg.layer >= model.text.num_layers || cfg.feature_layers.len() != cfg.vip.blocks {
             candle_core::bail!(
                 "GlimpseConfig: layer {} of {}, {} feature layers for {} blocks",
@@ -100,58 +110,43 @@ impl GlimpsePrune {
                 model.vision.num_layers
             );
         }
-        let embeddings = vb.pp("glimpse").get(
-            (model.text.num_layers, model.text.hidden_size),
-            "embeddings",
-        )?;
+        let ((embeddings, vip), checkpoint) = Checkpoint::record(vb, |vb| {
+            let shape = (model.text.num_layers, model.text.hidden_size);
+            Ok((
+                vb.pp("glimpse").get(shape, "embeddings")?,
+                Vip::new(vb.pp("vip"), &cfg.vip)?,
+            ))
+        })?;
         Ok(GlimpsePrune {
             embeddings,
-            vip: Vip::new(vb.pp("vip"), &cfg.vip)?,
+            vip,
             cfg: cfg.clone(),
+            checkpoint,
         })
     }
 
-    /// A deterministic random initialisation (the model's seeded scheme).
-    pub fn seeded(
-        model: &ModelConfig,
-        cfg: &GlimpseConfig,
-        seed: u64,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        Self::new(
-            VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone()),
+    fn answer(&self, model: &LlavaModel, input: &ImageQuestions, tokens: usize) -> Result<Report> {
+        let run = self.generate(
             model,
-            cfg,
-        )
+            &input.pixels,
+            &input.system,
+            &input.questions,
+            tokens,
+        )?;
+        Ok(Report {
+            kept: run.kept.iter().map(Vec::len).collect(),
+            ..Report::new(
+                Self::NAME,
+                run.visual,
+                run.kv_entries,
+                (run.prefill, run.decode),
+                run.generation.tokens,
+            )
+        })
     }
+}
 
-    pub fn load_safetensors(
-        path: impl AsRef<Path>,
-        model: &ModelConfig,
-        cfg: &GlimpseConfig,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let tensors = candle_core::safetensors::load(path, device)?;
-        Self::new(VarBuilder::from_tensors(tensors, dtype, device), model, cfg)
-    }
-
-    pub fn named_tensors(&self) -> Named {
-        let mut out = vec![("glimpse.embeddings".to_string(), self.embeddings.clone())];
-        self.vip.named_tensors("vip", &mut out);
-        out
-    }
-
-    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
-        let map: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
-        candle_core::safetensors::save(&map, path)
-    }
-
-    pub fn config(&self) -> &GlimpseConfig {
-        &self.cfg
-    }
-
+impl GlimpsePrune {
     /// The prompt rows `[system][image b][question b][glimpse]`, the glimpse
     /// token entering with its layer-0 embedding.
     pub fn prompt(
@@ -162,18 +157,12 @@ impl GlimpsePrune {
         questions: &[Vec<u32>],
     ) -> Result<Prompt> {
         let glimpse = self.embeddings.narrow(0, 0, 1)?;
-        let rows = questions
-            .iter()
-            .enumerate()
-            .map(|(b, q)| {
-                Ok(vec![
-                    Segment::Text(system.to_vec()),
-                    Segment::Image(image_embeds.get(b)?),
-                    Segment::Text(q.clone()),
-                    Segment::Embeds(glimpse.clone()),
-                ])
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let image = |b| Ok(Segment::Image(image_embeds.get(b)?));
+        let n = image_embeds.dim(0)?;
+        let mut rows = image_question_rows(n, system, questions, Segment::Text, image)?;
+        for row in &mut rows {
+            row.push(Segment::Transient(glimpse.clone()));
+        }
         Prompt::build(&model.decoder, &rows)
     }
 
@@ -256,6 +245,7 @@ impl GlimpsePrune {
         questions: &[Vec<u32>],
         max_new_tokens: usize,
     ) -> Result<GlimpseRun> {
+        self.refuse_emptiable_rows(system, questions)?;
         let t0 = Instant::now();
         let dec = &model.decoder;
         let vit_states = model.vision.forward(pixels)?;
@@ -269,7 +259,7 @@ impl GlimpsePrune {
         // One-shot pruning: the kept set, then one compaction of layers 0..=K.
         let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
         let mut plan = ops::plan_keep(&logits, &rows, &self.cfg.rule, true)?;
-        let s_new = plan.fetch_max_len()?;
+        let kept = Reduced::gather(&prompt, &h, &mut plan, "GlimpsePrune")?;
         let k = self.cfg.layer;
         let caches = (0..=k)
             .map(|l| cache.layer(l).cloned())
@@ -283,41 +273,44 @@ impl GlimpsePrune {
         {
             cache.set_layer(l, kc, vc);
         }
-        let h = ops::gather_rows(&h, &plan, Padding::Left)?;
-        let (b, s) = prompt.positions.dims2()?;
-        let positions =
-            ops::gather_rows(&prompt.positions.reshape((b, s, 1))?, &plan, Padding::Left)?
-                .reshape((b, s_new))?;
-        let lengths: Vec<usize> = {
-            let kept = plan.positions()?;
-            (0..b).map(|row| kept.row(row).len()).collect()
-        };
-        let starts: Vec<usize> = lengths.iter().map(|&n| s_new - n).collect();
 
-        // The remaining layers on the shorter sequence, then decoding.
-        let mask = attention_mask(&starts, s_new, s_new, h.device())?;
-        let h = dec.forward_layers(
-            &h,
-            &positions,
-            Some(&mask),
-            k + 1..dec.num_layers(),
-            &mut cache,
-        )?;
-        let first = dec.last_logits(&h)?;
-        // The glimpse token is gone: decoding continues at its position.
-        let next: Vec<u32> = prompt.next_positions().iter().map(|p| p - 1).collect();
+        // The remaining layers on the shorter sequence, then decoding at the
+        // end of the dense layout (the glimpse token's position).
+        let layers = dec.num_layers();
+        let first = kept.forward(dec, k + 1..layers, &mut cache)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
-        let generation = dec.greedy(&first, &next, &starts, &mut cache, max_new_tokens)?;
+        let generation = dec.greedy(
+            &first,
+            &prompt.next_positions(),
+            &kept.starts,
+            &mut cache,
+            max_new_tokens,
+        )?;
         let decode = t1.elapsed();
-        let layers = dec.num_layers();
         Ok(GlimpseRun {
             generation,
             kept: plan.kept_visual()?,
             visual: prompt.visual.iter().map(Vec::len).collect(),
-            kv_entries: lengths.iter().map(|n| n * layers).collect(),
+            kv_entries: kept.lengths.iter().map(|n| n * layers).collect(),
             prefill,
             decode,
         })
+    }
+
+    /// No row may be left with nothing to attend (docs/architecture.md):
+    /// a row that is only its image and the glimpse token (no system
+    /// prompt, no question) keeps nothing but visual tokens, so a rule that
+    /// may keep none of them (`min_keep` 0) is refused before the model runs.
+    fn refuse_emptiable_rows(&self, system: &[u32], questions: &[Vec<u32>]) -> Result<()> {
+        if self.cfg.rule.min_keep > 0 || !system.is_empty() {
+            return Ok(());
+        }
+        match questions.iter().position(Vec::is_empty) {
+            Some(b) => candle_core::bail!(
+                "GlimpsePrune: row {b} is only its image and the glimpse token, and the keep rule (min_keep 0) may drop every visual token, leaving the row nothing to attend; keep one (min_keep >= 1) or give the row text"
+            ),
+            None => Ok(()),
+        }
     }
 }

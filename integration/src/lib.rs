@@ -2,6 +2,13 @@
 //!
 //! - [`glimpse_pipeline`]: the GlimpsePrune kernel pipeline on synthetic
 //!   inputs, which the main job runs.
+//! - One shape for every method: [`method`] (how a method is built, seeded,
+//!   saved and loaded; one generation over image questions with a shared
+//!   report; the dense baseline) over [`checkpoint`] (seeded or safetensors
+//!   parameters, saved under the names they were fetched by), and
+//!   [`reduce`] (the batch after a reduction inside the decoder, and the two
+//!   rules every method keeps: decoding continues at the end of each row's
+//!   dense layout, no row is left with nothing to attend).
 //! - A small LLaVA-style model built from candle ops: [`config`] (sizes, the
 //!   built-in [`config::ModelConfig::tiny`]), [`vision`] (a CLIP-style ViT
 //!   returning every layer's features), [`projector`] (LLaVA's 2-layer MLP),
@@ -29,6 +36,7 @@
 //!   (the text-guided sampler at layer K, the later layers and decoding on
 //!   the kept tokens).
 
+pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod focus;
@@ -37,15 +45,18 @@ pub mod gaze_prompt;
 pub mod glimpse;
 pub mod glimpse_pipeline;
 pub mod images;
+pub mod method;
 pub mod model;
 mod nn;
 pub mod ops;
 pub mod projector;
 pub mod prompt;
+pub mod reduce;
 pub mod vip;
 pub mod vision;
 pub mod vision_sampler;
 
+pub use checkpoint::{Checkpoint, Named};
 pub use config::{ModelConfig, TextConfig, VisionConfig};
 pub use decoder::{
     attention_mask, AttentionCore, CacheSpan, Decoder, DenseAttention, Generation, KvCache,
@@ -55,7 +66,8 @@ pub use focus::{FocusConfig, FocusLlava, FocusRun};
 pub use gaze::{GazeAttention, GazeConfig, GazePrefill, GazeRun, GazeStep};
 pub use gaze_prompt::{GazePrompt, GazeSegment, GazeUnit};
 pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
+pub use method::{Dense, ImageMethod, ImageQuestions, Method, Report};
 pub use model::{ImageFeatures, LlavaModel};
-pub use nn::Named;
 pub use prompt::{Prompt, Segment};
+pub use reduce::Reduced;
 pub use vision_sampler::{VisionSample, VisionSampler, VisionSamplerConfig};

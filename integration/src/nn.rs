@@ -1,29 +1,8 @@
-//! Small helpers shared by the model's modules: activations, and the list of
-//! named parameters each module contributes (for saving with HF names).
+//! Small building blocks shared by the model's modules: activations and the
+//! SwiGLU MLP.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{linear_no_bias, Activation, LayerNorm, Linear, Module, RmsNorm, VarBuilder};
-
-/// Named parameters, in the order the modules list them.
-pub type Named = Vec<(String, Tensor)>;
-
-pub(crate) fn push_linear(out: &mut Named, prefix: &str, l: &Linear) {
-    out.push((format!("{prefix}.weight"), l.weight().clone()));
-    if let Some(b) = l.bias() {
-        out.push((format!("{prefix}.bias"), b.clone()));
-    }
-}
-
-pub(crate) fn push_layer_norm(out: &mut Named, prefix: &str, n: &LayerNorm) {
-    out.push((format!("{prefix}.weight"), n.weight().clone()));
-    if let Some(b) = n.bias() {
-        out.push((format!("{prefix}.bias"), b.clone()));
-    }
-}
-
-pub(crate) fn push_rms_norm(out: &mut Named, prefix: &str, n: &RmsNorm) {
-    out.push((format!("{prefix}.weight"), n.weight().clone()));
-}
+use candle_nn::{linear_no_bias, Activation, Linear, Module, VarBuilder};
 
 /// `act(xs)`, or OpenAI CLIP's quick GELU `x * sigmoid(1.702 x)`.
 pub(crate) fn activate(xs: &Tensor, act: Activation, quick_gelu: bool) -> Result<Tensor> {
@@ -54,11 +33,5 @@ impl SwiGlu {
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = (self.gate_proj.forward(xs)?.silu()? * self.up_proj.forward(xs)?)?;
         self.down_proj.forward(&h)
-    }
-
-    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.gate_proj"), &self.gate_proj);
-        push_linear(out, &format!("{prefix}.up_proj"), &self.up_proj);
-        push_linear(out, &format!("{prefix}.down_proj"), &self.down_proj);
     }
 }

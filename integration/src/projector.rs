@@ -5,8 +5,6 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Activation, Linear, VarBuilder};
 
-use crate::nn::{push_linear, Named};
-
 #[derive(Debug, Clone)]
 pub struct Projector {
     linear_1: Linear,
@@ -32,10 +30,5 @@ impl Projector {
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let h = self.act.forward(&self.linear_1.forward(features)?)?;
         self.linear_2.forward(&h)
-    }
-
-    pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.linear_1"), &self.linear_1);
-        push_linear(out, &format!("{prefix}.linear_2"), &self.linear_2);
     }
 }

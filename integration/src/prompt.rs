@@ -2,7 +2,8 @@
 //! an image's visual embeddings, any other embeddings such as a learned
 //! glimpse token), laid out left-padded into one batch, with the position ids,
 //! the sequence indices of the visual tokens and the valid range of each row
-//! (what foveal's `RowLayout` describes).
+//! (what foveal's `RowLayout` describes), and where each row's decoding
+//! continues: the end of its dense layout, whatever a method later keeps.
 
 use candle_core::{DType, Result, Tensor};
 use foveal::{RowLayout, RowSpec};
@@ -17,8 +18,14 @@ pub enum Segment {
     /// An image's visual embeddings `[N, Dm]`; their positions are listed in
     /// [`Prompt::visual`].
     Image(Tensor),
-    /// Other embeddings `[n, Dm]` (not visual), e.g. a learned glimpse token.
+    /// Other embeddings `[n, Dm]` (not visual), e.g. Gaze Attention's
+    /// context tokens.
     Embeds(Tensor),
+    /// Embeddings `[n, Dm]` a method appends after a row to read something
+    /// and drops before decoding (GlimpsePrune's glimpse token). They take
+    /// the position ids from the row's end on, but the row's end, where
+    /// decoding continues, stays before them. Only at the end of a row.
+    Transient(Tensor),
     /// Visual embeddings `[N, Dm]` sampled from a feature map of `span`
     /// cells (FocusLLaVA's vision-guided sampler): token `i` gets the position
     /// id `base + offsets[i]` (its source cell), where `base` is the segment's
@@ -35,7 +42,8 @@ pub enum Segment {
 /// A left-padded batch of prompts. Row `b` is valid at sequence indices
 /// `starts[b]..seq`; its position ids count from 0 at `starts[b]`, one per
 /// token except inside a [`Segment::SampledImage`] (padding slots get 0, hold
-/// zero embeddings and are masked).
+/// zero embeddings and are masked). Decoding continues at
+/// [`Prompt::next_positions`].
 #[derive(Debug, Clone)]
 pub struct Prompt {
     /// `[B, S, Dm]`, the decoder's dtype.
@@ -48,6 +56,8 @@ pub struct Prompt {
     pub starts: Vec<usize>,
     /// Per row, the sequence indices of the visual tokens (ascending).
     pub visual: Vec<Vec<usize>>,
+    /// Per row, the position id after its dense layout.
+    ends: Vec<u32>,
 }
 
 impl Prompt {
@@ -61,11 +71,22 @@ impl Prompt {
             decoder.dtype(),
             decoder.config().hidden_size,
         );
-        let mut parts = Vec::with_capacity(rows.len());
+        let (mut parts, mut ends) = (Vec::with_capacity(rows.len()), Vec::new());
         for (b, row) in rows.iter().enumerate() {
             let (mut pieces, mut visual, mut ids, mut len, mut next) =
                 (Vec::new(), Vec::new(), Vec::<u32>::new(), 0usize, 0u32);
+            // The dense layout's end: where the first transient segment starts.
+            let mut end = None;
             for seg in row {
+                match (seg, end) {
+                    (Segment::Transient(_), None) => end = Some(next),
+                    (Segment::Transient(_), Some(_)) => {}
+                    (Segment::Text(t), Some(_)) if t.is_empty() => {}
+                    (_, Some(_)) => candle_core::bail!(
+                        "Prompt::build: row {b}: a transient segment must end its row"
+                    ),
+                    _ => {}
+                }
                 let t = match seg {
                     Segment::Text(ids) if ids.is_empty() => continue,
                     Segment::Text(ids) => {
@@ -73,12 +94,13 @@ impl Prompt {
                     }
                     Segment::Image(e)
                     | Segment::Embeds(e)
+                    | Segment::Transient(e)
                     | Segment::SampledImage { embeds: e, .. } => {
                         let (n, d) = e.dims2()?;
                         if d != dm {
                             candle_core::bail!("Prompt::build: row {b}: embeddings of width {d}, the decoder's is {dm}");
                         }
-                        if !matches!(seg, Segment::Embeds(_)) {
+                        if matches!(seg, Segment::Image(_) | Segment::SampledImage { .. }) {
                             visual.extend(len..len + n);
                         }
                         e.to_dtype(dtype)?
@@ -102,6 +124,7 @@ impl Prompt {
                 candle_core::bail!("Prompt::build: row {b} is empty");
             }
             parts.push((Tensor::cat(&pieces, 0)?, visual, ids, len));
+            ends.push(end.unwrap_or(next));
         }
         let seq = parts.iter().map(|p| p.3).max().unwrap_or(0);
         let (mut embeds, mut position_ids, mut starts, mut vis) =
@@ -129,6 +152,7 @@ impl Prompt {
             position_ids,
             starts,
             visual: vis,
+            ends,
         })
     }
 
@@ -146,12 +170,13 @@ impl Prompt {
         attention_mask(&self.starts, self.seq(), self.seq(), self.embeds.device())
     }
 
-    /// Per row, the position id after the last token (where decoding continues).
+    /// Per row, where decoding continues: the position id after the row's
+    /// dense layout (a [`Segment::SampledImage`] counts its whole span,
+    /// [`Segment::Transient`] segments do not count). Every method decodes
+    /// from here whatever it kept: the next position is never derived from
+    /// the kept tokens.
     pub fn next_positions(&self) -> Vec<u32> {
-        self.position_ids
-            .iter()
-            .map(|p| p.last().map_or(0, |&x| x + 1))
-            .collect()
+        self.ends.clone()
     }
 
     /// The rows as foveal describes them: valid `start..S`, visual positions.
@@ -173,7 +198,9 @@ impl Prompt {
     }
 
     /// This prompt with `tokens[b]` appended to row `b` (every row the same
-    /// count), positions continuing.
+    /// count), positions continuing from [`Prompt::next_positions`] (after a
+    /// transient segment, the tokens follow it in the sequence and take its
+    /// position ids, as decoding after dropping it does).
     pub fn append_tokens(&self, decoder: &Decoder, tokens: &[Vec<u32>]) -> Result<Prompt> {
         let b = self.batch();
         let n = tokens.first().map_or(0, |t| t.len());
@@ -191,11 +218,10 @@ impl Prompt {
             ],
             1,
         )?;
-        let next = self.next_positions();
         let position_ids: Vec<Vec<u32>> = self
             .position_ids
             .iter()
-            .zip(&next)
+            .zip(&self.ends)
             .map(|(p, &q)| p.iter().copied().chain(q..q + n as u32).collect())
             .collect();
         let positions = Tensor::from_vec(
@@ -209,6 +235,7 @@ impl Prompt {
             position_ids,
             starts: self.starts.clone(),
             visual: self.visual.clone(),
+            ends: self.ends.iter().map(|&e| e + n as u32).collect(),
         })
     }
 
@@ -216,6 +243,26 @@ impl Prompt {
     pub fn positions_as(&self, dtype: DType) -> Result<Tensor> {
         self.positions.to_dtype(dtype)
     }
+}
+
+/// The rows `[system][image b][questions[b]]` of a batch of `images` image
+/// questions, in any segment type: `text` wraps token ids, `image(b)` makes
+/// row `b`'s image segment. One question per image, or an error.
+pub fn image_question_rows<S>(
+    images: usize,
+    system: &[u32],
+    questions: &[Vec<u32>],
+    text: impl Fn(Vec<u32>) -> S,
+    image: impl Fn(usize) -> Result<S>,
+) -> Result<Vec<Vec<S>>> {
+    if questions.len() != images {
+        candle_core::bail!("{images} images, {} questions", questions.len());
+    }
+    questions
+        .iter()
+        .enumerate()
+        .map(|(b, q)| Ok(vec![text(system.to_vec()), image(b)?, text(q.clone())]))
+        .collect()
 }
 
 /// A stand-in tokenizer: the bytes of `text` as token ids (0..256; the

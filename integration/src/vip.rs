@@ -15,7 +15,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{linear, rms_norm, Linear, Module, RmsNorm, VarBuilder};
 
-use crate::nn::{push_linear, push_rms_norm, Named, SwiGlu};
+use crate::nn::SwiGlu;
 
 /// Sizes of the predictor.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,21 +143,6 @@ impl Block {
         let x = (x + self.o_proj.forward(&attn)?)?;
         x.clone() + self.mlp.forward(&self.norm2.forward(&x)?)?
     }
-
-    fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        push_rms_norm(out, &format!("{prefix}.norm1"), &self.norm1);
-        for (name, l) in [
-            ("q_proj", &self.q_proj),
-            ("k_proj", &self.k_proj),
-            ("v_proj", &self.v_proj),
-            ("cond_proj", &self.cond_proj),
-            ("o_proj", &self.o_proj),
-        ] {
-            push_linear(out, &format!("{prefix}.{name}"), l);
-        }
-        push_rms_norm(out, &format!("{prefix}.norm2"), &self.norm2);
-        self.mlp.named(&format!("{prefix}.mlp"), out);
-    }
 }
 
 /// 2D rotary embedding: the first half of each q/k head rotates with the
@@ -268,15 +253,5 @@ impl Vip {
             .forward(&self.norm.forward(&x)?)?
             .squeeze(2)?
             .to_dtype(DType::F32)
-    }
-
-    /// The parameters with their names under `prefix`.
-    pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.in_proj"), &self.in_proj);
-        for (m, block) in self.blocks.iter().enumerate() {
-            block.named_tensors(&format!("{prefix}.blocks.{m}"), out);
-        }
-        push_rms_norm(out, &format!("{prefix}.norm"), &self.norm);
-        push_linear(out, &format!("{prefix}.out_proj"), &self.out_proj);
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use crate::config::VisionConfig;
-use crate::nn::{activate, push_layer_norm, push_linear, Named};
+use crate::nn::activate;
 
 #[derive(Debug, Clone)]
 struct VisionAttention {
@@ -54,13 +54,6 @@ impl VisionAttention {
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out_proj.forward(&out)
     }
-
-    fn named(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.q_proj"), &self.q_proj);
-        push_linear(out, &format!("{prefix}.k_proj"), &self.k_proj);
-        push_linear(out, &format!("{prefix}.v_proj"), &self.v_proj);
-        push_linear(out, &format!("{prefix}.out_proj"), &self.out_proj);
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -91,14 +84,6 @@ impl VisionLayer {
         let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let h = activate(&h, self.cfg.hidden_act, self.cfg.quick_gelu)?;
         xs + self.fc2.forward(&h)?
-    }
-
-    fn named(&self, prefix: &str, out: &mut Named) {
-        self.self_attn.named(&format!("{prefix}.self_attn"), out);
-        push_layer_norm(out, &format!("{prefix}.layer_norm1"), &self.layer_norm1);
-        push_layer_norm(out, &format!("{prefix}.layer_norm2"), &self.layer_norm2);
-        push_linear(out, &format!("{prefix}.mlp.fc1"), &self.fc1);
-        push_linear(out, &format!("{prefix}.mlp.fc2"), &self.fc2);
     }
 }
 
@@ -200,24 +185,5 @@ impl VisionTower {
         }
         let xs = xs.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         self.pre_layrnorm.forward(&xs.contiguous()?)
-    }
-
-    /// The parameters with their HF names under `prefix` (e.g. `vision_tower.vision_model`).
-    pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        out.push((
-            format!("{prefix}.embeddings.patch_embedding.weight"),
-            self.patch_embedding.clone(),
-        ));
-        if let Some(cls) = &self.class_embedding {
-            out.push((format!("{prefix}.embeddings.class_embedding"), cls.clone()));
-        }
-        out.push((
-            format!("{prefix}.embeddings.position_embedding.weight"),
-            self.position_embedding.clone(),
-        ));
-        push_layer_norm(out, &format!("{prefix}.pre_layrnorm"), &self.pre_layrnorm);
-        for (i, l) in self.layers.iter().enumerate() {
-            l.named(&format!("{prefix}.encoder.layers.{i}"), out);
-        }
     }
 }

@@ -21,7 +21,6 @@ use candle_nn::{linear, Linear, VarBuilder};
 use foveal::{Pool, ScaleSet};
 
 use crate::model::LlavaModel;
-use crate::nn::{push_linear, Named};
 use crate::ops;
 
 /// How the sampler runs (part of [`FocusConfig`](crate::focus::FocusConfig)).
@@ -116,10 +115,6 @@ impl VisionSampler {
 
     pub fn config(&self) -> &VisionSamplerConfig {
         &self.cfg
-    }
-
-    pub fn named_tensors(&self, prefix: &str, out: &mut Named) {
-        push_linear(out, &format!("{prefix}.selector"), &self.selector);
     }
 
     /// The selector's logits `[B, M, S]` (f32): scores of each window's

@@ -3,18 +3,22 @@
 //! tokens are the max-pooled cells of the scales the selector chose, the
 //! text-guided sampler keeps what the paper's Eqs. 7-9 say, and decoding on
 //! the shorter sequence is decoding with the dropped tokens masked out after
-//! layer K.
+//! layer K, continuing where the dense layout ends; no row is left empty.
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use foveal::text_guided_select::select_from_scores;
+use foveal_candle::focus::LayerK;
 use foveal_candle::images::synthetic_images;
-use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
-    attention_mask, FocusConfig, FocusLlava, LlavaModel, ModelConfig, VisionSample, MASK_MIN,
+    attention_mask, FocusConfig, FocusLlava, FocusRun, LlavaModel, Method, ModelConfig, Prompt,
+    VisionSample,
 };
 
 mod common;
-use common::max_abs_diff;
+use common::{
+    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, mask_columns,
+    max_abs_diff, replay_steps, system_and_questions,
+};
 
 const STEPS: usize = 5;
 
@@ -28,13 +32,9 @@ struct Setup {
 fn setup() -> Result<Setup> {
     let cfg = ModelConfig::tiny();
     let model = LlavaModel::seeded(&cfg, 11, &Device::Cpu, DType::F32)?;
-    // Questions of different lengths: a ragged, left-padded batch.
-    let questions = vec![
-        byte_tokens("Where is the red square?"),
-        byte_tokens("Count the shapes."),
-    ];
+    let (system, questions) = system_and_questions();
     Ok(Setup {
-        system: byte_tokens("You see an image."),
+        system,
         questions,
         model,
         cfg,
@@ -146,6 +146,65 @@ fn importance(q: &Tensor, k: &Tensor, group: usize) -> Result<Vec<f32>> {
     a.max(0)?.mean(0)?.to_vec1::<f32>()
 }
 
+/// Per row, where the dense layout `[system][g x g map][question]` ends.
+fn dense_ends(s: &Setup, g: usize, questions: &[Vec<u32>]) -> Vec<u32> {
+    let cells = g * g * s.model.num_patches();
+    questions
+        .iter()
+        .map(|q| (s.system.len() + cells + q.len()) as u32)
+        .collect()
+}
+
+/// The reference of a FocusLLaVA run: a dense run over the FocusLLaVA
+/// prompt in which the visual tokens the text-guided sampler dropped are
+/// masked out from layer K+1 on (layers 0..=K saw, and cached, every token,
+/// also while decoding), decoding at `next[b]` (the test's own account of
+/// the dense layout's end). Returns every step's logits.
+fn masked_reference(
+    s: &Setup,
+    fcfg: &FocusConfig,
+    prompt: &Prompt,
+    layer_k: &LayerK,
+    run: &FocusRun,
+    next: &[u32],
+) -> Result<Vec<Tensor>> {
+    let dec = &s.model.decoder;
+    let dropped: Vec<Vec<usize>> = (0..prompt.batch())
+        .map(|b| {
+            prompt.visual[b]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !run.kept[b].contains(i))
+                .map(|(_, &p)| p)
+                .collect()
+        })
+        .collect();
+    let mut cache = layer_k.cache.clone();
+    let h = dec.forward_layers(
+        &layer_k.hidden,
+        &prompt.positions,
+        Some(&mask_columns(prompt.mask()?, &dropped)?),
+        fcfg.layer + 1..dec.num_layers(),
+        &mut cache,
+    )?;
+    let mut steps = vec![dec.last_logits(&h)?];
+    steps.extend(replay_steps(
+        dec,
+        &run.generation.tokens,
+        next,
+        &mut cache,
+        &[fcfg.layer + 1],
+        |range, kv_len| {
+            let mask = attention_mask(&prompt.starts, 1, kv_len, &Device::Cpu)?;
+            match range {
+                0 => Ok(mask),
+                _ => mask_columns(mask, &dropped),
+            }
+        },
+    )?);
+    Ok(steps)
+}
+
 /// Real selection at layer K: the kept sets are the paper's rule on S, and
 /// every step's logits equal a dense run over the FocusLLaVA prompt in which
 /// the dropped visual tokens are masked out from layer K+1 on (layers 0..=K
@@ -216,60 +275,10 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
         }
 
         // The reference: layers K+1.. over the whole prompt, dropped keys masked.
-        let dec = &s.model.decoder;
-        let dropped: Vec<Vec<usize>> = (0..prompt.batch())
-            .map(|b| {
-                prompt.visual[b]
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !run.kept[b].contains(i))
-                    .map(|(_, &p)| p)
-                    .collect()
-            })
-            .collect();
-        let masked = |mask: Tensor| -> Result<Tensor> {
-            let (b, _, q, kv) = mask.dims4()?;
-            let mut m = mask.flatten_all()?.to_vec1::<f32>()?;
-            for (row, cols) in dropped.iter().enumerate() {
-                for i in 0..q {
-                    for &c in cols {
-                        m[(row * q + i) * kv + c] = MASK_MIN;
-                    }
-                }
-            }
-            Tensor::from_vec(m, (b, 1, q, kv), &Device::Cpu)
-        };
-        let mut cache = layer_k.cache.clone();
-        let after = fcfg.layer + 1..dec.num_layers();
-        let h = dec.forward_layers(
-            &layer_k.hidden,
-            &prompt.positions,
-            Some(&masked(prompt.mask()?)?),
-            after.clone(),
-            &mut cache,
-        )?;
-        let d = max_abs_diff(&dec.last_logits(&h)?, &run.generation.logits[0])?;
-        assert!(d < 1e-4, "grid {g}, prefill: logits differ by {d}");
-        let mut pos = prompt.next_positions();
-        for step in 1..STEPS {
-            let tokens: Vec<u32> = run.generation.tokens.iter().map(|t| t[step - 1]).collect();
-            let ids = Tensor::from_slice(&tokens, (tokens.len(), 1), &Device::Cpu)?;
-            let p = Tensor::from_slice(&pos, (pos.len(), 1), &Device::Cpu)?;
-            let mask = attention_mask(&prompt.starts, 1, cache.seq_len(0) + 1, &Device::Cpu)?;
-            let h = dec.forward_layers(
-                &dec.embed(&ids)?,
-                &p,
-                Some(&mask),
-                0..fcfg.layer + 1,
-                &mut cache,
-            )?;
-            let h = dec.forward_layers(&h, &p, Some(&masked(mask)?), after.clone(), &mut cache)?;
-            let logits = dec.last_logits(&h)?;
-            let d = max_abs_diff(&logits, &run.generation.logits[step])?;
-            assert!(
-                d < 1e-4,
-                "grid {g}, decode step {step}: logits differ by {d}"
-            );
+        let next = dense_ends(&s, g, &s.questions);
+        let want = masked_reference(&s, &fcfg, &prompt, &layer_k, &run, &next)?;
+        assert_steps_close(&run.generation.logits, &want, 1e-4, &format!("grid {g}"))?;
+        for (step, logits) in want.iter().enumerate() {
             assert_eq!(
                 logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
                 run.generation
@@ -278,18 +287,90 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
                     .map(|t| t[step])
                     .collect::<Vec<_>>()
             );
-            pos.iter_mut().for_each(|p| *p += 1);
         }
 
         // KV entries: whole rows in layers 0..=K, the kept ones after.
-        for (b, dropped) in dropped.iter().enumerate() {
+        let layers = s.cfg.text.num_layers;
+        for (b, kept) in run.kept.iter().enumerate() {
             let len = seq - prompt.starts[b];
-            let kept_len = len - dropped.len();
-            let want = len * (fcfg.layer + 1) + kept_len * (dec.num_layers() - fcfg.layer - 1);
+            let kept_len = len - (prompt.visual[b].len() - kept.len());
+            let want = len * (fcfg.layer + 1) + kept_len * (layers - fcfg.layer - 1);
             assert_eq!(run.kv_entries[b], want, "row {b}");
         }
     }
     Ok(())
+}
+
+/// After both samplers, decoding continues where the dense layout ends,
+/// whatever scale was chosen or token kept: with the image (one, or a 2 x 2
+/// grid) last, beside a row with text after the image, every window forced
+/// to each scale (gamma 1) and the default selector and gamma; every step's
+/// logits equal the masked reference decoding there.
+#[test]
+fn decoding_continues_at_the_end_of_the_dense_layout() -> Result<()> {
+    let s = setup()?;
+    let settings = [
+        (1, Some(0), 1.0),
+        (1, Some(1), 1.0),
+        (1, Some(2), 1.0),
+        (1, None, 0.85),
+        (2, Some(0), 1.0),
+    ];
+    for questions in [vec![vec![], vec![]], vec![vec![], s.questions[1].clone()]] {
+        for (g, force_scale, gamma) in settings {
+            let mut fcfg = FocusConfig::for_model(&s.cfg);
+            fcfg.vision.force_scale = force_scale;
+            fcfg.gamma = gamma;
+            let fl = FocusLlava::seeded(&s.cfg, &fcfg, 1, &Device::Cpu, DType::F32)?;
+            let pixels = images(&s, g)?;
+            let run = fl.generate(&s.model, &pixels, (g, g), &s.system, &questions, STEPS)?;
+            let what = format!(
+                "grid {g}, scale {force_scale:?}, gamma {gamma}, question lengths {:?}",
+                questions.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+            let next = dense_ends(&s, g, &questions);
+            assert_decodes_from(&run.generation, &next, &what);
+            let sample = fl.sample_vision(&s.model, &pixels, (g, g))?;
+            let prompt = fl.prompt(&s.model, &sample, &s.system, &questions)?;
+            let layer_k = fl.prefill_to_layer_k(&s.model, &prompt)?;
+            let want = masked_reference(&s, &fcfg, &prompt, &layer_k, &run, &next)?;
+            assert_steps_close(&run.generation.logits, &want, 1e-4, &what)?;
+        }
+    }
+    Ok(())
+}
+
+/// A row that is only its image keeps a token at the strongest reduction
+/// (every window at 4 x 4, gamma 0.01): the sampler keeps a token per
+/// window, and the text-guided sampler keeps a token of every row (all of
+/// them in a row without text). The row is the same alone and in a batch.
+#[test]
+fn a_row_that_is_only_its_image_keeps_a_token_alone_and_in_a_batch() -> Result<()> {
+    let s = setup()?;
+    let mut fcfg = FocusConfig::for_model(&s.cfg);
+    fcfg.vision.force_scale = Some(0);
+    fcfg.gamma = 0.01;
+    let fl = FocusLlava::seeded(&s.cfg, &fcfg, 1, &Device::Cpu, DType::F32)?;
+    let pixels = images(&s, 1)?;
+    let alone = fl.generate(
+        &s.model,
+        &pixels.narrow(0, 0, 1)?,
+        (1, 1),
+        &[],
+        &[vec![]],
+        STEPS,
+    )?;
+    let questions = [vec![], s.questions[1].clone()];
+    let batch = fl.generate(&s.model, &pixels, (1, 1), &[], &questions, STEPS)?;
+    assert_eq!(alone.sampled, [4], "one token per 4 x 4 window");
+    assert_eq!(
+        alone.kept,
+        [vec![0, 1, 2, 3]],
+        "no text: every sampled token kept"
+    );
+    assert!(!batch.kept[1].is_empty() && batch.kept[1].len() < batch.sampled[1]);
+    assert_eq!(alone.kept[0], batch.kept[0]);
+    assert_row_alone_as_in_batch(&alone.generation, &batch.generation)
 }
 
 /// The 7-branch set and Eq. 2's probability scaling reach the gather.

@@ -2,8 +2,9 @@
 //! model (same context tokens and prefill mask); with few regions, every
 //! decode step equals dense attention with the unrouted regions masked per
 //! head (routes recomputed here from the cached keys); the context-token
-//! prefill mask; several images and video frames per row; the context tokens
-//! round-trip through safetensors.
+//! prefill mask; several images and video frames per row; decoding
+//! continues where the dense layout ends; a row of only an image decodes as
+//! in a batch; the context tokens round-trip through safetensors.
 
 use std::collections::HashSet;
 
@@ -12,12 +13,15 @@ use foveal::RegionShape;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
-    AttentionCore, GazeAttention, GazeConfig, GazePrompt, GazeSegment, GazeUnit, LlavaModel,
-    ModelConfig, MASK_MIN,
+    attention_mask, AttentionCore, GazeAttention, GazeConfig, GazePrompt, GazeRun, GazeSegment,
+    GazeUnit, LlavaModel, Method, ModelConfig, MASK_MIN,
 };
 
 mod common;
-use common::max_abs_diff;
+use common::{
+    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, max_abs_diff,
+    replay_steps,
+};
 
 const STEPS: usize = 5;
 /// Grid side of the tiny model's images.
@@ -252,19 +256,10 @@ fn routed_decoding_equals_dense_attention_with_unrouted_regions_masked() -> Resu
         };
         let run = gaze.generate(&model, &prompt, STEPS)?;
         let p = &prompt.prompt;
-        let mut reference = MaskedRouting {
-            regions: prompt
-                .units
-                .iter()
-                .zip(&items)
-                .map(|(u, it)| regions_of(u, it, gaze.config().region))
-                .collect(),
-            starts: p.starts.clone(),
-            k,
-        };
-        for b in 0..p.batch() {
+        for (b, it) in items.iter().enumerate() {
+            let regions = regions_of(&prompt.units[b], it, gaze.config().region);
             assert!(
-                reference.regions[b].len() > k,
+                regions.len() > k,
                 "{name}: row {b} needs more regions than k"
             );
             let (attended, dense) = run.mean_attended(b);
@@ -274,30 +269,23 @@ fn routed_decoding_equals_dense_attention_with_unrouted_regions_masked() -> Resu
             );
         }
 
-        let dec = &model.decoder;
-        let mut pre = gaze.prefill(&model, &prompt)?;
-        let d0 = max_abs_diff(&pre.first_logits, &run.generation.logits[0])?;
+        let next = p.next_positions();
+        let want = routed_reference(&model, &gaze, &prompt, &items, &run, &next)?;
+        let d0 = max_abs_diff(&want[0], &run.generation.logits[0])?;
         assert!(d0 < 1e-5, "{name}: prefill logits differ by {d0}");
-        let mut dense_cache = pre.cache.clone();
-        let mut pos = p.next_positions();
+        assert_steps_close(&run.generation.logits, &want, 1e-4, name)?;
+        let dec = &model.decoder;
+        let dense = replay_steps(
+            dec,
+            &run.generation.tokens,
+            &next,
+            &mut gaze.prefill(&model, &prompt)?.cache,
+            &[],
+            |_, kv_len| attention_mask(&p.starts, 1, kv_len, &Device::Cpu),
+        )?;
         let mut routing_mattered = false;
-        for step in 1..STEPS {
-            let tokens: Vec<u32> = run.generation.tokens.iter().map(|t| t[step - 1]).collect();
-            let want = dec.decode_step_with(
-                &tokens,
-                &pos,
-                &[dec.span_all(&p.starts)],
-                &mut pre.cache,
-                &mut reference,
-            )?;
-            let diff = max_abs_diff(&want, &run.generation.logits[step])?;
-            assert!(
-                diff < 1e-4,
-                "{name}, step {step}: logits differ from the masked reference by {diff}"
-            );
-            let dense = dec.decode_step(&tokens, &pos, &p.starts, &mut dense_cache)?;
-            routing_mattered |= max_abs_diff(&dense, &want)? > 1e-3;
-            pos.iter_mut().for_each(|x| *x += 1);
+        for (d, w) in dense.iter().zip(&want[1..]) {
+            routing_mattered |= max_abs_diff(d, w)? > 1e-3;
         }
         assert!(
             routing_mattered,
@@ -305,6 +293,120 @@ fn routed_decoding_equals_dense_attention_with_unrouted_regions_masked() -> Resu
         );
     }
     Ok(())
+}
+
+/// The reference of a Gaze Attention run: the same prefill, then the
+/// generated tokens fed back at `next[b]`, `next[b] + 1`, ... (the caller's
+/// own account of where decoding continues), every layer's attention
+/// routed by [`MaskedRouting`] (`items`: per row, the units of each image
+/// or video). Returns every step's logits.
+fn routed_reference(
+    model: &LlavaModel,
+    gaze: &GazeAttention,
+    prompt: &GazePrompt,
+    items: &[Vec<usize>],
+    run: &GazeRun,
+    next: &[u32],
+) -> Result<Vec<Tensor>> {
+    let dec = &model.decoder;
+    let p = &prompt.prompt;
+    let mut core = MaskedRouting {
+        regions: prompt
+            .units
+            .iter()
+            .zip(items)
+            .map(|(u, it)| regions_of(u, it, gaze.config().region))
+            .collect(),
+        starts: p.starts.clone(),
+        k: gaze.config().k,
+    };
+    let mut pre = gaze.prefill(model, prompt)?;
+    let mut out = vec![pre.first_logits];
+    let tokens = &run.generation.tokens;
+    for step in 1..tokens[0].len() {
+        let ids: Vec<u32> = tokens.iter().map(|t| t[step - 1]).collect();
+        let pos: Vec<u32> = next.iter().map(|&n| n + step as u32 - 1).collect();
+        let span = [dec.span_all(&p.starts)];
+        out.push(dec.decode_step_with(&ids, &pos, &span, &mut pre.cache, &mut core)?);
+    }
+    Ok(out)
+}
+
+/// Decoding continues where the dense layout ends: with an image and a
+/// 3-frame video last in their rows (their context tokens after them), and
+/// with text after them, at k = 1, 2 and every region; every step's logits
+/// equal the routed reference decoding there.
+#[test]
+fn decoding_continues_at_the_end_of_the_dense_layout() -> Result<()> {
+    let (cfg, model) = model()?;
+    let e = image_embeds(&model, 4, 7)?;
+    let system = byte_tokens("You see: ");
+    let c = 4;
+    for question in [vec![], byte_tokens("What moves?")] {
+        let rows = vec![
+            vec![GazeSegment::Text(system.clone()), image(e.get(0)?)],
+            vec![
+                GazeSegment::Text(system.clone()),
+                GazeSegment::Video {
+                    frames: e.narrow(0, 1, 3)?,
+                    height: SIDE,
+                    width: SIDE,
+                },
+            ],
+        ];
+        let rows: Vec<Vec<GazeSegment>> = rows
+            .into_iter()
+            .map(|mut r| {
+                r.push(GazeSegment::Text(question.clone()));
+                r
+            })
+            .collect();
+        // Text, then per unit its 64 visual and c context tokens.
+        let next: Vec<u32> = [1, 3]
+            .iter()
+            .map(|units| (system.len() + units * (SIDE * SIDE + c) + question.len()) as u32)
+            .collect();
+        for k in [1, 2, 18] {
+            let gaze = GazeAttention::seeded(&cfg, &config(k, 2), 3, &Device::Cpu, DType::F32)?;
+            let prompt = gaze.prompt(&model, &rows)?;
+            let run = gaze.generate(&model, &prompt, STEPS)?;
+            let what = format!("k {k}, question of {}", question.len());
+            assert_decodes_from(&run.generation, &next, &what);
+            let want = routed_reference(&model, &gaze, &prompt, &[vec![1], vec![3]], &run, &next)?;
+            assert_steps_close(&run.generation.logits, &want, 1e-4, &what)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gaze Attention drops nothing from the cache and its context tokens are
+/// always attended: a row that is only its image (and context tokens) at
+/// k = 1 decodes the same alone and in a batch.
+#[test]
+fn a_row_that_is_only_its_image_decodes_alone_and_in_a_batch() -> Result<()> {
+    let (cfg, model) = model()?;
+    let gaze = GazeAttention::seeded(&cfg, &config(1, 1), 3, &Device::Cpu, DType::F32)?;
+    let e = image_embeds(&model, 2, 3)?;
+    let alone = gaze.prompt(&model, &[vec![image(e.get(0)?)]])?;
+    let batch = gaze.prompt(
+        &model,
+        &[
+            vec![image(e.get(0)?)],
+            vec![
+                GazeSegment::Text(byte_tokens("Look: ")),
+                image(e.get(1)?),
+                GazeSegment::Text(byte_tokens("What is it?")),
+            ],
+        ],
+    )?;
+    let (a, b) = (
+        gaze.generate(&model, &alone, STEPS)?,
+        gaze.generate(&model, &batch, STEPS)?,
+    );
+    for step in &a.steps {
+        assert!(step.layout.visible_len(0) >= 4, "its context tokens");
+    }
+    assert_row_alone_as_in_batch(&a.generation, &b.generation)
 }
 
 /// Row `[sys][image A][ctx][text][image B][ctx][question]` and the change

@@ -1,12 +1,17 @@
 //! The small LLaVA-style model: HF-named safetensors round trip, KV-cache
 //! decoding against full recomputation, explicit (gapped) positions against
-//! masking, layer ranges and the captured glimpse query read by foveal.
+//! masking, layer ranges and the captured glimpse query read by foveal; where
+//! decoding continues, and the gather after a reduction.
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use foveal_candle::decoder::argmax;
 use foveal_candle::images::{load_image, synthetic_images};
+use foveal_candle::ops::plan_from_kept;
 use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{attention_mask, LlavaModel, ModelConfig, Prompt};
+use foveal_candle::{
+    attention_mask, Dense, ImageMethod, ImageQuestions, LlavaModel, ModelConfig, Prompt, Reduced,
+    Segment,
+};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
@@ -84,6 +89,107 @@ fn prompt_layout() {
         (layout.start(1), layout.end(1), layout.nv(1)),
         (q0 - q1, p.seq(), np)
     );
+}
+
+/// Each row's next decode position is the end of its dense layout: a
+/// sampled image counts its whole span (not its last kept cell), a
+/// transient segment (GlimpsePrune's glimpse) does not count, and tokens
+/// appended continue from there.
+#[test]
+fn next_positions_are_the_end_of_the_dense_layout() -> Result<()> {
+    let m = model(1);
+    let e = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu)?;
+    let text = |n: usize| Segment::Text(vec![7; n]);
+    let rows = vec![
+        vec![
+            text(3),
+            Segment::SampledImage {
+                embeds: e.narrow(0, 0, 2)?,
+                offsets: vec![0, 5],
+                span: 8,
+            },
+        ],
+        vec![
+            text(2),
+            Segment::Image(e.clone()),
+            Segment::Transient(e.narrow(0, 0, 1)?),
+        ],
+        vec![text(4)],
+    ];
+    let p = Prompt::build(&m.decoder, &rows)?;
+    assert_eq!(p.position_ids[0][p.starts[0]..], [0, 1, 2, 3, 8]);
+    assert_eq!(p.position_ids[1][p.starts[1]..], [0, 1, 2, 3, 4, 5]);
+    assert_eq!(p.next_positions(), [11, 5, 4]);
+    assert_eq!(
+        p.visual[1],
+        [p.starts[1] + 2, p.starts[1] + 3, p.starts[1] + 4]
+    );
+    let q = p.append_tokens(&m.decoder, &[vec![1, 2], vec![1, 2], vec![1, 2]])?;
+    assert_eq!(q.position_ids[0][q.seq() - 2..], [11, 12]);
+    assert_eq!(q.position_ids[1][q.seq() - 2..], [5, 6]);
+    assert_eq!(q.next_positions(), [13, 7, 6]);
+    let err =
+        Prompt::build(&m.decoder, &[vec![Segment::Transient(e.clone()), text(1)]]).unwrap_err();
+    assert!(err.to_string().contains("must end its row"), "{err}");
+    Ok(())
+}
+
+/// The shared after-reduction gather refuses a row left with nothing,
+/// naming it (every method refuses such settings earlier; this is the one
+/// place that holds the rule for all of them).
+#[test]
+fn a_reduction_that_empties_a_row_is_refused() -> Result<()> {
+    let m = model(1);
+    let e = Tensor::randn(0f32, 1.0, (4, 256), &Device::Cpu)?;
+    let rows = vec![
+        vec![Segment::Image(e.clone())],
+        vec![Segment::Text(vec![1, 2]), Segment::Image(e.clone())],
+    ];
+    let p = Prompt::build(&m.decoder, &rows)?;
+    let layout = p.row_layout().map_err(candle_core::Error::wrap)?;
+    let hidden = Tensor::randn(0f32, 1.0, (2, p.seq(), 8), &Device::Cpu)?;
+    let mut plan = plan_from_kept(&layout, &[vec![], vec![1]], &Device::Cpu)?;
+    let err = Reduced::gather(&p, &hidden, &mut plan, "test").unwrap_err();
+    assert!(
+        err.to_string().contains("test: row 0 has nothing left"),
+        "{err}"
+    );
+    let mut plan = plan_from_kept(&layout, &[vec![2], vec![]], &Device::Cpu)?;
+    let r = Reduced::gather(&p, &hidden, &mut plan, "test")?;
+    assert_eq!(
+        (r.lengths.clone(), r.starts.clone()),
+        (vec![1, 2], vec![1, 0])
+    );
+    assert_eq!(r.positions.to_vec2::<u32>()?, [[0, 2], [0, 1]]);
+    Ok(())
+}
+
+/// The dense baseline through the interface every method shares is the
+/// dense generation, with its counts.
+#[test]
+fn the_dense_method_reports_the_dense_generation() -> Result<()> {
+    let m = model(2);
+    let (pixels, _) = synthetic_images(2, 64, 4, &Device::Cpu)?;
+    let input = ImageQuestions {
+        pixels: pixels.clone(),
+        grid: (1, 1),
+        system: byte_tokens("sys: "),
+        questions: vec![byte_tokens("what is red?"), byte_tokens("where?")],
+    };
+    let report = Dense.run(&m, &input, 3)?;
+    let p = m.build_prompt(&pixels, &input.system, &input.questions)?;
+    assert_eq!(report.tokens, m.generate_dense(&p, 3)?.tokens);
+    assert_eq!(
+        (report.method, report.visual.clone()),
+        ("dense", vec![64, 64])
+    );
+    assert_eq!(report.kept, report.visual);
+    let layers = m.config.text.num_layers;
+    assert_eq!(
+        report.kv_entries,
+        [(5 + 64 + 12) * layers, (5 + 64 + 6) * layers]
+    );
+    Ok(())
 }
 
 #[test]

@@ -5,20 +5,15 @@
 
 use candle_core::{DType, Device, Result};
 use foveal_candle::images::synthetic_images;
-use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{FocusConfig, FocusLlava, LlavaModel, ModelConfig};
+use foveal_candle::{FocusConfig, FocusLlava, LlavaModel, Method, ModelConfig};
 
-use crate::common::{gpu, max_abs_diff};
+use crate::common::{gpu, max_abs_diff, system_and_questions};
 
 #[test]
 fn cuda_and_cpu_focus_generations_agree() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let cfg = ModelConfig::tiny();
-    let system = byte_tokens("You see an image.");
-    let questions = vec![
-        byte_tokens("Where is the red square?"),
-        byte_tokens("Count the shapes."),
-    ];
+    let (system, questions) = system_and_questions();
     let fcfg = FocusConfig::for_model(&cfg);
     for g in [1, 2] {
         let mut runs = Vec::new();

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Result};
 use foveal::RegionShape;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{GazeAttention, GazeConfig, GazeRun, GazeSegment, LlavaModel, ModelConfig};
+use foveal_candle::{
+    GazeAttention, GazeConfig, GazeRun, GazeSegment, LlavaModel, Method, ModelConfig,
+};
 
 use crate::common::{gpu, max_abs_diff};
 

@@ -5,20 +5,15 @@
 use candle_core::{DType, Device, Result};
 use foveal::KeepRule;
 use foveal_candle::images::synthetic_images;
-use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, ModelConfig};
+use foveal_candle::{GlimpseConfig, GlimpsePrune, LlavaModel, Method, ModelConfig};
 
-use crate::common::{gpu, max_abs_diff};
+use crate::common::{gpu, max_abs_diff, system_and_questions};
 
 #[test]
 fn cuda_and_cpu_generations_agree() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let cfg = ModelConfig::tiny();
-    let system = byte_tokens("You see an image.");
-    let questions = vec![
-        byte_tokens("Where is the red square?"),
-        byte_tokens("Count the shapes."),
-    ];
+    let (system, questions) = system_and_questions();
     let mut gcfg = GlimpseConfig::for_model(&cfg);
     gcfg.rule = KeepRule {
         threshold: 0.5,
