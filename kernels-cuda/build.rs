@@ -30,6 +30,7 @@ mod cuda {
         "src/route_topk.cu",
         "src/gaze_decode.cu",
         "src/gaze_route_decode.cu",
+        "src/glance_fusion.cu",
         "src/status.cu",
     ];
     const HEADERS: &[&str] = &[
