@@ -21,6 +21,9 @@
 //! [`gaze_decode`] (decode attention over the always-visible keys and the
 //! routed regions only), all on a [`GazeLayout`]; [`gaze_route_decode`] is
 //! route_topk and gaze_decode fused into one launch for a decode step.
+//!
+//! Glance2Gaze: [`glance_fusion`] (Glance Fusion: S ViT layers' tokens
+//! weighted per token by their agreement with the instruction, in one pass).
 
 pub mod compact_kv;
 pub mod dtype;
@@ -28,6 +31,7 @@ pub mod error;
 pub mod gaze_decode;
 pub mod gaze_layout;
 pub mod gaze_route_decode;
+pub mod glance_fusion;
 pub mod glimpse_scores;
 pub mod layout;
 pub mod multiscale_gather;
