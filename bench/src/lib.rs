@@ -30,6 +30,7 @@
 //! | route_topk | [`route_topk::generate`] | [`route_topk::baseline`]: repeat_kv of the descriptors, scores, full argsort, first k, sort |
 //! | gaze_decode | [`gaze_decode::generate`], [`gaze_decode::plan`] | [`gaze_decode::Plan::dense`]: the same op with every position visible (dense decode attention) |
 //! | gaze_route_decode | [`gaze_route_decode::generate`] (gaze_decode's case, routes chosen by the scores) | route_topk + gaze_decode (two ops); dense decode attention |
+//! | glance_fusion | [`glance_fusion::generate`] | [`glance_fusion::baseline`]: the literal formula (S x N x M dot products, mean, softmax over layers, weighted sum) |
 //!
 //! The FocusLLaVA ops (window_mean, multiscale_gather, text_guided_select)
 //! use LLaVA-NeXT-style shapes instead: 24 x 24 or 48 x 48 feature maps of
@@ -39,10 +40,13 @@
 //! The Gaze Attention ops (region_descriptors, route_topk) use Qwen2.5-VL-7B
 //! with 32 x 32-token frames (an image, or a video of up to 16 frames) cut
 //! into 6 x 6 regions; their `floor_bytes` take the region count.
+//! glance_fusion uses LLaVA-1.5-7B (4 ViT layers, 576 tokens per image, dt
+//! 4,096, instructions of 16 to 256 tokens) and LLaVA-NeXT's 5 sub-images.
 
 pub mod compact_kv;
 pub mod gaze_decode;
 pub mod gaze_route_decode;
+pub mod glance_fusion;
 pub mod glimpse_scores;
 pub mod multiscale_gather;
 pub mod region_descriptors;
