@@ -149,8 +149,11 @@ __global__ void __launch_bounds__(kMeanLanes* kMeanGroups)
 
 // kS: a bound on the layers (the runtime count is p.layers <= kS, a power of
 // two <= 32); kChunks: columns per thread and layer (column t + k * threads).
+// With S <= 4 and one column a thread, two blocks of 512 threads share an
+// SM (at most 64 registers each).
 template <typename T, bool kWide, int kS, int kChunks>
-__global__ void __launch_bounds__(kMaxThreads) glance_fuse_kernel(const foveal_glance_fusion_params p) {
+__global__ void __launch_bounds__(kMaxThreads, kS <= 4 && kChunks == 1 ? 2 : 1)
+    glance_fuse_kernel(const foveal_glance_fusion_params p) {
   using A = Access<T, kWide>;
   constexpr int kVec = A::kVec;
   constexpr int kParts = kVec / 4;  // float4s of e_mean per column

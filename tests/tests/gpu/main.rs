@@ -12,6 +12,7 @@
 mod compact_kv;
 mod gaze_decode;
 mod gaze_route_decode;
+mod glance_fusion;
 mod glimpse_scores;
 mod multiscale_gather;
 mod region_descriptors;
