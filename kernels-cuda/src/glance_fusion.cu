@@ -147,6 +147,25 @@ __global__ void __launch_bounds__(kMeanLanes* kMeanGroups)
   for (int q = 0; q < kVec / 4; ++q) out[q] = make_float4(mean[4 * q], mean[4 * q + 1], mean[4 * q + 2], mean[4 * q + 3]);
 }
 
+// Loads this thread's columns of token n of every layer (`vq`: the row's
+// base). Columns past dt read as 0 (and their e_mean slots hold 0), so the
+// dot products take no per-thread branch.
+template <typename A, int kS, int kChunks, typename T>
+__device__ __forceinline__ void load_token(uint4 (&r)[kS][kChunks], const T* vq, const foveal_glance_fusion_params& p,
+                                           int n, int t, int threads, int cols) {
+#pragma unroll
+  for (int s = 0; s < kS; ++s) {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int col = t + k * threads;
+      if (s < p.layers) {
+        r[s][k] = col < cols ? A::load(vq + s * p.vq_stride_s + n * p.vq_stride_n + col * A::kVec, p.dim - col * A::kVec)
+                             : make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+}
+
 // kS: a bound on the layers (the runtime count is p.layers <= kS, a power of
 // two <= 32); kChunks: columns per thread and layer (column t + k * threads).
 // With S <= 4 and one column a thread, two blocks of 512 threads share an
@@ -177,22 +196,10 @@ __global__ void __launch_bounds__(kMaxThreads, kS <= 4 && kChunks == 1 ? 2 : 1)
   const int n_len = p.n_len[b];
 
   const T* vq = static_cast<const T*>(p.vq) + b * p.vq_stride_b;
-  auto load_token = [&](uint4 (&r)[kS][kChunks], int n) {
-#pragma unroll
-    for (int s = 0; s < kS; ++s) {
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int col = t + k * threads;
-        if (s < S && col < cols) {
-          r[s][k] = A::load(vq + s * p.vq_stride_s + n * p.vq_stride_n + col * kVec, p.dim - col * kVec);
-        }
-      }
-    }
-  };
 
   int n = blockIdx.x;
   uint4 cur[kS][kChunks];
-  if (kPrefetch && n < n_len) load_token(cur, n);
+  if (kPrefetch && n < n_len) load_token<A, kS, kChunks>(cur, vq, p, n, t, threads, cols);
 
   // The mean instruction vectors (written by instruction_mean earlier on the stream).
 #pragma unroll
@@ -200,11 +207,13 @@ __global__ void __launch_bounds__(kMaxThreads, kS <= 4 && kChunks == 1 ? 2 : 1)
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       const int col = t + k * threads;
-      if (s < S && col < cols) {
+      if (s < S) {
         const float4* src =
             reinterpret_cast<const float4*>(p.e_mean + ((static_cast<int64_t>(s) * p.batch + b) * cols + col) * kVec);
 #pragma unroll
-        for (int q = 0; q < kParts; ++q) mean[((s * kChunks + k) * kParts + q) * threads + t] = src[q];
+        for (int q = 0; q < kParts; ++q) {
+          mean[((s * kChunks + k) * kParts + q) * threads + t] = col < cols ? src[q] : make_float4(0, 0, 0, 0);
+        }
       }
     }
   }
@@ -224,11 +233,11 @@ __global__ void __launch_bounds__(kMaxThreads, kS <= 4 && kChunks == 1 ? 2 : 1)
       if (weights && t < S) weights[t] = 0.0f;
       continue;
     }
-    if (!kPrefetch) load_token(cur, n);
+    if (!kPrefetch) load_token<A, kS, kChunks>(cur, vq, p, n, t, threads, cols);
     const int next = n + p.tiles;
     const bool fetch = kPrefetch && next < n_len;
     uint4 nxt[kS][kChunks];
-    if (fetch) load_token(nxt, next);
+    if (fetch) load_token<A, kS, kChunks>(nxt, vq, p, next, t, threads, cols);
 
     // Partial dot products of this thread's columns, one per layer.
     float dot[kS];
@@ -237,8 +246,7 @@ __global__ void __launch_bounds__(kMaxThreads, kS <= 4 && kChunks == 1 ? 2 : 1)
       dot[s] = 0.0f;
 #pragma unroll
       for (int k = 0; k < kChunks; ++k) {
-        const int col = t + k * threads;
-        if (s < S && col < cols) {
+        if (s < S) {  // columns past dt hold zeros
           float v[kVec];
           A::widen(cur[s][k], v);
 #pragma unroll
