@@ -43,7 +43,7 @@ impl Case {
             instr,
             layers: LAYERS,
             dim: DIM,
-            seed: 0x91a7_ce,
+            seed: 0x0091_a7ce,
         }
     }
 
