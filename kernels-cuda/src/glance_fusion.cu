@@ -166,10 +166,10 @@ __device__ __forceinline__ void load_token(uint4 (&r)[kS][kChunks], const T* vq,
   }
 }
 
-// kS: a bound on the layers (the runtime count is p.layers <= kS, a power of
-// two <= 32); kChunks: columns per thread and layer (column t + k * threads).
-// With S <= 4 and one column a thread, two blocks of 512 threads share an
-// SM (at most 64 registers each).
+// kS: a bound on the layers (the runtime count is p.layers <= kS; kS is 1,
+// 2, 4 or 8, so it divides the warp); kChunks: columns per thread and layer
+// (column t + k * threads). With S <= 4 and one column a thread, two blocks
+// of 512 threads share an SM (at most 64 registers each).
 template <typename T, bool kWide, int kS, int kChunks>
 __global__ void __launch_bounds__(kMaxThreads, kS <= 4 && kChunks == 1 ? 2 : 1)
     glance_fuse_kernel(const foveal_glance_fusion_params p) {
