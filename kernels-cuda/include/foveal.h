@@ -93,8 +93,8 @@ typedef struct foveal_select_keep_params {
   int32_t batch, nv_max;
   /* Keep logit > threshold_logit (= ln(t / (1 - t))). */
   double threshold_logit;
-  /* Cap at floor(max_ratio * nv) when has_max_ratio. */
-  float max_ratio;
+  /* Cap at floor(max_ratio * nv) (the f64 product, no tolerance) when has_max_ratio. */
+  double max_ratio;
   int32_t has_max_ratio;
   /* Keep at least min(min_keep, nv). */
   int32_t min_keep;

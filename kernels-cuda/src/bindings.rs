@@ -170,7 +170,7 @@ pub struct foveal_select_keep_params {
     pub batch: i32,
     pub nv_max: i32,
     pub threshold_logit: f64,
-    pub max_ratio: f32,
+    pub max_ratio: f64,
     pub has_max_ratio: i32,
     pub min_keep: i32,
 }
@@ -201,9 +201,9 @@ const _: () = {
     ["Offset of field: foveal_select_keep_params::max_ratio"]
         [::std::mem::offset_of!(foveal_select_keep_params, max_ratio) - 64usize];
     ["Offset of field: foveal_select_keep_params::has_max_ratio"]
-        [::std::mem::offset_of!(foveal_select_keep_params, has_max_ratio) - 68usize];
+        [::std::mem::offset_of!(foveal_select_keep_params, has_max_ratio) - 72usize];
     ["Offset of field: foveal_select_keep_params::min_keep"]
-        [::std::mem::offset_of!(foveal_select_keep_params, min_keep) - 72usize];
+        [::std::mem::offset_of!(foveal_select_keep_params, min_keep) - 76usize];
 };
 impl Default for foveal_select_keep_params {
     fn default() -> Self {
