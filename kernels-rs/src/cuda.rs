@@ -436,3 +436,39 @@ pub(crate) fn check_aligned(
         msg: format!("`{arg}` must start on a {bytes}-byte boundary (address {ptr:#x})"),
     })
 }
+
+/// Checks that a head dim suits the kernels' 16-byte vector loads: a
+/// multiple of `multiple` elements (the vector's, or more where a kernel also
+/// reads 4 floats at a time) and at most `max`.
+pub(crate) fn check_head_dim(
+    op: &'static str,
+    head_dim: usize,
+    multiple: usize,
+    max: usize,
+) -> Result<()> {
+    ensure(head_dim % multiple == 0 && head_dim <= max, || {
+        Error::Unsupported {
+            op,
+            msg: format!("head dim {head_dim} must be a multiple of {multiple} and at most {max}"),
+        }
+    })
+}
+
+/// Checks that a view's rows can be read with 16-byte loads: every stride
+/// but the last (contiguous) dim's is a multiple of `unit` elements (16
+/// bytes), for the dims of more than one element (a stride a dim of one
+/// never steps over may be anything). The base's alignment is checked with
+/// the pointer ([`check_aligned`]).
+pub(crate) fn check_row_strides<T, const N: usize>(
+    op: &'static str,
+    arg: &'static str,
+    view: &DevView<'_, T, N>,
+    unit: usize,
+) -> Result<()> {
+    let (shape, strides) = (view.shape(), view.layout().strides());
+    let misaligned = (0..N - 1).any(|i| shape[i] > 1 && strides[i] % unit != 0);
+    ensure(!misaligned, || Error::Unsupported {
+        op,
+        msg: format!("the strides of `{arg}` must be multiples of {unit} elements (16 bytes)"),
+    })
+}

@@ -7,8 +7,8 @@ use foveal_sys as ffi;
 
 use super::{check, ScoreMode, OP};
 use crate::cuda::{
-    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, DeviceRowLayout,
-    Workspace,
+    check_aligned, check_head_dim, check_row_strides, check_status, ffi_stream, sm_count, DevView,
+    DevViewMut, DeviceRowLayout, Workspace,
 };
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Error, Result};
@@ -33,30 +33,10 @@ pub fn glimpse_scores<T: Element>(
 ) -> Result<()> {
     let dims = check(q.shape(), k.shape(), out.shape(), rows.host(), scale)?;
     let vec = 16 / std::mem::size_of::<T>();
-    ensure(
-        dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM as usize,
-        || Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "head dim {} must be a multiple of {vec} and at most {}",
-                dims.head_dim,
-                ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM
-            ),
-        },
-    )?;
-    for (arg, shape, strides) in [
-        ("q", &q.shape()[..2], &q.layout().strides()[..2]),
-        ("k", &k.shape()[..3], &k.layout().strides()[..3]),
-    ] {
-        let misaligned = shape
-            .iter()
-            .zip(strides)
-            .any(|(&n, &s)| n > 1 && s % vec != 0);
-        ensure(!misaligned, || Error::Unsupported {
-            op: OP,
-            msg: format!("the strides of `{arg}` must be multiples of {vec} elements"),
-        })?;
-    }
+    let max_d = ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM as usize;
+    check_head_dim(OP, dims.head_dim, vec, max_d)?;
+    check_row_strides(OP, "q", q, vec)?;
+    check_row_strides(OP, "k", k, vec)?;
     if dims.nv_max == 0 {
         return Ok(());
     }
