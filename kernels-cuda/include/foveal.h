@@ -32,6 +32,20 @@ typedef enum foveal_dtype {
 
 /* Negative status codes of foveal itself. */
 #define FOVEAL_ERR_UNSUPPORTED (-1)
+/* A kernel needs more shared memory per block (static plus dynamic) than the
+ * device allows a kernel that opts in (cudaDevAttrMaxSharedMemoryPerBlockOptin);
+ * returned before anything is launched. */
+#define FOVEAL_ERR_SHARED_MEMORY (-2)
+
+/* Shared memory of one kernel launch, in bytes: the compiled kernel's static
+ * part (cudaFuncGetAttributes), the launch's dynamic part, and the current
+ * device's per-block limit for a kernel that opts in. Launchers opt a kernel
+ * in (cudaFuncAttributeMaxDynamicSharedMemorySize) when static plus dynamic
+ * passes the default 48 KiB, and return FOVEAL_ERR_SHARED_MEMORY when it
+ * passes the limit. */
+typedef struct foveal_shared_memory {
+  size_t static_bytes, dynamic_bytes, limit_bytes;
+} foveal_shared_memory;
 
 /* A readable name of a status code returned by a launch function. */
 const char *foveal_status_string(int status);
@@ -378,6 +392,11 @@ typedef struct foveal_gaze_route_decode_params {
 } foveal_gaze_route_decode_params;
 
 int foveal_gaze_route_decode(const foveal_gaze_route_decode_params *p, foveal_stream_t stream);
+
+/* The shared memory foveal_gaze_route_decode's kernel needs for these
+ * parameters (only the sizes, dtype and group are read) on the current
+ * device; 0, FOVEAL_ERR_UNSUPPORTED (no kernel for them) or a cudaError_t. */
+int foveal_gaze_route_decode_shared_memory(const foveal_gaze_route_decode_params *p, foveal_shared_memory *out);
 
 #ifdef __cplusplus
 }

@@ -73,6 +73,51 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return a / b + (a % b
 // Status of the launches just enqueued (no synchronisation).
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
+// The shared memory of a launch of `kernel` with `dynamic` bytes of dynamic
+// shared memory on the current device (foveal_shared_memory): the static
+// part from the compiled kernel, never hard-coded.
+template <typename Kernel>
+int shared_memory_of(Kernel kernel, size_t dynamic, foveal_shared_memory& out) {
+  cudaFuncAttributes attr;
+  int device = 0;
+  int optin = 0;
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e == cudaSuccess) e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  out.static_bytes = attr.sharedSizeBytes;
+  out.dynamic_bytes = dynamic;
+  out.limit_bytes = static_cast<size_t>(optin);
+  return 0;
+}
+
+// Shared memory per block any kernel may use without opting in: 48 KiB,
+// static plus dynamic.
+constexpr size_t kDefaultSharedMemory = 48 * 1024;
+
+// Makes a launch of `kernel` with `dynamic` bytes of dynamic shared memory
+// valid, on the host, before it is enqueued: FOVEAL_ERR_SHARED_MEMORY when
+// static plus dynamic passes the device's opt-in limit; otherwise, when
+// static plus dynamic passes 48 KiB, opts the kernel in
+// (cudaFuncSetAttribute) to all the dynamic shared memory the device allows
+// it: always the same value, so that host threads launching it with other
+// sizes never lower each other's bound. No synchronisation; allowed during
+// graph capture.
+template <typename Kernel>
+int prepare_shared_memory(Kernel kernel, size_t dynamic) {
+  foveal_shared_memory sm;
+  const int status = shared_memory_of(kernel, dynamic, sm);
+  if (status != 0) return status;
+  const size_t total = sm.static_bytes + sm.dynamic_bytes;
+  if (total > sm.limit_bytes) return FOVEAL_ERR_SHARED_MEMORY;
+  if (total > kDefaultSharedMemory) {
+    const int most = static_cast<int>(sm.limit_bytes - sm.static_bytes);
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+    if (e != cudaSuccess) return static_cast<int>(e);
+  }
+  return 0;
+}
+
 }  // namespace foveal
 
 // Runs `body` with `T` bound to the element type of `dtype`.

@@ -167,11 +167,15 @@ int launch_gaze_decode(const foveal_gaze_decode_params& p, cudaStream_t stream) 
   }
   const int units = p.kv_heads * ceil_div(p.q_heads / p.kv_heads, FOVEAL_GAZE_MAX_GROUP);
   const size_t plan_smem = static_cast<size_t>(ceil_div(p.max_regions, 4)) * sizeof(uint32_t);
+  const size_t merge_smem = static_cast<size_t>(p.num_splits) * sizeof(float);
+  // Both launches with dynamic shared memory checked before anything is enqueued.
+  int status = prepare_shared_memory(gaze_plan_kernel, plan_smem);
+  if (status == 0) status = prepare_shared_memory(gaze_merge_kernel<T>, merge_smem);
+  if (status != 0) return status;
   gaze_plan_kernel<<<dim3(units, p.batch), kPlanThreads, plan_smem, stream>>>(p);
   if (p.head_dim <= 64) launch_attend_for_group<T, 64>(p, units, stream);
   else if (p.head_dim <= 128) launch_attend_for_group<T, 128>(p, units, stream);
   else launch_attend_for_group<T, 256>(p, units, stream);
-  const size_t merge_smem = static_cast<size_t>(p.num_splits) * sizeof(float);
   gaze_merge_kernel<T><<<dim3(p.q_heads, p.batch), kMergeThreads, merge_smem, stream>>>(p);
   return launch_status();
 }

@@ -232,15 +232,21 @@ int launch_glimpse_scores(const foveal_glimpse_scores_params& p, cudaStream_t st
       p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || p.num_splits <= 0) {
     return FOVEAL_ERR_UNSUPPORTED;
   }
+  const bool normalize = p.mode != FOVEAL_SCORES_LOGITS;
+  const size_t norm_smem = static_cast<size_t>(p.q_heads) * sizeof(float);
+  if (normalize) {
+    const int status = prepare_shared_memory(glimpse_normalize_kernel, norm_smem);  // before anything is enqueued
+    if (status != 0) return status;
+  }
   const int n_items = max(p.seq, p.nv_max * p.q_heads);
   const dim3 prep_grid(min(ceil_div(n_items, 256), 1024), p.batch);
   glimpse_prepare_kernel<<<prep_grid, 256, 0, stream>>>(p);
   if (p.head_dim <= 64) launch_scores_for_group<T, 64>(p, stream);
   else if (p.head_dim <= 128) launch_scores_for_group<T, 128>(p, stream);
   else launch_scores_for_group<T, 256>(p, stream);
-  if (p.mode != FOVEAL_SCORES_LOGITS) {
+  if (normalize) {
     const dim3 norm_grid(ceil_div(p.nv_max, kNormRows), p.batch);
-    glimpse_normalize_kernel<<<norm_grid, 256, p.q_heads * sizeof(float), stream>>>(p);
+    glimpse_normalize_kernel<<<norm_grid, 256, norm_smem, stream>>>(p);
   }
   return launch_status();
 }

@@ -19,6 +19,7 @@ use crate::error::{ensure, Error, Result};
 use crate::layout::Layout;
 use crate::rows::RowLayout;
 use crate::select_keep::KeepSet;
+use crate::shared_memory::SharedMemory;
 
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(DriverError) -> Error {
     move |e| Error::Cuda {
@@ -414,7 +415,9 @@ pub(crate) fn check_status(op: &'static str, status: i32) -> Result<()> {
     // SAFETY: foveal_status_string returns a static NUL-terminated string for any code.
     let msg = unsafe { std::ffi::CStr::from_ptr(foveal_sys::foveal_status_string(status)) };
     let msg = msg.to_string_lossy().into_owned();
-    if status == foveal_sys::FOVEAL_ERR_UNSUPPORTED {
+    if status == foveal_sys::FOVEAL_ERR_UNSUPPORTED
+        || status == foveal_sys::FOVEAL_ERR_SHARED_MEMORY
+    {
         Err(Error::Unsupported { op, msg })
     } else {
         Err(Error::Cuda {
@@ -470,5 +473,22 @@ pub(crate) fn check_row_strides<T, const N: usize>(
     ensure(!misaligned, || Error::Unsupported {
         op,
         msg: format!("the strides of `{arg}` must be multiples of {unit} elements (16 bytes)"),
+    })
+}
+
+/// The shared memory a launch needs, as a launcher's query reports it
+/// (`query` fills the FFI struct and returns its status): the static part
+/// of the compiled kernel, the dynamic part and the current device's opt-in
+/// limit. Make the stream's context current first ([`ffi_stream`]).
+pub(crate) fn shared_memory(
+    op: &'static str,
+    query: impl FnOnce(&mut foveal_sys::foveal_shared_memory) -> i32,
+) -> Result<SharedMemory> {
+    let mut out = foveal_sys::foveal_shared_memory::default();
+    check_status(op, query(&mut out))?;
+    Ok(SharedMemory {
+        static_bytes: out.static_bytes,
+        dynamic_bytes: out.dynamic_bytes,
+        limit: out.limit_bytes,
     })
 }

@@ -551,7 +551,6 @@ macro_rules! oracle_proptests {
     };
 }
 
-
 /// A random rule, from keep-everything to keep-nothing-but-min_keep: of `n`
 /// equally likely draws, one keeps every token, one only `min_keep` of them
 /// (threshold 1), the others draw a threshold, a ratio and `min_keep`.

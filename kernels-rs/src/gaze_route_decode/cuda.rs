@@ -7,8 +7,8 @@ use foveal_sys as ffi;
 
 use super::{check, OP};
 use crate::cuda::{
-    check_aligned, check_row_strides, check_status, ffi_stream, sm_count, DevView, DevViewMut,
-    Workspace,
+    check_aligned, check_row_strides, check_status, ffi_stream, shared_memory, sm_count, DevView,
+    DevViewMut, Workspace,
 };
 use crate::dtype::Element;
 use crate::error::Result;
@@ -25,8 +25,12 @@ use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
 /// Needs what route_topk and gaze_decode need (16-byte-aligned q, k, v and
 /// desc, strides but the head dim's multiples of 16 bytes, a head dim that is
 /// a multiple of 16 bytes and of 4 elements, at most 256) and at most 4,096
-/// regions in a row (their scores sit in shared memory). Scratch comes from
-/// `workspace` (reserve [`workspace_bytes`] before capturing a graph).
+/// regions in a row (their scores sit in shared memory); a block's shared
+/// memory (the kernel's static part, about 23 KB at bf16, D 128 and 8 heads,
+/// plus `heads x regions x 4 + regions` bytes, heads = `min(G, 8)`) must fit
+/// the device's per-block opt-in limit, else `Error::Unsupported` before
+/// anything is launched. Scratch comes from `workspace` (reserve
+/// [`workspace_bytes`] before capturing a graph).
 #[allow(clippy::too_many_arguments)]
 pub fn gaze_route_decode<T: Element>(
     stream: &Arc<CudaStream>,
@@ -84,6 +88,23 @@ pub fn gaze_route_decode<T: Element>(
         tickets: tickets as *mut u32,
     };
     let stream_ptr = ffi_stream(stream, OP)?;
+    // The scores of a unit's heads sit in dynamic shared memory: with the
+    // kernel's static part they must fit the device's per-block limit,
+    // checked here rather than left to fail as a launch.
+    // SAFETY: the query reads only the sizes, dtype and group of `params`
+    // and writes `out`, a valid struct; it enqueues nothing.
+    let need = shared_memory(OP, |out| unsafe {
+        ffi::foveal_gaze_route_decode_shared_memory(&params, out)
+    })?;
+    let heads_per_unit = (dims.q_heads / dims.kv_heads).min(ffi::FOVEAL_GAZE_MAX_GROUP as usize);
+    need.check(
+        OP,
+        &format!(
+            "the scores of {heads_per_unit} heads x {} regions",
+            host.max_regions()
+        ),
+        "; use route_topk + gaze_decode",
+    )?;
     // SAFETY: every pointer is a live device allocation of the stream's
     // context, held (with its ordering guard) until this call has enqueued
     // the memset and the kernel; lse is null exactly when no lse view was

@@ -69,6 +69,20 @@ fn run_gpu<T: GpuElem>(
     o_like: &Tensor<T, 3>,
     lse_like: &Tensor<f32, 2>,
 ) -> (Vec<T>, Vec<f32>, Routes) {
+    let (res, o, lse, routes) = try_run_gpu(stream, ws, inp, o_like, lse_like);
+    res.expect("valid call");
+    (o, lse, routes.to_host(stream).expect("routes"))
+}
+
+/// [`run_gpu`] that returns the call's result beside the outputs' storage
+/// and the device routes, whatever it is.
+fn try_run_gpu<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    ws: &mut Workspace,
+    inp: &Inputs<T>,
+    o_like: &Tensor<T, 3>,
+    lse_like: &Tensor<f32, 2>,
+) -> (Result<(), Error>, Vec<T>, Vec<f32>, DeviceRoutes) {
     let layout = DeviceGazeLayout::new(stream, &inp.layout).expect("device layout");
     let mut routes =
         DeviceRoutes::new(stream, &layout, 1, inp.q.shape[1], inp.top_k).expect("routes");
@@ -80,7 +94,7 @@ fn run_gpu<T: GpuElem>(
     );
     let mut o_dev = poisoned::<T>(stream, o_like.data.len());
     let mut lse_dev = poisoned::<f32>(stream, lse_like.data.len());
-    {
+    let res = {
         let mut o = o_like.dev_view_mut(&mut o_dev);
         let mut lse = lse_like.dev_view_mut(&mut lse_dev);
         cuda::gaze_route_decode(
@@ -97,20 +111,33 @@ fn run_gpu<T: GpuElem>(
             &mut routes,
             ws,
         )
-        .expect("valid call");
-    }
+    };
     (
+        res,
         download(stream, &o_dev),
         download(stream, &lse_dev),
-        routes.to_host(stream).expect("routes"),
+        routes,
     )
 }
 
 fn check_case<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, c: &Case) {
     let inp = Inputs::<T>::new(c);
     let (o_like, lse_like) = outputs::<T>(&mut rng(c.seed ^ 3), inp.q.shape, true);
-    let (o, lse, routes) = run_cpu(&inp, &o_like, &lse_like);
-    let (got_o, got_lse, got_routes) = run_gpu(stream, ws, &inp, &o_like, &lse_like);
+    let got = run_gpu(stream, ws, &inp, &o_like, &lse_like);
+    check_outputs(&inp, &o_like, &lse_like, got, c);
+}
+
+/// The GPU's outputs `got` (run on `inp` into outputs laid out like `o_like`
+/// / `lse_like`) against the CPU reference.
+fn check_outputs<T: GpuElem>(
+    inp: &Inputs<T>,
+    o_like: &Tensor<T, 3>,
+    lse_like: &Tensor<f32, 2>,
+    got: (Vec<T>, Vec<f32>, Routes),
+    c: &Case,
+) {
+    let (o, lse, routes) = run_cpu(inp, o_like, lse_like);
+    let (got_o, got_lse, got_routes) = got;
     assert_eq!(got_routes.ids(), routes.ids(), "routes, {c:?}");
     let [batch, hq, d] = inp.q.shape;
     let scale = inp.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
@@ -288,4 +315,70 @@ fn refuses_too_many_regions() {
         "{res:?}"
     );
     assert_untouched(&download(&stream, &o_dev), "o");
+}
+
+/// Issue 11, fault 1: at bf16, D 128, G 8 the kernel holds about 23 KB of
+/// static shared memory, and the region scores `8 x regions x 4` bytes
+/// (plus a byte per region) of dynamic; from about 780 regions the total
+/// passes 48 KiB while the dynamic part alone does not, and the launch
+/// failed (invalid argument) because the kernel opted in only past 48 KiB of
+/// dynamic memory. Each size must run and equal the CPU reference, or be
+/// refused before launching with `Error::Unsupported` naming shared memory
+/// (a device whose opt-in limit is smaller), the outputs untouched; never
+/// fail to launch. Regions of one token each (a 1 x R grid), two rows of
+/// different counts, top_k random.
+#[test]
+fn region_counts_past_48_kib_of_shared_memory() {
+    let Some(stream) = gpu() else { return };
+    let mut ws = Workspace::new();
+    let sizes = [
+        700, 780, 800, 1_000, 1_200, 1_490, 1_500, 1_700, 2_500, 4_096,
+    ];
+    for (n, &regions) in sizes.iter().enumerate() {
+        let mut rows = Vec::new();
+        for count in [regions, regions / 2 + 1] {
+            let mut row = GazeRow::new();
+            row.push_visible(0..3);
+            let shape = foveal::RegionShape {
+                frames: 1,
+                height: 1,
+                width: 1,
+            };
+            row.push_units(&[3], 1, count, shape).expect("grid");
+            row.push_visible(3 + count..7 + count);
+            rows.push(row);
+        }
+        let layout = GazeLayout::new(regions + 8, &rows).expect("layout");
+        assert_eq!(layout.max_regions(), regions);
+        let c = Case {
+            seed: 5_000 + n as u64,
+            batch: 2,
+            kv_heads: 1,
+            group: 8,
+            head_dim: 128,
+            ties: false,
+            all: false,
+            scale: None,
+            aligned: true,
+            opts: GazeOpts::default(),
+        };
+        let inp = Inputs::<bf16>::with_layout(&mut rng(c.seed), &c, layout);
+        let (o_like, lse_like) = outputs::<bf16>(&mut rng(c.seed ^ 3), inp.q.shape, true);
+        let (res, o, lse, routes) = try_run_gpu(&stream, &mut ws, &inp, &o_like, &lse_like);
+        match res {
+            Ok(()) => {
+                let routes = routes.to_host(&stream).expect("routes");
+                check_outputs(&inp, &o_like, &lse_like, (o, lse, routes), &c);
+            }
+            Err(Error::Unsupported {
+                op: "gaze_route_decode",
+                msg,
+            }) if msg.contains("shared memory") => {
+                eprintln!("{regions} regions refused on this device: {msg}");
+                assert_untouched(&o, "o of a refused call");
+                assert_untouched(&lse, "lse of a refused call");
+            }
+            Err(e) => panic!("{regions} regions: neither run nor refused for shared memory: {e:?}"),
+        }
+    }
 }
