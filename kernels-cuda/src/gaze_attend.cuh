@@ -213,8 +213,14 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
       }
 #pragma unroll
       for (int g = 0; g < kHeadsPerThread; ++g) {
+        // Select, never multiply by a zero weight: a head that does not
+        // attend the slot's token leaves its accumulator as it is, so an inf
+        // or NaN in a value row that another head of the unit attends cannot
+        // reach it (0 x inf is NaN).
+        if ((heads[s] >> (g0 + g)) & 1) {
 #pragma unroll
-        for (int e = 0; e < kSlice; ++e) acc[g][e] = fmaf(score[s][g], vf[e], acc[g][e]);
+          for (int e = 0; e < kSlice; ++e) acc[g][e] = fmaf(score[s][g], vf[e], acc[g][e]);
+        }
       }
     }
   }

@@ -183,3 +183,59 @@ pub fn run_cpu<T: TestElem>(
     .expect("valid call");
     (o, lse, routes)
 }
+
+/// Issue 11's minimal case ([`crate::gaze_decode::inf_value_case`]) for
+/// the fused op: q and descriptors chosen so that route_topk (top_k 1)
+/// routes head 0 to region 0 and head 1 to region 1; V[1] all +inf, which
+/// only head 0 attends.
+pub fn inf_value_case<T: TestElem>() -> Inputs<T> {
+    let base = crate::gaze_decode::inf_value_case::<T>();
+    let d = base.q.shape[2];
+    // head 0 along +e0, head 1 along -e0; region 0's descriptor +e0, region 1's -e0
+    let q = Tensor::from_fn(
+        [1, 2, d],
+        contiguous_strides([1, 2, d]),
+        T::POISON,
+        |[_, h, j]| {
+            let sign = if h == 0 { 1.0 } else { -1.0 };
+            T::from_f32(if j == 0 {
+                sign
+            } else {
+                0.25 * (j as f32 - 3.5) / 4.0
+            })
+        },
+    );
+    let desc = Tensor::from_fn(
+        [1, 1, 2, d],
+        contiguous_strides([1, 1, 2, d]),
+        f32::NAN,
+        |[_, _, r, j]| {
+            if j == 0 {
+                if r == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            } else {
+                0.0
+            }
+        },
+    );
+    let mut routes = Routes::new(&base.layout, 1, 2, 1);
+    route_topk(q4(&q), desc.view(), &base.layout, 1, &mut routes).expect("route_topk");
+    assert_eq!(
+        routes.ids(),
+        &[0, 1],
+        "head 0 routes region 0, head 1 region 1"
+    );
+    Inputs {
+        layout: base.layout,
+        q,
+        k: base.k,
+        v: base.v,
+        desc,
+        top_k: 1,
+        scale: None,
+        routes,
+    }
+}

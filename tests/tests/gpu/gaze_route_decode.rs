@@ -25,7 +25,8 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use foveal_tests::gaze_route_decode::{outputs, run_cpu, Case, Inputs};
+use foveal_tests::gaze_decode::{attended, poison_shared_rows, Taint};
+use foveal_tests::gaze_route_decode::{inf_value_case, outputs, run_cpu, Case, Inputs};
 
 const GROUPS: [usize; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16];
 
@@ -136,6 +137,20 @@ fn check_outputs<T: GpuElem>(
     got: (Vec<T>, Vec<f32>, Routes),
     c: &Case,
 ) {
+    check_tainted(inp, o_like, lse_like, got, &[], c);
+}
+
+/// [`check_outputs`] where the heads `taint` marks (`[b * Hq + h]`; empty:
+/// none) attend a poisoned row: their `o` must be non-finite on both sides,
+/// their `lse` too where a key row is poisoned; every other head must match.
+fn check_tainted<T: GpuElem>(
+    inp: &Inputs<T>,
+    o_like: &Tensor<T, 3>,
+    lse_like: &Tensor<f32, 2>,
+    got: (Vec<T>, Vec<f32>, Routes),
+    taint: &[Taint],
+    c: &Case,
+) {
     let (o, lse, routes) = run_cpu(inp, o_like, lse_like);
     let (got_o, got_lse, got_routes) = got;
     assert_eq!(got_routes.ids(), routes.ids(), "routes, {c:?}");
@@ -153,8 +168,14 @@ fn check_outputs<T: GpuElem>(
     };
     for b in 0..batch {
         for h in 0..hq {
+            let t = taint.get(b * hq + h).copied().unwrap_or(Taint::Clean);
             let (g, w) = (gpu_lse.get([b, h]) as f64, lse.get([b, h]) as f64);
-            if w.is_infinite() {
+            if t == Taint::Key {
+                assert!(
+                    !g.is_finite() && !w.is_finite(),
+                    "lse[{b}, {h}] {g} vs {w}: a NaN key is attended, {c:?}"
+                );
+            } else if w.is_infinite() {
                 assert_eq!(g, w, "lse[{b}, {h}], {c:?}");
             } else {
                 assert!(
@@ -164,6 +185,13 @@ fn check_outputs<T: GpuElem>(
             }
             for e in 0..d {
                 let (g, w) = (to_f64(gpu_o.get([b, h, e])), to_f64(o.get([b, h, e])));
+                if t != Taint::Clean {
+                    assert!(
+                        !g.is_finite() && !w.is_finite(),
+                        "o[{b}, {h}, {e}] {g} vs {w}: head {h} attends a poisoned row, {c:?}"
+                    );
+                    continue;
+                }
                 let bound = 2.0 * storage.abs + 2.0 * storage.rel * w.abs() + 1e-4 * (1.0 + mag);
                 assert!((g - w).abs() <= bound, "o[{b}, {h}, {e}] {g} vs {w}, {c:?}");
             }
@@ -196,6 +224,73 @@ fn matches_cpu_f16() {
 fn matches_cpu_bf16() {
     let Some(stream) = gpu() else { return };
     random_cases::<bf16>(&stream, 3);
+}
+
+/// Issue 11, fault 2, its minimal case: V[1] is +inf and only head 0
+/// routes the region holding it; head 1 shares the unit (the same loads)
+/// and must stay finite, equal to the CPU; before the fix the shared
+/// accumulation added 0 x inf = NaN to it.
+#[test]
+fn inf_value_attended_by_one_head_of_the_group() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>) {
+        let inp = inf_value_case::<T>();
+        let (o_like, lse_like) = outputs::<T>(&mut rng(1), inp.q.shape, true);
+        let got = run_gpu(stream, &mut Workspace::new(), &inp, &o_like, &lse_like);
+        let c = Case {
+            seed: 0,
+            batch: 1,
+            kv_heads: 1,
+            group: 2,
+            head_dim: 8,
+            ties: false,
+            all: false,
+            scale: None,
+            aligned: true,
+            opts: GazeOpts::default(),
+        };
+        check_tainted(
+            &inp,
+            &o_like,
+            &lse_like,
+            got,
+            &[Taint::Value, Taint::Clean],
+            &c,
+        );
+    }
+    run::<f32>(&stream);
+    run::<f16>(&stream);
+    run::<bf16>(&stream);
+}
+
+/// Random cases (GQA 2 to 16, every element type, long rows now and then)
+/// in which value rows (+inf, -inf, NaN) that some heads of a group route,
+/// not all, are poisoned: every head that attends none equals the CPU,
+/// every head that does is non-finite on both sides.
+#[test]
+fn poisoned_rows_attended_by_some_heads() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut r = rng(seed);
+        let mut ws = Workspace::new();
+        for n in 0..cases(20) as u64 {
+            let mut c = random_case::<T>(&mut r, seed * 1000 + n, n % 5 == 4);
+            c.group = c.group.max(2);
+            c.all = false;
+            let mut inp = Inputs::<T>::new(&c);
+            let (layout, routes) = (&inp.layout, &inp.routes);
+            let taint =
+                poison_shared_rows(&mut r, &mut inp.k, &mut inp.v, c.group, 3, false, |b, h| {
+                    attended(layout, routes, b, h)
+                });
+            let (o_like, lse_like) = outputs::<T>(&mut rng(c.seed ^ 3), inp.q.shape, true);
+            let got = run_gpu(stream, &mut ws, &inp, &o_like, &lse_like);
+            check_tainted(&inp, &o_like, &lse_like, got, &taint, &c);
+        }
+    }
+    run::<f32>(&stream, 61);
+    run::<f16>(&stream, 62);
+    run::<bf16>(&stream, 63);
 }
 
 /// Bit-identical outputs and routes: twice in a row on one workspace (the
