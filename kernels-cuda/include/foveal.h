@@ -352,7 +352,7 @@ typedef struct foveal_gaze_decode_params {
    * past the last token index) and unit_tokens [B, units, 2] int32 (segment
    * count, token count); per query head and split: partial_o
    * [B, Hq, num_splits, D] and partial_ml [B, Hq, num_splits, 2] float
-   * (running max in log2 units, sum of exponentials). */
+   * (running max of scale * q.k, sum of exponentials relative to it). */
   int32_t *segments;
   int32_t *unit_tokens;
   float *partial_o;

@@ -34,7 +34,6 @@ namespace {
 
 constexpr int kThreads = kAttendThreads;
 constexpr int kMaxSplits = FOVEAL_GAZE_ROUTE_MAX_SPLITS;
-constexpr float kLn2Fused = 0.6931471805599453f;
 
 template <typename T, int kHeadDimMax, int kGroupMax>
 __global__ void __launch_bounds__(kThreads) gaze_route_decode_kernel(const foveal_gaze_route_decode_params P) {
@@ -163,38 +162,7 @@ __global__ void __launch_bounds__(kThreads) gaze_route_decode_kernel(const fovea
   if (!sh_last) return;
   __threadfence();
   for (int g = 0; g < u.heads; ++g) {
-    const int h = u.h0 + g;
-    const int64_t first = (static_cast<int64_t>(b) * p.q_heads + h) * p.num_splits;
-    const float* ml = p.partial_ml + first * 2;
-    if (threadIdx.x < 32) {
-      // gaze_decode's merge: lane-strided max and sum, a fixed shuffle tree.
-      float mm = -CUDART_INF_F;
-      for (int s = threadIdx.x; s < p.num_splits; s += 32) mm = fmaxf(mm, __ldcg(ml + 2 * s));
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-      float ll = 0.f;
-      if (mm != -CUDART_INF_F) {
-        for (int s = threadIdx.x; s < p.num_splits; s += 32) {
-          const float ms = __ldcg(ml + 2 * s);
-          if (ms != -CUDART_INF_F) ll += __ldcg(ml + 2 * s + 1) * exp2f(ms - mm);
-        }
-      }
-      ll = group_sum<32>(ll);
-      for (int s = threadIdx.x; s < p.num_splits; s += 32) {
-        const float ms = __ldcg(ml + 2 * s);
-        weight[s] = (mm == -CUDART_INF_F || ms == -CUDART_INF_F) ? 0.f : exp2f(ms - mm) / ll;
-      }
-      if (threadIdx.x == 0) sh_lse = mm == -CUDART_INF_F ? -CUDART_INF_F : (mm + log2f(ll)) * kLn2Fused;
-    }
-    __syncthreads();
-    const float* po = p.partial_o + first * p.head_dim;
-    T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-    for (int d = threadIdx.x; d < p.head_dim; d += kThreads) {
-      float acc = 0.f;
-      for (int s = 0; s < p.num_splits; ++s) acc = fmaf(weight[s], __ldcg(po + static_cast<int64_t>(s) * p.head_dim + d), acc);
-      o[d] = from_float<T>(acc);
-    }
-    if (p.lse != nullptr && threadIdx.x == 0) p.lse[b * p.lse_stride_b + h * p.lse_stride_h] = sh_lse;
+    merge_splits<T, kThreads>(p, b, u.h0 + g, weight, &sh_lse);
     __syncthreads();  // `weight` and `sh_lse` are reused
   }
   if (threadIdx.x == 0) *ticket = 0;  // ready for the next launch (graph replays)

@@ -10,7 +10,8 @@
 //     once with 16-byte loads for all the query heads of its GQA group (their
 //     queries sit in registers), writes scale * q.k for the visual keys, and
 //     keeps the running max and sum of exponentials of its slice (online
-//     log-sum-exp; the flash-decoding split of the keys). The softmax modes
+//     log-sum-exp with common.cuh's softmax_add; the flash-decoding split of
+//     the keys). The softmax modes
 //     stream every valid key (the log-sum-exp needs them all); Logits mode
 //     streams the visual keys alone.
 //  3. normalize (LogSoftmax, Softmax only): merges the splits' partials in a
@@ -147,11 +148,7 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
       if (item[u] >= hi) continue;
       if (need_lse) {
 #pragma unroll
-        for (int g = 0; g < kGroupMax; ++g) {
-          const float m_new = fmaxf(m[g], s[g]);
-          l[g] = l[g] * expf(m[g] - m_new) + expf(s[g] - m_new);
-          m[g] = m_new;
-        }
+        for (int g = 0; g < kGroupMax; ++g) softmax_add(m[g], l[g], s[g]);
       }
       const int vi = need_lse ? pos_to_vis[start + item[u]] : item[u];
       if (vi >= 0) {
@@ -195,7 +192,7 @@ __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
     float mm;
     float ll;
     merge_max_sum(part, part + 1, p.num_splits, split_stride, mm, ll);
-    lse[h] = mm + logf(ll);
+    lse[h] = softmax_lse(mm, ll);
   }
   __syncthreads();
   const int nv = p.nv[b];

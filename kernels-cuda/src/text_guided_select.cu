@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kKeys) lse_partial_kernel(const foveal_text_gu
           if (g < gc) {
             const float x = valid ? acc[g] * p.scale : -CUDART_INF_F;
             const float m = warp_max(x);
-            const float l = group_sum<32>(m == -CUDART_INF_F ? 0.0f : expf(x - m));
+            const float l = group_sum<32>(softmax_weight(x, m));
             if (lane == 0) {
               red_m[warp][g] = m;
               red_l[warp][g] = l;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kCombineThreads) lse_combine_kernel(const fove
   float m;
   float l;
   merge_max_sum(part, part + 1, chunks, chunk_stride, m, l);
-  p.lse[idx] = m == -CUDART_INF_F ? m : m + logf(l);
+  p.lse[idx] = softmax_lse(m, l);
 }
 
 template <typename T>

@@ -54,7 +54,10 @@ fn oracle<T: Element>(
                         for j in 0..d {
                             let t = to_f64(q.get([b, h, j])) * to_f64(k.get([b, p, kvh, j]));
                             s += t;
-                            m += t.abs();
+                            // the size of the finite terms (a -inf key adds no rounding)
+                            if t.is_finite() {
+                                m += t.abs();
+                            }
                         }
                         (scale * s, scale.abs() * m)
                     };
@@ -100,6 +103,8 @@ fn close(got: f32, want: &Want, mode: ScoreMode) -> bool {
     match mode {
         ScoreMode::Logits => tol.allows(got, want.value, want.magnitude),
         ScoreMode::LogSoftmax => tol.allows(got, want.value, want.magnitude + want.lse.abs() + 1.0),
+        // exactly 0: the probability of a key that scores -inf
+        ScoreMode::Softmax if want.value == 0.0 => got == 0.0,
         ScoreMode::Softmax => {
             let log_err = tol.bound(want.value.ln(), want.magnitude + want.lse.abs() + 1.0);
             (got - want.value).abs() <= 2.0 * log_err * want.value + 1e-30
@@ -144,6 +149,17 @@ fn case() -> impl Strategy<Value = Case> {
 /// Builds a random case of element type `T`, runs the reference in every mode
 /// and compares it with the oracle.
 fn check_case<T: TestElem>(c: Case) {
+    check_case_with::<T>(c, false);
+}
+
+/// [`check_case`]; with `minus_inf`, about one key in three of each row
+/// (and always its first; the glimpse token excepted) is `[-inf, 0, ...]`
+/// and every query's first element positive, so those keys score -inf (the
+/// scale is made positive): they weigh 0 in the log-sum-exp.
+fn check_case_with<T: TestElem>(mut c: Case, minus_inf: bool) {
+    if minus_inf {
+        c.scale = Some(c.scale.map_or(0.3, f32::abs));
+    }
     let mut r = rng(c.seed);
     let rows = random_rows(&mut r, c.batch, c.seq, RowOpts::default());
     let layout = RowLayout::new(c.seq, &rows).unwrap();
@@ -166,6 +182,26 @@ fn check_case<T: TestElem>(c: Case) {
         if idx[1] < row.start || idx[1] >= row.end {
             let o = k.offset(idx);
             k.data[o] = T::POISON;
+        }
+    }
+    let mut q = q;
+    if minus_inf {
+        for b in 0..c.batch {
+            for h in 0..hq {
+                let o = q.offset([b, h, 0]);
+                q.data[o] = T::from_f32(0.75);
+            }
+            let row = &rows[b];
+            for p in row.start..row.end - 1 {
+                if p == row.start || r.random_bool(0.35) {
+                    for kvh in 0..hkv {
+                        for j in 0..d {
+                            let o = k.offset([b, p, kvh, j]);
+                            k.data[o] = T::from_f32(if j == 0 { f32::NEG_INFINITY } else { 0.0 });
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -215,6 +251,27 @@ fn check_case<T: TestElem>(c: Case) {
 }
 
 foveal_tests::oracle_proptests!(64, case(), check_case);
+
+/// Keys that score -inf weigh 0: the log-sum-exp stays finite and the other
+/// tokens' scores are the softmax over the finite keys (the CPU side of
+/// issue 11's fault 3, whose GPU test is in gpu/glimpse_scores.rs).
+#[test]
+fn keys_scoring_minus_infinity_weigh_zero() {
+    let mut r = rng(31);
+    for n in 0..24 {
+        let c = Case {
+            seed: 3_100 + n,
+            batch: r.random_range(1..=3),
+            seq: r.random_range(2..=120),
+            kv_heads: r.random_range(1..=2),
+            group: r.random_range(1..=4),
+            head_dim: [1, 8, 17, 64][n as usize % 4],
+            scale: None,
+        };
+        check_case_with::<f32>(c, true);
+        check_case_with::<bf16>(c, true);
+    }
+}
 
 /// Every head dim the SPEC names, at full GQA width, in both KV layouts: a
 /// deterministic sweep beside the random cases.

@@ -264,9 +264,9 @@ fn inf_value_attended_by_one_head_of_the_group() {
 }
 
 /// Random cases (GQA 2 to 16, every element type, long rows now and then)
-/// in which value rows (+inf, -inf, NaN) that some heads of a group route,
-/// not all, are poisoned: every head that attends none equals the CPU,
-/// every head that does is non-finite on both sides.
+/// in which value rows (+inf, -inf, NaN) and key rows (NaN) that some heads
+/// of a group route, not all, are poisoned: every head that attends none
+/// equals the CPU, every head that does is non-finite on both sides.
 #[test]
 fn poisoned_rows_attended_by_some_heads() {
     let Some(stream) = gpu() else { return };
@@ -280,7 +280,7 @@ fn poisoned_rows_attended_by_some_heads() {
             let mut inp = Inputs::<T>::new(&c);
             let (layout, routes) = (&inp.layout, &inp.routes);
             let taint =
-                poison_shared_rows(&mut r, &mut inp.k, &mut inp.v, c.group, 3, false, |b, h| {
+                poison_shared_rows(&mut r, &mut inp.k, &mut inp.v, c.group, 3, true, |b, h| {
                     attended(layout, routes, b, h)
                 });
             let (o_like, lse_like) = outputs::<T>(&mut rng(c.seed ^ 3), inp.q.shape, true);

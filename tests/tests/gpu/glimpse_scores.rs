@@ -517,6 +517,127 @@ fn rows_without_visual_tokens() {
     }
 }
 
+/// Issue 11, fault 3: keys whose score is -inf (a row [-inf, 0, ...]
+/// against queries whose first element is positive, scale positive), about
+/// one key in three and always the row's first, so that many key groups of
+/// the split pass start on one. The CPU reference stays finite (a -inf
+/// score weighs 0); the kernel's running log-sum-exp made the whole row NaN
+/// (exp(-inf - -inf)) before the online-softmax helper. Every other case
+/// also puts +inf and NaN keys in row 0: there the CPU is NaN, and the GPU
+/// must be NaN exactly where the CPU is.
+#[test]
+fn infinite_scores_in_key_groups() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut r = rng(seed);
+        let mut ws = Workspace::new();
+        let mut finite = 0;
+        for n in 0..cases(24) as u64 {
+            let mut c = random_case::<T>(
+                &mut r,
+                seed * 100 + n,
+                SCORE_MODES[n as usize % 3],
+                n % 4 == 3,
+            );
+            c.scale = Some(r.random_range(0.05f32..0.5));
+            let rows = random_rows(
+                &mut rng(c.seed),
+                c.batch,
+                c.seq,
+                RowOpts::with_all_visual(true),
+            );
+            let mut inp = inputs::<T>(&c, rows);
+            poison_keys(&mut r, &c, &mut inp, n % 2 == 1);
+            let want = run_cpu(&inp, c.scale, c.mode);
+            let got = run_gpu(stream, &mut ws, &inp, c.scale, c.mode);
+            finite += compare_non_finite(&c, &inp, &got, &want);
+        }
+        assert!(
+            finite > 100,
+            "too few finite entries ({finite}) to test anything"
+        );
+    }
+    run::<f32>(&stream, 41);
+    run::<f16>(&stream, 42);
+    run::<bf16>(&stream, 43);
+}
+
+/// Gives every query head a positive first element and makes about one key
+/// in three of each row, and always its first (the glimpse token excepted),
+/// `[bad, 0, 0, ...]`: bad = -inf, or in row 0 with `mixed` also +inf or
+/// NaN.
+fn poison_keys<T: GpuElem>(r: &mut StdRng, c: &Case, inp: &mut Inputs<T>, mixed: bool) {
+    let [batch, hq, d] = inp.q.shape;
+    for b in 0..batch {
+        for h in 0..hq {
+            let o = inp.q.offset([b, h, 0]);
+            inp.q.data[o] = T::from_f32(c.amp.max(0.5));
+        }
+        let row = &inp.rows[b];
+        for p in row.start..row.end - 1 {
+            if p != row.start && !r.random_bool(0.35) {
+                continue;
+            }
+            let bad = if mixed && b == 0 {
+                [f32::NEG_INFINITY, f32::INFINITY, f32::NAN][r.random_range(0..3)]
+            } else {
+                f32::NEG_INFINITY
+            };
+            for kvh in 0..c.kv_heads {
+                for j in 0..d {
+                    let o = inp.k.offset([b, p, kvh, j]);
+                    inp.k.data[o] = T::from_f32(if j == 0 { bad } else { 0.0 });
+                }
+            }
+        }
+    }
+}
+
+/// [`compare`] for outputs that may hold infinities and NaN: where the CPU
+/// is NaN the GPU must be NaN, where it is infinite the GPU must equal it,
+/// elsewhere the GPU must be within the f32 accumulation bound (from the
+/// size of the finite logits, at most `|scale| * D * amp^2`). Returns the
+/// number of finite entries compared.
+fn compare_non_finite<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: &[f32]) -> usize {
+    let [batch, hq, d] = inp.q.shape;
+    let scale = c.scale.unwrap_or(1.0 / (d as f32).sqrt()).abs() as f64;
+    let amp = c.amp.max(0.5) as f64;
+    let big = scale * d as f64 * amp * amp;
+    let mut finite = 0;
+    for b in 0..batch {
+        let row = &inp.rows[b];
+        let ln_n = (row.end as f64 - row.start as f64).ln();
+        for h in 0..hq {
+            for i in 0..inp.layout.nv_max() {
+                let o = inp.out.offset([b, i, h]);
+                let (gv, wv) = (got[o], want[o]);
+                let what = format!("{c:?}: out[{b}, {i}, {h}]: GPU {gv}, CPU {wv}");
+                if i >= row.visual.len() {
+                    assert!(
+                        gv.to_bits() == 0 && wv.to_bits() == 0,
+                        "{what}: past the count, both +0"
+                    );
+                } else if wv.is_nan() {
+                    assert!(gv.is_nan(), "{what}: the CPU is NaN");
+                } else if wv.is_infinite() {
+                    assert_eq!(gv, wv, "{what}");
+                } else {
+                    let log_bound = 1e-5 + 2e-5 * (3.0 * big + ln_n);
+                    let bound = match c.mode {
+                        ScoreMode::Logits => 1e-5 + 2e-5 * big,
+                        ScoreMode::LogSoftmax => log_bound,
+                        ScoreMode::Softmax => 1e-7 + wv.abs() as f64 * log_bound,
+                    };
+                    let diff = (gv as f64 - wv as f64).abs();
+                    assert!(diff <= bound, "{what}: |diff| {diff:e} > bound {bound:e}");
+                    finite += 1;
+                }
+            }
+        }
+    }
+    finite
+}
+
 /// The same inputs give bit-identical outputs: twice with one workspace,
 /// once more with a fresh workspace on another stream.
 fn deterministic<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
