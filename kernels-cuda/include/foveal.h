@@ -246,8 +246,8 @@ typedef struct foveal_text_guided_select_params {
   int64_t keep_stride_b;
   int32_t *keep_count;
   int64_t count_stride;
-  /* Workspace: lse_partial [B, key_chunks, Hq, T, 2], lse [B, Hq, T],
-   * s_partial [B, text_splits, N]. */
+  /* Workspace: lse_partial [B, key_chunks, Hq, T, 2], lse [B, Hq, T, 2]
+   * (max and ln of the sum of exponentials), s_partial [B, text_splits, N]. */
   float *lse_partial;
   float *lse;
   float *s_partial;

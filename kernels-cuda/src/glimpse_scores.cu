@@ -15,7 +15,9 @@
 //     stream every valid key (the log-sum-exp needs them all); Logits mode
 //     streams the visual keys alone.
 //  3. normalize (LogSoftmax, Softmax only): merges the splits' partials in a
-//     fixed order into the row's log-sum-exp, then rewrites the visual scores.
+//     fixed order into the row's (max m, sum l), then rewrites the visual
+//     scores s as (s - m) - ln l (never s - (m + ln l), which loses the
+//     precision of large logits).
 // The order of every reduction is fixed, so results are bit-identical run to run.
 
 #include "common.cuh"
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
 }
 
 __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
-  extern __shared__ float lse[];  // [q_heads]
+  extern __shared__ float stats[];  // [q_heads][2]: the row's max and the ln of its sum of exponentials
   const int b = blockIdx.y;
   for (int h = threadIdx.x; h < p.q_heads; h += blockDim.x) {
     const float* part = p.partial + static_cast<int64_t>(b) * p.num_splits * p.q_heads * 2 + h * 2;
@@ -192,7 +194,8 @@ __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
     float mm;
     float ll;
     merge_max_sum(part, part + 1, p.num_splits, split_stride, mm, ll);
-    lse[h] = softmax_lse(mm, ll);
+    stats[2 * h] = mm;
+    stats[2 * h + 1] = logf(ll);
   }
   __syncthreads();
   const int nv = p.nv[b];
@@ -202,7 +205,7 @@ __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
     const int h = t % p.q_heads;
     if (i >= nv) continue;
     float* o = p.out + b * p.out_stride_b + i * p.out_stride_i + h;
-    const float v = *o - lse[h];
+    const float v = softmax_log_prob(*o, stats[2 * h], stats[2 * h + 1]);
     *o = p.mode == FOVEAL_SCORES_SOFTMAX ? expf(v) : v;
   }
 }
@@ -230,7 +233,7 @@ int launch_glimpse_scores(const foveal_glimpse_scores_params& p, cudaStream_t st
     return FOVEAL_ERR_UNSUPPORTED;
   }
   const bool normalize = p.mode != FOVEAL_SCORES_LOGITS;
-  const size_t norm_smem = static_cast<size_t>(p.q_heads) * sizeof(float);
+  const size_t norm_smem = static_cast<size_t>(p.q_heads) * 2 * sizeof(float);
   if (normalize) {
     const int status = prepare_shared_memory(glimpse_normalize_kernel, norm_smem);  // before anything is enqueued
     if (status != 0) return status;

@@ -563,3 +563,83 @@ pub fn all_routes(layout: &GazeLayout, q_heads: usize) -> Routes {
     }
     Routes::from_ids(layout, 1, q_heads, k, &ids).expect("routes")
 }
+
+/// Logits of `1000 b` plus small integers (issue 11, fault 4: 1e3 to 1e6
+/// for b = 1 to 1,000), exact in every element type and in f32: two rows of
+/// 1,500 and 298 visible keys, no region (long enough for several splits),
+/// GQA 3 on 2 KV heads, D 16, scale 1; q rows `[1000, c_h, 0, ...]`, key
+/// rows `[b, e_p, 0, ...]` with `c_h` in 1..=3 and `e_p` in -6..=6, values
+/// uniform in [-1, 1).
+pub fn large_logit_case<T: TestElem>(b: f32) -> Inputs<T> {
+    let mut rows = vec![GazeRow::new(), GazeRow::new()];
+    rows[0].push_visible(0..1500);
+    rows[1].push_visible(2..300);
+    let layout = GazeLayout::new(1500, &rows).expect("layout");
+    let (hkv, g, d) = (2, 3, 16);
+    let hq = hkv * g;
+    let routes = Routes::from_ids(&layout, 1, hq, 1, &vec![-1; 2 * hq]).expect("routes");
+    let mut r = rng(b as u64);
+    let q = Tensor::from_fn(
+        [2, hq, d],
+        contiguous_strides([2, hq, d]),
+        T::POISON,
+        |[_, h, j]| {
+            T::from_f32(match j {
+                0 => 1000.0,
+                1 => (1 + h % 3) as f32,
+                _ => 0.0,
+            })
+        },
+    );
+    let kv_shape = [2, 1500, hkv, d];
+    let k = Tensor::from_fn(
+        kv_shape,
+        contiguous_strides(kv_shape),
+        T::POISON,
+        |[_, _, _, j]| {
+            T::from_f32(match j {
+                0 => b,
+                1 => r.random_range(-6..=6) as f32,
+                _ => 0.0,
+            })
+        },
+    );
+    let v = random_tensor(&mut r, kv_shape, contiguous_strides(kv_shape), -1.0, 1.0);
+    Inputs {
+        layout,
+        routes,
+        q,
+        k,
+        v,
+        scale: Some(1.0),
+    }
+}
+
+/// Asserts `o` and `lse` of [`large_logit_case`] match the oracle with
+/// bounds that do not grow with the logits: the storage type's tolerance
+/// plus 1e-5 for `o` (a weighted mean of values in [-1, 1)), a few f32 ulps
+/// of `lse` (itself about 1e6).
+pub fn assert_large_logits<T: TestElem>(
+    o: &Tensor<T, 3>,
+    lse: &Tensor<f32, 2>,
+    want: &[Want],
+    what: &str,
+) {
+    let hq = o.shape[1];
+    let storage = Tol::for_elem::<T>();
+    for [b, h, j] in indices(o.shape) {
+        let (got, w) = (to_f64(o.get([b, h, j])), want[b * hq + h].o[j]);
+        let bound = storage.abs + storage.rel * w.abs() + 1e-5;
+        assert!(
+            (got - w).abs() <= bound,
+            "{what}: o[{b}, {h}, {j}] = {got}, want {w}"
+        );
+    }
+    for [b, h] in indices(lse.shape) {
+        let (got, w) = (lse.get([b, h]) as f64, want[b * hq + h].lse);
+        assert!(
+            (got - w).abs() <= 3e-7 * w.abs() + 1e-5,
+            "{what}: lse[{b}, {h}] = {got}, want {w}"
+        );
+    }
+}

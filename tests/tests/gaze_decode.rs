@@ -13,8 +13,9 @@
 use foveal::gaze_decode::cpu::gaze_decode;
 use foveal::{Error, GazeLayout, GazeRow, Layout, RegionShape, Routes, View, ViewMut};
 use foveal_tests::gaze_decode::{
-    all_routes, assert_matches, assert_matches_tainted, attended, gapless_rows, gaze_oracle,
-    inf_value_case, oracle, outputs, poison_shared_rows, Case, Inputs, Taint,
+    all_routes, assert_large_logits, assert_matches, assert_matches_tainted, attended,
+    gapless_rows, gaze_oracle, inf_value_case, large_logit_case, oracle, outputs,
+    poison_shared_rows, Case, Inputs, Taint,
 };
 use foveal_tests::{contiguous_strides, random_tensor, rng, Poison, Tensor, TestElem};
 use half::bf16;
@@ -129,6 +130,22 @@ fn poisoned_rows_attended_by_some_heads() {
         value > 20 && key > 10 && clean > 20,
         "{value} {key} {clean}"
     );
+}
+
+/// Logits of 1e3 to 1e6 (issue 11, fault 4): the softmax weights are
+/// formed from `l - m`, so `o` and `lse` keep f32 precision.
+#[test]
+fn large_logits_keep_their_precision() {
+    for b in [1.0, 10.0, 100.0, 1000.0] {
+        let inp = large_logit_case::<f32>(b);
+        let (o, lse) = run_cpu(&inp, &mut rng(1), true);
+        assert_large_logits(
+            &o,
+            &lse,
+            &gaze_oracle(&inp),
+            &format!("logits {}", 1000.0 * b),
+        );
+    }
 }
 
 /// Every head dim the SPEC names at every GQA width up to 8, on long rows

@@ -45,7 +45,9 @@ pub fn glimpse_scores<T: Element>(
     let head_chunks = dims
         .group()
         .div_ceil(ffi::FOVEAL_GLIMPSE_MAX_GROUP as usize);
-    // The kernels' int32 index space, grid (y <= 65,535) and shared memory (one float per head).
+    // The kernels' int32 index space, grid (y <= 65,535) and the normalize
+    // kernel's shared memory (two floats per head: 96 KiB at 12,288 heads,
+    // opted in past 48 KiB; checked against the device by the launcher).
     ensure(
         dims.nv_max * dims.q_heads <= i32::MAX as usize
             && dims.kv_heads * head_chunks <= 65_535

@@ -96,7 +96,7 @@ pub fn text_guided_select<T: Element>(
         .clamp(1, d.text.clamp(1, 65_535));
 
     let lse_partial = d.batch * key_chunks * d.q_heads * d.text * 2 * 4;
-    let lse = d.batch * d.q_heads * d.text * 4;
+    let lse = d.batch * d.q_heads * d.text * 2 * 4;
     let s_partial = d.batch * text_splits * d.visual * 4;
     let own_scores = if scores.is_some() {
         0
@@ -163,7 +163,7 @@ pub fn text_guided_select<T: Element>(
     // ties the outputs to [B, N] and [B], and the checks above give the key
     // loads their 16-byte alignment and a head dim the shared tiles hold; the
     // workspace regions have the sizes the kernels index ([B, chunks, Hq, T,
-    // 2], [B, Hq, T], [B, splits, N], [B, N]); the batch fits the grid.
+    // 2], [B, Hq, T, 2], [B, splits, N], [B, N]); the batch fits the grid.
     let status = unsafe { ffi::foveal_text_guided_select(&params, stream_ptr) };
     check_status(OP, status)
 }

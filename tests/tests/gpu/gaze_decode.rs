@@ -25,8 +25,9 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use foveal_tests::gaze_decode::{
-    all_routes, assert_matches, assert_matches_tainted, attended, gapless_rows, gaze_oracle,
-    inf_value_case, outputs, poison_shared_rows, Case, Inputs, Taint, Want,
+    all_routes, assert_large_logits, assert_matches, assert_matches_tainted, attended,
+    gapless_rows, gaze_oracle, inf_value_case, large_logit_case, outputs, poison_shared_rows, Case,
+    Inputs, Taint, Want,
 };
 
 /// GQA group sizes: every size one pass serves (1..=8) and two served in
@@ -237,6 +238,38 @@ fn poisoned_rows_attended_by_some_heads() {
     run::<f32>(&stream, 61);
     run::<f16>(&stream, 62);
     run::<bf16>(&stream, 63);
+}
+
+/// Logits of 1e3 to 1e6 (issue 11, fault 4), exact in every element type:
+/// `o` and `lse` against the oracle with bounds that do not grow with the
+/// logits. The attend step forms `exp2f((s - m) log2 e)`; scores scaled by
+/// log2 e before the difference (as before common.cuh's online softmax)
+/// were rounded at 1.4e6 (an ulp of 0.125) and failed here.
+#[test]
+fn large_logits_keep_their_precision() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, b: f32) {
+        let inp = large_logit_case::<T>(b);
+        let (o, lse) = outputs::<T>(&mut rng(7), inp.q.shape, true);
+        let (got_o, got_lse) = run_gpu(stream, ws, &inp, &o, &lse);
+        let gpu_o = Tensor { data: got_o, ..o };
+        let gpu_lse = Tensor {
+            data: got_lse,
+            ..lse
+        };
+        assert_large_logits(
+            &gpu_o,
+            &gpu_lse,
+            &gaze_oracle(&inp),
+            &format!("logits {}", 1000.0 * b),
+        );
+    }
+    let mut ws = Workspace::new();
+    for b in [1.0, 10.0, 100.0, 1000.0] {
+        run::<f32>(&stream, &mut ws, b);
+        run::<f16>(&stream, &mut ws, b);
+        run::<bf16>(&stream, &mut ws, b);
+    }
 }
 
 /// Every head dim the SPEC names, every group size, long rows (many key

@@ -638,6 +638,114 @@ fn compare_non_finite<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: 
     finite
 }
 
+/// Issue 11, fault 4: logits of 1e3 to 1e6, exact in every element type and
+/// in f32 (q rows `[1000, c_h, 0, ...]`, key rows `[b, e_p, 0, ...]`, small
+/// integers, scale 1: `s = 1000 b + c_h e_p`), a long row (several key
+/// splits, merged) beside a short one, against values computed here in f64.
+/// The log-softmax is `(s - m) - ln sum`; `s - (m + ln sum)` rounded
+/// `m + ln sum` at the logits' size and failed here. Logits exactly.
+#[test]
+fn large_logits_keep_their_precision() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, b: f32, mode: ScoreMode) {
+        let (seq, hkv, g, d) = (3000, 2, 3, 16);
+        let hq = hkv * g;
+        let rows = vec![
+            RowSpec {
+                start: 0,
+                end: seq,
+                visual: (10..2900).collect(),
+            },
+            RowSpec {
+                start: 5,
+                end: 200,
+                visual: (6..190).step_by(3).collect(),
+            },
+        ];
+        let layout = RowLayout::new(seq, &rows).expect("rows");
+        let mut r = rng(b as u64);
+        let e: Vec<f64> = (0..2 * seq * hkv)
+            .map(|_| r.random_range(-6..=6) as f64)
+            .collect();
+        let e_at = |bi: usize, p: usize, kvh: usize| e[(bi * seq + p) * hkv + kvh];
+        let c_of = |h: usize| (1 + h % 3) as f64;
+        let q_shape = [2, hq, d];
+        let q = Tensor::from_fn(q_shape, [hq * d, d, 1], T::POISON, |[_, h, j]| {
+            T::from_f32(match j {
+                0 => 1000.0,
+                1 => c_of(h) as f32,
+                _ => 0.0,
+            })
+        });
+        let k_shape = [2, seq, hkv, d];
+        let k = Tensor::from_fn(
+            k_shape,
+            [seq * hkv * d, hkv * d, d, 1],
+            T::POISON,
+            |[bi, p, kvh, j]| {
+                if p < rows[bi].start || p >= rows[bi].end {
+                    return T::POISON;
+                }
+                T::from_f32(match j {
+                    0 => b,
+                    1 => e_at(bi, p, kvh) as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        let out_shape = [2, layout.nv_max(), hq];
+        let out = Tensor::filled(out_shape, [layout.nv_max() * hq, hq, 1], f32::POISON);
+        let inp = Inputs {
+            rows,
+            layout,
+            q,
+            k,
+            out,
+        };
+        let got = run_gpu(stream, ws, &inp, Some(1.0), mode);
+        for bi in 0..2 {
+            let row = &inp.rows[bi];
+            for h in 0..hq {
+                let logit = |p: usize| 1000.0 * b as f64 + c_of(h) * e_at(bi, p, h / g);
+                let m = (row.start..row.end)
+                    .map(logit)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let ln_sum = (row.start..row.end)
+                    .map(|p| (logit(p) - m).exp())
+                    .sum::<f64>()
+                    .ln();
+                for (i, &p) in row.visual.iter().enumerate() {
+                    let log_p = (logit(p) - m) - ln_sum;
+                    let gv = got[inp.out.offset([bi, i, h])] as f64;
+                    let (want, ok) = match mode {
+                        ScoreMode::Logits => (logit(p), gv == logit(p)),
+                        ScoreMode::LogSoftmax => {
+                            (log_p, (gv - log_p).abs() <= 1e-5 * (1.0 + log_p.abs()))
+                        }
+                        ScoreMode::Softmax => {
+                            let w = log_p.exp();
+                            (w, (gv - w).abs() <= 1e-5 * (1.0 + log_p.abs()) * w)
+                        }
+                    };
+                    assert!(
+                        ok,
+                        "{mode:?}, logits {}: out[{bi}, {i}, {h}] GPU {gv}, want {want}",
+                        1000.0 * b
+                    );
+                }
+            }
+        }
+    }
+    let mut ws = Workspace::new();
+    for b in [1.0, 10.0, 100.0, 1000.0] {
+        for mode in SCORE_MODES {
+            run::<f32>(&stream, &mut ws, b, mode);
+            run::<f16>(&stream, &mut ws, b, mode);
+            run::<bf16>(&stream, &mut ws, b, mode);
+        }
+    }
+}
+
 /// The same inputs give bit-identical outputs: twice with one workspace,
 /// once more with a fresh workspace on another stream.
 fn deterministic<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
