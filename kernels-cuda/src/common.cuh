@@ -75,11 +75,10 @@ __device__ __forceinline__ float group_sum(float x) {
 // apply it per element.
 // ---------------------------------------------------------------------------
 
-constexpr float kLog2e = 1.4426950408889634f;
-
 // exp(s - m) for a score s and a running max m >= s (or the weight of an
 // old max m_old against a new one, to rescale a state): 0 when s is -inf.
 __device__ __forceinline__ float softmax_weight(float s, float m) {
+  constexpr float kLog2e = 1.4426950408889634f;
   return s == -CUDART_INF_F ? 0.0f : exp2f((s - m) * kLog2e);
 }
 
