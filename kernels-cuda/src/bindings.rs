@@ -4,6 +4,7 @@
 // Regenerate: FOVEAL_BLESS_BINDINGS=1 cargo test -p foveal-sys --test bindings_drift
 
 pub const FOVEAL_ERR_UNSUPPORTED: i32 = -1;
+pub const FOVEAL_ERR_SHARED_MEMORY: i32 = -2;
 pub const FOVEAL_GLIMPSE_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_GLIMPSE_MAX_GROUP: u32 = 8;
 pub const FOVEAL_GATHER_MAX_PLANES: u32 = 128;
@@ -43,6 +44,24 @@ impl foveal_dtype {
 #[repr(transparent)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct foveal_dtype(pub ::std::os::raw::c_uint);
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct foveal_shared_memory {
+    pub static_bytes: usize,
+    pub dynamic_bytes: usize,
+    pub limit_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_shared_memory"][::std::mem::size_of::<foveal_shared_memory>() - 24usize];
+    ["Alignment of foveal_shared_memory"][::std::mem::align_of::<foveal_shared_memory>() - 8usize];
+    ["Offset of field: foveal_shared_memory::static_bytes"]
+        [::std::mem::offset_of!(foveal_shared_memory, static_bytes) - 0usize];
+    ["Offset of field: foveal_shared_memory::dynamic_bytes"]
+        [::std::mem::offset_of!(foveal_shared_memory, dynamic_bytes) - 8usize];
+    ["Offset of field: foveal_shared_memory::limit_bytes"]
+        [::std::mem::offset_of!(foveal_shared_memory, limit_bytes) - 16usize];
+};
 unsafe extern "C" {
     pub fn foveal_status_string(status: ::std::os::raw::c_int) -> *const ::std::os::raw::c_char;
 }
@@ -177,7 +196,7 @@ pub struct foveal_select_keep_params {
     pub batch: i32,
     pub nv_max: i32,
     pub threshold_logit: f64,
-    pub max_ratio: f32,
+    pub max_ratio: f64,
     pub has_max_ratio: i32,
     pub min_keep: i32,
 }
@@ -208,9 +227,9 @@ const _: () = {
     ["Offset of field: foveal_select_keep_params::max_ratio"]
         [::std::mem::offset_of!(foveal_select_keep_params, max_ratio) - 64usize];
     ["Offset of field: foveal_select_keep_params::has_max_ratio"]
-        [::std::mem::offset_of!(foveal_select_keep_params, has_max_ratio) - 68usize];
+        [::std::mem::offset_of!(foveal_select_keep_params, has_max_ratio) - 72usize];
     ["Offset of field: foveal_select_keep_params::min_keep"]
-        [::std::mem::offset_of!(foveal_select_keep_params, min_keep) - 72usize];
+        [::std::mem::offset_of!(foveal_select_keep_params, min_keep) - 76usize];
 };
 impl Default for foveal_select_keep_params {
     fn default() -> Self {
@@ -1030,6 +1049,12 @@ unsafe extern "C" {
     pub fn foveal_gaze_route_decode(
         p: *const foveal_gaze_route_decode_params,
         stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn foveal_gaze_route_decode_shared_memory(
+        p: *const foveal_gaze_route_decode_params,
+        out: *mut foveal_shared_memory,
     ) -> ::std::os::raw::c_int;
 }
 #[repr(C)]

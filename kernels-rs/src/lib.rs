@@ -45,6 +45,8 @@ pub mod region_descriptors;
 pub mod route_topk;
 pub mod rows;
 pub mod select_keep;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod shared_memory;
 pub mod text_guided_select;
 pub mod token_pack;
 pub mod window_mean;
