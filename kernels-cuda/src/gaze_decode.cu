@@ -30,6 +30,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "gaze_attend.cuh"
+#include "gaze_merge.cuh"
 
 namespace foveal {
 namespace {

@@ -27,6 +27,7 @@
 // B x units words), since the workspace is shared with other ops.
 
 #include "gaze_attend.cuh"
+#include "gaze_merge.cuh"
 #include "top_select.cuh"
 
 namespace foveal {
