@@ -1,6 +1,7 @@
 //! What every case runs with: the device, one stream, the timer, a pool of
 //! random bf16 to fill inputs from, the number of input sets that defeats
-//! L2, and candle's CUDA device (for the baselines and the matrix rate).
+//! L2, the ceilings measured so far, and candle's CUDA device (for the
+//! baselines and the matrix rate).
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidA
 use foveal_bench::{fmt_bytes, random_elems, rng};
 use half::bf16;
 
+use crate::table::Ceilings;
 use crate::timing::{Stats, Timer};
 use crate::Res;
 
@@ -19,6 +21,9 @@ pub struct Env {
     /// Times work on `stream`; `timer.on(other)` for another stream.
     pub timer: Timer,
     pub pool: Pool,
+    /// The ceilings measured so far in this run (for a section whose rows
+    /// report the figure of whichever ceiling bounds the case).
+    pub ceilings: Ceilings,
     l2_bytes: u64,
     candle: Option<CudaDevice>,
 }
@@ -41,6 +46,7 @@ impl Env {
             stream,
             timer,
             pool,
+            ceilings: Ceilings::default(),
             l2_bytes,
             candle: None,
         })
