@@ -459,6 +459,44 @@ typedef struct foveal_token_pack_params {
 } foveal_token_pack_params;
 
 int foveal_token_pack(const foveal_token_pack_params *p, foveal_stream_t stream);
+/* ----------------------------------------------------------------- glance_fusion */
+
+/* Most layers fused by one call, and the largest width dt. */
+#define FOVEAL_GLANCE_MAX_LAYERS 8
+#define FOVEAL_GLANCE_MAX_DIM 4096
+
+typedef struct foveal_glance_fusion_params {
+  /* vq [S, B, N, dt]: the S layers' visual tokens, any layer / row / token
+   * strides (dt contiguous). */
+  const void *vq;
+  int64_t vq_stride_s, vq_stride_b, vq_stride_n;
+  /* e [S, B, M, dt]: the instruction embedding of each layer. */
+  const void *e;
+  int64_t e_stride_s, e_stride_b, e_stride_m;
+  /* Valid tokens n_len[b] <= N and instruction tokens 1 <= m_len[b] <= M. */
+  const int32_t *n_len;
+  const int32_t *m_len;
+  /* out [B, N, dt] in the input type; weights [B, N, S] float, or NULL.
+   * Rows n >= n_len[b] are written as 0. */
+  void *out;
+  int64_t out_stride_b, out_stride_n;
+  float *weights;
+  int64_t weights_stride_b, weights_stride_n;
+  /* Workspace: e_mean [S, B, ceil(dt / v) * v] float (v = 16 / element
+   * bytes), the mean instruction vectors. */
+  float *e_mean;
+  int32_t layers, batch, tokens, instr, dim;
+  /* Blocks that share one row's tokens. */
+  int32_t tiles;
+  /* 1: vq, e and out start on 16-byte boundaries and their strides and dt
+   * are multiples of 16 bytes (16-byte accesses); 0: element accesses. */
+  int32_t vec16;
+  /* 1 / sqrt(dt). */
+  float scale;
+  foveal_dtype dtype;
+} foveal_glance_fusion_params;
+
+int foveal_glance_fusion(const foveal_glance_fusion_params *p, foveal_stream_t stream);
 
 #ifdef __cplusplus
 }

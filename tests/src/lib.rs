@@ -6,7 +6,8 @@
 //! - seeded generators (rand 0.9 [`StdRng`]) of ragged row layouts
 //!   ([`random_rows`]), of strided memory orders ([`random_strides`],
 //!   [`KvOrder`]), of elements ([`random_elem`]) and of strided tensors
-//!   ([`Tensor`]); of Gaze Attention layouts ([`gaze_cases`]);
+//!   ([`Tensor`]); of Gaze Attention layouts ([`gaze_cases`]); glance_fusion's
+//!   cases and f64 oracle ([`glance_fusion`]);
 //! - the tolerance of each element type ([`Tol`]);
 //! - [`Poison`]: fill an output with a NaN (or a sentinel for integers)
 //!   first, so that an element the op forgot to write fails the comparison;
@@ -22,6 +23,7 @@ pub mod cross_attention;
 pub mod gaze_cases;
 pub mod gaze_decode;
 pub mod gaze_route_decode;
+pub mod glance_fusion;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 

@@ -129,7 +129,13 @@ fn check_case<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, c: &Case
         data: got_lse,
         ..lse_like
     };
-    assert_matches(&gpu_o, &gpu_lse, &want, 2.0, &format!("GPU vs oracle, {c:?}"));
+    assert_matches(
+        &gpu_o,
+        &gpu_lse,
+        &want,
+        2.0,
+        &format!("GPU vs oracle, {c:?}"),
+    );
 }
 
 fn random_cases<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
@@ -249,7 +255,8 @@ fn refuses_too_many_regions() {
     let mut routes = DeviceRoutes::new(&stream, &dev_layout, 1, 1, 4).unwrap();
     let res = {
         let mut o =
-            foveal::cuda::DevViewMut::new(o_dev.as_view_mut(), Layout::contiguous([1, 1, d])).unwrap();
+            foveal::cuda::DevViewMut::new(o_dev.as_view_mut(), Layout::contiguous([1, 1, d]))
+                .unwrap();
         cuda::gaze_route_decode(
             &stream,
             &DevView::new(q.as_view(), Layout::contiguous([1, 1, d])).unwrap(),
