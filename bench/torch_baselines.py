@@ -42,6 +42,11 @@ Baselines (a case's "baseline"; its shape in "params"):
   align_corners=False) of x [B, h, h, C] (viewed channels-first) to the
   `resized` grid, then the space-to-depth reshape to [B, H'/2, W'/2, 4C]
   (channel (2 dy + dx) C + c, as foveal's token_pack).
+- glance_unfused: Glance2Gaze's Glance Fusion as its literal formula, in
+  torch ops as gpu_bench's unfused candle baseline: vq [S, B, N, dt], e
+  [S, B, M, dt]; the logits vq e^T [S, B, N, M] by one bf16 matmul, their
+  mean over the instruction in f32, times 1/sqrt(dt), softmax over the
+  layers, then (w * vq).sum over the layers in bf16.
 
 Timing, as gpu_bench's: input sets rotated so that together they hold 4x the
 L2 size (at least 3, at most 256, within half the free memory); the case
@@ -52,7 +57,8 @@ launch overhead; the median. Each baseline is first checked on set 0 against
 a result computed another way (f32 math attention on sampled rows and
 queries, advanced indexing, the keep rule in f64, host dot products, the
 convolution as shifted slices in f64, the bilinear taps by explicit indices
-and the packing by strided slices in f64).
+and the packing by strided slices in f64, Glance Fusion with the mean
+instruction vector first in f64).
 
 --dry-run runs every baseline and its check on CPU tensors at small shapes
 (fewer heads, a small head dim, two layers; the real kept positions), with
@@ -99,6 +105,7 @@ PARAMS = {
     },
     "conv1d_depthwise": {"batch": int, "tokens": int, "channels": int},
     "interpolate_pack": {"batch": int, "side": int, "channels": int, "rho": RATIO, "resized": int},
+    "glance_unfused": {"layers": int, "batch": int, "tokens": int, "instr": int, "dim": int},
 }
 
 
@@ -213,6 +220,8 @@ def shrink(baseline, p):
         p.update(batch=min(p["batch"], 2), tokens=min(p["tokens"], 50), channels=min(p["channels"], 24))
     elif baseline == "interpolate_pack":
         p.update(batch=min(p["batch"], 2), channels=min(p["channels"], 8))  # the real grid sizes
+    elif baseline == "glance_unfused":
+        p.update(batch=min(p["batch"], 2), tokens=min(p["tokens"], 40), instr=min(p["instr"], 8), dim=64)
     return p
 
 
@@ -560,10 +569,36 @@ def interpolate_pack(torch, p, run):
     return {"interpolate": run.median_us(lambda s: pack(sets[s]), len(sets))}
 
 
+def glance_unfused(torch, p, run):
+    s_, b, n, m, dt = (p[k] for k in ("layers", "batch", "tokens", "instr", "dim"))
+    sets = [
+        (torch.randn(s_, b, n, dt, dtype=torch.bfloat16, device=run.device),
+         torch.randn(s_, b, m, dt, dtype=torch.bfloat16, device=run.device))
+        for _ in range(run.n_sets(2 * (s_ * b * (n + m) * dt + b * n * dt)))
+    ]
+
+    def fuse(vq, e):
+        g = torch.matmul(vq, e.transpose(-1, -2)).float().mean(-1) * dt**-0.5  # [S, B, N]
+        w = torch.softmax(g, dim=0)
+        return (w.to(vq.dtype).unsqueeze(-1) * vq).sum(0)  # [B, N, dt]
+
+    got = fuse(*sets[0])
+    fail_if(tuple(got.shape) != (b, n, dt), f"glance_unfused: shape {tuple(got.shape)}")
+    # The mean instruction vector first (SPEC glance_fusion), in f64, first and last rows.
+    rows = checked_rows(b)
+    vq, e = (x[:, rows].double() for x in sets[0])
+    g = (vq * e.mean(2, keepdim=True)).sum(-1) * dt**-0.5  # [S, R, N]
+    want = (torch.softmax(g, dim=0).unsqueeze(-1) * vq).sum(0)
+    err = rel_err(torch, got[rows], want)
+    fail_if(err > 2e-2, f"glance_unfused: off by {err:.1e} from the mean-first form")
+    return {"unfused": run.median_us(lambda i: fuse(*sets[i]), len(sets))}
+
+
 BASELINES = {
     f.__name__: f
     for f in (
         copy, matmul, sdpa_decode, index_select, text_guided_unfused, sdpa_cross, conv1d_depthwise, interpolate_pack,
+        glance_unfused,
     )
 }
 assert set(BASELINES) == set(PARAMS)

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use candle_core::CudaDevice;
+use candle_core::{CudaDevice, Storage, Tensor};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use foveal_bench::{fmt_bytes, random_elems, rng};
 use half::bf16;
@@ -176,5 +176,19 @@ impl Pool {
         let mut buf = stream.alloc_zeros::<bf16>(elems.max(1))?;
         self.fill(stream, &mut buf)?;
         Ok(buf)
+    }
+}
+
+/// The device buffer of a contiguous bf16 candle tensor, for foveal to read
+/// through a view (candle and foveal use one `cudarc`, so the slice passes
+/// without a copy).
+pub fn candle_slice(t: &Tensor) -> Res<CudaSlice<bf16>> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        // A clone of the handle shares the allocation (no copy is made).
+        Storage::Cuda(s) if layout.start_offset() == 0 && t.is_contiguous() => {
+            Ok(s.as_cuda_slice::<bf16>()?.clone())
+        }
+        _ => Err("expected a contiguous CUDA tensor".into()),
     }
 }

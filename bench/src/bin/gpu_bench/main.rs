@@ -61,6 +61,7 @@ mod compact_kv;
 mod cross_attention;
 mod gaze_decode;
 mod gaze_route_decode;
+mod glance_fusion;
 mod glimpse_scores;
 mod multiscale_gather;
 mod pos_conv1d;
@@ -78,7 +79,7 @@ use torch::{TorchCase, TorchTimes};
 type Res<T> = Result<T, Box<dyn Error>>;
 
 /// Every op's section, in the order they run. A new op: its module and one line here.
-const SECTIONS: [Section; 13] = [
+const SECTIONS: [Section; 14] = [
     glimpse_scores::SECTION,
     select_keep::SECTION,
     compact_kv::SECTION,
@@ -92,6 +93,7 @@ const SECTIONS: [Section; 13] = [
     cross_attention::SECTION,
     pos_conv1d::SECTION,
     token_pack::SECTION,
+    glance_fusion::SECTION,
 ];
 
 // ---------------------------------------------------------------------------
