@@ -12,6 +12,12 @@
 //! k and v read once per KV head (a GQA group shares one read). The GPU
 //! benchmark reports TFLOP/s against the measured bf16 matrix rate and GB/s
 //! against the copy bandwidth, whichever bounds the case ([`Case::bound`]).
+//!
+//! Glance2Gaze's Gaze Compression is the same op ([`GAZE_SCHEDULES`],
+//! [`GazeStep`]): at each layer from r on, the first `p_l` rows of a shared
+//! query pool attend over the visual tokens the previous layer kept, with
+//! LLaVA-1.5-7B's heads ([`LLAVA15_7B`]: 32 / 32, D 128), one image of 576
+//! tokens, Table 7's schedules.
 
 use foveal::{Element, Layout, SeqLens, View};
 
@@ -157,6 +163,102 @@ pub fn sweep(dims: ModelDims) -> Vec<Case> {
 
 /// The two head shapes of the sweep.
 pub const HEADS: [ModelDims; 2] = [ONEVISION_05B, QWEN25_VL_7B];
+
+/// LLaVA-1.5-7B's language model (Vicuna-7B): 32 layers, 32 query heads
+/// and as many KV heads (no GQA), head dim 128.
+pub const LLAVA15_7B: ModelDims = ModelDims {
+    layers: 32,
+    q_heads: 32,
+    kv_heads: 32,
+    head_dim: 128,
+};
+
+/// LLaVA-1.5's visual tokens per image (24 x 24 at 336px): the keys of the
+/// first Gaze Compression step.
+pub const LLAVA15_TOKENS: usize = 576;
+
+/// A Glance2Gaze compression schedule for LLaVA-1.5-7B (seeds/000, Table
+/// 7): from decoder layer `first_layer` (the paper's r, layers numbered 1 to
+/// 32) on, layer `l` keeps `tokens[l - r]` visual tokens (the paper's p_l).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GazeSchedule {
+    /// The schedule's FLOPs against dense, as Table 7 names it.
+    pub name: &'static str,
+    pub first_layer: usize,
+    pub tokens: &'static [usize],
+}
+
+/// Table 7's three schedules (33%, 22% and 11% of the dense FLOPs).
+pub const GAZE_SCHEDULES: [GazeSchedule; 3] = [
+    GazeSchedule {
+        name: "33%",
+        first_layer: 9,
+        tokens: &[
+            256, 209, 170, 139, 114, 93, 76, 62, 50, 41, 33, 27, 22, 18, 15, 12, 10, 8, 6, 5, 4, 3,
+            2, 2,
+        ],
+    },
+    GazeSchedule {
+        name: "22%",
+        first_layer: 7,
+        tokens: &[
+            121, 103, 88, 75, 64, 54, 46, 40, 34, 29, 24, 21, 18, 15, 13, 11, 9, 8, 7, 6, 5, 4, 3,
+            3, 2, 2,
+        ],
+    },
+    GazeSchedule {
+        name: "11%",
+        first_layer: 3,
+        tokens: &[
+            100, 87, 77, 67, 59, 52, 45, 40, 35, 30, 27, 23, 20, 18, 16, 14, 12, 10, 9, 8, 7, 6, 5,
+            4, 4, 3, 3, 2, 2, 2,
+        ],
+    },
+];
+
+/// One layer's Gaze Compression step: `p_l` pooled queries attending over
+/// the visual tokens the previous layer kept (576 at layer r), one image,
+/// LLaVA-1.5-7B's heads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GazeStep {
+    pub schedule: &'static str,
+    /// Decoder layer, 1 to 32.
+    pub layer: usize,
+    pub case: Case,
+}
+
+impl GazeStep {
+    /// `G2G 33% L9 Hq32 Hkv32 D128 B1 Nq256 Nk576 bshd`.
+    pub fn label(&self) -> String {
+        format!(
+            "G2G {} L{} {}",
+            self.schedule,
+            self.layer,
+            self.case.label()
+        )
+    }
+}
+
+impl GazeSchedule {
+    /// The schedule's steps, layer by layer: queries `p_l`, keys `p_{l-1}`
+    /// (576 at the first).
+    pub fn steps(&self) -> Vec<GazeStep> {
+        let mut keys = LLAVA15_TOKENS;
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let step = GazeStep {
+                    schedule: self.name,
+                    layer: self.first_layer + i,
+                    case: Case::new(LLAVA15_7B, 1, p, keys),
+                };
+                keys = p;
+                step
+            })
+            .collect()
+    }
+}
 
 /// Host tensors of a case.
 #[derive(Debug, Clone)]
@@ -309,5 +411,45 @@ mod tests {
         let d = Case::new(QWEN25_VL_7B, 8, 1, 7290);
         assert_eq!(d.bound(2, 790e12, 4.3e12).1, Bound::Memory);
         assert_eq!(sweep(ONEVISION_05B).len(), 30);
+    }
+
+    #[test]
+    fn gaze_schedules_cover_the_layers_after_r() {
+        for s in GAZE_SCHEDULES {
+            let steps = s.steps();
+            // Table 7: one p_l per layer from r to the last (1-based).
+            assert_eq!(
+                s.first_layer + steps.len() - 1,
+                LLAVA15_7B.layers,
+                "{}",
+                s.name
+            );
+            assert_eq!(steps[0].case.keys, LLAVA15_TOKENS);
+            assert_eq!(steps[0].layer, s.first_layer);
+            for w in steps.windows(2) {
+                assert_eq!(
+                    w[1].case.keys, w[0].case.queries,
+                    "keys: the previous layer's tokens"
+                );
+                assert!(
+                    w[1].case.queries <= w[0].case.queries,
+                    "the schedule never grows"
+                );
+                assert_eq!(w[1].layer, w[0].layer + 1);
+            }
+            assert!(steps
+                .iter()
+                .all(|t| t.case.batch == 1 && t.case.dims == LLAVA15_7B));
+        }
+        let labels: std::collections::BTreeSet<String> = GAZE_SCHEDULES
+            .iter()
+            .flat_map(|s| s.steps())
+            .map(|t| t.label())
+            .collect();
+        assert_eq!(labels.len(), 24 + 26 + 30, "one distinct label per step");
+        assert_eq!(
+            GAZE_SCHEDULES[0].steps()[1].label(),
+            "G2G 33% L10 Hq32 Hkv32 D128 B1 Nq209 Nk256 bshd"
+        );
     }
 }

@@ -1,14 +1,16 @@
 //! What every case runs with: the device, one stream, the timer, a pool of
 //! random bf16 to fill inputs from, the number of input sets that defeats
-//! L2, and candle's CUDA device (for the baselines and the matrix rate).
+//! L2, the ceilings measured so far, and candle's CUDA device (for the
+//! baselines and the matrix rate).
 
 use std::sync::Arc;
 
-use candle_core::CudaDevice;
+use candle_core::{CudaDevice, Storage, Tensor};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use foveal_bench::{fmt_bytes, random_elems, rng};
 use half::bf16;
 
+use crate::table::Ceilings;
 use crate::timing::{Stats, Timer};
 use crate::Res;
 
@@ -19,6 +21,9 @@ pub struct Env {
     /// Times work on `stream`; `timer.on(other)` for another stream.
     pub timer: Timer,
     pub pool: Pool,
+    /// The ceilings measured so far in this run (for a section whose rows
+    /// report the figure of whichever ceiling bounds the case).
+    pub ceilings: Ceilings,
     l2_bytes: u64,
     candle: Option<CudaDevice>,
 }
@@ -41,6 +46,7 @@ impl Env {
             stream,
             timer,
             pool,
+            ceilings: Ceilings::default(),
             l2_bytes,
             candle: None,
         })
@@ -170,5 +176,19 @@ impl Pool {
         let mut buf = stream.alloc_zeros::<bf16>(elems.max(1))?;
         self.fill(stream, &mut buf)?;
         Ok(buf)
+    }
+}
+
+/// The device buffer of a contiguous bf16 candle tensor, for foveal to read
+/// through a view (candle and foveal use one `cudarc`, so the slice passes
+/// without a copy).
+pub fn candle_slice(t: &Tensor) -> Res<CudaSlice<bf16>> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        // A clone of the handle shares the allocation (no copy is made).
+        Storage::Cuda(s) if layout.start_offset() == 0 && t.is_contiguous() => {
+            Ok(s.as_cuda_slice::<bf16>()?.clone())
+        }
+        _ => Err("expected a contiguous CUDA tensor".into()),
     }
 }

@@ -58,14 +58,18 @@ mod timing;
 mod torch;
 
 mod compact_kv;
+mod cross_attention;
 mod gaze_decode;
 mod gaze_route_decode;
+mod glance_fusion;
 mod glimpse_scores;
 mod multiscale_gather;
+mod pos_conv1d;
 mod region_descriptors;
 mod route_topk;
 mod select_keep;
 mod text_guided_select;
+mod token_pack;
 mod window_mean;
 
 use env::Env;
@@ -75,7 +79,7 @@ use torch::{TorchCase, TorchTimes};
 type Res<T> = Result<T, Box<dyn Error>>;
 
 /// Every op's section, in the order they run. A new op: its module and one line here.
-const SECTIONS: [Section; 10] = [
+const SECTIONS: [Section; 14] = [
     glimpse_scores::SECTION,
     select_keep::SECTION,
     compact_kv::SECTION,
@@ -86,6 +90,10 @@ const SECTIONS: [Section; 10] = [
     route_topk::SECTION,
     gaze_decode::SECTION,
     gaze_route_decode::SECTION,
+    cross_attention::SECTION,
+    pos_conv1d::SECTION,
+    token_pack::SECTION,
+    glance_fusion::SECTION,
 ];
 
 // ---------------------------------------------------------------------------
@@ -394,6 +402,7 @@ fn run(ctx: Arc<CudaContext>, args: &Args, torch: Option<&TorchTimes>) -> Res<()
                 row.torch = torch.and_then(|t| t.best(&key));
             }
             table.ceilings.update(section.name, &rows);
+            env.ceilings = table.ceilings;
             if section.name == ceilings::COPY && table.ceilings.copy_gbps.is_none() {
                 return Err(format!(
                     "the copy bandwidth could not be measured: {}",

@@ -33,7 +33,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use cudarc::driver::{CudaSlice, CudaStream};
 use foveal::cuda::{DevView, DevViewMut, Workspace};
 use foveal::text_guided_select::cuda::{self, DeviceLengths};
@@ -43,7 +43,7 @@ use foveal_bench::{rng, KvLayout, QWEN25_VL_7B};
 use half::bf16;
 use serde_json::json;
 
-use crate::env::Env;
+use crate::env::{candle_slice, Env};
 use crate::table::{Baseline, Row};
 use crate::torch::TorchCase;
 use crate::{boxed, Bench, Case, Check, Mode, Res};
@@ -135,24 +135,12 @@ struct Prepared<'a> {
     ws: Workspace,
 }
 
-/// The device buffer of a contiguous candle tensor.
-fn cuda_slice(t: &Tensor) -> Res<CudaSlice<bf16>> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        // A clone of the handle shares the allocation (no copy is made).
-        Storage::Cuda(s) if layout.start_offset() == 0 && t.is_contiguous() => {
-            Ok(s.as_cuda_slice::<bf16>()?.clone())
-        }
-        _ => Err("expected a contiguous CUDA tensor".into()),
-    }
-}
-
 impl Prepared<'_> {
     fn fused(&mut self, set: usize) -> Res<()> {
         let (case, set) = (self.case, &mut self.data[set]);
         let (b, t, n) = (case.batch, case.text, case.visual);
         let (hq, hkv, d) = (case.dims.q_heads, case.dims.kv_heads, case.dims.head_dim);
-        let (q_buf, k_buf) = (cuda_slice(&set.q)?, cuda_slice(&set.k)?);
+        let (q_buf, k_buf) = (candle_slice(&set.q)?, candle_slice(&set.k)?);
         // q is [B, Hq, T, D] in memory: the logical [B, T, Hq, D] by strides.
         let q = DevView::of(
             &q_buf,
