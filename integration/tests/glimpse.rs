@@ -118,7 +118,7 @@ fn masked_reference(
             d
         })
         .collect();
-    let k = gp.config().layer;
+    let k = gp.config().reduce_layer;
     let mask = mask_columns(prompt.mask()?, &dropped)?;
     let h = dec.forward_layers(
         &h,
