@@ -147,6 +147,12 @@ impl Method for GlimpsePrune {
 /// The settings against foveal's LLaVA-style model.
 fn check_against(cfg: &GlimpseConfig, model: &ModelConfig) -> Result<()> {
     let (layers, heads) = (model.text.num_layers, model.text.num_heads);
+    if cfg.merge_unit != 1 {
+        candle_core::bail!(
+            "GlimpseConfig: conditioning features averaged over {}-patch merge units (Qwen2.5-VL's tower); this LLaVA-style model maps one patch to one token (run the predictor alone: vip::merge_unit_mean, Vip::forward)",
+            cfg.merge_unit
+        );
+    }
     if let Some(&l) = cfg.selected_layers.iter().find(|&&l| l >= layers) {
         candle_core::bail!("GlimpseConfig: selected layer {l} of a {layers}-layer decoder");
     }
@@ -156,12 +162,6 @@ fn check_against(cfg: &GlimpseConfig, model: &ModelConfig) -> Result<()> {
                 "GlimpseConfig: glimpse embedding for layer {l} of a {layers}-layer decoder"
             );
         }
-    }
-    if cfg.merge_unit != 1 {
-        candle_core::bail!(
-            "GlimpseConfig: conditioning features averaged over {}-patch merge units (Qwen2.5-VL's tower); this LLaVA-style model maps one patch to one token (run the predictor alone: vip::merge_unit_mean, Vip::forward)",
-            cfg.merge_unit
-        );
     }
     if let Predictor::Vip(v) = &cfg.predictor {
         if v.in_features != cfg.selected_layers.len() * heads {
