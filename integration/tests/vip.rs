@@ -162,11 +162,8 @@ impl Reference<'_> {
         for m in 0..cfg.layers {
             let l = format!("layers.{m}");
             let hn = self.rms(&x, &format!("{l}.norm1"))?;
-            let u = match cfg.cond {
-                Some(_) => Tensor::cat(
-                    &[&hn, &self.lin(&conds[m], &format!("cond_in_projs.{m}"))?],
-                    1,
-                )?,
+            let u = match conds.get(m) {
+                Some(c) => Tensor::cat(&[&hn, &self.lin(c, &format!("cond_in_projs.{m}"))?], 1)?,
                 None => hn.clone(),
             };
             let q = self.lin(&u, &format!("{l}.attn.q_proj"))?;
@@ -298,7 +295,9 @@ fn bad_inputs_are_refused() -> Result<()> {
     )?;
     let a = Tensor::zeros((2, N, 6), DType::F32, &Device::Cpu)?;
     let f = Tensor::zeros((2, N, 10), DType::F32, &Device::Cpu)?;
-    let err = vip.forward(&a, &[f.clone()], &grids()).unwrap_err();
+    let err = vip
+        .forward(&a, std::slice::from_ref(&f), &grids())
+        .unwrap_err();
     assert!(err.to_string().contains("1 feature maps"), "{err}");
     let err = vip
         .forward(&a, &[f.clone(), f.clone()], &[vec![(4, 5)], vec![]])
