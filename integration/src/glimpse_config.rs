@@ -249,6 +249,37 @@ impl UpstreamConfig {
         }
     }
 
+    /// The base model's sizes the settings name (config.json) against `model`'s.
+    fn check_sizes(&self, base: BaseModel, model: &ModelConfig) -> Result<()> {
+        let vision = match base {
+            BaseModel::Llava => self.mm_hidden_size,
+            BaseModel::Qwen25Vl => self.vision_config.as_ref().and_then(|v| v.hidden_size),
+        };
+        let sizes = [
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                model.text.num_layers,
+            ),
+            ("hidden_size", self.hidden_size, model.text.hidden_size),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                model.text.num_heads,
+            ),
+            ("the vision width", vision, model.vision.hidden_size),
+        ];
+        for (key, given, has) in sizes {
+            if given.is_some_and(|g| g != has) {
+                candle_core::bail!(
+                    "GlimpsePrune settings: {key} {} in the settings, the model's is {has}",
+                    given.unwrap_or_default()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The base model, from `model_type` or else `model_name_or_path`.
     pub fn base_model(&self) -> Result<BaseModel> {
         for name in [&self.model_type, &self.model_name_or_path]
@@ -368,6 +399,9 @@ impl GlimpseConfig {
     /// (config.json has them) or else from `model`.
     pub fn from_upstream(up: &UpstreamConfig, model: Option<&ModelConfig>) -> Result<Self> {
         let base = up.base_model()?;
+        if let Some(m) = model {
+            up.check_sizes(base, m)?;
+        }
         let d = base.defaults();
         let need = |v: Option<usize>, from_model: Option<usize>, what: &str| {
             v.or(from_model).ok_or_else(|| {

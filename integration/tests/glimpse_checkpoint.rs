@@ -95,30 +95,44 @@ fn the_authors_saved_modules_load_as_they_are() -> Result<()> {
         assert_eq!(max_abs_diff(t, &s)?, 0.0, "{name}");
     }
 
-    // The same modules from the safetensors copy run the same.
-    let from_st = GlimpsePrune::load_safetensors(
-        fixture().join("new_modules_gp.safetensors"),
-        &cfg,
-        gp.config(),
-        &dev,
-        DType::F32,
-    )?;
+    // The same modules from the pickle and from the safetensors copy run
+    // the same, under a rule that really prunes (the top quarter by
+    // importance, plus the anchors).
+    let mut pruning = gp.config().clone();
+    pruning.rule = KeepRule {
+        threshold: 0.0,
+        max_ratio: Some(0.25),
+        min_keep: 1,
+    };
     let model = LlavaModel::seeded(&cfg, 11, &dev, DType::F32)?;
     let (pixels, _) = synthetic_images(2, cfg.vision.image_size, 5, &dev)?;
     let (system, questions) = system_and_questions();
-    let a = gp.generate(&model, &pixels, &system, &questions, 3)?;
-    let b = from_st.generate(&model, &pixels, &system, &questions, 3)?;
+    let mut runs = Vec::new();
+    for file in ["new_modules_gp.pt", "new_modules_gp.safetensors"] {
+        let path = fixture().join(file);
+        let gp = if file.ends_with(".pt") {
+            GlimpsePrune::load_pth(path, &cfg, &pruning, &dev, DType::F32)?
+        } else {
+            GlimpsePrune::load_safetensors(path, &cfg, &pruning, &dev, DType::F32)?
+        };
+        runs.push(gp.generate(&model, &pixels, &system, &questions, 3)?);
+    }
+    let (a, b) = (&runs[0], &runs[1]);
     assert_eq!(a.kept, b.kept);
     assert_eq!(a.generation.tokens, b.generation.tokens);
     for (x, y) in a.generation.logits.iter().zip(&b.generation.logits) {
         assert_eq!(max_abs_diff(x, y)?, 0.0);
     }
-    // The anchors (top left, bottom right of the 8 x 8 grid) are kept, and
-    // the cap holds otherwise: at most half plus the anchors.
+    // The anchors (top left, bottom right of the 8 x 8 grid) are kept on
+    // top of the cap's 16.
     for kept in &a.kept {
         assert!(kept.contains(&0) && kept.contains(&63), "{kept:?}");
-        assert!(kept.len() <= 32 + 2, "{}", kept.len());
+        assert!((16..=18).contains(&kept.len()), "{}", kept.len());
     }
+    assert_ne!(
+        a.kept[0], a.kept[1],
+        "the rows' questions select differently"
+    );
     Ok(())
 }
 
@@ -304,6 +318,15 @@ fn settings_defaults_and_refusals() -> Result<()> {
             GlimpseConfig::from_upstream(&UpstreamConfig::from_yaml(yaml)?, None).unwrap_err();
         assert!(err.to_string().contains(what), "{what}: {err}");
     }
+    // The settings' base-model sizes must be the model's.
+    let err =
+        GlimpseConfig::from_upstream(&UpstreamConfig::llava_1_5_7b(), Some(&ModelConfig::tiny()))
+            .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("num_hidden_layers 32 in the settings, the model's is 6"),
+        "{err}"
+    );
     // A base-model size neither in the settings nor given by a model.
     let err = GlimpseConfig::from_upstream(
         &UpstreamConfig::from_yaml("model_type: llava_llama_gp\nrms_norm_eps: 1.0e-5\n")?,
