@@ -396,50 +396,18 @@ impl GlimpseConfig {
 
     /// foveal's settings from the authors'. The base model's sizes (query
     /// heads, vision width, RMSNorm eps) come from the settings' own keys
-    /// (config.json has them) or else from `model`.
+    /// (config.json has them) or else from `model`, and where both are
+    /// known they must agree.
     pub fn from_upstream(up: &UpstreamConfig, model: Option<&ModelConfig>) -> Result<Self> {
         let base = up.base_model()?;
         if let Some(m) = model {
             up.check_sizes(base, m)?;
         }
         let d = base.defaults();
-        let need = |v: Option<usize>, from_model: Option<usize>, what: &str| {
-            v.or(from_model).ok_or_else(|| {
-                candle_core::Error::msg(format!(
-                    "GlimpsePrune settings: {what} is neither in the settings nor given by a model"
-                ))
-            })
-        };
         let selected_layers = up
             .selected_layers
             .clone()
             .unwrap_or(d.selected_layers.to_vec());
-        let le_length = up.le_length.unwrap_or(1);
-        let le_layers = up.le_layers.clone().unwrap_or(vec![0]);
-        let embeddings = if le_length == 0 || le_layers.is_empty() {
-            if base == BaseModel::Llava {
-                candle_core::bail!("GlimpsePrune settings: LLaVA always appends the glimpse token (le_length {le_length}, le_layers {le_layers:?})");
-            }
-            None
-        } else {
-            if le_length != 1 {
-                candle_core::bail!("GlimpsePrune settings: le_length {le_length}: foveal appends one glimpse token (the released settings' 1)");
-            }
-            let eps = match up.rms_norm_eps {
-                Some(e) => e,
-                None => model
-                    .map(|m| m.text.rms_norm_eps)
-                    .ok_or_else(|| candle_core::Error::msg("GlimpsePrune settings: rms_norm_eps is neither in the settings nor given by a model"))?,
-            };
-            let norm = match (base, up.le_norm_type.unwrap_or(LeNormType::RmsNorm)) {
-                (BaseModel::Llava, _) | (_, LeNormType::RmsNorm) => LeNorm::RmsNorm { eps },
-                (_, LeNormType::LayerNorm) => LeNorm::LayerNorm { eps: 1e-5 },
-            };
-            Some(EmbeddingConfig {
-                layers: le_layers,
-                norm,
-            })
-        };
         let visual_layers: Vec<usize> = up
             .selected_visual_layers
             .clone()
@@ -451,37 +419,6 @@ impl GlimpseConfig {
                 BaseModel::Qwen25Vl => l + 1,
             })
             .collect();
-        let predictor = match up.attn_fuse_type.unwrap_or(FuserType::AttnFuserV1) {
-            FuserType::AttnFuserDummy => Predictor::Baseline,
-            kind => {
-                if base == BaseModel::Qwen25Vl && !up.attn_fuse_global.unwrap_or(false) {
-                    candle_core::bail!("GlimpsePrune settings: attn_fuse_global false (the predictor attending within Qwen2.5-VL's vision windows) is not supported; the released settings attend per image (true)");
-                }
-                let heads = need(
-                    up.num_attention_heads,
-                    model.map(|m| m.text.num_heads),
-                    "num_attention_heads",
-                )?;
-                let vision = match base {
-                    BaseModel::Llava => up.mm_hidden_size,
-                    BaseModel::Qwen25Vl => up.vision_config.as_ref().and_then(|v| v.hidden_size),
-                };
-                Predictor::Vip(VipConfig {
-                    in_features: selected_layers.len() * heads,
-                    vision_hidden: need(
-                        vision,
-                        model.map(|m| m.vision.hidden_size),
-                        "the vision width",
-                    )?,
-                    hidden: up.attn_fuse_size.unwrap_or(256),
-                    cond: (kind == FuserType::AttnFuserV1)
-                        .then(|| up.visual_cond_size.unwrap_or(256)),
-                    heads: up.attn_fuse_num_heads.unwrap_or(4),
-                    layers: visual_layers.len(),
-                    act: up.attn_fuse_hidden_act.unwrap_or(Activation::Silu),
-                })
-            }
-        };
         let merge = match base {
             BaseModel::Llava => 1,
             BaseModel::Qwen25Vl => up
@@ -492,7 +429,6 @@ impl GlimpseConfig {
         };
         let cfg = GlimpseConfig {
             reduce_layer: up.reduce_layer.unwrap_or(d.reduce_layer),
-            selected_layers,
             mode: if up.use_attention_logits.unwrap_or(false) {
                 ScoreMode::Logits
             } else {
@@ -504,8 +440,9 @@ impl GlimpseConfig {
                 min_keep: up.min_remain_num.unwrap_or(Some(1)).unwrap_or(0),
             },
             anchors: up.anchor_positions.clone().flatten().unwrap_or_default(),
-            embeddings,
-            predictor,
+            embeddings: embeddings_of(up, base, model)?,
+            predictor: predictor_of(up, base, model, selected_layers.len(), visual_layers.len())?,
+            selected_layers,
             visual_layers,
             merge_unit: merge * merge,
         };
@@ -552,4 +489,89 @@ impl GlimpseConfig {
         }
         Ok(())
     }
+}
+
+/// A base-model size from the settings, else from the model.
+fn size_of(given: Option<usize>, from_model: Option<usize>, what: &str) -> Result<usize> {
+    given.or(from_model).ok_or_else(|| {
+        candle_core::Error::msg(format!(
+            "GlimpsePrune settings: {what} is neither in the settings nor given by a model"
+        ))
+    })
+}
+
+/// The glimpse token's settings (`le_*`); `None`: no glimpse token.
+fn embeddings_of(
+    up: &UpstreamConfig,
+    base: BaseModel,
+    model: Option<&ModelConfig>,
+) -> Result<Option<EmbeddingConfig>> {
+    let le_length = up.le_length.unwrap_or(1);
+    let le_layers = up.le_layers.clone().unwrap_or(vec![0]);
+    if le_length == 0 || le_layers.is_empty() {
+        if base == BaseModel::Llava {
+            candle_core::bail!("GlimpsePrune settings: LLaVA always appends the glimpse token (le_length {le_length}, le_layers {le_layers:?})");
+        }
+        return Ok(None);
+    }
+    if le_length != 1 {
+        candle_core::bail!("GlimpsePrune settings: le_length {le_length}: foveal appends one glimpse token (the released settings' 1)");
+    }
+    let eps = match up.rms_norm_eps {
+        Some(e) => e,
+        None => model.map(|m| m.text.rms_norm_eps).ok_or_else(|| {
+            candle_core::Error::msg(
+                "GlimpsePrune settings: rms_norm_eps is neither in the settings nor given by a model",
+            )
+        })?,
+    };
+    // LLaVA's code has no key: always the decoder's RMSNorm.
+    let norm = match (base, up.le_norm_type.unwrap_or(LeNormType::RmsNorm)) {
+        (BaseModel::Llava, _) | (_, LeNormType::RmsNorm) => LeNorm::RmsNorm { eps },
+        (_, LeNormType::LayerNorm) => LeNorm::LayerNorm { eps: 1e-5 },
+    };
+    Ok(Some(EmbeddingConfig {
+        layers: le_layers,
+        norm,
+    }))
+}
+
+/// The predictor's settings (`attn_fuse_*`, `visual_cond_size`) for
+/// `selected` decoder layers and `blocks` conditioning layers.
+fn predictor_of(
+    up: &UpstreamConfig,
+    base: BaseModel,
+    model: Option<&ModelConfig>,
+    selected: usize,
+    blocks: usize,
+) -> Result<Predictor> {
+    let kind = up.attn_fuse_type.unwrap_or(FuserType::AttnFuserV1);
+    if kind == FuserType::AttnFuserDummy {
+        return Ok(Predictor::Baseline);
+    }
+    if base == BaseModel::Qwen25Vl && !up.attn_fuse_global.unwrap_or(false) {
+        candle_core::bail!("GlimpsePrune settings: attn_fuse_global false (the predictor attending within Qwen2.5-VL's vision windows) is not supported; the released settings attend per image (true)");
+    }
+    let heads = size_of(
+        up.num_attention_heads,
+        model.map(|m| m.text.num_heads),
+        "num_attention_heads",
+    )?;
+    let vision = match base {
+        BaseModel::Llava => up.mm_hidden_size,
+        BaseModel::Qwen25Vl => up.vision_config.as_ref().and_then(|v| v.hidden_size),
+    };
+    Ok(Predictor::Vip(VipConfig {
+        in_features: selected * heads,
+        vision_hidden: size_of(
+            vision,
+            model.map(|m| m.vision.hidden_size),
+            "the vision width",
+        )?,
+        hidden: up.attn_fuse_size.unwrap_or(256),
+        cond: (kind == FuserType::AttnFuserV1).then(|| up.visual_cond_size.unwrap_or(256)),
+        heads: up.attn_fuse_num_heads.unwrap_or(4),
+        layers: blocks,
+        act: up.attn_fuse_hidden_act.unwrap_or(Activation::Silu),
+    }))
 }
