@@ -209,12 +209,17 @@ with open(os.path.join(OUT, "config.json"), "w") as f:
 # new_modules_gp.pt, as torch.save writes it.
 buf = io.BytesIO()
 TorchPickler(buf, protocol=2).dump(new_states)
+def entry(z, name, data):
+    """A stored entry with a fixed date, so that the file is reproducible."""
+    z.writestr(zipfile.ZipInfo(f"new_modules_gp/{name}", (1980, 1, 1, 0, 0, 0)), data)
+
+
 with zipfile.ZipFile(os.path.join(OUT, "new_modules_gp.pt"), "w", zipfile.ZIP_STORED) as z:
-    z.writestr("new_modules_gp/data.pkl", buf.getvalue())
-    z.writestr("new_modules_gp/byteorder", "little")
+    entry(z, "data.pkl", buf.getvalue())
+    entry(z, "byteorder", "little")
     for st in storages:
-        z.writestr(f"new_modules_gp/data/{st.key}", st.data)
-    z.writestr("new_modules_gp/version", "3\n")
+        entry(z, f"data/{st.key}", st.data)
+    entry(z, "version", "3\n")
 
 # The same tensors as safetensors, under the flattened names.
 header, offset = {}, 0
