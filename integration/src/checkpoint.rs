@@ -1,6 +1,7 @@
 //! Learned parameters, one way for the model and every method: where they
-//! come from (a seeded random initialisation, or a safetensors file with
-//! Hugging Face-style names) and the names they are saved under.
+//! come from (a seeded random initialisation, a safetensors file with
+//! Hugging Face-style names, or a PyTorch checkpoint as `torch.save` writes
+//! it) and the names they are saved under.
 //!
 //! A module names each parameter once, when it fetches it from its
 //! [`VarBuilder`]; [`Checkpoint::record`] keeps every tensor fetched under
@@ -77,6 +78,67 @@ pub fn seeded(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
 pub fn load(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let tensors = candle_core::safetensors::load(path, device)?;
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+/// The tensors of a PyTorch checkpoint (`torch.save`: a zip archive holding
+/// a pickle, read by candle's pickle reader), converted to `dtype` on
+/// `device`. The top level is a dictionary; a value that is itself a
+/// dictionary (a module's `state_dict`, as in GlimpsePrune's
+/// `new_modules_gp.pt`, which maps each new module's name to its state dict
+/// and `learnable_embeddings` to a tensor) is flattened with a dot:
+/// `attn_fuser` -> `attn_fuser.attn_in_proj.weight`. Entries that are not
+/// tensors (a state dict's `_metadata`) are skipped; deeper nesting is not
+/// read.
+pub fn load_pth(
+    path: impl AsRef<Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let path = path.as_ref();
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::pickle::read_all(path)?.into_iter().collect();
+    for module in nested_dicts(path)? {
+        for (name, t) in candle_core::pickle::read_all_with_key(path, Some(&module))? {
+            tensors.insert(format!("{module}.{name}"), t);
+        }
+    }
+    if tensors.is_empty() {
+        candle_core::bail!("{}: no tensors in this PyTorch checkpoint", path.display());
+    }
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+/// The keys of a `torch.save` file's top-level dictionary whose values are
+/// dictionaries.
+fn nested_dicts(path: &Path) -> Result<Vec<String>> {
+    use candle_core::pickle::{Object, Stack};
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(std::fs::File::open(path)?))
+        .map_err(candle_core::Error::wrap)?;
+    let names = zip
+        .file_names()
+        .map(|f| f.map(|f| f.into_owned()))
+        .collect::<std::result::Result<Vec<String>, _>>()
+        .map_err(candle_core::Error::wrap)?;
+    let Some(pkl) = names.into_iter().find(|f| f.ends_with("data.pkl")) else {
+        candle_core::bail!(
+            "{}: no data.pkl (not a torch.save zip archive)",
+            path.display()
+        );
+    };
+    let mut stack = Stack::empty();
+    stack.read_loop(&mut std::io::BufReader::new(
+        zip.by_name(&pkl).map_err(candle_core::Error::wrap)?,
+    ))?;
+    Ok(match stack.finalize()? {
+        Object::Dict(items) => items
+            .into_iter()
+            .filter_map(|(k, v)| match (k, v) {
+                (Object::Unicode(k), Object::Dict(_)) => Some(k),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 /// The backend behind [`Checkpoint::record`]: reads through `inner`, keeps

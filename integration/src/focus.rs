@@ -251,7 +251,7 @@ impl FocusLlava {
         // Drop the unselected visual tokens from the layer-K hidden states and
         // position ids; the caches of layers 0..=K stay whole.
         let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
-        let mut plan = ops::plan_from_kept(&rows, &kept, dec.device())?;
+        let mut plan = ops::plan_from_kept(&rows, &kept, false, dec.device())?;
         let LayerK {
             hidden, mut cache, ..
         } = layer_k;

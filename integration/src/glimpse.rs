@@ -1,65 +1,76 @@
-//! GlimpsePrune (seeds/001) end to end: a glimpse token appended after the
-//! instruction, with a learned embedding added at every decoder layer; the
-//! prefill of layers 0..=K; the glimpse token's attention to the visual tokens
-//! at layer K (foveal glimpse_scores); the Visual Importance Predictor; the
-//! kept set (foveal select_keep); one compaction of the KV caches of layers
-//! 0..=K, of the layer-K hidden states and of the position ids (foveal
-//! compact_kv / gather_rows), the glimpse token dropped; the remaining layers
-//! on the shorter sequence; greedy decoding on the compacted cache. Kept
-//! tokens keep their original position ids.
+//! GlimpsePrune (seeds/001) end to end, as its authors run it: a glimpse
+//! token appended after the prompt, its input `norm(le_proj(E_0))` and
+//! `norm(le_proj(E_l))` added to its hidden state before every other layer
+//! `l` of `le_layers`; the prefill of layers 0..=K; the glimpse token's
+//! attention to the visual tokens at every selected layer (foveal
+//! glimpse_scores, one call per layer); the Visual Importance Predictor
+//! ([`crate::vip`]) or the training-free baseline map; the kept set (foveal
+//! select_keep, then the always-kept anchors); one compaction of the KV
+//! caches of layers 0..=K, of the layer-K hidden states and of the position
+//! ids (foveal compact_kv / gather_rows), the glimpse token dropped; the
+//! remaining layers on the shorter sequence; greedy decoding on the
+//! compacted cache. Kept tokens keep their original position ids.
+//!
+//! The learned parts have the authors' names (`learnable_embeddings`,
+//! `le_proj.*`, `le_norm.*`, `attn_fuser.*`), so their saved modules load as
+//! they are: [`GlimpsePrune::load_upstream`] (their directory: config.json
+//! and new_modules_gp.pt), [`Method::load_pth`], [`Method::load_safetensors`].
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
-use foveal::{KeepRule, Padding, ScoreMode};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{layer_norm, linear, rms_norm, LayerNormConfig, VarBuilder};
+use foveal::Padding;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::decoder::{Generation, KvCache};
+pub use crate::glimpse_config::GlimpseConfig;
+use crate::glimpse_config::{EmbeddingConfig, LeNorm, Predictor, UpstreamConfig};
 use crate::method::{ImageQuestions, Method, Report};
 use crate::model::LlavaModel;
 use crate::ops;
 use crate::prompt::{image_question_rows, Prompt, Segment};
 use crate::reduce::Reduced;
-use crate::vip::{Vip, VipConfig};
+use crate::vip::{baseline_map, Vip};
 
-/// How GlimpsePrune runs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GlimpseConfig {
-    /// The pruning layer K (0-based): the glimpse attention is read there,
-    /// and layers 0..=K are compacted.
-    pub layer: usize,
-    /// Glimpse attention as the predictor takes it (LLaVA: log-softmax).
-    pub mode: ScoreMode,
-    pub rule: KeepRule,
-    /// The ViT layers (indices into its hidden states, 1 = first block's
-    /// output) that condition the predictor's blocks, one each.
-    pub feature_layers: Vec<usize>,
-    pub vip: VipConfig,
+/// The glimpse token's embeddings, `norm(le_proj(E_i))` for the i-th layer
+/// of `le_layers` (computed once: they depend on nothing else).
+#[derive(Debug, Clone)]
+struct GlimpseEmbeddings {
+    /// Per decoder layer, the embedding added before it `[1, Dm]` (layer
+    /// 0's is the token's input).
+    per_layer: Vec<Option<Tensor>>,
 }
 
-impl GlimpseConfig {
-    /// The paper's defaults for `model`: K = ceil(2L/3) - 1 (0-based), M = 4
-    /// ViT layers sampled uniformly, threshold 0.5, the small predictor.
-    pub fn for_model(model: &ModelConfig) -> Self {
-        let blocks = 4;
-        let n = model.vision.num_layers;
-        GlimpseConfig {
-            layer: (2 * model.text.num_layers).div_ceil(3) - 1,
-            mode: ScoreMode::LogSoftmax,
-            rule: KeepRule::default(),
-            feature_layers: (1..=blocks).map(|m| (m * n).div_ceil(blocks)).collect(),
-            vip: VipConfig::tiny(model.text.num_heads, model.vision.hidden_size),
+impl GlimpseEmbeddings {
+    /// From `vb` at the root of the authors' modules: `learnable_embeddings`
+    /// `[len(le_layers), 1, Dm]`, `le_proj`, `le_norm`.
+    fn new(vb: VarBuilder, cfg: &EmbeddingConfig, model: &ModelConfig) -> Result<Self> {
+        let dm = model.text.hidden_size;
+        let table = vb.get((cfg.layers.len(), 1, dm), "learnable_embeddings")?;
+        let proj = linear(dm, dm, vb.pp("le_proj"))?.forward(&table.squeeze(1)?)?;
+        let normed = match cfg.norm {
+            LeNorm::RmsNorm { eps } => rms_norm(dm, eps, vb.pp("le_norm"))?.forward(&proj)?,
+            LeNorm::LayerNorm { eps } => {
+                layer_norm(dm, LayerNormConfig::from(eps), vb.pp("le_norm"))?.forward(&proj)?
+            }
+        };
+        let mut per_layer = vec![None; model.text.num_layers];
+        for (i, &l) in cfg.layers.iter().enumerate() {
+            per_layer[l] = Some(normed.narrow(0, i, 1)?);
         }
+        Ok(GlimpseEmbeddings { per_layer })
     }
 }
 
-/// The learned parts: the glimpse embeddings `[L, Dm]` and the predictor.
+/// The learned parts: the glimpse embeddings and the predictor (either may
+/// be absent: no glimpse token, the baseline map).
 #[derive(Debug, Clone)]
 pub struct GlimpsePrune {
-    embeddings: Tensor,
-    vip: Vip,
+    embeddings: Option<GlimpseEmbeddings>,
+    predictor: Option<Vip>,
     cfg: GlimpseConfig,
     checkpoint: Checkpoint,
 }
@@ -88,38 +99,25 @@ impl Method for GlimpsePrune {
         (&self.cfg, &self.checkpoint)
     }
 
-    /// From `vb` (names `glimpse.embeddings`, `vip.…`).
+    /// From `vb` with the authors' names (`learnable_embeddings`,
+    /// `le_proj.*`, `le_norm.*`, `attn_fuser.*`).
     fn new(vb: VarBuilder, model: &ModelConfig, cfg: &GlimpseConfig) -> Result<Self> {
-        if cfg.layer >= model.text.num_layers || cfg.feature_layers.len() != cfg.vip.blocks {
-            candle_core::bail!(
-                "GlimpseConfig: layer {} of {}, {} feature layers for {} blocks",
-                cfg.layer,
-                model.text.num_layers,
-                cfg.feature_layers.len(),
-                cfg.vip.blocks
-            );
-        }
-        if cfg
-            .feature_layers
-            .iter()
-            .any(|&l| l > model.vision.num_layers)
-        {
-            candle_core::bail!(
-                "GlimpseConfig: feature layers {:?} past the tower's {}",
-                cfg.feature_layers,
-                model.vision.num_layers
-            );
-        }
-        let ((embeddings, vip), checkpoint) = Checkpoint::record(vb, |vb| {
-            let shape = (model.text.num_layers, model.text.hidden_size);
-            Ok((
-                vb.pp("glimpse").get(shape, "embeddings")?,
-                Vip::new(vb.pp("vip"), &cfg.vip)?,
-            ))
+        cfg.validate()?;
+        check_against(cfg, model)?;
+        let ((embeddings, predictor), checkpoint) = Checkpoint::record(vb, |vb| {
+            let embeddings = match &cfg.embeddings {
+                Some(e) => Some(GlimpseEmbeddings::new(vb.clone(), e, model)?),
+                None => None,
+            };
+            let predictor = match &cfg.predictor {
+                Predictor::Vip(v) => Some(Vip::new(vb.pp("attn_fuser"), v)?),
+                Predictor::Baseline => None,
+            };
+            Ok((embeddings, predictor))
         })?;
         Ok(GlimpsePrune {
             embeddings,
-            vip,
+            predictor,
             cfg: cfg.clone(),
             checkpoint,
         })
@@ -146,9 +144,75 @@ impl Method for GlimpsePrune {
     }
 }
 
+/// The settings against foveal's LLaVA-style model.
+fn check_against(cfg: &GlimpseConfig, model: &ModelConfig) -> Result<()> {
+    let (layers, heads) = (model.text.num_layers, model.text.num_heads);
+    if cfg.merge_unit != 1 {
+        candle_core::bail!(
+            "GlimpseConfig: conditioning features averaged over {}-patch merge units (Qwen2.5-VL's tower); this LLaVA-style model maps one patch to one token (run the predictor alone: vip::merge_unit_mean, Vip::forward)",
+            cfg.merge_unit
+        );
+    }
+    if let Some(&l) = cfg.selected_layers.iter().find(|&&l| l >= layers) {
+        candle_core::bail!("GlimpseConfig: selected layer {l} of a {layers}-layer decoder");
+    }
+    if let Some(e) = &cfg.embeddings {
+        if let Some(&l) = e.layers.iter().find(|&&l| l >= layers) {
+            candle_core::bail!(
+                "GlimpseConfig: glimpse embedding for layer {l} of a {layers}-layer decoder"
+            );
+        }
+    }
+    if let Predictor::Vip(v) = &cfg.predictor {
+        if v.in_features != cfg.selected_layers.len() * heads {
+            candle_core::bail!(
+                "GlimpseConfig: predictor input of {} for {} selected layers of {heads} query heads",
+                v.in_features,
+                cfg.selected_layers.len()
+            );
+        }
+        if v.cond.is_some() {
+            if v.vision_hidden != model.vision.hidden_size {
+                candle_core::bail!("GlimpseConfig: predictor conditioned on features of width {}, the tower's are {}", v.vision_hidden, model.vision.hidden_size);
+            }
+            if let Some(&l) = cfg
+                .visual_layers
+                .iter()
+                .find(|&&l| l > model.vision.num_layers)
+            {
+                candle_core::bail!(
+                    "GlimpseConfig: ViT hidden state {l} of a {}-layer tower",
+                    model.vision.num_layers
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 impl GlimpsePrune {
-    /// The prompt rows `[system][image b][question b][glimpse]`, the glimpse
-    /// token entering with its layer-0 embedding.
+    /// The authors' saved modules as they release them: a directory with
+    /// their `config.json` (the settings, [`UpstreamConfig`]) and
+    /// `new_modules_gp.pt` (the parameters), for `model`.
+    pub fn load_upstream(
+        dir: impl AsRef<Path>,
+        model: &ModelConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let up = UpstreamConfig::from_file(dir.join("config.json"))?;
+        let cfg = GlimpseConfig::from_upstream(&up, Some(model))?;
+        Self::load_pth(dir.join("new_modules_gp.pt"), model, &cfg, device, dtype)
+    }
+
+    /// K, within the decoder.
+    fn reduce_layer(&self, layers: usize) -> usize {
+        self.cfg.reduce_layer.min(layers - 1)
+    }
+
+    /// The prompt rows `[system][image b][question b]`, then the glimpse
+    /// token with its layer-0 embedding (none without glimpse embeddings).
     pub fn prompt(
         &self,
         model: &LlavaModel,
@@ -156,23 +220,28 @@ impl GlimpsePrune {
         system: &[u32],
         questions: &[Vec<u32>],
     ) -> Result<Prompt> {
-        let glimpse = self.embeddings.narrow(0, 0, 1)?;
         let image = |b| Ok(Segment::Image(image_embeds.get(b)?));
         let n = image_embeds.dim(0)?;
         let mut rows = image_question_rows(n, system, questions, Segment::Text, image)?;
-        for row in &mut rows {
-            row.push(Segment::Transient(glimpse.clone()));
+        if let Some(glimpse) = self.embedding(0) {
+            let glimpse = glimpse.to_dtype(model.decoder.dtype())?;
+            for row in &mut rows {
+                row.push(Segment::Transient(glimpse.clone()));
+            }
         }
         Prompt::build(&model.decoder, &rows)
     }
 
-    /// Adds layer `l`'s glimpse embedding to the last position (the glimpse
-    /// token of every left-padded row).
-    fn add_glimpse_embedding(&self, hidden: &Tensor, l: usize) -> Result<Tensor> {
+    /// The embedding added before layer `l` `[1, Dm]`, if any.
+    fn embedding(&self, l: usize) -> Option<&Tensor> {
+        self.embeddings.as_ref()?.per_layer.get(l)?.as_ref()
+    }
+
+    /// Adds `emb` `[1, Dm]` to the last position (the glimpse token of every
+    /// left-padded row).
+    fn add_to_last(hidden: &Tensor, emb: &Tensor) -> Result<Tensor> {
         let (b, s, dm) = hidden.dims3()?;
-        let emb = self
-            .embeddings
-            .get(l)?
+        let emb = emb
             .to_dtype(hidden.dtype())?
             .reshape((1, 1, dm))?
             .broadcast_as((b, 1, dm))?;
@@ -181,9 +250,11 @@ impl GlimpsePrune {
         Tensor::cat(&[&before, &last], 1)
     }
 
-    /// Layers 0..=K over the glimpse prompt, one layer at a time (the glimpse
-    /// embedding of each layer is added before it). Returns the layer-K hidden
-    /// states, the cache of layers 0..=K and the glimpse query at layer K.
+    /// Layers 0..=K over the glimpse prompt, one layer at a time (each
+    /// layer's glimpse embedding added before it). Returns the layer-K
+    /// hidden states, the cache of layers 0..=K and the glimpse attention
+    /// `[B, Nv_max, selected layers x Hq]` f32 (layer-major, in the order of
+    /// `selected_layers`; the last prompt token's without a glimpse token).
     pub fn prefill_to_layer_k(
         &self,
         model: &LlavaModel,
@@ -191,48 +262,63 @@ impl GlimpsePrune {
     ) -> Result<(Tensor, KvCache, Tensor)> {
         let dec = &model.decoder;
         let mask = prompt.mask()?;
+        let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
+        let selected = &self.cfg.selected_layers;
+        let mut scores = vec![None; selected.len()];
         let mut cache = dec.new_cache();
         let mut h = prompt.embeds.clone();
-        for l in 0..self.cfg.layer {
-            if l > 0 {
-                h = self.add_glimpse_embedding(&h, l)?;
+        for l in 0..=self.reduce_layer(dec.num_layers()) {
+            if let Some(emb) = self.embedding(l).filter(|_| l > 0) {
+                h = Self::add_to_last(&h, emb)?;
             }
-            h = dec.forward_layers(&h, &prompt.positions, Some(&mask), l..l + 1, &mut cache)?;
+            let layer = l..l + 1;
+            if !selected.contains(&l) {
+                h = dec.forward_layers(&h, &prompt.positions, Some(&mask), layer, &mut cache)?;
+                continue;
+            }
+            let (out, captured) =
+                dec.forward_layers_capture(&h, &prompt.positions, Some(&mask), layer, &mut cache)?;
+            let Some((k, _)) = cache.layer(l) else {
+                candle_core::bail!("GlimpsePrune: layer {l}'s cache is empty")
+            };
+            let s = ops::glimpse_scores(&captured.last_query, k, &rows, None, self.cfg.mode)?;
+            for (slot, _) in scores.iter_mut().zip(selected).filter(|(_, &sl)| sl == l) {
+                *slot = Some(s.clone());
+            }
+            h = out;
         }
-        let k = self.cfg.layer;
-        if k > 0 {
-            h = self.add_glimpse_embedding(&h, k)?;
-        }
-        let (h, captured) =
-            dec.forward_layers_capture(&h, &prompt.positions, Some(&mask), k..k + 1, &mut cache)?;
-        Ok((h, cache, captured.last_query))
+        let scores = scores.into_iter().collect::<Option<Vec<_>>>();
+        let Some(scores) = scores else {
+            candle_core::bail!("GlimpsePrune: a selected layer was not run")
+        };
+        Ok((h, cache, Tensor::cat(&scores, 2)?))
     }
 
-    /// The importance logits `[B, Nv]` of the visual tokens from the
-    /// glimpse query and layer K's keys.
+    /// The importance logits `[B, Nv]` of the visual tokens (one tower-sized
+    /// image per row) from the glimpse attention and the ViT hidden states.
     pub fn importance(
         &self,
         model: &LlavaModel,
-        prompt: &Prompt,
-        query: &Tensor,
-        cache: &KvCache,
+        attention: &Tensor,
         vit_states: &[Tensor],
     ) -> Result<Tensor> {
-        let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
-        let Some((k, _)) = cache.layer(self.cfg.layer) else {
-            candle_core::bail!("GlimpsePrune: layer K's cache is empty")
-        };
-        let scores = ops::glimpse_scores(query, k, &rows, None, self.cfg.mode)?;
         let side = model.config.vision.patches_per_side();
-        let grid: Vec<(usize, usize)> = (0..side * side).map(|i| (i / side, i % side)).collect();
-        let features = self
-            .cfg
-            .feature_layers
-            .iter()
-            .map(|&l| vit_states[l].clone())
-            .collect::<Vec<_>>();
-        let nv: Vec<usize> = prompt.visual.iter().map(Vec::len).collect();
-        self.vip.forward(&scores, &features, &grid, &nv)
+        let grids = vec![vec![(side, side)]; attention.dim(0)?];
+        match &self.predictor {
+            None => baseline_map(attention, &grids, self.cfg.mode),
+            Some(vip) => {
+                let features: Vec<Tensor> = match vip.config().cond {
+                    Some(_) => self
+                        .cfg
+                        .visual_layers
+                        .iter()
+                        .map(|&l| vit_states[l].clone())
+                        .collect(),
+                    None => Vec::new(),
+                };
+                vip.forward(attention, &features, &grids)
+            }
+        }
     }
 
     /// GlimpsePrune generation of `max_new_tokens` greedy tokens per row for
@@ -248,19 +334,23 @@ impl GlimpsePrune {
         self.refuse_emptiable_rows(system, questions)?;
         let t0 = Instant::now();
         let dec = &model.decoder;
-        let vit_states = model.vision.forward(pixels)?;
-        let image_embeds = model
-            .projector
-            .forward(&vit_states[model.config.feature_layer_index()])?;
+        let feature = model.config.feature_layer_index();
+        let deepest = self
+            .cfg
+            .visual_layers
+            .iter()
+            .copied()
+            .fold(feature, usize::max);
+        let vit_states = model.vision.forward_upto(pixels, deepest)?;
+        let image_embeds = model.projector.forward(&vit_states[feature])?;
         let prompt = self.prompt(model, &image_embeds, system, questions)?;
-        let (h, mut cache, query) = self.prefill_to_layer_k(model, &prompt)?;
-        let logits = self.importance(model, &prompt, &query, &cache, &vit_states)?;
+        let (h, mut cache, attention) = self.prefill_to_layer_k(model, &prompt)?;
+        let logits = self.importance(model, &attention, &vit_states)?;
 
         // One-shot pruning: the kept set, then one compaction of layers 0..=K.
-        let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
-        let mut plan = ops::plan_keep(&logits, &rows, &self.cfg.rule, true)?;
+        let mut plan = self.plan(model, &prompt, &logits)?;
         let kept = Reduced::gather(&prompt, &h, &mut plan, "GlimpsePrune")?;
-        let k = self.cfg.layer;
+        let k = self.reduce_layer(dec.num_layers());
         let caches = (0..=k)
             .map(|l| cache.layer(l).cloned())
             .collect::<Option<Vec<_>>>();
@@ -298,19 +388,45 @@ impl GlimpsePrune {
         })
     }
 
-    /// No row may be left with nothing to attend (docs/architecture.md):
-    /// a row that is only its image and the glimpse token (no system
-    /// prompt, no question) keeps nothing but visual tokens, so a rule that
-    /// may keep none of them (`min_keep` 0) is refused before the model runs.
+    /// The kept set: select_keep over `logits`, then each image's anchors
+    /// (kept whatever the rule says, after its cap and minimum, as upstream).
+    fn plan(&self, model: &LlavaModel, prompt: &Prompt, logits: &Tensor) -> Result<ops::KeepPlan> {
+        let rows = prompt.row_layout().map_err(candle_core::Error::wrap)?;
+        let drop_last = self.embeddings.is_some();
+        let plan = ops::plan_keep(logits, &rows, &self.cfg.rule, drop_last)?;
+        if self.cfg.anchors.is_empty() {
+            return Ok(plan);
+        }
+        let side = model.config.vision.patches_per_side();
+        let mut kept = plan.kept_visual()?;
+        for row in &mut kept {
+            row.extend(self.cfg.anchors.iter().map(|a| a.index(side, side)));
+            row.sort_unstable();
+            row.dedup();
+        }
+        ops::plan_from_kept(&rows, &kept, drop_last, model.decoder.device())
+    }
+
+    /// No row may be left with nothing to attend (docs/architecture.md): a
+    /// row that is only its image and the glimpse token (no system prompt,
+    /// no question) keeps nothing but visual tokens, so a rule that may keep
+    /// none of them (`min_keep` 0, no anchors) is refused before the model
+    /// runs. Without a glimpse token the last prompt token's attention is
+    /// read, which must be text: a row must not end with its image.
     fn refuse_emptiable_rows(&self, system: &[u32], questions: &[Vec<u32>]) -> Result<()> {
-        if self.cfg.rule.min_keep > 0 || !system.is_empty() {
+        let Some(b) = questions.iter().position(Vec::is_empty) else {
+            return Ok(());
+        };
+        if self.embeddings.is_none() {
+            candle_core::bail!(
+                "GlimpsePrune: row {b} ends with its image; without a glimpse token the last prompt token's attention is read, and it must be text (give the row a question)"
+            );
+        }
+        if self.cfg.rule.min_keep > 0 || !self.cfg.anchors.is_empty() || !system.is_empty() {
             return Ok(());
         }
-        match questions.iter().position(Vec::is_empty) {
-            Some(b) => candle_core::bail!(
-                "GlimpsePrune: row {b} is only its image and the glimpse token, and the keep rule (min_keep 0) may drop every visual token, leaving the row nothing to attend; keep one (min_keep >= 1) or give the row text"
-            ),
-            None => Ok(()),
-        }
+        candle_core::bail!(
+            "GlimpsePrune: row {b} is only its image and the glimpse token, and the keep rule (min_keep 0, no anchors) may drop every visual token, leaving the row nothing to attend; keep one (min_keep >= 1) or give the row text"
+        )
     }
 }

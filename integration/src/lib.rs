@@ -4,7 +4,7 @@
 //!   inputs, which the main job runs.
 //! - One shape for every method: [`method`] (how a method is built, seeded,
 //!   saved and loaded; one generation over image questions with a shared
-//!   report; the dense baseline) over [`checkpoint`] (seeded or safetensors
+//!   report; the dense baseline) over [`checkpoint`] (seeded, safetensors or PyTorch
 //!   parameters, saved under the names they were fetched by), and
 //!   [`reduce`] (the batch after a reduction inside the decoder, and the two
 //!   rules every method keeps: decoding continues at the end of each row's
@@ -28,9 +28,12 @@
 //!   with context tokens after each visual unit, the context-token prefill
 //!   mask, the region layout) and [`gaze`] (context tokens, region
 //!   descriptors, decoding with routed sparse attention in every layer).
-//! - GlimpsePrune end to end: [`vip`] (the Visual Importance Predictor) and
-//!   [`glimpse`] (glimpse token, pruning at layer K, decoding on the
-//!   compacted cache).
+//! - GlimpsePrune end to end, as its authors run it: [`glimpse_config`]
+//!   (their settings, read from their YAML / config.json keys; their two
+//!   released settings), [`vip`] (the Visual Importance Predictor with
+//!   their parameter names, the training-free baseline map) and [`glimpse`]
+//!   (glimpse token and embeddings, pruning at layer K, decoding on the
+//!   compacted cache; their saved modules load as they are).
 //! - FocusLLaVA end to end: [`vision_sampler`] (sub-images stitched into one
 //!   map, the selector, multi-scale sampling in the projector) and [`focus`]
 //!   (the text-guided sampler at layer K, the later layers and decoding on
@@ -43,6 +46,7 @@ pub mod focus;
 pub mod gaze;
 pub mod gaze_prompt;
 pub mod glimpse;
+pub mod glimpse_config;
 pub mod glimpse_pipeline;
 pub mod images;
 pub mod method;
@@ -65,7 +69,10 @@ pub use decoder::{
 pub use focus::{FocusConfig, FocusLlava, FocusRun};
 pub use gaze::{GazeAttention, GazeConfig, GazePrefill, GazeRun, GazeStep};
 pub use gaze_prompt::{GazePrompt, GazeSegment, GazeUnit};
-pub use glimpse::{GlimpseConfig, GlimpsePrune, GlimpseRun};
+pub use glimpse::{GlimpsePrune, GlimpseRun};
+pub use glimpse_config::{
+    Anchor, BaseModel, EmbeddingConfig, FuserType, GlimpseConfig, LeNorm, Predictor, UpstreamConfig,
+};
 pub use method::{Dense, ImageMethod, ImageQuestions, Method, Report};
 pub use model::{ImageFeatures, LlavaModel};
 pub use prompt::{Prompt, Segment};

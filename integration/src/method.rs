@@ -6,7 +6,8 @@
 //!   [`Method::new`], which checks its settings against the model and
 //!   fetches its learned parts from a [`VarBuilder`] through
 //!   [`Checkpoint::record`] (names given once, at the fetch); the seeded
-//!   initialisation, safetensors loading and saving come with the trait.
+//!   initialisation, safetensors and PyTorch loading and safetensors saving
+//!   come with the trait.
 //! - [`ImageMethod`]: every [`Method`] as a trait object, so that the main
 //!   job holds the methods, the dense baseline [`Dense`] first, in one list.
 //!
@@ -74,6 +75,19 @@ pub trait Method: Sized {
         dtype: DType,
     ) -> Result<Self> {
         Self::new(checkpoint::load(path, dtype, device)?, model, cfg)
+    }
+
+    /// Loads the method's parameters from a PyTorch checkpoint (`torch.save`;
+    /// nested state dicts flattened with dots, [`checkpoint::load_pth`]),
+    /// converting to `dtype`.
+    fn load_pth(
+        path: impl AsRef<Path>,
+        model: &ModelConfig,
+        cfg: &Self::Config,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::new(checkpoint::load_pth(path, dtype, device)?, model, cfg)
     }
 
     /// Every learned parameter with its name.

@@ -2,14 +2,16 @@
 //! model; with real pruning, decoding on the compacted cache is decoding with
 //! the pruned tokens masked out after layer K (one-shot pruning); decoding
 //! continues where the dense layout ends; a row that pruning could empty is
-//! refused.
+//! refused. The authors' options: anchors always kept, the baseline map,
+//! several selected layers, no glimpse token, pruning after the whole
+//! prefill.
 
 use candle_core::{DType, Device, Result, Tensor};
 use foveal::KeepRule;
 use foveal_candle::images::synthetic_images;
 use foveal_candle::{
-    attention_mask, GlimpseConfig, GlimpsePrune, GlimpseRun, ImageMethod, ImageQuestions,
-    LlavaModel, Method, ModelConfig,
+    attention_mask, Anchor, GlimpseConfig, GlimpsePrune, GlimpseRun, ImageMethod, ImageQuestions,
+    LlavaModel, Method, ModelConfig, Predictor,
 };
 
 mod common;
@@ -44,8 +46,24 @@ fn setup() -> Result<Setup> {
 
 /// GlimpsePrune on the tiny model with `rule` (predictor seeded by `seed`).
 fn glimpse(s: &Setup, rule: KeepRule, seed: u64) -> Result<GlimpsePrune> {
+    glimpse_with(s, rule, seed, |_| {})
+}
+
+/// [`glimpse`] with the settings changed by `edit` (the predictor's input
+/// width follows the selected layers).
+fn glimpse_with(
+    s: &Setup,
+    rule: KeepRule,
+    seed: u64,
+    edit: impl FnOnce(&mut GlimpseConfig),
+) -> Result<GlimpsePrune> {
     let mut gcfg = GlimpseConfig::for_model(&s.cfg);
     gcfg.rule = rule;
+    edit(&mut gcfg);
+    let width = gcfg.selected_layers.len() * s.cfg.text.num_heads;
+    if let Predictor::Vip(v) = &mut gcfg.predictor {
+        v.in_features = width;
+    }
     GlimpsePrune::seeded(&s.cfg, &gcfg, seed, &Device::Cpu, DType::F32)
 }
 
@@ -114,11 +132,13 @@ fn masked_reference(
                 .filter(|(i, _)| !run.kept[b].contains(i))
                 .map(|(_, &p)| p)
                 .collect();
-            d.push(seq - 1);
+            if gp.config().embeddings.is_some() {
+                d.push(seq - 1);
+            }
             d
         })
         .collect();
-    let k = gp.config().layer;
+    let k = gp.config().reduce_layer.min(dec.num_layers() - 1);
     let mask = mask_columns(prompt.mask()?, &dropped)?;
     let h = dec.forward_layers(
         &h,
@@ -290,5 +310,200 @@ fn glimpse_weights_round_trip_through_safetensors() -> Result<()> {
         a.kept, other.kept,
         "another seed must select differently (the round trip would otherwise prove nothing)"
     );
+    Ok(())
+}
+
+/// The pruned run equals the masked reference (and keeps something, drops something).
+fn check_pruned(s: &Setup, gp: &GlimpsePrune, what: &str) -> Result<GlimpseRun> {
+    let run = gp.generate(&s.model, &s.pixels, &s.system, &s.questions, STEPS)?;
+    for (b, kept) in run.kept.iter().enumerate() {
+        assert!(
+            !kept.is_empty() && kept.len() < run.visual[b],
+            "{what}: row {b}: kept {} of {}: the test needs real pruning",
+            kept.len(),
+            run.visual[b]
+        );
+    }
+    let next = dense_ends(s, &s.system, &s.questions);
+    let want = masked_reference(s, gp, &s.system, &s.questions, &run, &next)?;
+    assert_steps_close(&run.generation.logits, &want, 1e-4, what)?;
+    Ok(run)
+}
+
+/// The corners of every image are kept whatever the rule says, after its
+/// cap (as upstream: the cap's kept set plus the anchors), and decoding
+/// sees them.
+#[test]
+fn anchors_are_always_kept() -> Result<()> {
+    let s = setup()?;
+    let corners = [0, 7, 56, 63];
+    let plain = glimpse(&s, rule(0.05, 1), 3)?;
+    let anchored = glimpse_with(&s, rule(0.05, 1), 3, |c| {
+        c.anchors = vec![
+            Anchor::TopLeft,
+            Anchor::TopRight,
+            Anchor::BottomLeft,
+            Anchor::BottomRight,
+        ]
+    })?;
+    let without = plain.generate(&s.model, &s.pixels, &s.system, &s.questions, 1)?;
+    let run = check_pruned(&s, &anchored, "anchors")?;
+    for (b, kept) in run.kept.iter().enumerate() {
+        assert_eq!(
+            without.kept[b].len(),
+            3,
+            "row {b}: the cap floor(0.05 * 64)"
+        );
+        let mut want = without.kept[b].clone();
+        want.extend(corners);
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(kept, &want, "row {b}");
+    }
+    // min_keep 0 cannot empty an image-only row when anchors are kept.
+    let gp = glimpse_with(&s, rule(0.0, 0), 3, |c| {
+        c.anchors = vec![Anchor::BottomRight]
+    })?;
+    let one = s.pixels.narrow(0, 0, 1)?;
+    assert_eq!(
+        gp.generate(&s.model, &one, &[], &[vec![]], 2)?.kept,
+        [vec![63]]
+    );
+    Ok(())
+}
+
+/// The training-free baseline map (no predictor): the kept set is the top
+/// of the test's own map (head-mean log-softmax, exp, min-max), capped; with
+/// every token kept it is the dense model.
+#[test]
+fn the_baseline_map_keeps_the_top_of_the_mean_glimpse_attention() -> Result<()> {
+    let s = setup()?;
+    let baseline = |c: &mut GlimpseConfig| c.predictor = Predictor::Baseline;
+    let gp = glimpse_with(&s, rule(0.25, 1), 3, baseline)?;
+    assert!(gp
+        .named_tensors()
+        .iter()
+        .all(|(n, _)| !n.starts_with("attn_fuser")));
+    let run = check_pruned(&s, &gp, "baseline")?;
+
+    let vit = s.model.vision.forward(&s.pixels)?;
+    let embeds = s
+        .model
+        .projector
+        .forward(&vit[s.cfg.feature_layer_index()])?;
+    let prompt = gp.prompt(&s.model, &embeds, &s.system, &s.questions)?;
+    let (_, _, attention) = gp.prefill_to_layer_k(&s.model, &prompt)?;
+    for (b, a) in attention.to_vec3::<f32>()?.iter().enumerate() {
+        let p: Vec<f64> = a
+            .iter()
+            .map(|h| (h.iter().map(|&x| f64::from(x)).sum::<f64>() / h.len() as f64).exp())
+            .collect();
+        let (lo, hi) = p
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        let map: Vec<f64> = p.iter().map(|x| (x - lo) / (hi - lo + 1e-6)).collect();
+        let mut order: Vec<usize> = (0..map.len()).collect();
+        order.sort_by(|&i, &j| map[j].total_cmp(&map[i]).then(i.cmp(&j)));
+        let mut want = order[..16].to_vec();
+        want.sort_unstable();
+        assert_eq!(run.kept[b], want, "row {b}");
+    }
+
+    let gp = glimpse_with(&s, KeepRule::keep_all(), 3, baseline)?;
+    let run = gp.generate(&s.model, &s.pixels, &s.system, &s.questions, STEPS)?;
+    let dense = s.model.generate_dense(
+        &s.model.build_prompt(&s.pixels, &s.system, &s.questions)?,
+        STEPS,
+    )?;
+    assert_steps_close(
+        &run.generation.logits,
+        &dense.logits,
+        1e-4,
+        "baseline, all kept",
+    )
+}
+
+/// The predictor's input is the glimpse attention of every selected layer,
+/// layer-major in the order of `selected_layers`.
+#[test]
+fn several_selected_layers_feed_the_predictor_in_order() -> Result<()> {
+    let s = setup()?;
+    let attention = |layers: Vec<usize>| -> Result<Tensor> {
+        let gp = glimpse_with(&s, rule(0.4, 3), 3, |c| c.selected_layers = layers)?;
+        let vit = s.model.vision.forward(&s.pixels)?;
+        let embeds = s
+            .model
+            .projector
+            .forward(&vit[s.cfg.feature_layer_index()])?;
+        let prompt = gp.prompt(&s.model, &embeds, &s.system, &s.questions)?;
+        Ok(gp.prefill_to_layer_k(&s.model, &prompt)?.2)
+    };
+    let both = attention(vec![1, 3])?;
+    let h = s.cfg.text.num_heads;
+    assert_eq!(both.dims(), [2, 64, 2 * h]);
+    assert_eq!(
+        max_abs_diff(&both.narrow(2, 0, h)?, &attention(vec![1])?)?,
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(&both.narrow(2, h, h)?, &attention(vec![3])?)?,
+        0.0
+    );
+    let gp = glimpse_with(&s, rule(0.4, 3), 3, |c| c.selected_layers = vec![1, 3])?;
+    check_pruned(&s, &gp, "selected layers 1 and 3")?;
+    Ok(())
+}
+
+/// Without a glimpse token (Qwen2.5-VL's `le_layers` empty) the prompt is
+/// the dense one: keeping everything is the dense model; pruning reads the
+/// last prompt token's attention, which must be text.
+#[test]
+fn without_a_glimpse_token_the_last_prompt_token_is_read() -> Result<()> {
+    let s = setup()?;
+    let none = |c: &mut GlimpseConfig| c.embeddings = None;
+    let gp = glimpse_with(&s, KeepRule::keep_all(), 3, none)?;
+    assert!(gp.named_tensors().iter().all(|(n, _)| !n.starts_with("le")));
+    let run = gp.generate(&s.model, &s.pixels, &s.system, &s.questions, STEPS)?;
+    let dense = s.model.generate_dense(
+        &s.model.build_prompt(&s.pixels, &s.system, &s.questions)?,
+        STEPS,
+    )?;
+    assert_eq!(run.generation.tokens, dense.tokens);
+    assert_steps_close(
+        &run.generation.logits,
+        &dense.logits,
+        1e-4,
+        "no glimpse token",
+    )?;
+    check_pruned(
+        &s,
+        &glimpse_with(&s, rule(0.4, 3), 3, none)?,
+        "no glimpse token",
+    )?;
+    let err = gp
+        .generate(
+            &s.model,
+            &s.pixels,
+            &s.system,
+            &[vec![], s.questions[1].clone()],
+            2,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("row 0 ends with its image"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// A pruning layer at or past the last layer (Qwen2.5-VL's default 1000)
+/// prunes the caches of every layer after the whole prefill.
+#[test]
+fn pruning_after_the_whole_prefill() -> Result<()> {
+    let s = setup()?;
+    for k in [5, 1000] {
+        let gp = glimpse_with(&s, rule(0.4, 3), 3, |c| c.reduce_layer = k)?;
+        check_pruned(&s, &gp, &format!("reduce_layer {k}"))?;
+    }
     Ok(())
 }

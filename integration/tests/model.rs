@@ -148,13 +148,13 @@ fn a_reduction_that_empties_a_row_is_refused() -> Result<()> {
     let p = Prompt::build(&m.decoder, &rows)?;
     let layout = p.row_layout().map_err(candle_core::Error::wrap)?;
     let hidden = Tensor::randn(0f32, 1.0, (2, p.seq(), 8), &Device::Cpu)?;
-    let mut plan = plan_from_kept(&layout, &[vec![], vec![1]], &Device::Cpu)?;
+    let mut plan = plan_from_kept(&layout, &[vec![], vec![1]], false, &Device::Cpu)?;
     let err = Reduced::gather(&p, &hidden, &mut plan, "test").unwrap_err();
     assert!(
         err.to_string().contains("test: row 0 has nothing left"),
         "{err}"
     );
-    let mut plan = plan_from_kept(&layout, &[vec![2], vec![]], &Device::Cpu)?;
+    let mut plan = plan_from_kept(&layout, &[vec![2], vec![]], false, &Device::Cpu)?;
     let r = Reduced::gather(&p, &hidden, &mut plan, "test")?;
     assert_eq!(
         (r.lengths.clone(), r.starts.clone()),

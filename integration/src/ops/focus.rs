@@ -283,18 +283,20 @@ pub fn text_guided_select(
 
 /// A [`KeepPlan`] on `device` from host lists of kept visual indices (into
 /// each row's visual tokens, ascending): every text position of a row and its
-/// kept visual tokens, nothing dropped at the end. On a GPU the lists are
-/// uploaded and the positions built there (foveal keep_positions).
+/// kept visual tokens; the last position dropped when `drop_last`
+/// (GlimpsePrune's glimpse token). On a GPU the lists are uploaded and the
+/// positions built there (foveal keep_positions).
 pub fn plan_from_kept(
     rows: &RowLayout,
     kept: &[Vec<usize>],
+    drop_last: bool,
     device: &candle_core::Device,
 ) -> Result<KeepPlan> {
     let keep = KeepSet::from_rows(rows, kept).map_err(wrap)?;
     let inner = match device {
         candle_core::Device::Cpu => {
-            let mut positions = KeepPositions::for_rows(rows, false);
-            compact_cpu::keep_positions(rows, &keep, false, &mut positions).map_err(wrap)?;
+            let mut positions = KeepPositions::for_rows(rows, drop_last);
+            compact_cpu::keep_positions(rows, &keep, drop_last, &mut positions).map_err(wrap)?;
             Plan::Host { keep, positions }
         }
         #[cfg(feature = "cuda")]
@@ -304,12 +306,12 @@ pub fn plan_from_kept(
             let dev_rows = DeviceRowLayout::new(&stream, rows).map_err(wrap)?;
             let dev_keep = DeviceKeepSet::from_host(&stream, &keep).map_err(wrap)?;
             let mut positions =
-                DeviceKeepPositions::for_rows(&stream, &dev_rows, false).map_err(wrap)?;
+                DeviceKeepPositions::for_rows(&stream, &dev_rows, drop_last).map_err(wrap)?;
             foveal::compact_kv::cuda::keep_positions(
                 &stream,
                 &dev_rows,
                 &dev_keep,
-                false,
+                drop_last,
                 &mut positions,
             )
             .map_err(wrap)?;
