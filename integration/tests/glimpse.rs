@@ -15,9 +15,10 @@ use foveal_candle::{
 };
 
 mod common;
+use common::glimpse as glimpse_inputs;
 use common::{
-    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, logits_at, mask_columns,
-    max_abs_diff, replay_steps, system_and_questions,
+    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, assert_token_margins,
+    logits_at, mask_columns, max_abs_diff, replay_steps, system_and_questions, DECISION_MARGIN,
 };
 
 const STEPS: usize = 5;
@@ -504,6 +505,91 @@ fn pruning_after_the_whole_prefill() -> Result<()> {
     for k in [5, 1000] {
         let gp = glimpse_with(&s, rule(0.4, 3), 3, |c| c.reduce_layer = k)?;
         check_pruned(&s, &gp, &format!("reduce_layer {k}"))?;
+    }
+    Ok(())
+}
+
+/// How far the keep rule's decisions on importance logits `z` are from
+/// changing (relative to the logits' size): the threshold's margin where it
+/// decides, the cap's boundary gap where it does, and min_keep's boundary
+/// gap where that adds tokens. Anchors are added after the rule and decide
+/// nothing.
+fn rule_margin(z: &[f32], rule: &KeepRule) -> f64 {
+    let rel = |gap: f64, at: f64| gap / (1.0 + at.abs());
+    let mut v: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
+    v.sort_by(|a, b| b.total_cmp(a));
+    let nv = v.len();
+    let t = f64::from(rule.threshold);
+    let theta = (t / (1.0 - t)).ln();
+    let over = v.iter().filter(|&&x| x > theta).count();
+    let cap = rule.max_ratio.map(|r| (r * nv as f64).floor() as usize);
+    let gap_at = |n: usize| {
+        if n == 0 || n >= nv {
+            f64::INFINITY
+        } else {
+            rel(v[n - 1] - v[n], v[n - 1])
+        }
+    };
+    let mut margin = match cap {
+        // The cap decides: the top `cap` are kept while more than `cap` pass.
+        Some(c) if over > c => gap_at(c).min(rel(v[c] - theta, v[c])),
+        // The threshold decides which pass, and that no more than `cap` do.
+        _ => {
+            let above = if over > 0 {
+                rel(v[over - 1] - theta, v[over - 1])
+            } else {
+                f64::INFINITY
+            };
+            let below = if over < nv {
+                rel(theta - v[over], v[over])
+            } else {
+                f64::INFINITY
+            };
+            above.min(below)
+        }
+    };
+    let kept = cap.map_or(over, |c| over.min(c));
+    if kept < rule.min_keep.min(nv) {
+        margin = margin.min(gap_at(rule.min_keep.min(nv)));
+    }
+    margin
+}
+
+/// The runs the GPU test (tests/gpu/glimpse.rs) compares with the CPU decide
+/// every kept token and every greedy token by far more than the devices'
+/// f32 rounding, so comparing those decisions exactly across devices is
+/// sound: the importance logits clear the keep rule by DECISION_MARGIN, the
+/// tokens (dense and pruned) by twice GPU_LOGIT_TOL.
+#[test]
+fn gpu_test_runs_decide_with_margins() -> Result<()> {
+    let dev = Device::Cpu;
+    let (cfg, model, pixels) = glimpse_inputs::model_and_images(&dev)?;
+    let (system, questions) = system_and_questions();
+    let prompt = model.build_prompt(&pixels, &system, &questions)?;
+    assert_token_margins(
+        &model.generate_dense(&prompt, glimpse_inputs::STEPS)?.logits,
+        "dense",
+    )?;
+    let vit = model.vision.forward(&pixels)?;
+    let embeds = model.projector.forward(&vit[cfg.feature_layer_index()])?;
+    for (name, gcfg) in glimpse_inputs::settings(&cfg) {
+        let gp = glimpse_inputs::method(&cfg, &gcfg, &dev)?;
+        let run = gp.generate(&model, &pixels, &system, &questions, glimpse_inputs::STEPS)?;
+        assert_token_margins(&run.generation.logits, name)?;
+        let prompt = gp.prompt(&model, &embeds, &system, &questions)?;
+        let (_, _, attention) = gp.prefill_to_layer_k(&model, &prompt)?;
+        let z = gp.importance(&model, &attention, &vit)?.to_vec2::<f32>()?;
+        for (b, zb) in z.iter().enumerate() {
+            assert!(
+                run.kept[b].len() < run.visual[b],
+                "{name}, row {b}: the GPU test needs real pruning"
+            );
+            let margin = rule_margin(zb, &gcfg.rule);
+            assert!(
+                margin >= DECISION_MARGIN,
+                "{name}, row {b}: a keep decision is only {margin:e} from changing"
+            );
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod focus;
 pub mod gaze;
+pub mod glimpse;
 
 use std::ops::Range;
 
