@@ -28,10 +28,10 @@ use crate::method::{ImageQuestions, Method, Report};
 use crate::model::LlavaModel;
 use crate::ops::{self, AttendLens};
 use crate::projector::Projector;
+use crate::vision_sampler::{grid_crops, stitch_tiles};
 use crate::visor_config::{Route, VisorConfig};
 use crate::visor_layers::{CrossBlock, Router, Stack, State};
 use crate::visor_prompt::{row_index, Streams, VisorPrompt, VisorText};
-use crate::vision_sampler::{grid_crops, stitch_tiles};
 
 /// VISOR's learned parts: the position convolution, the cross-attention
 /// blocks, the routing token and router (two or more configurations), and
@@ -131,6 +131,12 @@ struct Group {
     configuration: usize,
     streams: Streams,
     state: State,
+}
+
+/// The router's logits and argmax per row and routing token.
+struct Routed {
+    logits: Vec<Vec<Vec<f32>>>,
+    picks: Vec<Vec<usize>>,
 }
 
 /// A prefill of every group, and what the router chose.
@@ -279,17 +285,22 @@ impl Visor {
         let b = streams.batch();
         let (configuration, router_logits, predictions, done) =
             match (self.cfg.route, &self.routing, self.cfg.router_layer()) {
-                (Route::Fixed(c), _, _) => (vec![c; b], vec![Vec::new(); b], vec![Vec::new(); b], 0),
+                (Route::Fixed(c), _, _) => {
+                    (vec![c; b], vec![Vec::new(); b], vec![Vec::new(); b], 0)
+                }
                 (Route::Router, Some((_, router)), Some(r)) => {
                     // Layers 0..=r are the same in every configuration.
                     let kinds = self.cfg.kinds(0, layers);
                     let lens = self.prefill_lens(streams, dec.device())?;
                     self.stack(model, &kinds)
                         .prefill(streams, &mut state, 0..r + 1, &lens)?;
-                    let (logits, predictions) = self.route(router, streams, &state.t)?;
-                    let configuration =
-                        predictions.iter().map(|p| self.cfg.costliest_of(p)).collect();
-                    (configuration, logits, predictions, r + 1)
+                    let routed = self.route(router, streams, &state.t)?;
+                    let configuration = routed
+                        .picks
+                        .iter()
+                        .map(|p| self.cfg.costliest_of(p))
+                        .collect();
+                    (configuration, routed.logits, routed.picks, r + 1)
                 }
                 _ => candle_core::bail!("VISOR: the router needs two or more configurations"),
             };
@@ -300,7 +311,11 @@ impl Visor {
         for c in chosen {
             let rows: Vec<usize> = (0..b).filter(|&r| configuration[r] == c).collect();
             let (streams, mut state, lens) = if rows.len() == b {
-                (streams.clone(), state.clone(), self.prefill_lens(streams, dec.device())?)
+                (
+                    streams.clone(),
+                    state.clone(),
+                    self.prefill_lens(streams, dec.device())?,
+                )
             } else {
                 let sub = streams.select(&rows, dec.device())?;
                 let lens = self.prefill_lens(&sub, dec.device())?;
@@ -328,10 +343,18 @@ impl Visor {
     /// its row's visual tokens.
     fn prefill_lens(&self, streams: &Streams, device: &candle_core::Device) -> Result<AttendLens> {
         let b = streams.batch();
-        AttendLens::new(&vec![streams.text_len(); b], &streams.visual_counts(), device)
+        AttendLens::new(
+            &vec![streams.text_len(); b],
+            &streams.visual_counts(),
+            device,
+        )
     }
 
-    fn stack<'a>(&'a self, model: &'a LlavaModel, kinds: &'a [crate::visor_config::LayerKind]) -> Stack<'a> {
+    fn stack<'a>(
+        &'a self,
+        model: &'a LlavaModel,
+        kinds: &'a [crate::visor_config::LayerKind],
+    ) -> Stack<'a> {
         Stack {
             dec: &model.decoder,
             kinds,
@@ -342,12 +365,7 @@ impl Visor {
     /// The router over every routing token's hidden state `t` (the text
     /// stream after the router's block): per row and token its logits and
     /// their argmax (ties to the lower index).
-    fn route(
-        &self,
-        router: &Router,
-        streams: &Streams,
-        t: &Tensor,
-    ) -> Result<(Vec<Vec<Vec<f32>>>, Vec<Vec<usize>>)> {
+    fn route(&self, router: &Router, streams: &Streams, t: &Tensor) -> Result<Routed> {
         let st = streams.text_len();
         let slots: Vec<usize> = streams
             .routes
@@ -371,7 +389,10 @@ impl Visor {
             out_picks.push(picks[i..i + r.len()].iter().map(|&p| p as usize).collect());
             i += r.len();
         }
-        Ok((out_logits, out_picks))
+        Ok(Routed {
+            logits: out_logits,
+            picks: out_picks,
+        })
     }
 
     /// VISOR generation of `max_new_tokens` greedy tokens per row.

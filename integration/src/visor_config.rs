@@ -236,8 +236,7 @@ impl VisorConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         use serde_json::Value;
         let bad = |what: &str| candle_core::Error::msg(format!("VisorConfig JSON: {what}"));
-        let v: Value =
-            serde_json::from_str(text).map_err(|e| bad(&format!("not JSON ({e})")))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(&format!("not JSON ({e})")))?;
         let layers = |x: &Value, what: &str| -> Result<Vec<usize>> {
             x.as_array()
                 .ok_or_else(|| bad(&format!("{what} is not a list")))?
@@ -273,7 +272,10 @@ impl VisorConfig {
         };
         let pack_ratio = match v.get("token_pack_ratio") {
             None | Some(Value::Null) => None,
-            Some(x) => Some(x.as_f64().ok_or_else(|| bad("token_pack_ratio is a number"))?),
+            Some(x) => Some(
+                x.as_f64()
+                    .ok_or_else(|| bad("token_pack_ratio is a number"))?,
+            ),
         };
         Ok(VisorConfig {
             cross_attention_layers,

@@ -38,6 +38,8 @@ pub struct Streams {
     visual: Vec<Vec<usize>>,
     /// Per row, the dense position ids (`S` of them, 0 at padding).
     position_ids: Vec<Vec<u32>>,
+    /// The text stream's length `St` and the visual stream's width `Nv`.
+    widths: (usize, usize),
     /// Per row, the text-stream slots of its routing tokens.
     pub routes: Vec<Vec<usize>>,
     /// Per row, where decoding continues: the dense layout's end.
@@ -78,12 +80,14 @@ impl Streams {
             );
         }
         let st = text.iter().map(Vec::len).max().unwrap_or(0);
+        let nv = prompt.visual.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let routes = routes
             .iter()
             .zip(&text)
             .map(|(r, t)| r.iter().map(|&i| st - t.len() + i).collect())
             .collect();
         Self::from_parts(
+            (st, nv),
             text,
             prompt.visual.clone(),
             prompt.position_ids.clone(),
@@ -93,7 +97,9 @@ impl Streams {
         )
     }
 
+    /// `(st, nv)`: the text stream's length and the visual stream's width.
     fn from_parts(
+        (st, nv): (usize, usize),
         text: Vec<Vec<usize>>,
         visual: Vec<Vec<usize>>,
         position_ids: Vec<Vec<u32>>,
@@ -103,8 +109,6 @@ impl Streams {
     ) -> Result<Self> {
         let b = text.len();
         let seq = position_ids.first().map_or(0, Vec::len);
-        let st = text.iter().map(Vec::len).max().unwrap_or(0);
-        let nv = visual.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let dense_starts: Vec<usize> = (0..b)
             .map(|r| (text[r].len() + visual[r].len()).min(seq))
             .map(|n| seq - n)
@@ -139,6 +143,7 @@ impl Streams {
             text,
             visual,
             position_ids,
+            widths: (st, nv),
             routes,
             next,
             dense_starts,
@@ -146,26 +151,16 @@ impl Streams {
         })
     }
 
-    /// The rows `rows` (in that order) of these streams, their padding kept.
+    /// The rows `rows` (in that order) of these streams, their widths and
+    /// padding kept (the states selected with them keep theirs).
     pub fn select(&self, rows: &[usize], device: &Device) -> Result<Self> {
         let pick = |v: &[Vec<usize>]| rows.iter().map(|&r| v[r].clone()).collect::<Vec<_>>();
-        let shift = |v: &[Vec<usize>]| -> Vec<Vec<usize>> {
-            // Text slots count from the text stream's first slot; its
-            // width may shrink with the rows, so recount from each row's start.
-            let st = rows.iter().map(|&r| self.text[r].len()).max().unwrap_or(0);
-            rows.iter()
-                .map(|&r| {
-                    let old = self.text_starts[r];
-                    let new = st - self.text[r].len();
-                    v[r].iter().map(|&i| i - old + new).collect()
-                })
-                .collect()
-        };
         Self::from_parts(
+            (self.text_len(), self.visual_width()),
             pick(&self.text),
             pick(&self.visual),
             rows.iter().map(|&r| self.position_ids[r].clone()).collect(),
-            shift(&self.routes),
+            pick(&self.routes),
             rows.iter().map(|&r| self.next[r]).collect(),
             device,
         )
@@ -182,12 +177,12 @@ impl Streams {
 
     /// The text stream's length `St`.
     pub fn text_len(&self) -> usize {
-        self.text.iter().map(Vec::len).max().unwrap_or(0)
+        self.widths.0
     }
 
     /// The visual stream's width `Nv` (at least 1).
     pub fn visual_width(&self) -> usize {
-        self.visual.iter().map(Vec::len).max().unwrap_or(0).max(1)
+        self.widths.1
     }
 
     /// Per row, its text tokens ...
@@ -217,7 +212,10 @@ impl Streams {
         let (b, st, dm) = t.dims3()?;
         let nv = v.dim(1)?;
         let zero = Tensor::zeros((1, dm), t.dtype(), t.device())?;
-        let rows = Tensor::cat(&[&t.reshape((b * st, dm))?, &v.reshape((b * nv, dm))?, &zero], 0)?;
+        let rows = Tensor::cat(
+            &[&t.reshape((b * st, dm))?, &v.reshape((b * nv, dm))?, &zero],
+            0,
+        )?;
         rows.index_select(&self.merge_index, 0)?
             .reshape((b, self.seq(), dm))
     }
@@ -254,7 +252,11 @@ impl VisorPrompt {
         routing: Option<&Tensor>,
     ) -> Result<VisorPrompt> {
         if visual.len() != text.len() {
-            candle_core::bail!("VISOR: {} images, {} rows of text", visual.len(), text.len());
+            candle_core::bail!(
+                "VISOR: {} images, {} rows of text",
+                visual.len(),
+                text.len()
+            );
         }
         let mut rows = Vec::with_capacity(text.len());
         let mut routes = Vec::with_capacity(text.len());

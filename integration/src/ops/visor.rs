@@ -6,8 +6,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout as CLayout, Result, Shape,
-    Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout as CLayout, Result, Shape, Tensor,
 };
 use foveal::cross_attention::SeqLens;
 use foveal::{View, ViewMut};
