@@ -90,7 +90,9 @@ pub struct AttentionFlops {
     pub cross_attention: f64,
     /// The text stream's own attention in the other layers.
     pub text: f64,
-    /// The same tokens through the dense model (every layer self-attention).
+    /// The dense model on the same image and questions (every layer
+    /// self-attention over the tower's tokens, unpacked, and the text
+    /// without routing tokens).
     pub dense: f64,
 }
 
@@ -452,7 +454,11 @@ impl Visor {
         let streams = &prompt.streams;
         let (text, nv) = (streams.text_counts(), streams.visual_counts());
         let (kv_entries, flops) = (0..b)
-            .map(|r| self.costs(model, configuration[r], text[r], nv[r]))
+            .map(|r| {
+                // The dense model's prompt: the tower's tokens, no routing token.
+                let dense = text[r] - streams.routes[r].len() + per_image;
+                self.costs(model, configuration[r], (text[r], nv[r]), dense)
+            })
             .unzip();
         Ok(VisorRun {
             generation,
@@ -535,13 +541,14 @@ impl Visor {
     }
 
     /// KV entries and attention FLOPs of a row of `text` text and `nv`
-    /// visual tokens under configuration `c`.
+    /// visual tokens under configuration `c`, beside the dense model's
+    /// attention over its prompt of `dense` tokens.
     fn costs(
         &self,
         model: &LlavaModel,
         c: usize,
-        text: usize,
-        nv: usize,
+        (text, nv): (usize, usize),
+        dense: usize,
     ) -> (usize, AttentionFlops) {
         let t = &model.config.text;
         let layers = t.num_layers;
@@ -560,7 +567,7 @@ impl Visor {
             self_attention: sa as f64 * pair * causal(n),
             cross_attention: ca as f64 * pair * (text * nv) as f64,
             text: (layers - sa) as f64 * pair * causal(text),
-            dense: layers as f64 * pair * causal(n),
+            dense: layers as f64 * pair * causal(dense),
         };
         (kv, flops)
     }

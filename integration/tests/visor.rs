@@ -384,6 +384,34 @@ fn the_routed_model_equals_the_model_in_plain_candle_ops() -> Result<()> {
     for row in 0..2 {
         reference.check(&inp, &run, row, "routed")?;
     }
+    // The bookkeeping, by hand: per row its text (system, question, one
+    // routing token) and 64 visual tokens; the chosen self-attention layers
+    // cache both, the others the text, each cross-attention layer the
+    // visual K/V; attention FLOPs 4 Hq D per query-key pair.
+    let cfg = v.config();
+    let t = &s.cfg.text;
+    let pair = 4.0 * (t.num_heads * t.head_dim) as f64;
+    for row in 0..2 {
+        let text = inp.system.len() + inp.questions[row][0].len() + 1;
+        assert_eq!(run.text[row], text);
+        let sa = &cfg.configurations[run.configuration[row]];
+        let ca = cfg.cross_attention_layers.len(); // disjoint from every configuration
+        let n = text + 64;
+        assert_eq!(
+            run.kv_entries[row],
+            sa.len() * n + (24 - sa.len()) * text + ca * 64
+        );
+        let f = run.flops[row];
+        let causal = |n: usize| (n * (n + 1) / 2) as f64;
+        assert_eq!(f.self_attention, sa.len() as f64 * pair * causal(n));
+        assert_eq!(f.cross_attention, ca as f64 * pair * (text * 64) as f64);
+        assert_eq!(f.text, (24 - sa.len()) as f64 * pair * causal(text));
+        assert_eq!(
+            f.dense,
+            24.0 * pair * causal(n - 1),
+            "the dense prompt has no routing token"
+        );
+    }
     Ok(())
 }
 
