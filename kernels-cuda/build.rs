@@ -33,6 +33,7 @@ mod cuda {
         "src/cross_attention.cu",
         "src/pos_conv1d.cu",
         "src/token_pack.cu",
+        "src/glance_fusion.cu",
         "src/status.cu",
     ];
     const HEADERS: &[&str] = &[
@@ -90,7 +91,15 @@ mod cuda {
         for arch in env_list("FOVEAL_CUDA_PTX", "80") {
             build.flag(format!("-gencode=arch=compute_{arch},code=compute_{arch}"));
         }
-        build.files(SOURCES).compile("foveal_kernels");
+        // One nvcc call per source, in whole-program mode. Given several .cu
+        // files at once, cc compiles them with --device-c (relocatable device
+        // code), and in that mode ptxas keeps warp shuffles as calls to
+        // out-of-line helpers on sm_80 (every shfl.sync of glimpse_scores, 1,140
+        // calls) and on sm_90a in places, with the register spills of the call
+        // ABI. No kernel calls device code in another file, so none needs it.
+        let objects = compile_each(&build, SOURCES);
+        // The archive of the objects (no device link: nothing is relocatable).
+        cc::Build::new().objects(&objects).compile("foveal_kernels");
 
         for dir in ["lib", "lib64", "lib/x64"] {
             let d = cuda_root.join(dir);
@@ -102,6 +111,34 @@ mod cuda {
         for lib in ["dl", "rt", "pthread", "stdc++"] {
             println!("cargo:rustc-link-lib={lib}");
         }
+    }
+
+    /// Compiles each source on its own (so without --device-c), on as many
+    /// threads as cargo allows (NUM_JOBS), and returns the objects.
+    fn compile_each(build: &cc::Build, sources: &[&str]) -> Vec<PathBuf> {
+        let jobs = env::var("NUM_JOBS")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(1)
+            .clamp(1, sources.len().max(1));
+        let chunk = sources.len().div_ceil(jobs).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = sources
+                .chunks(chunk)
+                .map(|files| {
+                    scope.spawn(move || {
+                        files
+                            .iter()
+                            .flat_map(|f| build.clone().file(f).compile_intermediates())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("an nvcc worker panicked"))
+                .collect()
+        })
     }
 
     fn env_list(var: &str, default: &str) -> Vec<String> {

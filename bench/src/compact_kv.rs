@@ -26,7 +26,7 @@ pub struct Case {
     pub layers: usize,
     pub rows: RowsConfig,
     /// Share of each row's visual tokens kept (`floor(ratio * nv)`).
-    pub keep_ratio: f32,
+    pub keep_ratio: f64,
     pub kv_layout: KvLayout,
     /// The side of the destination's padded slots.
     pub padding: Padding,

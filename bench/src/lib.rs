@@ -34,6 +34,7 @@
 //! | cross_attention | [`cross_attention::generate`], [`cross_attention::sweep`] | [`cross_attention::baseline`]: repeat_kv, S = Q K^T materialised, softmax, P V |
 //! | pos_conv1d | [`pos_conv1d::generate`] | [`pos_conv1d::baseline`]: transpose to channels-first, padded conv per channel, transpose back, residual |
 //! | token_pack | [`token_pack::generate`] | [`token_pack::baseline`]: the resized map materialised, then the space-to-depth copy |
+//! | glance_fusion | [`glance_fusion::generate`] | [`glance_fusion::baseline`]: the literal formula (S x N x M dot products, mean, softmax over layers, weighted sum) |
 //!
 //! The FocusLLaVA ops (window_mean, multiscale_gather, text_guided_select)
 //! use LLaVA-NeXT-style shapes instead: 24 x 24 or 48 x 48 feature maps of
@@ -47,11 +48,14 @@
 //! tokens per crop): cross_attention with 0.5B (14 / 2 heads, D 64) and
 //! 7B-like (28 / 4, D 128) heads, whose `Case` also carries `flops` and the
 //! floor that bounds it on a given machine (`bound`).
+//! glance_fusion uses LLaVA-1.5-7B (4 ViT layers, 576 tokens per image, dt
+//! 4,096, instructions of 16 to 256 tokens) and LLaVA-NeXT's 5 sub-images.
 
 pub mod compact_kv;
 pub mod cross_attention;
 pub mod gaze_decode;
 pub mod gaze_route_decode;
+pub mod glance_fusion;
 pub mod glimpse_scores;
 pub mod multiscale_gather;
 pub mod pos_conv1d;

@@ -154,7 +154,7 @@ pub fn baseline(
         let above = p.iter().filter(|&&v| v > rule.threshold).count();
         let mut n = above;
         if let Some(r) = rule.max_ratio {
-            n = n.min((r as f64 * nv as f64).floor() as usize);
+            n = n.min((r * nv as f64).floor() as usize);
         }
         n = n.max(rule.min_keep.min(nv));
         let mut order: Vec<usize> = (0..nv).collect();

@@ -8,19 +8,17 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use foveal::text_guided_select::select_from_scores;
 use foveal_candle::focus::LayerK;
-use foveal_candle::images::synthetic_images;
 use foveal_candle::{
     attention_mask, FocusConfig, FocusLlava, FocusRun, LlavaModel, Method, ModelConfig, Prompt,
     VisionSample,
 };
 
 mod common;
+use common::focus::{MODEL_SEED, SELECTOR_SEED, STEPS};
 use common::{
-    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, mask_columns,
-    max_abs_diff, replay_steps, system_and_questions,
+    assert_decodes_from, assert_row_alone_as_in_batch, assert_steps_close, assert_token_margins,
+    mask_columns, max_abs_diff, replay_steps, system_and_questions, DECISION_MARGIN,
 };
-
-const STEPS: usize = 5;
 
 struct Setup {
     cfg: ModelConfig,
@@ -31,7 +29,7 @@ struct Setup {
 
 fn setup() -> Result<Setup> {
     let cfg = ModelConfig::tiny();
-    let model = LlavaModel::seeded(&cfg, 11, &Device::Cpu, DType::F32)?;
+    let model = LlavaModel::seeded(&cfg, MODEL_SEED, &Device::Cpu, DType::F32)?;
     let (system, questions) = system_and_questions();
     Ok(Setup {
         system,
@@ -43,7 +41,7 @@ fn setup() -> Result<Setup> {
 
 /// Two images for a `g x g` grid of the tower's image size.
 fn images(s: &Setup, g: usize) -> Result<Tensor> {
-    Ok(synthetic_images(2, g * s.cfg.vision.image_size, 5, &Device::Cpu)?.0)
+    common::focus::images(&s.cfg, g, &Device::Cpu)
 }
 
 #[test]
@@ -146,6 +144,34 @@ fn importance(q: &Tensor, k: &Tensor, group: usize) -> Result<Vec<f32>> {
     a.max(0)?.mean(0)?.to_vec1::<f32>()
 }
 
+/// How far an argmax is from changing: the best value's lead over the
+/// runner-up, relative to its size (no runner-up: infinite).
+fn argmax_margin(z: &[f32]) -> f64 {
+    let mut v: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
+    v.sort_by(|a, b| b.total_cmp(a));
+    match v[..] {
+        [top, next, ..] => (top - next) / (1.0 + top.abs()),
+        _ => f64::INFINITY,
+    }
+}
+
+/// How far Eq. 9's kept set (the `n` largest of `s`, the smallest prefix of
+/// the sorted scores whose sum exceeds gamma times the total) is from
+/// changing, relative to the total: the n-th prefix's excess, the (n-1)-th
+/// prefix's shortfall, and the n-th score's lead over the next.
+fn selection_margin(s: &[f32], gamma: f32, n: usize) -> f64 {
+    let mut v: Vec<f64> = s.iter().map(|&x| f64::from(x)).collect();
+    v.sort_by(|a, b| b.total_cmp(a));
+    let total: f64 = v.iter().sum();
+    let cut = f64::from(gamma) * total;
+    let prefix = |i: usize| v[..i].iter().sum::<f64>();
+    let mut margin = (prefix(n) - cut).min(cut - prefix(n - 1));
+    if n < v.len() {
+        margin = margin.min(v[n - 1] - v[n]);
+    }
+    margin / total
+}
+
 /// Per row, where the dense layout `[system][g x g map][question]` ends.
 fn dense_ends(s: &Setup, g: usize, questions: &[Vec<u32>]) -> Vec<u32> {
     let cells = g * g * s.model.num_patches();
@@ -217,7 +243,7 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
         assert_eq!(fcfg.layer, 1, "the tiny model's default layer");
         // An untrained selector tends to pick one scale for a whole image (the
         // scores share a large common part); this seed mixes two on the grid.
-        let fl = FocusLlava::seeded(&s.cfg, &fcfg, 1, &Device::Cpu, DType::F32)?;
+        let fl = FocusLlava::seeded(&s.cfg, &fcfg, SELECTOR_SEED, &Device::Cpu, DType::F32)?;
         let pixels = images(&s, g)?;
         let run = fl.generate(&s.model, &pixels, (g, g), &s.system, &s.questions, STEPS)?;
 
@@ -225,6 +251,21 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
         let sample = fl.sample_vision(&s.model, &pixels, (g, g))?;
         let scales_used =
             check_vision_sample(&sample, fcfg.vision.window, fcfg.vision.scales.scales())?;
+        // The GPU test (tests/gpu/focus.rs) compares the sampled cells, the
+        // kept sets and the tokens of these very inputs exactly across
+        // devices: sound only while every decision wins by far more than the
+        // devices' rounding differences.
+        let z = sample.logits.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+        let scale_margin = z
+            .iter()
+            .flatten()
+            .map(|zm| argmax_margin(zm))
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            scale_margin >= DECISION_MARGIN,
+            "grid {g}: a window's scale wins by only {scale_margin:e}"
+        );
+        assert_token_margins(&run.generation.logits, &format!("grid {g}"))?;
         if g == 2 {
             assert!(
                 scales_used >= 2,
@@ -267,6 +308,11 @@ fn real_selection_equals_masking_the_dropped_tokens() -> Result<()> {
                 run.kept[b],
                 select_from_scores(&score, fcfg.gamma),
                 "grid {g}, row {b}: the kept set"
+            );
+            let margin = selection_margin(&score, fcfg.gamma, run.kept[b].len());
+            assert!(
+                margin >= DECISION_MARGIN,
+                "grid {g}, row {b}: the kept set is {margin:e} from changing"
             );
             assert!(
                 !run.kept[b].is_empty() && run.kept[b].len() < run.sampled[b],
@@ -321,7 +367,7 @@ fn decoding_continues_at_the_end_of_the_dense_layout() -> Result<()> {
             let mut fcfg = FocusConfig::for_model(&s.cfg);
             fcfg.vision.force_scale = force_scale;
             fcfg.gamma = gamma;
-            let fl = FocusLlava::seeded(&s.cfg, &fcfg, 1, &Device::Cpu, DType::F32)?;
+            let fl = FocusLlava::seeded(&s.cfg, &fcfg, SELECTOR_SEED, &Device::Cpu, DType::F32)?;
             let pixels = images(&s, g)?;
             let run = fl.generate(&s.model, &pixels, (g, g), &s.system, &questions, STEPS)?;
             let what = format!(
@@ -350,7 +396,7 @@ fn a_row_that_is_only_its_image_keeps_a_token_alone_and_in_a_batch() -> Result<(
     let mut fcfg = FocusConfig::for_model(&s.cfg);
     fcfg.vision.force_scale = Some(0);
     fcfg.gamma = 0.01;
-    let fl = FocusLlava::seeded(&s.cfg, &fcfg, 1, &Device::Cpu, DType::F32)?;
+    let fl = FocusLlava::seeded(&s.cfg, &fcfg, SELECTOR_SEED, &Device::Cpu, DType::F32)?;
     let pixels = images(&s, 1)?;
     let alone = fl.generate(
         &s.model,

@@ -32,6 +32,20 @@ typedef enum foveal_dtype {
 
 /* Negative status codes of foveal itself. */
 #define FOVEAL_ERR_UNSUPPORTED (-1)
+/* A kernel needs more shared memory per block (static plus dynamic) than the
+ * device allows a kernel that opts in (cudaDevAttrMaxSharedMemoryPerBlockOptin);
+ * returned before anything is launched. */
+#define FOVEAL_ERR_SHARED_MEMORY (-2)
+
+/* Shared memory of one kernel launch, in bytes: the compiled kernel's static
+ * part (cudaFuncGetAttributes), the launch's dynamic part, and the current
+ * device's per-block limit for a kernel that opts in. Launchers opt a kernel
+ * in (cudaFuncAttributeMaxDynamicSharedMemorySize) when static plus dynamic
+ * passes the default 48 KiB, and return FOVEAL_ERR_SHARED_MEMORY when it
+ * passes the limit. */
+typedef struct foveal_shared_memory {
+  size_t static_bytes, dynamic_bytes, limit_bytes;
+} foveal_shared_memory;
 
 /* A readable name of a status code returned by a launch function. */
 const char *foveal_status_string(int status);
@@ -93,8 +107,8 @@ typedef struct foveal_select_keep_params {
   int32_t batch, nv_max;
   /* Keep logit > threshold_logit (= ln(t / (1 - t))). */
   double threshold_logit;
-  /* Cap at floor(max_ratio * nv) when has_max_ratio. */
-  float max_ratio;
+  /* Cap at floor(max_ratio * nv) (the f64 product, no tolerance) when has_max_ratio. */
+  double max_ratio;
   int32_t has_max_ratio;
   /* Keep at least min(min_keep, nv). */
   int32_t min_keep;
@@ -232,8 +246,8 @@ typedef struct foveal_text_guided_select_params {
   int64_t keep_stride_b;
   int32_t *keep_count;
   int64_t count_stride;
-  /* Workspace: lse_partial [B, key_chunks, Hq, T, 2], lse [B, Hq, T],
-   * s_partial [B, text_splits, N]. */
+  /* Workspace: lse_partial [B, key_chunks, Hq, T, 2], lse [B, Hq, T, 2]
+   * (max and ln of the sum of exponentials), s_partial [B, text_splits, N]. */
   float *lse_partial;
   float *lse;
   float *s_partial;
@@ -338,7 +352,7 @@ typedef struct foveal_gaze_decode_params {
    * past the last token index) and unit_tokens [B, units, 2] int32 (segment
    * count, token count); per query head and split: partial_o
    * [B, Hq, num_splits, D] and partial_ml [B, Hq, num_splits, 2] float
-   * (running max in log2 units, sum of exponentials). */
+   * (running max of scale * q.k, sum of exponentials relative to it). */
   int32_t *segments;
   int32_t *unit_tokens;
   float *partial_o;
@@ -378,6 +392,11 @@ typedef struct foveal_gaze_route_decode_params {
 } foveal_gaze_route_decode_params;
 
 int foveal_gaze_route_decode(const foveal_gaze_route_decode_params *p, foveal_stream_t stream);
+
+/* The shared memory foveal_gaze_route_decode's kernel needs for these
+ * parameters (only the sizes, dtype and group are read) on the current
+ * device; 0, FOVEAL_ERR_UNSUPPORTED (no kernel for them) or a cudaError_t. */
+int foveal_gaze_route_decode_shared_memory(const foveal_gaze_route_decode_params *p, foveal_shared_memory *out);
 
 /* --------------------------------------------------------------- cross_attention */
 
@@ -459,6 +478,44 @@ typedef struct foveal_token_pack_params {
 } foveal_token_pack_params;
 
 int foveal_token_pack(const foveal_token_pack_params *p, foveal_stream_t stream);
+/* ----------------------------------------------------------------- glance_fusion */
+
+/* Most layers fused by one call, and the largest width dt. */
+#define FOVEAL_GLANCE_MAX_LAYERS 8
+#define FOVEAL_GLANCE_MAX_DIM 4096
+
+typedef struct foveal_glance_fusion_params {
+  /* vq [S, B, N, dt]: the S layers' visual tokens, any layer / row / token
+   * strides (dt contiguous). */
+  const void *vq;
+  int64_t vq_stride_s, vq_stride_b, vq_stride_n;
+  /* e [S, B, M, dt]: the instruction embedding of each layer. */
+  const void *e;
+  int64_t e_stride_s, e_stride_b, e_stride_m;
+  /* Valid tokens n_len[b] <= N and instruction tokens 1 <= m_len[b] <= M. */
+  const int32_t *n_len;
+  const int32_t *m_len;
+  /* out [B, N, dt] in the input type; weights [B, N, S] float, or NULL.
+   * Rows n >= n_len[b] are written as 0. */
+  void *out;
+  int64_t out_stride_b, out_stride_n;
+  float *weights;
+  int64_t weights_stride_b, weights_stride_n;
+  /* Workspace: e_mean [S, B, ceil(dt / v) * v] float (v = 16 / element
+   * bytes), the mean instruction vectors. */
+  float *e_mean;
+  int32_t layers, batch, tokens, instr, dim;
+  /* Blocks that share one row's tokens. */
+  int32_t tiles;
+  /* 1: vq, e and out start on 16-byte boundaries and their strides and dt
+   * are multiples of 16 bytes (16-byte accesses); 0: element accesses. */
+  int32_t vec16;
+  /* 1 / sqrt(dt). */
+  float scale;
+  foveal_dtype dtype;
+} foveal_glance_fusion_params;
+
+int foveal_glance_fusion(const foveal_glance_fusion_params *p, foveal_stream_t stream);
 
 #ifdef __cplusplus
 }

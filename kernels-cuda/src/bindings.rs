@@ -4,6 +4,7 @@
 // Regenerate: FOVEAL_BLESS_BINDINGS=1 cargo test -p foveal-sys --test bindings_drift
 
 pub const FOVEAL_ERR_UNSUPPORTED: i32 = -1;
+pub const FOVEAL_ERR_SHARED_MEMORY: i32 = -2;
 pub const FOVEAL_GLIMPSE_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_GLIMPSE_MAX_GROUP: u32 = 8;
 pub const FOVEAL_GATHER_MAX_PLANES: u32 = 128;
@@ -23,6 +24,8 @@ pub const FOVEAL_CROSS_ATTN_DECODE_ROWS: u32 = 16;
 pub const FOVEAL_CROSS_ATTN_PREFILL_ROWS: u32 = 128;
 pub const FOVEAL_CROSS_ATTN_PREFILL_ROWS_WIDE: u32 = 64;
 pub const FOVEAL_CROSS_ATTN_F32_ROWS: u32 = 16;
+pub const FOVEAL_GLANCE_MAX_LAYERS: u32 = 8;
+pub const FOVEAL_GLANCE_MAX_DIM: u32 = 4096;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -41,6 +44,24 @@ impl foveal_dtype {
 #[repr(transparent)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct foveal_dtype(pub ::std::os::raw::c_uint);
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct foveal_shared_memory {
+    pub static_bytes: usize,
+    pub dynamic_bytes: usize,
+    pub limit_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_shared_memory"][::std::mem::size_of::<foveal_shared_memory>() - 24usize];
+    ["Alignment of foveal_shared_memory"][::std::mem::align_of::<foveal_shared_memory>() - 8usize];
+    ["Offset of field: foveal_shared_memory::static_bytes"]
+        [::std::mem::offset_of!(foveal_shared_memory, static_bytes) - 0usize];
+    ["Offset of field: foveal_shared_memory::dynamic_bytes"]
+        [::std::mem::offset_of!(foveal_shared_memory, dynamic_bytes) - 8usize];
+    ["Offset of field: foveal_shared_memory::limit_bytes"]
+        [::std::mem::offset_of!(foveal_shared_memory, limit_bytes) - 16usize];
+};
 unsafe extern "C" {
     pub fn foveal_status_string(status: ::std::os::raw::c_int) -> *const ::std::os::raw::c_char;
 }
@@ -175,7 +196,7 @@ pub struct foveal_select_keep_params {
     pub batch: i32,
     pub nv_max: i32,
     pub threshold_logit: f64,
-    pub max_ratio: f32,
+    pub max_ratio: f64,
     pub has_max_ratio: i32,
     pub min_keep: i32,
 }
@@ -206,9 +227,9 @@ const _: () = {
     ["Offset of field: foveal_select_keep_params::max_ratio"]
         [::std::mem::offset_of!(foveal_select_keep_params, max_ratio) - 64usize];
     ["Offset of field: foveal_select_keep_params::has_max_ratio"]
-        [::std::mem::offset_of!(foveal_select_keep_params, has_max_ratio) - 68usize];
+        [::std::mem::offset_of!(foveal_select_keep_params, has_max_ratio) - 72usize];
     ["Offset of field: foveal_select_keep_params::min_keep"]
-        [::std::mem::offset_of!(foveal_select_keep_params, min_keep) - 72usize];
+        [::std::mem::offset_of!(foveal_select_keep_params, min_keep) - 76usize];
 };
 impl Default for foveal_select_keep_params {
     fn default() -> Self {
@@ -1030,6 +1051,12 @@ unsafe extern "C" {
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+unsafe extern "C" {
+    pub fn foveal_gaze_route_decode_shared_memory(
+        p: *const foveal_gaze_route_decode_params,
+        out: *mut foveal_shared_memory,
+    ) -> ::std::os::raw::c_int;
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct foveal_cross_attention_params {
@@ -1294,6 +1321,110 @@ impl Default for foveal_token_pack_params {
 unsafe extern "C" {
     pub fn foveal_token_pack(
         p: *const foveal_token_pack_params,
+        stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct foveal_glance_fusion_params {
+    pub vq: *const ::std::os::raw::c_void,
+    pub vq_stride_s: i64,
+    pub vq_stride_b: i64,
+    pub vq_stride_n: i64,
+    pub e: *const ::std::os::raw::c_void,
+    pub e_stride_s: i64,
+    pub e_stride_b: i64,
+    pub e_stride_m: i64,
+    pub n_len: *const i32,
+    pub m_len: *const i32,
+    pub out: *mut ::std::os::raw::c_void,
+    pub out_stride_b: i64,
+    pub out_stride_n: i64,
+    pub weights: *mut f32,
+    pub weights_stride_b: i64,
+    pub weights_stride_n: i64,
+    pub e_mean: *mut f32,
+    pub layers: i32,
+    pub batch: i32,
+    pub tokens: i32,
+    pub instr: i32,
+    pub dim: i32,
+    pub tiles: i32,
+    pub vec16: i32,
+    pub scale: f32,
+    pub dtype: foveal_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of foveal_glance_fusion_params"]
+        [::std::mem::size_of::<foveal_glance_fusion_params>() - 176usize];
+    ["Alignment of foveal_glance_fusion_params"]
+        [::std::mem::align_of::<foveal_glance_fusion_params>() - 8usize];
+    ["Offset of field: foveal_glance_fusion_params::vq"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, vq) - 0usize];
+    ["Offset of field: foveal_glance_fusion_params::vq_stride_s"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, vq_stride_s) - 8usize];
+    ["Offset of field: foveal_glance_fusion_params::vq_stride_b"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, vq_stride_b) - 16usize];
+    ["Offset of field: foveal_glance_fusion_params::vq_stride_n"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, vq_stride_n) - 24usize];
+    ["Offset of field: foveal_glance_fusion_params::e"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, e) - 32usize];
+    ["Offset of field: foveal_glance_fusion_params::e_stride_s"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, e_stride_s) - 40usize];
+    ["Offset of field: foveal_glance_fusion_params::e_stride_b"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, e_stride_b) - 48usize];
+    ["Offset of field: foveal_glance_fusion_params::e_stride_m"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, e_stride_m) - 56usize];
+    ["Offset of field: foveal_glance_fusion_params::n_len"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, n_len) - 64usize];
+    ["Offset of field: foveal_glance_fusion_params::m_len"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, m_len) - 72usize];
+    ["Offset of field: foveal_glance_fusion_params::out"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, out) - 80usize];
+    ["Offset of field: foveal_glance_fusion_params::out_stride_b"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, out_stride_b) - 88usize];
+    ["Offset of field: foveal_glance_fusion_params::out_stride_n"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, out_stride_n) - 96usize];
+    ["Offset of field: foveal_glance_fusion_params::weights"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, weights) - 104usize];
+    ["Offset of field: foveal_glance_fusion_params::weights_stride_b"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, weights_stride_b) - 112usize];
+    ["Offset of field: foveal_glance_fusion_params::weights_stride_n"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, weights_stride_n) - 120usize];
+    ["Offset of field: foveal_glance_fusion_params::e_mean"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, e_mean) - 128usize];
+    ["Offset of field: foveal_glance_fusion_params::layers"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, layers) - 136usize];
+    ["Offset of field: foveal_glance_fusion_params::batch"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, batch) - 140usize];
+    ["Offset of field: foveal_glance_fusion_params::tokens"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, tokens) - 144usize];
+    ["Offset of field: foveal_glance_fusion_params::instr"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, instr) - 148usize];
+    ["Offset of field: foveal_glance_fusion_params::dim"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, dim) - 152usize];
+    ["Offset of field: foveal_glance_fusion_params::tiles"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, tiles) - 156usize];
+    ["Offset of field: foveal_glance_fusion_params::vec16"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, vec16) - 160usize];
+    ["Offset of field: foveal_glance_fusion_params::scale"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, scale) - 164usize];
+    ["Offset of field: foveal_glance_fusion_params::dtype"]
+        [::std::mem::offset_of!(foveal_glance_fusion_params, dtype) - 168usize];
+};
+impl Default for foveal_glance_fusion_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn foveal_glance_fusion(
+        p: *const foveal_glance_fusion_params,
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }

@@ -82,18 +82,62 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
-// Merges n partial softmax statistics (running max m[i * stride], sum of
-// exponentials l[i * stride] relative to it) in index order; a partial whose
-// max is -inf is empty. The fixed order makes the result deterministic.
+// ---------------------------------------------------------------------------
+// Online softmax: the one place where the rules of a running max and sum
+// live (glimpse_scores, text_guided_select, gaze_attend.cuh and every merge
+// of partial states use these).
+//
+// A softmax over scores s_i (natural-log units: scale * q.k) is carried as a
+// state (m, l): m the largest score seen, l = sum_i exp(s_i - m). States of
+// disjoint sets merge; the set's log-sum-exp is m + ln l. The guards, written
+// only here, give what the two-pass CPU references give (m = max, then the
+// sum of exp(s - m)), as PyTorch's softmax does:
+//  - -inf: a -inf score weighs 0, also while m is still -inf (where s - m
+//    would be -inf - -inf = NaN). A state that has seen nothing, or only
+//    -inf, is empty: (m, l) = (-inf, 0); rescaling or merging it adds 0.
+//  - +inf: a +inf score makes l NaN (inf - inf), as in the references:
+//    never a silent finite result.
+//  - NaN: fmaxf leaves m alone, the score's weight is NaN, so l becomes NaN
+//    (and stays so through every rescale and merge: NaN x 0 is NaN), as in
+//    the references.
+// exp(s - m) is exp2f((s - m) * log2 e): the difference is formed first, in
+// f32 as the references form it, so large logits lose nothing to a score
+// scaled by log2 e beforehand. Scalar and stateless: tile-level code can
+// apply it per element.
+// ---------------------------------------------------------------------------
+
+// exp(s - m) for a score s and a running max m >= s (or the weight of an
+// old max m_old against a new one, to rescale a state): 0 when s is -inf.
+__device__ __forceinline__ float softmax_weight(float s, float m) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  return s == -CUDART_INF_F ? 0.0f : exp2f((s - m) * kLog2e);
+}
+
+// Adds one score s to the state (m, l).
+__device__ __forceinline__ void softmax_add(float& m, float& l, float s) {
+  const float m_new = fmaxf(m, s);
+  l = l * softmax_weight(m, m_new) + softmax_weight(s, m_new);
+  m = m_new;
+}
+
+// The log-sum-exp of a state: m + ln l; -inf for an empty state.
+__device__ __forceinline__ float softmax_lse(float m, float l) { return m + logf(l); }
+
+// The log-probability of a score s in a set of state (m, l), given ln l:
+// (s - m) - ln l. Never s - (m + ln l): m + ln l is rounded at the size of
+// the logits (an f32 ulp is 0.0625 at 1e6, probabilities off by 3%), while
+// s - m is exact near the max and ln l is small.
+__device__ __forceinline__ float softmax_log_prob(float s, float m, float ln_l) { return (s - m) - ln_l; }
+
+// Merges n partial states (m[i * stride], l[i * stride]) in index order:
+// the max of the maxima, then each sum rescaled to it. The fixed order makes
+// the result deterministic.
 __device__ __forceinline__ void merge_max_sum(const float* m, const float* l, int n, int64_t stride, float& m_out,
                                               float& l_out) {
   float mm = -CUDART_INF_F;
   for (int i = 0; i < n; ++i) mm = fmaxf(mm, m[i * stride]);
   float ll = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    const float mi = m[i * stride];
-    if (mi != -CUDART_INF_F) ll += l[i * stride] * expf(mi - mm);
-  }
+  for (int i = 0; i < n; ++i) ll += l[i * stride] * softmax_weight(m[i * stride], mm);
   m_out = mm;
   l_out = ll;
 }
@@ -103,6 +147,51 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return a / b + (a % b
 
 // Status of the launches just enqueued (no synchronisation).
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+// The shared memory of a launch of `kernel` with `dynamic` bytes of dynamic
+// shared memory on the current device (foveal_shared_memory): the static
+// part from the compiled kernel, never hard-coded.
+template <typename Kernel>
+int shared_memory_of(Kernel kernel, size_t dynamic, foveal_shared_memory& out) {
+  cudaFuncAttributes attr;
+  int device = 0;
+  int optin = 0;
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e == cudaSuccess) e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  out.static_bytes = attr.sharedSizeBytes;
+  out.dynamic_bytes = dynamic;
+  out.limit_bytes = static_cast<size_t>(optin);
+  return 0;
+}
+
+// Shared memory per block any kernel may use without opting in: 48 KiB,
+// static plus dynamic.
+constexpr size_t kDefaultSharedMemory = 48 * 1024;
+
+// Makes a launch of `kernel` with `dynamic` bytes of dynamic shared memory
+// valid, on the host, before it is enqueued: FOVEAL_ERR_SHARED_MEMORY when
+// static plus dynamic passes the device's opt-in limit; otherwise, when
+// static plus dynamic passes 48 KiB, opts the kernel in
+// (cudaFuncSetAttribute) to all the dynamic shared memory the device allows
+// it: always the same value, so that host threads launching it with other
+// sizes never lower each other's bound. No synchronisation; allowed during
+// graph capture.
+template <typename Kernel>
+int prepare_shared_memory(Kernel kernel, size_t dynamic) {
+  foveal_shared_memory sm;
+  const int status = shared_memory_of(kernel, dynamic, sm);
+  if (status != 0) return status;
+  const size_t total = sm.static_bytes + sm.dynamic_bytes;
+  if (total > sm.limit_bytes) return FOVEAL_ERR_SHARED_MEMORY;
+  if (total > kDefaultSharedMemory) {
+    const int most = static_cast<int>(sm.limit_bytes - sm.static_bytes);
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+    if (e != cudaSuccess) return static_cast<int>(e);
+  }
+  return 0;
+}
 
 }  // namespace foveal
 

@@ -20,8 +20,6 @@ constexpr int kWideState = 32;
 constexpr int kWideState = 1 << 30;
 #endif
 constexpr int kVisibleFlag = 1 << 8;  // segment mask bit: a visible range (id = its first position)
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Query heads of one unit, and where they start.
 struct Unit {
@@ -126,7 +124,6 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
 #pragma unroll
     for (int e = 0; e < kSlice; ++e) acc[g][e] = 0.f;
   }
-  const float scale_log2 = p.scale * kLog2e;
 
   // The loop bound is uniform across the block, so every lane of a warp
   // reaches the shuffles; slots past the slice load zeros and count for no head.
@@ -159,7 +156,7 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
       }
     }
 
-    // Scores in log2 units: scale * log2(e) * q . k.
+    // Scores: scale * q . k.
     float score[kUnroll][kHeadsPerThread];
 #pragma unroll
     for (int s = 0; s < kUnroll; ++s) {
@@ -174,12 +171,13 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
 #pragma unroll
           for (int e = 0; e < kVec; ++e) dot = fmaf(q[g][c][e], kf[c][e], dot);
         }
-        score[s][g] = group_sum<kLanes>(dot) * scale_log2;
+        score[s][g] = group_sum<kLanes>(dot) * p.scale;
       }
     }
 
-    // Online softmax per head over the slots whose token it attends: the
-    // running state is rescaled once per step, `score` becomes the weights.
+    // Online softmax per head over the slots whose token it attends
+    // (common.cuh's rules): the running state is rescaled once per step to
+    // the step's max, `score` becomes the weights.
 #pragma unroll
     for (int g = 0; g < kHeadsPerThread; ++g) {
       float m_new = m[g];
@@ -187,13 +185,11 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
       for (int s = 0; s < kUnroll; ++s) {
         if ((heads[s] >> (g0 + g)) & 1) m_new = fmaxf(m_new, score[s][g]);
       }
-      // While head g has attended nothing, m_new is -inf: weights 0, no rescale.
-      const bool any = m_new != -CUDART_INF_F;
-      const float alpha = any ? exp2f(m[g] - m_new) : 1.f;  // 0 while m[g] is -inf
+      const float alpha = softmax_weight(m[g], m_new);  // 0 while m[g] is -inf
       float sum = 0.f;
 #pragma unroll
       for (int s = 0; s < kUnroll; ++s) {
-        score[s][g] = any && ((heads[s] >> (g0 + g)) & 1) ? exp2f(score[s][g] - m_new) : 0.f;
+        score[s][g] = ((heads[s] >> (g0 + g)) & 1) ? softmax_weight(score[s][g], m_new) : 0.f;
         sum += score[s][g];
       }
       l[g] = l[g] * alpha + sum;
@@ -213,8 +209,14 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
       }
 #pragma unroll
       for (int g = 0; g < kHeadsPerThread; ++g) {
+        // Select, never multiply by a zero weight: a head that does not
+        // attend the slot's token leaves its accumulator as it is, so an inf
+        // or NaN in a value row that another head of the unit attends cannot
+        // reach it (0 x inf is NaN).
+        if ((heads[s] >> (g0 + g)) & 1) {
 #pragma unroll
-        for (int e = 0; e < kSlice; ++e) acc[g][e] = fmaf(score[s][g], vf[e], acc[g][e]);
+          for (int e = 0; e < kSlice; ++e) acc[g][e] = fmaf(score[s][g], vf[e], acc[g][e]);
+        }
       }
     }
   }
@@ -246,14 +248,10 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
     for (int kg = 0; kg < kKeyGroups; ++kg) mm = fmaxf(mm, sm_m[kg][g]);
     float ll = 0.f;
     float oo = 0.f;
-    if (mm != -CUDART_INF_F) {
-      for (int kg = 0; kg < kKeyGroups; ++kg) {
-        const float mk = sm_m[kg][g];
-        if (mk == -CUDART_INF_F) continue;
-        const float w = exp2f(mk - mm);
-        ll += sm_l[kg][g] * w;
-        oo += sm_acc[kg][g][d] * w;
-      }
+    for (int kg = 0; kg < kKeyGroups; ++kg) {
+      const float w = softmax_weight(sm_m[kg][g], mm);  // 0 for an empty group
+      ll += sm_l[kg][g] * w;
+      oo += sm_acc[kg][g][d] * w;
     }
     const int64_t part = (static_cast<int64_t>(b) * p.q_heads + u.h0 + g) * p.num_splits + split;
     p.partial_o[part * p.head_dim + d] = oo;
@@ -264,6 +262,42 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
   }
 }
 
+// The merge of one query head's split partials, by log-sum-exp in split
+// order (gaze_decode's merge kernel; gaze_route_decode's last block of a
+// unit): o = sum_s o_s w_s / L with w_s = exp(m_s - M), L = sum_s l_s w_s,
+// M = max_s m_s (common.cuh's rules); lse = M + ln L. A head that attended
+// nothing (L = 0) gets o = 0 and lse = -inf. Threads 0..31 form the weights
+// (lane-strided max and sum, a fixed shuffle tree: deterministic) in
+// `weight` [num_splits] (shared memory), then every thread of the block
+// writes its share of o. The partials are read with __ldcg (they may come
+// from other blocks of the same launch). Every thread must call it.
+template <typename T, int kThreads>
+__device__ void merge_splits(const foveal_gaze_decode_params& p, int b, int h, float* weight, float* sh_lse) {
+  const int64_t first = (static_cast<int64_t>(b) * p.q_heads + h) * p.num_splits;
+  const float* ml = p.partial_ml + first * 2;
+  if (threadIdx.x < 32) {
+    float mm = -CUDART_INF_F;
+    for (int s = threadIdx.x; s < p.num_splits; s += 32) mm = fmaxf(mm, __ldcg(ml + 2 * s));
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    float ll = 0.f;
+    for (int s = threadIdx.x; s < p.num_splits; s += 32) ll += __ldcg(ml + 2 * s + 1) * softmax_weight(__ldcg(ml + 2 * s), mm);
+    ll = group_sum<32>(ll);
+    for (int s = threadIdx.x; s < p.num_splits; s += 32) {
+      weight[s] = ll == 0.f ? 0.f : softmax_weight(__ldcg(ml + 2 * s), mm) / ll;
+    }
+    if (threadIdx.x == 0) *sh_lse = softmax_lse(mm, ll);
+  }
+  __syncthreads();
+  const float* po = p.partial_o + first * p.head_dim;
+  T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  for (int d = threadIdx.x; d < p.head_dim; d += kThreads) {
+    float acc = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) acc = fmaf(weight[s], __ldcg(po + static_cast<int64_t>(s) * p.head_dim + d), acc);
+    o[d] = from_float<T>(acc);
+  }
+  if (p.lse != nullptr && threadIdx.x == 0) p.lse[b * p.lse_stride_b + h * p.lse_stride_h] = *sh_lse;
+}
 
 }  // namespace
 }  // namespace foveal

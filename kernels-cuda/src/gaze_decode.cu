@@ -18,7 +18,7 @@
 //     group reads one token's key and value with 16-byte loads, ONCE for all
 //     the unit's heads (their queries sit in registers); a head whose mask
 //     bit is clear skips the token, so each head's softmax is over exactly
-//     its own set. Online softmax in log2 units with f32 accumulators, a few
+//     its own set. Online softmax (common.cuh) with f32 accumulators, a few
 //     tokens per step; the lane groups' states merge in shared memory (fixed
 //     order) into the block's partial (max, sum, unnormalised output).
 //  3. merge, one block per (row, query head): combines the splits' partials by
@@ -104,43 +104,13 @@ __global__ void __launch_bounds__(kAttendThreads, 2) gaze_attend_kernel(const fo
   gaze_attend_slice<T, kHeadDimMax, kGroupMax>(p, split, unit, b, segs, n_segs, total);
 }
 
-// One block per (query head, row): o = sum_s o_s 2^(m_s - M) / L with
-// L = sum_s l_s 2^(m_s - M), M = max_s m_s, in split order.
+// One block per (query head, row): the splits' partials merged by
+// log-sum-exp in split order (merge_splits).
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) gaze_merge_kernel(const foveal_gaze_decode_params p) {
   extern __shared__ float weight[];  // [num_splits]
   __shared__ float sm_lse;
-  const int h = blockIdx.x;
-  const int b = blockIdx.y;
-  const int64_t first = (static_cast<int64_t>(b) * p.q_heads + h) * p.num_splits;
-  const float* ml = p.partial_ml + first * 2;
-  if (threadIdx.x < 32) {
-    // Lane-strided max and sum, then a fixed shuffle tree: deterministic.
-    float mm = -CUDART_INF_F;
-    for (int s = threadIdx.x; s < p.num_splits; s += 32) mm = fmaxf(mm, ml[2 * s]);
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-    float ll = 0.f;
-    if (mm != -CUDART_INF_F) {
-      for (int s = threadIdx.x; s < p.num_splits; s += 32) {
-        if (ml[2 * s] != -CUDART_INF_F) ll += ml[2 * s + 1] * exp2f(ml[2 * s] - mm);
-      }
-    }
-    ll = group_sum<32>(ll);
-    for (int s = threadIdx.x; s < p.num_splits; s += 32) {
-      weight[s] = (mm == -CUDART_INF_F || ml[2 * s] == -CUDART_INF_F) ? 0.f : exp2f(ml[2 * s] - mm) / ll;
-    }
-    if (threadIdx.x == 0) sm_lse = mm == -CUDART_INF_F ? -CUDART_INF_F : (mm + log2f(ll)) * kLn2;
-  }
-  __syncthreads();
-  const float* po = p.partial_o + first * p.head_dim;
-  T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-  for (int d = threadIdx.x; d < p.head_dim; d += kMergeThreads) {
-    float acc = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) acc = fmaf(weight[s], po[static_cast<int64_t>(s) * p.head_dim + d], acc);
-    o[d] = from_float<T>(acc);
-  }
-  if (p.lse != nullptr && threadIdx.x == 0) p.lse[b * p.lse_stride_b + h * p.lse_stride_h] = sm_lse;
+  merge_splits<T, kMergeThreads>(p, blockIdx.y, blockIdx.x, weight, &sm_lse);
 }
 
 template <typename T, int kHeadDimMax, int kGroupMax>
@@ -167,11 +137,15 @@ int launch_gaze_decode(const foveal_gaze_decode_params& p, cudaStream_t stream) 
   }
   const int units = p.kv_heads * ceil_div(p.q_heads / p.kv_heads, FOVEAL_GAZE_MAX_GROUP);
   const size_t plan_smem = static_cast<size_t>(ceil_div(p.max_regions, 4)) * sizeof(uint32_t);
+  const size_t merge_smem = static_cast<size_t>(p.num_splits) * sizeof(float);
+  // Both launches with dynamic shared memory checked before anything is enqueued.
+  int status = prepare_shared_memory(gaze_plan_kernel, plan_smem);
+  if (status == 0) status = prepare_shared_memory(gaze_merge_kernel<T>, merge_smem);
+  if (status != 0) return status;
   gaze_plan_kernel<<<dim3(units, p.batch), kPlanThreads, plan_smem, stream>>>(p);
   if (p.head_dim <= 64) launch_attend_for_group<T, 64>(p, units, stream);
   else if (p.head_dim <= 128) launch_attend_for_group<T, 128>(p, units, stream);
   else launch_attend_for_group<T, 256>(p, units, stream);
-  const size_t merge_smem = static_cast<size_t>(p.num_splits) * sizeof(float);
   gaze_merge_kernel<T><<<dim3(p.q_heads, p.batch), kMergeThreads, merge_smem, stream>>>(p);
   return launch_status();
 }

@@ -34,7 +34,6 @@ namespace {
 
 constexpr int kThreads = kAttendThreads;
 constexpr int kMaxSplits = FOVEAL_GAZE_ROUTE_MAX_SPLITS;
-constexpr float kLn2Fused = 0.6931471805599453f;
 
 template <typename T, int kHeadDimMax, int kGroupMax>
 __global__ void __launch_bounds__(kThreads) gaze_route_decode_kernel(const foveal_gaze_route_decode_params P) {
@@ -163,90 +162,71 @@ __global__ void __launch_bounds__(kThreads) gaze_route_decode_kernel(const fovea
   if (!sh_last) return;
   __threadfence();
   for (int g = 0; g < u.heads; ++g) {
-    const int h = u.h0 + g;
-    const int64_t first = (static_cast<int64_t>(b) * p.q_heads + h) * p.num_splits;
-    const float* ml = p.partial_ml + first * 2;
-    if (threadIdx.x < 32) {
-      // gaze_decode's merge: lane-strided max and sum, a fixed shuffle tree.
-      float mm = -CUDART_INF_F;
-      for (int s = threadIdx.x; s < p.num_splits; s += 32) mm = fmaxf(mm, __ldcg(ml + 2 * s));
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-      float ll = 0.f;
-      if (mm != -CUDART_INF_F) {
-        for (int s = threadIdx.x; s < p.num_splits; s += 32) {
-          const float ms = __ldcg(ml + 2 * s);
-          if (ms != -CUDART_INF_F) ll += __ldcg(ml + 2 * s + 1) * exp2f(ms - mm);
-        }
-      }
-      ll = group_sum<32>(ll);
-      for (int s = threadIdx.x; s < p.num_splits; s += 32) {
-        const float ms = __ldcg(ml + 2 * s);
-        weight[s] = (mm == -CUDART_INF_F || ms == -CUDART_INF_F) ? 0.f : exp2f(ms - mm) / ll;
-      }
-      if (threadIdx.x == 0) sh_lse = mm == -CUDART_INF_F ? -CUDART_INF_F : (mm + log2f(ll)) * kLn2Fused;
-    }
-    __syncthreads();
-    const float* po = p.partial_o + first * p.head_dim;
-    T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-    for (int d = threadIdx.x; d < p.head_dim; d += kThreads) {
-      float acc = 0.f;
-      for (int s = 0; s < p.num_splits; ++s) acc = fmaf(weight[s], __ldcg(po + static_cast<int64_t>(s) * p.head_dim + d), acc);
-      o[d] = from_float<T>(acc);
-    }
-    if (p.lse != nullptr && threadIdx.x == 0) p.lse[b * p.lse_stride_b + h * p.lse_stride_h] = sh_lse;
+    merge_splits<T, kThreads>(p, b, u.h0 + g, weight, &sh_lse);
     __syncthreads();  // `weight` and `sh_lse` are reused
   }
   if (threadIdx.x == 0) *ticket = 0;  // ready for the next launch (graph replays)
 }
 
-template <typename T, int kHeadDimMax, int kGroupMax>
-int launch(const foveal_gaze_route_decode_params& P, int units, size_t smem, cudaStream_t stream) {
-  auto kernel = gaze_route_decode_kernel<T, kHeadDimMax, kGroupMax>;
-  if (smem > 48 * 1024) {
-    cudaFuncAttributes attr;
-    int device = 0, optin = 0;
-    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-      return launch_status();
-    }
-    if (smem + attr.sharedSizeBytes > static_cast<size_t>(optin)) return FOVEAL_ERR_UNSUPPORTED;
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
-  const dim3 grid(P.decode.num_splits, units, P.decode.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(P);
-  return launch_status();
-}
+using Kernel = void (*)(const foveal_gaze_route_decode_params);
 
 template <typename T, int kHeadDimMax>
-int launch_for_group(const foveal_gaze_route_decode_params& P, int units, size_t smem, cudaStream_t stream) {
-  const int group = P.decode.q_heads / P.decode.kv_heads;
-  if (group <= 1) return launch<T, kHeadDimMax, 1>(P, units, smem, stream);
-  if (group <= 2) return launch<T, kHeadDimMax, 2>(P, units, smem, stream);
-  if (group <= 4) return launch<T, kHeadDimMax, 4>(P, units, smem, stream);
-  return launch<T, kHeadDimMax, FOVEAL_GAZE_MAX_GROUP>(P, units, smem, stream);
+Kernel instance_for_group(int group) {
+  if (group <= 1) return gaze_route_decode_kernel<T, kHeadDimMax, 1>;
+  if (group <= 2) return gaze_route_decode_kernel<T, kHeadDimMax, 2>;
+  if (group <= 4) return gaze_route_decode_kernel<T, kHeadDimMax, 4>;
+  return gaze_route_decode_kernel<T, kHeadDimMax, FOVEAL_GAZE_MAX_GROUP>;
 }
 
+// The kernel instance for the call's head dim and group, or nullptr when
+// none serves it.
 template <typename T>
-int launch_gaze_route_decode(const foveal_gaze_route_decode_params& P, cudaStream_t stream) {
+Kernel instance(const foveal_gaze_route_decode_params& P) {
   const foveal_gaze_decode_params& p = P.decode;
   if (p.head_dim <= 0 || p.head_dim % Vec16<T>::kElems != 0 || p.head_dim % 4 != 0 ||
       p.head_dim > FOVEAL_GAZE_MAX_HEAD_DIM || p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
       p.num_splits <= 0 || p.num_splits > kMaxSplits || p.max_regions < 0 ||
       p.max_regions > FOVEAL_GAZE_ROUTE_MAX_REGIONS || P.top_k <= 0) {
-    return FOVEAL_ERR_UNSUPPORTED;
+    return nullptr;
   }
-  const int units = p.kv_heads * ceil_div(p.q_heads / p.kv_heads, FOVEAL_GAZE_MAX_GROUP);
+  const int group = p.q_heads / p.kv_heads;
+  if (p.head_dim <= 64) return instance_for_group<T, 64>(group);
+  if (p.head_dim <= 128) return instance_for_group<T, 128>(group);
+  return instance_for_group<T, 256>(group);
+}
+
+Kernel instance_of(const foveal_gaze_route_decode_params& P) {
+  switch (P.decode.dtype) {
+    case FOVEAL_F32: return instance<float>(P);
+    case FOVEAL_F16: return instance<__half>(P);
+    case FOVEAL_BF16: return instance<__nv_bfloat16>(P);
+    default: return nullptr;
+  }
+}
+
+// Dynamic shared memory: the keys of the unit's heads [heads][max_regions],
+// then a byte of head bits per region (rounded up to 16 bytes).
+size_t dynamic_smem(const foveal_gaze_route_decode_params& P) {
+  const foveal_gaze_decode_params& p = P.decode;
   const int heads_per_unit = min(p.q_heads / p.kv_heads, FOVEAL_GAZE_MAX_GROUP);
-  const size_t smem = static_cast<size_t>(heads_per_unit) * p.max_regions * sizeof(uint32_t) +
-                      static_cast<size_t>(ceil_div(p.max_regions, 16)) * 16;
+  return static_cast<size_t>(heads_per_unit) * p.max_regions * sizeof(uint32_t) +
+         static_cast<size_t>(ceil_div(p.max_regions, 16)) * 16;
+}
+
+int launch_gaze_route_decode(const foveal_gaze_route_decode_params& P, cudaStream_t stream) {
+  const Kernel kernel = instance_of(P);
+  if (kernel == nullptr) return FOVEAL_ERR_UNSUPPORTED;
+  const size_t smem = dynamic_smem(P);
+  const int status = prepare_shared_memory(kernel, smem);  // before anything is enqueued
+  if (status != 0) return status;
+  const foveal_gaze_decode_params& p = P.decode;
+  const int units = p.kv_heads * ceil_div(p.q_heads / p.kv_heads, FOVEAL_GAZE_MAX_GROUP);
   const cudaError_t e =
       cudaMemsetAsync(P.tickets, 0, static_cast<size_t>(p.batch) * units * sizeof(uint32_t), stream);
   if (e != cudaSuccess) return static_cast<int>(e);
-  if (p.head_dim <= 64) return launch_for_group<T, 64>(P, units, smem, stream);
-  if (p.head_dim <= 128) return launch_for_group<T, 128>(P, units, smem, stream);
-  return launch_for_group<T, 256>(P, units, smem, stream);
+  const dim3 grid(p.num_splits, units, p.batch);
+  kernel<<<grid, kThreads, smem, stream>>>(P);
+  return launch_status();
 }
 
 }  // namespace
@@ -254,6 +234,12 @@ int launch_gaze_route_decode(const foveal_gaze_route_decode_params& P, cudaStrea
 
 extern "C" int foveal_gaze_route_decode(const foveal_gaze_route_decode_params* p, foveal_stream_t stream) {
   if (p->decode.batch == 0 || p->decode.q_heads == 0) return 0;  // nothing to write
-  FOVEAL_DISPATCH_DTYPE(p->decode.dtype, T, return foveal::launch_gaze_route_decode<T>(*p, stream));
-  return 0;
+  return foveal::launch_gaze_route_decode(*p, stream);
+}
+
+extern "C" int foveal_gaze_route_decode_shared_memory(const foveal_gaze_route_decode_params* p,
+                                                      foveal_shared_memory* out) {
+  const foveal::Kernel kernel = foveal::instance_of(*p);
+  if (kernel == nullptr) return FOVEAL_ERR_UNSUPPORTED;
+  return foveal::shared_memory_of(kernel, foveal::dynamic_smem(*p), *out);
 }

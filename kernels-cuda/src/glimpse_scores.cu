@@ -10,11 +10,14 @@
 //     once with 16-byte loads for all the query heads of its GQA group (their
 //     queries sit in registers), writes scale * q.k for the visual keys, and
 //     keeps the running max and sum of exponentials of its slice (online
-//     log-sum-exp; the flash-decoding split of the keys). The softmax modes
+//     log-sum-exp with common.cuh's softmax_add; the flash-decoding split of
+//     the keys). The softmax modes
 //     stream every valid key (the log-sum-exp needs them all); Logits mode
 //     streams the visual keys alone.
 //  3. normalize (LogSoftmax, Softmax only): merges the splits' partials in a
-//     fixed order into the row's log-sum-exp, then rewrites the visual scores.
+//     fixed order into the row's (max m, sum l), then rewrites the visual
+//     scores s as (s - m) - ln l (never s - (m + ln l), which loses the
+//     precision of large logits).
 // The order of every reduction is fixed, so results are bit-identical run to run.
 
 #include "common.cuh"
@@ -147,11 +150,7 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
       if (item[u] >= hi) continue;
       if (need_lse) {
 #pragma unroll
-        for (int g = 0; g < kGroupMax; ++g) {
-          const float m_new = fmaxf(m[g], s[g]);
-          l[g] = l[g] * expf(m[g] - m_new) + expf(s[g] - m_new);
-          m[g] = m_new;
-        }
+        for (int g = 0; g < kGroupMax; ++g) softmax_add(m[g], l[g], s[g]);
       }
       const int vi = need_lse ? pos_to_vis[start + item[u]] : item[u];
       if (vi >= 0) {
@@ -187,7 +186,7 @@ __global__ void __launch_bounds__(kScoreThreads) glimpse_scores_kernel(const fov
 }
 
 __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
-  extern __shared__ float lse[];  // [q_heads]
+  extern __shared__ float stats[];  // [q_heads][2]: the row's max and the ln of its sum of exponentials
   const int b = blockIdx.y;
   for (int h = threadIdx.x; h < p.q_heads; h += blockDim.x) {
     const float* part = p.partial + static_cast<int64_t>(b) * p.num_splits * p.q_heads * 2 + h * 2;
@@ -195,7 +194,8 @@ __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
     float mm;
     float ll;
     merge_max_sum(part, part + 1, p.num_splits, split_stride, mm, ll);
-    lse[h] = mm + logf(ll);
+    stats[2 * h] = mm;
+    stats[2 * h + 1] = logf(ll);
   }
   __syncthreads();
   const int nv = p.nv[b];
@@ -205,7 +205,7 @@ __global__ void glimpse_normalize_kernel(const foveal_glimpse_scores_params p) {
     const int h = t % p.q_heads;
     if (i >= nv) continue;
     float* o = p.out + b * p.out_stride_b + i * p.out_stride_i + h;
-    const float v = *o - lse[h];
+    const float v = softmax_log_prob(*o, stats[2 * h], stats[2 * h + 1]);
     *o = p.mode == FOVEAL_SCORES_SOFTMAX ? expf(v) : v;
   }
 }
@@ -232,15 +232,21 @@ int launch_glimpse_scores(const foveal_glimpse_scores_params& p, cudaStream_t st
       p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || p.num_splits <= 0) {
     return FOVEAL_ERR_UNSUPPORTED;
   }
+  const bool normalize = p.mode != FOVEAL_SCORES_LOGITS;
+  const size_t norm_smem = static_cast<size_t>(p.q_heads) * 2 * sizeof(float);
+  if (normalize) {
+    const int status = prepare_shared_memory(glimpse_normalize_kernel, norm_smem);  // before anything is enqueued
+    if (status != 0) return status;
+  }
   const int n_items = max(p.seq, p.nv_max * p.q_heads);
   const dim3 prep_grid(min(ceil_div(n_items, 256), 1024), p.batch);
   glimpse_prepare_kernel<<<prep_grid, 256, 0, stream>>>(p);
   if (p.head_dim <= 64) launch_scores_for_group<T, 64>(p, stream);
   else if (p.head_dim <= 128) launch_scores_for_group<T, 128>(p, stream);
   else launch_scores_for_group<T, 256>(p, stream);
-  if (p.mode != FOVEAL_SCORES_LOGITS) {
+  if (normalize) {
     const dim3 norm_grid(ceil_div(p.nv_max, kNormRows), p.batch);
-    glimpse_normalize_kernel<<<norm_grid, 256, p.q_heads * sizeof(float), stream>>>(p);
+    glimpse_normalize_kernel<<<norm_grid, 256, norm_smem, stream>>>(p);
   }
   return launch_status();
 }

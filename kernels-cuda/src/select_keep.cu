@@ -43,11 +43,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_keep_kernel(const fovea
   if (threadIdx.x == 0) {
     int n = above;
     if (p.has_max_ratio) {
-      // floor(r * nv), a product within 1e-6 (relative) of an integer counting
-      // as that integer (foveal::select_keep::ratio_cap, same f64 expression).
-      const double x = static_cast<double>(p.max_ratio) * static_cast<double>(nv);
-      const double nearest = round(x);
-      const int cap = static_cast<int>(fabs(x - nearest) <= 1e-6 * x ? nearest : floor(x));
+      // floor(r * nv) of the f64 product, no tolerance (foveal::select_keep::ratio_cap).
+      const int cap = static_cast<int>(floor(p.max_ratio * static_cast<double>(nv)));
       n = min(n, cap);
     }
     n = max(n, min(p.min_keep, nv));

@@ -10,7 +10,9 @@
 //    per group chunk; a warp then a fixed-order block combine give each
 //    (chunk, head, j) its running max and sum of exponentials.
 // 2. lse_combine: per (row, head, text token), the chunks combined in order:
-//    the log-sum-exp over the row's visual tokens (split-K).
+//    the max and the ln of the sum of exponentials over the row's visual
+//    tokens (split-K), kept apart so that a log-probability is formed as
+//    (logit - max) - ln sum, without rounding max + ln sum at the logits' size.
 // 3. scores_partial: the same blocks recompute the logits and accumulate, per
 //    visual token, sum_j exp(max_h (logit - lse)) over their text split.
 // 4. select: one block per row sums the splits in order, divides by t_len
@@ -121,7 +123,7 @@ __global__ void __launch_bounds__(kKeys) lse_partial_kernel(const foveal_text_gu
           if (g < gc) {
             const float x = valid ? acc[g] * p.scale : -CUDART_INF_F;
             const float m = warp_max(x);
-            const float l = group_sum<32>(m == -CUDART_INF_F ? 0.0f : expf(x - m));
+            const float l = group_sum<32>(softmax_weight(x, m));
             if (lane == 0) {
               red_m[warp][g] = m;
               red_l[warp][g] = l;
@@ -158,13 +160,14 @@ __global__ void __launch_bounds__(kCombineThreads) lse_combine_kernel(const fove
   float m;
   float l;
   merge_max_sum(part, part + 1, chunks, chunk_stride, m, l);
-  p.lse[idx] = m == -CUDART_INF_F ? m : m + logf(l);
+  p.lse[2 * idx] = m;
+  p.lse[2 * idx + 1] = logf(l);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kKeys) scores_partial_kernel(const foveal_text_guided_select_params p) {
   __shared__ float q_s[kChunk][kMaxD];
-  __shared__ float lse_s[kChunk];
+  __shared__ float lse_s[kChunk][2];  // per staged head: max, ln of the sum of exponentials
   const int chunk = blockIdx.x;
   const int js = blockIdx.y;
   const int b = blockIdx.z;
@@ -186,14 +189,17 @@ __global__ void __launch_bounds__(kKeys) scores_partial_kernel(const foveal_text
         const int gc = min(kChunk, (hk + 1) * group - h0);
         __syncthreads();
         stage_q<T>(p, b, j, h0, gc, q_s);
-        if (threadIdx.x < gc) lse_s[threadIdx.x] = p.lse[(static_cast<int64_t>(b) * p.q_heads + h0 + threadIdx.x) * p.text + j];
+        if (threadIdx.x < 2 * gc) {
+          const int g = threadIdx.x / 2;
+          lse_s[g][threadIdx.x % 2] = p.lse[((static_cast<int64_t>(b) * p.q_heads + h0 + g) * p.text + j) * 2 + threadIdx.x % 2];
+        }
         __syncthreads();
         if (valid) {
           float acc[kChunk];
           group_dots<T>(k_base + hk * p.k_stride_h, q_s, p.head_dim, gc, acc);
 #pragma unroll
           for (int g = 0; g < kChunk; ++g) {
-            if (g < gc) best = fmaxf(best, acc[g] * p.scale - lse_s[g]);
+            if (g < gc) best = fmaxf(best, softmax_log_prob(acc[g] * p.scale, lse_s[g][0], lse_s[g][1]));
           }
         }
       }

@@ -19,6 +19,7 @@ use crate::error::{ensure, Error, Result};
 use crate::layout::Layout;
 use crate::rows::RowLayout;
 use crate::select_keep::KeepSet;
+use crate::shared_memory::SharedMemory;
 
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(DriverError) -> Error {
     move |e| Error::Cuda {
@@ -459,7 +460,9 @@ pub(crate) fn check_status(op: &'static str, status: i32) -> Result<()> {
     // SAFETY: foveal_status_string returns a static NUL-terminated string for any code.
     let msg = unsafe { std::ffi::CStr::from_ptr(foveal_sys::foveal_status_string(status)) };
     let msg = msg.to_string_lossy().into_owned();
-    if status == foveal_sys::FOVEAL_ERR_UNSUPPORTED {
+    if status == foveal_sys::FOVEAL_ERR_UNSUPPORTED
+        || status == foveal_sys::FOVEAL_ERR_SHARED_MEMORY
+    {
         Err(Error::Unsupported { op, msg })
     } else {
         Err(Error::Cuda {
@@ -479,5 +482,58 @@ pub(crate) fn check_aligned(
     ensure(ptr % bytes == 0, || Error::Unsupported {
         op,
         msg: format!("`{arg}` must start on a {bytes}-byte boundary (address {ptr:#x})"),
+    })
+}
+
+/// Checks that a head dim suits the kernels' 16-byte vector loads: a
+/// multiple of `multiple` elements (the vector's, or more where a kernel also
+/// reads 4 floats at a time) and at most `max`.
+pub(crate) fn check_head_dim(
+    op: &'static str,
+    head_dim: usize,
+    multiple: usize,
+    max: usize,
+) -> Result<()> {
+    ensure(head_dim % multiple == 0 && head_dim <= max, || {
+        Error::Unsupported {
+            op,
+            msg: format!("head dim {head_dim} must be a multiple of {multiple} and at most {max}"),
+        }
+    })
+}
+
+/// Checks that a view's rows can be read with 16-byte loads: every stride
+/// but the last (contiguous) dim's is a multiple of `unit` elements (16
+/// bytes), for the dims of more than one element (a stride a dim of one
+/// never steps over may be anything). The base's alignment is checked with
+/// the pointer ([`check_aligned`]).
+pub(crate) fn check_row_strides<T, const N: usize>(
+    op: &'static str,
+    arg: &'static str,
+    view: &DevView<'_, T, N>,
+    unit: usize,
+) -> Result<()> {
+    let (shape, strides) = (view.shape(), view.layout().strides());
+    let misaligned = (0..N - 1).any(|i| shape[i] > 1 && strides[i] % unit != 0);
+    ensure(!misaligned, || Error::Unsupported {
+        op,
+        msg: format!("the strides of `{arg}` must be multiples of {unit} elements (16 bytes)"),
+    })
+}
+
+/// The shared memory a launch needs, as a launcher's query reports it
+/// (`query` fills the FFI struct and returns its status): the static part
+/// of the compiled kernel, the dynamic part and the current device's opt-in
+/// limit. Make the stream's context current first ([`ffi_stream`]).
+pub(crate) fn shared_memory(
+    op: &'static str,
+    query: impl FnOnce(&mut foveal_sys::foveal_shared_memory) -> i32,
+) -> Result<SharedMemory> {
+    let mut out = foveal_sys::foveal_shared_memory::default();
+    check_status(op, query(&mut out))?;
+    Ok(SharedMemory {
+        static_bytes: out.static_bytes,
+        dynamic_bytes: out.dynamic_bytes,
+        limit: out.limit_bytes,
     })
 }

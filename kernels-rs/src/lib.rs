@@ -26,6 +26,8 @@
 //! many keys: text over visual tokens, or learned queries), [`pos_conv1d`]
 //! (the visual tokens' conditional position embedding), [`token_pack`]
 //! (bilinear resize and space-to-depth at any reduction ratio, VISOR-TR).
+//! Glance2Gaze: [`glance_fusion`] (Glance Fusion: S ViT layers' tokens
+//! weighted per token by their agreement with the instruction, in one pass).
 
 pub mod compact_kv;
 pub mod cross_attention;
@@ -34,6 +36,7 @@ pub mod error;
 pub mod gaze_decode;
 pub mod gaze_layout;
 pub mod gaze_route_decode;
+pub mod glance_fusion;
 pub mod glimpse_scores;
 pub mod layout;
 pub mod multiscale_gather;
@@ -42,6 +45,8 @@ pub mod region_descriptors;
 pub mod route_topk;
 pub mod rows;
 pub mod select_keep;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod shared_memory;
 pub mod text_guided_select;
 pub mod token_pack;
 pub mod window_mean;

@@ -336,26 +336,61 @@ pub fn assert_matches<T: TestElem>(
     slack: f64,
     what: &str,
 ) {
+    assert_matches_tainted(o, lse, want, &[], slack, what);
+}
+
+/// [`assert_matches`] where some heads attend a poisoned row (`taint`,
+/// indexed `[b * Hq + h]`; empty: none does): such a head's `o` must be
+/// non-finite in every element, its `lse` as [`Taint`] says; every other
+/// head must match the oracle as in [`assert_matches`].
+pub fn assert_matches_tainted<T: TestElem>(
+    o: &Tensor<T, 3>,
+    lse: &Tensor<f32, 2>,
+    want: &[Want],
+    taint: &[Taint],
+    slack: f64,
+    what: &str,
+) {
     let hq = o.shape[1];
+    let taint_of = |b: usize, h: usize| taint.get(b * hq + h).copied().unwrap_or(Taint::Clean);
     for [b, h, j] in indices(o.shape) {
         let w = &want[b * hq + h];
         let got = to_f64(o.get([b, h, j]));
+        if taint_of(b, h) != Taint::Clean {
+            assert!(
+                !got.is_finite(),
+                "{what}: o[{b}, {h}, {j}] = {got}: head {h} attends a poisoned row, its output must not be finite"
+            );
+            continue;
+        }
         let bound = w.bound::<T>(j, slack);
         assert!(
             (got - w.o[j]).abs() <= bound,
-            "{what}: o[{b}, {h}, {j}] = {got}, want {} (bound {bound:e})",
-            w.o[j]
+            "{what}: o[{b}, {h}, {j}] = {got}, want {} (bound {bound:e}){}",
+            w.o[j],
+            if taint.is_empty() {
+                ""
+            } else {
+                "; this head attends no poisoned row"
+            }
         );
     }
     for [b, h] in indices(lse.shape) {
         let w = &want[b * hq + h];
         let got = lse.get([b, h]) as f64;
-        let ok = if w.lse.is_infinite() {
+        let ok = if taint_of(b, h) == Taint::Key {
+            !got.is_finite()
+        } else if w.lse.is_infinite() {
             got == w.lse
         } else {
             (got - w.lse).abs() <= w.lse_bound(slack)
         };
-        assert!(ok, "{what}: lse[{b}, {h}] = {got}, want {}", w.lse);
+        assert!(
+            ok,
+            "{what}: lse[{b}, {h}] = {got}, want {} ({:?})",
+            w.lse,
+            taint_of(b, h)
+        );
     }
     for off in o.gap_offsets() {
         assert!(
@@ -368,6 +403,125 @@ pub fn assert_matches<T: TestElem>(
             lse.data[off].to_bits() == f32::POISON.to_bits(),
             "{what}: lse storage offset {off} outside the view was written"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rows some heads of a group attend, poisoned
+// ---------------------------------------------------------------------------
+
+/// Whether a head attends a poisoned row, and which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taint {
+    Clean,
+    /// A value row holding +inf, -inf or NaN (the keys are fine: `lse`
+    /// stays finite, `o` does not).
+    Value,
+    /// A key row of NaN (its score is NaN: `o` and `lse` are not finite).
+    Key,
+}
+
+/// Poisons the value (+inf, -inf or NaN) or, with `keys`, also key (NaN)
+/// rows of up to `per_group` positions of each (row, KV head) that some
+/// heads of the group attend but not all of them (`attended(b, h)`: the
+/// positions head `h` of row `b` attends). Returns each head's [`Taint`],
+/// `[b * Hq + h]`. A kernel that lets a row one head attends reach another
+/// head of its group (0 x inf in a shared accumulation) gives that head a
+/// non-finite output where the oracle's is finite; one that drops a NaN
+/// score gives a finite output where the oracle's is NaN.
+pub fn poison_shared_rows<T: TestElem>(
+    r: &mut StdRng,
+    k: &mut Tensor<T, 4>,
+    v: &mut Tensor<T, 4>,
+    group: usize,
+    per_group: usize,
+    keys: bool,
+    attended: impl Fn(usize, usize) -> Vec<usize>,
+) -> Vec<Taint> {
+    let [batch, seq, hkv, d] = k.shape;
+    let hq = hkv * group;
+    let sets: Vec<Vec<bool>> = (0..batch * hq)
+        .map(|bh| {
+            let mut set = vec![false; seq];
+            attended(bh / hq, bh % hq)
+                .into_iter()
+                .for_each(|p| set[p] = true);
+            set
+        })
+        .collect();
+    let mut taint = vec![Taint::Clean; batch * hq];
+    for b in 0..batch {
+        for kvh in 0..hkv {
+            let heads = kvh * group..(kvh + 1) * group;
+            let partly: Vec<usize> = (0..seq)
+                .filter(|&p| {
+                    let n = heads.clone().filter(|&h| sets[b * hq + h][p]).count();
+                    n > 0 && n < group
+                })
+                .collect();
+            let n = per_group.min(partly.len());
+            for i in rand::seq::index::sample(r, partly.len(), n) {
+                let p = partly[i];
+                let key = keys && r.random_bool(0.3);
+                let bad = if key {
+                    f32::NAN
+                } else {
+                    [f32::INFINITY, f32::NEG_INFINITY, f32::NAN][r.random_range(0..3)]
+                };
+                for j in 0..d {
+                    let t = if key { &mut *k } else { &mut *v };
+                    let o = t.offset([b, p, kvh, j]);
+                    t.data[o] = T::from_f32(bad);
+                }
+                for h in heads.clone().filter(|&h| sets[b * hq + h][p]) {
+                    let t = &mut taint[b * hq + h];
+                    if key {
+                        *t = Taint::Key;
+                    } else if *t == Taint::Clean {
+                        *t = Taint::Value;
+                    }
+                }
+            }
+        }
+    }
+    taint
+}
+
+/// Issue 11's minimal case of a value row one head of a KV group attends: 1
+/// row, 2 query heads on 1 KV head, D 8, a cache of 4; visible {0}, region
+/// 0 = {1}, region 1 = {2}, position 3 unused (NaN); head 0 routes region 0,
+/// head 1 region 1; V[1] all +inf. Head 1's output must be finite, the
+/// attention over {0, 2}; head 0's is +inf.
+pub fn inf_value_case<T: TestElem>() -> Inputs<T> {
+    let mut row = GazeRow::new();
+    row.push_visible(0..1);
+    row.regions = vec![vec![1], vec![2]];
+    let layout = GazeLayout::new(4, &[row]).expect("layout");
+    let routes = Routes::from_ids(&layout, 1, 2, 1, &[0, 1]).expect("routes");
+    let d = 8;
+    let mut r = rng(11);
+    let q = random_tensor(&mut r, [1, 2, d], contiguous_strides([1, 2, d]), -1.0, 1.0);
+    let kv = |r: &mut StdRng, pos_inf: bool| {
+        Tensor::from_fn(
+            [1, 4, 1, d],
+            contiguous_strides([1, 4, 1, d]),
+            T::POISON,
+            |[_, p, _, _]| match p {
+                3 => T::POISON,
+                1 if pos_inf => T::from_f32(f32::INFINITY),
+                _ => T::from_f32(r.random_range(-1.0f32..1.0)),
+            },
+        )
+    };
+    let k = kv(&mut r, false);
+    let v = kv(&mut r, true);
+    Inputs {
+        layout,
+        routes,
+        q,
+        k,
+        v,
+        scale: None,
     }
 }
 
@@ -408,4 +562,84 @@ pub fn all_routes(layout: &GazeLayout, q_heads: usize) -> Routes {
         }
     }
     Routes::from_ids(layout, 1, q_heads, k, &ids).expect("routes")
+}
+
+/// Logits of `1000 b` plus small integers (issue 11, fault 4: 1e3 to 1e6
+/// for b = 1 to 1,000), exact in every element type and in f32: two rows of
+/// 1,500 and 298 visible keys, no region (long enough for several splits),
+/// GQA 3 on 2 KV heads, D 16, scale 1; q rows `[1000, c_h, 0, ...]`, key
+/// rows `[b, e_p, 0, ...]` with `c_h` in 1..=3 and `e_p` in -6..=6, values
+/// uniform in [-1, 1).
+pub fn large_logit_case<T: TestElem>(b: f32) -> Inputs<T> {
+    let mut rows = vec![GazeRow::new(), GazeRow::new()];
+    rows[0].push_visible(0..1500);
+    rows[1].push_visible(2..300);
+    let layout = GazeLayout::new(1500, &rows).expect("layout");
+    let (hkv, g, d) = (2, 3, 16);
+    let hq = hkv * g;
+    let routes = Routes::from_ids(&layout, 1, hq, 1, &vec![-1; 2 * hq]).expect("routes");
+    let mut r = rng(b as u64);
+    let q = Tensor::from_fn(
+        [2, hq, d],
+        contiguous_strides([2, hq, d]),
+        T::POISON,
+        |[_, h, j]| {
+            T::from_f32(match j {
+                0 => 1000.0,
+                1 => (1 + h % 3) as f32,
+                _ => 0.0,
+            })
+        },
+    );
+    let kv_shape = [2, 1500, hkv, d];
+    let k = Tensor::from_fn(
+        kv_shape,
+        contiguous_strides(kv_shape),
+        T::POISON,
+        |[_, _, _, j]| {
+            T::from_f32(match j {
+                0 => b,
+                1 => r.random_range(-6..=6) as f32,
+                _ => 0.0,
+            })
+        },
+    );
+    let v = random_tensor(&mut r, kv_shape, contiguous_strides(kv_shape), -1.0, 1.0);
+    Inputs {
+        layout,
+        routes,
+        q,
+        k,
+        v,
+        scale: Some(1.0),
+    }
+}
+
+/// Asserts `o` and `lse` of [`large_logit_case`] match the oracle with
+/// bounds that do not grow with the logits: the storage type's tolerance
+/// plus 1e-5 for `o` (a weighted mean of values in [-1, 1)), a few f32 ulps
+/// of `lse` (itself about 1e6).
+pub fn assert_large_logits<T: TestElem>(
+    o: &Tensor<T, 3>,
+    lse: &Tensor<f32, 2>,
+    want: &[Want],
+    what: &str,
+) {
+    let hq = o.shape[1];
+    let storage = Tol::for_elem::<T>();
+    for [b, h, j] in indices(o.shape) {
+        let (got, w) = (to_f64(o.get([b, h, j])), want[b * hq + h].o[j]);
+        let bound = storage.abs + storage.rel * w.abs() + 1e-5;
+        assert!(
+            (got - w).abs() <= bound,
+            "{what}: o[{b}, {h}, {j}] = {got}, want {w}"
+        );
+    }
+    for [b, h] in indices(lse.shape) {
+        let (got, w) = (lse.get([b, h]) as f64, want[b * hq + h].lse);
+        assert!(
+            (got - w).abs() <= 3e-7 * w.abs() + 1e-5,
+            "{what}: lse[{b}, {h}] = {got}, want {w}"
+        );
+    }
 }

@@ -60,27 +60,33 @@ impl<T: TestElem> Inputs<T> {
         let mut r = rng(c.seed);
         let (seq, rows) = random_gaze_rows(&mut r, c.batch, c.opts);
         let layout = GazeLayout::new(seq, &rows).expect("valid rows");
+        Self::with_layout(&mut r, c, layout)
+    }
+
+    /// Random tensors, top_k and the routes for a given layout (`c.opts`
+    /// unused).
+    pub fn with_layout(r: &mut StdRng, c: &Case, layout: GazeLayout) -> Self {
         let (hkv, d) = (c.kv_heads, c.head_dim);
         let hq = c.group * hkv;
         let q_shape = [c.batch, hq, d];
         let q_strides = if c.aligned {
             contiguous_strides(q_shape)
         } else {
-            random_strides(&mut r, q_shape)
+            random_strides(r, q_shape)
         };
         let q = Tensor::from_fn(q_shape, q_strides, T::POISON, |_| {
-            value::<T>(&mut r, c.ties, -1, 1)
+            value::<T>(r, c.ties, -1, 1)
         });
         let r_desc = layout.max_regions() + r.random_range(0..2);
         let desc_shape = [c.batch, hkv, r_desc, d];
         let desc_strides = if c.aligned {
             contiguous_strides(desc_shape)
         } else {
-            random_strides(&mut r, desc_shape)
+            random_strides(r, desc_shape)
         };
         let nan_row = c.ties && r.random_bool(0.3);
         let mut desc = Tensor::from_fn(desc_shape, desc_strides, f32::NAN, |_| {
-            value::<f32>(&mut r, c.ties, -2, 2)
+            value::<f32>(r, c.ties, -2, 2)
         });
         if nan_row && layout.max_regions() > 0 {
             let (b, h, reg) = (
@@ -101,14 +107,11 @@ impl<T: TestElem> Inputs<T> {
 
         let kv_shape = [c.batch, layout.seq().max(1), hkv, d];
         let order = if c.aligned {
-            KvOrder::pick_aligned(&mut r)
+            KvOrder::pick_aligned(r)
         } else {
-            KvOrder::pick(&mut r)
+            KvOrder::pick(r)
         };
-        let (k_strides, v_strides) = (
-            order.strides(&mut r, kv_shape),
-            order.strides(&mut r, kv_shape),
-        );
+        let (k_strides, v_strides) = (order.strides(r, kv_shape), order.strides(r, kv_shape));
         let mut k = Tensor::from_fn(kv_shape, k_strides, T::POISON, |_| {
             T::from_f32(r.random_range(-1.0f32..1.0))
         });
@@ -179,4 +182,60 @@ pub fn run_cpu<T: TestElem>(
     )
     .expect("valid call");
     (o, lse, routes)
+}
+
+/// Issue 11's minimal case ([`crate::gaze_decode::inf_value_case`]) for
+/// the fused op: q and descriptors chosen so that route_topk (top_k 1)
+/// routes head 0 to region 0 and head 1 to region 1; V[1] all +inf, which
+/// only head 0 attends.
+pub fn inf_value_case<T: TestElem>() -> Inputs<T> {
+    let base = crate::gaze_decode::inf_value_case::<T>();
+    let d = base.q.shape[2];
+    // head 0 along +e0, head 1 along -e0; region 0's descriptor +e0, region 1's -e0
+    let q = Tensor::from_fn(
+        [1, 2, d],
+        contiguous_strides([1, 2, d]),
+        T::POISON,
+        |[_, h, j]| {
+            let sign = if h == 0 { 1.0 } else { -1.0 };
+            T::from_f32(if j == 0 {
+                sign
+            } else {
+                0.25 * (j as f32 - 3.5) / 4.0
+            })
+        },
+    );
+    let desc = Tensor::from_fn(
+        [1, 1, 2, d],
+        contiguous_strides([1, 1, 2, d]),
+        f32::NAN,
+        |[_, _, r, j]| {
+            if j == 0 {
+                if r == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            } else {
+                0.0
+            }
+        },
+    );
+    let mut routes = Routes::new(&base.layout, 1, 2, 1);
+    route_topk(q4(&q), desc.view(), &base.layout, 1, &mut routes).expect("route_topk");
+    assert_eq!(
+        routes.ids(),
+        &[0, 1],
+        "head 0 routes region 0, head 1 region 1"
+    );
+    Inputs {
+        layout: base.layout,
+        q,
+        k: base.k,
+        v: base.v,
+        desc,
+        top_k: 1,
+        scale: None,
+        routes,
+    }
 }

@@ -6,7 +6,8 @@
 //! - seeded generators (rand 0.9 [`StdRng`]) of ragged row layouts
 //!   ([`random_rows`]), of strided memory orders ([`random_strides`],
 //!   [`KvOrder`]), of elements ([`random_elem`]) and of strided tensors
-//!   ([`Tensor`]); of Gaze Attention layouts ([`gaze_cases`]);
+//!   ([`Tensor`]); of Gaze Attention layouts ([`gaze_cases`]); glance_fusion's
+//!   cases and f64 oracle ([`glance_fusion`]);
 //! - the tolerance of each element type ([`Tol`]);
 //! - [`Poison`]: fill an output with a NaN (or a sentinel for integers)
 //!   first, so that an element the op forgot to write fails the comparison;
@@ -22,6 +23,7 @@ pub mod cross_attention;
 pub mod gaze_cases;
 pub mod gaze_decode;
 pub mod gaze_route_decode;
+pub mod glance_fusion;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 
@@ -552,6 +554,73 @@ macro_rules! oracle_proptests {
     };
 }
 
+/// A random rule, from keep-everything to keep-nothing-but-min_keep: of `n`
+/// equally likely draws, one keeps every token, one only `min_keep` of them
+/// (threshold 1), the others draw a threshold, a ratio and `min_keep`.
+pub fn random_rule(r: &mut StdRng, n: u32) -> KeepRule {
+    match r.random_range(0..n) {
+        0 => KeepRule::keep_all(),
+        1 => KeepRule {
+            threshold: 1.0,
+            max_ratio: None,
+            min_keep: 0,
+        },
+        _ => KeepRule {
+            threshold: r.random_range(0.0f32..=1.0),
+            max_ratio: if r.random_bool(0.5) {
+                Some(r.random_range(0.0f64..=1.0))
+            } else {
+                None
+            },
+            min_keep: r.random_range(0..=3),
+        },
+    }
+}
+
+/// Every glimpse_scores mode.
+pub const SCORE_MODES: [ScoreMode; 3] =
+    [ScoreMode::Logits, ScoreMode::LogSoftmax, ScoreMode::Softmax];
+
+/// Ratios `r` and counts `nv` (1 to 65,536, 65,536 itself included) whose
+/// f64 product `r * nv` lies within 1e-3 of an integer, below it, on it or
+/// above it: the boundary of select_keep's cap `floor(r * nv)`. The SPEC's
+/// examples come first (0.111 x 9,009 = 999.999, 0.333 x 3,003, 0.7 x 10);
+/// then, alternately, three-decimal ratios as a caller writes them (`j /
+/// 1000` with `nv` chosen so that `j * nv` is 1 below, on or 1 above a
+/// multiple of 1,000) and ratios `(k + delta) / nv` with `|delta| <= 1e-3`.
+pub fn ratio_boundary_cases(seed: u64, n: usize) -> Vec<(f64, usize)> {
+    let mut r = rng(seed);
+    let mut out = vec![(0.111, 9009), (0.333, 3003), (0.7, 10)];
+    while out.len() < n {
+        if out.len() % 2 == 0 {
+            // j odd and not a multiple of 5: invertible mod 1000
+            let j = loop {
+                let j: i64 = r.random_range(1..1000);
+                if j % 2 != 0 && j % 5 != 0 {
+                    break j;
+                }
+            };
+            let inv = (1..1000)
+                .find(|&x| j * x % 1000 == 1)
+                .expect("j is invertible");
+            let s = [1000 - inv, 0, inv][r.random_range(0..3)]; // j * s = -1, 0, +1 mod 1000
+            let nv = (1000 * r.random_range(0..=64) + s).clamp(1, 65_536) as usize;
+            out.push((j as f64 / 1000.0, nv));
+        } else {
+            let nv = if r.random_bool(0.1) {
+                65_536
+            } else {
+                (2f64.powf(r.random_range(0.0..16.0)) as usize).max(1)
+            };
+            let k = r.random_range(0..=nv) as f64;
+            let delta = [-1e-3, -1e-7, -1e-12, 0.0, 1e-12, 1e-7, 1e-3][r.random_range(0..7)]
+                * r.random_range(0.5..=1.0);
+            out.push((((k + delta) / nv as f64).clamp(0.0, 1.0), nv));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,30 +723,3 @@ mod tests {
         assert!(f32::POISON.is_nan() && f16::POISON.is_nan() && bf16::POISON.is_nan());
     }
 }
-
-/// A random rule, from keep-everything to keep-nothing-but-min_keep: of `n`
-/// equally likely draws, one keeps every token, one only `min_keep` of them
-/// (threshold 1), the others draw a threshold, a ratio and `min_keep`.
-pub fn random_rule(r: &mut StdRng, n: u32) -> KeepRule {
-    match r.random_range(0..n) {
-        0 => KeepRule::keep_all(),
-        1 => KeepRule {
-            threshold: 1.0,
-            max_ratio: None,
-            min_keep: 0,
-        },
-        _ => KeepRule {
-            threshold: r.random_range(0.0f32..=1.0),
-            max_ratio: if r.random_bool(0.5) {
-                Some(r.random_range(0.0f32..=1.0))
-            } else {
-                None
-            },
-            min_keep: r.random_range(0..=3),
-        },
-    }
-}
-
-/// Every glimpse_scores mode.
-pub const SCORE_MODES: [ScoreMode; 3] =
-    [ScoreMode::Logits, ScoreMode::LogSoftmax, ScoreMode::Softmax];

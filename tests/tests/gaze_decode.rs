@@ -13,7 +13,9 @@
 use foveal::gaze_decode::cpu::gaze_decode;
 use foveal::{Error, GazeLayout, GazeRow, Layout, RegionShape, Routes, View, ViewMut};
 use foveal_tests::gaze_decode::{
-    all_routes, assert_matches, gapless_rows, gaze_oracle, oracle, outputs, Case, Inputs,
+    all_routes, assert_large_logits, assert_matches, assert_matches_tainted, attended,
+    gapless_rows, gaze_oracle, inf_value_case, large_logit_case, oracle, outputs,
+    poison_shared_rows, Case, Inputs, Taint,
 };
 use foveal_tests::{contiguous_strides, random_tensor, rng, Poison, Tensor, TestElem};
 use half::bf16;
@@ -74,6 +76,77 @@ fn check_case<T: TestElem>(c: Case) {
 }
 
 foveal_tests::oracle_proptests!(48, case(), check_case);
+
+/// Issue 11's minimal case: V[1] is +inf and only head 0 attends it; head 1
+/// (same KV head) attends {0, 2} and its output is finite, that attention.
+#[test]
+fn inf_value_attended_by_one_head_of_the_group() {
+    fn check<T: TestElem>() {
+        let inp = inf_value_case::<T>();
+        let want = gaze_oracle(&inp);
+        assert!(
+            want[1].o.iter().all(|x| x.is_finite()),
+            "the oracle of head 1"
+        );
+        let (o, lse) = run_cpu(&inp, &mut rng(1), true);
+        let taint = [Taint::Value, Taint::Clean];
+        assert_matches_tainted(&o, &lse, &want, &taint, 1.0, "minimal case");
+    }
+    check::<f32>();
+    check::<half::f16>();
+    check::<bf16>();
+}
+
+/// Key and value rows that some heads of a KV group attend, not all, hold
+/// inf or NaN: every head that does not attend one matches the oracle.
+#[test]
+fn poisoned_rows_attended_by_some_heads() {
+    let mut r = rng(77);
+    let (mut value, mut key, mut clean) = (0, 0, 0);
+    for n in 0..40u64 {
+        let c = Case {
+            seed: 7_000 + n,
+            batch: 2,
+            kv_heads: 1 + (n as usize % 2),
+            group: [2, 3, 4, 8][n as usize % 4],
+            head_dim: [8, 16, 64][n as usize % 3],
+            scale: None,
+            long: false,
+            aligned: false,
+        };
+        let mut inp = Inputs::<bf16>::new(&c);
+        let (layout, routes) = (&inp.layout, &inp.routes);
+        let taint = poison_shared_rows(&mut r, &mut inp.k, &mut inp.v, c.group, 2, true, |b, h| {
+            attended(layout, routes, b, h)
+        });
+        value += taint.iter().filter(|&&t| t == Taint::Value).count();
+        key += taint.iter().filter(|&&t| t == Taint::Key).count();
+        clean += taint.iter().filter(|&&t| t == Taint::Clean).count();
+        let want = gaze_oracle(&inp);
+        let (o, lse) = run_cpu(&inp, &mut rng(c.seed ^ 1), false);
+        assert_matches_tainted(&o, &lse, &want, &taint, 1.0, &format!("{c:?}"));
+    }
+    assert!(
+        value > 20 && key > 10 && clean > 20,
+        "{value} {key} {clean}"
+    );
+}
+
+/// Logits of 1e3 to 1e6 (issue 11, fault 4): the softmax weights are
+/// formed from `l - m`, so `o` and `lse` keep f32 precision.
+#[test]
+fn large_logits_keep_their_precision() {
+    for b in [1.0, 10.0, 100.0, 1000.0] {
+        let inp = large_logit_case::<f32>(b);
+        let (o, lse) = run_cpu(&inp, &mut rng(1), true);
+        assert_large_logits(
+            &o,
+            &lse,
+            &gaze_oracle(&inp),
+            &format!("logits {}", 1000.0 * b),
+        );
+    }
+}
 
 /// Every head dim the SPEC names at every GQA width up to 8, on long rows
 /// (6 x 6 regions of grids of 400 to 1,600 tokens).

@@ -15,7 +15,7 @@ use foveal::gaze_route_decode::cpu::gaze_route_decode;
 use foveal::route_topk::cpu::route_topk;
 use foveal::{Error, GazeLayout, Routes};
 use foveal_tests::gaze_cases::GazeOpts;
-use foveal_tests::gaze_route_decode::{outputs, q4, run_cpu, Case, Inputs};
+use foveal_tests::gaze_route_decode::{inf_value_case, outputs, q4, run_cpu, Case, Inputs};
 use foveal_tests::{contiguous_strides, rng, to_f64, Bits, Poison, Tensor, TestElem, Tol};
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -360,4 +360,41 @@ fn routes_are_tied_to_the_layout_and_usable_by_gaze_decode() {
     )
     .expect("routes accepted");
     assert_bits(&o2.data, &o.data, "o");
+}
+
+/// Issue 11's minimal case: V[1] is +inf and only head 0 routes the region
+/// holding it; head 1 (same KV head) attends {0, 2}: finite, and equal to
+/// gaze_decode over the same routes; head 0 is +inf.
+#[test]
+fn inf_value_attended_by_one_head_of_the_group() {
+    fn check<T: TestElem>() {
+        let inp = inf_value_case::<T>();
+        let (o_like, lse_like) = outputs::<T>(&mut rng(1), inp.q.shape, true);
+        let (o, lse, routes) = run_cpu(&inp, &o_like, &lse_like);
+        assert_eq!(routes.ids(), &[0, 1]);
+        let want = foveal_tests::gaze_decode::oracle(&inp.q, &inp.k, &inp.v, None, |_, h| {
+            if h == 0 {
+                vec![0, 1]
+            } else {
+                vec![0, 2]
+            }
+        });
+        let d = inp.q.shape[2];
+        for j in 0..d {
+            assert!(
+                !to_f64(o.get([0, 0, j])).is_finite(),
+                "head 0 attends the inf value"
+            );
+            let (got, w) = (to_f64(o.get([0, 1, j])), &want[1]);
+            assert!(
+                (got - w.o[j]).abs() <= w.bound::<T>(j, 1.0),
+                "head 1, element {j}: {got}, want {}",
+                w.o[j]
+            );
+        }
+        assert!((lse.get([0, 1]) as f64 - want[1].lse).abs() <= want[1].lse_bound(1.0));
+    }
+    check::<f32>();
+    check::<f16>();
+    check::<bf16>();
 }

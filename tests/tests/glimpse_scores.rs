@@ -45,7 +45,7 @@ fn oracle<T: Element>(
     (0..batch)
         .map(|b| {
             let row = &rows[b];
-            let per_head: Vec<(Vec<f64>, f64, f64)> = (0..hq)
+            let per_head: Vec<(Vec<f64>, f64, f64, f64)> = (0..hq)
                 .map(|h| {
                     let kvh = h / group;
                     let dot = |p: usize| -> (f64, f64) {
@@ -54,16 +54,19 @@ fn oracle<T: Element>(
                         for j in 0..d {
                             let t = to_f64(q.get([b, h, j])) * to_f64(k.get([b, p, kvh, j]));
                             s += t;
-                            m += t.abs();
+                            // the size of the finite terms (a -inf key adds no rounding)
+                            if t.is_finite() {
+                                m += t.abs();
+                            }
                         }
                         (scale * s, scale.abs() * m)
                     };
                     let all: Vec<(f64, f64)> = (row.start..row.end).map(dot).collect();
                     let max = all.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);
-                    let lse = max + all.iter().map(|x| (x.0 - max).exp()).sum::<f64>().ln();
+                    let ln_sum = all.iter().map(|x| (x.0 - max).exp()).sum::<f64>().ln();
                     let magnitude = all.iter().map(|x| x.1).fold(0.0, f64::max);
                     let scores = all.iter().map(|x| x.0).collect();
-                    (scores, lse, magnitude)
+                    (scores, max, ln_sum, magnitude)
                 })
                 .collect();
             row.visual
@@ -71,17 +74,19 @@ fn oracle<T: Element>(
                 .map(|&p| {
                     per_head
                         .iter()
-                        .map(|(scores, lse, magnitude)| {
+                        .map(|&(ref scores, max, ln_sum, magnitude)| {
                             let s = scores[p - row.start];
+                            // (s - max) - ln sum: exact to f64 rounding of the
+                            // result, even for logits of 1e6
                             let value = match mode {
                                 ScoreMode::Logits => s,
-                                ScoreMode::LogSoftmax => s - lse,
-                                ScoreMode::Softmax => (s - lse).exp(),
+                                ScoreMode::LogSoftmax => (s - max) - ln_sum,
+                                ScoreMode::Softmax => ((s - max) - ln_sum).exp(),
                             };
                             Want {
                                 value,
-                                magnitude: *magnitude,
-                                lse: *lse,
+                                magnitude,
+                                lse: max + ln_sum,
                             }
                         })
                         .collect()
@@ -100,6 +105,8 @@ fn close(got: f32, want: &Want, mode: ScoreMode) -> bool {
     match mode {
         ScoreMode::Logits => tol.allows(got, want.value, want.magnitude),
         ScoreMode::LogSoftmax => tol.allows(got, want.value, want.magnitude + want.lse.abs() + 1.0),
+        // exactly 0: the probability of a key that scores -inf
+        ScoreMode::Softmax if want.value == 0.0 => got == 0.0,
         ScoreMode::Softmax => {
             let log_err = tol.bound(want.value.ln(), want.magnitude + want.lse.abs() + 1.0);
             (got - want.value).abs() <= 2.0 * log_err * want.value + 1e-30
@@ -144,6 +151,17 @@ fn case() -> impl Strategy<Value = Case> {
 /// Builds a random case of element type `T`, runs the reference in every mode
 /// and compares it with the oracle.
 fn check_case<T: TestElem>(c: Case) {
+    check_case_with::<T>(c, false);
+}
+
+/// [`check_case`]; with `minus_inf`, about one key in three of each row
+/// (and always its first; the glimpse token excepted) is `[-inf, 0, ...]`
+/// and every query's first element positive, so those keys score -inf (the
+/// scale is made positive): they weigh 0 in the log-sum-exp.
+fn check_case_with<T: TestElem>(mut c: Case, minus_inf: bool) {
+    if minus_inf {
+        c.scale = Some(c.scale.map_or(0.3, f32::abs));
+    }
     let mut r = rng(c.seed);
     let rows = random_rows(&mut r, c.batch, c.seq, RowOpts::default());
     let layout = RowLayout::new(c.seq, &rows).unwrap();
@@ -166,6 +184,25 @@ fn check_case<T: TestElem>(c: Case) {
         if idx[1] < row.start || idx[1] >= row.end {
             let o = k.offset(idx);
             k.data[o] = T::POISON;
+        }
+    }
+    let mut q = q;
+    if minus_inf {
+        for (b, row) in rows.iter().enumerate() {
+            for h in 0..hq {
+                let o = q.offset([b, h, 0]);
+                q.data[o] = T::from_f32(0.75);
+            }
+            for p in row.start..row.end - 1 {
+                if p == row.start || r.random_bool(0.35) {
+                    for kvh in 0..hkv {
+                        for j in 0..d {
+                            let o = k.offset([b, p, kvh, j]);
+                            k.data[o] = T::from_f32(if j == 0 { f32::NEG_INFINITY } else { 0.0 });
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -215,6 +252,126 @@ fn check_case<T: TestElem>(c: Case) {
 }
 
 foveal_tests::oracle_proptests!(64, case(), check_case);
+
+/// Issue 11, fault 4: logits of 1e3 to 1e6, exact in every element type and
+/// in f32 (q rows `[a, c_h, 0, ...]`, key rows `[b, e_p, 0, ...]`, small
+/// integers `c_h`, `e_p`, scale 1: `s = a b + c_h e_p`). The log-softmax is
+/// `(s - m) - ln sum` to f32 rounding of that small number, so the bound
+/// does not grow with the logits; `s - (m + ln sum)` rounded `m + ln sum`
+/// at the logits' size (1e-2 relative in the probabilities at 1e6) and
+/// failed here. Logits are compared exactly.
+#[test]
+fn large_logits_keep_their_precision() {
+    fn check<T: TestElem>(a: f32, b: f32) {
+        let rows = vec![
+            RowSpec {
+                start: 0,
+                end: 40,
+                visual: (5..30).collect(),
+            },
+            RowSpec {
+                start: 3,
+                end: 37,
+                visual: (4..36).step_by(2).collect(),
+            },
+        ];
+        let layout = RowLayout::new(40, &rows).unwrap();
+        let (hkv, g, d) = (2, 3, 16);
+        let mut r = rng(a as u64 * 7 + b as u64);
+        let q_shape = [2, hkv * g, d];
+        let q = Tensor::from_fn(
+            q_shape,
+            foveal_tests::contiguous_strides(q_shape),
+            T::POISON,
+            |[_, h, j]| {
+                T::from_f32(match j {
+                    0 => a,
+                    1 => (1 + h % 3) as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        let k_shape = [2, 40, hkv, d];
+        let k = Tensor::from_fn(
+            k_shape,
+            foveal_tests::contiguous_strides(k_shape),
+            T::POISON,
+            |[bi, p, _, j]| {
+                if p < rows[bi].start || p >= rows[bi].end {
+                    return T::POISON;
+                }
+                T::from_f32(match j {
+                    0 => b,
+                    1 => r.random_range(-6..=6) as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        let out_shape = [2, layout.nv_max(), hkv * g];
+        for mode in SCORE_MODES {
+            let want = oracle(&q, &k, &rows, Some(1.0), mode);
+            let mut out = Tensor::filled(
+                out_shape,
+                foveal_tests::contiguous_strides(out_shape),
+                f32::POISON,
+            );
+            glimpse_scores(
+                q.view(),
+                k.view(),
+                &layout,
+                Some(1.0),
+                mode,
+                &mut out.view_mut(),
+            )
+            .unwrap();
+            for [bi, i, h] in indices(out_shape) {
+                let Some(w) = want[bi].get(i) else { continue };
+                let (got, w) = (out.get([bi, i, h]) as f64, w[h].value);
+                let ok = match mode {
+                    ScoreMode::Logits => got == w,
+                    ScoreMode::LogSoftmax => (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    ScoreMode::Softmax => (got - w).abs() <= 1e-5 * (1.0 + w.ln().abs()) * w,
+                };
+                assert!(
+                    ok,
+                    "{mode:?}, logits {}: out[{bi}, {i}, {h}] = {got}, want {w}",
+                    a * b
+                );
+            }
+        }
+    }
+    for (a, b) in [
+        (1000.0, 1.0),
+        (1000.0, 10.0),
+        (1000.0, 100.0),
+        (1000.0, 1000.0),
+    ] {
+        check::<f32>(a, b);
+        check::<bf16>(a, b);
+        check::<half::f16>(a, b);
+    }
+}
+
+/// Keys that score -inf weigh 0: the log-sum-exp stays finite and the other
+/// tokens' scores are the softmax over the finite keys (the CPU side of
+/// issue 11's fault 3, whose GPU test is in gpu/glimpse_scores.rs).
+#[test]
+fn keys_scoring_minus_infinity_weigh_zero() {
+    let mut r = rng(31);
+    for n in 0..24 {
+        let c = Case {
+            seed: 3_100 + n,
+            batch: r.random_range(1..=3),
+            seq: r.random_range(2..=120),
+            kv_heads: r.random_range(1..=2),
+            group: r.random_range(1..=4),
+            head_dim: [1, 8, 17, 64][n as usize % 4],
+            scale: None,
+        };
+        check_case_with::<f32>(c, true);
+        check_case_with::<bf16>(c, true);
+    }
+}
 
 /// Every head dim the SPEC names, at full GQA width, in both KV layouts: a
 /// deterministic sweep beside the random cases.

@@ -46,7 +46,7 @@ fn oracle_row(x: &[f32], rule: &KeepRule) -> Vec<usize> {
     let t = rule.threshold as f64;
     let mut keep: Vec<usize> = (0..nv).filter(|&i| cand(i).0 > t).collect();
     if let Some(r) = rule.max_ratio {
-        let cap = (r as f64 * nv as f64).floor() as usize;
+        let cap = (r * nv as f64).floor() as usize;
         if keep.len() > cap {
             keep.sort_by(|&i, &j| rank(cand(i), cand(j)));
             keep.truncate(cap);
@@ -133,7 +133,7 @@ fn run1(logits: &[f32], rule: &KeepRule) -> Vec<usize> {
     run(&[logits.to_vec()], rule).remove(0)
 }
 
-fn rule(threshold: f32, max_ratio: Option<f32>, min_keep: usize) -> KeepRule {
+fn rule(threshold: f32, max_ratio: Option<f64>, min_keep: usize) -> KeepRule {
     KeepRule {
         threshold,
         max_ratio,
@@ -169,7 +169,7 @@ fn random_rule(r: &mut rand::rngs::StdRng, nv_max: usize) -> KeepRule {
         2 => Some(0.0),
         3 => Some(1.0),
         4 => Some([0.125, 0.25, 0.5, 0.75][r.random_range(0..4)]),
-        _ => Some(r.random_range(0.0f32..=1.0)),
+        _ => Some(r.random_range(0.0f64..=1.0)),
     };
     let min_keep = match r.random_range(0..6) {
         0 => 0,
@@ -221,7 +221,7 @@ proptest! {
         let mut r = rng(seed);
         let values = [-1.0f32, 0.25, 0.25, 2.0];
         let logits: Vec<f32> = (0..nv).map(|_| values[r.random_range(0..values.len())]).collect();
-        let rule = rule(0.0, Some(r.random_range(0.0f32..=1.0)), r.random_range(0..=nv));
+        let rule = rule(0.0, Some(r.random_range(0.0f64..=1.0)), r.random_range(0..=nv));
         check_rows(&[logits], &rule);
     }
 }
@@ -261,11 +261,12 @@ fn ratio_times_nv_exactly_integer() {
     assert_eq!(run1(&ROW, &rule(0.5, Some(0.75), 0)), vec![0, 2, 3, 5, 6]);
 }
 
-/// The cap is floor(r * nv) of the caller's ratio: 0.7 arrives as the f32
-/// 0.69999999 and 0.7 * 10 must still cap at 7 (and 0.3 * 10 at 3), while a
-/// product that is really below an integer still floors.
+/// The cap is the floor of the f64 product of the caller's ratio, with no
+/// tolerance (SPEC select_keep): 0.7 * 10 is exactly 7 in f64 and 0.3 * 10
+/// exactly 3, while a product that is really below an integer floors, however
+/// close it is (0.111 * 9009 = 999.999 keeps 999, not 1,000).
 #[test]
-fn ratio_products_within_f32_rounding_of_an_integer_count_as_it() {
+fn ratio_cap_is_the_floor_of_the_f64_product() {
     let row: Vec<f32> = (0..10).map(|i| i as f32).collect();
     assert_eq!(run1(&row, &rule(0.0, Some(0.7), 0)).len(), 7);
     assert_eq!(run1(&row, &rule(0.0, Some(0.3), 0)).len(), 3);
@@ -273,6 +274,41 @@ fn ratio_products_within_f32_rounding_of_an_integer_count_as_it() {
     let row: Vec<f32> = (0..1000).map(|i| i as f32).collect();
     assert_eq!(run1(&row, &rule(0.0, Some(0.29), 0)).len(), 290);
     assert_eq!(run1(&row, &rule(0.0, Some(0.2899), 0)).len(), 289);
+    for (r, nv, want) in [(0.111, 9009, 999), (0.333, 3003, 999), (0.7, 10, 7)] {
+        let row: Vec<f32> = (0..nv).map(|i| (i % 97) as f32).collect();
+        assert_eq!(
+            run1(&row, &rule(0.0, Some(r), 0)).len(),
+            want,
+            "r {r}, nv {nv}"
+        );
+    }
+}
+
+/// Ratios whose product with nv lies within 1e-3 of an integer, on both
+/// sides, nv up to 65,536: the count is `floor(r * nv)` of the f64 product,
+/// evaluated here (every token passes t = 0, so the cap decides).
+#[test]
+fn ratio_cap_at_integer_boundaries() {
+    for (r, nv) in foveal_tests::ratio_boundary_cases(7, 150) {
+        let want = (r * nv as f64).floor() as usize;
+        let row: Vec<f32> = (0..nv).map(|i| ((i * 7919) % 1009) as f32).collect();
+        let got = run1(&row, &rule(0.0, Some(r), 0));
+        assert_eq!(
+            got.len(),
+            want,
+            "r {r:?}, nv {nv}, r * nv = {:?}",
+            r * nv as f64
+        );
+        // and the kept tokens are the largest ones (the oracle's ranking is
+        // slow in a debug build: shorter rows only)
+        if nv <= 4096 {
+            assert_eq!(
+                got,
+                oracle_row(&row, &rule(0.0, Some(r), 0)),
+                "r {r:?}, nv {nv}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -463,7 +499,7 @@ fn rejects_threshold_outside_unit_interval() {
 #[test]
 fn rejects_ratio_outside_unit_interval() {
     let layout = layout_of(&[3, 5]);
-    for r in [-0.1, -0.0001, 1.0001, 3.0, f32::NAN, f32::INFINITY] {
+    for r in [-0.1, -0.0001, 1.0001, 3.0, f64::NAN, f64::INFINITY] {
         let mut keep = KeepSet::new(&layout);
         let res = try_run([2, 5], &layout, &rule(0.5, Some(r), 1), &mut keep);
         assert!(

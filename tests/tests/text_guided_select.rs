@@ -242,6 +242,61 @@ fn check_case<T: TestElem>(c: Case) {
 
 foveal_tests::oracle_proptests!(48, case(), check_case);
 
+/// Issue 11, fault 4: logits of 1e3 to 1e6, exact in every element type and
+/// in f32 (D 16, so the scale is 1/4; q rows `[1000, c, 0, ...]`, key rows
+/// `[b, e_i, 0, ...]` with small integers `c`, `e_i`). log A is formed as
+/// `(l - m) - ln sum`, so S keeps f32 precision whatever the logits;
+/// `l - (m + ln sum)` rounded `m + ln sum` at the logits' size (1e-2
+/// relative at 1e6) and failed here.
+#[test]
+fn large_logits_keep_their_precision() {
+    fn check<T: TestElem>(b: f32) {
+        let (t, n, hkv, g, d) = (3, 30, 2, 2, 16);
+        let mut r = rng(b as u64);
+        let qshape = [1, t, hkv * g, d];
+        let q = Tensor::from_fn(
+            qshape,
+            [t * hkv * g * d, hkv * g * d, d, 1],
+            T::POISON,
+            |[_, j, h, e]| {
+                T::from_f32(match e {
+                    0 => 1000.0,
+                    1 => (1 + (h + j) % 3) as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        let kshape = [1, n, hkv, d];
+        let k = Tensor::from_fn(
+            kshape,
+            [n * hkv * d, hkv * d, d, 1],
+            T::POISON,
+            |[_, _, _, e]| {
+                T::from_f32(match e {
+                    0 => b,
+                    1 => r.random_range(-6..=6) as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        let out = run(&q, &k, &Lengths::full(1, t, n), DEFAULT_GAMMA).unwrap();
+        let want = oracle(&q, &k, &[t], &[n]);
+        for i in 0..n {
+            let (got, w) = (out.scores[i] as f64, want[0][i]);
+            assert!(
+                (got - w).abs() <= 1e-5 * (1.0 + w.ln().abs()) * w + 1e-30,
+                "logits {}: S[{i}] = {got}, want {w}",
+                250.0 * b
+            );
+        }
+    }
+    for b in [4.0, 40.0, 400.0, 4000.0] {
+        check::<f32>(b);
+        check::<half::bf16>(b);
+        check::<half::f16>(b);
+    }
+}
+
 /// Identical keys: every S is 1/n exactly (ties), so the rule keeps the k
 /// lowest indices, k the smallest with k * q > gamma * n * q.
 #[test]

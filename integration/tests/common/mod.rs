@@ -1,6 +1,9 @@
 //! Helpers the model tests share.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod focus;
+pub mod gaze;
+
 use std::ops::Range;
 
 use candle_core::{Device, Result, Tensor};
@@ -110,6 +113,52 @@ pub fn assert_steps_close(got: &[Tensor], want: &[Tensor], tol: f32, what: &str)
     for (step, (a, b)) in got.iter().zip(want).enumerate() {
         let d = max_abs_diff(a, b)?;
         assert!(d < tol, "{what}, step {step}: logits differ by {d}");
+    }
+    Ok(())
+}
+
+/// The smallest margin, relative to the size of what is compared, by which
+/// every discrete decision (a greedy token, a route, a kept token, a
+/// sampled scale) of a whole-model GPU test's inputs must win on the CPU.
+/// Both devices compute in f32 (candle's cuBLAS GEMMs in full f32, not
+/// TF32), so a CPU and a GPU run of these tiny models differ by rounding,
+/// about 1e-6 relative: a decision that wins by 1e-4 is the same on both,
+/// and the GPU tests may compare decisions exactly. The CPU tests that
+/// share those inputs assert the margins (CI runs them; the GPU tests only
+/// run where a GPU is).
+pub const DECISION_MARGIN: f64 = 1e-4;
+
+/// How far a GPU run's logits may be from the CPU's (absolute; the logits of
+/// the tiny models are of order 1-10, and the devices' f32 rounding should
+/// move them by about 1e-5: the first GPU run measures it).
+pub const GPU_LOGIT_TOL: f32 = 2.5e-4;
+
+/// Asserts that every greedy token of `logits` (each step `[B, vocab]`)
+/// beats the runner-up by more than twice [`GPU_LOGIT_TOL`]: logits that
+/// move by less than that on another device cannot change the token.
+pub fn assert_token_margins(logits: &[Tensor], what: &str) -> Result<()> {
+    for (step, l) in logits.iter().enumerate() {
+        for (b, row) in l
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec2::<f64>()?
+            .iter()
+            .enumerate()
+        {
+            let mut top = [f64::NEG_INFINITY; 2];
+            for &x in row {
+                if x > top[0] {
+                    top = [x, top[0]];
+                } else if x > top[1] {
+                    top[1] = x;
+                }
+            }
+            let margin = top[0] - top[1];
+            assert!(
+                margin > 2.0 * f64::from(GPU_LOGIT_TOL),
+                "{what}: step {step}, row {b}: the greedy token wins by only {margin:e}: \
+                 a GPU test comparing tokens exactly would be unsound"
+            );
+        }
     }
     Ok(())
 }

@@ -1,86 +1,40 @@
 //! Gaze Attention on the GPU against the CPU: the same seeded weights,
-//! context tokens and prompts (single images; a video and two images),
+//! context tokens and prompts (two single images; two images and a video),
 //! generated with foveal's CUDA region_descriptors, route_topk and
 //! gaze_decode on candle's stream, and with the CPU references. Skips (and
 //! says so) where no GPU is present.
+//!
+//! The routes and tokens are compared exactly: these are the inputs of
+//! tests/gaze.rs's `routed_decoding_equals_dense_attention_with_unrouted_regions_masked`,
+//! which asserts on the CPU that every routing decision and greedy token
+//! wins by `common::DECISION_MARGIN` (each greedy token by twice
+//! `common::GPU_LOGIT_TOL`), far above the two devices' f32 rounding
+//! differences, so the decisions cannot differ between them.
 
 use candle_core::{DType, Device, Result};
-use foveal::RegionShape;
-use foveal_candle::images::synthetic_images;
-use foveal_candle::prompt::byte_tokens;
-use foveal_candle::{
-    GazeAttention, GazeConfig, GazeRun, GazeSegment, LlavaModel, Method, ModelConfig,
-};
+use foveal_candle::{GazeAttention, GazeRun, GazeStep, Method};
 
-use crate::common::{gpu, max_abs_diff};
+use crate::common::gaze::{config, model, BATCHES, ROUTED_K, STEPS};
+use crate::common::{gpu, max_abs_diff, GPU_LOGIT_TOL};
 
-const STEPS: usize = 4;
-
-/// Both prompts on `dev`: one image per row, then a video and two images.
-fn runs(dev: &Device, cfg: &ModelConfig) -> Result<Vec<GazeRun>> {
-    let model = LlavaModel::seeded(cfg, 11, dev, DType::F32)?;
-    let gcfg = GazeConfig {
-        context_tokens: 4,
-        region: RegionShape {
-            frames: 2,
-            height: 3,
-            width: 3,
-        },
-        k: 3,
-    };
-    let gaze = GazeAttention::seeded(cfg, &gcfg, 3, dev, DType::F32)?;
-    let (pixels, _) = synthetic_images(5, cfg.vision.image_size, 5, dev)?;
-    let e = model.encode_images(&pixels)?.embeds;
-    let side = cfg.vision.patches_per_side();
-    let images = gaze.image_prompt(
-        &model,
-        &e.narrow(0, 0, 2)?,
-        &byte_tokens("You see an image."),
-        &[
-            byte_tokens("Where is the red square?"),
-            byte_tokens("Count."),
-        ],
-    )?;
-    let image = |i: usize| -> Result<GazeSegment> {
-        Ok(GazeSegment::Image {
-            embeds: e.get(i)?,
-            height: side,
-            width: side,
-        })
-    };
-    let mixed = gaze.prompt(
-        &model,
-        &[
-            vec![
-                GazeSegment::Text(byte_tokens("A video: ")),
-                GazeSegment::Video {
-                    frames: e.narrow(0, 2, 3)?,
-                    height: side,
-                    width: side,
-                },
-                GazeSegment::Text(byte_tokens("What moves?")),
-            ],
-            vec![
-                image(0)?,
-                GazeSegment::Text(byte_tokens(" or ")),
-                image(1)?,
-                GazeSegment::Text(byte_tokens("?")),
-            ],
-        ],
-    )?;
-    [images, mixed]
+/// Every routed run of the shared inputs on `dev`.
+fn runs(dev: &Device) -> Result<Vec<GazeRun>> {
+    let (cfg, model) = model(dev)?;
+    BATCHES
         .iter()
-        .map(|p| gaze.generate(&model, p, STEPS))
+        .map(|&(_, frames, batch, _)| {
+            let gaze = GazeAttention::seeded(&cfg, &config(ROUTED_K, frames), 3, dev, DType::F32)?;
+            gaze.generate(&model, &batch(&gaze, &model)?, STEPS)
+        })
         .collect()
 }
 
 #[test]
 fn cuda_and_cpu_gaze_generations_agree() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
-    let cfg = ModelConfig::tiny();
-    let (cpu, gpu) = (runs(&Device::Cpu, &cfg)?, runs(&gpu, &cfg)?);
-    for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
-        assert_eq!(c.generation.tokens, g.generation.tokens, "prompt {i}");
+    let (cpu, gpu) = (runs(&Device::Cpu)?, runs(&gpu)?);
+    for ((name, ..), (c, g)) in BATCHES.iter().zip(cpu.iter().zip(&gpu)) {
+        assert_eq!(c.generation.tokens, g.generation.tokens, "{name}");
         for (step, (a, b)) in c
             .generation
             .logits
@@ -90,20 +44,20 @@ fn cuda_and_cpu_gaze_generations_agree() -> Result<()> {
         {
             let d = max_abs_diff(a, b)?;
             assert!(
-                d < 1e-2,
-                "prompt {i}, step {step}: CPU and GPU logits differ by {d}"
+                d < GPU_LOGIT_TOL,
+                "{name}, step {step}: CPU and GPU logits differ by {d}"
             );
         }
         assert_eq!(c.steps.len(), g.steps.len());
         // The routes are the regions each head attended: the same on both.
+        let ids = |s: &GazeStep| {
+            s.routes
+                .iter()
+                .map(|r| r.ids().to_vec())
+                .collect::<Vec<_>>()
+        };
         for (t, (sc, sg)) in c.steps.iter().zip(&g.steps).enumerate() {
-            let ids = |s: &foveal_candle::GazeStep| {
-                s.routes
-                    .iter()
-                    .map(|r| r.ids().to_vec())
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(ids(sc), ids(sg), "prompt {i}, step {t}: routes");
+            assert_eq!(ids(sc), ids(sg), "{name}, step {t}: routes");
         }
     }
     Ok(())

@@ -7,7 +7,8 @@ use foveal_sys as ffi;
 
 use super::{check, Dims, OP};
 use crate::cuda::{
-    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, Workspace,
+    check_aligned, check_head_dim, check_row_strides, check_status, ffi_stream, sm_count, DevView,
+    DevViewMut, Workspace,
 };
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
@@ -52,33 +53,8 @@ pub fn gaze_decode<T: Element>(
         lse.as_ref().map(|l| l.shape()),
     )?;
     routes.check_from(OP, layout)?;
-    let vec = 16 / std::mem::size_of::<T>();
-    ensure(
-        dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GAZE_MAX_HEAD_DIM as usize,
-        || Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "head dim {} must be a multiple of {vec} and at most {}",
-                dims.head_dim,
-                ffi::FOVEAL_GAZE_MAX_HEAD_DIM
-            ),
-        },
-    )?;
-    for (arg, shape, strides) in [
-        ("q", &q.shape()[..2], &q.layout().strides()[..2]),
-        ("k", &k.shape()[..3], &k.layout().strides()[..3]),
-        ("v", &v.shape()[..3], &v.layout().strides()[..3]),
-    ] {
-        let misaligned = shape
-            .iter()
-            .zip(strides)
-            .any(|(&n, &s)| n > 1 && s % vec != 0);
-        ensure(!misaligned, || Error::Unsupported {
-            op: OP,
-            msg: format!("the strides of `{arg}` must be multiples of {vec} elements"),
-        })?;
-    }
-    let plan = Plan::new(&dims, host, sm_count(stream, OP)?)?;
+    check_views(OP, q, k, v, 16 / std::mem::size_of::<T>())?;
+    let plan = Plan::new(OP, &dims, host, sm_count(stream, OP)?, &LIMITS)?;
 
     let (mut params, _guards) = decode_params(OP, stream, q, k, v, layout, &dims, o, lse)?;
     let ([segments, unit_tokens, partial_o, partial_ml], _ws) =
@@ -104,6 +80,24 @@ pub fn gaze_decode<T: Element>(
     // the same `max_segments` and `num_splits` the kernels use.
     let status = unsafe { ffi::foveal_gaze_decode(&params, stream_ptr) };
     check_status(OP, status)
+}
+
+/// The view checks gaze_decode and gaze_route_decode share: a head dim that
+/// is a multiple of `multiple` elements (the 16-byte vector, or more) and at
+/// most FOVEAL_GAZE_MAX_HEAD_DIM, and q, k, v rows at 16-byte strides.
+pub(crate) fn check_views<T: Element>(
+    op: &'static str,
+    q: &DevView<'_, T, 3>,
+    k: &DevView<'_, T, 4>,
+    v: &DevView<'_, T, 4>,
+    multiple: usize,
+) -> Result<()> {
+    let vec = 16 / std::mem::size_of::<T>();
+    let max_d = ffi::FOVEAL_GAZE_MAX_HEAD_DIM as usize;
+    check_head_dim(op, q.shape()[2], multiple, max_d)?;
+    check_row_strides(op, "q", q, vec)?;
+    check_row_strides(op, "k", k, vec)?;
+    check_row_strides(op, "v", v, vec)
 }
 
 /// The launch parameters gaze_decode and gaze_route_decode share: q, k, v, o
@@ -210,51 +204,85 @@ pub fn workspace_bytes(
     kv_heads: usize,
     k: usize,
 ) -> Result<usize> {
+    let dims = workspace_dims(OP, q_shape, kv_heads, k)?;
+    let plan = Plan::new(OP, &dims, layout.host(), sm_count(stream, OP)?, &LIMITS)?;
+    Ok(Workspace::size_of(&plan.region_bytes(&dims)))
+}
+
+/// The sizes a `workspace_bytes` call describes (gaze_decode's and
+/// gaze_route_decode's): q `[B, Hq, D]`, `kv_heads` and `k` routes per head.
+pub(crate) fn workspace_dims(
+    op: &'static str,
+    q_shape: [usize; 3],
+    kv_heads: usize,
+    k: usize,
+) -> Result<Dims> {
     let [batch, q_heads, head_dim] = q_shape;
     ensure(kv_heads > 0 && q_heads % kv_heads == 0, || {
         Error::shape(
-            OP,
+            op,
             "q",
             format!("{q_heads} query heads are not a multiple of {kv_heads} KV heads"),
         )
     })?;
-    let dims = Dims {
+    Ok(Dims {
         batch,
         q_heads,
         kv_heads,
         head_dim,
         k,
         scale: 1.0,
-    };
-    let plan = Plan::new(&dims, layout.host(), sm_count(stream, OP)?)?;
-    Ok(Workspace::size_of(&plan.region_bytes(&dims)))
+    })
 }
 
-/// The launch shape of one call, from host-known bounds only.
-struct Plan {
+/// What the kernels of gaze_decode and gaze_route_decode bound differently.
+pub(crate) struct Limits {
+    /// Most regions in a row, and the error's words for a row with more (of
+    /// its region count and that bound).
+    pub max_regions: usize,
+    pub too_many_regions: fn(usize, usize) -> String,
+    /// Most blocks sharing one unit's attended set.
+    pub max_splits: usize,
+    /// Whether every split block lists its own segments (the fused kernel
+    /// plans in each block) rather than each unit once.
+    pub lists_per_split: bool,
+}
+
+/// gaze_decode's bounds: the per-region head masks of a unit in shared memory.
+const LIMITS: Limits = Limits {
+    max_regions: ffi::FOVEAL_GAZE_MAX_REGIONS as usize,
+    too_many_regions: |n, max| format!("{n} regions in a row, the kernels take at most {max}"),
+    max_splits: usize::MAX,
+    lists_per_split: false,
+};
+
+/// The launch shape of one call of gaze_decode or gaze_route_decode, from
+/// host-known bounds only.
+pub(crate) struct Plan {
     /// Units (row, KV head, chunk of query heads) per row.
-    units: usize,
-    max_segments: usize,
-    num_splits: usize,
+    pub units: usize,
+    pub max_segments: usize,
+    pub num_splits: usize,
 }
 
 impl Plan {
-    fn new(dims: &Dims, layout: &GazeLayout, sms: usize) -> Result<Self> {
+    pub(crate) fn new(
+        op: &'static str,
+        dims: &Dims,
+        layout: &GazeLayout,
+        sms: usize,
+        limits: &Limits,
+    ) -> Result<Self> {
         let max_group = ffi::FOVEAL_GAZE_MAX_GROUP as usize;
         let group = dims.q_heads / dims.kv_heads;
         let units = dims.kv_heads * group.div_ceil(max_group);
         let heads_per_unit = group.min(max_group);
-        ensure(
-            layout.max_regions() <= ffi::FOVEAL_GAZE_MAX_REGIONS as usize,
-            || Error::Unsupported {
-                op: OP,
-                msg: format!(
-                    "{} regions in a row, the kernels take at most {}",
-                    layout.max_regions(),
-                    ffi::FOVEAL_GAZE_MAX_REGIONS
-                ),
-            },
-        )?;
+        ensure(layout.max_regions() <= limits.max_regions, || {
+            Error::Unsupported {
+                op,
+                msg: (limits.too_many_regions)(layout.max_regions(), limits.max_regions),
+            }
+        })?;
         let max_segments = layout.max_visible()
             + layout
                 .max_regions()
@@ -275,25 +303,40 @@ impl Plan {
             .unwrap_or(0);
         // Flash-decoding split: enough blocks to fill the GPU twice over.
         let blocks_per_split = dims.batch * units;
-        let max_splits = max_tokens.div_ceil(MIN_TOKENS_PER_SPLIT).max(1);
+        let max_splits = max_tokens
+            .div_ceil(MIN_TOKENS_PER_SPLIT)
+            .clamp(1, limits.max_splits);
         let num_splits = (2 * sms)
             .div_ceil(blocks_per_split.max(1))
             .clamp(1, max_splits);
         // The kernels' int32 index space and grids (y, z <= 65,535).
+        let lists = if limits.lists_per_split {
+            num_splits
+        } else {
+            1
+        };
         let fits = units <= 65_535
             && dims.batch <= 65_535
             && dims
                 .batch
                 .saturating_mul(units)
+                .saturating_mul(lists)
                 .saturating_mul(max_segments)
                 <= i32::MAX as usize / 4
             && heads_per_unit.saturating_mul(dims.k) <= i32::MAX as usize;
-        ensure(fits, || Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "{} rows x {units} units x {max_segments} segments exceed the kernels' limits",
-                dims.batch
-            ),
+        ensure(fits, || {
+            let splits = if limits.lists_per_split {
+                format!("{num_splits} splits x ")
+            } else {
+                String::new()
+            };
+            Error::Unsupported {
+                op,
+                msg: format!(
+                    "{} rows x {units} units x {splits}{max_segments} segments exceed the kernels' limits",
+                    dims.batch
+                ),
+            }
         })?;
         Ok(Plan {
             units,
@@ -302,8 +345,8 @@ impl Plan {
         })
     }
 
-    /// Bytes of the workspace regions: segments, unit token counts, partial
-    /// outputs, partial (max, sum).
+    /// Bytes of gaze_decode's workspace regions: segments, unit token
+    /// counts, partial outputs, partial (max, sum).
     fn region_bytes(&self, dims: &Dims) -> [usize; 4] {
         let units = dims.batch * self.units;
         let partials = dims.batch * dims.q_heads * self.num_splits;

@@ -7,17 +7,14 @@ use foveal_sys as ffi;
 
 use super::{check, OP};
 use crate::cuda::{
-    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, Workspace,
+    check_aligned, check_row_strides, check_status, ffi_stream, shared_memory, sm_count, DevView,
+    DevViewMut, Workspace,
 };
 use crate::dtype::Element;
-use crate::error::{ensure, Error, Result};
-use crate::gaze_decode::cuda::decode_params;
+use crate::error::Result;
+use crate::gaze_decode::cuda::{check_views, decode_params, workspace_dims, Limits, Plan};
 use crate::gaze_decode::Dims;
 use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
-use crate::gaze_layout::GazeLayout;
-
-/// Attended tokens a split gets at least (by the host's bound), as in gaze_decode.
-const MIN_TOKENS_PER_SPLIT: usize = 64;
 
 /// Routes each query head to its `top_k` best regions and attends its row's
 /// visible keys and those regions (module docs), in one kernel launch: `o
@@ -28,8 +25,12 @@ const MIN_TOKENS_PER_SPLIT: usize = 64;
 /// Needs what route_topk and gaze_decode need (16-byte-aligned q, k, v and
 /// desc, strides but the head dim's multiples of 16 bytes, a head dim that is
 /// a multiple of 16 bytes and of 4 elements, at most 256) and at most 4,096
-/// regions in a row (their scores sit in shared memory). Scratch comes from
-/// `workspace` (reserve [`workspace_bytes`] before capturing a graph).
+/// regions in a row (their scores sit in shared memory); a block's shared
+/// memory (the kernel's static part, about 23 KB at bf16, D 128 and 8 heads,
+/// plus `heads x regions x 4 + regions` bytes, heads = `min(G, 8)`) must fit
+/// the device's per-block opt-in limit, else `Error::Unsupported` before
+/// anything is launched. Scratch comes from `workspace` (reserve
+/// [`workspace_bytes`] before capturing a graph).
 #[allow(clippy::too_many_arguments)]
 pub fn gaze_route_decode<T: Element>(
     stream: &Arc<CudaStream>,
@@ -58,41 +59,17 @@ pub fn gaze_route_decode<T: Element>(
         o.shape(),
         lse.as_ref().map(|l| l.shape()),
     )?;
+    // the descriptors are read as float4: the head dim a multiple of 4 too
     let vec = 16 / std::mem::size_of::<T>();
-    let max_d = ffi::FOVEAL_GAZE_MAX_HEAD_DIM as usize;
-    ensure(
-        dims.head_dim % vec == 0 && dims.head_dim % 4 == 0 && dims.head_dim <= max_d,
-        || Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "head dim {} must be a multiple of {} and at most {max_d}",
-                dims.head_dim,
-                vec.max(4)
-            ),
-        },
-    )?;
-    for (arg, shape, strides, unit) in [
-        ("q", &q.shape()[..2], &q.layout().strides()[..2], vec),
-        ("k", &k.shape()[..3], &k.layout().strides()[..3], vec),
-        ("v", &v.shape()[..3], &v.layout().strides()[..3], vec),
-        ("desc", &desc.shape()[..3], &desc.layout().strides()[..3], 4),
-    ] {
-        let misaligned = shape
-            .iter()
-            .zip(strides)
-            .any(|(&n, &s)| n > 1 && s % unit != 0);
-        ensure(!misaligned, || Error::Unsupported {
-            op: OP,
-            msg: format!("the strides of `{arg}` must be multiples of {unit} elements (16 bytes)"),
-        })?;
-    }
-    let plan = Plan::new(&dims, host, sm_count(stream, OP)?)?;
+    check_views(OP, q, k, v, vec.max(4))?;
+    check_row_strides(OP, "desc", desc, 4)?;
+    let plan = Plan::new(OP, &dims, host, sm_count(stream, OP)?, &LIMITS)?;
 
     let (mut decode, _guards) = decode_params(OP, stream, q, k, v, layout, &dims, o, lse)?;
     let (desc_ptr, _d) = desc.ptr(stream);
     check_aligned(OP, "desc", desc_ptr, 16)?;
     let ([segments, partial_o, partial_ml, tickets], _ws) =
-        workspace.regions(stream, plan.region_bytes(&dims))?;
+        workspace.regions(stream, region_bytes(&plan, &dims))?;
     let (route_ids, _ri) = routes.ids.device_ptr_mut(stream);
     let [dsb, dsh, dsr, _] = desc.layout().strides();
     decode.segments = segments as *mut i32;
@@ -111,6 +88,23 @@ pub fn gaze_route_decode<T: Element>(
         tickets: tickets as *mut u32,
     };
     let stream_ptr = ffi_stream(stream, OP)?;
+    // The scores of a unit's heads sit in dynamic shared memory: with the
+    // kernel's static part they must fit the device's per-block limit,
+    // checked here rather than left to fail as a launch.
+    // SAFETY: the query reads only the sizes, dtype and group of `params`
+    // and writes `out`, a valid struct; it enqueues nothing.
+    let need = shared_memory(OP, |out| unsafe {
+        ffi::foveal_gaze_route_decode_shared_memory(&params, out)
+    })?;
+    let heads_per_unit = (dims.q_heads / dims.kv_heads).min(ffi::FOVEAL_GAZE_MAX_GROUP as usize);
+    need.check(
+        OP,
+        &format!(
+            "the scores of {heads_per_unit} heads x {} regions",
+            host.max_regions()
+        ),
+        "; use route_topk + gaze_decode",
+    )?;
     // SAFETY: every pointer is a live device allocation of the stream's
     // context, held (with its ordering guard) until this call has enqueued
     // the memset and the kernel; lse is null exactly when no lse view was
@@ -138,105 +132,32 @@ pub fn workspace_bytes(
     kv_heads: usize,
     top_k: usize,
 ) -> Result<usize> {
-    let [batch, q_heads, head_dim] = q_shape;
-    ensure(kv_heads > 0 && q_heads % kv_heads == 0, || {
-        Error::shape(
-            OP,
-            "q",
-            format!("{q_heads} query heads are not a multiple of {kv_heads} KV heads"),
-        )
-    })?;
-    let dims = Dims {
-        batch,
-        q_heads,
-        kv_heads,
-        head_dim,
-        k: top_k,
-        scale: 1.0,
-    };
-    let plan = Plan::new(&dims, layout.host(), sm_count(stream, OP)?)?;
-    Ok(Workspace::size_of(&plan.region_bytes(&dims)))
+    let dims = workspace_dims(OP, q_shape, kv_heads, top_k)?;
+    let plan = Plan::new(OP, &dims, layout.host(), sm_count(stream, OP)?, &LIMITS)?;
+    Ok(Workspace::size_of(&region_bytes(&plan, &dims)))
 }
 
-/// The launch shape of one call, from host-known bounds only (gaze_decode's
-/// split rule, capped at FOVEAL_GAZE_ROUTE_MAX_SPLITS).
-struct Plan {
-    units: usize,
-    max_segments: usize,
-    num_splits: usize,
-}
+/// The fused kernel's bounds: gaze_decode's split rule, capped at
+/// FOVEAL_GAZE_ROUTE_MAX_SPLITS; a segment list per block; the region
+/// scores of a unit's heads in shared memory.
+const LIMITS: Limits = Limits {
+    max_regions: ffi::FOVEAL_GAZE_ROUTE_MAX_REGIONS as usize,
+    too_many_regions: |n, max| {
+        format!("{n} regions in a row, the fused kernel holds at most {max} in shared memory (use route_topk + gaze_decode)")
+    },
+    max_splits: ffi::FOVEAL_GAZE_ROUTE_MAX_SPLITS as usize,
+    lists_per_split: true,
+};
 
-impl Plan {
-    fn new(dims: &Dims, layout: &GazeLayout, sms: usize) -> Result<Self> {
-        let max_group = ffi::FOVEAL_GAZE_MAX_GROUP as usize;
-        let group = dims.q_heads / dims.kv_heads;
-        let units = dims.kv_heads * group.div_ceil(max_group);
-        let heads_per_unit = group.min(max_group);
-        let max_regions = ffi::FOVEAL_GAZE_ROUTE_MAX_REGIONS as usize;
-        ensure(layout.max_regions() <= max_regions, || {
-            Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "{} regions in a row, the fused kernel holds at most {max_regions} in shared memory (use route_topk + gaze_decode)",
-                layout.max_regions()
-            ),
-        }
-        })?;
-        let max_segments = layout.max_visible()
-            + layout
-                .max_regions()
-                .min(heads_per_unit.saturating_mul(dims.k));
-        let union_bound = heads_per_unit
-            .saturating_mul(dims.k)
-            .saturating_mul(layout.max_region_len());
-        let max_tokens = (0..layout.batch())
-            .map(|b| {
-                let regions: usize = (0..layout.regions(b))
-                    .map(|r| layout.region(b, r).len())
-                    .sum();
-                layout.visible_len(b) + regions.min(union_bound)
-            })
-            .max()
-            .unwrap_or(0);
-        let blocks_per_split = dims.batch * units;
-        let max_splits = max_tokens
-            .div_ceil(MIN_TOKENS_PER_SPLIT)
-            .clamp(1, ffi::FOVEAL_GAZE_ROUTE_MAX_SPLITS as usize);
-        let num_splits = (2 * sms)
-            .div_ceil(blocks_per_split.max(1))
-            .clamp(1, max_splits);
-        let fits = units <= 65_535
-            && dims.batch <= 65_535
-            && dims
-                .batch
-                .saturating_mul(units)
-                .saturating_mul(num_splits)
-                .saturating_mul(max_segments)
-                <= i32::MAX as usize / 4
-            && heads_per_unit.saturating_mul(dims.k) <= i32::MAX as usize;
-        ensure(fits, || {
-            Error::Unsupported {
-            op: OP,
-            msg: format!("{} rows x {units} units x {num_splits} splits x {max_segments} segments exceed the kernel's limits", dims.batch),
-        }
-        })?;
-        Ok(Plan {
-            units,
-            max_segments,
-            num_splits,
-        })
-    }
-
-    /// Bytes of the workspace regions: segments (one list per block),
-    /// partial outputs, partial (max, sum), tickets.
-    fn region_bytes(&self, dims: &Dims) -> [usize; 4] {
-        let units = dims.batch * self.units;
-        let partials = dims.batch * dims.q_heads * self.num_splits;
-        [
-            units * self.num_splits * self.max_segments * 16,
-            partials * dims.head_dim * 4,
-            partials * 8,
-            units * 4,
-        ]
-    }
+/// Bytes of the workspace regions: segments (one list per block), partial
+/// outputs, partial (max, sum), tickets.
+fn region_bytes(plan: &Plan, dims: &Dims) -> [usize; 4] {
+    let units = dims.batch * plan.units;
+    let partials = dims.batch * dims.q_heads * plan.num_splits;
+    [
+        units * plan.num_splits * plan.max_segments * 16,
+        partials * dims.head_dim * 4,
+        partials * 8,
+        units * 4,
+    ]
 }

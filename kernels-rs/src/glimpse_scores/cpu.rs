@@ -50,7 +50,9 @@ pub fn glimpse_scores<T: Element>(
         for h in 0..dims.q_heads {
             let s_h = &logits[h * n..(h + 1) * n];
             let m = s_h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = m + s_h.iter().map(|&s| (s - m).exp()).sum::<f32>().ln();
+            // log-softmax as (s - m) - ln sum: s - (m + ln sum) would round
+            // m + ln sum at the size of the logits (0.0625 at 1e6)
+            let ln_sum = s_h.iter().map(|&s| (s - m).exp()).sum::<f32>().ln();
             for i in 0..dims.nv_max {
                 let v = match rows.visual(b).get(i) {
                     None => 0.0,
@@ -58,8 +60,8 @@ pub fn glimpse_scores<T: Element>(
                         let s = s_h[p as usize - start];
                         match mode {
                             ScoreMode::Logits => s,
-                            ScoreMode::LogSoftmax => s - lse,
-                            ScoreMode::Softmax => (s - lse).exp(),
+                            ScoreMode::LogSoftmax => (s - m) - ln_sum,
+                            ScoreMode::Softmax => ((s - m) - ln_sum).exp(),
                         }
                     }
                 };

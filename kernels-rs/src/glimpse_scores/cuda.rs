@@ -7,8 +7,8 @@ use foveal_sys as ffi;
 
 use super::{check, ScoreMode, OP};
 use crate::cuda::{
-    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, DeviceRowLayout,
-    Workspace,
+    check_aligned, check_head_dim, check_row_strides, check_status, ffi_stream, sm_count, DevView,
+    DevViewMut, DeviceRowLayout, Workspace,
 };
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Error, Result};
@@ -33,30 +33,10 @@ pub fn glimpse_scores<T: Element>(
 ) -> Result<()> {
     let dims = check(q.shape(), k.shape(), out.shape(), rows.host(), scale)?;
     let vec = 16 / std::mem::size_of::<T>();
-    ensure(
-        dims.head_dim % vec == 0 && dims.head_dim <= ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM as usize,
-        || Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "head dim {} must be a multiple of {vec} and at most {}",
-                dims.head_dim,
-                ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM
-            ),
-        },
-    )?;
-    for (arg, shape, strides) in [
-        ("q", &q.shape()[..2], &q.layout().strides()[..2]),
-        ("k", &k.shape()[..3], &k.layout().strides()[..3]),
-    ] {
-        let misaligned = shape
-            .iter()
-            .zip(strides)
-            .any(|(&n, &s)| n > 1 && s % vec != 0);
-        ensure(!misaligned, || Error::Unsupported {
-            op: OP,
-            msg: format!("the strides of `{arg}` must be multiples of {vec} elements"),
-        })?;
-    }
+    let max_d = ffi::FOVEAL_GLIMPSE_MAX_HEAD_DIM as usize;
+    check_head_dim(OP, dims.head_dim, vec, max_d)?;
+    check_row_strides(OP, "q", q, vec)?;
+    check_row_strides(OP, "k", k, vec)?;
     if dims.nv_max == 0 {
         return Ok(());
     }
@@ -65,7 +45,9 @@ pub fn glimpse_scores<T: Element>(
     let head_chunks = dims
         .group()
         .div_ceil(ffi::FOVEAL_GLIMPSE_MAX_GROUP as usize);
-    // The kernels' int32 index space, grid (y <= 65,535) and shared memory (one float per head).
+    // The kernels' int32 index space, grid (y <= 65,535) and the normalize
+    // kernel's shared memory (two floats per head: 96 KiB at 12,288 heads,
+    // opted in past 48 KiB; checked against the device by the launcher).
     ensure(
         dims.nv_max * dims.q_heads <= i32::MAX as usize
             && dims.kv_heads * head_chunks <= 65_535

@@ -7,7 +7,10 @@ use cudarc::driver::{CudaStream, DevicePtr};
 use foveal_sys as ffi;
 
 use super::{check, OP};
-use crate::cuda::{check_aligned, check_grid_batch, check_status, ffi_stream, DevView, DevViewMut};
+use crate::cuda::{
+    check_aligned, check_grid_batch, check_row_strides, check_status, ffi_stream, DevView,
+    DevViewMut,
+};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 use crate::gaze_layout::cuda::DeviceGazeLayout;
@@ -35,15 +38,7 @@ pub fn region_descriptors<T: Element>(
             d.head_dim
         ),
     })?;
-    let k_shape = k.shape();
-    let k_strides = k.layout().strides();
-    ensure(
-        (0..3).all(|i| k_shape[i] <= 1 || k_strides[i] % vec == 0),
-        || Error::Unsupported {
-            op: OP,
-            msg: format!("the strides of `k` must be multiples of {vec} elements (16 bytes)"),
-        },
-    )?;
+    check_row_strides(OP, "k", k, vec)?;
     check_grid_batch(OP, d.batch)?;
     let threads = d.regions.len() * d.kv_heads * (d.head_dim / vec);
     ensure(threads.div_ceil(128) <= i32::MAX as usize, || {
@@ -61,7 +56,7 @@ pub fn region_descriptors<T: Element>(
     }
     let (k_ptr, _k) = k.ptr(stream);
     check_aligned(OP, "k", k_ptr, 16)?;
-    let [ksb, kss, ksh, _] = k_strides;
+    let [ksb, kss, ksh, _] = k.layout().strides();
     let [dsb, dsh, dsr, _] = desc.layout().strides();
     let (desc_ptr, _d) = desc.ptr_mut(stream);
     let (count, _c) = layout.region_count.device_ptr(stream);

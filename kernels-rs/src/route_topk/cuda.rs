@@ -6,7 +6,10 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use foveal_sys as ffi;
 
 use super::{check, OP};
-use crate::cuda::{check_aligned, check_grid_batch, check_status, ffi_stream, DevView, Workspace};
+use crate::cuda::{
+    check_aligned, check_grid_batch, check_head_dim, check_row_strides, check_status, ffi_stream,
+    DevView, Workspace,
+};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
@@ -30,25 +33,8 @@ pub fn route_topk<T: Element>(
 ) -> Result<()> {
     let host = layout.host();
     let d = check(q.shape(), desc.shape(), host, k, routes.shape())?;
-    let max_d = ffi::FOVEAL_ROUTE_MAX_HEAD_DIM as usize;
-    ensure(d.head_dim % 4 == 0 && d.head_dim <= max_d, || {
-        Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "head dim {} must be a multiple of 4 and at most {max_d}",
-                d.head_dim
-            ),
-        }
-    })?;
-    let desc_shape = desc.shape();
-    let desc_strides = desc.layout().strides();
-    ensure(
-        (0..3).all(|i| desc_shape[i] <= 1 || desc_strides[i] % 4 == 0),
-        || Error::Unsupported {
-            op: OP,
-            msg: "the strides of `desc` must be multiples of 4 elements (16 bytes)".into(),
-        },
-    )?;
+    check_head_dim(OP, d.head_dim, 4, ffi::FOVEAL_ROUTE_MAX_HEAD_DIM as usize)?;
+    check_row_strides(OP, "desc", desc, 4)?;
     check_grid_batch(OP, d.batch)?;
     let lists = d.batch * d.queries * d.q_heads;
     let chunk = ffi::FOVEAL_ROUTE_HEAD_CHUNK as usize;
@@ -70,7 +56,7 @@ pub fn route_topk<T: Element>(
         check_aligned(OP, "desc", desc_ptr, 16)?;
         let (q_ptr, _q) = q.ptr(stream);
         let [qsb, qsn, qsh, _] = q.layout().strides();
-        let [dsb, dsh, dsr, _] = desc_strides;
+        let [dsb, dsh, dsr, _] = desc.layout().strides();
         let (count, _c) = layout.region_count.device_ptr(stream);
         let ([scores], _ws) = workspace.regions(stream, [lists * r_max * 4])?;
         let (ids, _i) = routes.ids.device_ptr_mut(stream);

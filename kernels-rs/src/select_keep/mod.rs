@@ -3,9 +3,10 @@
 //!
 //! Per row, with `p = sigmoid(logit)` over the row's `nv` visual tokens:
 //! keep `p > t`; if a max ratio `r` is given and more than `floor(r * nv)`
-//! pass, keep exactly the `floor(r * nv)` largest (a product within f32
-//! rounding of an integer counts as that integer); if fewer than `min_keep`
-//! are kept, add the largest until `min(min_keep, nv)` are.
+//! pass, keep exactly the `floor(r * nv)` largest (the floor of the f64
+//! product of `r` as the caller gave it, with no tolerance: `0.111 * 9009 =
+//! 999.999` caps at 999, `0.7 * 10` at 7); if fewer than `min_keep` are
+//! kept, add the largest until `min(min_keep, nv)` are.
 //!
 //! Every kept set above is the top-`n` of the row for the `n` the rules give
 //! (the tokens over the threshold are exactly the largest ones), so the op
@@ -32,8 +33,9 @@ pub(crate) const OP: &str = "select_keep";
 pub struct KeepRule {
     /// Keep `sigmoid(logit) > threshold` (strict). In `[0, 1]`; default 0.5.
     pub threshold: f32,
-    /// Keep at most `floor(max_ratio * nv)` tokens (then exactly that many). In `[0, 1]`.
-    pub max_ratio: Option<f32>,
+    /// Keep at most `floor(max_ratio * nv)` tokens (then exactly that many),
+    /// the floor of the f64 product. In `[0, 1]`.
+    pub max_ratio: Option<f64>,
     /// Keep at least `min(min_keep, nv)` tokens. Default 1.
     pub min_keep: usize,
 }
@@ -93,18 +95,12 @@ impl KeepRule {
     }
 }
 
-/// `floor(r * nv)`, where a product within f32 rounding (1e-6 relative) of an
-/// integer counts as that integer: `r` arrives as the f32 nearest to the
-/// caller's ratio, so 0.7 * 10 is 6.99999988 and must still cap at 7. The
-/// kernel computes the same expression in f64.
-pub(crate) fn ratio_cap(r: f32, nv: usize) -> usize {
-    let x = r as f64 * nv as f64;
-    let nearest = x.round();
-    if (x - nearest).abs() <= 1e-6 * x {
-        nearest as usize
-    } else {
-        x.floor() as usize
-    }
+/// `floor(r * nv)`: the floor of the f64 product, with no tolerance (as the
+/// authors' code computes `int(r * nv)` in Python floats). `r` is carried as
+/// the caller's f64, so `0.7 * 10` is exactly 7 while `0.111 * 9009 =
+/// 999.999` floors to 999. The kernel computes the same f64 expression.
+pub(crate) fn ratio_cap(r: f64, nv: usize) -> usize {
+    (r * nv as f64).floor() as usize
 }
 
 /// The kept visual indices of a batch on the host: `idx [B, nv_max]`

@@ -56,13 +56,15 @@ pub fn text_guided_select<T: Element>(
                         d.scale * qf.iter().zip(key).map(|(a, c)| a * c).sum::<f32>()
                     }));
                     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = m + logits
+                    let ln_sum = logits
                         .iter()
                         .map(|&l| f64::from(l - m).exp())
                         .sum::<f64>()
                         .ln() as f32;
+                    // log A = (l - m) - ln sum: never l - (m + ln sum), which
+                    // rounds m + ln sum at the size of the logits
                     for (bi, &l) in best.iter_mut().zip(&logits) {
-                        *bi = bi.max(l - lse);
+                        *bi = bi.max((l - m) - ln_sum);
                     }
                 }
                 for (si, &bi) in s.iter_mut().zip(&best) {

@@ -7,11 +7,11 @@ use foveal_sys as ffi;
 
 use super::{check, Lengths, OP};
 use crate::cuda::{
-    check_aligned, check_grid_batch, check_status, driver_err, ffi_stream, sm_count, DevView,
-    DevViewMut, Workspace,
+    check_aligned, check_grid_batch, check_head_dim, check_row_strides, check_status, driver_err,
+    ffi_stream, sm_count, DevView, DevViewMut, Workspace,
 };
 use crate::dtype::Element;
-use crate::error::{ensure, Error, Result};
+use crate::error::{Error, Result};
 use crate::glimpse_scores::cuda::ffi_dtype;
 
 /// [`Lengths`] uploaded to the device (once per batch, before the op).
@@ -80,25 +80,8 @@ pub fn text_guided_select<T: Element>(
         scores.as_ref().map(|s| s.shape()),
     )?;
     let vec = 16 / std::mem::size_of::<T>();
-    let max_d = ffi::FOVEAL_TGS_MAX_HEAD_DIM as usize;
-    ensure(d.head_dim % vec == 0 && d.head_dim <= max_d, || {
-        Error::Unsupported {
-            op: OP,
-            msg: format!(
-                "head dim {} must be a multiple of {vec} and at most {max_d}",
-                d.head_dim
-            ),
-        }
-    })?;
-    let k_shape = k_vis.shape();
-    let k_strides = k_vis.layout().strides();
-    ensure(
-        (0..3).all(|i| k_shape[i] <= 1 || k_strides[i] % vec == 0),
-        || Error::Unsupported {
-            op: OP,
-            msg: format!("the strides of `k_vis` must be multiples of {vec} elements"),
-        },
-    )?;
+    check_head_dim(OP, d.head_dim, vec, ffi::FOVEAL_TGS_MAX_HEAD_DIM as usize)?;
+    check_row_strides(OP, "k_vis", k_vis, vec)?;
     check_grid_batch(OP, d.batch)?;
     if d.batch == 0 {
         return Ok(());
@@ -113,7 +96,7 @@ pub fn text_guided_select<T: Element>(
         .clamp(1, d.text.clamp(1, 65_535));
 
     let lse_partial = d.batch * key_chunks * d.q_heads * d.text * 2 * 4;
-    let lse = d.batch * d.q_heads * d.text * 4;
+    let lse = d.batch * d.q_heads * d.text * 2 * 4;
     let s_partial = d.batch * text_splits * d.visual * 4;
     let own_scores = if scores.is_some() {
         0
@@ -125,7 +108,7 @@ pub fn text_guided_select<T: Element>(
     check_aligned(OP, "k_vis", k_ptr, 16)?;
     let (q_ptr, _q) = q_text.ptr(stream);
     let [qsb, qst, qsh, _] = q_text.layout().strides();
-    let [ksb, ksn, ksh, _] = k_strides;
+    let [ksb, ksn, ksh, _] = k_vis.layout().strides();
     let keep_sb = keep.layout().stride(0);
     let count_s = count.layout().stride(0);
     let (keep_ptr, _kp) = keep.ptr_mut(stream);
@@ -180,7 +163,7 @@ pub fn text_guided_select<T: Element>(
     // ties the outputs to [B, N] and [B], and the checks above give the key
     // loads their 16-byte alignment and a head dim the shared tiles hold; the
     // workspace regions have the sizes the kernels index ([B, chunks, Hq, T,
-    // 2], [B, Hq, T], [B, splits, N], [B, N]); the batch fits the grid.
+    // 2], [B, Hq, T, 2], [B, splits, N], [B, N]); the batch fits the grid.
     let status = unsafe { ffi::foveal_text_guided_select(&params, stream_ptr) };
     check_status(OP, status)
 }

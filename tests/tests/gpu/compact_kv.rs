@@ -21,8 +21,8 @@ use foveal::{
     Error, KeepPositions, KeepRule, KeepSet, Layout, Padding, RowLayout, RowSpec, View, ViewMut,
 };
 use foveal_tests::gpu::{
-    assert_bits_eq, assert_untouched, cases, download, gpu, poisoned, upload, with_split_mut, DevBuf,
-    GpuElem,
+    assert_bits_eq, assert_untouched, cases, download, gpu, poisoned, upload, with_split_mut,
+    DevBuf, GpuElem,
 };
 use foveal_tests::{indices, random_elem, random_rows, rng, Bits, KvOrder, Poison, RowOpts};
 use half::{bf16, f16};

@@ -25,7 +25,9 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use foveal_tests::gaze_decode::{
-    all_routes, assert_matches, gapless_rows, gaze_oracle, outputs, Case, Inputs, Want,
+    all_routes, assert_large_logits, assert_matches, assert_matches_tainted, attended,
+    gapless_rows, gaze_oracle, inf_value_case, large_logit_case, outputs, poison_shared_rows, Case,
+    Inputs, Taint, Want,
 };
 
 /// GQA group sizes: every size one pass serves (1..=8) and two served in
@@ -104,6 +106,19 @@ fn check_inputs<T: GpuElem>(
     want: &[Want],
     what: &str,
 ) {
+    check_tainted(stream, ws, inp, want, &[], what);
+}
+
+/// [`check_inputs`] where the heads `taint` marks attend a poisoned row
+/// (their output must be non-finite; every other head must match).
+fn check_tainted<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    ws: &mut Workspace,
+    inp: &Inputs<T>,
+    want: &[Want],
+    taint: &[Taint],
+    what: &str,
+) {
     let (mut o, mut lse) = outputs::<T>(&mut rng(7), inp.q.shape, true);
     cpu::gaze_decode(
         inp.q.view(),
@@ -125,15 +140,23 @@ fn check_inputs<T: GpuElem>(
         data: got_lse,
         ..lse.clone()
     };
-    assert_matches(
+    assert_matches_tainted(
         &gpu_o,
         &gpu_lse,
         want,
+        taint,
         2.0,
         &format!("GPU vs oracle, {what}"),
     );
     // and the reference itself, beside it, within the same bound of the oracle
-    assert_matches(&o, &lse, want, 1.0, &format!("CPU vs oracle, {what}"));
+    assert_matches_tainted(
+        &o,
+        &lse,
+        want,
+        taint,
+        1.0,
+        &format!("CPU vs oracle, {what}"),
+    );
 }
 
 fn random_cases<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
@@ -161,6 +184,92 @@ fn matches_cpu_f16() {
 fn matches_cpu_bf16() {
     let Some(stream) = gpu() else { return };
     random_cases::<bf16>(&stream, 3);
+}
+
+/// Issue 11, fault 2, its minimal case: V[1] is +inf and only head 0
+/// attends it; head 1 shares the KV head (one unit: the same loads) and
+/// attends {0, 2}. Head 1's output must be finite and equal that attention;
+/// before the fix the shared accumulation added 0 x inf = NaN to it.
+#[test]
+fn inf_value_attended_by_one_head_of_the_group() {
+    let Some(stream) = gpu() else { return };
+    let mut ws = Workspace::new();
+    let taint = [Taint::Value, Taint::Clean];
+    let inp = inf_value_case::<f32>();
+    check_tainted(&stream, &mut ws, &inp, &gaze_oracle(&inp), &taint, "f32");
+    let inp = inf_value_case::<f16>();
+    check_tainted(&stream, &mut ws, &inp, &gaze_oracle(&inp), &taint, "f16");
+    let inp = inf_value_case::<bf16>();
+    check_tainted(&stream, &mut ws, &inp, &gaze_oracle(&inp), &taint, "bf16");
+}
+
+/// Random cases (GQA 2 to 16, every element type, long rows now and then)
+/// in which value rows (+inf, -inf, NaN) and key rows (NaN) that some heads
+/// of a group attend, not all, are poisoned: every head that attends none
+/// matches the oracle, every head that does is non-finite, on the GPU as on
+/// the CPU. (A NaN score must reach the head's output even where it is the
+/// first its lane group sees: before common.cuh's online softmax the attend
+/// loop dropped it while its running max was -inf.)
+#[test]
+fn poisoned_rows_attended_by_some_heads() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut r = rng(seed);
+        let mut ws = Workspace::new();
+        for n in 0..cases(30) as u64 {
+            let mut c = random_case::<T>(&mut r, seed * 1000 + n, n % 10 == 9);
+            c.group = c.group.max(2);
+            let mut inp = Inputs::<T>::new(&c);
+            let (layout, routes) = (&inp.layout, &inp.routes);
+            let taint =
+                poison_shared_rows(&mut r, &mut inp.k, &mut inp.v, c.group, 3, true, |b, h| {
+                    attended(layout, routes, b, h)
+                });
+            check_tainted(
+                stream,
+                &mut ws,
+                &inp,
+                &gaze_oracle(&inp),
+                &taint,
+                &format!("{c:?}"),
+            );
+        }
+    }
+    run::<f32>(&stream, 61);
+    run::<f16>(&stream, 62);
+    run::<bf16>(&stream, 63);
+}
+
+/// Logits of 1e3 to 1e6 (issue 11, fault 4), exact in every element type:
+/// `o` and `lse` against the oracle with bounds that do not grow with the
+/// logits. The attend step forms `exp2f((s - m) log2 e)`; scores scaled by
+/// log2 e before the difference (as before common.cuh's online softmax)
+/// were rounded at 1.4e6 (an ulp of 0.125) and failed here.
+#[test]
+fn large_logits_keep_their_precision() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, b: f32) {
+        let inp = large_logit_case::<T>(b);
+        let (o, lse) = outputs::<T>(&mut rng(7), inp.q.shape, true);
+        let (got_o, got_lse) = run_gpu(stream, ws, &inp, &o, &lse);
+        let gpu_o = Tensor { data: got_o, ..o };
+        let gpu_lse = Tensor {
+            data: got_lse,
+            ..lse
+        };
+        assert_large_logits(
+            &gpu_o,
+            &gpu_lse,
+            &gaze_oracle(&inp),
+            &format!("logits {}", 1000.0 * b),
+        );
+    }
+    let mut ws = Workspace::new();
+    for b in [1.0, 10.0, 100.0, 1000.0] {
+        run::<f32>(&stream, &mut ws, b);
+        run::<f16>(&stream, &mut ws, b);
+        run::<bf16>(&stream, &mut ws, b);
+    }
 }
 
 /// Every head dim the SPEC names, every group size, long rows (many key

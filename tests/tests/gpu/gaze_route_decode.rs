@@ -26,8 +26,10 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use foveal_tests::gaze_decode::{assert_matches, attended, oracle};
-use foveal_tests::gaze_route_decode::{outputs, run_cpu, Case, Inputs};
+use foveal_tests::gaze_decode::{
+    assert_matches_tainted, attended, oracle, poison_shared_rows, Taint,
+};
+use foveal_tests::gaze_route_decode::{inf_value_case, outputs, run_cpu, Case, Inputs};
 
 const GROUPS: [usize; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16];
 
@@ -71,6 +73,20 @@ fn run_gpu<T: GpuElem>(
     o_like: &Tensor<T, 3>,
     lse_like: &Tensor<f32, 2>,
 ) -> (Vec<T>, Vec<f32>, Routes) {
+    let (res, o, lse, routes) = try_run_gpu(stream, ws, inp, o_like, lse_like);
+    res.expect("valid call");
+    (o, lse, routes.to_host(stream).expect("routes"))
+}
+
+/// [`run_gpu`] that returns the call's result beside the outputs' storage
+/// and the device routes, whatever it is.
+fn try_run_gpu<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    ws: &mut Workspace,
+    inp: &Inputs<T>,
+    o_like: &Tensor<T, 3>,
+    lse_like: &Tensor<f32, 2>,
+) -> (Result<(), Error>, Vec<T>, Vec<f32>, DeviceRoutes) {
     let layout = DeviceGazeLayout::new(stream, &inp.layout).expect("device layout");
     let mut routes =
         DeviceRoutes::new(stream, &layout, 1, inp.q.shape[1], inp.top_k).expect("routes");
@@ -84,7 +100,7 @@ fn run_gpu<T: GpuElem>(
     );
     let mut o_dev = poisoned::<T>(stream, o_like.data.len());
     let mut lse_dev = poisoned::<f32>(stream, lse_like.data.len());
-    {
+    let res = {
         let mut o = o_like.dev_view_mut(&mut o_dev);
         let mut lse = lse_like.dev_view_mut(&mut lse_dev);
         cuda::gaze_route_decode(
@@ -101,20 +117,48 @@ fn run_gpu<T: GpuElem>(
             &mut routes,
             ws,
         )
-        .expect("valid call");
-    }
+    };
     (
+        res,
         download(stream, &o_dev),
         download(stream, &lse_dev),
-        routes.to_host(stream).expect("routes"),
+        routes,
     )
 }
 
 fn check_case<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, c: &Case) {
     let inp = Inputs::<T>::new(c);
     let (o_like, lse_like) = outputs::<T>(&mut rng(c.seed ^ 3), inp.q.shape, true);
-    let (_, _, routes) = run_cpu(&inp, &o_like, &lse_like);
-    let (got_o, got_lse, got_routes) = run_gpu(stream, ws, &inp, &o_like, &lse_like);
+    let got = run_gpu(stream, ws, &inp, &o_like, &lse_like);
+    check_outputs(&inp, &o_like, &lse_like, got, c);
+}
+
+/// The GPU's outputs `got` (run on `inp` into outputs laid out like `o_like`
+/// / `lse_like`) against the f64 oracle over the positions the CPU's routes
+/// name (equal to the GPU's).
+fn check_outputs<T: GpuElem>(
+    inp: &Inputs<T>,
+    o_like: &Tensor<T, 3>,
+    lse_like: &Tensor<f32, 2>,
+    got: (Vec<T>, Vec<f32>, Routes),
+    c: &Case,
+) {
+    check_tainted(inp, o_like, lse_like, got, &[], c);
+}
+
+/// [`check_outputs`] where the heads `taint` marks (`[b * Hq + h]`; empty:
+/// none) attend a poisoned row: their `o` must be non-finite, their `lse`
+/// too where a key row is poisoned; every other head must match the oracle.
+fn check_tainted<T: GpuElem>(
+    inp: &Inputs<T>,
+    o_like: &Tensor<T, 3>,
+    lse_like: &Tensor<f32, 2>,
+    got: (Vec<T>, Vec<f32>, Routes),
+    taint: &[Taint],
+    c: &Case,
+) {
+    let (_, _, routes) = run_cpu(inp, o_like, lse_like);
+    let (got_o, got_lse, got_routes) = got;
     assert_eq!(got_routes.ids(), routes.ids(), "routes, {c:?}");
     // o and lse against the f64 oracle over the positions the routes name,
     // within twice its f32 accumulation bound (gaze_decode's GPU bound).
@@ -123,13 +167,20 @@ fn check_case<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, c: &Case
     });
     let gpu_o = Tensor {
         data: got_o,
-        ..o_like
+        ..o_like.clone()
     };
     let gpu_lse = Tensor {
         data: got_lse,
-        ..lse_like
+        ..lse_like.clone()
     };
-    assert_matches(&gpu_o, &gpu_lse, &want, 2.0, &format!("GPU vs oracle, {c:?}"));
+    assert_matches_tainted(
+        &gpu_o,
+        &gpu_lse,
+        &want,
+        taint,
+        2.0,
+        &format!("GPU vs oracle, {c:?}"),
+    );
 }
 
 fn random_cases<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
@@ -157,6 +208,73 @@ fn matches_cpu_f16() {
 fn matches_cpu_bf16() {
     let Some(stream) = gpu() else { return };
     random_cases::<bf16>(&stream, 3);
+}
+
+/// Issue 11, fault 2, its minimal case: V[1] is +inf and only head 0
+/// routes the region holding it; head 1 shares the unit (the same loads)
+/// and must stay finite, equal to the CPU; before the fix the shared
+/// accumulation added 0 x inf = NaN to it.
+#[test]
+fn inf_value_attended_by_one_head_of_the_group() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>) {
+        let inp = inf_value_case::<T>();
+        let (o_like, lse_like) = outputs::<T>(&mut rng(1), inp.q.shape, true);
+        let got = run_gpu(stream, &mut Workspace::new(), &inp, &o_like, &lse_like);
+        let c = Case {
+            seed: 0,
+            batch: 1,
+            kv_heads: 1,
+            group: 2,
+            head_dim: 8,
+            ties: false,
+            all: false,
+            scale: None,
+            aligned: true,
+            opts: GazeOpts::default(),
+        };
+        check_tainted(
+            &inp,
+            &o_like,
+            &lse_like,
+            got,
+            &[Taint::Value, Taint::Clean],
+            &c,
+        );
+    }
+    run::<f32>(&stream);
+    run::<f16>(&stream);
+    run::<bf16>(&stream);
+}
+
+/// Random cases (GQA 2 to 16, every element type, long rows now and then)
+/// in which value rows (+inf, -inf, NaN) and key rows (NaN) that some heads
+/// of a group route, not all, are poisoned: every head that attends none
+/// equals the CPU, every head that does is non-finite on both sides.
+#[test]
+fn poisoned_rows_attended_by_some_heads() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut r = rng(seed);
+        let mut ws = Workspace::new();
+        for n in 0..cases(20) as u64 {
+            let mut c = random_case::<T>(&mut r, seed * 1000 + n, n % 5 == 4);
+            c.group = c.group.max(2);
+            c.all = false;
+            let mut inp = Inputs::<T>::new(&c);
+            let (layout, routes) = (&inp.layout, &inp.routes);
+            let taint =
+                poison_shared_rows(&mut r, &mut inp.k, &mut inp.v, c.group, 3, true, |b, h| {
+                    attended(layout, routes, b, h)
+                });
+            let (o_like, lse_like) = outputs::<T>(&mut rng(c.seed ^ 3), inp.q.shape, true);
+            let got = run_gpu(stream, &mut ws, &inp, &o_like, &lse_like);
+            check_tainted(&inp, &o_like, &lse_like, got, &taint, &c);
+        }
+    }
+    run::<f32>(&stream, 61);
+    run::<f16>(&stream, 62);
+    run::<bf16>(&stream, 63);
 }
 
 /// Bit-identical outputs and routes: twice in a row on one workspace (the
@@ -249,7 +367,8 @@ fn refuses_too_many_regions() {
     let mut routes = DeviceRoutes::new(&stream, &dev_layout, 1, 1, 4).unwrap();
     let res = {
         let mut o =
-            foveal::cuda::DevViewMut::new(o_dev.as_view_mut(), Layout::contiguous([1, 1, d])).unwrap();
+            foveal::cuda::DevViewMut::new(o_dev.as_view_mut(), Layout::contiguous([1, 1, d]))
+                .unwrap();
         cuda::gaze_route_decode(
             &stream,
             &DevView::new(q.as_view(), Layout::contiguous([1, 1, d])).unwrap(),
@@ -276,4 +395,70 @@ fn refuses_too_many_regions() {
         "{res:?}"
     );
     assert_untouched(&download(&stream, &o_dev), "o");
+}
+
+/// Issue 11, fault 1: at bf16, D 128, G 8 the kernel holds about 23 KB of
+/// static shared memory, and the region scores `8 x regions x 4` bytes
+/// (plus a byte per region) of dynamic; from about 780 regions the total
+/// passes 48 KiB while the dynamic part alone does not, and the launch
+/// failed (invalid argument) because the kernel opted in only past 48 KiB of
+/// dynamic memory. Each size must run and equal the CPU reference, or be
+/// refused before launching with `Error::Unsupported` naming shared memory
+/// (a device whose opt-in limit is smaller), the outputs untouched; never
+/// fail to launch. Regions of one token each (a 1 x R grid), two rows of
+/// different counts, top_k random.
+#[test]
+fn region_counts_past_48_kib_of_shared_memory() {
+    let Some(stream) = gpu() else { return };
+    let mut ws = Workspace::new();
+    let sizes = [
+        700, 780, 800, 1_000, 1_200, 1_490, 1_500, 1_700, 2_500, 4_096,
+    ];
+    for (n, &regions) in sizes.iter().enumerate() {
+        let mut rows = Vec::new();
+        for count in [regions, regions / 2 + 1] {
+            let mut row = GazeRow::new();
+            row.push_visible(0..3);
+            let shape = foveal::RegionShape {
+                frames: 1,
+                height: 1,
+                width: 1,
+            };
+            row.push_units(&[3], 1, count, shape).expect("grid");
+            row.push_visible(3 + count..7 + count);
+            rows.push(row);
+        }
+        let layout = GazeLayout::new(regions + 8, &rows).expect("layout");
+        assert_eq!(layout.max_regions(), regions);
+        let c = Case {
+            seed: 5_000 + n as u64,
+            batch: 2,
+            kv_heads: 1,
+            group: 8,
+            head_dim: 128,
+            ties: false,
+            all: false,
+            scale: None,
+            aligned: true,
+            opts: GazeOpts::default(),
+        };
+        let inp = Inputs::<bf16>::with_layout(&mut rng(c.seed), &c, layout);
+        let (o_like, lse_like) = outputs::<bf16>(&mut rng(c.seed ^ 3), inp.q.shape, true);
+        let (res, o, lse, routes) = try_run_gpu(&stream, &mut ws, &inp, &o_like, &lse_like);
+        match res {
+            Ok(()) => {
+                let routes = routes.to_host(&stream).expect("routes");
+                check_outputs(&inp, &o_like, &lse_like, (o, lse, routes), &c);
+            }
+            Err(Error::Unsupported {
+                op: "gaze_route_decode",
+                msg,
+            }) if msg.contains("shared memory") => {
+                eprintln!("{regions} regions refused on this device: {msg}");
+                assert_untouched(&o, "o of a refused call");
+                assert_untouched(&lse, "lse of a refused call");
+            }
+            Err(e) => panic!("{regions} regions: neither run nor refused for shared memory: {e:?}"),
+        }
+    }
 }

@@ -517,6 +517,235 @@ fn rows_without_visual_tokens() {
     }
 }
 
+/// Issue 11, fault 3: keys whose score is -inf (a row [-inf, 0, ...]
+/// against queries whose first element is positive, scale positive), about
+/// one key in three and always the row's first, so that many key groups of
+/// the split pass start on one. The CPU reference stays finite (a -inf
+/// score weighs 0); the kernel's running log-sum-exp made the whole row NaN
+/// (exp(-inf - -inf)) before the online-softmax helper. Every other case
+/// also puts +inf and NaN keys in row 0: there the CPU is NaN, and the GPU
+/// must be NaN exactly where the CPU is.
+#[test]
+fn infinite_scores_in_key_groups() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut r = rng(seed);
+        let mut ws = Workspace::new();
+        let mut finite = 0;
+        for n in 0..cases(24) as u64 {
+            let mut c = random_case::<T>(
+                &mut r,
+                seed * 100 + n,
+                SCORE_MODES[n as usize % 3],
+                n % 4 == 3,
+            );
+            c.scale = Some(r.random_range(0.05f32..0.5));
+            let rows = random_rows(
+                &mut rng(c.seed),
+                c.batch,
+                c.seq,
+                RowOpts::with_all_visual(true),
+            );
+            let mut inp = inputs::<T>(&c, rows);
+            poison_keys(&mut r, &c, &mut inp, n % 2 == 1);
+            let want = run_cpu(&inp, c.scale, c.mode);
+            let got = run_gpu(stream, &mut ws, &inp, c.scale, c.mode);
+            finite += compare_non_finite(&c, &inp, &got, &want);
+        }
+        assert!(
+            finite > 100,
+            "too few finite entries ({finite}) to test anything"
+        );
+    }
+    run::<f32>(&stream, 41);
+    run::<f16>(&stream, 42);
+    run::<bf16>(&stream, 43);
+}
+
+/// Gives every query head a positive first element and makes about one key
+/// in three of each row, and always its first (the glimpse token excepted),
+/// `[bad, 0, 0, ...]`: bad = -inf, or in row 0 with `mixed` also +inf or
+/// NaN.
+fn poison_keys<T: GpuElem>(r: &mut StdRng, c: &Case, inp: &mut Inputs<T>, mixed: bool) {
+    let [batch, hq, d] = inp.q.shape;
+    for b in 0..batch {
+        for h in 0..hq {
+            let o = inp.q.offset([b, h, 0]);
+            inp.q.data[o] = T::from_f32(c.amp.max(0.5));
+        }
+        let row = &inp.rows[b];
+        for p in row.start..row.end - 1 {
+            if p != row.start && !r.random_bool(0.35) {
+                continue;
+            }
+            let bad = if mixed && b == 0 {
+                [f32::NEG_INFINITY, f32::INFINITY, f32::NAN][r.random_range(0..3)]
+            } else {
+                f32::NEG_INFINITY
+            };
+            for kvh in 0..c.kv_heads {
+                for j in 0..d {
+                    let o = inp.k.offset([b, p, kvh, j]);
+                    inp.k.data[o] = T::from_f32(if j == 0 { bad } else { 0.0 });
+                }
+            }
+        }
+    }
+}
+
+/// [`compare`] for outputs that may hold infinities and NaN: where the CPU
+/// is NaN the GPU must be NaN, where it is infinite the GPU must equal it,
+/// elsewhere the GPU must be within the f32 accumulation bound (from the
+/// size of the finite logits, at most `|scale| * D * amp^2`). Returns the
+/// number of finite entries compared.
+fn compare_non_finite<T: GpuElem>(c: &Case, inp: &Inputs<T>, got: &[f32], want: &[f32]) -> usize {
+    let [batch, hq, d] = inp.q.shape;
+    let scale = c.scale.unwrap_or(1.0 / (d as f32).sqrt()).abs() as f64;
+    let amp = c.amp.max(0.5) as f64;
+    let big = scale * d as f64 * amp * amp;
+    let mut finite = 0;
+    for b in 0..batch {
+        let row = &inp.rows[b];
+        let ln_n = (row.end as f64 - row.start as f64).ln();
+        for h in 0..hq {
+            for i in 0..inp.layout.nv_max() {
+                let o = inp.out.offset([b, i, h]);
+                let (gv, wv) = (got[o], want[o]);
+                let what = format!("{c:?}: out[{b}, {i}, {h}]: GPU {gv}, CPU {wv}");
+                if i >= row.visual.len() {
+                    assert!(
+                        gv.to_bits() == 0 && wv.to_bits() == 0,
+                        "{what}: past the count, both +0"
+                    );
+                } else if wv.is_nan() {
+                    assert!(gv.is_nan(), "{what}: the CPU is NaN");
+                } else if wv.is_infinite() {
+                    assert_eq!(gv, wv, "{what}");
+                } else {
+                    let log_bound = 1e-5 + 2e-5 * (3.0 * big + ln_n);
+                    let bound = match c.mode {
+                        ScoreMode::Logits => 1e-5 + 2e-5 * big,
+                        ScoreMode::LogSoftmax => log_bound,
+                        ScoreMode::Softmax => 1e-7 + wv.abs() as f64 * log_bound,
+                    };
+                    let diff = (gv as f64 - wv as f64).abs();
+                    assert!(diff <= bound, "{what}: |diff| {diff:e} > bound {bound:e}");
+                    finite += 1;
+                }
+            }
+        }
+    }
+    finite
+}
+
+/// Issue 11, fault 4: logits of 1e3 to 1e6, exact in every element type and
+/// in f32 (q rows `[1000, c_h, 0, ...]`, key rows `[b, e_p, 0, ...]`, small
+/// integers, scale 1: `s = 1000 b + c_h e_p`), a long row (several key
+/// splits, merged) beside a short one, against values computed here in f64.
+/// The log-softmax is `(s - m) - ln sum`; `s - (m + ln sum)` rounded
+/// `m + ln sum` at the logits' size and failed here. Logits exactly.
+#[test]
+fn large_logits_keep_their_precision() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, b: f32, mode: ScoreMode) {
+        let (seq, hkv, g, d) = (3000, 2, 3, 16);
+        let hq = hkv * g;
+        let rows = vec![
+            RowSpec {
+                start: 0,
+                end: seq,
+                visual: (10..2900).collect(),
+            },
+            RowSpec {
+                start: 5,
+                end: 200,
+                visual: (6..190).step_by(3).collect(),
+            },
+        ];
+        let layout = RowLayout::new(seq, &rows).expect("rows");
+        let mut r = rng(b as u64);
+        let e: Vec<f64> = (0..2 * seq * hkv)
+            .map(|_| r.random_range(-6..=6) as f64)
+            .collect();
+        let e_at = |bi: usize, p: usize, kvh: usize| e[(bi * seq + p) * hkv + kvh];
+        let c_of = |h: usize| (1 + h % 3) as f64;
+        let q_shape = [2, hq, d];
+        let q = Tensor::from_fn(q_shape, [hq * d, d, 1], T::POISON, |[_, h, j]| {
+            T::from_f32(match j {
+                0 => 1000.0,
+                1 => c_of(h) as f32,
+                _ => 0.0,
+            })
+        });
+        let k_shape = [2, seq, hkv, d];
+        let k = Tensor::from_fn(
+            k_shape,
+            [seq * hkv * d, hkv * d, d, 1],
+            T::POISON,
+            |[bi, p, kvh, j]| {
+                if p < rows[bi].start || p >= rows[bi].end {
+                    return T::POISON;
+                }
+                T::from_f32(match j {
+                    0 => b,
+                    1 => e_at(bi, p, kvh) as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        let out_shape = [2, layout.nv_max(), hq];
+        let out = Tensor::filled(out_shape, [layout.nv_max() * hq, hq, 1], f32::POISON);
+        let inp = Inputs {
+            rows,
+            layout,
+            q,
+            k,
+            out,
+        };
+        let got = run_gpu(stream, ws, &inp, Some(1.0), mode);
+        for bi in 0..2 {
+            let row = &inp.rows[bi];
+            for h in 0..hq {
+                let logit = |p: usize| 1000.0 * b as f64 + c_of(h) * e_at(bi, p, h / g);
+                let m = (row.start..row.end)
+                    .map(logit)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let ln_sum = (row.start..row.end)
+                    .map(|p| (logit(p) - m).exp())
+                    .sum::<f64>()
+                    .ln();
+                for (i, &p) in row.visual.iter().enumerate() {
+                    let log_p = (logit(p) - m) - ln_sum;
+                    let gv = got[inp.out.offset([bi, i, h])] as f64;
+                    let (want, ok) = match mode {
+                        ScoreMode::Logits => (logit(p), gv == logit(p)),
+                        ScoreMode::LogSoftmax => {
+                            (log_p, (gv - log_p).abs() <= 1e-5 * (1.0 + log_p.abs()))
+                        }
+                        ScoreMode::Softmax => {
+                            let w = log_p.exp();
+                            (w, (gv - w).abs() <= 1e-5 * (1.0 + log_p.abs()) * w)
+                        }
+                    };
+                    assert!(
+                        ok,
+                        "{mode:?}, logits {}: out[{bi}, {i}, {h}] GPU {gv}, want {want}",
+                        1000.0 * b
+                    );
+                }
+            }
+        }
+    }
+    let mut ws = Workspace::new();
+    for b in [1.0, 10.0, 100.0, 1000.0] {
+        for mode in SCORE_MODES {
+            run::<f32>(&stream, &mut ws, b, mode);
+            run::<f16>(&stream, &mut ws, b, mode);
+            run::<bf16>(&stream, &mut ws, b, mode);
+        }
+    }
+}
+
 /// The same inputs give bit-identical outputs: twice with one workspace,
 /// once more with a fresh workspace on another stream.
 fn deterministic<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {

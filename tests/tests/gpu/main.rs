@@ -13,6 +13,7 @@ mod compact_kv;
 mod cross_attention;
 mod gaze_decode;
 mod gaze_route_decode;
+mod glance_fusion;
 mod glimpse_scores;
 mod multiscale_gather;
 mod pos_conv1d;

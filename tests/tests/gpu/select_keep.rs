@@ -16,7 +16,7 @@ use foveal::cuda::{DevView, DeviceKeepSet, DeviceRowLayout};
 use foveal::select_keep::{cpu, cuda};
 use foveal::{Error, KeepRule, KeepSet, Layout, RowLayout, RowSpec};
 use foveal_tests::gpu::{cases, gpu, in_sweep, upload};
-use foveal_tests::{rng, Tensor, TIES};
+use foveal_tests::{ratio_boundary_cases, rng, Tensor, TIES};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -119,8 +119,8 @@ fn random_rule(r: &mut StdRng, nv_max: usize) -> KeepRule {
         0 | 1 => None,
         2 => Some(0.0),
         3 => Some(1.0),
-        4 if nv_max > 0 => Some(r.random_range(0..=nv_max) as f32 / nv_max as f32),
-        _ => Some(r.random_range(0.0f32..=1.0)),
+        4 if nv_max > 0 => Some(r.random_range(0..=nv_max) as f64 / nv_max as f64),
+        _ => Some(r.random_range(0.0f64..=1.0)),
     };
     let min_keep = match r.random_range(0..6) {
         0 => 0,
@@ -230,6 +230,46 @@ fn matches_cpu_on_random_cases() {
     let mut r = rng(11);
     for n in 0..cases(200) {
         check_case(&stream, &mut r, n % 10 == 9, &format!("case {n}"));
+    }
+}
+
+/// The ratio cap at products within 1e-3 of an integer (nv up to 65,536):
+/// the kernel keeps exactly `floor(r * nv)` of the f64 product, evaluated
+/// here, and the same set as the CPU (every token passes t = 0, so the cap
+/// decides). Several rows per launch, each with its own nv.
+#[test]
+fn ratio_cap_at_integer_boundaries() {
+    let Some(stream) = gpu() else { return };
+    let all = ratio_boundary_cases(7, 150);
+    let total = all.len();
+    for (n, &(ratio, nv)) in all.iter().enumerate() {
+        if !in_sweep(n, total) {
+            continue;
+        }
+        // the row under test, beside a shorter and an empty one
+        let counts = [nv, nv / 3, 0];
+        let rows = rows_with_counts(&counts);
+        let logits = logits_for(&rows, 0, 0, |b, i| ((i * 7919 + b) % 1009) as f32);
+        let rule = KeepRule {
+            threshold: 0.0,
+            max_ratio: Some(ratio),
+            min_keep: 0,
+        };
+        let dev_rows = DeviceRowLayout::new(&stream, &rows).expect("device rows");
+        let mut keep = DeviceKeepSet::new(&stream, &dev_rows).expect("device keep set");
+        run_gpu(&stream, &logits, &dev_rows, &rule, &mut keep).expect("select_keep (CUDA)");
+        let got = keep.to_host(&stream).expect("readback");
+        for (b, &count) in counts.iter().enumerate() {
+            let want = (ratio * count as f64).floor() as usize;
+            assert_eq!(
+                got.kept(b).len(),
+                want,
+                "row {b}: r {ratio:?}, nv {count}, r * nv = {:?}",
+                ratio * count as f64
+            );
+        }
+        let what = format!("r {ratio:?}, nv {counts:?}");
+        assert_same(&got, &run_cpu(&logits, &rows, &rule), &rows, &what);
     }
 }
 

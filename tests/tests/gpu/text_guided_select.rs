@@ -185,6 +185,87 @@ fn check<T: GpuElem>(seed: u64) {
     }
 }
 
+/// Issue 11, fault 4: logits of 1e3 to 1e6, exact in every element type and
+/// in f32 (D 16: scale 1/4; q rows `[1000, c, 0, ...]`, key rows `[b, e_i, 0,
+/// ...]`, small integers `c`, `e_i`), 300 visual tokens (three key chunks,
+/// merged): S against its f64 value computed here from those integers. log A
+/// is formed as `(l - m) - ln sum`; `l - (m + ln sum)` rounded `m + ln sum`
+/// at the logits' size (1e-2 relative in S at 1e6) and failed here.
+#[test]
+fn large_logits_keep_their_precision() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, b: f32) {
+        let (t, n, hkv, g, d) = (3, 300, 2, 2, 16);
+        let hq = hkv * g;
+        let mut r = rng(b as u64);
+        let c_of = |j: usize, h: usize| (1 + (h + j) % 3) as f64;
+        let e: Vec<f64> = (0..n).map(|_| r.random_range(-6..=6) as f64).collect();
+        let q = Tensor::from_fn(
+            [1, t, hq, d],
+            [t * hq * d, hq * d, d, 1],
+            T::from_f32(0.0),
+            |[_, j, h, x]| {
+                T::from_f32(match x {
+                    0 => 1000.0,
+                    1 => c_of(j, h) as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        let k = Tensor::from_fn(
+            [1, n, hkv, d],
+            [n * hkv * d, hkv * d, d, 1],
+            T::from_f32(0.0),
+            |[_, i, _, x]| {
+                T::from_f32(match x {
+                    0 => b,
+                    1 => e[i] as f32,
+                    _ => 0.0,
+                })
+            },
+        );
+        // S in f64: logits (1000 b + c e_i) / 4, softmax over i, max over h, mean over j
+        let mut want = vec![0f64; n];
+        for j in 0..t {
+            let mut best = vec![0f64; n];
+            for h in 0..hq {
+                let l: Vec<f64> = e
+                    .iter()
+                    .map(|&ei| (1000.0 * b as f64 + c_of(j, h) * ei) / 4.0)
+                    .collect();
+                let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = l.iter().map(|x| (x - m).exp()).sum();
+                for i in 0..n {
+                    best[i] = best[i].max((l[i] - m).exp() / z);
+                }
+            }
+            for i in 0..n {
+                want[i] += best[i] / t as f64;
+            }
+        }
+        let c = Case {
+            q,
+            k,
+            lengths: Lengths::full(1, t, n),
+            gamma: 0.85,
+        };
+        let (_, _, got) = run_gpu(stream, &c, &mut Workspace::new()).expect("CUDA");
+        for i in 0..n {
+            let (g, w) = (got[i] as f64, want[i]);
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.ln().abs()) * w + 1e-30,
+                "logits {}: S[{i}] GPU {g}, want {w}",
+                250.0 * b
+            );
+        }
+    }
+    for b in [4.0, 40.0, 400.0, 4000.0] {
+        run::<f32>(&stream, b);
+        run::<f16>(&stream, b);
+        run::<bf16>(&stream, b);
+    }
+}
+
 #[test]
 fn matches_cpu_f32() {
     check::<f32>(31);
