@@ -3,6 +3,7 @@
 
 pub mod focus;
 pub mod gaze;
+pub mod visor;
 
 use std::ops::Range;
 
