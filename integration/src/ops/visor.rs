@@ -27,7 +27,7 @@ pub struct AttendLens {
 enum LensPlaced {
     Host,
     #[cfg(feature = "cuda")]
-    Device(foveal::cross_attention::cuda::DeviceSeqLens),
+    Device(Box<foveal::cross_attention::cuda::DeviceSeqLens>),
 }
 
 impl AttendLens {
@@ -38,10 +38,10 @@ impl AttendLens {
         let placed = match device {
             Device::Cpu => LensPlaced::Host,
             #[cfg(feature = "cuda")]
-            Device::Cuda(d) => LensPlaced::Device(
+            Device::Cuda(d) => LensPlaced::Device(Box::new(
                 foveal::cross_attention::cuda::DeviceSeqLens::new(&d.cuda_stream(), &host)
                     .map_err(wrap)?,
-            ),
+            )),
             d => bail!("foveal: cross_attention runs on CPU or CUDA tensors, not {d:?}"),
         };
         Ok(AttendLens { host, placed })
