@@ -124,6 +124,28 @@ impl ModelConfig {
         }
     }
 
+    /// VISOR's base model: [`ModelConfig::tiny`]'s vision tower and a
+    /// 24-layer decoder, as deep as LLaVA-OneVision-0.5B's Qwen2, so that
+    /// the paper's layer schedule applies verbatim (8 cross-attention and 8
+    /// self-attention layers, Appendix A's configurations), but narrow
+    /// (width 64, 4 query / 2 KV heads of dim 16) so that it runs in
+    /// moments on a CPU.
+    pub fn visor() -> Self {
+        let tiny = Self::tiny();
+        ModelConfig {
+            text: TextConfig {
+                hidden_size: 64,
+                num_layers: 24,
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 16,
+                intermediate_size: 128,
+                ..tiny.text
+            },
+            ..tiny
+        }
+    }
+
     /// The index into the tower's `num_layers + 1` hidden states that feeds the projector.
     pub fn feature_layer_index(&self) -> usize {
         let n = self.vision.num_layers as isize + 1;

@@ -22,8 +22,9 @@
 //! - foveal on candle tensors: [`ops`] (the `glimpse_scores` and
 //!   `window_mean` CustomOps, the kept set, one compaction of many caches,
 //!   the row gather, `multiscale_gather`, `text_guided_select`; Gaze
-//!   Attention's region descriptors, routing and sparse decode; CPU tensors
-//!   go to foveal's CPU references, CUDA tensors to its CUDA paths in place).
+//!   Attention's region descriptors, routing and sparse decode; VISOR's
+//!   `cross_attention`, `pos_conv1d` and `token_pack`; CPU tensors go to
+//!   foveal's CPU references, CUDA tensors to its CUDA paths in place).
 //! - Gaze Attention end to end: [`gaze_prompt`] (text, images and videos
 //!   with context tokens after each visual unit, the context-token prefill
 //!   mask, the region layout) and [`gaze`] (context tokens, region
@@ -34,6 +35,13 @@
 //!   their parameter names, the training-free baseline map) and [`glimpse`]
 //!   (glimpse token and embeddings, pruning at layer K, decoding on the
 //!   compacted cache; their saved modules load as they are).
+//! - VISOR end to end: [`visor_config`] (the layer schedule as data: the
+//!   cross-attention layers, the viable self-attention configurations, the
+//!   router or a fixed configuration, VISOR-TR's packing ratio),
+//!   [`visor_prompt`] (the dense layout and its visual and text streams) and
+//!   [`visor`] (the position convolution, cross-attention, self-attention
+//!   and text-only layers, the routing token and router, per-row groups,
+//!   decoding with the visual K/V of each cross-attention layer kept).
 //! - FocusLLaVA end to end: [`vision_sampler`] (sub-images stitched into one
 //!   map, the selector, multi-scale sampling in the projector) and [`focus`]
 //!   (the text-guided sampler at layer K, the later layers and decoding on
@@ -59,6 +67,10 @@ pub mod reduce;
 pub mod vip;
 pub mod vision;
 pub mod vision_sampler;
+pub mod visor;
+pub mod visor_config;
+mod visor_layers;
+pub mod visor_prompt;
 
 pub use checkpoint::{Checkpoint, Named};
 pub use config::{ModelConfig, TextConfig, VisionConfig};
@@ -78,3 +90,6 @@ pub use model::{ImageFeatures, LlavaModel};
 pub use prompt::{Prompt, Segment};
 pub use reduce::Reduced;
 pub use vision_sampler::{VisionSample, VisionSampler, VisionSamplerConfig};
+pub use visor::{AttentionFlops, Visor, VisorInput, VisorRun};
+pub use visor_config::{LayerKind, Route, VisorConfig};
+pub use visor_prompt::{Streams, VisorPrompt, VisorText};

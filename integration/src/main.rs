@@ -1,10 +1,12 @@
-//! The main job: every method end to end on the built-in small model (seeded
-//! weights, synthetic images or `cargo run --release -- IMAGE`), through the
-//! one interface they share ([`ImageMethod`]): the dense baseline,
-//! GlimpsePrune, FocusLLaVA and Gaze Attention on the images, then the
-//! methods that take sub-images on images cut into 2 x 2 (the dense model
-//! over the same stitched map beside them), and Gaze Attention on a video
-//! and a two-image prompt, with what each decode step attended. CPU by
+//! The main job: every method end to end on the built-in small models
+//! (seeded weights, synthetic images or `cargo run --release -- IMAGE`),
+//! through the one interface they share ([`ImageMethod`]): the dense
+//! baseline, GlimpsePrune, FocusLLaVA and Gaze Attention on the tiny model,
+//! and VISOR (the router's configuration, the costliest configuration, and
+//! VISOR-TR) beside the dense model on VISOR's 24-layer base, on the images,
+//! then the methods that take sub-images on images cut into 2 x 2 (the
+//! dense model over the same stitched map beside them), and Gaze Attention
+//! on a video and a two-image prompt, with what each decode step attended. CPU by
 //! default; built with the feature `cuda` on a machine with a GPU, on the GPU. Then the GlimpsePrune kernel pipeline
 //! on a synthetic batch with planted salient tokens (and, on a GPU, its CUDA
 //! run checked against the CPU references).
@@ -16,7 +18,8 @@ use foveal_candle::images::{load_image, synthetic_images};
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
     Dense, FocusConfig, FocusLlava, GazeAttention, GazeConfig, GazeSegment, GlimpseConfig,
-    GlimpsePrune, ImageMethod, ImageQuestions, LlavaModel, Method, ModelConfig, Report,
+    GlimpsePrune, ImageMethod, ImageQuestions, LlavaModel, Method, ModelConfig, Report, Visor,
+    VisorConfig,
 };
 
 const NEW_TOKENS: usize = 8;
@@ -36,9 +39,58 @@ fn device() -> Device {
     Device::Cpu
 }
 
-/// Every method, seeded: the dense baseline, GlimpsePrune (an untrained
-/// importance map, capped at a quarter), FocusLLaVA (the paper's settings),
-/// Gaze Attention (4 context tokens per image, 2 x 2 regions, 4 per head).
+/// A base model and the methods that run on it, labelled in the table.
+struct Bench {
+    label: &'static str,
+    model: LlavaModel,
+    methods: Vec<Box<dyn ImageMethod>>,
+}
+
+/// Every method, seeded, with its base model: on the tiny model the dense
+/// baseline, GlimpsePrune, FocusLLaVA and Gaze Attention ([`methods`]); on
+/// VISOR's 24-layer base the dense baseline and VISOR ([`visor_methods`]).
+fn benches(dev: &Device) -> Result<Vec<Bench>> {
+    let tiny = ModelConfig::tiny();
+    let visor = ModelConfig::visor();
+    Ok(vec![
+        Bench {
+            label: "",
+            methods: methods(&tiny, dev)?,
+            model: LlavaModel::seeded(&tiny, 1, dev, DType::F32)?,
+        },
+        Bench {
+            label: " 24L",
+            methods: visor_methods(&visor, dev)?,
+            model: LlavaModel::seeded(&visor, 1, dev, DType::F32)?,
+        },
+    ])
+}
+
+/// The dense baseline and VISOR (the paper's schedule: 8 cross-attention
+/// layers, Appendix A's configurations) with the router, with the
+/// costliest configuration for every row, and VISOR-TR (packing ratio 2)
+/// with the router.
+fn visor_methods(cfg: &ModelConfig, dev: &Device) -> Result<Vec<Box<dyn ImageMethod>>> {
+    let routed = VisorConfig::for_model(cfg);
+    let costliest = routed.fixed(routed.costliest());
+    Ok(vec![
+        Box::new(Dense),
+        Box::new(Visor::seeded(cfg, &routed, 4, dev, DType::F32)?),
+        Box::new(Visor::seeded(cfg, &costliest, 4, dev, DType::F32)?),
+        Box::new(Visor::seeded(
+            cfg,
+            &VisorConfig::packed(cfg, 2.0),
+            4,
+            dev,
+            DType::F32,
+        )?),
+    ])
+}
+
+/// The tiny model's methods, seeded: the dense baseline, GlimpsePrune (an
+/// untrained importance map, capped at a quarter), FocusLLaVA (the paper's
+/// settings), Gaze Attention (4 context tokens per image, 2 x 2 regions, 4
+/// per head).
 fn methods(cfg: &ModelConfig, dev: &Device) -> Result<Vec<Box<dyn ImageMethod>>> {
     let mut glimpse = GlimpseConfig::for_model(cfg);
     glimpse.rule = KeepRule {
@@ -71,8 +123,9 @@ fn methods(cfg: &ModelConfig, dev: &Device) -> Result<Vec<Box<dyn ImageMethod>>>
 
 fn run() -> Result<()> {
     let dev = device();
-    let cfg = ModelConfig::tiny();
-    let model = LlavaModel::seeded(&cfg, 1, &dev, DType::F32)?;
+    let benches = benches(&dev)?;
+    let cfg = &benches[0].model.config;
+    let visor = &benches[1].model.config.text;
     // Synthetic images, or the image file given as the first argument (for both rows), of `size` pixels.
     let path = std::env::args().nth(1);
     let images = |size: usize| -> Result<Tensor> {
@@ -90,7 +143,7 @@ fn run() -> Result<()> {
         byte_tokens("How many shapes?"),
     ];
     println!(
-        "foveal main job on {} ({}): built-in model (ViT {}x{} patches, decoder {} layers, {} query / {} KV heads, head dim {}), seeded weights, {} images",
+        "foveal main job on {} ({}): built-in model (ViT {}x{} patches, decoder {} layers, {} query / {} KV heads, head dim {}; VISOR's base 24L: decoder {} layers of width {}, {} / {} heads of dim {}), seeded weights, {} images",
         if dev.is_cuda() { "GPU" } else { "CPU" },
         if dev.is_cuda() { "CUDA" } else { "candle CPU + foveal CPU references" },
         cfg.vision.patches_per_side(),
@@ -99,6 +152,11 @@ fn run() -> Result<()> {
         cfg.text.num_heads,
         cfg.text.num_kv_heads,
         cfg.text.head_dim,
+        visor.num_layers,
+        visor.hidden_size,
+        visor.num_heads,
+        visor.num_kv_heads,
+        visor.head_dim,
         questions.len(),
     );
 
@@ -115,16 +173,19 @@ fn run() -> Result<()> {
         inputs.push((suffix, input));
     }
     let mut reports = Vec::new();
-    let methods = methods(&cfg, &dev)?;
     for (suffix, input) in &inputs {
-        for m in methods
-            .iter()
-            .filter(|m| input.grid == (1, 1) || m.takes_grids())
-        {
-            reports.push((*suffix, m.run(&model, input, NEW_TOKENS)?));
+        for bench in &benches {
+            for m in bench
+                .methods
+                .iter()
+                .filter(|m| input.grid == (1, 1) || m.takes_grids())
+            {
+                let label = format!("{}{suffix}", bench.label);
+                reports.push((label, m.run(&bench.model, input, NEW_TOKENS)?));
+            }
         }
     }
-    reports.push(("", gaze_video(&model, &dev)?));
+    reports.push((String::new(), gaze_video(&benches[0].model, &dev)?));
     print_reports(&reports);
     kernel_pipeline().map_err(candle_core::Error::wrap)
 }
@@ -178,7 +239,7 @@ fn gaze_video(model: &LlavaModel, dev: &Device) -> Result<Report> {
 /// One line per method (its name, a suffix naming the input) and row:
 /// visual tokens in, after a vision-side sampler, kept; KV entries; times;
 /// the tokens; the method's own detail.
-fn print_reports(reports: &[(&str, Report)]) {
+fn print_reports(reports: &[(String, Report)]) {
     println!(
         "\n{:<18} {:>4} {:>10} {:>8} {:>6} {:>11} {:>11} {:>10}  tokens generated",
         "method", "row", "visual in", "sampled", "kept", "KV entries", "prefill ms", "decode ms"
@@ -216,7 +277,7 @@ fn print_reports(reports: &[(&str, Report)]) {
             }
         }
     }
-    println!("(sampled: after FocusLLaVA's vision-guided sampler; kept: after the pruning / text-guided sampler; Gaze Attention: KV entries a query head attended per decode step and layer, mean, against dense attention's)");
+    println!("(sampled: after FocusLLaVA's vision-guided sampler or VISOR-TR's packing; kept: after the pruning / text-guided sampler; Gaze Attention: KV entries a query head attended per decode step and layer, mean, against dense attention's; 24L: VISOR's 24-layer base, where the dense model runs beside VISOR with the router's configuration, VISOR fixed to the costliest configuration, and VISOR-TR; its attention MFLOP are the prefill's per layer type against the dense model's on the same image and question)");
 }
 
 /// The GlimpsePrune kernels on a synthetic batch whose salient tokens are known.

@@ -172,11 +172,33 @@ impl VisionSampler {
 pub fn encode_grid(
     model: &LlavaModel,
     pixels: &Tensor,
-    (rows, cols): (usize, usize),
+    grid: (usize, usize),
 ) -> Result<(Tensor, Tensor)> {
+    let crops = grid_crops(model, pixels, grid)?;
+    let features = model.encode_images(&crops)?.embeds; // [B * rows * cols, p * p, C]
+    let p = model.config.vision.patches_per_side();
+    let (n, _, c) = features.dims3()?;
+    let map = stitch_tiles(&features.reshape((n, p, p, c))?, grid)?;
+    let global = if grid == (1, 1) {
+        features
+    } else {
+        let (rows, cols) = grid;
+        model
+            .encode_images(&pixels.avg_pool2d_with_stride((rows, cols), (rows, cols))?)?
+            .embeds
+    };
+    Ok((map, global))
+}
+
+/// The `rows x cols` tower-sized sub-images of `pixels [B, 3, rows * s,
+/// cols * s]`: `[B * rows * cols, 3, s, s]`, each image's in raster order.
+pub fn grid_crops(
+    model: &LlavaModel,
+    pixels: &Tensor,
+    (rows, cols): (usize, usize),
+) -> Result<Tensor> {
     let (b, _, h, w) = pixels.dims4()?;
     let s = model.config.vision.image_size;
-    let p = model.config.vision.patches_per_side();
     if rows == 0 || cols == 0 || h != rows * s || w != cols * s {
         candle_core::bail!("encode_grid: images of {h} x {w} pixels for a {rows} x {cols} grid of {s}-pixel sub-images");
     }
@@ -189,18 +211,16 @@ pub fn encode_grid(
                 .narrow(3, c * s, s)
         })
         .collect::<Result<Vec<_>>>()?;
-    let features = model.encode_images(&Tensor::cat(&crops, 0)?)?.embeds; // [B * rows * cols, p * p, C]
-    let c = features.dim(2)?;
-    let map = features
-        .reshape((b, rows, cols, p, p, c))?
+    Tensor::cat(&crops, 0)
+}
+
+/// The token grids of [`grid_crops`]' sub-images, `[B * rows * cols, p, q,
+/// C]`, stitched into one map per image: `[B, rows * p, cols * q, C]`.
+pub fn stitch_tiles(tiles: &Tensor, (rows, cols): (usize, usize)) -> Result<Tensor> {
+    let (n, p, q, c) = tiles.dims4()?;
+    let b = n / (rows * cols);
+    tiles
+        .reshape((b, rows, cols, p, q, c))?
         .permute((0, 1, 3, 2, 4, 5))?
-        .reshape((b, rows * p, cols * p, c))?;
-    let global = if (rows, cols) == (1, 1) {
-        features
-    } else {
-        model
-            .encode_images(&pixels.avg_pool2d_with_stride((rows, cols), (rows, cols))?)?
-            .embeds
-    };
-    Ok((map, global))
+        .reshape((b, rows * p, cols * q, c))
 }

@@ -4,6 +4,7 @@
 pub mod focus;
 pub mod gaze;
 pub mod glimpse;
+pub mod visor;
 
 use std::ops::Range;
 

@@ -10,3 +10,4 @@ mod common;
 mod focus;
 mod gaze;
 mod glimpse;
+mod visor;

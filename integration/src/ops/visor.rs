@@ -1,0 +1,297 @@
+//! foveal's VISOR ops on candle tensors (SPEC "VISOR"): `cross_attention`
+//! (a `CustomOp3` over q, k, v), `pos_conv1d` (a `CustomOp3` over x, the
+//! depthwise weight and the bias) and `token_pack` (a `CustomOp1`). CPU
+//! tensors go to foveal's CPU references, CUDA tensors to its CUDA paths on
+//! candle's stream, reading candle's device buffers in place.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout as CLayout, Result, Shape, Tensor,
+};
+use foveal::cross_attention::SeqLens;
+use foveal::{View, ViewMut};
+
+use super::{cpu_slice, strided, wrap};
+
+/// The valid queries and keys of each row of a cross-attention call
+/// (foveal's [`SeqLens`]), placed where the tensors live: on a GPU uploaded
+/// once, then shared by every layer and decode step that attends over the
+/// same rows.
+#[derive(Debug)]
+pub struct AttendLens {
+    host: SeqLens,
+    placed: LensPlaced,
+}
+
+#[derive(Debug)]
+enum LensPlaced {
+    Host,
+    #[cfg(feature = "cuda")]
+    Device(Box<foveal::cross_attention::cuda::DeviceSeqLens>),
+}
+
+impl AttendLens {
+    /// Row `b` has `q_lens[b]` valid queries and `kv_lens[b]` valid keys
+    /// (each a prefix of its row), for tensors on `device`.
+    pub fn new(q_lens: &[usize], kv_lens: &[usize], device: &Device) -> Result<Self> {
+        let host = SeqLens::new(q_lens, kv_lens).map_err(wrap)?;
+        let placed = match device {
+            Device::Cpu => LensPlaced::Host,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => LensPlaced::Device(Box::new(
+                foveal::cross_attention::cuda::DeviceSeqLens::new(&d.cuda_stream(), &host)
+                    .map_err(wrap)?,
+            )),
+            d => bail!("foveal: cross_attention runs on CPU or CUDA tensors, not {d:?}"),
+        };
+        Ok(AttendLens { host, placed })
+    }
+
+    pub fn host(&self) -> &SeqLens {
+        &self.host
+    }
+}
+
+/// Non-causal attention of queries over keys (foveal cross_attention): `q
+/// [B, Nq, Hq, D]`, `k`, `v` `[B, Nk, Hkv, D]` (any strides, head dim
+/// contiguous; GQA: query head `h` reads KV head `h / (Hq / Hkv)`), per row
+/// the valid queries and keys `lens` -> `o [B, Nq, Hq, D]` contiguous in q's
+/// dtype (0 past a row's queries, and for a row without keys). `scale`
+/// defaults to `1/sqrt(D)`.
+pub fn cross_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &AttendLens,
+    scale: Option<f32>,
+) -> Result<Tensor> {
+    if q.dtype() != k.dtype() || k.dtype() != v.dtype() {
+        bail!(
+            "cross_attention: q, k, v are {:?}, {:?}, {:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        )
+    }
+    q.apply_op3_no_bwd(k, v, &CrossAttention { lens, scale })
+}
+
+struct CrossAttention<'a> {
+    lens: &'a AttendLens,
+    scale: Option<f32>,
+}
+
+impl CustomOp3 for CrossAttention<'_> {
+    fn name(&self) -> &'static str {
+        "foveal-cross-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+        s3: &CpuStorage,
+        l3: &CLayout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !matches!(self.lens.placed, LensPlaced::Host) {
+            bail!("cross_attention: the lengths were placed on a GPU, the tensors are on the CPU")
+        }
+        let (ql, kl, vl) = (strided::<4>(l1)?, strided::<4>(l2)?, strided::<4>(l3)?);
+        let shape = ql.shape();
+        let storage = with_element!(s1.dtype(), T => {
+            let mut out = vec![T::default(); shape.iter().product()];
+            {
+                let q = View::new(cpu_slice::<T>(s1, l1)?, ql).map_err(wrap)?;
+                let k = View::new(cpu_slice::<T>(s2, l2)?, kl).map_err(wrap)?;
+                let v = View::new(cpu_slice::<T>(s3, l3)?, vl).map_err(wrap)?;
+                let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
+                foveal::cross_attention::cpu::cross_attention(q, k, v, &self.lens.host, self.scale, &mut o, None)
+                    .map_err(wrap)?;
+            }
+            <T as candle_core::WithDType>::to_cpu_storage_owned(out)
+        });
+        Ok((storage, Shape::from_dims(&shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+        s3: &candle_core::CudaStorage,
+        l3: &CLayout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use foveal::cuda::{DevView, DevViewMut, Workspace};
+        let LensPlaced::Device(lens) = &self.lens.placed else {
+            bail!("cross_attention: the lengths were placed on the CPU, the tensors are on a GPU")
+        };
+        let dev = s1.device().clone();
+        let stream = dev.cuda_stream();
+        let (ql, kl, vl) = (strided::<4>(l1)?, strided::<4>(l2)?, strided::<4>(l3)?);
+        let shape = ql.shape();
+        let mut workspace = Workspace::new();
+        let storage = with_element!(s1.dtype(), T => {
+            let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
+            {
+                let q = DevView::new(s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..), ql).map_err(wrap)?;
+                let k = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), kl).map_err(wrap)?;
+                let v = DevView::new(s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..), vl).map_err(wrap)?;
+                let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
+                foveal::cross_attention::cuda::cross_attention(&stream, &q, &k, &v, lens, self.scale, &mut o, None, &mut workspace)
+                    .map_err(wrap)?;
+            }
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev)
+        });
+        Ok((storage, Shape::from_dims(&shape)))
+    }
+}
+
+/// VISOR's conditional position embedding (foveal pos_conv1d): `x [B, N, C]`
+/// (any strides, channels contiguous), row `b` valid for its first
+/// `lens[b]` tokens, `weight [C, 7]`, `bias [C]` -> `x + DWConv1d(x)` `[B,
+/// N, C]` contiguous (zero padding at each row's own ends; 0 past a row's
+/// tokens).
+pub fn pos_conv1d(x: &Tensor, lens: &[usize], weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.dtype() != weight.dtype() || x.dtype() != bias.dtype() {
+        bail!(
+            "pos_conv1d: x, weight, bias are {:?}, {:?}, {:?}",
+            x.dtype(),
+            weight.dtype(),
+            bias.dtype()
+        )
+    }
+    x.apply_op3_no_bwd(weight, bias, &PosConv1d { lens })
+}
+
+struct PosConv1d<'a> {
+    lens: &'a [usize],
+}
+
+impl CustomOp3 for PosConv1d<'_> {
+    fn name(&self) -> &'static str {
+        "foveal-pos-conv1d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+        s3: &CpuStorage,
+        l3: &CLayout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xl, wl, bl) = (strided::<3>(l1)?, strided::<2>(l2)?, strided::<1>(l3)?);
+        let shape = xl.shape();
+        let storage = with_element!(s1.dtype(), T => {
+            let mut out = vec![T::default(); shape.iter().product()];
+            {
+                let x = View::new(cpu_slice::<T>(s1, l1)?, xl).map_err(wrap)?;
+                let w = View::new(cpu_slice::<T>(s2, l2)?, wl).map_err(wrap)?;
+                let b = View::new(cpu_slice::<T>(s3, l3)?, bl).map_err(wrap)?;
+                let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
+                foveal::pos_conv1d::cpu::pos_conv1d(x, self.lens, w, b, &mut o).map_err(wrap)?;
+            }
+            <T as candle_core::WithDType>::to_cpu_storage_owned(out)
+        });
+        Ok((storage, Shape::from_dims(&shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+        s3: &candle_core::CudaStorage,
+        l3: &CLayout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use foveal::cuda::{DevView, DevViewMut, DeviceLens};
+        let dev = s1.device().clone();
+        let stream = dev.cuda_stream();
+        let (xl, wl, bl) = (strided::<3>(l1)?, strided::<2>(l2)?, strided::<1>(l3)?);
+        let shape = xl.shape();
+        let lens = DeviceLens::new(&stream, self.lens).map_err(wrap)?;
+        let storage = with_element!(s1.dtype(), T => {
+            let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
+            {
+                let x = DevView::new(s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..), xl).map_err(wrap)?;
+                let w = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), wl).map_err(wrap)?;
+                let b = DevView::new(s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..), bl).map_err(wrap)?;
+                let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
+                foveal::pos_conv1d::cuda::pos_conv1d(&stream, &x, &lens, &w, &b, &mut o).map_err(wrap)?;
+            }
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev)
+        });
+        Ok((storage, Shape::from_dims(&shape)))
+    }
+}
+
+/// VISOR-TR's token packing (foveal token_pack): each `h x w` grid of `x [B,
+/// h, w, C]` (channels last, channels contiguous) resized bilinearly to
+/// `H' x W'` (`H' = 2 round(h / sqrt(rho))`, half to even) and packed by
+/// space-to-depth -> `[B, H'/2, W'/2, 4C]` contiguous.
+pub fn token_pack(x: &Tensor, rho: f64) -> Result<Tensor> {
+    x.apply_op1_no_bwd(&TokenPack { rho })
+}
+
+struct TokenPack {
+    rho: f64,
+}
+
+impl TokenPack {
+    fn out_shape(&self, x: &foveal::Layout<4>) -> Result<[usize; 4]> {
+        let [b, h, w, c] = x.shape();
+        let [oh, ow] = foveal::token_pack::resized_grid(h, w, self.rho).map_err(wrap)?;
+        Ok([b, oh / 2, ow / 2, 4 * c])
+    }
+}
+
+impl CustomOp1 for TokenPack {
+    fn name(&self) -> &'static str {
+        "foveal-token-pack"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> Result<(CpuStorage, Shape)> {
+        let xl = strided::<4>(l)?;
+        let shape = self.out_shape(&xl)?;
+        let storage = with_element!(s.dtype(), T => {
+            let mut out = vec![T::default(); shape.iter().product()];
+            {
+                let x = View::new(cpu_slice::<T>(s, l)?, xl).map_err(wrap)?;
+                let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
+                foveal::token_pack::cpu::token_pack(x, self.rho, &mut o).map_err(wrap)?;
+            }
+            <T as candle_core::WithDType>::to_cpu_storage_owned(out)
+        });
+        Ok((storage, Shape::from_dims(&shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &CLayout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use foveal::cuda::{DevView, DevViewMut};
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let xl = strided::<4>(l)?;
+        let shape = self.out_shape(&xl)?;
+        let storage = with_element!(s.dtype(), T => {
+            let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
+            {
+                let x = DevView::new(s.as_cuda_slice::<T>()?.slice(l.start_offset()..), xl).map_err(wrap)?;
+                let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
+                foveal::token_pack::cuda::token_pack(&stream, &x, self.rho, &mut o).map_err(wrap)?;
+            }
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev)
+        });
+        Ok((storage, Shape::from_dims(&shape)))
+    }
+}
