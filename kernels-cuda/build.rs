@@ -7,11 +7,18 @@
 //! none), so newer GPUs JIT the PTX. The CUDA runtime is linked statically:
 //! a binary built with the feature runs on a machine without a GPU, where the
 //! runtime reports no device instead of failing to load.
+//!
+//! With `DOCS_RS` set (docs.rs sets it; CI's doc build too) nothing is
+//! compiled: documentation needs only the checked-in bindings, and docs.rs
+//! has no nvcc.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=DOCS_RS");
     #[cfg(feature = "cuda")]
-    cuda::build();
+    if std::env::var_os("DOCS_RS").is_none() {
+        cuda::build();
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -12,7 +12,7 @@
 //! before a projector of `4C` inputs.
 //!
 //! The schedule is data ([`VisorConfig`]); the layers are in
-//! [`crate::visor_layers`], the prompt's two streams in
+//! `visor_layers.rs` (private), the prompt's two streams in
 //! [`crate::visor_prompt`]. docs/architecture.md ("VISOR in the model")
 //! gives every choice the paper leaves open.
 

@@ -36,18 +36,10 @@ pub struct DevView<'a, T, const N: usize> {
 }
 
 impl<'a, T, const N: usize> DevView<'a, T, N> {
+    /// A view of `layout` over `data`: [`Error::Shape`] when the layout
+    /// spans more elements than `data` holds.
     pub fn new(data: CudaView<'a, T>, layout: Layout<N>) -> Result<Self> {
-        ensure(layout.span() <= data.len(), || {
-            Error::shape(
-                "view",
-                "data",
-                format!(
-                    "layout spans {} elements, device buffer has {}",
-                    layout.span(),
-                    data.len()
-                ),
-            )
-        })?;
+        layout.check_fits(data.len(), "device buffer")?;
         Ok(DevView { data, layout })
     }
 
@@ -56,10 +48,12 @@ impl<'a, T, const N: usize> DevView<'a, T, N> {
         Self::new(data.as_view(), layout)
     }
 
+    /// Its layout (shape and strides in elements).
     pub fn layout(&self) -> &Layout<N> {
         &self.layout
     }
 
+    /// Its shape.
     pub fn shape(&self) -> [usize; N] {
         self.layout.shape()
     }
@@ -79,18 +73,10 @@ pub struct DevViewMut<'a, T, const N: usize> {
 }
 
 impl<'a, T, const N: usize> DevViewMut<'a, T, N> {
+    /// A writable view of `layout` over `data`: [`Error::Shape`] when the
+    /// layout spans more elements than `data` holds or overlaps itself.
     pub fn new(data: CudaViewMut<'a, T>, layout: Layout<N>) -> Result<Self> {
-        ensure(layout.span() <= data.len(), || {
-            Error::shape(
-                "view",
-                "data",
-                format!(
-                    "layout spans {} elements, device buffer has {}",
-                    layout.span(),
-                    data.len()
-                ),
-            )
-        })?;
+        layout.check_fits(data.len(), "device buffer")?;
         ensure(layout.is_non_overlapping(), || {
             Error::shape(
                 "view",
@@ -106,10 +92,12 @@ impl<'a, T, const N: usize> DevViewMut<'a, T, N> {
         Self::new(data.as_view_mut(), layout)
     }
 
+    /// Its layout (shape and strides in elements).
     pub fn layout(&self) -> &Layout<N> {
         &self.layout
     }
 
+    /// Its shape.
     pub fn shape(&self) -> [usize; N] {
         self.layout.shape()
     }
@@ -136,10 +124,12 @@ pub struct Workspace {
 const REGION_ALIGN: usize = 256;
 
 impl Workspace {
+    /// An empty workspace (it grows on first use, or with [`reserve`](Self::reserve)).
     pub fn new() -> Self {
         Workspace { buf: None }
     }
 
+    /// Its size in bytes.
     pub fn bytes(&self) -> usize {
         self.buf.as_ref().map_or(0, CudaSlice::len)
     }
@@ -258,6 +248,7 @@ pub struct DeviceRowLayout {
 }
 
 impl DeviceRowLayout {
+    /// Uploads `rows` (at most 65,535 rows; [`Error::Unsupported`] past them).
     pub fn new(stream: &Arc<CudaStream>, rows: &RowLayout) -> Result<Self> {
         const OP: &str = "DeviceRowLayout::new";
         check_grid_batch(OP, rows.batch())?;
@@ -388,6 +379,7 @@ impl DeviceKeepPositions {
         Self::from_host(stream, &KeepPositions::for_rows(&rows.host, drop_last))
     }
 
+    /// The padded width of the positions: no row can be longer.
     pub fn width(&self) -> usize {
         self.width
     }

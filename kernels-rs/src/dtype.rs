@@ -6,12 +6,16 @@ use half::{bf16, f16};
 /// The storage type of a tensor, as the kernels see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16 (`half::f16`).
     F16,
+    /// bfloat16 (`half::bf16`).
     BF16,
 }
 
 impl DType {
+    /// Bytes per element: 4 or 2.
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -31,8 +35,11 @@ mod sealed {
 pub trait Element:
     sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static
 {
+    /// The storage type, as the kernels see it.
     const DTYPE: DType;
+    /// Widens to f32 (exact for every type).
     fn to_f32(self) -> f32;
+    /// Rounds an f32 to this type (round to nearest even).
     fn from_f32(x: f32) -> Self;
 }
 

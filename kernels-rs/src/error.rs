@@ -8,27 +8,46 @@ use std::fmt;
 pub enum Error {
     /// A tensor's rank, shape, strides or storage length does not fit.
     Shape {
+        /// The op (or constructor) that refused the call.
         op: &'static str,
+        /// The argument at fault.
         arg: &'static str,
+        /// What was expected and what was given.
         msg: String,
     },
     /// An index or length is outside the range it must lie in.
     Index {
+        /// The op (or constructor) that refused the call.
         op: &'static str,
+        /// The argument at fault.
         arg: &'static str,
+        /// Which index, and the range it must lie in.
         msg: String,
     },
     /// A scalar argument (k, a ratio, a threshold...) is out of its domain.
     Value {
+        /// The op (or constructor) that refused the call.
         op: &'static str,
+        /// The argument at fault.
         arg: &'static str,
+        /// The value and its domain.
         msg: String,
     },
     /// The arguments are valid but this build or device cannot run them
     /// (for example a head dim past the largest the kernels were built for).
-    Unsupported { op: &'static str, msg: String },
+    Unsupported {
+        /// The op that cannot run the call.
+        op: &'static str,
+        /// Which limit the call passes, and what to do instead where there is a way.
+        msg: String,
+    },
     /// A CUDA call failed (launch error, allocation, driver error).
-    Cuda { op: &'static str, msg: String },
+    Cuda {
+        /// The op (or device structure) whose CUDA call failed.
+        op: &'static str,
+        /// The driver's or runtime's message (and status code).
+        msg: String,
+    },
 }
 
 impl Error {
@@ -71,6 +90,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The result of every fallible call of foveal.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Checks a condition, returning the given error when it fails.

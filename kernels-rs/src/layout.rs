@@ -18,18 +18,27 @@ pub struct Layout<const N: usize> {
 
 impl<const N: usize> Layout<N> {
     /// Row-major contiguous layout of `shape`.
+    ///
+    /// Never panics: when the element count of a trailing part of `shape`
+    /// overflows `usize`, the strides saturate at `usize::MAX`, the layout's
+    /// [`span`](Self::span) is `usize::MAX`, and every view over it is
+    /// refused ([`Error::Shape`]).
     pub fn contiguous(shape: [usize; N]) -> Self {
         let mut strides = [0; N];
-        let mut s = 1;
+        let mut s = 1usize;
         for i in (0..N).rev() {
             strides[i] = s;
-            s *= shape[i];
+            s = s.saturating_mul(shape[i]);
         }
         Layout { shape, strides }
     }
 
-    /// A layout with explicit strides. The last dimension must be contiguous
-    /// (stride 1) unless it has at most one element.
+    /// A layout with explicit strides (in elements). The last dimension must
+    /// be contiguous (stride 1) unless it has at most one element.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the last dimension is not contiguous, or when
+    /// the largest offset overflows `usize`.
     pub fn strided(shape: [usize; N], strides: [usize; N]) -> Result<Self> {
         let layout = Layout { shape, strides };
         ensure(N == 0 || shape[N - 1] <= 1 || strides[N - 1] == 1, || {
@@ -49,29 +58,60 @@ impl<const N: usize> Layout<N> {
         Ok(layout)
     }
 
+    /// The shape, in the argument's logical dimension order.
     pub fn shape(&self) -> [usize; N] {
         self.shape
     }
 
+    /// The strides, in elements.
     pub fn strides(&self) -> [usize; N] {
         self.strides
     }
 
+    /// The size of dimension `i`. Panics when `i >= N`.
     pub fn dim(&self, i: usize) -> usize {
         self.shape[i]
     }
 
+    /// The stride of dimension `i`, in elements. Panics when `i >= N`.
     pub fn stride(&self, i: usize) -> usize {
         self.strides[i]
     }
 
+    /// The number of elements, saturating at `usize::MAX` (0 when any
+    /// dimension is 0).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
     }
 
-    /// Elements the storage must hold from the base: one past the largest offset.
+    /// Elements the storage must hold from the base: one past the largest
+    /// offset (0 for an empty tensor), or `usize::MAX` when that overflows
+    /// `usize` (no storage holds it, so no view over it is made).
     pub fn span(&self) -> usize {
-        self.checked_span().expect("validated at construction")
+        self.checked_span().unwrap_or(usize::MAX)
+    }
+
+    /// [`Error::Shape`] unless the layout fits a storage of `len` elements.
+    pub(crate) fn check_fits(&self, len: usize, storage: &str) -> Result<()> {
+        match self.checked_span() {
+            Some(span) if span <= len => Ok(()),
+            Some(span) => Err(Error::shape(
+                "view",
+                "data",
+                format!("layout spans {span} elements, {storage} has {len}"),
+            )),
+            None => Err(Error::shape(
+                "view",
+                "layout",
+                format!(
+                    "shape {:?} with strides {:?} overflows usize",
+                    self.shape, self.strides
+                ),
+            )),
+        }
     }
 
     fn checked_span(&self) -> Option<usize> {
@@ -85,7 +125,8 @@ impl<const N: usize> Layout<N> {
         last.checked_add(1)
     }
 
-    /// Offset of a multi-index, in elements from the base.
+    /// Offset of a multi-index, in elements from the base. `idx` must lie
+    /// inside the shape (checked in debug builds only).
     #[inline]
     pub fn offset(&self, idx: [usize; N]) -> usize {
         debug_assert!(idx.iter().zip(&self.shape).all(|(i, n)| i < n));
@@ -94,7 +135,8 @@ impl<const N: usize> Layout<N> {
 
     /// True when no two multi-indices share an element, so the tensor may be
     /// written in parallel. Checked as: sorted by stride, each stride reaches
-    /// past the whole extent of the smaller ones.
+    /// past the whole extent of the smaller ones (a sufficient condition;
+    /// false when an extent overflows `usize`).
     pub fn is_non_overlapping(&self) -> bool {
         if self.numel() == 0 {
             return true;
@@ -109,7 +151,13 @@ impl<const N: usize> Layout<N> {
             if stride < extent {
                 return false;
             }
-            extent += stride * (size - 1);
+            match stride
+                .checked_mul(size - 1)
+                .and_then(|e| e.checked_add(extent))
+            {
+                Some(e) => extent = e,
+                None => return false,
+            }
         }
         true
     }
@@ -122,10 +170,13 @@ impl Layout<4> {
     }
 
     /// KV cache stored `[B, H, S, D]` (candle/HF style), viewed as `[B, S, H, D]`.
+    /// Like [`contiguous`](Layout::contiguous), strides saturate instead of
+    /// overflowing.
     pub fn bhsd(b: usize, s: usize, h: usize, d: usize) -> Self {
+        let sd = s.saturating_mul(d);
         Layout {
             shape: [b, s, h, d],
-            strides: [h * s * d, d, s * d, 1],
+            strides: [h.saturating_mul(sd), d, sd, 1],
         }
     }
 }
@@ -150,45 +201,45 @@ pub struct View<'a, T, const N: usize> {
 }
 
 impl<'a, T: Copy, const N: usize> View<'a, T, N> {
+    /// A view of `layout` over `data`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the layout spans more elements than `data` holds.
     pub fn new(data: &'a [T], layout: Layout<N>) -> Result<Self> {
-        ensure(layout.span() <= data.len(), || {
-            Error::shape(
-                "view",
-                "data",
-                format!(
-                    "layout spans {} elements, storage has {}",
-                    layout.span(),
-                    data.len()
-                ),
-            )
-        })?;
+        layout.check_fits(data.len(), "storage")?;
         Ok(View { data, layout })
     }
 
-    /// A contiguous view of `shape` over `data`.
+    /// A contiguous view of `shape` over `data` ([`Error::Shape`] when
+    /// `data` is too short).
     pub fn contiguous(data: &'a [T], shape: [usize; N]) -> Result<Self> {
         Self::new(data, Layout::contiguous(shape))
     }
 
+    /// Its layout (shape and strides in elements).
     pub fn layout(&self) -> &Layout<N> {
         &self.layout
     }
 
+    /// Its shape.
     pub fn shape(&self) -> [usize; N] {
         self.layout.shape
     }
 
+    /// The storage the layout indexes, from the base.
     pub fn data(&self) -> &'a [T] {
         self.data
     }
 
+    /// The element at `idx`, which must lie inside the shape (panics, like
+    /// slice indexing, when it does not).
     #[inline]
     pub fn at(&self, idx: [usize; N]) -> T {
         self.data[self.layout.offset(idx)]
     }
 
     /// The contiguous last-dimension row at the leading indices `idx[..N-1]`
-    /// (the last entry of `idx` is ignored).
+    /// (the last entry of `idx` is ignored). Panics like [`at`](Self::at).
     #[inline]
     pub fn row(&self, idx: [usize; N]) -> &'a [T] {
         let mut i = idx;
@@ -206,18 +257,13 @@ pub struct ViewMut<'a, T, const N: usize> {
 }
 
 impl<'a, T: Copy, const N: usize> ViewMut<'a, T, N> {
+    /// A writable view of `layout` over `data`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the layout spans more elements than `data` holds
+    /// or overlaps itself (two indices sharing an element).
     pub fn new(data: &'a mut [T], layout: Layout<N>) -> Result<Self> {
-        ensure(layout.span() <= data.len(), || {
-            Error::shape(
-                "view",
-                "data",
-                format!(
-                    "layout spans {} elements, storage has {}",
-                    layout.span(),
-                    data.len()
-                ),
-            )
-        })?;
+        layout.check_fits(data.len(), "storage")?;
         ensure(layout.is_non_overlapping(), || {
             Error::shape(
                 "view",
@@ -228,23 +274,31 @@ impl<'a, T: Copy, const N: usize> ViewMut<'a, T, N> {
         Ok(ViewMut { data, layout })
     }
 
+    /// A contiguous writable view of `shape` over `data` ([`Error::Shape`]
+    /// when `data` is too short).
     pub fn contiguous(data: &'a mut [T], shape: [usize; N]) -> Result<Self> {
         Self::new(data, Layout::contiguous(shape))
     }
 
+    /// Its layout (shape and strides in elements).
     pub fn layout(&self) -> &Layout<N> {
         &self.layout
     }
 
+    /// Its shape.
     pub fn shape(&self) -> [usize; N] {
         self.layout.shape
     }
 
+    /// The element at `idx`, which must lie inside the shape (panics, like
+    /// slice indexing, when it does not).
     #[inline]
     pub fn at(&self, idx: [usize; N]) -> T {
         self.data[self.layout.offset(idx)]
     }
 
+    /// Writes the element at `idx`, which must lie inside the shape (panics,
+    /// like slice indexing, when it does not).
     #[inline]
     pub fn set(&mut self, idx: [usize; N], v: T) {
         let o = self.layout.offset(idx);
@@ -252,6 +306,7 @@ impl<'a, T: Copy, const N: usize> ViewMut<'a, T, N> {
     }
 
     /// The writable last-dimension row at the leading indices of `idx`.
+    /// Panics like [`at`](Self::at).
     #[inline]
     pub fn row_mut(&mut self, idx: [usize; N]) -> &mut [T] {
         let mut i = idx;

@@ -29,6 +29,8 @@
 //! Glance2Gaze: [`glance_fusion`] (Glance Fusion: S ViT layers' tokens
 //! weighted per token by their agreement with the instruction, in one pass).
 
+#![warn(missing_docs)]
+
 pub mod compact_kv;
 pub mod cross_attention;
 pub mod dtype;

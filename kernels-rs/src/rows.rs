@@ -102,6 +102,7 @@ impl RowLayout {
         self.id
     }
 
+    /// Rows in the batch, `B`.
     pub fn batch(&self) -> usize {
         self.start.len()
     }
@@ -117,23 +118,27 @@ impl RowLayout {
         self.nv_max
     }
 
+    /// First valid position of row `b`. Panics when `b >= batch()`.
     pub fn start(&self, b: usize) -> usize {
         self.start[b] as usize
     }
 
+    /// One past the last valid position of row `b`. Panics when `b >= batch()`.
     pub fn end(&self, b: usize) -> usize {
         self.end[b] as usize
     }
 
+    /// Valid positions of row `b`, `end - start`. Panics when `b >= batch()`.
     pub fn len(&self, b: usize) -> usize {
         self.end(b) - self.start(b)
     }
 
+    /// Visual tokens of row `b`. Panics when `b >= batch()`.
     pub fn nv(&self, b: usize) -> usize {
         self.nv[b] as usize
     }
 
-    /// The visual positions of row `b`.
+    /// The visual positions of row `b`. Panics when `b >= batch()`.
     pub fn visual(&self, b: usize) -> &[i32] {
         &self.vis_pos[b * self.nv_max..b * self.nv_max + self.nv(b)]
     }

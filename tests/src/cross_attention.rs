@@ -147,7 +147,7 @@ pub struct Want {
 }
 
 impl Want {
-    /// The bound on |got - want[d]| for a result stored as `T` after f32
+    /// The bound on `|got - want[d]|` for a result stored as `T` after f32
     /// accumulation (`slack` times the accumulation error allowed), plus
     /// `p_round` times the largest |v| (the rounding of the probabilities
     /// to `T` before the tensor-core product P V).

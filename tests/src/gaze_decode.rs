@@ -220,7 +220,7 @@ pub struct Want {
 }
 
 impl Want {
-    /// The bound on |got - want[d]| for a result stored as `T` after f32
+    /// The bound on `|got - want[d]|` for a result stored as `T` after f32
     /// accumulation (`slack` times the accumulation error allowed).
     pub fn bound<T: Element>(&self, d: usize, slack: f64) -> f64 {
         let storage = Tol::for_elem::<T>();
@@ -490,7 +490,7 @@ pub fn poison_shared_rows<T: TestElem>(
 /// Issue 11's minimal case of a value row one head of a KV group attends: 1
 /// row, 2 query heads on 1 KV head, D 8, a cache of 4; visible {0}, region
 /// 0 = {1}, region 1 = {2}, position 3 unused (NaN); head 0 routes region 0,
-/// head 1 region 1; V[1] all +inf. Head 1's output must be finite, the
+/// head 1 region 1; `V[1]` all +inf. Head 1's output must be finite, the
 /// attention over {0, 2}; head 0's is +inf.
 pub fn inf_value_case<T: TestElem>() -> Inputs<T> {
     let mut row = GazeRow::new();

@@ -186,7 +186,7 @@ pub fn run_cpu<T: TestElem>(
 
 /// Issue 11's minimal case ([`crate::gaze_decode::inf_value_case`]) for
 /// the fused op: q and descriptors chosen so that route_topk (top_k 1)
-/// routes head 0 to region 0 and head 1 to region 1; V[1] all +inf, which
+/// routes head 0 to region 0 and head 1 to region 1; `V[1]` all +inf, which
 /// only head 0 attends.
 pub fn inf_value_case<T: TestElem>() -> Inputs<T> {
     let base = crate::gaze_decode::inf_value_case::<T>();

@@ -98,6 +98,7 @@ impl KeepPositions {
         }
     }
 
+    /// Rows, `B`.
     pub fn batch(&self) -> usize {
         self.lengths.len()
     }
@@ -117,7 +118,7 @@ impl KeepPositions {
         self.src_seq
     }
 
-    /// The kept positions of row `b`.
+    /// The kept positions of row `b`. Panics when `b >= batch()`.
     pub fn row(&self, b: usize) -> &[i32] {
         &self.positions[b * self.width..b * self.width + self.lengths[b] as usize]
     }

@@ -23,6 +23,7 @@ pub struct DeviceSeqLens {
 }
 
 impl DeviceSeqLens {
+    /// Uploads `lens` (each at most `i32::MAX`, at most 65,535 rows).
     pub fn new(stream: &Arc<CudaStream>, lens: &SeqLens) -> Result<Self> {
         Ok(DeviceSeqLens {
             host: lens.clone(),

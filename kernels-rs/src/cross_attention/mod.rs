@@ -65,6 +65,7 @@ impl SeqLens {
         }
     }
 
+    /// Rows, `B`.
     pub fn batch(&self) -> usize {
         self.q.len()
     }

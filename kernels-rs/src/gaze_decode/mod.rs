@@ -4,7 +4,7 @@
 //! In: the new token's queries `q [B, Hq, D]`, one layer's cache `k, v
 //! [B, S, Hkv, D]` (any memory order, head dim contiguous; GQA: query head `h`
 //! reads KV head `h / G`), the [`GazeLayout`] (always-visible ranges and
-//! regions) and the [`Routes`] `[B, 1, Hq, k]` of this step (route_topk).
+//! regions) and the [`Routes`](crate::Routes) `[B, 1, Hq, k]` of this step (route_topk).
 //!
 //! Math: exact softmax attention of query head `h` over the keys of row `b`'s
 //! visible ranges plus the tokens of the regions routed for `(b, h)`:

@@ -21,6 +21,7 @@ pub struct DeviceGazeLayout {
 }
 
 impl DeviceGazeLayout {
+    /// Uploads `layout` (at most 65,535 rows; `Error::Unsupported` past them).
     pub fn new(stream: &Arc<CudaStream>, layout: &GazeLayout) -> Result<Self> {
         const OP: &str = "DeviceGazeLayout::new";
         check_grid_batch(OP, layout.batch())?;

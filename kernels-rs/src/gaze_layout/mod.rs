@@ -29,8 +29,11 @@ use crate::error::{ensure, Error, Result};
 /// Region size in frames x rows x columns of the unit grid (default 1 x 6 x 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionShape {
+    /// Consecutive frames a region spans (1 for images).
     pub frames: usize,
+    /// Rows of the unit's token grid per region.
     pub height: usize,
+    /// Columns of the unit's token grid per region.
     pub width: usize,
 }
 
@@ -54,6 +57,7 @@ pub struct GazeRow {
 }
 
 impl GazeRow {
+    /// A row with nothing visible and no region.
     pub fn new() -> Self {
         GazeRow::default()
     }
@@ -271,6 +275,7 @@ impl GazeLayout {
         self.id
     }
 
+    /// Rows, `B`.
     pub fn batch(&self) -> usize {
         self.region_count.len()
     }
@@ -280,12 +285,12 @@ impl GazeLayout {
         self.seq
     }
 
-    /// One past the largest position row `b` uses.
+    /// One past the largest position row `b` uses. Panics when `b >= batch()`.
     pub fn end(&self, b: usize) -> usize {
         self.end[b]
     }
 
-    /// Regions of row `b`.
+    /// Regions of row `b`. Panics when `b >= batch()`.
     pub fn regions(&self, b: usize) -> usize {
         self.region_count[b] as usize
     }
@@ -305,13 +310,14 @@ impl GazeLayout {
         self.max_visible
     }
 
-    /// Token positions of region `r` of row `b`.
+    /// Token positions of region `r` of row `b`. Panics when `b >= batch()`
+    /// or `r >= max_regions()`; empty for `regions(b) <= r < max_regions()`.
     pub fn region(&self, b: usize, r: usize) -> &[i32] {
         let at = (b * self.max_regions + r) * self.max_region_len;
         &self.region_pos[at..at + self.region_len[b * self.max_regions + r] as usize]
     }
 
-    /// The visible ranges of row `b`.
+    /// The visible ranges of row `b`. Panics when `b >= batch()`.
     pub fn visible(&self, b: usize) -> impl Iterator<Item = Range<usize>> + '_ {
         let at = b * self.max_visible * 2;
         self.visible[at..at + self.visible_count[b] as usize * 2]
@@ -417,6 +423,7 @@ impl Routes {
     }
 
     /// The selected regions of (row `b`, query `n`, head `h`), ascending.
+    /// Panics when an index is past [`shape`](Self::shape).
     pub fn get(&self, b: usize, n: usize, h: usize) -> &[i32] {
         let [_, nq, hq, k] = self.shape;
         let list = &self.ids[((b * nq + n) * hq + h) * k..][..k];

@@ -16,7 +16,7 @@
 //! With `top_k >= regions` it is dense attention over the row.
 //!
 //! Out: `o [B, Hq, D]` in the input type, optionally `lse [B, Hq]` f32, and
-//! the [`Routes`] `[B, 1, Hq, top_k]` it chose (ascending, -1 padded; tied to
+//! the [`Routes`](crate::Routes) `[B, 1, Hq, top_k]` it chose (ascending, -1 padded; tied to
 //! `layout`), equal to route_topk's.
 //!
 //! Errors are those of route_topk and gaze_decode (reported under this op's

@@ -77,14 +77,17 @@ impl Lengths {
         }
     }
 
+    /// Rows, `B`.
     pub fn batch(&self) -> usize {
         self.n_len.len()
     }
 
+    /// Valid visual tokens per row.
     pub fn n_len(&self) -> &[usize] {
         &self.n_len
     }
 
+    /// Instruction tokens per row.
     pub fn m_len(&self) -> &[usize] {
         &self.m_len
     }

@@ -82,14 +82,17 @@ impl ScaleSet {
         }
     }
 
+    /// The kernels `(kh, kw)`, in the order of the logits.
     pub fn scales(&self) -> &[(usize, usize)] {
         &self.scales
     }
 
+    /// Scales in the set, `S` (1 to [`MAX_SCALES`]).
     pub fn len(&self) -> usize {
         self.scales.len()
     }
 
+    /// Always false: a set holds at least one scale.
     pub fn is_empty(&self) -> bool {
         self.scales.is_empty()
     }

@@ -27,8 +27,9 @@ use crate::error::{ensure, Error, Result};
 
 pub(crate) const OP: &str = "pos_conv1d";
 
-/// The kernel size (the paper's 7) and the padding on each side (3).
+/// The kernel size (the paper's 7).
 pub const KERNEL_SIZE: usize = 7;
+/// The zero padding on each side of a row (3).
 pub const PADDING: usize = 3;
 
 /// The sizes of one call, after validation.

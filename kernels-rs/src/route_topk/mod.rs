@@ -10,7 +10,7 @@
 //! regions `r < regions(b)`; the `min(k, regions(b))` highest scores win
 //! (ties: the lower region id; a NaN score ranks lowest).
 //!
-//! Out: [`Routes`] `[B, Nq, Hq, k]`, each list of region ids ascending and
+//! Out: [`Routes`](crate::Routes) `[B, Nq, Hq, k]`, each list of region ids ascending and
 //! padded with -1. No scale: it would not change the ranking.
 
 pub mod cpu;

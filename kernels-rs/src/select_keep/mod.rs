@@ -163,11 +163,12 @@ impl KeepSet {
         Ok(set)
     }
 
+    /// Rows, `B`.
     pub fn batch(&self) -> usize {
         self.count.len()
     }
 
-    /// The kept visual indices of row `b`, ascending.
+    /// The kept visual indices of row `b`, ascending. Panics when `b >= batch()`.
     pub fn kept(&self, b: usize) -> &[i32] {
         &self.idx[b * self.nv_max..b * self.nv_max + self.count[b] as usize]
     }

@@ -23,6 +23,7 @@ pub struct DeviceLengths {
 }
 
 impl DeviceLengths {
+    /// Uploads `lengths` (each at most `i32::MAX`, at most 65,535 rows).
     pub fn new(stream: &Arc<CudaStream>, lengths: &Lengths) -> Result<Self> {
         const WHAT: &str = "DeviceLengths::new";
         check_grid_batch(WHAT, lengths.batch())?;

@@ -77,14 +77,17 @@ impl Lengths {
         }
     }
 
+    /// Rows, `B`.
     pub fn batch(&self) -> usize {
         self.t_len.len()
     }
 
+    /// Valid text tokens per row.
     pub fn t_len(&self) -> &[usize] {
         &self.t_len
     }
 
+    /// Valid visual tokens per row.
     pub fn n_len(&self) -> &[usize] {
         &self.n_len
     }

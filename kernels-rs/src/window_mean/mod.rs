@@ -28,8 +28,10 @@ pub const DEFAULT_WINDOW: usize = 4;
 /// How a window is reduced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pool {
+    /// The mean of the window's cells (the paper's `pool`).
     #[default]
     Mean,
+    /// The maximum of the window's cells (NaN skipped).
     Max,
 }
 
