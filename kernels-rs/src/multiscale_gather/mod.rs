@@ -104,9 +104,10 @@ impl Default for ScaleSet {
     }
 }
 
-/// Tokens of a window of `h x w` existing pixels at kernel `(kh, kw)`.
+/// Tokens of a window of `h x w` existing pixels at kernel `(kh, kw)`
+/// (saturating; a [`ScaleSet`]'s kernels are at least 1).
 pub(crate) fn tokens_of(h: usize, w: usize, (kh, kw): (usize, usize)) -> usize {
-    h.div_ceil(kh) * w.div_ceil(kw)
+    h.div_ceil(kh).saturating_mul(w.div_ceil(kw))
 }
 
 /// The window's pixel extent `(y0, x0, y1, x1)`.
@@ -122,30 +123,34 @@ pub(crate) fn window_extent(d: &Dims, m: usize) -> (usize, usize, usize, usize) 
 }
 
 /// `N_out_max` of a `height x width` map: the tokens of every window at its
-/// scale with the most tokens (the capacity of the outputs).
+/// scale with the most tokens (the capacity of the outputs); 0 for a window
+/// of 0, saturating at `usize::MAX`. Windows come in at most four sizes (full,
+/// the right column's, the bottom row's, the corner), so this is O(scales).
 pub fn max_tokens(height: usize, width: usize, window: usize, scales: &ScaleSet) -> usize {
     if window == 0 {
         return 0;
     }
-    let d = Dims {
-        batch: 1,
-        height,
-        width,
-        channels: 0,
-        window,
-        windows: crate::window_mean::num_windows(height, width, window),
+    let most = |h: usize, w: usize| {
+        scales
+            .scales
+            .iter()
+            .map(|&k| tokens_of(h, w, k))
+            .max()
+            .unwrap_or(0)
     };
-    (0..d.windows)
-        .map(|m| {
-            let (y0, x0, y1, x1) = window_extent(&d, m);
-            scales
-                .scales
-                .iter()
-                .map(|&k| tokens_of(y1 - y0, x1 - x0, k))
-                .max()
-                .unwrap_or(0)
-        })
-        .sum()
+    let (full_y, rest_y) = (height / window, height % window);
+    let (full_x, rest_x) = (width / window, width % window);
+    let part = |n: usize, h: usize, w: usize| {
+        if n == 0 || h == 0 || w == 0 {
+            0
+        } else {
+            n.saturating_mul(most(h, w))
+        }
+    };
+    part(full_y.saturating_mul(full_x), window, window)
+        .saturating_add(part(full_y, window, rest_x))
+        .saturating_add(part(full_x, rest_y, window))
+        .saturating_add(part(1, rest_y, rest_x))
 }
 
 /// Checks x `[B, Hx, Wx, C]`, z `[B, M, S]`, tokens `[B, N_out_max, C]`,

@@ -212,7 +212,9 @@ pub fn quantize(s: f32) -> u64 {
 pub fn select_from_scores(s: &[f32], gamma: f32) -> Vec<usize> {
     let q: Vec<u64> = s.iter().map(|&v| quantize(v)).collect();
     let total: u64 = q.iter().sum();
-    let need = (gamma as f64 * total as f64).floor() as u64 + 1;
+    // (the cast saturates: a huge or infinite gamma needs more than the total,
+    // a NaN one needs 1)
+    let need = ((gamma as f64 * total as f64).floor() as u64).saturating_add(1);
     if need > total {
         return (0..s.len()).collect();
     }

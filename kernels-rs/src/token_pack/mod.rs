@@ -62,11 +62,12 @@ pub fn resized_grid(h: usize, w: usize, rho: f64) -> Result<[usize; 2]> {
 
 /// The source rows (or columns) of output row `dst` of a resize from
 /// `in_size` to `out_size`, and the weight of the second: `(i0, i1, l1)`.
-/// f32, each operation rounded (the CUDA kernel computes the same).
+/// f32, each operation rounded (the CUDA kernel computes the same). With no
+/// source (`in_size` 0) both rows are 0.
 pub fn source_index(dst: usize, in_size: usize, out_size: usize) -> (usize, usize, f32) {
     let scale = in_size as f32 / out_size as f32;
     let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-    let i0 = (src as usize).min(in_size - 1);
+    let i0 = (src as usize).min(in_size.saturating_sub(1));
     let i1 = if i0 + 1 < in_size { i0 + 1 } else { i0 };
     (i0, i1, src - i0 as f32)
 }

@@ -35,9 +35,12 @@ pub enum Pool {
     Max,
 }
 
-/// The number of windows of a `height x width` map: `ceil(h / w) * ceil(w / w)`.
+/// The number of windows of a `height x width` map: `ceil(h / w) * ceil(w / w)`
+/// (a window of 0 counts as 1; saturating at `usize::MAX`).
 pub fn num_windows(height: usize, width: usize, window: usize) -> usize {
-    height.div_ceil(window.max(1)) * width.div_ceil(window.max(1))
+    height
+        .div_ceil(window.max(1))
+        .saturating_mul(width.div_ceil(window.max(1)))
 }
 
 /// The sizes of a window_mean call, after validation.
