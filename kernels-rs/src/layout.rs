@@ -239,9 +239,13 @@ impl<'a, T: Copy, const N: usize> View<'a, T, N> {
     }
 
     /// The contiguous last-dimension row at the leading indices `idx[..N-1]`
-    /// (the last entry of `idx` is ignored). Panics like [`at`](Self::at).
+    /// (the last entry of `idx` is ignored). Panics like [`at`](Self::at);
+    /// empty when the last dimension is (an empty tensor holds no storage).
     #[inline]
     pub fn row(&self, idx: [usize; N]) -> &'a [T] {
+        if self.layout.shape[N - 1] == 0 {
+            return &[];
+        }
         let mut i = idx;
         i[N - 1] = 0;
         let o = self.layout.offset(i);
@@ -306,9 +310,12 @@ impl<'a, T: Copy, const N: usize> ViewMut<'a, T, N> {
     }
 
     /// The writable last-dimension row at the leading indices of `idx`.
-    /// Panics like [`at`](Self::at).
+    /// Panics like [`at`](Self::at); empty when the last dimension is.
     #[inline]
     pub fn row_mut(&mut self, idx: [usize; N]) -> &mut [T] {
+        if self.layout.shape[N - 1] == 0 {
+            return &mut [];
+        }
         let mut i = idx;
         i[N - 1] = 0;
         let o = self.layout.offset(i);

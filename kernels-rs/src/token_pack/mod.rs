@@ -93,7 +93,8 @@ pub(crate) fn check(x: [usize; 4], rho: f64, out: [usize; 4]) -> Result<Dims> {
         Error::shape(OP, "out", format!("shape {out:?}, expected {want:?}"))
     })?;
     ensure(
-        h.saturating_mul(w) <= i32::MAX as usize
+        b <= i32::MAX as usize
+            && h.saturating_mul(w) <= i32::MAX as usize
             && oh.saturating_mul(ow) <= i32::MAX as usize
             && c.saturating_mul(4) <= i32::MAX as usize,
         || Error::Unsupported {

@@ -14,7 +14,7 @@ pub fn window_mean<T: Element>(
     out: &mut ViewMut<'_, T, 3>,
 ) -> Result<()> {
     let d = check(x.shape(), out.shape(), window)?;
-    if d.channels == 0 {
+    if d.channels == 0 || d.windows == 0 {
         return Ok(());
     }
     let wins_x = d.width.div_ceil(window);

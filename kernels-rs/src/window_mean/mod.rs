@@ -62,12 +62,16 @@ pub(crate) fn check_map(op: &'static str, x: [usize; 4], window: usize) -> Resul
         Error::value(op, "window", "the window must be at least 1 cell")
     })?;
     ensure(
-        height.saturating_mul(width) <= i32::MAX as usize && channels <= i32::MAX as usize,
-        || Error::Unsupported {
+        batch <= i32::MAX as usize
+            && height.saturating_mul(width) <= i32::MAX as usize
+            && channels <= i32::MAX as usize,
+        || {
+            Error::Unsupported {
             op,
             msg: format!(
-                "a {height} x {width} x {channels} map exceeds the kernels' 32-bit indices"
+                "a batch of {batch} {height} x {width} x {channels} maps exceeds the kernels' 32-bit indices"
             ),
+        }
         },
     )?;
     ensure(window <= i32::MAX as usize, || {

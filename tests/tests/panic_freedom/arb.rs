@@ -134,7 +134,9 @@ impl Strides {
                 let mut order: Vec<usize> = (0..N.saturating_sub(1)).collect();
                 let mut s = *seed;
                 for i in (1..order.len()).rev() {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     order.swap(i, (s >> 33) as usize % (i + 1));
                 }
                 let mut acc = 1usize;
@@ -366,7 +368,11 @@ pub fn comparable(numels: &[usize]) -> bool {
 /// Every multi-index of `shape`, row-major (the shape must be small).
 pub fn indices<const N: usize>(shape: [usize; N]) -> impl Iterator<Item = [usize; N]> {
     // An empty shape has no index, whatever its other dimensions.
-    let total: usize = if shape.contains(&0) { 0 } else { shape.iter().product() };
+    let total: usize = if shape.contains(&0) {
+        0
+    } else {
+        shape.iter().product()
+    };
     (0..total).map(move |mut lin| {
         let mut idx = [0; N];
         for i in (0..N).rev() {
@@ -434,5 +440,49 @@ pub fn config() -> ProptestConfig {
             .unwrap_or(256),
         failure_persistence: None,
         ..ProptestConfig::default()
+    }
+}
+
+/// A tensor argument's memory, drawn apart from its shape (which the test
+/// derives from the op's sizes): strides, and whether the storage is one
+/// element short.
+#[derive(Debug, Clone)]
+pub struct Arg {
+    pub strides: Strides,
+    pub short: bool,
+}
+
+/// An [`Arg`]: mostly well-formed strides, now and then short storage.
+pub fn arg() -> impl Strategy<Value = Arg> {
+    (strides(), prop::bool::weighted(0.05)).prop_map(|(strides, short)| Arg { strides, short })
+}
+
+impl Arg {
+    /// The tensor of `shape` in this memory layout.
+    pub fn spec<const N: usize>(&self, shape: [usize; N]) -> Spec<N> {
+        Spec {
+            shape,
+            strides: self.strides.clone(),
+            short: self.short,
+        }
+    }
+}
+
+/// Whether a call was accepted: `Ok(false)` when refused on the host, a
+/// failed case for a CUDA error (which a CPU path cannot give).
+/// With `PANIC_TEST_STATS` set, each outcome is printed (`--nocapture`) to
+/// see how many calls get past the checks.
+pub fn accepted(r: foveal::Result<()>) -> Result<bool, TestCaseError> {
+    if std::env::var_os("PANIC_TEST_STATS").is_some() {
+        eprintln!(
+            "outcome: {}",
+            r.as_ref()
+                .map_or_else(|e| format!("refused: {e}"), |_| "accepted".into())
+        );
+    }
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if refused(&e) => Ok(false),
+        Err(e) => Err(TestCaseError::fail(format!("not a host refusal: {e:?}"))),
     }
 }

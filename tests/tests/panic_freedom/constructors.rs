@@ -12,7 +12,7 @@ use foveal::{glance_fusion, text_guided_select, Error};
 use foveal::{KeepSet, Layout, RowLayout, RowSpec, View, ViewMut};
 use proptest::prelude::*;
 
-use crate::arb::{config, refused, index, index_list, length, scalar, size, strides, EDGES};
+use crate::arb::{config, index, index_list, length, refused, scalar, size, strides, EDGES};
 
 /// One past the largest offset, in exact arithmetic (None: past u128).
 fn exact_span(shape: &[usize], strides: &[usize]) -> Option<u128> {
