@@ -28,6 +28,11 @@ pub fn cross_attention<T: Element>(
         o.shape(),
         lse.as_ref().map(|l| l.shape()),
     )?;
+    if o.layout().numel() == 0 {
+        // Nothing to write (lse is empty too), and no scratch for a head
+        // dimension that only an empty tensor has.
+        return Ok(());
+    }
     let (g, hd) = (d.group(), d.head_dim);
     let mut keys: Vec<f32> = Vec::new();
     let mut values: Vec<f32> = Vec::new();

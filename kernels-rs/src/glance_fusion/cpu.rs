@@ -24,6 +24,11 @@ pub fn glance_fusion<T: Element>(
         out.shape(),
         weights.as_ref().map(|w| w.shape()),
     )?;
+    if out.layout().numel() == 0 {
+        // Nothing to write (weights are empty too), and no scratch for sizes
+        // that only empty tensors have.
+        return Ok(());
+    }
     let mut mean = vec![0f32; d.layers * d.dim];
     let mut g = vec![0f32; d.layers];
     let mut w = vec![0f32; d.layers];
