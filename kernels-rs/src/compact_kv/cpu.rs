@@ -108,6 +108,10 @@ fn gather_planes<T: bytemuck::Pod>(
         &dst_desc,
         (keep.batch(), keep.src_seq(), keep.max_len()),
     )?;
+    if dst.iter().all(|d| d.layout().numel() == 0) {
+        // Empty rows (width 0): nothing to write, however many of them.
+        return Ok(());
+    }
     for (s, d) in src.iter().zip(dst.iter_mut()) {
         for b in 0..dims.batch {
             let row = keep.row(b);

@@ -48,11 +48,15 @@ pub struct KeepPositions {
 }
 
 impl KeepPositions {
-    /// From explicit lists; each must be strictly ascending and below `src_seq`.
+    /// From explicit lists; each must be strictly ascending and below `src_seq`
+    /// (at most `i32::MAX`: positions are 32-bit, as in a [`RowLayout`]).
     pub fn from_rows(src_seq: usize, rows: &[Vec<usize>]) -> Result<Self> {
         const WHAT: &str = "KeepPositions::from_rows";
         ensure(!rows.is_empty(), || {
             Error::shape(WHAT, "rows", "the batch is empty")
+        })?;
+        ensure(src_seq <= i32::MAX as usize, || {
+            Error::value(WHAT, "src_seq", format!("{src_seq} exceeds i32::MAX"))
         })?;
         let width = rows.iter().map(Vec::len).max().unwrap_or(0);
         let mut kp = KeepPositions {

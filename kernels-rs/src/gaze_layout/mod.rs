@@ -92,6 +92,22 @@ impl GazeRow {
         ensure(height > 0 && width > 0, || {
             Error::value(WHAT, "grid", format!("{height} x {width} grid is empty"))
         })?;
+        // Every position must fit the layout's 32-bit positions (checked here,
+        // before any sum can overflow).
+        let cells = height.checked_mul(width);
+        for &base in frames {
+            ensure(
+                cells
+                    .and_then(|c| base.checked_add(c))
+                    .is_some_and(|e| e <= i32::MAX as usize),
+                || Error::Unsupported {
+                    op: WHAT,
+                    msg: format!(
+                        "a {height} x {width} grid at position {base} passes 32-bit positions"
+                    ),
+                },
+            )?;
+        }
         let first = self.regions.len();
         for group in frames.chunks(shape.frames) {
             for y0 in (0..height).step_by(shape.height) {
@@ -355,12 +371,16 @@ pub struct Routes {
 impl Routes {
     /// Routes `[B, queries, heads, k]` for `layout`, all -1, to be filled by
     /// route_topk.
+    ///
+    /// # Panics
+    /// Like `vec!`, when `B x queries x heads x k` ids do not fit in memory.
     pub fn new(layout: &GazeLayout, queries: usize, heads: usize, k: usize) -> Self {
         let shape = [layout.batch(), queries, heads, k];
+        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         Routes {
             layout_id: 0,
             shape,
-            ids: vec![-1; shape.iter().product()],
+            ids: vec![-1; len.expect("routes larger than the address space")],
         }
     }
 
@@ -375,7 +395,8 @@ impl Routes {
     ) -> Result<Self> {
         const WHAT: &str = "Routes::from_ids";
         let shape = [layout.batch(), queries, heads, k];
-        ensure(ids.len() == shape.iter().product::<usize>(), || {
+        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        ensure(len == Some(ids.len()), || {
             Error::shape(
                 WHAT,
                 "ids",

@@ -17,6 +17,11 @@ pub fn glimpse_scores<T: Element>(
     out: &mut ViewMut<'_, f32, 3>,
 ) -> Result<()> {
     let dims = check(q.shape(), k.shape(), out.shape(), rows, scale)?;
+    if out.layout().numel() == 0 {
+        // No visual token (or no row): nothing to score, and no scratch for
+        // query heads that only an empty output has.
+        return Ok(());
+    }
     let (g, d) = (dims.group(), dims.head_dim);
     let to_f32 = |row: &[T], dst: &mut Vec<f32>| {
         dst.clear();

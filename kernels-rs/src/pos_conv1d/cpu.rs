@@ -16,6 +16,10 @@ pub fn pos_conv1d<T: Element>(
     out: &mut ViewMut<'_, T, 3>,
 ) -> Result<()> {
     let d = check(x.shape(), lens, weight.shape(), bias.shape(), out.shape())?;
+    if out.layout().numel() == 0 {
+        // Nothing to write (no channel, token or row), however many tokens.
+        return Ok(());
+    }
     let c = d.channels;
     // weight transposed to [7, C], so that a tap runs over contiguous channels
     let w: Vec<f32> = (0..KERNEL_SIZE)

@@ -20,6 +20,11 @@ pub fn region_descriptors<T: Element>(
     // One pass over each region's tokens for every KV head at once: a token's
     // heads are adjacent in the [B, S, Hkv, D] order and the row reads stay
     // sequential in the [B, Hkv, S, D] one.
+    if desc.layout().numel() == 0 {
+        // Nothing to write (a head dimension of 0 included), and no scratch
+        // for sizes that only empty tensors have.
+        return Ok(());
+    }
     let (hkv, hd) = (d.kv_heads, d.head_dim);
     let mut acc = vec![0f32; hkv * hd];
     for b in 0..d.batch {

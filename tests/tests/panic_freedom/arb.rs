@@ -248,15 +248,6 @@ pub struct Spec<const N: usize> {
 }
 
 impl<const N: usize> Spec<N> {
-    /// A tensor of `shape` with drawn strides, mostly with enough storage.
-    pub fn of(shape: [usize; N]) -> impl Strategy<Value = Self> {
-        (strides(), prop::bool::weighted(0.05)).prop_map(move |(strides, short)| Spec {
-            shape,
-            strides,
-            short,
-        })
-    }
-
     /// A contiguous tensor of `shape` with enough storage.
     pub fn contiguous(shape: [usize; N]) -> Self {
         Spec {
@@ -429,7 +420,7 @@ pub fn refused(e: &foveal::Error) -> bool {
     !matches!(e, foveal::Error::Cuda { .. })
 }
 
-/// The proptest configuration of every panic test: cases for two cores
+/// The proptest configuration of every panic test: 64 cases for two cores
 /// (`PROPTEST_CASES` overrides), no persisted failures (the failing cases
 /// found are regular tests in the modules).
 pub fn config() -> ProptestConfig {
@@ -437,7 +428,7 @@ pub fn config() -> ProptestConfig {
         cases: std::env::var("PROPTEST_CASES")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(256),
+            .unwrap_or(64),
         failure_persistence: None,
         ..ProptestConfig::default()
     }

@@ -46,7 +46,11 @@ proptest! {
             Some(s) if s <= usize::MAX as u128 => prop_assert_eq!(c.span() as u128, s),
             _ => prop_assert_eq!(c.span(), usize::MAX),
         }
-        let numel = shape.iter().try_fold(1u128, |n, &d| n.checked_mul(d as u128));
+        let numel = if shape.contains(&0) {
+            Some(0)
+        } else {
+            shape.iter().try_fold(1u128, |n, &d| n.checked_mul(d as u128))
+        };
         prop_assert_eq!(
             c.numel() as u128,
             numel.map_or(usize::MAX as u128, |n| n.min(usize::MAX as u128))
@@ -273,4 +277,14 @@ fn found_selection_rule_huge_gamma() {
 fn found_source_index_empty_source() {
     let (i0, i1, _) = source_index(0, 0, 0);
     assert_eq!((i0, i1), (0, 0));
+}
+
+/// Found (a silent wrong answer, not a panic): KeepPositions::from_rows
+/// stored positions past i32::MAX truncated (2^63 became 0).
+#[test]
+fn found_keep_positions_truncated() {
+    assert!(KeepPositions::from_rows(usize::MAX, &[vec![1 << 63]]).is_err());
+    assert!(KeepPositions::from_rows(i32::MAX as usize + 1, &[vec![0]]).is_err());
+    let kp = KeepPositions::from_rows(i32::MAX as usize, &[vec![i32::MAX as usize - 1]]).unwrap();
+    assert_eq!(kp.row(0), &[i32::MAX - 1]);
 }

@@ -237,3 +237,57 @@ fn found_row_of_empty_last_dimension() {
     assert!(s.row([0, 5, 0]).is_empty());
     assert!(d.row_mut([0, 0, 0]).is_empty());
 }
+
+/// Found: glimpse_scores widened every query head before looking at the
+/// output: rows without visual tokens, with broadcast queries of many heads,
+/// asked for hundreds of GiB (an abort). An empty output returns at once.
+#[test]
+fn found_glimpse_scores_work_for_empty_output() {
+    let rows = RowLayout::new(
+        1,
+        &[RowSpec {
+            start: 0,
+            end: 1,
+            visual: vec![],
+        }],
+    )
+    .unwrap();
+    let (hq, d) = (1 << 30, 1 << 10);
+    let data = vec![0.5f32; d];
+    let q = View::new(
+        &data,
+        foveal::Layout::strided([1, hq, d], [0, 0, 1]).unwrap(),
+    )
+    .unwrap();
+    let k = View::new(
+        &data,
+        foveal::Layout::strided([1, 1, 1, d], [0, 0, 0, 1]).unwrap(),
+    )
+    .unwrap();
+    let mut none: Vec<f32> = vec![];
+    let mut out = ViewMut::contiguous(&mut none, [1, 0, hq]).unwrap();
+    let r = glimpse_scores(q, k, &rows, None, ScoreMode::Logits, &mut out);
+    assert!(r.is_ok() || r.is_err_and(|e| !matches!(e, foveal::Error::Cuda { .. })));
+}
+
+/// Found: compact_kv walked every (row, slot, head) of destinations whose
+/// rows are empty (width 0), so a huge slot count never returned.
+#[test]
+fn found_compact_kv_empty_rows_of_huge_destination() {
+    let keep = KeepPositions::from_rows(2, &[vec![0, 1]]).unwrap();
+    let none: Vec<f32> = vec![];
+    let s = View::contiguous(&none, [1, 2, 1, 0]).unwrap();
+    let mut dst: Vec<f32> = vec![];
+    let mut d = ViewMut::contiguous(&mut dst, [1, usize::MAX, 1, 0]).unwrap();
+    let mut dst2: Vec<f32> = vec![];
+    let mut d2 = ViewMut::contiguous(&mut dst2, [1, usize::MAX, 1, 0]).unwrap();
+    let r = compact_kv(
+        &[s],
+        &[s],
+        &keep,
+        Padding::Left,
+        std::slice::from_mut(&mut d),
+        std::slice::from_mut(&mut d2),
+    );
+    assert!(r.is_ok() || r.is_err_and(|e| !matches!(e, foveal::Error::Cuda { .. })));
+}
