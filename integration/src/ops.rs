@@ -1,5 +1,5 @@
-//! foveal's ops on candle tensors: GlimpsePrune's here, FocusLLaVA's in
-//! [`focus`](self::focus) (re-exported).
+//! foveal's ops on candle tensors: GlimpsePrune's here, FocusLLaVA's,
+//! Gaze Attention's and Glance2Gaze's in their own files (re-exported).
 //!
 //! `glimpse_scores` is a candle `CustomOp2`: `cpu_fwd` runs foveal's CPU
 //! reference on candle's host buffers, `cuda_fwd` (feature `cuda`) runs the
@@ -447,7 +447,9 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
 
 mod focus;
 mod gaze;
+mod glance;
 pub use focus::{
     multiscale_gather, plan_from_kept, text_guided_select, window_mean, Gathered, TextSelection,
 };
 pub use gaze::{gaze_decode, region_descriptors, route_topk, GazeIndex, GazeRoutes};
+pub use glance::{cross_attention, glance_fusion, AttendLens};
