@@ -53,7 +53,9 @@ impl GazeCompression {
         pool_size: usize,
     ) -> Result<Self> {
         if dt % 4 != 0 {
-            candle_core::bail!("GazeCompression: the 2D sin-cos embedding needs a width divisible by 4, not {dt}");
+            candle_core::bail!(
+                "GazeCompression: the 2D sin-cos embedding needs a width divisible by 4, not {dt}"
+            );
         }
         let inner = heads * head_dim;
         Ok(GazeCompression {
@@ -91,7 +93,9 @@ impl GazeCompression {
     pub fn forward(&self, units: &Tensor, p: usize, side: usize) -> Result<Tensor> {
         let (u, n, _) = units.dims3()?;
         if p > n {
-            candle_core::bail!("GazeCompression: {p} tokens from {n} (compression never adds tokens)");
+            candle_core::bail!(
+                "GazeCompression: {p} tokens from {n} (compression never adds tokens)"
+            );
         }
         let (h, d) = (self.heads, self.head_dim);
         let q = self

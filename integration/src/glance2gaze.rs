@@ -354,7 +354,11 @@ impl Glance2Gaze {
     /// Per row, the instruction Glance Fusion weighs the layers by: its
     /// question, or where the image ends the row its system text (the only
     /// text it has). `None` with one fused layer (no weights to compute).
-    pub fn instructions(&self, system: &[u32], questions: &[Vec<u32>]) -> Result<Option<Vec<Vec<u32>>>> {
+    pub fn instructions(
+        &self,
+        system: &[u32],
+        questions: &[Vec<u32>],
+    ) -> Result<Option<Vec<Vec<u32>>>> {
         if !self.glance.needs_instruction() {
             return Ok(None);
         }
@@ -412,9 +416,7 @@ impl Glance2Gaze {
         let side = model.config.vision.patches_per_side();
         let dense = UnitLayout::new(input.units, side, n);
         let order = Tensor::from_vec(dense.order, units * n, dec.device())?;
-        fused
-            .reshape((b, units * n, dm))?
-            .index_select(&order, 1)
+        fused.reshape((b, units * n, dm))?.index_select(&order, 1)
     }
 
     /// The prefill over rows `[system][visual b][questions[b]]`, `visual`
@@ -527,7 +529,11 @@ impl Glance2Gaze {
                     span,
                 });
                 if v0 + count < seq {
-                    segs.push(Segment::Embeds(h.narrow(0, v0 + count, seq - v0 - count)?));
+                    segs.push(Segment::Embeds(h.narrow(
+                        0,
+                        v0 + count,
+                        seq - v0 - count,
+                    )?));
                 }
                 Ok(segs)
             })
@@ -545,7 +551,8 @@ impl Glance2Gaze {
         let dec = &model.decoder;
         let t0 = Instant::now();
         let visual = self.fuse(model, input)?;
-        let prefilled = self.prefill(model, &visual, input.units, &input.system, &input.questions)?;
+        let prefilled =
+            self.prefill(model, &visual, input.units, &input.system, &input.questions)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         let spans = prefilled.spans();
@@ -574,7 +581,8 @@ impl Glance2Gaze {
         let first = layers - compressed.len();
         let units = input.units.count();
         let unit_tokens = model.config.vision.num_patches();
-        let (mut kv_entries, mut flops, mut visual_per_layer) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut kv_entries, mut flops, mut visual_per_layer) =
+            (Vec::new(), Vec::new(), Vec::new());
         for row in 0..prompt.batch() {
             let dense = len(&prompt, row);
             let mut per_layer = vec![prompt.visual[row].len(); first];

@@ -176,13 +176,48 @@ const T8_5: &[usize] = &[
 /// (LLaVA-NeXT-7B, per sub-image; its 22% and 11% lists are Table 7's) and
 /// the video setting (Video-LLaVA, per frame, A.3.2).
 pub const PAPER_SCHEDULES: [PaperSchedule; 7] = [
-    paper(("LLaVA-1.5-7B 33%", "G2G 33%"), 576, 9, PaperTokens::Listed(T7_33)),
-    paper(("LLaVA-1.5-7B 22%", "G2G 22%"), 576, 7, PaperTokens::Listed(T7_22)),
-    paper(("LLaVA-1.5-7B 11%", "G2G 11%"), 576, 3, PaperTokens::Listed(T7_11)),
-    paper(("LLaVA-NeXT-7B 22%", "G2G-NeXT 22%"), 576, 7, PaperTokens::Listed(T7_22)),
-    paper(("LLaVA-NeXT-7B 11%", "G2G-NeXT 11%"), 576, 3, PaperTokens::Listed(T7_11)),
-    paper(("LLaVA-NeXT-7B 5%", "G2G-NeXT 5%"), 576, 2, PaperTokens::Listed(T8_5)),
-    paper(("Video-LLaVA 6%", "G2G video 6%"), 256, 3, PaperTokens::Decay { p_r: 10 }),
+    paper(
+        ("LLaVA-1.5-7B 33%", "G2G 33%"),
+        576,
+        9,
+        PaperTokens::Listed(T7_33),
+    ),
+    paper(
+        ("LLaVA-1.5-7B 22%", "G2G 22%"),
+        576,
+        7,
+        PaperTokens::Listed(T7_22),
+    ),
+    paper(
+        ("LLaVA-1.5-7B 11%", "G2G 11%"),
+        576,
+        3,
+        PaperTokens::Listed(T7_11),
+    ),
+    paper(
+        ("LLaVA-NeXT-7B 22%", "G2G-NeXT 22%"),
+        576,
+        7,
+        PaperTokens::Listed(T7_22),
+    ),
+    paper(
+        ("LLaVA-NeXT-7B 11%", "G2G-NeXT 11%"),
+        576,
+        3,
+        PaperTokens::Listed(T7_11),
+    ),
+    paper(
+        ("LLaVA-NeXT-7B 5%", "G2G-NeXT 5%"),
+        576,
+        2,
+        PaperTokens::Listed(T8_5),
+    ),
+    paper(
+        ("Video-LLaVA 6%", "G2G video 6%"),
+        256,
+        3,
+        PaperTokens::Decay { p_r: 10 },
+    ),
 ];
 
 /// A schedule of a 32-layer 7B model (Vicuna-7B, every model of the seed).

@@ -11,8 +11,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout as CLayout, Result, Shape,
-    Tensor,
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout as CLayout, Result, Shape, Tensor,
 };
 use foveal::cross_attention::SeqLens;
 use foveal::glance_fusion::Lengths;

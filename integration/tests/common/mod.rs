@@ -3,6 +3,7 @@
 
 pub mod focus;
 pub mod gaze;
+pub mod glance2gaze;
 
 use std::ops::Range;
 
