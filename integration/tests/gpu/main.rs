@@ -9,4 +9,5 @@ mod common;
 
 mod focus;
 mod gaze;
+mod glance2gaze;
 mod glimpse;
