@@ -46,13 +46,24 @@
 //!   map, the selector, multi-scale sampling in the projector) and [`focus`]
 //!   (the text-guided sampler at layer K, the later layers and decoding on
 //!   the kept tokens).
+//! - Glance2Gaze end to end: [`glance`] (Glance Fusion: several ViT layers
+//!   fused under the instruction in the vision path), [`gaze_compression`]
+//!   (the shared query pool, its 2D positions, the compression step),
+//!   [`glance2gaze_schedule`] (the paper's `(r, P)` schedules as data,
+//!   scaled to a model) and [`glance2gaze`] (per-unit fusion and
+//!   compression of images, sub-images and video frames, every compressed
+//!   layer over its own layout and cache, decoding over them).
 
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod focus;
 pub mod gaze;
+pub mod gaze_compression;
 pub mod gaze_prompt;
+pub mod glance;
+pub mod glance2gaze;
+pub mod glance2gaze_schedule;
 pub mod glimpse;
 pub mod glimpse_config;
 pub mod glimpse_pipeline;
@@ -81,6 +92,11 @@ pub use decoder::{
 pub use focus::{FocusConfig, FocusLlava, FocusRun};
 pub use gaze::{GazeAttention, GazeConfig, GazePrefill, GazeRun, GazeStep};
 pub use gaze_prompt::{GazePrompt, GazeSegment, GazeUnit};
+pub use glance2gaze::{
+    Glance2Gaze, Glance2GazeConfig, Glance2GazeFlops, Glance2GazeInput, Glance2GazePrefill,
+    Glance2GazeRun, Units,
+};
+pub use glance2gaze_schedule::{paper_schedule, GazeSchedule, PaperSchedule, PAPER_SCHEDULES};
 pub use glimpse::{GlimpsePrune, GlimpseRun};
 pub use glimpse_config::{
     Anchor, BaseModel, EmbeddingConfig, FuserType, GlimpseConfig, LeNorm, Predictor, UpstreamConfig,

@@ -1,12 +1,14 @@
 //! The main job: every method end to end on the built-in small models
 //! (seeded weights, synthetic images or `cargo run --release -- IMAGE`),
 //! through the one interface they share ([`ImageMethod`]): the dense
-//! baseline, GlimpsePrune, FocusLLaVA and Gaze Attention on the tiny model,
-//! and VISOR (the router's configuration, the costliest configuration, and
-//! VISOR-TR) beside the dense model on VISOR's 24-layer base, on the images,
-//! then the methods that take sub-images on images cut into 2 x 2 (the
-//! dense model over the same stitched map beside them), and Gaze Attention
-//! on a video and a two-image prompt, with what each decode step attended. CPU by
+//! baseline, GlimpsePrune, FocusLLaVA, Gaze Attention and Glance2Gaze (the
+//! paper's 33%, 22% and 11% schedules scaled) on the tiny model, and VISOR
+//! (the router's configuration, the costliest configuration, and VISOR-TR)
+//! beside the dense model on VISOR's 24-layer base, on the images, then the
+//! methods that take sub-images on images cut into 2 x 2 (the dense model
+//! over the same stitched map beside them), Gaze Attention on a video and a
+//! two-image prompt, with what each decode step attended, and Glance2Gaze on
+//! a video at the paper's video setting. CPU by
 //! default; built with the feature `cuda` on a machine with a GPU, on the GPU. Then the GlimpsePrune kernel pipeline
 //! on a synthetic batch with planted salient tokens (and, on a GPU, its CUDA
 //! run checked against the CPU references).
@@ -17,9 +19,9 @@ use foveal_candle::glimpse_pipeline::{self, Batch, Config};
 use foveal_candle::images::{load_image, synthetic_images};
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
-    Dense, FocusConfig, FocusLlava, GazeAttention, GazeConfig, GazeSegment, GlimpseConfig,
-    GlimpsePrune, ImageMethod, ImageQuestions, LlavaModel, Method, ModelConfig, Report, Visor,
-    VisorConfig,
+    Dense, FocusConfig, FocusLlava, GazeAttention, GazeConfig, GazeSegment, Glance2Gaze,
+    Glance2GazeConfig, Glance2GazeInput, GlimpseConfig, GlimpsePrune, ImageMethod, ImageQuestions,
+    LlavaModel, Method, ModelConfig, Report, Visor, VisorConfig,
 };
 
 const NEW_TOKENS: usize = 8;
@@ -118,7 +120,23 @@ fn methods(cfg: &ModelConfig, dev: &Device) -> Result<Vec<Box<dyn ImageMethod>>>
             DType::F32,
         )?),
         Box::new(GazeAttention::seeded(cfg, &gaze, 3, dev, DType::F32)?),
+        glance2gaze(cfg, "LLaVA-1.5-7B 33%", dev)?,
+        glance2gaze(cfg, "LLaVA-1.5-7B 22%", dev)?,
+        glance2gaze(cfg, "LLaVA-1.5-7B 11%", dev)?,
     ])
+}
+
+/// Glance2Gaze, seeded, at one of the paper's schedules scaled to `cfg`
+/// (the paper's fused ViT layers scaled likewise).
+fn glance2gaze(cfg: &ModelConfig, schedule: &str, dev: &Device) -> Result<Box<dyn ImageMethod>> {
+    let gcfg = Glance2GazeConfig::for_model(cfg, schedule)?;
+    Ok(Box::new(Glance2Gaze::seeded(
+        cfg,
+        &gcfg,
+        5,
+        dev,
+        DType::F32,
+    )?))
 }
 
 fn run() -> Result<()> {
@@ -186,6 +204,7 @@ fn run() -> Result<()> {
         }
     }
     reports.push((String::new(), gaze_video(&benches[0].model, &dev)?));
+    reports.push((String::new(), glance2gaze_video(&benches[0].model, &dev)?));
     print_reports(&reports);
     kernel_pipeline().map_err(candle_core::Error::wrap)
 }
@@ -234,6 +253,24 @@ fn gaze_video(model: &LlavaModel, dev: &Device) -> Result<Report> {
     ];
     let run = gaze.generate(model, &gaze.prompt(model, &rows)?, NEW_TOKENS)?;
     Ok(run.report("Gaze video|2 img", &gcfg))
+}
+
+/// Glance2Gaze on a 4-frame video per question at the paper's video
+/// setting (r = 3, p_r = 10 of 256 tokens per frame, compression per
+/// frame), scaled to the model.
+fn glance2gaze_video(model: &LlavaModel, dev: &Device) -> Result<Report> {
+    let cfg = &model.config;
+    let gcfg = Glance2GazeConfig::for_model(cfg, "Video-LLaVA 6%")?;
+    let g2g = Glance2Gaze::seeded(cfg, &gcfg, 5, dev, DType::F32)?;
+    let s = cfg.vision.image_size;
+    let (frames, _) = synthetic_images(8, s, 7, dev)?;
+    let questions = vec![byte_tokens("What moves?"), byte_tokens("What changes?")];
+    let input = Glance2GazeInput::video(
+        &frames.reshape((2, 4, 3, s, s))?,
+        &byte_tokens("A video: "),
+        &questions,
+    )?;
+    Ok(g2g.report(g2g.generate(model, &input, NEW_TOKENS)?))
 }
 
 /// One line per method (its name, a suffix naming the input) and row:
