@@ -6,9 +6,7 @@
 //! (`ops/visor.rs`) with learned queries.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Tensor,
-};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Tensor};
 use foveal::glance_fusion::Lengths;
 use foveal::{View, ViewMut};
 
