@@ -77,7 +77,12 @@ MEMORY_BOUND = [
      "a 4 x 4 window's pixels in flight (16 16-byte loads a thread, at least 12) (issue 11)"),
     ("compact_kv", r"gather_positions_kernel<uint4>", None, 4,
      "the 16-byte gather: four slots' loads issued before their stores (issue 11)"),
-    ("region_descriptors", r"region_descriptors_kernel<", None, 1, "key rows in 16-byte columns"),
+    # region_descriptors: 16 keys a thread in flight for 16-bit keys; for f32
+    # keys ptxas starts the adds after 4 or 5 of the 16 loads (docs/performance.md).
+    ("region_descriptors", r"region_descriptors_kernel<(bf16|f16)>", None, 16,
+     "16 keys' 16-byte loads a thread in flight, positions prefetched (issue 11)"),
+    ("region_descriptors", r"region_descriptors_kernel<f32>", None, 4,
+     "f32 keys: at least 4 16-byte loads in flight (issue 11)"),
     ("glimpse_scores", r"glimpse_scores_kernel<", None, 1, "keys streamed once in 16-byte vectors"),
     ("gaze_decode", r"gaze_attend_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
     ("gaze_route_decode", r"gaze_route_decode_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
