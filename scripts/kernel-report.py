@@ -83,7 +83,9 @@ MEMORY_BOUND = [
      "16 keys' 16-byte loads a thread in flight, positions prefetched (issue 11)"),
     ("region_descriptors", r"region_descriptors_kernel<f32>", None, 4,
      "f32 keys: at least 4 16-byte loads in flight (issue 11)"),
-    ("glimpse_scores", r"glimpse_scores_kernel<", None, 1, "keys streamed once in 16-byte vectors"),
+    ("glimpse_scores", r"glimpse_scores_mma_kernel<", None, 8,
+     "the next steps' 16-byte copies (cp.async) in flight while a step is scored (issue 11)"),
+    ("glimpse_scores", r"glimpse_scores_fma_kernel<", None, 1, "f32 keys streamed once in 16-byte vectors"),
     ("gaze_decode", r"gaze_attend_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
     ("gaze_route_decode", r"gaze_route_decode_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
 ]
