@@ -8,6 +8,8 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "foveal.h"
 
 namespace foveal {
@@ -52,6 +54,35 @@ __device__ __forceinline__ void load_as_float(const T* p, float (&out)[kVec]) {
     load16_as_float(p, out);
   }
 }
+
+// kVec elements of T as a load leaves them (one element, or one 16-byte
+// vector: kVec = Vec16<T>::kElems), kept narrow until they are used, so that
+// many loads can be in flight without their widened floats' registers.
+template <typename T, int kVec>
+struct RawVec {
+  static_assert(kVec == 1 || kVec == Vec16<T>::kElems, "one element or one 16-byte vector");
+  using Bits = typename std::conditional<kVec == 1, T, uint4>::type;
+  Bits bits;
+
+  // Loads kVec elements at p (16-byte aligned for a vector) through the
+  // read-only path.
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVec == 1) {
+      bits = __ldg(p);
+    } else {
+      bits = __ldg(reinterpret_cast<const uint4*>(p));
+    }
+  }
+
+  // Element i widened to float.
+  __device__ __forceinline__ float at(int i) const {
+    if constexpr (kVec == 1) {
+      return to_float(bits);
+    } else {
+      return to_float(reinterpret_cast<const T*>(&bits)[i]);
+    }
+  }
+};
 
 // Stores kVec floats rounded to T (one element, or one aligned 16-byte vector).
 template <typename T, int kVec>
