@@ -429,7 +429,8 @@ typedef struct foveal_cross_attention_params {
   int64_t lse_stride_b, lse_stride_h, lse_stride_n;
   /* Workspace, used when num_splits > 1: per (row, query, query head) and
    * split, partial_o [B, Nq, Hq, num_splits, D] (unnormalised output) and
-   * partial_ml [B, Nq, Hq, num_splits, 2] float (max in log2 units, sum). */
+   * partial_ml [B, Nq, Hq, num_splits, 2] float (max of the scores, sum of
+   * exp(score - max)). */
   float *partial_o;
   float *partial_ml;
   int32_t batch, queries, keys, q_heads, kv_heads, head_dim;
@@ -442,6 +443,12 @@ typedef struct foveal_cross_attention_params {
 } foveal_cross_attention_params;
 
 int foveal_cross_attention(const foveal_cross_attention_params *p, foveal_stream_t stream);
+
+/* The shared memory foveal_cross_attention's attention kernel needs for
+ * these parameters (only dtype, head_dim and tile_rows are read) on the
+ * current device; 0, FOVEAL_ERR_UNSUPPORTED (no kernel for them) or a
+ * cudaError_t. */
+int foveal_cross_attention_shared_memory(const foveal_cross_attention_params *p, foveal_shared_memory *out);
 
 /* ------------------------------------------------------------------- pos_conv1d */
 

@@ -1185,6 +1185,12 @@ unsafe extern "C" {
         stream: foveal_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+unsafe extern "C" {
+    pub fn foveal_cross_attention_shared_memory(
+        p: *const foveal_cross_attention_params,
+        out: *mut foveal_shared_memory,
+    ) -> ::std::os::raw::c_int;
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct foveal_pos_conv1d_params {
