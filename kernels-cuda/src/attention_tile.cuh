@@ -207,6 +207,71 @@ __device__ __forceinline__ void warp_pv(float (&o)[kMTiles][kDim / 8][4], const 
   }
 }
 
+// ------------------------------------- held key fragments (text_guided_select)
+// Added for text_guided_select's score kernel, whose warps keep their keys'
+// fragments in registers while many 16-row query tiles stream past them.
+
+// Copies 8 bytes (8-byte aligned addresses) from global to shared memory
+// without blocking, through L1 (cp.async.ca); with `valid` false writes 8
+// zero bytes and reads nothing (`src` must still be a valid address).
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int n = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+
+// The B fragments (mma_16816's b0, b1) of a warp's kNTiles x 8 keys (kNTiles
+// even) for every 16-column step of kDim: `k` points at the warp's first key
+// of a [keys][kStride] tile. The same ldmatrix as warp_scores', all steps at
+// once: held in registers (kDim / 4 x kNTiles / 2 of them) they serve any
+// number of query tiles (warp_scores_b).
+template <typename T, int kNTiles, int kDim, int kStride>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&b)[kDim / 16][kNTiles][2], const T* k) {
+  static_assert(kNTiles % 2 == 0 && kDim % 16 == 0, "whole 16 x 16 steps");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < kNTiles; n += 2) {
+      // matrices: keys 0-7 x dims 0-7, 8-15; keys 8-15 x dims 0-7, 8-15
+      uint32_t r[4];
+      ldmatrix_x4(r, k + (n * 8 + lane % 8 + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8);
+      b[kk][n][0] = r[0];
+      b[kk][n][1] = r[1];
+      b[kk][n + 1][0] = r[2];
+      b[kk][n + 1][1] = r[3];
+    }
+  }
+}
+
+// A warp's scores S = Q K^T for kMTiles x 16 query rows (`q` points at the
+// warp's first row of a [rows][kStride] tile) against the keys whose B
+// fragments `b` holds (load_b_fragments). s[m][n] is accumulator tile
+// (m, n); it is overwritten. Each step reads only Q from shared memory.
+template <typename T, int kMTiles, int kNTiles, int kDim, int kStride>
+__device__ __forceinline__ void warp_scores_b(float (&s)[kMTiles][kNTiles][4], const T* q,
+                                              const uint32_t (&b)[kDim / 16][kNTiles][2]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[m][n][e] = 0.f;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      uint32_t a[4];
+      ldmatrix_x4(a, q + (m * 16 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) mma_16816<T>(s[m][n], a, b[kk][n][0], b[kk][n][1]);
+    }
+  }
+}
+
 // -------------------------------------------------------- online softmax
 
 // Max over aligned groups of `kWidth` lanes (a power of two), NaN ignored;
