@@ -285,6 +285,10 @@ int foveal_text_guided_select_shared_memory(const foveal_text_guided_select_para
 
 /* ------------------------------------------------------------ region_descriptors */
 
+/* Threads per block (one per region, KV head and 16-byte column of the head
+ * dim); the grid's x dimension holds the blocks. */
+#define FOVEAL_REGION_DESCRIPTORS_THREADS 64
+
 typedef struct foveal_region_descriptors_params {
   /* k [B, S, Hkv, D] of one layer, any memory order. */
   const void *k;

@@ -19,7 +19,7 @@
 namespace foveal {
 namespace {
 
-constexpr int kThreads = 64;
+constexpr int kThreads = FOVEAL_REGION_DESCRIPTORS_THREADS;
 constexpr int kUnroll = 16;  // 16-byte key loads in flight per thread
 
 template <typename T>
