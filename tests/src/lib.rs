@@ -201,7 +201,11 @@ pub fn same_value<T: TestElem>(got: T, want: T) -> bool {
 /// Replaces each logical element of `t`, with probability `p`, by +inf,
 /// -inf or NaN (a third each): the special values an op must carry through
 /// as its CPU reference does.
-pub fn sprinkle_specials<T: Element, const N: usize>(rng: &mut StdRng, t: &mut Tensor<T, N>, p: f64) {
+pub fn sprinkle_specials<T: Element, const N: usize>(
+    rng: &mut StdRng,
+    t: &mut Tensor<T, N>,
+    p: f64,
+) {
     for idx in indices(t.shape) {
         if rng.random_bool(p) {
             let v = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN][rng.random_range(0..3)];
