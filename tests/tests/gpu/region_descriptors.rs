@@ -147,7 +147,14 @@ fn batch_tails<T: GpuElem>(seed: u64) {
         let fresh = poisoned_desc([1, kv_heads, r_cap, head_dim]);
         let mut want = fresh.clone();
         cpu::region_descriptors(k.view(), &layout, 0..r_cap, &mut want.view_mut()).expect("CPU");
-        let got = run_gpu(&stream, &k, &layout, &[0..r_cap], &fresh).expect("CUDA");
+        let got = run_gpu(
+            &stream,
+            &k,
+            &layout,
+            std::slice::from_ref(&(0..r_cap)),
+            &fresh,
+        )
+        .expect("CUDA");
         let what = format!(
             "unit {h} x {w} x {frames}, regions {rh} x {rw}: longest {}, k {kshape:?} {order:?}",
             layout.max_region_len()
