@@ -23,6 +23,8 @@
 //!   read into the model config, unimplemented settings refused) and
 //!   [`hf_folder`] (one or sharded safetensors, memory-mapped, checked
 //!   against their index; `tokenizer.json`).
+//! - [`pictures`]: what a method kept or attended, drawn over the image
+//!   (a run's [`method::TokenMaps`]).
 //! - foveal on candle tensors: [`ops`] (the `glimpse_scores` and
 //!   `window_mean` CustomOps, the kept set, one compaction of many caches,
 //!   the row gather, `multiscale_gather`, `text_guided_select`; Gaze
@@ -78,6 +80,7 @@ pub mod method;
 pub mod model;
 mod nn;
 pub mod ops;
+pub mod pictures;
 pub mod projector;
 pub mod prompt;
 pub mod reduce;
@@ -108,7 +111,7 @@ pub use glimpse_config::{
     Anchor, BaseModel, EmbeddingConfig, FuserType, GlimpseConfig, LeNorm, Predictor, UpstreamConfig,
 };
 pub use hf_folder::{HfFolder, NameLayout};
-pub use method::{Dense, ImageMethod, ImageQuestions, Method, Report};
+pub use method::{Dense, ImageMethod, ImageQuestions, Method, Panel, Report, TokenMaps};
 pub use model::{ImageFeatures, LlavaModel};
 pub use prompt::{Prompt, Segment};
 pub use reduce::Reduced;
