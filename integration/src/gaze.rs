@@ -149,7 +149,12 @@ impl GazeRun {
             match ids.iter().position(|&id| id == r) {
                 Some(j) => {
                     let bx = &mut boxes[j];
-                    *bx = [bx[0].min(y), bx[1].min(x), bx[2].max(y + 1), bx[3].max(x + 1)];
+                    *bx = [
+                        bx[0].min(y),
+                        bx[1].min(x),
+                        bx[2].max(y + 1),
+                        bx[3].max(x + 1),
+                    ];
                 }
                 None => {
                     ids.push(r);

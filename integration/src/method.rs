@@ -183,7 +183,13 @@ impl Panel {
             title: title.into(),
             weight: values
                 .iter()
-                .map(|&v| if max > 0.0 { (v / max).clamp(0.0, 1.0) } else { 0.0 })
+                .map(|&v| {
+                    if max > 0.0 {
+                        (v / max).clamp(0.0, 1.0)
+                    } else {
+                        0.0
+                    }
+                })
                 .collect(),
             boxes: Vec::new(),
         }
