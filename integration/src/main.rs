@@ -423,7 +423,7 @@ fn run_folder(
         let report = match m.run(&model, &input, NEW_TOKENS) {
             Ok(r) => r,
             Err(e) => {
-                println!("{}: not run on this model: {e}", m.name());
+                println!("{}: not run on this model: {}", m.name(), first_line(&e));
                 continue;
             }
         };
@@ -437,6 +437,11 @@ fn run_folder(
     print_reports(&reports);
     print_pictures(out, &written);
     Ok(())
+}
+
+/// An error's message without the backtrace candle adds under RUST_BACKTRACE.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// Every method for a loaded model, each with where its learned parts
@@ -458,7 +463,7 @@ fn folder_methods(
         let mcfg = match mcfg {
             Ok(c) => c,
             Err(e) => {
-                println!("{}: not run on this model: {e}", M::NAME);
+                println!("{}: not run on this model: {}", M::NAME, first_line(&e));
                 return None;
             }
         };
@@ -475,10 +480,13 @@ fn folder_methods(
             Err(missing) => match M::seeded(cfg, &mcfg, seed, dev, DType::F32) {
                 Ok(m) => Some((
                     Box::new(m),
-                    format!("learned parts SEEDED (seed {seed}) on top of the loaded base model: the folder has none ({missing})"),
+                    format!(
+                        "learned parts SEEDED (seed {seed}) on top of the loaded base model: the folder has none ({})",
+                        first_line(&missing)
+                    ),
                 )),
                 Err(e) => {
-                    println!("{}: not run on this model: {e}", M::NAME);
+                    println!("{}: not run on this model: {}", M::NAME, first_line(&e));
                     None
                 }
             },

@@ -336,3 +336,56 @@ fn clip_defaults_where_fields_are_absent() {
     assert!(m.vision.quick_gelu);
     assert_eq!(m.vision.layer_norm_eps, 1e-5);
 }
+
+#[test]
+fn main_job_runs_a_model_folder_and_writes_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("model");
+    std::fs::create_dir(&folder).unwrap();
+    write_folder(&folder, &seeded_tiny(), &tiny_config(), str::to_string);
+    let image = dir.path().join("image.png");
+    image::RgbImage::from_fn(80, 64, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 4) as u8, 90])
+    })
+    .save(&image)
+    .unwrap();
+    let out = dir.path().join("pictures");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_foveal"))
+        .args(["--model", folder.to_str().unwrap()])
+        .args(["--image", image.to_str().unwrap()])
+        .args(["--prompt", "a chat about an image"])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    println!("{stdout}");
+    // The folder has no method weights: each method says it is seeded.
+    assert!(
+        stdout.contains("GlimpsePrune: learned parts SEEDED"),
+        "{stdout}"
+    );
+    for name in ["GlimpsePrune", "FocusLLaVA", "Gaze_Attention"] {
+        let png = out.join(format!("image-row0-{name}.png"));
+        let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        assert!(img.width() >= 256, "{name}");
+    }
+
+    // Bad flags and a bad folder: a clear message, exit codes 2 and 1.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_foveal"))
+        .args(["--model"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--model <DIR>"));
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_foveal"))
+        .args(["--model", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("config.json"));
+}
