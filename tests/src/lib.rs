@@ -216,6 +216,34 @@ pub fn random_strides<const N: usize>(rng: &mut StdRng, shape: [usize; N]) -> [u
     strides
 }
 
+/// Like [`random_strides`], but every stride but the last a multiple of
+/// `align` elements (gaps of 0 to 3 times `align`): with a last dimension that
+/// is a multiple of `align` too, the view of a 16-byte-aligned base keeps each
+/// row 16-byte aligned when `align` is the elements of 16 bytes, as the
+/// kernels' 16-byte paths require.
+pub fn aligned_strides<const N: usize>(
+    rng: &mut StdRng,
+    shape: [usize; N],
+    align: usize,
+) -> [usize; N] {
+    assert!(N >= 1 && align >= 1);
+    let mut order: Vec<usize> = (0..N - 1).collect();
+    order.shuffle(rng);
+    let mut strides = [0usize; N];
+    strides[N - 1] = 1;
+    let mut cur = shape[N - 1].max(1).next_multiple_of(align);
+    for dim in order.into_iter().rev() {
+        strides[dim] = cur;
+        let gap = if rng.random_bool(0.5) {
+            rng.random_range(1..=3) * align
+        } else {
+            0
+        };
+        cur = cur * shape[dim].max(1) + gap;
+    }
+    strides
+}
+
 /// Row-major contiguous strides. A zero-sized dimension counts as one, so an
 /// empty tensor gets non-zero strides: foveal's `Layout::contiguous` gives it
 /// zero strides, which `ViewMut::new` then refuses as overlapping (see
