@@ -376,7 +376,7 @@ impl GazeAttention {
             })
             .collect::<Result<Vec<_>>>()?;
         let (visual_regions, routed) = (0..p.batch())
-            .map(|b| routed_regions(&layout, &p.visual[b], &steps, b))
+            .map(|b| routed_regions(layout, &p.visual[b], &steps, b))
             .unzip();
         Ok(GazeRun {
             visual_regions,
