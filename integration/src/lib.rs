@@ -19,6 +19,12 @@
 //!   left-padded input embeddings with their visual positions), [`model`]
 //!   (the whole model: HF-named safetensors, seeded init, dense generation)
 //!   and [`images`] (seeded synthetic images, image files).
+//! - Hugging Face model folders as they ship: [`hf_config`] (`config.json`
+//!   read into the model config, unimplemented settings refused) and
+//!   [`hf_folder`] (one or sharded safetensors, memory-mapped, checked
+//!   against their index; `tokenizer.json`).
+//! - [`pictures`]: what a method kept or attended, drawn over the image
+//!   (a run's [`method::TokenMaps`]).
 //! - foveal on candle tensors: [`ops`] (the `glimpse_scores` and
 //!   `window_mean` CustomOps, the kept set, one compaction of many caches,
 //!   the row gather, `multiscale_gather`, `text_guided_select`; Gaze
@@ -67,11 +73,14 @@ pub mod glance2gaze_schedule;
 pub mod glimpse;
 pub mod glimpse_config;
 pub mod glimpse_pipeline;
+pub mod hf_config;
+pub mod hf_folder;
 pub mod images;
 pub mod method;
 pub mod model;
 mod nn;
 pub mod ops;
+pub mod pictures;
 pub mod projector;
 pub mod prompt;
 pub mod reduce;
@@ -101,7 +110,8 @@ pub use glimpse::{GlimpsePrune, GlimpseRun};
 pub use glimpse_config::{
     Anchor, BaseModel, EmbeddingConfig, FuserType, GlimpseConfig, LeNorm, Predictor, UpstreamConfig,
 };
-pub use method::{Dense, ImageMethod, ImageQuestions, Method, Report};
+pub use hf_folder::{HfFolder, NameLayout};
+pub use method::{Dense, ImageMethod, ImageQuestions, Method, Panel, Report, TokenMaps};
 pub use model::{ImageFeatures, LlavaModel};
 pub use prompt::{Prompt, Segment};
 pub use reduce::Reduced;
