@@ -66,11 +66,26 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-I", "include"]
 # its routing or merge loops.
 MEMORY_BOUND = [
     # op, kernel, loop_file, min_in_flight, why
-    ("window_mean", r"window_mean_kernel<", None, 1, "16-byte loads of 8 (f32: 4) channels a thread (issue 11)"),
-    ("multiscale_gather", r"pool_kernel<", None, 1, "16-byte loads of 8 (f32: 4) channels a thread (issue 11)"),
-    ("compact_kv", r"gather_positions_kernel<uint4>", None, 1, "the 16-byte gather (issue 11)"),
-    ("region_descriptors", r"region_descriptors_kernel<", None, 1, "key rows in 16-byte columns"),
-    ("glimpse_scores", r"glimpse_scores_kernel<", None, 1, "keys streamed once in 16-byte vectors"),
+    # window_mean: the 16-byte instances (<T,8,...> and <f32,4,...>; <T,1,...>
+    # is the scalar path of unaligned views); kSmall (w <= 4) reads a window
+    # as one 4 x 4 tile, the others a row at a time, 16 cells at once.
+    ("window_mean", r"window_mean_kernel<\w+,[48],\w+,true>", None, 16,
+     "every cell of a 4 x 4 window in flight: 16 16-byte loads a thread (issue 11)"),
+    ("window_mean", r"window_mean_kernel<\w+,[48],\w+,false>", None, 8,
+     "a window row's cells 16 at a time, at least 8 in flight (issue 11)"),
+    ("multiscale_gather", r"pool_kernel<\w+,[48]>", None, 12,
+     "a 4 x 4 window's pixels in flight (16 16-byte loads a thread, at least 12) (issue 11)"),
+    ("compact_kv", r"gather_positions_kernel<uint4>", None, 4,
+     "the 16-byte gather: four slots' loads issued before their stores (issue 11)"),
+    # region_descriptors: 16 keys a thread in flight for 16-bit keys; for f32
+    # keys ptxas starts the adds after 4 or 5 of the 16 loads (docs/performance.md).
+    ("region_descriptors", r"region_descriptors_kernel<(bf16|f16)>", None, 16,
+     "16 keys' 16-byte loads a thread in flight, positions prefetched (issue 11)"),
+    ("region_descriptors", r"region_descriptors_kernel<f32>", None, 4,
+     "f32 keys: at least 4 16-byte loads in flight (issue 11)"),
+    ("glimpse_scores", r"glimpse_scores_mma_kernel<", None, 8,
+     "the next steps' 16-byte copies (cp.async) in flight while a step is scored (issue 11)"),
+    ("glimpse_scores", r"glimpse_scores_fma_kernel<", None, 1, "f32 keys streamed once in 16-byte vectors"),
     ("gaze_decode", r"gaze_attend_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
     ("gaze_route_decode", r"gaze_route_decode_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
 ]
@@ -922,7 +937,20 @@ ptxas info    : Function properties for _Z3devv
     straight = sass("        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;\n")
     assert sass_figures(straight).loop_loads is None
 
-    # The checks: a spill and a missed expectation fail; the allow-list takes them.
+    # The checks: a spill and a missed expectation fail; the allow-list takes
+    # them. (On a table of the test's own, whatever the real one names.)
+    global MEMORY_BOUND
+    real, MEMORY_BOUND = MEMORY_BOUND, [("window_mean", r"window_mean_kernel<", None, 1, "test"),
+                                        ("compact_kv", r"gather_positions_kernel<uint4>", None, 1, "test")]
+    try:
+        checks_self_test(scalar)
+    finally:
+        MEMORY_BOUND = real
+    print("kernel-report self-test: 1 passed, 0 failed")
+
+
+def checks_self_test(scalar):
+    """self_test's part on failures, render, parse_known and judge."""
     inst = [Instance("window_mean", "window_mean_kernel<bf16>", "sm_90a", Resources(True, 40, 8, 4, 4, 0),
                      sass_figures(scalar))]
     found = failures(inst, {op for op, *_ in MEMORY_BOUND})
@@ -947,7 +975,6 @@ ptxas info    : Function properties for _Z3devv
         raise AssertionError("a line without its issue must be refused")
     except SystemExit:
         pass
-    print("kernel-report self-test: 1 passed, 0 failed")
 
 
 def main():

@@ -19,7 +19,7 @@ use foveal::text_guided_select::{Lengths, DEFAULT_GAMMA};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::decoder::{CacheSpan, DenseAttention, Generation, KvCache};
-use crate::method::{ImageQuestions, Method, Report};
+use crate::method::{ImageQuestions, Method, Panel, Report, TokenMaps};
 use crate::model::LlavaModel;
 use crate::ops;
 use crate::prompt::{image_question_rows, Prompt, Segment};
@@ -74,6 +74,10 @@ pub struct FocusRun {
     /// KV entries per row: the full prompt in layers 0..=K, the kept
     /// sequence in the later layers.
     pub kv_entries: Vec<usize>,
+    /// Per row, over the stitched map: the scale each window chose (the
+    /// cell each sampled token pools outlined, finer scales brighter) and
+    /// the cells of the tokens the text-guided sampler kept.
+    pub maps: Vec<TokenMaps>,
     pub prefill: Duration,
     pub decode: Duration,
 }
@@ -135,6 +139,7 @@ impl Method for FocusLlava {
         Ok(Report {
             sampled: Some(run.sampled),
             kept: run.kept.iter().map(Vec::len).collect(),
+            maps: run.maps,
             ..Report::new(
                 Self::NAME,
                 run.visual,
@@ -281,7 +286,9 @@ impl FocusLlava {
         )?;
         let decode = t1.elapsed();
         let full: Vec<usize> = prompt.starts.iter().map(|&st| prompt.seq() - st).collect();
+        let maps = self.maps(&sample, &kept)?;
         Ok(FocusRun {
+            maps,
             generation,
             visual: vec![sample.map_cells()?; prompt.batch()],
             sampled: prompt.visual.iter().map(Vec::len).collect(),
@@ -294,6 +301,66 @@ impl FocusLlava {
             prefill,
             decode,
         })
+    }
+}
+
+impl FocusLlava {
+    /// [`FocusRun::maps`]: the scale each window chose (the selector's
+    /// argmax, as multiscale_gather takes it) and the sampled tokens' cells.
+    fn maps(&self, sample: &VisionSample, kept: &[Vec<usize>]) -> Result<Vec<TokenMaps>> {
+        let (_, h, w, _) = sample.map.dims4()?;
+        let win = self.cfg.vision.window;
+        let scales = self.cfg.vision.scales.scales();
+        let logits = sample.logits.to_vec3::<f32>()?;
+        let per_row = w.div_ceil(win);
+        let mut maps = Vec::new();
+        for (b, cells) in sample.cells.iter().enumerate() {
+            // Each sampled token's pooled cell, from its window's scale.
+            let boxes: Vec<[usize; 4]> = cells
+                .iter()
+                .map(|&c| {
+                    let (y, x) = (c as usize / w, c as usize % w);
+                    let z = &logits[b][(y / win) * per_row + x / win];
+                    let s = (0..z.len()).fold(0, |m, i| if z[i] > z[m] { i } else { m });
+                    let (kh, kw) = scales[s];
+                    [y, x, (y + kh).min(h), (x + kw).min(w)]
+                })
+                .collect();
+            let mut scale = vec![0.0; h * w];
+            let mut kept_cells = vec![0.0; h * w];
+            for (i, &[y0, x0, y1, x1]) in boxes.iter().enumerate() {
+                let fine = 1.0 / (((y1 - y0) * (x1 - x0)) as f32).sqrt();
+                let is_kept = kept.get(b).is_some_and(|k| k.binary_search(&i).is_ok());
+                for y in y0..y1 {
+                    for x in x0..x1 {
+                        scale[y * w + x] = fine;
+                        if is_kept {
+                            kept_cells[y * w + x] = 1.0;
+                        }
+                    }
+                }
+            }
+            let kept_boxes = kept
+                .get(b)
+                .map(|k| k.iter().filter_map(|&i| boxes.get(i).copied()).collect())
+                .unwrap_or_default();
+            maps.push(TokenMaps {
+                grid: (h, w),
+                panels: vec![
+                    Panel {
+                        title: "scale per window (finer brighter)".into(),
+                        weight: scale,
+                        boxes,
+                    },
+                    Panel {
+                        title: "kept".into(),
+                        weight: kept_cells,
+                        boxes: kept_boxes,
+                    },
+                ],
+            });
+        }
+        Ok(maps)
     }
 }
 

@@ -18,7 +18,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::decoder::{AttentionCore, Generation, KvCache};
 use crate::gaze_prompt::{GazePrompt, GazeSegment};
-use crate::method::{ImageQuestions, Method, Report};
+use crate::method::{ImageQuestions, Method, Panel, Report, TokenMaps};
 use crate::model::LlavaModel;
 use crate::ops::{self, GazeIndex, GazeRoutes};
 use crate::prompt::image_question_rows;
@@ -116,6 +116,12 @@ pub struct GazeRun {
     /// The decode steps (one fewer than the generated tokens: the first
     /// token comes from the prefill).
     pub steps: Vec<GazeStep>,
+    /// Per row and visual token (in prompt order), the region holding it
+    /// (`None`: in none) ...
+    pub visual_regions: Vec<Vec<Option<usize>>>,
+    /// ... and the fraction of (decode step, layer, query head) reads that
+    /// routed that region.
+    pub routed: Vec<Vec<f32>>,
     pub prefill: Duration,
     pub decode: Duration,
 }
@@ -128,6 +134,42 @@ impl GazeRun {
         let attended = self.steps.iter().map(|s| s.attended(b)).sum::<f64>() / n;
         let dense = self.steps.iter().map(|s| s.dense(b) as f64).sum::<f64>() / n;
         (attended, dense)
+    }
+
+    /// Row `b`'s regions over a visual grid of `(rows, cols)` tokens (one
+    /// image, or a stitched map): each region outlined, brighter the more
+    /// often it was routed (scaled to the most-routed region).
+    pub fn token_maps(&self, b: usize, (rows, cols): (usize, usize)) -> TokenMaps {
+        let cells = rows * cols;
+        let mut boxes: Vec<[usize; 4]> = Vec::new();
+        let mut ids: Vec<usize> = Vec::new();
+        for (i, r) in self.visual_regions[b].iter().enumerate().take(cells) {
+            let Some(r) = *r else { continue };
+            let (y, x) = (i / cols, i % cols);
+            match ids.iter().position(|&id| id == r) {
+                Some(j) => {
+                    let bx = &mut boxes[j];
+                    *bx = [
+                        bx[0].min(y),
+                        bx[1].min(x),
+                        bx[2].max(y + 1),
+                        bx[3].max(x + 1),
+                    ];
+                }
+                None => {
+                    ids.push(r);
+                    boxes.push([y, x, y + 1, x + 1]);
+                }
+            }
+        }
+        let routed = &self.routed[b][..cells.min(self.routed[b].len())];
+        TokenMaps {
+            grid: (rows, cols),
+            panels: vec![Panel {
+                boxes,
+                ..Panel::scaled("regions, brighter the more often routed", routed)
+            }],
+        }
     }
 
     /// The run in the terms every method shares; the detail of row `b` is
@@ -198,7 +240,14 @@ impl Method for GazeAttention {
         let encode = t0.elapsed();
         let mut run = self.generate(model, &prompt, tokens)?;
         run.prefill += encode;
-        Ok(run.report(Self::NAME, &self.cfg))
+        let (_, h, w, _) = map.dims4()?;
+        let maps = (0..run.visual.len())
+            .map(|b| run.token_maps(b, (h, w)))
+            .collect();
+        Ok(Report {
+            maps,
+            ..run.report(Self::NAME, &self.cfg)
+        })
     }
 }
 
@@ -326,7 +375,12 @@ impl GazeAttention {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let (visual_regions, routed) = (0..p.batch())
+            .map(|b| routed_regions(layout, &p.visual[b], &steps, b))
+            .unzip();
         Ok(GazeRun {
+            visual_regions,
+            routed,
             kv_entries: p
                 .starts
                 .iter()
@@ -341,6 +395,44 @@ impl GazeAttention {
             decode,
         })
     }
+}
+
+/// Row `b`'s visual tokens at sequence positions `visual`: each one's
+/// region in `layout`, and the fraction of (step, layer, query head) reads
+/// in `steps` that routed it.
+fn routed_regions(
+    layout: &GazeLayout,
+    visual: &[usize],
+    steps: &[GazeStep],
+    b: usize,
+) -> (Vec<Option<usize>>, Vec<f32>) {
+    let mut region_of = vec![None; visual.len()];
+    for r in 0..layout.regions(b) {
+        for &pos in layout.region(b, r) {
+            if let Some(i) = visual.iter().position(|&v| v == pos as usize) {
+                region_of[i] = Some(r);
+            }
+        }
+    }
+    let mut count = vec![0usize; layout.regions(b)];
+    let mut reads = 0usize;
+    for step in steps {
+        for routes in &step.routes {
+            for h in 0..routes.shape()[2] {
+                reads += 1;
+                for &id in routes.get(b, 0, h) {
+                    if let Some(c) = count.get_mut(id as usize) {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+    }
+    let routed = region_of
+        .iter()
+        .map(|r| r.map_or(0.0, |r| count[r] as f32 / reads.max(1) as f32))
+        .collect();
+    (region_of, routed)
 }
 
 /// Gaze attention as the decoder's attention core during decoding: at each

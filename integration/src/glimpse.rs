@@ -28,7 +28,7 @@ use crate::config::ModelConfig;
 use crate::decoder::{Generation, KvCache};
 pub use crate::glimpse_config::GlimpseConfig;
 use crate::glimpse_config::{EmbeddingConfig, LeNorm, Predictor, UpstreamConfig};
-use crate::method::{ImageQuestions, Method, Report};
+use crate::method::{ImageQuestions, Method, Panel, Report, TokenMaps};
 use crate::model::LlavaModel;
 use crate::ops;
 use crate::prompt::{image_question_rows, Prompt, Segment};
@@ -131,8 +131,18 @@ impl Method for GlimpsePrune {
             &input.questions,
             tokens,
         )?;
+        let side = model.config.vision.patches_per_side();
+        let maps = run
+            .kept
+            .iter()
+            .map(|kept| TokenMaps {
+                grid: (side, side),
+                panels: vec![Panel::kept("kept", side * side, kept)],
+            })
+            .collect();
         Ok(Report {
             kept: run.kept.iter().map(Vec::len).collect(),
+            maps,
             ..Report::new(
                 Self::NAME,
                 run.visual,

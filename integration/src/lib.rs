@@ -19,6 +19,12 @@
 //!   left-padded input embeddings with their visual positions), [`model`]
 //!   (the whole model: HF-named safetensors, seeded init, dense generation)
 //!   and [`images`] (seeded synthetic images, image files).
+//! - Hugging Face model folders as they ship: [`hf_config`] (`config.json`
+//!   read into the model config, unimplemented settings refused) and
+//!   [`hf_folder`] (one or sharded safetensors, memory-mapped, checked
+//!   against their index; `tokenizer.json`).
+//! - [`pictures`]: what a method kept or attended, drawn over the image
+//!   (a run's [`method::TokenMaps`]).
 //! - foveal on candle tensors: [`ops`] (the `glimpse_scores` and
 //!   `window_mean` CustomOps, the kept set, one compaction of many caches,
 //!   the row gather, `multiscale_gather`, `text_guided_select`; Gaze
@@ -46,21 +52,35 @@
 //!   map, the selector, multi-scale sampling in the projector) and [`focus`]
 //!   (the text-guided sampler at layer K, the later layers and decoding on
 //!   the kept tokens).
+//! - Glance2Gaze end to end: [`glance`] (Glance Fusion: several ViT layers
+//!   fused under the instruction in the vision path), [`gaze_compression`]
+//!   (the shared query pool, its 2D positions, the compression step),
+//!   [`glance2gaze_schedule`] (the paper's `(r, P)` schedules as data,
+//!   scaled to a model) and [`glance2gaze`] (per-unit fusion and
+//!   compression of images, sub-images and video frames, every compressed
+//!   layer over its own layout and cache, decoding over them).
 
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod focus;
 pub mod gaze;
+pub mod gaze_compression;
 pub mod gaze_prompt;
+pub mod glance;
+pub mod glance2gaze;
+pub mod glance2gaze_schedule;
 pub mod glimpse;
 pub mod glimpse_config;
 pub mod glimpse_pipeline;
+pub mod hf_config;
+pub mod hf_folder;
 pub mod images;
 pub mod method;
 pub mod model;
 mod nn;
 pub mod ops;
+pub mod pictures;
 pub mod projector;
 pub mod prompt;
 pub mod reduce;
@@ -81,11 +101,17 @@ pub use decoder::{
 pub use focus::{FocusConfig, FocusLlava, FocusRun};
 pub use gaze::{GazeAttention, GazeConfig, GazePrefill, GazeRun, GazeStep};
 pub use gaze_prompt::{GazePrompt, GazeSegment, GazeUnit};
+pub use glance2gaze::{
+    Glance2Gaze, Glance2GazeConfig, Glance2GazeFlops, Glance2GazeInput, Glance2GazePrefill,
+    Glance2GazeRun, Units,
+};
+pub use glance2gaze_schedule::{paper_schedule, GazeSchedule, PaperSchedule, PAPER_SCHEDULES};
 pub use glimpse::{GlimpsePrune, GlimpseRun};
 pub use glimpse_config::{
     Anchor, BaseModel, EmbeddingConfig, FuserType, GlimpseConfig, LeNorm, Predictor, UpstreamConfig,
 };
-pub use method::{Dense, ImageMethod, ImageQuestions, Method, Report};
+pub use hf_folder::{HfFolder, NameLayout};
+pub use method::{Dense, ImageMethod, ImageQuestions, Method, Panel, Report, TokenMaps};
 pub use model::{ImageFeatures, LlavaModel};
 pub use prompt::{Prompt, Segment};
 pub use reduce::Reduced;

@@ -132,6 +132,68 @@ pub struct Report {
     pub tokens: Vec<Vec<u32>>,
     /// Per row, what else the method reports (none: empty).
     pub detail: Vec<String>,
+    /// Per row, what the method kept or attended over the image's visual
+    /// tokens, for pictures ([`crate::pictures`]); empty where it records
+    /// none (the dense baseline keeps everything).
+    pub maps: Vec<TokenMaps>,
+}
+
+/// What a method kept or attended in one row's image: panels over the
+/// grid of its visual tokens, drawn over the image by [`crate::pictures`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenMaps {
+    /// The visual-token grid `(rows, cols)` the panels cover: the tower's
+    /// patch grid, or the stitched map of a grid of sub-images.
+    pub grid: (usize, usize),
+    pub panels: Vec<Panel>,
+}
+
+/// One picture of a [`TokenMaps`]: a weight per grid cell and outlined
+/// rectangles.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Panel {
+    /// What it shows ("kept", "scale", "layer 3", ...).
+    pub title: String,
+    /// Per grid cell (row-major, `rows * cols`), in `[0, 1]`: 1 drawn as
+    /// the image is, 0 dimmed (kept 1, dropped 0; attention scaled to its
+    /// largest cell).
+    pub weight: Vec<f32>,
+    /// Rectangles to outline, in grid cells: `[y0, x0, y1, x1)`.
+    pub boxes: Vec<[usize; 4]>,
+}
+
+impl Panel {
+    /// 1 on the `kept` cells of a grid of `cells`, 0 elsewhere.
+    pub fn kept(title: impl Into<String>, cells: usize, kept: &[usize]) -> Panel {
+        let mut weight = vec![0.0; cells];
+        for &i in kept.iter().filter(|&&i| i < cells) {
+            weight[i] = 1.0;
+        }
+        Panel {
+            title: title.into(),
+            weight,
+            boxes: Vec::new(),
+        }
+    }
+
+    /// `values` scaled so that the largest is 1 (all 0 when none is positive).
+    pub fn scaled(title: impl Into<String>, values: &[f32]) -> Panel {
+        let max = values.iter().copied().fold(0.0f32, f32::max);
+        Panel {
+            title: title.into(),
+            weight: values
+                .iter()
+                .map(|&v| {
+                    if max > 0.0 {
+                        (v / max).clamp(0.0, 1.0)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            boxes: Vec::new(),
+        }
+    }
 }
 
 impl Report {
@@ -154,6 +216,7 @@ impl Report {
             decode: times.1,
             tokens,
             detail: Vec::new(),
+            maps: Vec::new(),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! foveal's ops on candle tensors: GlimpsePrune's here, FocusLLaVA's,
-//! Gaze Attention's and VISOR's in their own files (re-exported).
+//! Gaze Attention's, VISOR's and Glance2Gaze's in their own files (re-exported).
 //!
 //! `glimpse_scores` is a candle `CustomOp2`: `cpu_fwd` runs foveal's CPU
 //! reference on candle's host buffers, `cuda_fwd` (feature `cuda`) runs the
@@ -447,9 +447,11 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
 
 mod focus;
 mod gaze;
+mod glance;
 mod visor;
 pub use focus::{
     multiscale_gather, plan_from_kept, text_guided_select, window_mean, Gathered, TextSelection,
 };
 pub use gaze::{gaze_decode, region_descriptors, route_topk, GazeIndex, GazeRoutes};
+pub use glance::glance_fusion;
 pub use visor::{cross_attention, pos_conv1d, token_pack, AttendLens};

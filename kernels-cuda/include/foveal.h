@@ -224,8 +224,17 @@ int foveal_multiscale_gather(const foveal_multiscale_gather_params *p, foveal_st
 
 /* ------------------------------------------------------------ text_guided_select */
 
-/* Visual tokens per block of the score kernels (one per thread). */
+/* f32 (CUDA cores): visual tokens per block of the log-sum-exp kernel (one
+ * per thread); its key chunks are this size. */
 #define FOVEAL_TGS_KEYS_PER_BLOCK 128
+/* bf16/f16 (tensor cores): query rows (text token x query head of a KV
+ * head's group) per block of the log-sum-exp kernel (ROWS_WIDE for head
+ * dims above 128); its key chunks are multiples of KEY_CHUNK keys; the score
+ * kernel's blocks take TEXT text tokens (text_per_split = TEXT). */
+#define FOVEAL_TGS_MMA_ROWS 128
+#define FOVEAL_TGS_MMA_ROWS_WIDE 64
+#define FOVEAL_TGS_KEY_CHUNK 64
+#define FOVEAL_TGS_MMA_TEXT 16
 /* Largest head dim. */
 #define FOVEAL_TGS_MAX_HEAD_DIM 256
 
@@ -246,14 +255,21 @@ typedef struct foveal_text_guided_select_params {
   int64_t keep_stride_b;
   int32_t *keep_count;
   int64_t count_stride;
-  /* Workspace: lse_partial [B, key_chunks, Hq, T, 2], lse [B, Hq, T, 2]
-   * (max and ln of the sum of exponentials), s_partial [B, text_splits, N]. */
+  /* Workspace: lse_partial [B, ceil(N / key_chunk), Hq, T, 2] (max and sum
+   * of exponentials per key chunk), lse [B, Hq, T16, 2] with T16 = T
+   * rounded up to a multiple of 16 (max and ln of the sum of exponentials;
+   * 0 past t_len), s_partial [B, text_splits, N]. */
   float *lse_partial;
   float *lse;
   float *s_partial;
   int32_t batch, text, visual, q_heads, kv_heads, head_dim;
-  /* Blocks that share one row's text tokens. */
+  /* Visual tokens per block of the log-sum-exp kernel (f32:
+   * FOVEAL_TGS_KEYS_PER_BLOCK; bf16/f16: a multiple of FOVEAL_TGS_KEY_CHUNK). */
+  int32_t key_chunk;
+  /* Blocks that share one row's text tokens, text_per_split tokens each
+   * (bf16/f16: FOVEAL_TGS_MMA_TEXT); text_splits * text_per_split >= T. */
   int32_t text_splits;
+  int32_t text_per_split;
   float scale;
   float gamma;
   foveal_dtype dtype;
@@ -261,7 +277,17 @@ typedef struct foveal_text_guided_select_params {
 
 int foveal_text_guided_select(const foveal_text_guided_select_params *p, foveal_stream_t stream);
 
+/* The largest shared memory (static plus dynamic) of foveal_text_guided_select's
+ * kernels for these parameters (only dtype and head_dim are read) on the
+ * current device; 0, FOVEAL_ERR_UNSUPPORTED (no kernel for them) or a
+ * cudaError_t. */
+int foveal_text_guided_select_shared_memory(const foveal_text_guided_select_params *p, foveal_shared_memory *out);
+
 /* ------------------------------------------------------------ region_descriptors */
+
+/* Threads per block (one per region, KV head and 16-byte column of the head
+ * dim); the grid's x dimension holds the blocks. */
+#define FOVEAL_REGION_DESCRIPTORS_THREADS 64
 
 typedef struct foveal_region_descriptors_params {
   /* k [B, S, Hkv, D] of one layer, any memory order. */
@@ -429,7 +455,8 @@ typedef struct foveal_cross_attention_params {
   int64_t lse_stride_b, lse_stride_h, lse_stride_n;
   /* Workspace, used when num_splits > 1: per (row, query, query head) and
    * split, partial_o [B, Nq, Hq, num_splits, D] (unnormalised output) and
-   * partial_ml [B, Nq, Hq, num_splits, 2] float (max in log2 units, sum). */
+   * partial_ml [B, Nq, Hq, num_splits, 2] float (max of the scores, sum of
+   * exp(score - max)). */
   float *partial_o;
   float *partial_ml;
   int32_t batch, queries, keys, q_heads, kv_heads, head_dim;
@@ -442,6 +469,12 @@ typedef struct foveal_cross_attention_params {
 } foveal_cross_attention_params;
 
 int foveal_cross_attention(const foveal_cross_attention_params *p, foveal_stream_t stream);
+
+/* The shared memory foveal_cross_attention's attention kernel needs for
+ * these parameters (only dtype, head_dim and tile_rows are read) on the
+ * current device; 0, FOVEAL_ERR_UNSUPPORTED (no kernel for them) or a
+ * cudaError_t. */
+int foveal_cross_attention_shared_memory(const foveal_cross_attention_params *p, foveal_shared_memory *out);
 
 /* ------------------------------------------------------------------- pos_conv1d */
 

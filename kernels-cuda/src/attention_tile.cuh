@@ -1,11 +1,17 @@
 // The tile machinery of foveal's attention kernels: staged K/V tiles in
 // shared memory (cp.async), the tensor-core fragments of mma.sync
 // m16n8k16 (bf16/f16 in, f32 accumulate; sm_80 and later), and the online
-// softmax of a row held by a group of lanes. cross_attention.cu is built on
-// it; gaze_decode's attend loop and text_guided_select are to move onto it.
+// softmax of a row held by a group of lanes. cross_attention.cu and
+// text_guided_select.cu are built on it; gaze_decode's attend loop is to move
+// onto it.
 //
 // Conventions:
-// - Scores are in log2 units: s = scale * log2(e) * q . k, weights exp2(s - m).
+// - Scores are in natural-log units, s = scale * q . k, and every softmax
+//   rule is common.cuh's (softmax_weight, softmax_lse), applied per element:
+//   a weight is exp(s - m) with the difference taken before the scaling by
+//   log2 e, so that logits of any size keep the precision of s - m (scores
+//   pre-scaled by log2 e round at the logits' size: 4% off in the weights at
+//   logits of 1e6).
 // - A tile in shared memory is row-major, `kStride` elements per row
 //   (a row's length plus 16 bytes, so that the 8 rows an ldmatrix reads fall
 //   in distinct banks for any row length that is a multiple of 16 bytes).
@@ -13,20 +19,16 @@
 //   lane = 4 * group + quad; an accumulator tile c[4] holds (row group,
 //   columns 2 quad, 2 quad + 1) in c[0..2] and row group + 8 in c[2..4].
 //   So each row of a 16-row tile is held by the 4 lanes of one quad.
-// - -inf guards (the same rules as the scalar online-softmax helper of
-//   common.cuh): a score of -inf weighs 0 even when the running max is still
-//   -inf; the rescale factor is 1 when the max does not move (also -inf to
-//   -inf); an empty state (max -inf, sum 0) contributes nothing to a merge. A
-//   NaN score is ignored by the max and makes the sum NaN.
+// - -inf guards (common.cuh's): a score of -inf weighs 0 even when the
+//   running max is still -inf; a rescale from an empty state (max -inf) is 0
+//   and leaves it empty; an empty state (max -inf, sum 0) contributes nothing
+//   to a merge. A NaN score is ignored by the max and makes the sum NaN.
 #pragma once
 
 #include "common.cuh"
 
 namespace foveal {
 namespace attn {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // ------------------------------------------------------------------ cp.async
 
@@ -205,6 +207,71 @@ __device__ __forceinline__ void warp_pv(float (&o)[kMTiles][kDim / 8][4], const 
   }
 }
 
+// ------------------------------------- held key fragments (text_guided_select)
+// Added for text_guided_select's score kernel, whose warps keep their keys'
+// fragments in registers while many 16-row query tiles stream past them.
+
+// Copies 8 bytes (8-byte aligned addresses) from global to shared memory
+// without blocking, through L1 (cp.async.ca); with `valid` false writes 8
+// zero bytes and reads nothing (`src` must still be a valid address).
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int n = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+
+// The B fragments (mma_16816's b0, b1) of a warp's kNTiles x 8 keys (kNTiles
+// even) for every 16-column step of kDim: `k` points at the warp's first key
+// of a [keys][kStride] tile. The same ldmatrix as warp_scores', all steps at
+// once: held in registers (kDim / 4 x kNTiles / 2 of them) they serve any
+// number of query tiles (warp_scores_b).
+template <typename T, int kNTiles, int kDim, int kStride>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&b)[kDim / 16][kNTiles][2], const T* k) {
+  static_assert(kNTiles % 2 == 0 && kDim % 16 == 0, "whole 16 x 16 steps");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < kNTiles; n += 2) {
+      // matrices: keys 0-7 x dims 0-7, 8-15; keys 8-15 x dims 0-7, 8-15
+      uint32_t r[4];
+      ldmatrix_x4(r, k + (n * 8 + lane % 8 + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8);
+      b[kk][n][0] = r[0];
+      b[kk][n][1] = r[1];
+      b[kk][n + 1][0] = r[2];
+      b[kk][n + 1][1] = r[3];
+    }
+  }
+}
+
+// A warp's scores S = Q K^T for kMTiles x 16 query rows (`q` points at the
+// warp's first row of a [rows][kStride] tile) against the keys whose B
+// fragments `b` holds (load_b_fragments). s[m][n] is accumulator tile
+// (m, n); it is overwritten. Each step reads only Q from shared memory.
+template <typename T, int kMTiles, int kNTiles, int kDim, int kStride>
+__device__ __forceinline__ void warp_scores_b(float (&s)[kMTiles][kNTiles][4], const T* q,
+                                              const uint32_t (&b)[kDim / 16][kNTiles][2]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[m][n][e] = 0.f;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      uint32_t a[4];
+      ldmatrix_x4(a, q + (m * 16 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) mma_16816<T>(s[m][n], a, b[kk][n][0], b[kk][n][1]);
+    }
+  }
+}
+
 // -------------------------------------------------------- online softmax
 
 // Max over aligned groups of `kWidth` lanes (a power of two), NaN ignored;
@@ -216,20 +283,7 @@ __device__ __forceinline__ float group_max(float x) {
   return x;
 }
 
-// The factor that rescales a state kept relative to max `m_old` to `m_new`
-// (>= m_old): 1 when the max did not move (also -inf to -inf), else
-// 2^(m_old - m_new) (0 from an empty state).
-__device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
-  return m_old == m_new ? 1.f : exp2f(m_old - m_new);
-}
-
-// The unnormalised weight of score `s` under max `m`: 0 for s = -inf (even
-// when m is -inf), 2^(s - m) otherwise (NaN for a NaN score).
-__device__ __forceinline__ float softmax_weight(float s, float m) {
-  return s == -CUDART_INF_F ? 0.f : exp2f(s - m);
-}
-
-// The running softmax state of one row (log2 units): max `m` and this lane's
+// The running softmax state of one row: max `m` and this lane's
 // share `l` of the sum of weights relative to it (the row's sum is the
 // group_sum over its lanes, taken once at the end).
 struct RowState {
@@ -250,7 +304,7 @@ __device__ __forceinline__ float online_softmax_step(RowState& st, float (&s)[N]
 #pragma unroll
   for (int j = 0; j < N; ++j) mx = fmaxf(mx, s[j]);
   mx = group_max<kLanes>(mx);
-  const float alpha = rescale_factor(st.m, mx);
+  const float alpha = softmax_weight(st.m, mx);  // 0 from an empty state
   float sum = 0.f;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
@@ -260,18 +314,6 @@ __device__ __forceinline__ float online_softmax_step(RowState& st, float (&s)[N]
   st.l = st.l * alpha + sum;
   st.m = mx;
   return alpha;
-}
-
-// The weight of a partial state with max `m` in a merge whose overall max is
-// `m_all` (the max over the partials): 0 for an empty partial.
-__device__ __forceinline__ float merge_weight(float m, float m_all) {
-  return m == -CUDART_INF_F ? 0.f : exp2f(m - m_all);
-}
-
-// The natural log-sum-exp of a finished row (max `m` in log2 units, total
-// sum `l`): -inf when nothing was attended.
-__device__ __forceinline__ float row_lse(float m, float l) {
-  return l == 0.f ? -CUDART_INF_F : (m + log2f(l)) * kLn2;
 }
 
 }  // namespace attn

@@ -10,7 +10,12 @@ pub const FOVEAL_GLIMPSE_MAX_GROUP: u32 = 8;
 pub const FOVEAL_GATHER_MAX_PLANES: u32 = 128;
 pub const FOVEAL_MULTISCALE_MAX_SCALES: u32 = 16;
 pub const FOVEAL_TGS_KEYS_PER_BLOCK: u32 = 128;
+pub const FOVEAL_TGS_MMA_ROWS: u32 = 128;
+pub const FOVEAL_TGS_MMA_ROWS_WIDE: u32 = 64;
+pub const FOVEAL_TGS_KEY_CHUNK: u32 = 64;
+pub const FOVEAL_TGS_MMA_TEXT: u32 = 16;
 pub const FOVEAL_TGS_MAX_HEAD_DIM: u32 = 256;
+pub const FOVEAL_REGION_DESCRIPTORS_THREADS: u32 = 64;
 pub const FOVEAL_ROUTE_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_ROUTE_HEAD_CHUNK: u32 = 4;
 pub const FOVEAL_ROUTE_REGIONS_PER_BLOCK: u32 = 64;
@@ -607,7 +612,9 @@ pub struct foveal_text_guided_select_params {
     pub q_heads: i32,
     pub kv_heads: i32,
     pub head_dim: i32,
+    pub key_chunk: i32,
     pub text_splits: i32,
+    pub text_per_split: i32,
     pub scale: f32,
     pub gamma: f32,
     pub dtype: foveal_dtype,
@@ -615,7 +622,7 @@ pub struct foveal_text_guided_select_params {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of foveal_text_guided_select_params"]
-        [::std::mem::size_of::<foveal_text_guided_select_params>() - 192usize];
+        [::std::mem::size_of::<foveal_text_guided_select_params>() - 200usize];
     ["Alignment of foveal_text_guided_select_params"]
         [::std::mem::align_of::<foveal_text_guided_select_params>() - 8usize];
     ["Offset of field: foveal_text_guided_select_params::q"]
@@ -668,14 +675,18 @@ const _: () = {
         [::std::mem::offset_of!(foveal_text_guided_select_params, kv_heads) - 168usize];
     ["Offset of field: foveal_text_guided_select_params::head_dim"]
         [::std::mem::offset_of!(foveal_text_guided_select_params, head_dim) - 172usize];
+    ["Offset of field: foveal_text_guided_select_params::key_chunk"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, key_chunk) - 176usize];
     ["Offset of field: foveal_text_guided_select_params::text_splits"]
-        [::std::mem::offset_of!(foveal_text_guided_select_params, text_splits) - 176usize];
+        [::std::mem::offset_of!(foveal_text_guided_select_params, text_splits) - 180usize];
+    ["Offset of field: foveal_text_guided_select_params::text_per_split"]
+        [::std::mem::offset_of!(foveal_text_guided_select_params, text_per_split) - 184usize];
     ["Offset of field: foveal_text_guided_select_params::scale"]
-        [::std::mem::offset_of!(foveal_text_guided_select_params, scale) - 180usize];
+        [::std::mem::offset_of!(foveal_text_guided_select_params, scale) - 188usize];
     ["Offset of field: foveal_text_guided_select_params::gamma"]
-        [::std::mem::offset_of!(foveal_text_guided_select_params, gamma) - 184usize];
+        [::std::mem::offset_of!(foveal_text_guided_select_params, gamma) - 192usize];
     ["Offset of field: foveal_text_guided_select_params::dtype"]
-        [::std::mem::offset_of!(foveal_text_guided_select_params, dtype) - 188usize];
+        [::std::mem::offset_of!(foveal_text_guided_select_params, dtype) - 196usize];
 };
 impl Default for foveal_text_guided_select_params {
     fn default() -> Self {
@@ -690,6 +701,12 @@ unsafe extern "C" {
     pub fn foveal_text_guided_select(
         p: *const foveal_text_guided_select_params,
         stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn foveal_text_guided_select_shared_memory(
+        p: *const foveal_text_guided_select_params,
+        out: *mut foveal_shared_memory,
     ) -> ::std::os::raw::c_int;
 }
 #[repr(C)]
@@ -1183,6 +1200,12 @@ unsafe extern "C" {
     pub fn foveal_cross_attention(
         p: *const foveal_cross_attention_params,
         stream: foveal_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn foveal_cross_attention_shared_memory(
+        p: *const foveal_cross_attention_params,
+        out: *mut foveal_shared_memory,
     ) -> ::std::os::raw::c_int;
 }
 #[repr(C)]

@@ -8,6 +8,8 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "foveal.h"
 
 namespace foveal {
@@ -52,6 +54,35 @@ __device__ __forceinline__ void load_as_float(const T* p, float (&out)[kVec]) {
     load16_as_float(p, out);
   }
 }
+
+// kVec elements of T as a load leaves them (one element, or one 16-byte
+// vector: kVec = Vec16<T>::kElems), kept narrow until they are used, so that
+// many loads can be in flight without their widened floats' registers.
+template <typename T, int kVec>
+struct RawVec {
+  static_assert(kVec == 1 || kVec == Vec16<T>::kElems, "one element or one 16-byte vector");
+  using Bits = typename std::conditional<kVec == 1, T, uint4>::type;
+  Bits bits;
+
+  // Loads kVec elements at p (16-byte aligned for a vector) through the
+  // read-only path.
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVec == 1) {
+      bits = __ldg(p);
+    } else {
+      bits = __ldg(reinterpret_cast<const uint4*>(p));
+    }
+  }
+
+  // Element i widened to float.
+  __device__ __forceinline__ float at(int i) const {
+    if constexpr (kVec == 1) {
+      return to_float(bits);
+    } else {
+      return to_float(reinterpret_cast<const T*>(&bits)[i]);
+    }
+  }
+};
 
 // Stores kVec floats rounded to T (one element, or one aligned 16-byte vector).
 template <typename T, int kVec>
@@ -102,15 +133,20 @@ __device__ __forceinline__ float group_sum(float x) {
 //    the references.
 // exp(s - m) is exp2f((s - m) * log2 e): the difference is formed first, in
 // f32 as the references form it, so large logits lose nothing to a score
-// scaled by log2 e beforehand. Scalar and stateless: tile-level code can
-// apply it per element.
+// scaled by log2 e beforehand (attention_tile.cuh's tiles follow the same
+// rules: scores in natural-log units, these helpers per element).
 // ---------------------------------------------------------------------------
 
-// exp(s - m) for a score s and a running max m >= s (or the weight of an
-// old max m_old against a new one, to rescale a state): 0 when s is -inf.
+// exp(s - m) for a score s and the max m of a set holding it (m >= s, or s
+// NaN), or the weight of an old max m_old against a new one m >= m_old, to
+// rescale a state. 0 when s is -inf, also while m is -inf: then s can only be
+// -inf (or NaN), and the difference is taken from 0 instead of m, which
+// gives exp(-inf) = 0 (and NaN for NaN) without forming -inf - -inf. The
+// guard is on m, so that a tile of scores sharing one max tests it once.
 __device__ __forceinline__ float softmax_weight(float s, float m) {
   constexpr float kLog2e = 1.4426950408889634f;
-  return s == -CUDART_INF_F ? 0.0f : exp2f((s - m) * kLog2e);
+  const float origin = m == -CUDART_INF_F ? 0.0f : m;
+  return exp2f((s - origin) * kLog2e);
 }
 
 // Adds one score s to the state (m, l).

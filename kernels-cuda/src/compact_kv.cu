@@ -10,9 +10,10 @@
 // (#visual<v = keep_idx[j] since the visual positions ascend.)
 //
 // gather_positions moves every kept entry of every plane (a layer's K or V, a
-// hidden-state tensor, a position-id section) in ONE launch: grid (slot tile,
-// row, plane); each thread copies whole vectors of the widest width (16 bytes
-// when the rows, strides and bases allow it) and zeroes the padded slots.
+// hidden-state tensor, a position-id section) in ONE launch: grid (slot tile
+// x head, row, plane); each thread copies whole vectors of the widest width
+// (16 bytes when the rows, strides and bases allow it), four slots at once,
+// and zeroes the padded slots (docs/ops/compact_kv.md).
 #include <algorithm>
 
 #include "common.cuh"
@@ -62,45 +63,78 @@ __global__ void keep_positions_kernel(const foveal_keep_positions_params p) {
   if (blockIdx.x == 0 && threadIdx.x == 0) p.lengths[b] = length;
 }
 
-// Slots per block: enough vectors per block to keep every thread busy.
 constexpr int kGatherThreads = 256;
+constexpr int kGatherUnroll = 4;  // slots a thread moves at once: their loads all issued before the stores
 
+// What a padded slot reads: zeros, from an address that is always valid, so
+// that every load is unconditional (no branch between the loads and the
+// stores for the compiler to schedule around).
+__device__ __align__(16) const unsigned char kZeros[16] = {};
+
+// Block (slot tile x head, row, plane), threads (x: vectors of a head's row,
+// y: slots). A thread's head and column need no division (the head is the
+// block's, the column its x), and its kGatherUnroll slots are y + u *
+// blockDim.y of the tile: it loads their positions, then one vector of each
+// (kGatherUnroll loads in flight), then stores them; a slot holding no kept
+// entry (the padding) gets zeros (kZeros). The columns of a row past blockDim.x take
+// further turns.
 template <typename V>
-__global__ void __launch_bounds__(kGatherThreads) gather_positions_kernel(const foveal_gather_params p, int slots_per_block) {
+__global__ void __launch_bounds__(kGatherThreads) gather_positions_kernel(const foveal_gather_params p) {
+  const int h = blockIdx.x % p.heads;
+  const int tile = blockIdx.x / p.heads;
   const int b = blockIdx.y;
   const int plane = blockIdx.z;
   const int vecs_per_row = p.row_bytes / static_cast<int>(sizeof(V));
-  const int vecs_per_slot = p.heads * vecs_per_row;
   const int len = p.lengths[b];
   const int pad = p.left_pad ? p.dst_seq - len : 0;  // first slot holding a kept entry
   const int32_t* positions = p.positions + b * p.positions_stride_b;
-  const char* src = static_cast<const char*>(p.src[plane]) + b * p.src_stride_b;
-  char* dst = static_cast<char*>(p.dst[plane]) + b * p.dst_stride_b;
+  const char* src = static_cast<const char*>(p.src[plane]) + b * p.src_stride_b + h * p.src_stride_h;
+  char* dst = static_cast<char*>(p.dst[plane]) + b * p.dst_stride_b + h * p.dst_stride_h;
 
-  const int slot0 = blockIdx.x * slots_per_block;
-  const int n_items = slots_per_block * vecs_per_slot;
-  for (int t = threadIdx.x; t < n_items; t += kGatherThreads) {
-    const int j = slot0 + t / vecs_per_slot;
-    if (j >= p.dst_seq) break;
-    const int rem = t % vecs_per_slot;
-    const int h = rem / vecs_per_row;
-    const int c = rem % vecs_per_row;
-    const int kept = j - pad;  // index into this row's kept positions
-    V value{};
-    if (kept >= 0 && kept < len) {
-      const int64_t at = static_cast<int64_t>(positions[kept]) * p.src_stride_s + h * p.src_stride_h;
-      value = reinterpret_cast<const V*>(src + at)[c];
+  const int slot0 = tile * (blockDim.y * kGatherUnroll) + threadIdx.y;
+  // Per slot: the source row (kZeros, not advancing with the column, for a
+  // slot without a kept entry) and the destination row (null past dst_seq).
+  const char* from[kGatherUnroll];
+  int step[kGatherUnroll];
+  char* to[kGatherUnroll];
+#pragma unroll
+  for (int u = 0; u < kGatherUnroll; ++u) {
+    const int j = slot0 + u * static_cast<int>(blockDim.y);
+    const int kept = j - pad;  // index into the row's kept positions
+    const int pos = kept >= 0 && kept < len ? positions[kept] : -1;
+    from[u] = pos >= 0 ? src + pos * p.src_stride_s : reinterpret_cast<const char*>(kZeros);
+    step[u] = pos >= 0 ? static_cast<int>(sizeof(V)) : 0;
+    to[u] = j < p.dst_seq ? dst + j * p.dst_stride_s : nullptr;
+  }
+  for (int c = threadIdx.x; c < vecs_per_row; c += blockDim.x) {
+    V value[kGatherUnroll];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) value[u] = *reinterpret_cast<const V*>(from[u] + c * step[u]);
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      if (to[u] != nullptr) reinterpret_cast<V*>(to[u])[c] = value[u];
     }
-    reinterpret_cast<V*>(dst + j * p.dst_stride_s + h * p.dst_stride_h)[c] = value;
   }
 }
 
+// The block of launch_gather for rows of `vecs` vectors: x covers a row in
+// as few turns of at most kGatherThreads as possible (whole warps where a
+// row has more than 32 vectors), y the slots.
+dim3 gather_block(int vecs) {
+  if (vecs <= 32) return dim3(vecs, kGatherThreads / vecs);
+  const int turns = ceil_div(vecs, kGatherThreads);
+  const int x = min(kGatherThreads, ceil_div(ceil_div(vecs, turns), 32) * 32);
+  return dim3(x, kGatherThreads / x);
+}
+
 template <typename V>
-void launch_gather(const foveal_gather_params& p, cudaStream_t stream) {
-  const int vecs_per_slot = p.heads * (p.row_bytes / static_cast<int>(sizeof(V)));
-  const int slots_per_block = max(1, min(64, 4 * kGatherThreads / vecs_per_slot));
-  const dim3 grid(ceil_div(p.dst_seq, slots_per_block), p.batch, p.num_planes);
-  gather_positions_kernel<V><<<grid, kGatherThreads, 0, stream>>>(p, slots_per_block);
+int launch_gather(const foveal_gather_params& p, cudaStream_t stream) {
+  const dim3 block = gather_block(p.row_bytes / static_cast<int>(sizeof(V)));
+  const int64_t tiles = ceil_div(p.dst_seq, static_cast<int>(block.y) * kGatherUnroll);
+  if (tiles * p.heads > 0x7fffffff || p.batch > 65535) return FOVEAL_ERR_UNSUPPORTED;
+  const dim3 grid(static_cast<unsigned>(tiles * p.heads), p.batch, p.num_planes);
+  gather_positions_kernel<V><<<grid, block, 0, stream>>>(p);
+  return launch_status();
 }
 
 // The widest access that divides every row, stride and base address.
@@ -133,11 +167,10 @@ extern "C" int foveal_gather_positions(const foveal_gather_params* p, foveal_str
   if (p->num_planes < 0 || p->num_planes > FOVEAL_GATHER_MAX_PLANES) return FOVEAL_ERR_UNSUPPORTED;
   if (p->num_planes == 0 || p->batch <= 0 || p->heads <= 0 || p->row_bytes <= 0 || p->dst_seq <= 0) return 0;
   switch (foveal::gather_vector_bytes(*p)) {
-    case 16: foveal::launch_gather<uint4>(*p, stream); break;
-    case 8: foveal::launch_gather<uint2>(*p, stream); break;
-    case 4: foveal::launch_gather<uint32_t>(*p, stream); break;
-    case 2: foveal::launch_gather<uint16_t>(*p, stream); break;
-    default: foveal::launch_gather<uint8_t>(*p, stream); break;
+    case 16: return foveal::launch_gather<uint4>(*p, stream);
+    case 8: return foveal::launch_gather<uint2>(*p, stream);
+    case 4: return foveal::launch_gather<uint32_t>(*p, stream);
+    case 2: return foveal::launch_gather<uint16_t>(*p, stream);
+    default: return foveal::launch_gather<uint8_t>(*p, stream);
   }
-  return foveal::launch_status();
 }

@@ -11,8 +11,8 @@
 // bf16/f16: mma.sync m16n8k16 with f32 accumulation (attention_tile.cuh).
 // Q tile and K/V tiles in shared memory, K/V double-buffered with cp.async
 // (the copy of tile t + 1 overlaps the math of tile t); S = Q K^T per warp in
-// registers, masked past the row's keys, online softmax per row (log2
-// units), P rounded to the input type for O += P V. Two warp layouts:
+// registers, masked past the row's keys, online softmax per row
+// (common.cuh's rules, natural-log scores), P rounded to the input type for O += P V. Two warp layouts:
 // - prefill: 4 warps over the rows (32 rows each, 16 for head dims above
 //   128), each over all the stage's keys;
 // - decode (every row's q_len * G <= 16): one 16-row tile, the 4 warps over
@@ -123,7 +123,7 @@ __device__ __forceinline__ void write_rows(const foveal_cross_attention_params& 
     float4 oo = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int s = 0; s < kStates; ++s) {
-      const float w = merge_weight(em[s * kRows + r], mm);
+      const float w = softmax_weight(em[s * kRows + r], mm);
       ll = fmaf(el[s * kRows + r], w, ll);
       oo = fma4(w, *reinterpret_cast<const float4*>(eo + (s * kRows + r) * kEoStride + 4 * c), oo);
     }
@@ -143,7 +143,7 @@ __device__ __forceinline__ void write_rows(const foveal_cross_attention_params& 
     const float4 out = any ? make_float4(oo.x / ll, oo.y / ll, oo.z / ll, oo.w / ll) : make_float4(0.f, 0.f, 0.f, 0.f);
     store4(static_cast<T*>(p.o) + u.b * p.o_stride_b + i * p.o_stride_n + h * p.o_stride_h + 4 * c, out);
     if (c == 0 && p.lse != nullptr) {
-      p.lse[u.b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n] = valid ? row_lse(mm, ll) : -CUDART_INF_F;
+      p.lse[u.b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n] = valid ? softmax_lse(mm, ll) : -CUDART_INF_F;
     }
   }
 }
@@ -167,7 +167,8 @@ struct MmaTile {
   static constexpr size_t kStageBytes = static_cast<size_t>(kKeys) * kStride * 2;  // one of K or V
   static constexpr size_t kLoopBytes = kQBytes + 2 * 2 * kStageBytes;             // Q, 2 stages of K and V
   static constexpr size_t kEpilogueBytes = static_cast<size_t>(kWarpsN) * kRows * kEoStride * 4;
-  static constexpr size_t kSmemBytes = kLoopBytes > kEpilogueBytes ? kLoopBytes : kEpilogueBytes;
+  static constexpr size_t kSmemBytes = kLoopBytes > kEpilogueBytes ? kLoopBytes : kEpilogueBytes;  // dynamic
+  static constexpr size_t kStaticBytes = static_cast<size_t>(2) * kWarpsN * kRows * 4;                // em, el
 };
 
 // The rows per block foveal.h promises the host.
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) cross_attention_mma_kernel(const fov
   constexpr int kRows = Tile::kRows, kKeys = Tile::kKeys, kStride = Tile::kStride;
   constexpr int kMTiles = Tile::kMTiles, kNTiles = Tile::kNTiles, kDimTiles = kHeadDim / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float em[Tile::kWarpsN * kRows];
+  __shared__ float em[Tile::kWarpsN * kRows];  // Tile::kStaticBytes
   __shared__ float el[Tile::kWarpsN * kRows];
   T* q_s = reinterpret_cast<T*>(smem);
   T* kv_s = q_s + kRows * kStride;  // stage s: K at 2 s, V at 2 s + 1 (kKeys rows each)
@@ -231,7 +232,6 @@ __global__ void __launch_bounds__(kThreads) cross_attention_mma_kernel(const fov
   RowState st[kMTiles][2];
 #pragma unroll
   for (int m = 0; m < kMTiles; ++m) st[m][0] = st[m][1] = empty_row_state();
-  const float scale_log2 = p.scale * kLog2e;
   const T* q_warp = q_s + wm * kMTiles * 16 * kStride;
 
   for (int t = 0; t < n_tiles; ++t) {
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads) cross_attention_mma_kernel(const fov
 
     float s[kMTiles][kNTiles][4];
     warp_scores<T, kMTiles, kNTiles, kHeadDim, kStride>(s, q_warp, ks);
-    // Log2 units; keys past the split's end masked.
+    // Natural-log scores; keys past the split's end masked.
     const int key_base = lo + t * kKeys + wn * Tile::kWarpKeys + 2 * (lane % 4);
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) cross_attention_mma_kernel(const fov
       for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[m][n][e] = key_base + n * 8 + (e & 1) < u.hi ? s[m][n][e] * scale_log2 : -CUDART_INF_F;
+          s[m][n][e] = key_base + n * 8 + (e & 1) < u.hi ? s[m][n][e] * p.scale : -CUDART_INF_F;
         }
       }
     }
@@ -321,7 +321,8 @@ struct F32Tile {
   static constexpr int kEoStride = kHeadDim + 4;
   static constexpr size_t kLoopBytes = static_cast<size_t>(kRows + 2 * 2 * kKeys) * kStride * 4;
   static constexpr size_t kEpilogueBytes = static_cast<size_t>(kRows) * kEoStride * 4;
-  static constexpr size_t kSmemBytes = kLoopBytes > kEpilogueBytes ? kLoopBytes : kEpilogueBytes;
+  static constexpr size_t kSmemBytes = kLoopBytes > kEpilogueBytes ? kLoopBytes : kEpilogueBytes;  // dynamic
+  static constexpr size_t kStaticBytes = static_cast<size_t>(kRows) * (kKeys + 1 + 2) * 4;           // p_s, em, el
 };
 
 template <int kHeadDim>
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) cross_attention_f32_kernel(const fov
   constexpr int kChunks = kHeadDim / 32;  // float4 columns per thread
   static_assert(kRows * 8 == kThreads, "8 threads per row");
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float p_s[kRows][kKeys + 1];
+  __shared__ float p_s[kRows][kKeys + 1];  // Tile::kStaticBytes
   __shared__ float em[kRows];
   __shared__ float el[kRows];
   float* q_s = reinterpret_cast<float*>(smem);
@@ -365,7 +366,6 @@ __global__ void __launch_bounds__(kThreads) cross_attention_f32_kernel(const fov
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   RowState st = empty_row_state();
-  const float scale_log2 = p.scale * kLog2e;
   const float4* q4 = reinterpret_cast<const float4*>(q_s + row * kStride);
 
   for (int t = 0; t < n_tiles; ++t) {
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(kThreads) cross_attention_f32_kernel(const fov
         dot = fmaf(a.z, b.z, dot);
         dot = fmaf(a.w, b.w, dot);
       }
-      s[j] = lo + t * kKeys + key < u.hi ? dot * scale_log2 : -CUDART_INF_F;
+      s[j] = lo + t * kKeys + key < u.hi ? dot * p.scale : -CUDART_INF_F;
     }
     const float alpha = online_softmax_step<8>(st, s);
     p_s[row][l8] = s[0];
@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(kMergeThreads) cross_attention_merge_kernel(co
   if (valid) {
     for (int s = lane; s < n; s += 32) mm = fmaxf(mm, ml[2 * s]);
     mm = group_max<32>(mm);
-    for (int s = lane; s < n; s += 32) ll = fmaf(ml[2 * s + 1], merge_weight(ml[2 * s], mm), ll);
+    for (int s = lane; s < n; s += 32) ll = fmaf(ml[2 * s + 1], softmax_weight(ml[2 * s], mm), ll);
     ll = group_sum<32>(ll);
   }
   const bool any = valid && ll != 0.f;
@@ -454,7 +454,7 @@ __global__ void __launch_bounds__(kMergeThreads) cross_attention_merge_kernel(co
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (any) {
       for (int s = 0; s < n; ++s) {
-        const float w = merge_weight(ml[2 * s], mm);
+        const float w = softmax_weight(ml[2 * s], mm);
         if (w != 0.f) acc = fma4(w, *reinterpret_cast<const float4*>(po + s * p.head_dim + 4 * c), acc);
       }
       acc = make_float4(acc.x / ll, acc.y / ll, acc.z / ll, acc.w / ll);
@@ -462,68 +462,115 @@ __global__ void __launch_bounds__(kMergeThreads) cross_attention_merge_kernel(co
     store4(o + 4 * c, acc);
   }
   if (lane == 0 && p.lse != nullptr) {
-    p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n] = valid ? row_lse(mm, ll) : -CUDART_INF_F;
+    p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n] = valid ? softmax_lse(mm, ll) : -CUDART_INF_F;
   }
 }
 
 // ---------------------------------------------------------------- launch
 
-template <typename Kernel>
-int launch(Kernel kernel, size_t smem, int tile_rows, const foveal_cross_attention_params& p, cudaStream_t stream) {
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e != cudaSuccess) return static_cast<int>(e);
-  const int group = p.q_heads / p.kv_heads;
-  const int tiles = ceil_div(p.queries * group, tile_rows);
-  const dim3 grid(tiles * p.num_splits, p.kv_heads, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return 0;
+// Shared memory per block a kernel may opt in to (static plus dynamic,
+// cudaDevAttrMaxSharedMemoryPerBlockOptin): 163 KiB on sm_80, 227 KiB on
+// sm_90 (the architectures compiled to machine code), 99 KiB on sm_86,
+// sm_89 and sm_120 (which JIT the compute_80 PTX).
+constexpr size_t kOptinSm80 = 163 * 1024;
+constexpr size_t kOptinSm86 = 99 * 1024;
+
+// Every instance fits sm_80 (so sm_90 too): the host check can refuse only
+// on a device with less (the head dim 256 tiles on sm_86 / sm_89 / sm_120).
+template <typename Tile>
+constexpr size_t block_bytes() {
+  return Tile::kSmemBytes + Tile::kStaticBytes;
+}
+template <int kHeadDim>
+constexpr bool mma_fits(size_t limit) {
+  return block_bytes<MmaTile<kHeadDim, true>>() <= limit && block_bytes<MmaTile<kHeadDim, false>>() <= limit;
+}
+template <int kHeadDim>
+constexpr bool f32_fits(size_t limit) {
+  return block_bytes<F32Tile<kHeadDim>>() <= limit;
+}
+static_assert(mma_fits<64>(kOptinSm80) && mma_fits<96>(kOptinSm80) && mma_fits<128>(kOptinSm80) &&
+                  mma_fits<256>(kOptinSm80) && f32_fits<64>(kOptinSm80) && f32_fits<128>(kOptinSm80) &&
+                  f32_fits<256>(kOptinSm80),
+              "every cross_attention instance fits sm_80's shared memory");
+static_assert(mma_fits<64>(kOptinSm86) && mma_fits<96>(kOptinSm86) && mma_fits<128>(kOptinSm86) &&
+                  !mma_fits<256>(kOptinSm86) && f32_fits<256>(kOptinSm86),
+              "on 99 KiB, only the bf16/f16 head dim 256 tiles are refused");
+
+using Kernel = void (*)(foveal_cross_attention_params);
+
+// The attention kernel instance that serves `p` and its dynamic shared
+// memory; kernel nullptr when none does.
+struct Instance {
+  Kernel kernel;
+  size_t smem;
+};
+
+template <typename Tile, typename K>
+Instance instance(K kernel) {
+  return {kernel, Tile::kSmemBytes};
 }
 
 template <typename T, int kHeadDim>
-int launch_mma(const foveal_cross_attention_params& p, cudaStream_t stream) {
-  if (p.tile_rows == MmaTile<kHeadDim, true>::kRows) {
-    return launch(cross_attention_mma_kernel<T, kHeadDim, true>, MmaTile<kHeadDim, true>::kSmemBytes, p.tile_rows, p,
-                  stream);
-  }
-  if (p.tile_rows == MmaTile<kHeadDim, false>::kRows) {
-    return launch(cross_attention_mma_kernel<T, kHeadDim, false>, MmaTile<kHeadDim, false>::kSmemBytes, p.tile_rows,
-                  p, stream);
-  }
-  return FOVEAL_ERR_UNSUPPORTED;
+Instance mma_instance(int tile_rows) {
+  using Decode = MmaTile<kHeadDim, true>;
+  using Prefill = MmaTile<kHeadDim, false>;
+  if (tile_rows == Decode::kRows) return instance<Decode>(cross_attention_mma_kernel<T, kHeadDim, true>);
+  if (tile_rows == Prefill::kRows) return instance<Prefill>(cross_attention_mma_kernel<T, kHeadDim, false>);
+  return {nullptr, 0};
 }
 
 template <typename T>
-int launch_attention(const foveal_cross_attention_params& p, cudaStream_t stream) {
-  if (p.head_dim % 16 != 0) return FOVEAL_ERR_UNSUPPORTED;
-  if (p.head_dim <= 64) return launch_mma<T, 64>(p, stream);
-  if (p.head_dim <= 96) return launch_mma<T, 96>(p, stream);
-  if (p.head_dim <= 128) return launch_mma<T, 128>(p, stream);
-  return launch_mma<T, 256>(p, stream);
+Instance instance_for(const foveal_cross_attention_params& p) {
+  if (p.head_dim % 16 != 0) return {nullptr, 0};
+  if (p.head_dim <= 64) return mma_instance<T, 64>(p.tile_rows);
+  if (p.head_dim <= 96) return mma_instance<T, 96>(p.tile_rows);
+  if (p.head_dim <= 128) return mma_instance<T, 128>(p.tile_rows);
+  return mma_instance<T, 256>(p.tile_rows);
 }
 
 template <>
-int launch_attention<float>(const foveal_cross_attention_params& p, cudaStream_t stream) {
-  if (p.head_dim % 4 != 0 || p.tile_rows != FOVEAL_CROSS_ATTN_F32_ROWS) return FOVEAL_ERR_UNSUPPORTED;
-  if (p.head_dim <= 64) return launch(cross_attention_f32_kernel<64>, F32Tile<64>::kSmemBytes, p.tile_rows, p, stream);
-  if (p.head_dim <= 128) {
-    return launch(cross_attention_f32_kernel<128>, F32Tile<128>::kSmemBytes, p.tile_rows, p, stream);
+Instance instance_for<float>(const foveal_cross_attention_params& p) {
+  if (p.head_dim % 4 != 0 || p.tile_rows != FOVEAL_CROSS_ATTN_F32_ROWS) return {nullptr, 0};
+  if (p.head_dim <= 64) return instance<F32Tile<64>>(cross_attention_f32_kernel<64>);
+  if (p.head_dim <= 128) return instance<F32Tile<128>>(cross_attention_f32_kernel<128>);
+  return instance<F32Tile<256>>(cross_attention_f32_kernel<256>);
+}
+
+Instance instance_of(const foveal_cross_attention_params& p) {
+  if (p.head_dim <= 0 || p.head_dim > FOVEAL_CROSS_ATTN_MAX_HEAD_DIM) return {nullptr, 0};
+  switch (p.dtype) {
+    case FOVEAL_F32: return instance_for<float>(p);
+    case FOVEAL_F16: return instance_for<__half>(p);
+    case FOVEAL_BF16: return instance_for<__nv_bfloat16>(p);
+    default: return {nullptr, 0};
   }
-  return launch(cross_attention_f32_kernel<256>, F32Tile<256>::kSmemBytes, p.tile_rows, p, stream);
 }
 
 template <typename T>
+void launch_merge(const foveal_cross_attention_params& p, cudaStream_t stream) {
+  const int64_t warps = static_cast<int64_t>(p.batch) * p.queries * p.q_heads;
+  const int64_t blocks = (warps * 32 + kMergeThreads - 1) / kMergeThreads;
+  cross_attention_merge_kernel<T><<<static_cast<unsigned>(blocks), kMergeThreads, 0, stream>>>(p);
+}
+
 int launch_cross_attention(const foveal_cross_attention_params& p, cudaStream_t stream) {
-  if (p.head_dim <= 0 || p.head_dim > FOVEAL_CROSS_ATTN_MAX_HEAD_DIM || p.kv_heads <= 0 ||
-      p.q_heads % p.kv_heads != 0 || p.num_splits <= 0 ||
+  if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || p.num_splits <= 0 ||
       (p.num_splits > 1 && (p.partial_o == nullptr || p.partial_ml == nullptr))) {
     return FOVEAL_ERR_UNSUPPORTED;
   }
-  const int status = launch_attention<T>(p, stream);
+  const Instance in = instance_of(p);
+  if (in.kernel == nullptr) return FOVEAL_ERR_UNSUPPORTED;
+  // Static plus dynamic against the device's opt-in limit, before anything
+  // is enqueued (FOVEAL_ERR_SHARED_MEMORY past it).
+  const int status = prepare_shared_memory(in.kernel, in.smem);
   if (status != 0) return status;
+  const int group = p.q_heads / p.kv_heads;
+  const int tiles = ceil_div(p.queries * group, p.tile_rows);
+  const dim3 grid(tiles * p.num_splits, p.kv_heads, p.batch);
+  in.kernel<<<grid, kThreads, in.smem, stream>>>(p);
   if (p.num_splits > 1) {
-    const int64_t warps = static_cast<int64_t>(p.batch) * p.queries * p.q_heads;
-    const int64_t blocks = (warps * 32 + kMergeThreads - 1) / kMergeThreads;
-    cross_attention_merge_kernel<T><<<static_cast<unsigned>(blocks), kMergeThreads, 0, stream>>>(p);
+    FOVEAL_DISPATCH_DTYPE(p.dtype, T, launch_merge<T>(p, stream));
   }
   return launch_status();
 }
@@ -533,6 +580,12 @@ int launch_cross_attention(const foveal_cross_attention_params& p, cudaStream_t 
 
 extern "C" int foveal_cross_attention(const foveal_cross_attention_params* p, foveal_stream_t stream) {
   if (p->batch == 0 || p->queries == 0 || p->q_heads == 0) return 0;  // nothing to write
-  FOVEAL_DISPATCH_DTYPE(p->dtype, T, return foveal::launch_cross_attention<T>(*p, stream));
-  return 0;
+  return foveal::launch_cross_attention(*p, stream);
+}
+
+extern "C" int foveal_cross_attention_shared_memory(const foveal_cross_attention_params* p,
+                                                    foveal_shared_memory* out) {
+  const foveal::Instance in = foveal::instance_of(*p);
+  if (in.kernel == nullptr) return FOVEAL_ERR_UNSUPPORTED;
+  return foveal::shared_memory_of(in.kernel, in.smem, *out);
 }

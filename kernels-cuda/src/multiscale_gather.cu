@@ -7,11 +7,12 @@
 //    token count; a block scan (cub) over the windows gives each window's
 //    first output slot (exclusive prefix sum, chunks of 256 with a carry) and
 //    the row's count. Nothing is read back by the host.
-// 2. One block per (window, row): each of the window's tokens max-pools its
-//    cell (over the cells' existing pixels), the threads striding over the
-//    channels; thread 0 writes the position.
-// 3. One block per (chunk of slots, row): slots past the count get zero
-//    tokens and position -1 (the count is read on the device).
+// 2. One launch for the tokens and the padding (docs/ops/multiscale_gather.md):
+//    blocks (window, column block, row) pool a window's tokens, one column
+//    of channels a thread (16 bytes where the views allow it, else one
+//    channel), every pixel of a 4 x 4 window in flight at once; blocks
+//    (chunk of slots, column block, row) past the windows zero the slots
+//    past the row's count (read on the device) and set their positions to -1.
 // Every reduction has a fixed order: deterministic.
 #include <cub/block/block_scan.cuh>
 
@@ -21,8 +22,10 @@ namespace foveal {
 namespace {
 
 constexpr int kPlanThreads = 256;
-constexpr int kPoolThreads = 256;
-constexpr int kPadSlots = 16;
+constexpr int kPoolThreads = 64;  // columns of a pool block
+constexpr int kUnroll = 16;       // loads in flight per thread: every pixel of a 4 x 4 window
+constexpr int kPadSlots = 64;     // slots of a padding block
+constexpr int kMaxColumnBlocks = 65535;  // grid.y; the threads stride over further columns
 
 // Tokens of a window of h x w existing pixels at scale (kh, kw).
 __device__ __forceinline__ int tokens_of(int h, int w, int kh, int kw) { return ceil_div(h, kh) * ceil_div(w, kw); }
@@ -88,46 +91,187 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const foveal_multisc
   if (threadIdx.x == 0) p.count[b * p.count_stride] = carry;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kPoolThreads) pool_kernel(const foveal_multiscale_gather_params p) {
-  const int m = blockIdx.x;
-  const int b = blockIdx.y;
-  const int num_windows = gridDim.x;
-  const int c_idx = p.choice[static_cast<int64_t>(b) * num_windows + m];
-  const float prob = p.prob[static_cast<int64_t>(b) * num_windows + m];
-  const int first = p.offset[static_cast<int64_t>(b) * num_windows + m];
-  const int kh = p.scale_h[c_idx];
-  const int kw = p.scale_w[c_idx];
+// Stores a token's column: its max, times the window's probability where
+// asked.
+template <typename T, int kVec>
+__device__ __forceinline__ void store_token(T* out, float (&acc)[kVec], bool scale_by_prob, float prob) {
+  if (scale_by_prob) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] = __fmul_rn(acc[e], prob);
+  }
+  store_from_float<T, kVec>(out, acc);
+}
+
+// kUnroll entries of a window's token-major pixel list (below), as every
+// thread of the block reads them.
+struct PoolChunk {
+  int64_t pixel[kUnroll];  // byte offset of the entry's pixel from the window's first pixel
+  int64_t token[kUnroll];  // byte offset of the entry's token from the window's first token
+  uint32_t ends;           // bit u: entry u is its token's last
+};
+
+// Block (window m, column block, row b): the window's tokens, one column
+// (kVec channels) a thread.
+//
+// The window's pixels are listed token by token (tokens in raster order,
+// each token's kh x kw pixels in raster order; a pixel of a border token
+// that lies past the map is replaced by the token's first pixel, which is
+// in the map: the max is unchanged). The block builds the list kUnroll
+// entries at a time in shared memory, uniform for all its threads, so a
+// thread's loads need no index arithmetic of their own: it issues the
+// chunk's kUnroll loads (every pixel of a 4 x 4 window) before it takes the
+// maxima, and stores each token's column after its last entry. Entries past
+// the list's end (its last chunk's) load the window's first pixel, without
+// a predicate, into a max that is never stored. Each token's
+// pixels are taken in the CPU's order (fmaxf from -inf: NaN pixels are
+// skipped); the repeats of a border token's first pixel leave its max as it is.
+template <typename T, int kVec>
+__device__ __forceinline__ void pool_window(const foveal_multiscale_gather_params& p, int num_windows, int m,
+                                            int b) {
+  __shared__ PoolChunk chunk;
+  const int64_t plan = static_cast<int64_t>(b) * num_windows + m;
+  const int choice = p.choice[plan];
+  const float prob = p.prob[plan];
+  const int first = p.offset[plan];
   const Window win = window_at(p, m);
-  const int cells_x = ceil_div(win.x1 - win.x0, kw);
-  const int n = ceil_div(win.y1 - win.y0, kh) * cells_x;
-  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b;
-  for (int t = 0; t < n; ++t) {
-    const int y0 = win.y0 + (t / cells_x) * kh;
-    const int x0 = win.x0 + (t % cells_x) * kw;
-    const int y1 = y0 + min(kh, win.y1 - y0);
-    const int x1 = x0 + min(kw, win.x1 - x0);
-    T* out = static_cast<T*>(p.tokens) + b * p.tokens_stride_b + static_cast<int64_t>(first + t) * p.tokens_stride_n;
-    for (int c = threadIdx.x; c < p.channels; c += kPoolThreads) {
-      float acc = -CUDART_INF_F;
-      for (int y = y0; y < y1; ++y) {
-        for (int xx = x0; xx < x1; ++xx) acc = fmaxf(acc, to_float(x[y * p.x_stride_y + xx * p.x_stride_x + c]));
+  const int rows = win.y1 - win.y0;
+  const int cols = win.x1 - win.x0;
+  // A kernel taller or wider than the window's existing pixels pools them
+  // all: the same tokens as the kernel cut to them.
+  const int kh = min(p.scale_h[choice], rows);
+  const int kw = min(p.scale_w[choice], cols);
+  const int cells_x = ceil_div(cols, kw);
+  const int n = ceil_div(rows, kh) * cells_x;
+  const int per_token = kh * kw;  // <= rows * cols <= Hx * Wx < 2^31
+  const int64_t entries = static_cast<int64_t>(n) * per_token;  // < 4 * rows * cols
+  const int64_t step_x = p.x_stride_x * static_cast<int64_t>(sizeof(T));
+  const int64_t step_y = p.x_stride_y * static_cast<int64_t>(sizeof(T));
+  const int64_t step_token = p.tokens_stride_n * static_cast<int64_t>(sizeof(T));
+  const char* window = reinterpret_cast<const char*>(static_cast<const T*>(p.x) + b * p.x_stride_b +
+                                                     win.y0 * p.x_stride_y + win.x0 * p.x_stride_x);
+  char* tokens = reinterpret_cast<char*>(static_cast<T*>(p.tokens) + b * p.tokens_stride_b +
+                                         static_cast<int64_t>(first) * p.tokens_stride_n);
+  const int columns = p.channels / kVec;
+
+  // Every thread takes every turn (the barriers); a thread past the columns loads nothing.
+  for (int col0 = blockIdx.y * kPoolThreads; col0 < columns; col0 += gridDim.y * kPoolThreads) {
+    const int col = col0 + threadIdx.x;
+    const bool active = col < columns;
+    const int64_t column = static_cast<int64_t>(col) * (kVec * sizeof(T));
+    float acc[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] = -CUDART_INF_F;
+    for (int64_t q0 = 0; q0 < entries; q0 += kUnroll) {
+      __syncthreads();  // the previous chunk is read
+      if (threadIdx.x < 32) {
+        const int u = threadIdx.x;
+        const int64_t q = q0 + u;
+        bool end = false;
+        if (u < kUnroll && q < entries) {
+          const int t = static_cast<int>(q / per_token);
+          const int c = static_cast<int>(q - static_cast<int64_t>(t) * per_token);
+          const int ty = t / cells_x;
+          const int tx = t - ty * cells_x;
+          int y = ty * kh + c / kw;
+          int x = tx * kw + c % kw;
+          if (y >= rows || x >= cols) {
+            y = ty * kh;
+            x = tx * kw;
+          }
+          chunk.pixel[u] = y * step_y + x * step_x;
+          chunk.token[u] = t * step_token;
+          end = c == per_token - 1;
+        } else if (u < kUnroll) {
+          chunk.pixel[u] = 0;
+          chunk.token[u] = 0;
+        }
+        const uint32_t ends = __ballot_sync(0xffffffffu, end);
+        if (u == 0) chunk.ends = ends;
       }
-      out[c] = from_float<T>(p.scale_by_prob ? __fmul_rn(acc, prob) : acc);
+      __syncthreads();
+      if (!active) continue;
+      const uint32_t ends = chunk.ends;
+      RawVec<T, kVec> v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u].load(reinterpret_cast<const T*>(window + column + chunk.pixel[u]));
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] = fmaxf(acc[e], v[u].at(e));
+        if ((ends >> u) & 1u) {
+          store_token<T, kVec>(reinterpret_cast<T*>(tokens + column + chunk.token[u]), acc, p.scale_by_prob, prob);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[e] = -CUDART_INF_F;
+        }
+      }
     }
-    if (threadIdx.x == 0) p.positions[b * p.positions_stride_b + first + t] = y0 * p.width + x0;
+  }
+  if (blockIdx.y == 0) {
+    for (int t = threadIdx.x; t < n; t += kPoolThreads) {
+      const int y0 = win.y0 + (t / cells_x) * kh;
+      const int x0 = win.x0 + (t % cells_x) * kw;
+      p.positions[b * p.positions_stride_b + first + t] = y0 * p.width + x0;
+    }
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kPoolThreads) pad_kernel(const foveal_multiscale_gather_params p) {
-  const int b = blockIdx.y;
+// Block (chunk of kPadSlots slots, column block, row b): zero tokens and
+// position -1 in the slots past the row's count (read on the device).
+template <typename T, int kVec>
+__device__ __forceinline__ void pad_slots(const foveal_multiscale_gather_params& p, int chunk, int b) {
   const int count = p.count[b * p.count_stride];
-  const int slot0 = blockIdx.x * kPadSlots;
-  for (int s = max(slot0, count); s < min(slot0 + kPadSlots, p.n_out_max); ++s) {
+  const int slot0 = chunk * kPadSlots;
+  const int slot1 = min(slot0 + kPadSlots, p.n_out_max);
+  const int columns = p.channels / kVec;
+  float zero[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) zero[e] = 0.0f;
+  for (int s = max(slot0, count); s < slot1; ++s) {
     T* out = static_cast<T*>(p.tokens) + b * p.tokens_stride_b + static_cast<int64_t>(s) * p.tokens_stride_n;
-    for (int c = threadIdx.x; c < p.channels; c += kPoolThreads) out[c] = from_float<T>(0.0f);
-    if (threadIdx.x == 0) p.positions[b * p.positions_stride_b + s] = -1;
+    for (int col = blockIdx.y * kPoolThreads + threadIdx.x; col < columns; col += gridDim.y * kPoolThreads) {
+      store_from_float<T, kVec>(out + col * kVec, zero);
+    }
+  }
+  if (blockIdx.y == 0) {
+    for (int s = max(slot0, count) + threadIdx.x; s < slot1; s += kPoolThreads) {
+      p.positions[b * p.positions_stride_b + s] = -1;
+    }
+  }
+}
+
+// One launch for the tokens and the padding: blocks x < M pool window x,
+// the others pad their chunk of slots.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kPoolThreads) pool_kernel(const foveal_multiscale_gather_params p, int num_windows) {
+  const int b = blockIdx.z;
+  if (static_cast<int>(blockIdx.x) < num_windows) {
+    pool_window<T, kVec>(p, num_windows, blockIdx.x, b);
+  } else {
+    pad_slots<T, kVec>(p, blockIdx.x - num_windows, b);
+  }
+}
+
+template <typename T, int kVec>
+void launch_pool(const foveal_multiscale_gather_params& p, int num_windows, cudaStream_t stream) {
+  // At least one column block: the positions are written with no channel.
+  const dim3 grid(num_windows + ceil_div(p.n_out_max, kPadSlots),
+                  max(1, min(ceil_div(p.channels / kVec, kPoolThreads), kMaxColumnBlocks)), p.batch);
+  pool_kernel<T, kVec><<<grid, kPoolThreads, 0, stream>>>(p, num_windows);
+}
+
+// The 16-byte path where the map's and the tokens' bases and strides allow
+// it and C is a multiple of the vector; the scalar path otherwise (the same
+// results).
+template <typename T>
+void launch_widest(const foveal_multiscale_gather_params& p, int num_windows, cudaStream_t stream) {
+  constexpr int kVec = Vec16<T>::kElems;
+  const uint64_t parts = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.tokens) |
+                         static_cast<uint64_t>(p.x_stride_b | p.x_stride_y | p.x_stride_x | p.tokens_stride_b |
+                                               p.tokens_stride_n) * sizeof(T);
+  if (p.channels % kVec == 0 && aligned16(parts)) {
+    launch_pool<T, kVec>(p, num_windows, stream);
+  } else {
+    launch_pool<T, 1>(p, num_windows, stream);
   }
 }
 
@@ -141,10 +285,9 @@ extern "C" int foveal_multiscale_gather(const foveal_multiscale_gather_params* p
   // The plan also writes the counts of a map without windows (0).
   foveal::plan_kernel<<<p->batch, foveal::kPlanThreads, 0, stream>>>(*p);
   if (num_windows == 0) return foveal::launch_status();
-  FOVEAL_DISPATCH_DTYPE(p->dtype, T, {
-    foveal::pool_kernel<T><<<dim3(num_windows, p->batch), foveal::kPoolThreads, 0, stream>>>(*p);
-    foveal::pad_kernel<T><<<dim3(foveal::ceil_div(p->n_out_max, foveal::kPadSlots), p->batch), foveal::kPoolThreads, 0,
-                            stream>>>(*p);
-  });
+  if (static_cast<int64_t>(num_windows) + foveal::ceil_div(p->n_out_max, foveal::kPadSlots) > 0x7fffffff) {
+    return FOVEAL_ERR_UNSUPPORTED;  // past the grid's x dimension
+  }
+  FOVEAL_DISPATCH_DTYPE(p->dtype, T, foveal::launch_widest<T>(*p, num_windows, stream));
   return foveal::launch_status();
 }

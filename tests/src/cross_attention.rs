@@ -320,3 +320,113 @@ pub fn p_round<T: Element>() -> f64 {
         foveal::DType::F32 => 0.0,
     }
 }
+
+// ---------------------------------------------------------------------------
+// Large logits (issue 11, fault 4's kind in the attention tiles)
+// ---------------------------------------------------------------------------
+
+/// Inputs whose logits are `a b + c_h e_j`, exact in every element type and
+/// in f32: q rows `[a, c_h, 0, ...]` (a = 1000, c_h = 1 + h % 3), key rows
+/// `[b, e_j, 0, ...]` (e_j in -6..=6), scale 1, so `logit = a b` (1e3 to
+/// 1e6) sets the size and the differences between logits are small
+/// integers. Value rows start with `e_j` and go on with small integers, so
+/// that the output follows the weights of the distinct logits. Two rows
+/// (300 keys and 41 of them, the rest NaN), 2 KV heads of 3 query heads,
+/// head dim 16; `queries` 1 gives the decode tile (keys split across
+/// blocks on the GPU), 50 the prefill tiles.
+pub fn large_logit_inputs<T: TestElem>(logit: f64, queries: usize) -> Inputs<T> {
+    let (batch, keys, hkv, g, d) = (2, 300, 2, 3, 16);
+    let hq = hkv * g;
+    let a = 1000.0;
+    let b = (logit / a) as f32;
+    let mut r = rng(logit as u64 + queries as u64);
+    let lens = SeqLens::new(&[queries, queries], &[keys, 41]).expect("lengths");
+    let e: Vec<f32> = (0..batch * keys * hkv)
+        .map(|_| r.random_range(-6..=6) as f32)
+        .collect();
+    let w: Vec<f32> = (0..batch * keys * hkv * d)
+        .map(|_| r.random_range(-8..=8) as f32)
+        .collect();
+    let q_shape = [batch, queries, hq, d];
+    let kv_shape = [batch, keys, hkv, d];
+    let q = Tensor::from_fn(
+        q_shape,
+        contiguous_strides(q_shape),
+        T::POISON,
+        |[_, _, h, x]| {
+            T::from_f32(match x {
+                0 => a as f32,
+                1 => (1 + h % 3) as f32,
+                _ => 0.0,
+            })
+        },
+    );
+    let past = |bi: usize, j: usize| j >= lens.kv()[bi];
+    let k = Tensor::from_fn(
+        kv_shape,
+        contiguous_strides(kv_shape),
+        T::POISON,
+        |[bi, j, kvh, x]| {
+            if past(bi, j) {
+                return T::POISON;
+            }
+            T::from_f32(match x {
+                0 => b,
+                1 => e[(bi * keys + j) * hkv + kvh],
+                _ => 0.0,
+            })
+        },
+    );
+    let v = Tensor::from_fn(
+        kv_shape,
+        contiguous_strides(kv_shape),
+        T::POISON,
+        |[bi, j, kvh, x]| {
+            if past(bi, j) {
+                return T::POISON;
+            }
+            let row = (bi * keys + j) * hkv + kvh;
+            T::from_f32(if x == 0 { e[row] } else { w[row * d + x] })
+        },
+    );
+    Inputs {
+        lens,
+        q,
+        k,
+        v,
+        scale: Some(1.0),
+    }
+}
+
+/// The oracle of [`large_logit_inputs`], with each query's `magnitude` the
+/// spread of its logits (largest minus smallest) instead of their size: the
+/// softmax sees only the differences `s - m`, exact here, so a kernel that
+/// keeps their precision is within the usual bound of them, whatever the
+/// size of the logits. One that scales the logits by log2 e before
+/// subtracting rounds them at their size (an ulp of 0.125 at 1.4e6, weights
+/// off by up to 4%) and fails it.
+pub fn large_logit_oracle<T: Element>(inp: &Inputs<T>) -> Vec<Want> {
+    let mut want = oracle(inp);
+    let [batch, nq, hq, d] = inp.q.shape;
+    let group = hq / inp.k.shape[2];
+    for b in 0..batch {
+        for i in 0..inp.lens.q()[b] {
+            for h in 0..hq {
+                let s: Vec<f64> = (0..inp.lens.kv()[b])
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| {
+                                to_f64(inp.q.get([b, i, h, x]))
+                                    * to_f64(inp.k.get([b, j, h / group, x]))
+                            })
+                            .sum()
+                    })
+                    .collect();
+                let hi = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lo = s.iter().copied().fold(f64::INFINITY, f64::min);
+                want[(b * nq + i) * hq + h].magnitude = hi - lo;
+            }
+        }
+    }
+    want
+}

@@ -220,6 +220,19 @@ pub fn assert_bits_eq<T: Bits + Debug>(got: &[T], want: &[T], what: &str) {
     }
 }
 
+/// Asserts two buffers hold the same values: bit-identical, except that two
+/// NaNs other than the poison are equal ([`crate::same_value`]); reports the
+/// first difference.
+pub fn assert_same_values<T: TestElem + Debug>(got: &[T], want: &[T], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let differ = |i: &usize| !crate::same_value(got[*i], want[*i]);
+    if let Some(i) = (0..got.len()).find(differ) {
+        let n = (0..got.len()).filter(differ).count();
+        let (len, g, w) = (got.len(), got[i], want[i]);
+        panic!("{what}: {n} of {len} elements differ; first at storage offset {i}: got {g:?}, want {w:?}");
+    }
+}
+
 /// Asserts a buffer still holds only poison (an op that failed its checks
 /// must not have written anything).
 pub fn assert_untouched<T: Poison + Bits + Debug>(got: &[T], what: &str) {

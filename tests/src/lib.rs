@@ -185,6 +185,36 @@ impl Bits for i32 {
 pub trait TestElem: Element + Poison + Bits {}
 impl<T: Element + Poison + Bits> TestElem for T {}
 
+/// Whether a computed element equals the expected one: the same bits, or
+/// both NaN with neither the poison (CUDA arithmetic returns the canonical
+/// NaN where the CPU keeps the input's payload; a NaN payload carries no
+/// meaning, but an unwritten poison element must still show).
+pub fn same_value<T: TestElem>(got: T, want: T) -> bool {
+    let poison = T::POISON.bits();
+    got.bits() == want.bits()
+        || (got.to_f32().is_nan()
+            && want.to_f32().is_nan()
+            && got.bits() != poison
+            && want.bits() != poison)
+}
+
+/// Replaces each logical element of `t`, with probability `p`, by +inf,
+/// -inf or NaN (a third each): the special values an op must carry through
+/// as its CPU reference does.
+pub fn sprinkle_specials<T: Element, const N: usize>(
+    rng: &mut StdRng,
+    t: &mut Tensor<T, N>,
+    p: f64,
+) {
+    for idx in indices(t.shape) {
+        if rng.random_bool(p) {
+            let v = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN][rng.random_range(0..3)];
+            let o = t.offset(idx);
+            t.data[o] = T::from_f32(v);
+        }
+    }
+}
+
 /// Converts an element to f64 exactly (every bf16, f16 and f32 is an f64).
 pub fn to_f64<T: Element>(x: T) -> f64 {
     x.to_f32() as f64
@@ -208,6 +238,34 @@ pub fn random_strides<const N: usize>(rng: &mut StdRng, shape: [usize; N]) -> [u
         strides[dim] = cur;
         let gap = if rng.random_bool(0.5) {
             rng.random_range(1..=3)
+        } else {
+            0
+        };
+        cur = cur * shape[dim].max(1) + gap;
+    }
+    strides
+}
+
+/// Like [`random_strides`], but every stride but the last a multiple of
+/// `align` elements (gaps of 0 to 3 times `align`): with a last dimension that
+/// is a multiple of `align` too, the view of a 16-byte-aligned base keeps each
+/// row 16-byte aligned when `align` is the elements of 16 bytes, as the
+/// kernels' 16-byte paths require.
+pub fn aligned_strides<const N: usize>(
+    rng: &mut StdRng,
+    shape: [usize; N],
+    align: usize,
+) -> [usize; N] {
+    assert!(N >= 1 && align >= 1);
+    let mut order: Vec<usize> = (0..N - 1).collect();
+    order.shuffle(rng);
+    let mut strides = [0usize; N];
+    strides[N - 1] = 1;
+    let mut cur = shape[N - 1].max(1).next_multiple_of(align);
+    for dim in order.into_iter().rev() {
+        strides[dim] = cur;
+        let gap = if rng.random_bool(0.5) {
+            rng.random_range(1..=3) * align
         } else {
             0
         };

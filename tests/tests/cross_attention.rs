@@ -11,7 +11,9 @@
 
 use foveal::cross_attention::cpu::cross_attention;
 use foveal::{Error, Layout, SeqLens, View, ViewMut};
-use foveal_tests::cross_attention::{assert_matches, oracle, outputs, Case, Inputs};
+use foveal_tests::cross_attention::{
+    assert_matches, large_logit_inputs, large_logit_oracle, oracle, outputs, Case, Inputs,
+};
 use foveal_tests::{contiguous_strides, random_tensor, rng, to_f64, Tensor, TestElem};
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -251,6 +253,28 @@ fn hand_computed_two_keys() {
             );
         }
         assert!((lse[h] as f64 - (s0.exp() + s1.exp()).ln()).abs() < 1e-6);
+    }
+}
+
+/// Issue 11 (fault 4's kind, in cross_attention): logits of 1e3 to 1e6,
+/// exact in every element type and in f32, against f64 values computed from
+/// them, with a bound set by the logits' spread, not their size (see
+/// `large_logit_oracle`): the weights are formed from `s - m`, never from
+/// logits rounded at their size.
+#[test]
+fn large_logits_keep_their_precision() {
+    fn check<T: TestElem>(logit: f64, queries: usize) {
+        let inp = large_logit_inputs::<T>(logit, queries);
+        let (o, lse) = run_cpu(&inp, &mut rng(3), true);
+        let what = format!("{:?} logits {logit:e}, {queries} queries", T::DTYPE);
+        assert_matches(&o, &lse, &large_logit_oracle(&inp), 1.0, 0.0, &what);
+    }
+    for logit in [1e3, 1e4, 1e5, 1e6] {
+        for queries in [1, 50] {
+            check::<f32>(logit, queries);
+            check::<f16>(logit, queries);
+            check::<bf16>(logit, queries);
+        }
     }
 }
 

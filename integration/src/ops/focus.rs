@@ -211,8 +211,10 @@ impl TextSelection {
 /// The text-guided sampler (foveal::text_guided_select): `q_text [B, T, Hq,
 /// D]` (the text tokens' queries after RoPE) and `k_vis [B, N, Hkv, D]` (the
 /// visual keys of the same layer), both in the SPEC's logical order with any
-/// strides (a transposed `[B, H, S, D]` view reads in place); `lengths` the
-/// valid text and visual tokens of each row.
+/// strides (a transposed `[B, H, S, D]` view reads in place; on a GPU, 16-byte
+/// aligned ones: base and every stride but the head dim's, both tensors for
+/// bf16/f16, `k_vis` for f32); `lengths` the valid text and visual tokens of
+/// each row.
 pub fn text_guided_select(
     q_text: &Tensor,
     k_vis: &Tensor,

@@ -3,6 +3,7 @@
 
 pub mod focus;
 pub mod gaze;
+pub mod glance2gaze;
 pub mod glimpse;
 pub mod visor;
 

@@ -9,5 +9,6 @@ mod common;
 
 mod focus;
 mod gaze;
+mod glance2gaze;
 mod glimpse;
 mod visor;

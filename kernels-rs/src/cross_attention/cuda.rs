@@ -8,7 +8,8 @@ use foveal_sys as ffi;
 
 use super::{check, Dims, SeqLens, OP};
 use crate::cuda::{
-    check_aligned, check_status, ffi_stream, sm_count, DevView, DevViewMut, DeviceLens, Workspace,
+    check_aligned, check_status, ffi_stream, shared_memory, sm_count, DevView, DevViewMut,
+    DeviceLens, Workspace,
 };
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Error, Result};
@@ -85,6 +86,8 @@ pub fn cross_attention<T: Element>(
     if dims.batch == 0 || dims.queries == 0 {
         return Ok(()); // nothing to write
     }
+    let stream_ptr = ffi_stream(stream, OP)?;
+    check_shared_memory(T::DTYPE, &dims, &plan)?;
 
     let (q_ptr, _q) = q.ptr(stream);
     let (k_ptr, _k) = k.ptr(stream);
@@ -150,7 +153,6 @@ pub fn cross_attention<T: Element>(
         scale: dims.scale,
         dtype: ffi_dtype(T::DTYPE),
     };
-    let stream_ptr = ffi_stream(stream, OP)?;
     // SAFETY: every pointer is a live device allocation of the stream's
     // context, held with its ordering guard until the kernels are enqueued;
     // lse is null exactly when no lse view was given, the partials exactly
@@ -161,7 +163,8 @@ pub fn cross_attention<T: Element>(
     // aligned bases and strides and a head dim of whole vectors (of whole
     // mma tiles for bf16/f16) that the kernels' tiles hold; `Plan::new`
     // checks the grid and sizes the workspace regions from the same
-    // num_splits the kernels index them with.
+    // num_splits the kernels index them with; the block's shared memory fits
+    // the device (`check_shared_memory`).
     let status = unsafe { ffi::foveal_cross_attention(&params, stream_ptr) };
     check_status(OP, status)
 }
@@ -197,6 +200,41 @@ pub fn workspace_bytes<T: Element>(
     } else {
         0
     })
+}
+
+/// Refuses, before anything is allocated or launched, a call whose attention
+/// kernel needs more shared memory per block (its static part plus the
+/// dynamic Q and K/V tiles) than the current device allows a kernel that
+/// opts in. Every kernel fits sm_80 and sm_90; the head dim 256 tiles (up to
+/// 141 KiB) do not fit the 99 KiB of sm_86, sm_89 and sm_120. Make the
+/// stream's context current first.
+fn check_shared_memory(dtype: DType, dims: &Dims, plan: &Plan) -> Result<()> {
+    let query = ffi::foveal_cross_attention_params {
+        head_dim: dims.head_dim as i32,
+        tile_rows: plan.tile_rows as i32,
+        dtype: ffi_dtype(dtype),
+        ..Default::default()
+    };
+    // SAFETY: the query reads only the dtype, head dim and tile rows of
+    // `query` and writes `out`, a valid struct; it enqueues nothing.
+    let need = shared_memory(OP, |out| unsafe {
+        ffi::foveal_cross_attention_shared_memory(&query, out)
+    })?;
+    let tile = if dtype == DType::F32 {
+        "f32"
+    } else if plan.tile_rows == ffi::FOVEAL_CROSS_ATTN_DECODE_ROWS as usize {
+        "decode"
+    } else {
+        "prefill"
+    };
+    need.check(
+        OP,
+        &format!(
+            "the Q tile and K/V stages of the {tile} kernel, {} rows, head dim {}",
+            plan.tile_rows, dims.head_dim
+        ),
+        "; head dims above 128 need a device with more shared memory per block (sm_80, sm_90)",
+    )
 }
 
 /// The head dims the kernels take: multiples of 16 (bf16, f16) or 4 (f32)

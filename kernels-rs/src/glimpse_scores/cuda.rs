@@ -41,7 +41,8 @@ pub fn glimpse_scores<T: Element>(
         return Ok(());
     }
 
-    // Flash-decoding split: enough blocks to fill the GPU twice over.
+    // Flash-decoding split: four blocks a SM (one wave: the tensor-core
+    // kernel's registers and shared memory allow four to six at D <= 128).
     let head_chunks = dims
         .group()
         .div_ceil(ffi::FOVEAL_GLIMPSE_MAX_GROUP as usize);
@@ -68,7 +69,7 @@ pub fn glimpse_scores<T: Element>(
         rows.host().max_len()
     };
     let max_splits = max_keys.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
-    let num_splits = (2 * sm_count(stream, OP)?)
+    let num_splits = (4 * sm_count(stream, OP)?)
         .div_ceil(blocks_per_split)
         .clamp(1, max_splits);
 

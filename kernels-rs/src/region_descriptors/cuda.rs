@@ -41,7 +41,8 @@ pub fn region_descriptors<T: Element>(
     check_row_strides(OP, "k", k, vec)?;
     check_grid_batch(OP, d.batch)?;
     let threads = d.regions.len() * d.kv_heads * (d.head_dim / vec);
-    ensure(threads.div_ceil(128) <= i32::MAX as usize, || {
+    let block = ffi::FOVEAL_REGION_DESCRIPTORS_THREADS as usize;
+    ensure(threads.div_ceil(block) <= i32::MAX as usize, || {
         Error::Unsupported {
             op: OP,
             msg: format!(

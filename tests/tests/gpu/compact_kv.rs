@@ -886,10 +886,16 @@ fn rows_layout(r: &mut StdRng, b: usize, s: usize, w: usize) -> Layout<3> {
 }
 
 /// Hidden states of `T`, one to three planes, row widths that make the
-/// vector width 16, 8, 4, 2 bytes (W = 3 f32: 4 bytes; W = 5 bf16: 2 bytes).
-fn hidden_random<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64, widths: &[usize]) {
+/// vector width 16, 8, 4, 2 bytes (W = 3 f32: 4 bytes; W = 5 bf16: 2 bytes);
+/// `n_cases` random cases.
+fn hidden_random<T: GpuElem>(
+    stream: &Arc<CudaStream>,
+    seed: u64,
+    widths: &[usize],
+    n_cases: usize,
+) {
     let mut r = rng(seed);
-    for n in 0..cases(100) {
+    for n in 0..n_cases {
         let (batch, seq) = (r.random_range(1..=3), r.random_range(1..=80));
         let kp = random_positions(&mut r, batch, seq);
         let w = widths[r.random_range(0..widths.len())];
@@ -942,19 +948,36 @@ fn hidden_random<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64, widths: &[usiz
 #[test]
 fn gather_rows_hidden_states_f32() {
     let Some(stream) = gpu() else { return };
-    hidden_random::<f32>(&stream, 41, &[1, 2, 3, 4, 5, 7, 8, 33, 64]);
+    hidden_random::<f32>(&stream, 41, &[1, 2, 3, 4, 5, 7, 8, 33, 64], cases(100));
 }
 
 #[test]
 fn gather_rows_hidden_states_bf16() {
     let Some(stream) = gpu() else { return };
-    hidden_random::<bf16>(&stream, 42, &[1, 2, 3, 4, 5, 8, 16, 24, 64]);
+    hidden_random::<bf16>(&stream, 42, &[1, 2, 3, 4, 5, 8, 16, 24, 64], cases(100));
 }
 
 #[test]
 fn gather_rows_hidden_states_f16() {
     let Some(stream) = gpu() else { return };
-    hidden_random::<f16>(&stream, 43, &[1, 5, 8, 96]);
+    hidden_random::<f16>(&stream, 43, &[1, 5, 8, 96], cases(100));
+}
+
+/// The gather's block shapes (docs/ops/compact_kv.md): rows of 33 to 600
+/// 16-byte vectors (bf16 W = 8 x vectors: one turn of up to 256 lanes, two
+/// and three turns; 448 is Qwen2.5-VL-7B's hidden size, 3,584), so that a
+/// block's x spans several warps and a row's columns take more than one
+/// turn; slot tiles of 4 and 16 slots that the rows fill partly; the 2-byte
+/// path of the same rows at an odd offset.
+#[test]
+fn gather_rows_wide_rows_bf16() {
+    let Some(stream) = gpu() else { return };
+    hidden_random::<bf16>(
+        &stream,
+        45,
+        &[264, 512, 1600, 2048, 2056, 3584, 4800],
+        cases(30),
+    );
 }
 
 /// M-RoPE position ids: one `[3, B, S]` i32 tensor, each section a

@@ -18,7 +18,9 @@ use foveal::cross_attention::cpu;
 use foveal::cross_attention::cuda::{self, DeviceSeqLens};
 use foveal::cuda::Workspace;
 use foveal::{DType, Error, SeqLens};
-use foveal_tests::cross_attention::{assert_matches, oracle, outputs, p_round, Case, Inputs};
+use foveal_tests::cross_attention::{
+    assert_matches, large_logit_inputs, large_logit_oracle, oracle, outputs, p_round, Case, Inputs,
+};
 use foveal_tests::gpu::{assert_bits_eq, assert_untouched, cases, download, gpu, GpuElem};
 use foveal_tests::{rng, Tensor};
 use half::{bf16, f16};
@@ -405,4 +407,110 @@ fn lengths_follow_the_device_copy() {
     let mut r = rng(8);
     let inp = Inputs::<bf16>::with(&mut r, &c, SeqLens::new(&[4, 0, 2], &[0, 50, 17]).unwrap());
     check_inputs(&stream, &mut Workspace::new(), &inp, "fixed lengths");
+}
+
+/// Issue 11 (fault 4's kind, in the attention tiles): logits of 1e3 to 1e6,
+/// exact in every element type and in f32, through the decode tile (keys
+/// split, merged by log-sum-exp) and the prefill tiles, against f64 values
+/// computed from them with a bound set by the logits' spread, not their size
+/// (`large_logit_oracle`). The tiles kept their own softmax in log2 units on
+/// scores pre-scaled by log2 e, rounded at the logits' size (weights off by
+/// up to 4% at 1e6), and failed here; they now follow common.cuh's rules.
+#[test]
+fn large_logits_keep_their_precision() {
+    let Some(stream) = gpu() else { return };
+    fn check<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, logit: f64, queries: usize) {
+        let inp = large_logit_inputs::<T>(logit, queries);
+        let (o, lse) = outputs::<T>(&mut rng(9), inp.q.shape, true);
+        let (go, gl) = run_ok(stream, ws, &inp, &o, &lse, true);
+        assert_matches(
+            &Tensor { data: go, ..o },
+            &Tensor { data: gl, ..lse },
+            &large_logit_oracle(&inp),
+            2.0,
+            p_round::<T>(),
+            &format!("{:?} logits {logit:e}, {queries} queries", T::DTYPE),
+        );
+    }
+    let mut ws = Workspace::new();
+    for logit in [1e3, 1e4, 1e5, 1e6] {
+        for queries in [1, 50] {
+            check::<f32>(&stream, &mut ws, logit, queries);
+            check::<f16>(&stream, &mut ws, logit, queries);
+            check::<bf16>(&stream, &mut ws, logit, queries);
+        }
+    }
+}
+
+/// Issue 11 (fault 1's kind, in cross_attention): every attention kernel
+/// instance (each element type, head dim bucket and tile) opts in to the
+/// shared memory it needs only after checking its static plus dynamic
+/// shared memory against the device's opt-in limit. Each must run and match
+/// the oracle, or be refused before launching with `Error::Unsupported`
+/// naming shared memory, the outputs untouched; on a device that allows
+/// 163 KiB or more (sm_80, sm_90) every instance fits (the largest, the
+/// head dim 256 decode tile, needs about 141 KiB) and must run.
+#[test]
+fn every_instance_fits_or_is_refused_for_shared_memory() {
+    use cudarc::driver::sys::CUdevice_attribute;
+    let Some(stream) = gpu() else { return };
+    let limit = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .expect("opt-in limit") as usize;
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace, limit: usize) {
+        let dims: &[usize] = if T::DTYPE == DType::F32 {
+            &[64, 128, 256]
+        } else {
+            &[64, 96, 128, 256]
+        };
+        for (n, &head_dim) in dims.iter().enumerate() {
+            // decode (7 rows: one 16-row tile), then prefill (40 x 4 rows)
+            for (queries, group) in [(1, 7), (40, 4)] {
+                let c = Case {
+                    seed: 9_000 + 10 * n as u64 + queries as u64,
+                    batch: 2,
+                    queries,
+                    keys: 150,
+                    kv_heads: 1,
+                    group,
+                    head_dim,
+                    scale: None,
+                    aligned: true,
+                    full: true,
+                };
+                let inp = Inputs::<T>::new(&c);
+                let what = format!("{:?} {c:?}", T::DTYPE);
+                let (o, lse) = outputs::<T>(&mut rng(c.seed), inp.q.shape, true);
+                let (res, go, gl) = run_gpu(stream, ws, &inp, &o, &lse, true);
+                match res {
+                    Ok(()) => assert_matches(
+                        &Tensor { data: go, ..o },
+                        &Tensor { data: gl, ..lse },
+                        &oracle(&inp),
+                        2.0,
+                        p_round::<T>(),
+                        &what,
+                    ),
+                    Err(Error::Unsupported {
+                        op: "cross_attention",
+                        msg,
+                    }) if msg.contains("shared memory") => {
+                        assert!(
+                            limit < 163 * 1024,
+                            "{what}: refused on a device allowing {limit} bytes: {msg}"
+                        );
+                        eprintln!("{what}: refused on this device: {msg}");
+                        assert_untouched(&go, "o of a refused call");
+                        assert_untouched(&gl, "lse of a refused call");
+                    }
+                    Err(e) => panic!("{what}: neither run nor refused for shared memory: {e:?}"),
+                }
+            }
+        }
+    }
+    let mut ws = Workspace::new();
+    run::<bf16>(&stream, &mut ws, limit);
+    run::<f16>(&stream, &mut ws, limit);
+    run::<f32>(&stream, &mut ws, limit);
 }

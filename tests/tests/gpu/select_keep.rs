@@ -20,9 +20,6 @@ use foveal_tests::{ratio_boundary_cases, rng, Tensor, TIES};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-/// A row layout whose rows hold `nv[b]` visual tokens, interleaved with text
-/// (visual tokens at the odd positions); the glimpse token last.
-
 /// A keep set whose every index and count is poison (`i32::MIN`), so that
 /// an element select_keep fails to write (the -1 padding, a count) differs
 /// from the CPU's.
