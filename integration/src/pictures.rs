@@ -1,5 +1,5 @@
 //! Pictures of what a method kept or attended: a row's image drawn once
-//! per [`Panel`] of its [`TokenMaps`], side by side, each visual token's
+//! per [`Panel`](crate::method::Panel) of its [`TokenMaps`], side by side, each visual token's
 //! patch at the image's brightness times `DIM + (1 - DIM) * weight` (kept
 //! or most-attended patches as they are, dropped ones dimmed) and the
 //! panel's rectangles outlined. docs/architecture.md, "Pictures", says
