@@ -102,6 +102,10 @@ impl AttentionFlops {
     }
 }
 
+/// One row's recorded attention: per cross-attention layer (ascending),
+/// the layer and the weights over the row's visual tokens.
+pub type LayerAttention = Vec<(usize, Vec<f32>)>;
+
 /// One VISOR generation and what it did.
 #[derive(Debug)]
 pub struct VisorRun {
@@ -130,7 +134,7 @@ pub struct VisorRun {
     /// over its visual tokens, mean over heads (each sums to 1). Recorded
     /// by [`Visor::generate_recording`] (the report's pictures); empty
     /// from [`Visor::generate`].
-    pub attention: Vec<Vec<(usize, Vec<f32>)>>,
+    pub attention: Vec<LayerAttention>,
     pub prefill: Duration,
     pub decode: Duration,
 }
@@ -550,7 +554,7 @@ impl Visor {
     /// Per row, the attention each group's prefill recorded, per
     /// cross-attention layer: (layer, weights over the row's `nv[row]`
     /// visual tokens). Empty where nothing was recorded.
-    fn attention(&self, groups: &[Group], nv: &[usize]) -> Result<Vec<Vec<(usize, Vec<f32>)>>> {
+    fn attention(&self, groups: &[Group], nv: &[usize]) -> Result<Vec<LayerAttention>> {
         let mut rows = vec![Vec::new(); nv.len()];
         for g in groups {
             for (l, a) in g.state.attention.iter().enumerate() {
