@@ -136,6 +136,19 @@ pub const DECISION_MARGIN: f64 = 1e-4;
 /// move them by about 1e-5: the first GPU run measures it).
 pub const GPU_LOGIT_TOL: f32 = 2.5e-4;
 
+/// Asserts two recorded weight vectors (attention probabilities, fusion
+/// weights: values in [0, 1]) of a CPU and a GPU run agree: the same
+/// length, every weight finite and within [`GPU_LOGIT_TOL`] of the other.
+pub fn assert_close(cpu: &[f32], gpu: &[f32], what: &str) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: lengths");
+    for (i, (a, b)) in cpu.iter().zip(gpu).enumerate() {
+        assert!(
+            a.is_finite() && b.is_finite() && (a - b).abs() < GPU_LOGIT_TOL,
+            "{what}: weight {i}: CPU {a}, GPU {b}"
+        );
+    }
+}
+
 /// Asserts that every greedy token of `logits` (each step `[B, vocab]`)
 /// beats the runner-up by more than twice [`GPU_LOGIT_TOL`]: logits that
 /// move by less than that on another device cannot change the token.

@@ -18,7 +18,7 @@ use foveal_candle::{
 };
 
 use crate::common::glance2gaze::{inputs, METHOD_SEED, MODEL_SEED, SCHEDULES, STEPS};
-use crate::common::{gpu, max_abs_diff, GPU_LOGIT_TOL};
+use crate::common::{assert_close, gpu, max_abs_diff, GPU_LOGIT_TOL};
 
 /// Every shared run on `dev`: per schedule, per input.
 fn runs(dev: &Device) -> Result<Vec<(String, Glance2GazeRun)>> {
@@ -31,7 +31,7 @@ fn runs(dev: &Device) -> Result<Vec<(String, Glance2GazeRun)>> {
         for (what, input) in inputs(&cfg, dev)? {
             out.push((
                 format!("{name}, {what}"),
-                g.generate(&model, &input, STEPS)?,
+                g.generate_recording(&model, &input, STEPS)?,
             ));
         }
     }
@@ -48,6 +48,25 @@ fn cuda_and_cpu_glance2gaze_generations_agree() -> Result<()> {
         assert_eq!(a.kv_entries, b.kv_entries, "{what}");
         assert_eq!(a.generation.tokens, b.generation.tokens, "{what}");
         assert_eq!(a.generation.positions, b.generation.positions, "{what}");
+        assert_eq!(a.attention.len(), b.attention.len(), "{what}: rows");
+        for (row, (x, y)) in a.attention.iter().zip(&b.attention).enumerate() {
+            assert_close(x, y, &format!("{what}: row {row}: compression attention"));
+        }
+        assert_eq!(
+            a.glance_weights.len(),
+            b.glance_weights.len(),
+            "{what}: rows"
+        );
+        for (row, (x, y)) in a.glance_weights.iter().zip(&b.glance_weights).enumerate() {
+            assert_eq!(x.len(), y.len(), "{what}: row {row}: fused layers");
+            for (layer, (u, v)) in x.iter().zip(y).enumerate() {
+                assert_close(
+                    u,
+                    v,
+                    &format!("{what}: row {row}, fused layer {layer}: weights"),
+                );
+            }
+        }
         for (step, (x, y)) in a
             .generation
             .logits

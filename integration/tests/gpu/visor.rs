@@ -13,12 +13,15 @@
 //! `common::GPU_LOGIT_TOL`, far above the two devices' f32 rounding
 //! differences, so the decisions cannot differ between them. The GPU's
 //! predictions are also checked against the argmax of its own router logits.
+//! The recorded cross-attention (the pictures' weights: the CUDA op's
+//! log-sum-exp under candle's softmax numerators) agrees within
+//! `GPU_LOGIT_TOL` per weight.
 
 use candle_core::{Device, Result};
 use foveal_candle::VisorRun;
 
 use crate::common::visor::{input, model, visors, STEPS};
-use crate::common::{gpu, max_abs_diff, GPU_LOGIT_TOL};
+use crate::common::{assert_close, gpu, max_abs_diff, GPU_LOGIT_TOL};
 
 /// Every shared run on `dev`.
 fn runs(dev: &Device) -> Result<Vec<(&'static str, VisorRun)>> {
@@ -26,7 +29,7 @@ fn runs(dev: &Device) -> Result<Vec<(&'static str, VisorRun)>> {
     let inp = input(&cfg, dev)?;
     visors(&cfg, dev)?
         .into_iter()
-        .map(|(name, v)| Ok((name, v.generate(&model, &inp, STEPS)?)))
+        .map(|(name, v)| Ok((name, v.generate_recording(&model, &inp, STEPS)?)))
         .collect()
 }
 
@@ -53,6 +56,14 @@ fn cuda_and_cpu_visor_generations_agree() -> Result<()> {
         assert_eq!(c.kv_entries, g.kv_entries, "{name}");
         assert_eq!(c.generation.tokens, g.generation.tokens, "{name}");
         assert_eq!(c.generation.positions, g.generation.positions, "{name}");
+        assert_eq!(c.attention.len(), g.attention.len(), "{name}: rows");
+        for (row, (a, b)) in c.attention.iter().zip(&g.attention).enumerate() {
+            assert_eq!(a.len(), b.len(), "{name}: row {row}: layers");
+            for ((la, wa), (lb, wb)) in a.iter().zip(b) {
+                assert_eq!(la, lb, "{name}: row {row}: layer");
+                assert_close(wa, wb, &format!("{name}: row {row}, layer {la}: attention"));
+            }
+        }
         for (step, (a, b)) in c
             .generation
             .logits
