@@ -62,7 +62,6 @@ fn cpu_step(lens: &Lengths, q: &[f32], k: &[f32]) -> foveal::Result<Step> {
         &mut count_out,
         Some(&mut s_out),
     )?;
-    drop((keep_out, count_out, s_out));
     Ok((keep, count, scores))
 }
 
@@ -101,7 +100,6 @@ fn gpu_step(
         Some(&mut s_out),
         &mut ws,
     )?;
-    drop((keep_out, count_out, s_out));
     Ok((
         st.clone_dtoh(&keep)?,
         st.clone_dtoh(&count)?,

@@ -72,7 +72,8 @@ fn gpu_step(
     k: &[f32],
     v: &[f32],
 ) -> Result<(Vec<f32>, Routes), Box<dyn std::error::Error>> {
-    use foveal::cuda::{DevView, DevViewMut, DeviceGazeLayout, DeviceRoutes, Workspace};
+    use foveal::cuda::{DevView, DevViewMut, Workspace};
+    use foveal::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
     let (cache, r) = (Layout::bshd(B, S, HKV, D), gl.max_regions());
     let (q, k, v) = (st.clone_htod(q)?, st.clone_htod(k)?, st.clone_htod(v)?);
     let (q, k, v) = (
@@ -109,7 +110,6 @@ fn gpu_step(
         &mut routes,
         &mut ws,
     )?;
-    drop(o_out);
     Ok((st.clone_dtoh(&o)?, routes.to_host(st)?))
 }
 

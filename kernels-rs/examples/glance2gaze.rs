@@ -41,7 +41,6 @@ fn cpu_step(lens: &Lengths, vq: &[f32], e: &[f32]) -> foveal::Result<(Vec<f32>, 
     let mut out_v = ViewMut::contiguous(&mut out, [B, N, DT])?;
     let mut w_v = ViewMut::contiguous(&mut w, [B, N, L])?;
     glance_fusion(vq, e, lens, &mut out_v, Some(&mut w_v))?;
-    drop((out_v, w_v));
     Ok((out, w))
 }
 
@@ -71,7 +70,6 @@ fn gpu_step(
     let mut out_v = DevViewMut::of(&mut out, Layout::contiguous([B, N, DT]))?;
     let mut w_v = DevViewMut::of(&mut w, Layout::contiguous([B, N, L]))?;
     glance_fusion(st, &vq, &e, &lens, &mut out_v, Some(&mut w_v), &mut ws)?;
-    drop((out_v, w_v));
     Ok((st.clone_dtoh(&out)?, st.clone_dtoh(&w)?))
 }
 

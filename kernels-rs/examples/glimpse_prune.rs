@@ -123,7 +123,6 @@ fn gpu_step(
         &mut a_out,
         &mut ws,
     )?;
-    drop(a_out);
     // The stand-in predictor runs on the host; an engine keeps it on the GPU.
     let logits: Vec<f32> = st
         .clone_dtoh(&a)?

@@ -47,7 +47,6 @@ fn cpu_step(
     let mut o_out = ViewMut::contiguous(&mut o, [B, 1, HQ, D])?;
     let mut lse_out = ViewMut::contiguous(&mut lse, [B, HQ, 1])?;
     cross_attention(q, k, v, lens, None, &mut o_out, Some(&mut lse_out))?;
-    drop((o_out, lse_out));
     Ok((o, lse))
 }
 
@@ -89,7 +88,6 @@ fn gpu_step(
         Some(&mut lse_out),
         &mut ws,
     )?;
-    drop((o_out, lse_out));
     Ok((st.clone_dtoh(&o)?, st.clone_dtoh(&lse)?))
 }
 
