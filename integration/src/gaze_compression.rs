@@ -91,6 +91,32 @@ impl GazeCompression {
     /// One step: `units [U, n, dt]` (each unit's visual tokens) -> `[U, p,
     /// dt]`, `p <= n` tokens per unit on a `side x side` patch grid.
     pub fn forward(&self, units: &Tensor, p: usize, side: usize) -> Result<Tensor> {
+        Ok(self.step(units, p, side, false)?.0)
+    }
+
+    /// [`GazeCompression::forward`], and which tokens the queries attended:
+    /// per unit the attention probabilities over its `n` tokens, mean over
+    /// the `p` queries and the heads, `[U, n]` f32 (each sums to 1; from
+    /// the op's lse, [`ops::cross_attention_probs`]). For pictures.
+    pub fn forward_recording(
+        &self,
+        units: &Tensor,
+        p: usize,
+        side: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (out, attention) = self.step(units, p, side, true)?;
+        let attention = attention
+            .ok_or_else(|| candle_core::Error::msg("GazeCompression: no attention recorded"))?;
+        Ok((out, attention))
+    }
+
+    fn step(
+        &self,
+        units: &Tensor,
+        p: usize,
+        side: usize,
+        record: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (u, n, _) = units.dims3()?;
         if p > n {
             candle_core::bail!(
@@ -107,8 +133,14 @@ impl GazeCompression {
         let k = self.k_proj.forward(units)?.reshape((u, n, h, d))?;
         let v = self.v_proj.forward(units)?.reshape((u, n, h, d))?;
         let lens = AttendLens::new(&vec![p; u], &vec![n; u], units.device())?;
-        let o = ops::cross_attention(&q, &k, &v, &lens, None)?;
-        self.o_proj.forward(&o.reshape((u, p, h * d))?)
+        let (o, attention) = if record {
+            let (o, lse) = ops::cross_attention_lse(&q, &k, &v, &lens, None)?;
+            let probs = ops::cross_attention_probs(&q, &k, &lse, lens.host(), None)?;
+            (o, Some(probs.mean(1)?.mean(1)?)) // [U, H, p, n] -> [U, n]
+        } else {
+            (ops::cross_attention(&q, &k, &v, &lens, None)?, None)
+        };
+        Ok((self.o_proj.forward(&o.reshape((u, p, h * d))?)?, attention))
     }
 }
 

@@ -130,9 +130,21 @@ impl GlanceFusion {
         pixels: &Tensor,
         instruction: Option<(&Tensor, &[usize])>,
     ) -> Result<Tensor> {
+        Ok(self.fuse_with(model, pixels, instruction, false)?.0)
+    }
+
+    /// [`GlanceFusion::fuse`], and with `weights` the layer weights `[U, N,
+    /// S]` f32 the fusion used (none with one fused layer).
+    pub fn fuse_with(
+        &self,
+        model: &LlavaModel,
+        pixels: &Tensor,
+        instruction: Option<(&Tensor, &[usize])>,
+        weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let vq = self.project(model, pixels)?;
         if !self.needs_instruction() {
-            return vq.get(0);
+            return Ok((vq.get(0)?, None));
         }
         let Some((embeds, m_len)) = instruction else {
             candle_core::bail!(
@@ -142,6 +154,12 @@ impl GlanceFusion {
         };
         let (_, u, n, _) = vq.dims4()?;
         let lengths = Lengths::new(&vec![n; u], m_len).map_err(candle_core::Error::wrap)?;
-        ops::glance_fusion(&vq, &self.instruct(embeds)?, &lengths)
+        let e = self.instruct(embeds)?;
+        if weights {
+            let (fused, w) = ops::glance_fusion_weights(&vq, &e, &lengths)?;
+            Ok((fused, Some(w)))
+        } else {
+            Ok((ops::glance_fusion(&vq, &e, &lengths)?, None))
+        }
     }
 }

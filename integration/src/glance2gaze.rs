@@ -31,7 +31,7 @@ use crate::decoder::{CacheSpan, Decoder, DenseAttention, Generation, KvCache};
 use crate::gaze_compression::{query_cell, GazeCompression};
 use crate::glance::GlanceFusion;
 use crate::glance2gaze_schedule::{paper_schedule, GazeSchedule};
-use crate::method::{ImageQuestions, Method, Report};
+use crate::method::{ImageQuestions, Method, Panel, Report, TokenMaps};
 use crate::model::LlavaModel;
 use crate::prompt::{image_question_rows, Prompt, Segment};
 
@@ -191,6 +191,11 @@ pub struct Glance2GazePrefill {
     pub hidden: Tensor,
     /// The logits `[B, vocab]` of each row's last position.
     pub first_logits: Tensor,
+    /// When recorded (pictures), the first compression's attention over
+    /// each row's dense visual tokens (in the dense layout's order), mean
+    /// over its queries and heads: `[B, U * N]` f32, each unit's part
+    /// summing to 1 ([`GazeCompression::forward_recording`]).
+    pub attention: Option<Tensor>,
 }
 
 impl Glance2GazePrefill {
@@ -252,8 +257,48 @@ pub struct Glance2GazeRun {
     /// KV entries (valid positions x layers) per row after the prefill.
     pub kv_entries: Vec<usize>,
     pub flops: Vec<Glance2GazeFlops>,
+    /// The dense visual tokens' grid `(rows, cols)` where the units are a
+    /// grid of sub-images (the stitched map), `None` for video frames.
+    pub grid: Option<(usize, usize)>,
+    /// Recorded by [`Glance2Gaze::generate_recording`] (empty otherwise,
+    /// and without compression): per row, the first compression's
+    /// attention over the dense visual tokens, mean over its queries and
+    /// heads (each unit's part sums to 1).
+    pub attention: Vec<Vec<f32>>,
+    /// Likewise, per row and fused ViT layer (ascending), Glance Fusion's
+    /// weight of that layer per dense visual token (empty with one fused
+    /// layer).
+    pub glance_weights: Vec<Vec<Vec<f32>>>,
     pub prefill: Duration,
     pub decode: Duration,
+}
+
+impl Glance2GazeRun {
+    /// Per row (units a grid of sub-images; none for video), its panels:
+    /// the first compression's attention scaled to its largest, and the
+    /// weight Glance Fusion gave the deepest of `glance_layers` (as it is,
+    /// in [0, 1]); a panel only where the run recorded it.
+    pub fn token_maps(&self, glance_layers: &[usize]) -> Vec<TokenMaps> {
+        let Some(grid) = self.grid else {
+            return Vec::new();
+        };
+        (0..self.visual.len())
+            .map(|b| {
+                let mut panels = Vec::new();
+                if !self.attention[b].is_empty() {
+                    panels.push(Panel::scaled("compression attention", &self.attention[b]));
+                }
+                if let (Some(w), Some(l)) = (self.glance_weights[b].last(), glance_layers.last()) {
+                    panels.push(Panel {
+                        title: format!("ViT layer {l} weight"),
+                        weight: w.clone(),
+                        boxes: Vec::new(),
+                    });
+                }
+                TokenMaps { grid, panels }
+            })
+            .collect()
+    }
 }
 
 impl Method for Glance2Gaze {
@@ -298,7 +343,7 @@ impl Method for Glance2Gaze {
 
     fn answer(&self, model: &LlavaModel, input: &ImageQuestions, tokens: usize) -> Result<Report> {
         let input = Glance2GazeInput::from_images(input, model.config.vision.image_size)?;
-        Ok(self.report(self.generate(model, &input, tokens)?))
+        Ok(self.report(self.generate_recording(model, &input, tokens)?))
     }
 }
 
@@ -380,6 +425,18 @@ impl Glance2Gaze {
     /// The fused visual tokens of every row in the dense layout's order:
     /// `[B, U * N, Dm]`.
     pub fn fuse(&self, model: &LlavaModel, input: &Glance2GazeInput) -> Result<Tensor> {
+        Ok(self.fuse_with(model, input, false)?.0)
+    }
+
+    /// [`Glance2Gaze::fuse`], and with `weights` Glance Fusion's layer
+    /// weights in the same order, `[B, U * N, S]` f32 (none with one fused
+    /// layer).
+    pub fn fuse_with(
+        &self,
+        model: &LlavaModel,
+        input: &Glance2GazeInput,
+        weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let dec = &model.decoder;
         let (b, units) = (input.batch(), input.units.count());
         if input.pixels.dim(0)? != b * units {
@@ -407,16 +464,24 @@ impl Glance2Gaze {
                 Some((embeds, m_len))
             }
         };
-        let fused = self.glance.fuse(
+        let (fused, w) = self.glance.fuse_with(
             model,
             &input.pixels,
             instruction.as_ref().map(|(e, m)| (e, m.as_slice())),
+            weights,
         )?;
         let (_, n, dm) = fused.dims3()?;
         let side = model.config.vision.patches_per_side();
         let dense = UnitLayout::new(input.units, side, n);
         let order = Tensor::from_vec(dense.order, units * n, dec.device())?;
-        fused.reshape((b, units * n, dm))?.index_select(&order, 1)
+        let fused = fused.reshape((b, units * n, dm))?.index_select(&order, 1)?;
+        let w = w
+            .map(|w| {
+                let s = w.dim(2)?;
+                w.reshape((b, units * n, s))?.index_select(&order, 1)
+            })
+            .transpose()?;
+        Ok((fused, w))
     }
 
     /// The prefill over rows `[system][visual b][questions[b]]`, `visual`
@@ -430,6 +495,19 @@ impl Glance2Gaze {
         units: Units,
         system: &[u32],
         questions: &[Vec<u32>],
+    ) -> Result<Glance2GazePrefill> {
+        self.prefill_with(model, visual, units, (system, questions), false)
+    }
+
+    /// [`Glance2Gaze::prefill`]; `record`: keeping the first compression's
+    /// attention ([`Glance2GazePrefill::attention`]).
+    fn prefill_with(
+        &self,
+        model: &LlavaModel,
+        visual: &Tensor,
+        units: Units,
+        (system, questions): (&[u32], &[Vec<u32>]),
+        record: bool,
     ) -> Result<Glance2GazePrefill> {
         let dec = &model.decoder;
         let layers = dec.num_layers();
@@ -455,12 +533,15 @@ impl Glance2Gaze {
             &mut cache,
         )?;
         let mut compressed: Vec<Prompt> = Vec::new();
+        let mut attention = None;
         let mut before = UnitLayout::new(units, side, unit_tokens);
         for l in first..layers {
             let p = self.cfg.schedule.tokens_at(l, unit_tokens);
             let after = UnitLayout::new(units, side, p);
             let current = compressed.last().unwrap_or(&prompt);
-            let layout = self.compress(dec, current, &hidden, (&before, &after), units, side)?;
+            let step = (&before, &after, record && l == first);
+            let (layout, attended) = self.compress(dec, current, &hidden, step, units, side)?;
+            attention = attention.or(attended);
             hidden = dec.forward_layers(
                 &layout.embeds,
                 &layout.positions,
@@ -478,21 +559,24 @@ impl Glance2Gaze {
             cache,
             hidden,
             first_logits,
+            attention,
         })
     }
 
     /// The layout of a compressed layer: the units' tokens of `hidden`
     /// (laid out as `current`, `before` per unit) compressed to `after`'s
-    /// size and put back between the same text hidden states.
+    /// size and put back between the same text hidden states; with
+    /// `record`, the compression's attention over the tokens it read
+    /// (mean over queries and heads, `[B, U n]` in `current`'s order).
     fn compress(
         &self,
         dec: &Decoder,
         current: &Prompt,
         hidden: &Tensor,
-        (before, after): (&UnitLayout, &UnitLayout),
+        (before, after, record): (&UnitLayout, &UnitLayout, bool),
         units: Units,
         side: usize,
-    ) -> Result<Prompt> {
+    ) -> Result<(Prompt, Option<Tensor>)> {
         let Some(gc) = &self.compression else {
             candle_core::bail!("Glance2Gaze: a compressed layer without Gaze Compression")
         };
@@ -510,7 +594,16 @@ impl Glance2Gaze {
         let grouped = Tensor::stack(&visual, 0)?
             .index_select(&rank, 1)?
             .reshape((b * u, n, dm))?;
-        let squeezed = gc.forward(&grouped, p, side)?.reshape((b, u * p, dm))?;
+        let (squeezed, attention) = if record {
+            let (squeezed, a) = gc.forward_recording(&grouped, p, side)?;
+            // Unit-major back to the layout's order.
+            let order = Tensor::from_slice(&before.order, count, hidden.device())?;
+            let a = a.reshape((b, count))?.index_select(&order, 1)?;
+            (squeezed, Some(a))
+        } else {
+            (gc.forward(&grouped, p, side)?, None)
+        };
+        let squeezed = squeezed.reshape((b, u * p, dm))?;
         let order = Tensor::from_slice(&after.order, u * p, hidden.device())?;
         let squeezed = squeezed.index_select(&order, 1)?;
         let offsets = after.sorted_offsets();
@@ -538,7 +631,7 @@ impl Glance2Gaze {
                 Ok(segs)
             })
             .collect::<Result<Vec<_>>>()?;
-        Prompt::build(dec, &rows)
+        Ok((Prompt::build(dec, &rows)?, attention))
     }
 
     /// Glance2Gaze generation of `max_new_tokens` greedy tokens per row.
@@ -548,12 +641,43 @@ impl Glance2Gaze {
         input: &Glance2GazeInput,
         max_new_tokens: usize,
     ) -> Result<Glance2GazeRun> {
+        self.run(model, input, max_new_tokens, false)
+    }
+
+    /// [`Glance2Gaze::generate`], keeping what the report's pictures show:
+    /// the first compression's attention and Glance Fusion's layer weights
+    /// ([`Glance2GazeRun::attention`], [`Glance2GazeRun::glance_weights`]).
+    pub fn generate_recording(
+        &self,
+        model: &LlavaModel,
+        input: &Glance2GazeInput,
+        max_new_tokens: usize,
+    ) -> Result<Glance2GazeRun> {
+        self.run(model, input, max_new_tokens, true)
+    }
+
+    fn run(
+        &self,
+        model: &LlavaModel,
+        input: &Glance2GazeInput,
+        max_new_tokens: usize,
+        record: bool,
+    ) -> Result<Glance2GazeRun> {
         let dec = &model.decoder;
         let t0 = Instant::now();
-        let visual = self.fuse(model, input)?;
-        let prefilled =
-            self.prefill(model, &visual, input.units, &input.system, &input.questions)?;
+        let (visual, weights) = self.fuse_with(model, input, record)?;
+        let text = (input.system.as_slice(), input.questions.as_slice());
+        let prefilled = self.prefill_with(model, &visual, input.units, text, record)?;
         let prefill = t0.elapsed();
+        let rows = |t: Option<&Tensor>| -> Result<Vec<Vec<f32>>> {
+            t.map_or(Ok(vec![Vec::new(); input.batch()]), |t| t.to_vec2())
+        };
+        let attention = rows(prefilled.attention.as_ref())?;
+        let glance_weights = match &weights {
+            // Per row, per fused layer, per token.
+            Some(w) => w.permute((0, 2, 1))?.to_vec3::<f32>()?,
+            None => vec![Vec::new(); input.batch()],
+        };
         let t1 = Instant::now();
         let spans = prefilled.spans();
         let Glance2GazePrefill {
@@ -604,8 +728,15 @@ impl Glance2Gaze {
             });
             visual_per_layer.push(per_layer);
         }
+        let side = model.config.vision.patches_per_side();
         Ok(Glance2GazeRun {
             generation,
+            grid: match input.units {
+                Units::Grid(r, c) => Some((r * side, c * side)),
+                Units::Frames(_) => None,
+            },
+            attention,
+            glance_weights,
             visual: prompt.visual.iter().map(Vec::len).collect(),
             visual_per_layer,
             kv_entries,
@@ -637,7 +768,9 @@ impl Glance2Gaze {
                 )
             })
             .collect();
+        let maps = run.token_maps(&self.cfg.glance_layers);
         Report {
+            maps,
             kept: run
                 .visual_per_layer
                 .iter()

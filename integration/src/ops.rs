@@ -453,5 +453,7 @@ pub use focus::{
     multiscale_gather, plan_from_kept, text_guided_select, window_mean, Gathered, TextSelection,
 };
 pub use gaze::{gaze_decode, region_descriptors, route_topk, GazeIndex, GazeRoutes};
-pub use glance::glance_fusion;
-pub use visor::{cross_attention, pos_conv1d, token_pack, AttendLens};
+pub use glance::{glance_fusion, glance_fusion_weights};
+pub use visor::{
+    cross_attention, cross_attention_lse, cross_attention_probs, pos_conv1d, token_pack, AttendLens,
+};

@@ -24,7 +24,7 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::decoder::{argmax, Generation};
-use crate::method::{ImageQuestions, Method, Report};
+use crate::method::{ImageQuestions, Method, Panel, Report, TokenMaps};
 use crate::model::LlavaModel;
 use crate::ops::{self, AttendLens};
 use crate::projector::Projector;
@@ -102,6 +102,10 @@ impl AttentionFlops {
     }
 }
 
+/// One row's recorded attention: per cross-attention layer (ascending),
+/// the layer and the weights over the row's visual tokens.
+pub type LayerAttention = Vec<(usize, Vec<f32>)>;
+
 /// One VISOR generation and what it did.
 #[derive(Debug)]
 pub struct VisorRun {
@@ -122,6 +126,15 @@ pub struct VisorRun {
     /// K/V each cross-attention layer keeps.
     pub kv_entries: Vec<usize>,
     pub flops: Vec<AttentionFlops>,
+    /// The grid `(rows, cols)` of the visual tokens (the stitched map,
+    /// after VISOR-TR's packing), in raster order.
+    pub grid: (usize, usize),
+    /// Per row and cross-attention layer of its prefill (ascending): the
+    /// layer and the attention probabilities of the row's last text token
+    /// over its visual tokens, mean over heads (each sums to 1). Recorded
+    /// by [`Visor::generate_recording`] (the report's pictures); empty
+    /// from [`Visor::generate`].
+    pub attention: Vec<LayerAttention>,
     pub prefill: Duration,
     pub decode: Duration,
 }
@@ -147,6 +160,24 @@ struct Prefilled {
     configuration: Vec<usize>,
     router_logits: Vec<Vec<Vec<f32>>>,
     predictions: Vec<Vec<usize>>,
+}
+
+impl VisorRun {
+    /// Per row, a panel per recorded cross-attention layer: the last text
+    /// token's attention over the visual tokens, scaled to its largest
+    /// ([`VisorRun::attention`]); no panel where nothing was recorded.
+    pub fn token_maps(&self) -> Vec<TokenMaps> {
+        self.attention
+            .iter()
+            .map(|layers| TokenMaps {
+                grid: self.grid,
+                panels: layers
+                    .iter()
+                    .map(|(l, w)| Panel::scaled(format!("CA layer {l}"), w))
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 impl Method for Visor {
@@ -217,7 +248,7 @@ impl Method for Visor {
             system: input.system.clone(),
             questions: input.questions.iter().map(|q| vec![q.clone()]).collect(),
         };
-        let run = self.generate(model, &input, tokens)?;
+        let run = self.generate_recording(model, &input, tokens)?;
         Ok(self.report(run))
     }
 }
@@ -232,6 +263,18 @@ impl Visor {
         pixels: &Tensor,
         grid: (usize, usize),
     ) -> Result<(Tensor, usize)> {
+        let (tokens, per_image, _) = self.visual_map(model, pixels, grid)?;
+        Ok((tokens, per_image))
+    }
+
+    /// [`Visor::visual_tokens`] and the grid `(h, w)` of the stitched map
+    /// they are the raster order of.
+    fn visual_map(
+        &self,
+        model: &LlavaModel,
+        pixels: &Tensor,
+        grid: (usize, usize),
+    ) -> Result<(Tensor, usize, (usize, usize))> {
         let crops = grid_crops(model, pixels, grid)?;
         let layer = model.config.feature_layer_index();
         let features = model.vision.forward_upto(&crops, layer)?.swap_remove(layer);
@@ -249,7 +292,7 @@ impl Visor {
         let tokens = map.reshape((b, h * w, dm))?;
         let (weight, bias) = &self.pos_conv;
         let tokens = ops::pos_conv1d(&tokens, &vec![h * w; b], weight, bias)?;
-        Ok((tokens, grid.0 * grid.1 * p * p))
+        Ok((tokens, grid.0 * grid.1 * p * p, (h, w)))
     }
 
     /// The prompt of `visual` `[B, Nv, Dm]` and each row's `text`, with a
@@ -272,8 +315,9 @@ impl Visor {
 
     /// The prefill: layers up to the router's block for the whole batch,
     /// the router, then the rest of the layers per group of rows that chose
-    /// one configuration.
-    fn prefill(&self, model: &LlavaModel, prompt: &VisorPrompt) -> Result<Prefilled> {
+    /// one configuration; `record`: keeping each cross-attention layer's
+    /// attention ([`State::attention`]).
+    fn prefill(&self, model: &LlavaModel, prompt: &VisorPrompt, record: bool) -> Result<Prefilled> {
         let dec = &model.decoder;
         let layers = dec.num_layers();
         let (v, t) = prompt.initial()?;
@@ -283,6 +327,7 @@ impl Visor {
             t,
             cache: dec.new_cache(),
             visual_kv: vec![None; layers],
+            attention: vec![None; layers],
         };
         let b = streams.batch();
         let (configuration, router_logits, predictions, done) =
@@ -294,8 +339,12 @@ impl Visor {
                     // Layers 0..=r are the same in every configuration.
                     let kinds = self.cfg.kinds(0, layers);
                     let lens = self.prefill_lens(streams, dec.device())?;
-                    self.stack(model, &kinds)
-                        .prefill(streams, &mut state, 0..r + 1, &lens)?;
+                    self.stack(model, &kinds, record).prefill(
+                        streams,
+                        &mut state,
+                        0..r + 1,
+                        &lens,
+                    )?;
                     let routed = self.route(router, streams, &state.t)?;
                     let configuration = routed
                         .picks
@@ -324,7 +373,7 @@ impl Visor {
                 (sub, state.select(&row_index(&rows, dec.device())?)?, lens)
             };
             let kinds = self.cfg.kinds(c, layers);
-            self.stack(model, &kinds)
+            self.stack(model, &kinds, record)
                 .prefill(&streams, &mut state, done..layers, &lens)?;
             groups.push(Group {
                 rows,
@@ -356,11 +405,13 @@ impl Visor {
         &'a self,
         model: &'a LlavaModel,
         kinds: &'a [crate::visor_config::LayerKind],
+        record: bool,
     ) -> Stack<'a> {
         Stack {
             dec: &model.decoder,
             kinds,
             cross: &self.cross,
+            record,
         }
     }
 
@@ -404,16 +455,39 @@ impl Visor {
         input: &VisorInput,
         max_new_tokens: usize,
     ) -> Result<VisorRun> {
+        self.run(model, input, max_new_tokens, false)
+    }
+
+    /// [`Visor::generate`], keeping each cross-attention layer's attention
+    /// of the last text token over the visual tokens
+    /// ([`VisorRun::attention`]; what the report's pictures show).
+    pub fn generate_recording(
+        &self,
+        model: &LlavaModel,
+        input: &VisorInput,
+        max_new_tokens: usize,
+    ) -> Result<VisorRun> {
+        self.run(model, input, max_new_tokens, true)
+    }
+
+    fn run(
+        &self,
+        model: &LlavaModel,
+        input: &VisorInput,
+        max_new_tokens: usize,
+        record: bool,
+    ) -> Result<VisorRun> {
         let t0 = Instant::now();
         let dec = &model.decoder;
-        let (visual, per_image) = self.visual_tokens(model, &input.pixels, input.grid)?;
+        let (visual, per_image, grid) = self.visual_map(model, &input.pixels, input.grid)?;
         let prompt = self.prompt(model, &visual, &input.text(&[]))?;
         let Prefilled {
             mut groups,
             configuration,
             router_logits,
             predictions,
-        } = self.prefill(model, &prompt)?;
+        } = self.prefill(model, &prompt, record)?;
+        let attention = self.attention(&groups, &prompt.streams.visual_counts())?;
         let firsts = groups
             .iter()
             .map(|g| dec.last_logits(&g.state.t))
@@ -470,9 +544,28 @@ impl Visor {
             text,
             kv_entries,
             flops,
+            grid,
+            attention,
             prefill,
             decode,
         })
+    }
+
+    /// Per row, the attention each group's prefill recorded, per
+    /// cross-attention layer: (layer, weights over the row's `nv[row]`
+    /// visual tokens). Empty where nothing was recorded.
+    fn attention(&self, groups: &[Group], nv: &[usize]) -> Result<Vec<LayerAttention>> {
+        let mut rows = vec![Vec::new(); nv.len()];
+        for g in groups {
+            for (l, a) in g.state.attention.iter().enumerate() {
+                let Some(a) = a else { continue };
+                for (i, w) in a.to_vec2::<f32>()?.into_iter().enumerate() {
+                    let row = g.rows[i];
+                    rows[row].push((l, w[..nv[row]].to_vec()));
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// Greedy decoding of one group from its prefill (`first`: the logits
@@ -486,7 +579,7 @@ impl Visor {
     ) -> Result<Generation> {
         let dec = &model.decoder;
         let kinds = self.cfg.kinds(group.configuration, dec.num_layers());
-        let stack = self.stack(model, &kinds);
+        let stack = self.stack(model, &kinds, false);
         let n = group.rows.len();
         let lens = AttendLens::new(&vec![1; n], &group.streams.visual_counts(), dec.device())?;
         let mut gen = Generation {
@@ -524,7 +617,7 @@ impl Visor {
     ) -> Result<(Vec<Tensor>, Vec<usize>)> {
         let (visual, _) = self.visual_tokens(model, &input.pixels, input.grid)?;
         let prompt = self.prompt(model, &visual, &input.text(answers))?;
-        let prefilled = self.prefill(model, &prompt)?;
+        let prefilled = self.prefill(model, &prompt, false)?;
         let mut rows = vec![None; prompt.streams.batch()];
         for g in &prefilled.groups {
             let logits = model.decoder.logits(&g.state.t)?;
@@ -603,10 +696,12 @@ impl Visor {
             })
             .collect();
         let kept = run.packed.clone().unwrap_or_else(|| run.visual.clone());
+        let maps = run.token_maps();
         Report {
             sampled: run.packed.clone(),
             kept,
             detail,
+            maps,
             ..Report::new(
                 name,
                 run.visual,

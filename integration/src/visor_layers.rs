@@ -18,6 +18,7 @@ use std::ops::Range;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
+use foveal::cross_attention::SeqLens;
 
 use crate::config::TextConfig;
 use crate::decoder::{attention_mask, Decoder, KvCache};
@@ -85,6 +86,36 @@ impl CrossBlock {
         let o = ops::cross_attention(&q, &kv.0, &kv.1, lens, None)?;
         t + self.o_proj.forward(&o.reshape((b, s, self.hq * self.d))?)?
     }
+
+    /// [`CrossBlock::forward`], and the last text slot's attention
+    /// probabilities over each row's visual tokens, mean over heads: `[B,
+    /// Nv]` f32 (0 past a row's visual tokens), from the call's lse
+    /// ([`ops::cross_attention_probs`]). For pictures.
+    pub(crate) fn forward_recording(
+        &self,
+        t: &Tensor,
+        kv: &(Tensor, Tensor),
+        lens: &AttendLens,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, s, _) = t.dims3()?;
+        let q = self
+            .q_proj
+            .forward(&self.norm_q.forward(t)?)?
+            .reshape((b, s, self.hq, self.d))?;
+        let (o, lse) = ops::cross_attention_lse(&q, &kv.0, &kv.1, lens, None)?;
+        // The text stream is left-padded: slot s - 1 is every row's last token.
+        let last = SeqLens::new(&vec![1; b], lens.host().kv()).map_err(candle_core::Error::wrap)?;
+        let p = ops::cross_attention_probs(
+            &q.narrow(1, s - 1, 1)?,
+            &kv.0,
+            &lse.narrow(2, s - 1, 1)?,
+            &last,
+            None,
+        )?;
+        let attention = p.mean(1)?.squeeze(1)?;
+        let t = (t + self.o_proj.forward(&o.reshape((b, s, self.hq * self.d))?)?)?;
+        Ok((t, attention))
+    }
 }
 
 /// The router (§4.3): an MLP over the routing token's hidden state after
@@ -123,12 +154,17 @@ pub(crate) struct State {
     pub t: Tensor,
     pub cache: KvCache,
     pub visual_kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer, when recorded (pictures), the cross-attention of each
+    /// row's last text token over its visual tokens, mean over heads: `[B,
+    /// Nv]` f32 ([`CrossBlock::forward_recording`]).
+    pub attention: Vec<Option<Tensor>>,
 }
 
 impl State {
     /// The rows `idx` (`[n]` u32) of every tensor.
     pub(crate) fn select(&self, idx: &Tensor) -> Result<State> {
         let pick = |t: &Tensor| t.index_select(idx, 0);
+        let one = |a: &Option<Tensor>| a.as_ref().map(pick).transpose();
         let pair = |kv: &Option<(Tensor, Tensor)>| -> Result<Option<(Tensor, Tensor)>> {
             kv.as_ref()
                 .map(|(k, v)| Ok((pick(k)?, pick(v)?)))
@@ -145,16 +181,19 @@ impl State {
             t: pick(&self.t)?,
             cache,
             visual_kv: self.visual_kv.iter().map(pair).collect::<Result<_>>()?,
+            attention: self.attention.iter().map(one).collect::<Result<_>>()?,
         })
     }
 }
 
 /// The decoder under one configuration: what each layer does, and the
-/// cross-attention blocks.
+/// cross-attention blocks; `record`: the prefill keeps each
+/// cross-attention layer's attention ([`State::attention`]).
 pub(crate) struct Stack<'a> {
     pub dec: &'a Decoder,
     pub kinds: &'a [LayerKind],
     pub cross: &'a [Option<CrossBlock>],
+    pub record: bool,
 }
 
 impl Stack<'_> {
@@ -208,7 +247,13 @@ impl Stack<'_> {
                     if kind == LayerKind::CrossAttention {
                         let block = self.block(run.start)?;
                         let kv = block.visual_kv(&state.v)?;
-                        state.t = block.forward(&state.t, &kv, lens)?;
+                        if self.record {
+                            let (t, attention) = block.forward_recording(&state.t, &kv, lens)?;
+                            state.t = t;
+                            state.attention[run.start] = Some(attention);
+                        } else {
+                            state.t = block.forward(&state.t, &kv, lens)?;
+                        }
                         state.visual_kv[run.start] = Some(kv);
                     }
                     state.t = self.dec.forward_layers(

@@ -144,14 +144,15 @@ fn instruction<'a>(system: &'a [u32], question: &'a [u32]) -> &'a [u32] {
 /// Glance Fusion of one row's units `[U, 3, s, s]` by the literal formula
 /// in candle ops: per layer `S x N x M` dot products `Vq_s E_s^T`, their
 /// mean over the instruction over `sqrt(dt)`, a softmax over the layers,
-/// the weighted sum. `[U, N, dt]`.
+/// the weighted sum. `[U, N, dt]`, and the weights `[S, U, N]` (none with
+/// one layer).
 fn literal_fusion(
     s: &Setup,
     g: &Glance2Gaze,
     gcfg: &Glance2GazeConfig,
     pixels: &Tensor,
     instruction: &[u32],
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let layers = &gcfg.glance_layers;
     let states = s
         .model
@@ -170,7 +171,7 @@ fn literal_fusion(
         })
         .collect::<Result<Vec<_>>>()?;
     if layers.len() == 1 {
-        return Ok(vq[0].clone());
+        return Ok((vq[0].clone(), None));
     }
     let dec = &s.model.decoder;
     let emb = dec.embed(&Tensor::from_slice(instruction, instruction.len(), &CPU)?)?;
@@ -188,20 +189,20 @@ fn literal_fusion(
     for (s_, v) in vq.iter().enumerate() {
         out = (out + v.broadcast_mul(&w.get(s_)?.unsqueeze(D::Minus1)?)?)?;
     }
-    Ok(out)
+    Ok((out, Some(w)))
 }
 
 /// One Gaze Compression step written out: `units [U, n, dt]` -> `[U, p,
 /// dt]` with the pool's first `p` rows plus the test's own PE, the four
 /// projections, per-head softmax attention (scale 1/sqrt(D)) and no foveal
-/// op.
+/// op; and the softmax's mean over heads and queries, `[U, n]`.
 fn literal_compression(
     s: &Setup,
     g: &Glance2Gaze,
     units: &Tensor,
     p: usize,
     side: usize,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let (u, n, dt) = units.dims3()?;
     let (h, d) = (s.cfg.text.num_heads, s.cfg.text.head_dim);
     let pool = param(g, "gaze_compression.query_pool").narrow(0, 0, p)?;
@@ -211,17 +212,18 @@ fn literal_compression(
         &(pool + own_pos_embed(p, side, dt)?)?,
     )?;
     let q = q.reshape((p, h, d))?.transpose(0, 1)?.contiguous()?; // [H, p, D]
-    let mut out = Vec::new();
+    let (mut out, mut attended) = (Vec::new(), Vec::new());
     for unit in 0..u {
         let x = units.get(unit)?;
         let heads = |t: Tensor| t.reshape((n, h, d))?.transpose(0, 1)?.contiguous();
         let k = heads(linear(g, "gaze_compression.k_proj", &x)?)?;
         let v = heads(linear(g, "gaze_compression.v_proj", &x)?)?;
         let att = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? / (d as f64).sqrt())?, D::Minus1)?;
+        attended.push(att.mean(0)?.mean(0)?);
         let o = att.matmul(&v)?.transpose(0, 1)?.reshape((p, h * d))?;
         out.push(linear(g, "gaze_compression.o_proj", &o)?);
     }
-    Tensor::stack(&out, 0)
+    Ok((Tensor::stack(&out, 0)?, Tensor::stack(&attended, 0)?))
 }
 
 /// What the plain-candle Glance2Gaze gives for one row alone.
@@ -232,6 +234,11 @@ struct RowReference {
     cache: KvCache,
     /// Per layer, the visual tokens of its input.
     visual: Vec<usize>,
+    /// The first compression's softmax over the dense visual tokens (in
+    /// the dense order), mean over heads and queries (empty without one).
+    attention: Vec<f32>,
+    /// Per fused layer, its fusion weight per dense visual token.
+    glance_weights: Vec<Vec<f32>>,
 }
 
 /// Glance2Gaze on row `row` of `input` alone, in plain candle ops: the
@@ -256,7 +263,7 @@ fn reference_row(
     let layers = s.cfg.text.num_layers;
     let question = &questions[row];
     let pixels = input.pixels.narrow(0, row * u, u)?;
-    let fused = literal_fusion(s, g, gcfg, &pixels, instruction(&s.system, question))?;
+    let (fused, weights) = literal_fusion(s, g, gcfg, &pixels, instruction(&s.system, question))?;
 
     // Each visual token as (offset, unit, index in its unit), in layout order.
     let layout = |p: usize, cell: &dyn Fn(usize) -> (usize, usize)| {
@@ -269,6 +276,18 @@ fn reference_row(
     };
     let text = |ids: &[u32]| dec.embed(&Tensor::from_slice(ids, ids.len(), &CPU)?);
     let mut tokens = layout(n, &|i| (i / side, i % side));
+    // Per-unit values `[U, n]` in the dense order.
+    let dense = |t: &Tensor, tokens: &[(usize, usize, usize)]| -> Result<Vec<f32>> {
+        let t = t.to_vec2::<f32>()?;
+        Ok(tokens.iter().map(|&(_, unit, i)| t[unit][i]).collect())
+    };
+    let glance_weights = match &weights {
+        Some(w) => (0..w.dim(0)?)
+            .map(|l| dense(&w.get(l)?, &tokens))
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    let mut attention = Vec::new();
     let visual_rows = tokens
         .iter()
         .map(|&(_, unit, i)| fused.get(unit)?.get(i))
@@ -313,7 +332,11 @@ fn reference_row(
             .iter()
             .map(|t| Tensor::stack(t, 0))
             .collect::<Result<Vec<_>>>()?;
-        let squeezed = literal_compression(s, g, &Tensor::stack(&grouped, 0)?, p, side)?;
+        let (squeezed, attended) =
+            literal_compression(s, g, &Tensor::stack(&grouped, 0)?, p, side)?;
+        if i == 0 {
+            attention = dense(&attended, &tokens)?;
+        }
         tokens = layout(p, &|i| own_cell(i, p, side));
         let compressed = tokens
             .iter()
@@ -335,6 +358,8 @@ fn reference_row(
         logits: dec.logits(&h)?.squeeze(0)?,
         cache,
         visual,
+        attention,
+        glance_weights,
     })
 }
 
@@ -525,6 +550,72 @@ fn real_schedules_equal_glance2gaze_in_plain_candle() -> Result<()> {
     Ok(())
 }
 
+/// What the pictures show: the first compression's attention over the
+/// dense visual tokens (from the op's lse and q . k) and Glance Fusion's
+/// layer weights (the op's) equal the plain-candle softmaxes, each unit's
+/// attention and each token's weights sum to 1, and recording changes
+/// nothing the run decides.
+#[test]
+fn the_recorded_attention_and_fusion_weights_equal_plain_candle() -> Result<()> {
+    let s = setup()?;
+    let gcfg = paper(&s, SCHEDULES[0])?;
+    let g = method(&s, &gcfg)?;
+    let fused = gcfg.glance_layers.len();
+    for (what, input) in inputs(&s.cfg, &CPU)? {
+        let plain = g.generate(&s.model, &input, 2)?;
+        let run = g.generate_recording(&s.model, &input, 2)?;
+        assert!(
+            plain.attention.iter().all(Vec::is_empty)
+                && plain.glance_weights.iter().all(Vec::is_empty)
+        );
+        assert_eq!(run.generation.tokens, plain.generation.tokens, "{what}");
+        let u = input.units.count();
+        for b in 0..2 {
+            let want = reference_row(&s, &g, &gcfg, &input, &input.questions, b)?;
+            let got = &run.attention[b];
+            assert_eq!(got.len(), u * 64, "{what}: row {b}");
+            let d = got
+                .iter()
+                .zip(&want.attention)
+                .map(|(a, w)| (a - w).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "{what}: row {b}: attention differs by {d}");
+            let total: f32 = got.iter().sum();
+            assert!(
+                (total - u as f32).abs() < 1e-4,
+                "{what}: row {b}: {total} over {u} units"
+            );
+            let w = &run.glance_weights[b];
+            assert_eq!(w.len(), fused);
+            for (l, (gw, ww)) in w.iter().zip(&want.glance_weights).enumerate() {
+                let d = gw
+                    .iter()
+                    .zip(ww)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 1e-5,
+                    "{what}: row {b}, fused layer {l}: weights differ by {d}"
+                );
+            }
+            for t in 0..u * 64 {
+                let sum: f32 = w.iter().map(|l| l[t]).sum();
+                assert!(
+                    (sum - 1.0).abs() < 1e-5,
+                    "{what}: row {b}, token {t}: {sum}"
+                );
+            }
+        }
+        let side = s.cfg.vision.patches_per_side();
+        let grid = match input.units {
+            Units::Grid(r, c) => Some((r * side, c * side)),
+            Units::Frames(_) => None,
+        };
+        assert_eq!(run.grid, grid, "{what}");
+    }
+    Ok(())
+}
+
 /// Decoding from the caches equals recomputing the whole prefill with the
 /// generated tokens appended after the question (the fused visual tokens
 /// kept: the instruction is the question).
@@ -573,7 +664,7 @@ fn glance_fusion_in_the_model_equals_the_literal_formula() -> Result<()> {
         let u = input.units.count();
         for b in 0..input.batch() {
             let pixels = input.pixels.narrow(0, b * u, u)?;
-            let want = literal_fusion(&s, &g, &gcfg, &pixels, &input.questions[b])?;
+            let (want, _) = literal_fusion(&s, &g, &gcfg, &pixels, &input.questions[b])?;
             for unit in 0..u {
                 let idx: Vec<u32> = (0..side * side)
                     .map(|i| dense_offset(input.units, unit, (i / side, i % side), side) as u32)
@@ -610,7 +701,7 @@ fn a_compression_step_equals_candle_ops_on_random_inputs() -> Result<()> {
     let units = Tensor::randn(0f32, 1.0, (3, 25, 256), &CPU)?;
     for p in [1, 7, 16, 25] {
         let got = gc.forward(&units, p, 5)?;
-        let want = literal_compression(&s, &g, &units, p, 5)?;
+        let (want, _) = literal_compression(&s, &g, &units, p, 5)?;
         assert_eq!(got.dims(), [3, p, 256]);
         let d = max_abs_diff(&got, &want)?;
         assert!(d < 1e-4, "p = {p}: the step differs by {d}");

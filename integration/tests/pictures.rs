@@ -1,7 +1,10 @@
 //! Pictures of what a method kept or attended: the drawn pixels follow the
 //! kept set (kept patches as the image is, dropped ones dimmed), outlines
 //! land on the boxes' edges, and the methods' reports carry maps that agree
-//! with what they report kept / routed.
+//! with what they report kept / routed; VISOR's and Glance2Gaze's panels
+//! are the attention their runs record (which tests/visor.rs and
+//! tests/glance2gaze.rs check against plain-candle softmaxes), each
+//! patch drawn as bright as its weight.
 
 use candle_core::{DType, Device};
 use foveal::RegionShape;
@@ -9,8 +12,9 @@ use foveal_candle::images::synthetic_images;
 use foveal_candle::pictures::{self, DIM, OUTLINE};
 use foveal_candle::prompt::byte_tokens;
 use foveal_candle::{
-    GazeAttention, GazeConfig, GlimpseConfig, GlimpsePrune, ImageMethod, ImageQuestions,
-    LlavaModel, Method, ModelConfig, Panel, TokenMaps,
+    GazeAttention, GazeConfig, Glance2Gaze, Glance2GazeConfig, Glance2GazeInput, GlimpseConfig,
+    GlimpsePrune, ImageMethod, ImageQuestions, LlavaModel, Method, ModelConfig, Panel, TokenMaps,
+    Visor, VisorConfig, VisorInput,
 };
 use image::{Rgb, RgbImage};
 
@@ -164,5 +168,109 @@ fn gaze_attention_maps_count_its_routes() {
             .boxes
             .iter()
             .all(|&[y0, x0, y1, x1]| (y1 - y0, x1 - x0) == (2, 4)));
+    }
+}
+
+/// Every panel of `maps` drawn over `image` by [`pictures::render`]: each
+/// cell's centre pixel is the image's times `DIM + (1 - DIM) * weight`.
+fn assert_pixels_follow_weights(image: &RgbImage, maps: &TokenMaps, what: &str) {
+    let out = pictures::render(image, maps).unwrap();
+    let (rows, cols) = maps.grid;
+    let panel_w = (out.width() + 4) / maps.panels.len() as u32 - 4;
+    let (cw, ch) = (panel_w / cols as u32, out.height() / rows as u32);
+    let scale = out.height() / image.height();
+    for (i, panel) in maps.panels.iter().enumerate() {
+        for cell in 0..rows * cols {
+            let (y, x) = ((cell / cols) as u32, (cell % cols) as u32);
+            let (px, py) = (x * cw + cw / 2, y * ch + ch / 2);
+            let original = *image.get_pixel(px / scale, py / scale);
+            let f = DIM + (1.0 - DIM) * panel.weight[cell];
+            let want = Rgb(original.0.map(|c| (c as f32 * f).round() as u8));
+            let drawn = *out.get_pixel(i as u32 * (panel_w + 4) + px, py);
+            assert_eq!(drawn, want, "{what}: panel {:?}, cell {cell}", panel.title);
+        }
+    }
+}
+
+/// A panel scaled to its largest value: the largest cell 1, the others in
+/// proportion.
+fn assert_scaled_from(panel: &Panel, values: &[f32], what: &str) {
+    let max = values.iter().copied().fold(0f32, f32::max);
+    assert!(max > 0.0, "{what}");
+    for (w, v) in panel.weight.iter().zip(values) {
+        assert!((w - v / max).abs() < 1e-6, "{what}: {w} vs {v} / {max}");
+    }
+}
+
+#[test]
+fn visor_pictures_show_each_cross_attention_layers_attention() {
+    let cfg = ModelConfig::visor();
+    let model = LlavaModel::seeded(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    let vcfg = VisorConfig::for_model(&cfg);
+    let visor = Visor::seeded(&cfg, &vcfg, 4, &Device::Cpu, DType::F32).unwrap();
+    let input = input(&model);
+    let report = visor.run(&model, &input, 2).unwrap();
+    // The run the report came from, recorded again (the same weights and input).
+    let run = visor
+        .generate_recording(
+            &model,
+            &VisorInput {
+                pixels: input.pixels.clone(),
+                grid: input.grid,
+                system: input.system.clone(),
+                questions: input.questions.iter().map(|q| vec![q.clone()]).collect(),
+            },
+            2,
+        )
+        .unwrap();
+    let side = cfg.vision.patches_per_side();
+    for b in 0..2 {
+        let maps = &report.maps[b];
+        assert_eq!(maps.grid, (side, side));
+        assert_eq!(maps.panels.len(), vcfg.cross_attention_layers.len());
+        for ((l, attention), panel) in run.attention[b].iter().zip(&maps.panels) {
+            assert_eq!(panel.title, format!("CA layer {l}"));
+            let sum: f32 = attention.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-4, "row {b} layer {l}: {sum}");
+            assert_scaled_from(panel, attention, &format!("row {b} layer {l}"));
+        }
+        let image = pictures::image_of(&input.pixels, b).unwrap();
+        assert_pixels_follow_weights(&image, maps, &format!("VISOR row {b}"));
+    }
+}
+
+#[test]
+fn glance2gaze_pictures_show_the_compressions_attention_and_the_fusion_weights() {
+    let cfg = ModelConfig::tiny();
+    let model = LlavaModel::seeded(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    let gcfg = Glance2GazeConfig::for_model(&cfg, "LLaVA-1.5-7B 33%").unwrap();
+    let g2g = Glance2Gaze::seeded(&cfg, &gcfg, 5, &Device::Cpu, DType::F32).unwrap();
+    let input = input(&model);
+    let report = g2g.run(&model, &input, 2).unwrap();
+    let g_input = Glance2GazeInput::from_images(&input, cfg.vision.image_size).unwrap();
+    let run = g2g.generate_recording(&model, &g_input, 2).unwrap();
+    let side = cfg.vision.patches_per_side();
+    let deepest = gcfg.glance_layers.last().unwrap();
+    for b in 0..2 {
+        let maps = &report.maps[b];
+        assert_eq!(maps.grid, (side, side));
+        let titles: Vec<&str> = maps.panels.iter().map(|p| p.title.as_str()).collect();
+        assert_eq!(
+            titles,
+            [
+                "compression attention".to_string(),
+                format!("ViT layer {deepest} weight")
+            ]
+        );
+        let sum: f32 = run.attention[b].iter().sum();
+        assert!((sum - 1.0).abs() < 1e-4, "row {b}: {sum}");
+        assert_scaled_from(&maps.panels[0], &run.attention[b], &format!("row {b}"));
+        // The fusion's weights as they are (in [0, 1]), not rescaled.
+        assert_eq!(
+            &maps.panels[1].weight,
+            run.glance_weights[b].last().unwrap()
+        );
+        let image = pictures::image_of(&input.pixels, b).unwrap();
+        assert_pixels_follow_weights(&image, maps, &format!("Glance2Gaze row {b}"));
     }
 }

@@ -89,11 +89,13 @@ struct Reference<'a> {
 }
 
 /// One row's reference run: the configuration, each routing token's
-/// router logits, and the logits of the last token.
+/// router logits, the logits of the last token, and per cross-attention
+/// layer the last token's softmax over the visual tokens, mean over heads.
 struct RowRun {
     configuration: usize,
     router_logits: Vec<Vec<f32>>,
     logits: Tensor,
+    attention: Vec<(usize, Vec<f32>)>,
 }
 
 impl<'a> Reference<'a> {
@@ -142,8 +144,8 @@ impl<'a> Reference<'a> {
     }
 
     /// Cross-attention of every position of `x [1, S, Dm]` over the rows
-    /// `visual` of `x` at layer `l`.
-    fn cross(&self, l: usize, x: &Tensor, visual: &[usize]) -> Result<Tensor> {
+    /// `visual` of `x` at layer `l`, and its softmax `[Hq, S, N]`.
+    fn cross(&self, l: usize, x: &Tensor, visual: &[usize]) -> Result<(Tensor, Tensor)> {
         let t = &self.model.config.text;
         let (hq, hkv, d) = (t.num_heads, t.num_kv_heads, t.head_dim);
         let p = format!("language_model.model.layers.{l}");
@@ -177,9 +179,13 @@ impl<'a> Reference<'a> {
         };
         let (k, v) = (heads("k_proj")?, heads("v_proj")?);
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        let o = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let o = probs.matmul(&v.contiguous()?)?;
         let o = o.transpose(0, 1)?.reshape((1, s, hq * d))?;
-        self.linear(&o, &format!("{p}.cross_attn.o_proj"), false)
+        Ok((
+            self.linear(&o, &format!("{p}.cross_attn.o_proj"), false)?,
+            probs,
+        ))
     }
 
     fn router(&self, h: &Tensor) -> Result<Vec<f32>> {
@@ -248,6 +254,11 @@ impl<'a> Reference<'a> {
             Route::Router => 0, // layers up to the router's block agree
         };
         let mut router_logits = Vec::new();
+        let mut attention = Vec::new();
+        let last = (0..s)
+            .rev()
+            .find(|i| !vis.contains(i))
+            .expect("a text token");
         let mut x = prompt.embeds.clone();
         for l in 0..layers {
             let mut cache = KvCache::new(layers);
@@ -258,7 +269,10 @@ impl<'a> Reference<'a> {
                 }
                 LayerKind::CrossAttention | LayerKind::Text => {
                     if kind == LayerKind::CrossAttention {
-                        x = (&x + self.cross(l, &x, &vis)?.broadcast_mul(&is_text)?)?;
+                        let (y, probs) = self.cross(l, &x, &vis)?;
+                        let at_last = probs.narrow(1, last, 1)?.mean(0)?.flatten_all()?;
+                        attention.push((l, at_last.to_vec1()?));
+                        x = (&x + y.broadcast_mul(&is_text)?)?;
                     }
                     let y = dec.forward_layers(
                         &x,
@@ -280,14 +294,11 @@ impl<'a> Reference<'a> {
                 configuration = costliest(self.cfg, &picks);
             }
         }
-        let last = (0..s)
-            .rev()
-            .find(|i| !vis.contains(i))
-            .expect("a text token");
         Ok(RowRun {
             configuration,
             router_logits,
             logits: dec.logits(&x.narrow(1, last, 1)?)?.flatten_all()?,
+            attention,
         })
     }
 
@@ -422,6 +433,46 @@ fn the_routed_model_equals_the_model_in_plain_candle_ops() -> Result<()> {
             24.0 * pair * causal(n - 1),
             "the dense prompt has no routing token"
         );
+    }
+    Ok(())
+}
+
+/// What the pictures show: the last text token's attention over the
+/// visual tokens in each cross-attention layer (from the op's lse and
+/// q . k) equals the reference's softmax, sums to 1, and recording it
+/// changes nothing the run decides.
+#[test]
+fn the_recorded_attention_equals_the_reference_softmax() -> Result<()> {
+    let s = setup()?;
+    let v = visor(&s, &VisorConfig::for_model(&s.cfg), VISOR_SEED)?;
+    let inp = two_rows(&s)?;
+    let plain = v.generate(&s.model, &inp, 2)?;
+    let run = v.generate_recording(&s.model, &inp, 2)?;
+    assert!(plain.attention.iter().all(Vec::is_empty));
+    assert_eq!(run.generation.tokens, plain.generation.tokens);
+    assert_eq!(run.grid, (8, 8));
+    let reference = Reference::new(&s.model, &v);
+    let ca = &v.config().cross_attention_layers;
+    for row in 0..2 {
+        let want = reference.run(&inp, row, &[])?.attention;
+        let got = &run.attention[row];
+        let layers: Vec<usize> = got.iter().map(|(l, _)| *l).collect();
+        assert_eq!(&layers, ca, "row {row}: every cross-attention layer");
+        assert_eq!(layers, want.iter().map(|(l, _)| *l).collect::<Vec<_>>());
+        for ((l, g), (_, w)) in got.iter().zip(&want) {
+            assert_eq!(g.len(), 64);
+            let sum: f32 = g.iter().sum();
+            assert!(
+                (sum - 1.0).abs() < 1e-4,
+                "row {row} layer {l}: sums to {sum}"
+            );
+            let d = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "row {row} layer {l}: differs by {d}");
+        }
     }
     Ok(())
 }
@@ -882,6 +933,10 @@ fn cross_attention_equals_matmul_softmax_matmul_on_strided_views() -> Result<()>
     let (q_lens, kv_lens) = ([5, 3], [9, 4]);
     let lens = AttendLens::new(&q_lens, &kv_lens, &dev)?;
     let o = ops::cross_attention(&q, &k, &v, &lens, None)?;
+    // The same call with its lse, and the probabilities from q . k and it.
+    let (o_lse, lse) = ops::cross_attention_lse(&q, &k, &v, &lens, None)?;
+    assert_eq!(max_abs_diff(&o_lse, &o)?, 0.0);
+    let probs = ops::cross_attention_probs(&q, &k, &lse, lens.host(), None)?; // [B, Hq, Nq, Nk]
     for row in 0..b {
         let (n, m) = (q_lens[row], kv_lens[row]);
         let qr = q.get(row)?.narrow(0, 0, n)?.transpose(0, 1)?.contiguous()?; // [Hq, n, D]
@@ -896,10 +951,19 @@ fn cross_attention_equals_matmul_softmax_matmul_on_strided_views() -> Result<()>
         };
         let (kr, vr) = (rep(&k)?, rep(&v)?);
         let s = (qr.matmul(&kr.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        let want = candle_nn::ops::softmax_last_dim(&s)?.matmul(&vr.contiguous()?)?;
+        let softmax = candle_nn::ops::softmax_last_dim(&s)?;
+        let want = softmax.matmul(&vr.contiguous()?)?;
         let got = o.get(row)?.narrow(0, 0, n)?.transpose(0, 1)?;
         let diff = max_abs_diff(&got, &want)?;
         assert!(diff < 1e-5, "row {row}: {diff}");
+        let p = probs.get(row)?; // [Hq, Nq, Nk]
+        let diff = max_abs_diff(&p.narrow(1, 0, n)?.narrow(2, 0, m)?, &softmax)?;
+        assert!(diff < 1e-6, "row {row}: probabilities differ by {diff}");
+        let total = p.sum_all()?.to_scalar::<f32>()?;
+        assert!(
+            (total - (hq * n) as f32).abs() < 1e-4,
+            "row {row}: every valid query's probabilities sum to 1, 0 elsewhere ({total})"
+        );
         let past = o.get(row)?.narrow(0, n, nq - n)?;
         assert_eq!(
             past.abs()?.sum_all()?.to_scalar::<f32>()?,

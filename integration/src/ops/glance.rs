@@ -5,8 +5,13 @@
 //! Gaze Compression's attention is VISOR's `cross_attention` wrapper
 //! (`ops/visor.rs`) with learned queries.
 
+use std::sync::Mutex;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Tensor};
+use candle_core::op::BackpropOp;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Storage, Tensor,
+};
 use foveal::glance_fusion::Lengths;
 use foveal::{View, ViewMut};
 
@@ -28,16 +33,66 @@ pub fn glance_fusion(vq: &Tensor, e: &Tensor, lengths: &Lengths) -> Result<Tenso
             e.dtype()
         )
     }
-    vq.apply_op2_no_bwd(e, &GlanceFusion { lengths })
+    vq.apply_op2_no_bwd(
+        e,
+        &GlanceFusion {
+            lengths,
+            weights: None,
+        },
+    )
+}
+
+/// [`glance_fusion`] and, from the same call, the layer weights `[B, N, S]`
+/// f32 (per token the softmax over the S layers; 0 past a row's visual
+/// tokens).
+pub fn glance_fusion_weights(
+    vq: &Tensor,
+    e: &Tensor,
+    lengths: &Lengths,
+) -> Result<(Tensor, Tensor)> {
+    if vq.dtype() != e.dtype() {
+        bail!(
+            "glance_fusion: vq is {:?}, e is {:?}",
+            vq.dtype(),
+            e.dtype()
+        )
+    }
+    let op = GlanceFusion {
+        lengths,
+        weights: Some(Mutex::new(None)),
+    };
+    let out = vq.apply_op2_no_bwd(e, &op)?;
+    let (s, b, n, _) = vq.dims4()?;
+    let storage = op
+        .weights
+        .and_then(|m| m.into_inner().ok().flatten())
+        .ok_or_else(|| candle_core::Error::msg("glance_fusion: the op left no weights"))?;
+    let weights = Tensor::from_storage(storage, (b, n, s), BackpropOp::none(), false);
+    Ok((out, weights))
 }
 
 struct GlanceFusion<'a> {
     lengths: &'a Lengths,
+    /// Where the call leaves its weights, when asked for.
+    weights: Option<Mutex<Option<Storage>>>,
 }
 
 impl GlanceFusion<'_> {
     fn out_shape(vq: [usize; 4]) -> [usize; 3] {
         [vq[1], vq[2], vq[3]]
+    }
+
+    /// `[B, N, S]` of `vq [S, B, N, dt]`.
+    fn weights_shape(vq: [usize; 4]) -> [usize; 3] {
+        [vq[1], vq[2], vq[0]]
+    }
+
+    fn keep_weights(&self, storage: Storage) {
+        if let Some(slot) = &self.weights {
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(storage);
+            }
+        }
     }
 }
 
@@ -55,17 +110,33 @@ impl CustomOp2 for GlanceFusion<'_> {
     ) -> Result<(CpuStorage, Shape)> {
         let (vl, el) = (strided::<4>(l1)?, strided::<4>(l2)?);
         let shape = Self::out_shape(vl.shape());
+        let w_shape = Self::weights_shape(vl.shape());
+        let mut weights = vec![
+            0f32;
+            if self.weights.is_some() {
+                w_shape.iter().product()
+            } else {
+                0
+            }
+        ];
         let storage = with_element!(s1.dtype(), T => {
             let mut out = vec![T::default(); shape.iter().product()];
             {
                 let vq = View::new(cpu_slice::<T>(s1, l1)?, vl).map_err(wrap)?;
                 let e = View::new(cpu_slice::<T>(s2, l2)?, el).map_err(wrap)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
-                foveal::glance_fusion::cpu::glance_fusion(vq, e, self.lengths, &mut o, None)
+                let mut w = match self.weights {
+                    Some(_) => Some(ViewMut::contiguous(&mut weights, w_shape).map_err(wrap)?),
+                    None => None,
+                };
+                foveal::glance_fusion::cpu::glance_fusion(vq, e, self.lengths, &mut o, w.as_mut())
                     .map_err(wrap)?;
             }
             <T as candle_core::WithDType>::to_cpu_storage_owned(out)
         });
+        if self.weights.is_some() {
+            self.keep_weights(Storage::Cpu(CpuStorage::F32(weights)));
+        }
         Ok((storage, Shape::from_dims(&shape)))
     }
 
@@ -83,6 +154,11 @@ impl CustomOp2 for GlanceFusion<'_> {
         let stream = dev.cuda_stream();
         let (vl, el) = (strided::<4>(l1)?, strided::<4>(l2)?);
         let shape = Self::out_shape(vl.shape());
+        let w_shape = Self::weights_shape(vl.shape());
+        let mut weights = match self.weights {
+            Some(_) => Some(dev.alloc_zeros::<f32>(w_shape.iter().product::<usize>().max(1))?),
+            None => None,
+        };
         // The lengths go up once per call (an asynchronous copy on the stream).
         let lengths = DeviceLengths::new(&stream, self.lengths).map_err(wrap)?;
         let mut workspace = Workspace::new();
@@ -92,10 +168,19 @@ impl CustomOp2 for GlanceFusion<'_> {
                 let vq = DevView::new(s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..), vl).map_err(wrap)?;
                 let e = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), el).map_err(wrap)?;
                 let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
-                glance_fusion(&stream, &vq, &e, &lengths, &mut o, None, &mut workspace).map_err(wrap)?;
+                let mut w = match weights.as_mut() {
+                    Some(w) => Some(DevViewMut::of(w, foveal::Layout::contiguous(w_shape)).map_err(wrap)?),
+                    None => None,
+                };
+                glance_fusion(&stream, &vq, &e, &lengths, &mut o, w.as_mut(), &mut workspace).map_err(wrap)?;
             }
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev)
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
+        if let Some(w) = weights {
+            self.keep_weights(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
+                w, dev,
+            )));
+        }
         Ok((storage, Shape::from_dims(&shape)))
     }
 }

@@ -5,8 +5,12 @@
 //! candle's stream, reading candle's device buffers in place.
 
 use candle_core::backend::BackendStorage;
+use std::sync::Mutex;
+
+use candle_core::op::BackpropOp;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout as CLayout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout as CLayout, Result, Shape,
+    Storage, Tensor,
 };
 use foveal::cross_attention::SeqLens;
 use foveal::{View, ViewMut};
@@ -65,6 +69,102 @@ pub fn cross_attention(
     lens: &AttendLens,
     scale: Option<f32>,
 ) -> Result<Tensor> {
+    check_dtypes(q, k, v)?;
+    q.apply_op3_no_bwd(
+        k,
+        v,
+        &CrossAttention {
+            lens,
+            scale,
+            lse: None,
+        },
+    )
+}
+
+/// [`cross_attention`] and, from the same call, its log-sum-exp `lse [B,
+/// Hq, Nq]` f32 (natural log of each query's softmax denominator over its
+/// row's valid keys; `-inf` past a row's queries and for a row without
+/// keys), for [`cross_attention_probs`].
+pub fn cross_attention_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &AttendLens,
+    scale: Option<f32>,
+) -> Result<(Tensor, Tensor)> {
+    check_dtypes(q, k, v)?;
+    let op = CrossAttention {
+        lens,
+        scale,
+        lse: Some(Mutex::new(None)),
+    };
+    let o = q.apply_op3_no_bwd(k, v, &op)?;
+    let (b, nq, hq, _) = q.dims4()?;
+    let storage = op
+        .lse
+        .and_then(|m| m.into_inner().ok().flatten())
+        .ok_or_else(|| candle_core::Error::msg("cross_attention: the op left no lse"))?;
+    let lse = Tensor::from_storage(storage, (b, hq, nq), BackpropOp::none(), false);
+    Ok((o, lse))
+}
+
+/// The attention probabilities of a [`cross_attention`] call, `p [B, Hq,
+/// Nq, Nk]` f32: `exp(scale q . k - lse)` from q `[B, Nq, Hq, D]`, k `[B,
+/// Nk, Hkv, D]` (GQA as the op) and the call's `lse [B, Hq, Nq]`
+/// ([`cross_attention_lse`]); 0 past each row's valid keys and queries
+/// (`lens`, on the host). Each valid query's row sums to 1. For pictures:
+/// a GEMM of the queries asked for (narrow q and lse to fewer queries
+/// first, with lengths to match).
+pub fn cross_attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    lse: &Tensor,
+    lens: &SeqLens,
+    scale: Option<f32>,
+) -> Result<Tensor> {
+    let (b, nq, hq, d) = q.dims4()?;
+    let (_, nk, hkv, _) = k.dims4()?;
+    if hkv == 0 || hq % hkv != 0 || lse.dims3()? != (b, hq, nq) {
+        bail!(
+            "cross_attention_probs: q {:?}, k {:?}, lse {:?}",
+            q.dims(),
+            k.dims(),
+            lse.dims()
+        )
+    }
+    let (q_lens, kv_lens) = (lens.q(), lens.kv());
+    if q_lens.len() != b {
+        bail!(
+            "cross_attention_probs: lengths of {} rows for {b}",
+            q_lens.len()
+        )
+    }
+    let g = hq / hkv;
+    let scale = f64::from(scale.unwrap_or(1.0 / (d as f32).sqrt()));
+    // [B, Hkv, G * Nq, D] x [B, Hkv, D, Nk]: query head h = kvh * G + j.
+    let qf = q
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 1, 3))?
+        .reshape((b, hkv, g * nq, d))?;
+    let kt = k
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?;
+    let logits = (qf.contiguous()?.matmul(&kt)? * scale)?.reshape((b, hq, nq, nk))?;
+    let p = logits.broadcast_sub(&lse.unsqueeze(3)?)?.exp()?;
+    // 0 outside each row's valid queries x keys (past them lse is -inf, p
+    // inf or NaN).
+    let mut valid = vec![0u8; b * nq * nk];
+    for (r, (&ql, &kl)) in q_lens.iter().zip(kv_lens).enumerate() {
+        for i in 0..ql.min(nq) {
+            valid[(r * nq + i) * nk..][..kl.min(nk)].fill(1);
+        }
+    }
+    let valid = Tensor::from_vec(valid, (b, 1, nq, nk), q.device())?.broadcast_as(p.shape())?;
+    valid.where_cond(&p, &p.zeros_like()?)
+}
+
+fn check_dtypes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
     if q.dtype() != k.dtype() || k.dtype() != v.dtype() {
         bail!(
             "cross_attention: q, k, v are {:?}, {:?}, {:?}",
@@ -73,12 +173,24 @@ pub fn cross_attention(
             v.dtype()
         )
     }
-    q.apply_op3_no_bwd(k, v, &CrossAttention { lens, scale })
+    Ok(())
 }
 
 struct CrossAttention<'a> {
     lens: &'a AttendLens,
     scale: Option<f32>,
+    /// Where the call leaves its lse, when asked for.
+    lse: Option<Mutex<Option<Storage>>>,
+}
+
+impl CrossAttention<'_> {
+    fn keep_lse(&self, storage: Storage) {
+        if let Some(slot) = &self.lse {
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(storage);
+            }
+        }
+    }
 }
 
 impl CustomOp3 for CrossAttention<'_> {
@@ -100,6 +212,15 @@ impl CustomOp3 for CrossAttention<'_> {
         }
         let (ql, kl, vl) = (strided::<4>(l1)?, strided::<4>(l2)?, strided::<4>(l3)?);
         let shape = ql.shape();
+        let lse_shape = [shape[0], shape[2], shape[1]];
+        let mut lse = vec![
+            0f32;
+            if self.lse.is_some() {
+                lse_shape.iter().product()
+            } else {
+                0
+            }
+        ];
         let storage = with_element!(s1.dtype(), T => {
             let mut out = vec![T::default(); shape.iter().product()];
             {
@@ -107,11 +228,18 @@ impl CustomOp3 for CrossAttention<'_> {
                 let k = View::new(cpu_slice::<T>(s2, l2)?, kl).map_err(wrap)?;
                 let v = View::new(cpu_slice::<T>(s3, l3)?, vl).map_err(wrap)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
-                foveal::cross_attention::cpu::cross_attention(q, k, v, &self.lens.host, self.scale, &mut o, None)
+                let mut lse_view = match self.lse {
+                    Some(_) => Some(ViewMut::contiguous(&mut lse, lse_shape).map_err(wrap)?),
+                    None => None,
+                };
+                foveal::cross_attention::cpu::cross_attention(q, k, v, &self.lens.host, self.scale, &mut o, lse_view.as_mut())
                     .map_err(wrap)?;
             }
             <T as candle_core::WithDType>::to_cpu_storage_owned(out)
         });
+        if self.lse.is_some() {
+            self.keep_lse(Storage::Cpu(CpuStorage::F32(lse)));
+        }
         Ok((storage, Shape::from_dims(&shape)))
     }
 
@@ -133,6 +261,11 @@ impl CustomOp3 for CrossAttention<'_> {
         let stream = dev.cuda_stream();
         let (ql, kl, vl) = (strided::<4>(l1)?, strided::<4>(l2)?, strided::<4>(l3)?);
         let shape = ql.shape();
+        let lse_shape = [shape[0], shape[2], shape[1]];
+        let mut lse = match self.lse {
+            Some(_) => Some(dev.alloc_zeros::<f32>(lse_shape.iter().product::<usize>().max(1))?),
+            None => None,
+        };
         let mut workspace = Workspace::new();
         let storage = with_element!(s1.dtype(), T => {
             let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
@@ -141,11 +274,20 @@ impl CustomOp3 for CrossAttention<'_> {
                 let k = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), kl).map_err(wrap)?;
                 let v = DevView::new(s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..), vl).map_err(wrap)?;
                 let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
-                foveal::cross_attention::cuda::cross_attention(&stream, &q, &k, &v, lens, self.scale, &mut o, None, &mut workspace)
+                let mut lse_view = match lse.as_mut() {
+                    Some(l) => Some(DevViewMut::of(l, foveal::Layout::contiguous(lse_shape)).map_err(wrap)?),
+                    None => None,
+                };
+                foveal::cross_attention::cuda::cross_attention(&stream, &q, &k, &v, lens, self.scale, &mut o, lse_view.as_mut(), &mut workspace)
                     .map_err(wrap)?;
             }
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev)
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
+        if let Some(l) = lse {
+            self.keep_lse(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
+                l, dev,
+            )));
+        }
         Ok((storage, Shape::from_dims(&shape)))
     }
 }
