@@ -158,12 +158,16 @@ __device__ int segment_of(const int4* segs, int n, int x) {
 __device__ void list_tokens(const foveal_gaze_decode_params& p, int b, const int4* segs, int n_segs, int lo, int hi,
                            int32_t* pos, uint8_t* mask) {
   __shared__ int4 window[kAttendThreads];
-  __shared__ int next;
+  // The next round's first segment, double-buffered by round: thread
+  // kAttendThreads - 1 writes round r's entry while a slower thread may
+  // still be reading round r - 1's (no barrier between them when a round
+  // keeps its window).
+  __shared__ int next[2];
   if (lo >= hi) return;
   const int32_t* region_pos = p.region_pos + static_cast<int64_t>(b) * p.max_regions * p.max_region_len;
   int seg = segment_of(segs, n_segs, lo);
   int loaded = -1;  // the first segment of the window in shared memory
-  for (int base = lo; base < hi; base += kAttendThreads) {
+  for (int base = lo, round = 0; base < hi; base += kAttendThreads, round ^= 1) {
     if (seg != loaded) {  // (uniform) a long segment keeps its window
       if (seg + static_cast<int>(threadIdx.x) < n_segs) window[threadIdx.x] = __ldcg(&segs[seg + threadIdx.x]);
       loaded = seg;
@@ -182,10 +186,10 @@ __device__ void list_tokens(const foveal_gaze_decode_params& p, int b, const int
       pos[t] = (s.y & kVisibleFlag) ? s.x + i : __ldg(region_pos + static_cast<int64_t>(s.x) * p.max_region_len + i);
       mask[t] = static_cast<uint8_t>(s.y & 0xff);
       // the segment of the next round's first token, t + 1
-      if (threadIdx.x == kAttendThreads - 1) next = seg + a + (s.w <= t + 1);
+      if (threadIdx.x == kAttendThreads - 1) next[round] = seg + a + (s.w <= t + 1);
     }
     __syncthreads();
-    seg = next;
+    seg = next[round];
   }
 }
 
@@ -216,6 +220,28 @@ __device__ __forceinline__ void cp_async_wait_pending(int pending) {
   else if (pending == 1) attn::cp_async_wait<1>();
   else attn::cp_async_wait<0>();
 }
+
+// Where tile t of the attend loop lives: its stage of the ring and its
+// slot of positions, the stage and slot that tile t + stages - 1's copies
+// go to, and the slot that takes tile t + stages's positions (t - 1's, free
+// once tile t's barrier has passed). Advanced by one compare-and-reset per
+// index rather than `t % stages` (a runtime modulo costs ~20 instructions).
+struct RingCursor {
+  int stage, slot, issue_stage, issue_slot, store_slot;
+
+  __device__ explicit RingCursor(int stages)
+      : stage(0), slot(0), issue_stage(stages - 1), issue_slot(stages - 1), store_slot(stages) {}
+
+  __device__ void advance(int stages) {
+    stage = wrap_next(stage, stages);
+    issue_stage = wrap_next(issue_stage, stages);
+    slot = wrap_next(slot, stages + 1);
+    issue_slot = wrap_next(issue_slot, stages + 1);
+    store_slot = wrap_next(store_slot, stages + 1);
+  }
+
+  __device__ static int wrap_next(int i, int n) { return i + 1 == n ? 0 : i + 1; }
+};
 
 // ---------------------------------------------------------------- the attend
 
@@ -300,18 +326,23 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
     }
   };
 
-  // Prologue: the positions of tiles 0..stages-1, the copies of 0..stages-2.
-  for (int j = 0; j < stages; ++j) {
-    int32_t pos;
-    uint8_t mask;
-    load_meta(j, pos, mask);
-    store_meta(j, pos, mask);
+  // Prologue: the positions of tiles 0..stages-1 (loads issued together),
+  // the copies of 0..stages-2.
+  {
+    int32_t pos[kMaxStages];
+    uint8_t mask[kMaxStages];
+#pragma unroll
+    for (int j = 0; j < kMaxStages; ++j) load_meta(j < stages ? j : n_tiles, pos[j], mask[j]);
+#pragma unroll
+    for (int j = 0; j < kMaxStages; ++j) {
+      if (j < stages) store_meta(j, pos[j], mask[j]);
+    }
   }
   __syncthreads();
   for (int j = 0; j + 1 < stages; ++j) issue_tile(j, j, j);
 
   const float scale = p.scale;
-  const int slots = stages + 1;
+  RingCursor cursor(stages);
   if constexpr (Shape::kMma) {
     // ---------------------------------------------------- tensor cores
     constexpr int kDimTiles = kHeadDimMax / 8;
@@ -332,15 +363,14 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
     for (int t = 0; t < n_tiles; ++t) {
       cp_async_wait_pending(stages - 2);
       __syncthreads();  // tile t landed; every thread is done with tile t - 1
-      issue_tile(t + stages - 1, (t + stages - 1) % stages, (t + stages - 1) % slots);
+      issue_tile(t + stages - 1, cursor.issue_stage, cursor.issue_slot);
       int32_t next_pos;
       uint8_t next_mask;
       load_meta(t + stages, next_pos, next_mask);
       if (computes) {
-        const int stage = t % stages;
-        const uint8_t* masks = ring.mask(t % slots) + warp * 16;
-        const T* ks = ring.k(stage) + warp * 16 * kStride;
-        const T* vs = ring.v(stage) + warp * 16 * kStride;
+        const uint8_t* masks = ring.mask(cursor.slot) + warp * 16;
+        const T* ks = ring.k(cursor.stage) + warp * 16 * kStride;
+        const T* vs = ring.v(cursor.stage) + warp * 16 * kStride;
         float s[2][2];
         attn::warp_scores_rows8<T, kHeadDimMax, kStride>(s, qa, ks);
         // Scores scale * q . k of the keys this row's head attends; -inf
@@ -387,7 +417,8 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
           attn::warp_pv_rows8<T, kHeadDimMax, kStride>(o, s, vs, keys, (heads >> row) & 1);
         }
       }
-      store_meta((t + stages) % slots, next_pos, next_mask);
+      store_meta(cursor.store_slot, next_pos, next_mask);
+      cursor.advance(stages);
     }
     attn::cp_async_wait<0>();
     __syncthreads();  // no copy in flight: the epilogue reuses the ring
@@ -460,14 +491,13 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
     for (int t = 0; t < n_tiles; ++t) {
       cp_async_wait_pending(stages - 2);
       __syncthreads();  // tile t landed; every thread is done with tile t - 1
-      issue_tile(t + stages - 1, (t + stages - 1) % stages, (t + stages - 1) % slots);
+      issue_tile(t + stages - 1, cursor.issue_stage, cursor.issue_slot);
       int32_t next_pos;
       uint8_t next_mask;
       load_meta(t + stages, next_pos, next_mask);
-      const int stage = t % stages;
-      const uint8_t* masks = ring.mask(t % slots);
-      const T* ks = ring.k(stage);
-      const T* vs = ring.v(stage);
+      const uint8_t* masks = ring.mask(cursor.slot);
+      const T* ks = ring.k(cursor.stage);
+      const T* vs = ring.v(cursor.stage);
 
       // Scores scale * q . k of the lane group's tokens of the tile.
       int heads[kUnroll];  // the unit's heads attending each token
@@ -543,7 +573,8 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
           }
         }
       }
-      store_meta((t + stages) % slots, next_pos, next_mask);
+      store_meta(cursor.store_slot, next_pos, next_mask);
+      cursor.advance(stages);
     }
     attn::cp_async_wait<0>();
     __syncthreads();  // no copy in flight: the epilogue reuses the ring
