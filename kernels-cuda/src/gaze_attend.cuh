@@ -11,7 +11,8 @@
 // ring of 2 to 4 stages, the positions of a tile loaded a tile ahead of the
 // copies that use them, one barrier and one online-softmax update per tile.
 // Math: tensor cores (attention_tile.cuh, at most 8 query rows) for bf16/f16
-// units of 4 or more heads; lane groups over 16-byte chunks otherwise.
+// groups of 3 or more heads (every unit of them); lane groups over 16-byte
+// chunks otherwise.
 #pragma once
 
 #include "attention_tile.cuh"

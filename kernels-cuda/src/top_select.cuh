@@ -1,7 +1,7 @@
 // Shared pieces of the kernels that keep the top n of a row (select_keep,
-// text_guided_select, route_topk): the order-preserving key of a float
-// score, the radix select of the n-th largest key, and the ordered pass that
-// writes the kept indices in ascending order.
+// text_guided_select, route_topk, gaze_route_decode): the order-preserving
+// key of a float score, the radix select of the n-th largest key, and the
+// ordered pass that writes the kept indices in ascending order.
 #pragma once
 
 #include <cub/block/block_scan.cuh>
