@@ -71,8 +71,8 @@ MEMORY_BOUND = [
     ("compact_kv", r"gather_positions_kernel<uint4>", None, 1, "the 16-byte gather (issue 11)"),
     ("region_descriptors", r"region_descriptors_kernel<", None, 1, "key rows in 16-byte columns"),
     ("glimpse_scores", r"glimpse_scores_kernel<", None, 1, "keys streamed once in 16-byte vectors"),
-    ("gaze_decode", r"gaze_attend_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
-    ("gaze_route_decode", r"gaze_route_decode_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
+    ("gaze_decode", r"gaze_attend(_mma)?_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte cp.async"),
+    ("gaze_route_decode", r"gaze_route_decode(_mma)?_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte cp.async"),
 ]
 
 # ---------------------------------------------------------------- build.rs
