@@ -340,6 +340,9 @@ __device__ __forceinline__ void gaze_attend_slice(const foveal_gaze_decode_param
     }
   }
   __syncthreads();
+  // (Not unrolled: at most 3 tiles, and unrolled it would hold more copies
+  // than the loop below, which the kernel report must find as the main loop.)
+#pragma unroll 1
   for (int j = 0; j + 1 < stages; ++j) issue_tile(j, j, j);
 
   const float scale = p.scale;
