@@ -48,6 +48,7 @@ mod cuda {
         "src/common.cuh",
         "src/top_select.cuh",
         "src/gaze_attend.cuh",
+        "src/gaze_plan.cuh",
         "src/gaze_merge.cuh",
         "src/attention_tile.cuh",
     ];

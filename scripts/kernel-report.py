@@ -86,8 +86,8 @@ MEMORY_BOUND = [
     ("glimpse_scores", r"glimpse_scores_mma_kernel<", None, 8,
      "the next steps' 16-byte copies (cp.async) in flight while a step is scored (issue 11)"),
     ("glimpse_scores", r"glimpse_scores_fma_kernel<", None, 1, "f32 keys streamed once in 16-byte vectors"),
-    ("gaze_decode", r"gaze_attend_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
-    ("gaze_route_decode", r"gaze_route_decode_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte vectors"),
+    ("gaze_decode", r"gaze_attend(_mma)?_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte cp.async"),
+    ("gaze_route_decode", r"gaze_route_decode(_mma)?_kernel<", "gaze_attend.cuh", 1, "attended K/V rows in 16-byte cp.async"),
 ]
 
 # ---------------------------------------------------------------- build.rs

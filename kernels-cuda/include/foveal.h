@@ -345,6 +345,8 @@ int foveal_route_topk(const foveal_route_topk_params *p, foveal_stream_t stream)
 #define FOVEAL_GAZE_MAX_HEAD_DIM 256
 #define FOVEAL_GAZE_MAX_GROUP 8
 #define FOVEAL_GAZE_MAX_REGIONS 32768
+/* int32 words per unit in the workspace's unit_info. */
+#define FOVEAL_GAZE_UNIT_WORDS 8
 
 typedef struct foveal_gaze_decode_params {
   /* q [B, Hq, D], the new token's queries. */
@@ -374,18 +376,28 @@ typedef struct foveal_gaze_decode_params {
   int64_t lse_stride_b, lse_stride_h;
   /* Workspace. Per unit (row, KV head, chunk of up to FOVEAL_GAZE_MAX_GROUP
    * query heads): segments [B, units, max_segments, 4] int32 (the attended
-   * set as visible ranges and routed regions: id, head mask, first and one
-   * past the last token index) and unit_tokens [B, units, 2] int32 (segment
-   * count, token count); per query head and split: partial_o
-   * [B, Hq, num_splits, D] and partial_ml [B, Hq, num_splits, 2] float
-   * (running max of scale * q.k, sum of exponentials relative to it). */
+   * set as visible ranges and routed regions, each holding at least one
+   * token: id, head mask, first and one past the last token index);
+   * unit_info [B, units, FOVEAL_GAZE_UNIT_WORDS] int32 (segment count,
+   * token count, and the kernels' tickets and flags), followed by one more
+   * word (gaze_route_decode's block counter); token_pos [B, units,
+   * max_tokens] int32 and token_mask [B, units, max_tokens] uint8 (each
+   * attended token's cache position and the unit's heads attending it, in
+   * the set's order, written by the attend blocks for their own shares);
+   * per query head and split: partial_o [B, Hq, num_splits, D] and
+   * partial_ml [B, Hq, num_splits, 2] float (running max of scale * q.k, sum
+   * of exponentials relative to it). */
   int32_t *segments;
-  int32_t *unit_tokens;
+  int32_t *unit_info;
+  int32_t *token_pos;
+  uint8_t *token_mask;
   float *partial_o;
   float *partial_ml;
   int32_t batch, q_heads, kv_heads, head_dim;
   /* Bound on the segments of a unit: max_visible + min(max_regions, heads per unit * route_k). */
   int32_t max_segments;
+  /* Bound on the attended tokens of a unit (visible keys plus the largest union of its heads' regions). */
+  int32_t max_tokens;
   /* Blocks that share one unit's attended tokens (flash-decoding split). */
   int32_t num_splits;
   float scale;
@@ -402,9 +414,9 @@ int foveal_gaze_decode(const foveal_gaze_decode_params *p, foveal_stream_t strea
 #define FOVEAL_GAZE_ROUTE_MAX_SPLITS 256
 
 typedef struct foveal_gaze_route_decode_params {
-  /* The attention's arguments as gaze_decode takes them, except: `routes`
-   * and `unit_tokens` are unused; `segments` holds one list per block,
-   * [B, units, num_splits, max_segments, 4] int32. */
+  /* The attention's arguments as gaze_decode takes them (workspace
+   * included; unit_info is zeroed by the launcher before the kernel), except
+   * `routes`, unused: the routes are written to `routes` below. */
   foveal_gaze_decode_params decode;
   /* desc [B, Hkv, R, D] float (16-byte aligned rows), R >= max_regions. */
   const float *desc;
@@ -412,9 +424,6 @@ typedef struct foveal_gaze_route_decode_params {
   /* Routes out, [B, 1, Hq, top_k] int32, contiguous: ascending, -1 padded. */
   int32_t *routes;
   int32_t top_k;
-  /* Workspace: one ticket per (row, unit), [B, units] uint32; zeroed by
-   * the launcher before the kernel, and reset by the kernel's last block. */
-  uint32_t *tickets;
 } foveal_gaze_route_decode_params;
 
 int foveal_gaze_route_decode(const foveal_gaze_route_decode_params *p, foveal_stream_t stream);

@@ -207,6 +207,122 @@ __device__ __forceinline__ void warp_pv(float (&o)[kMTiles][kDim / 8][4], const 
   }
 }
 
+// The floats of two packed T (the inverse of pack2; `lo` from the low half).
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t v, float& lo, float& hi);
+template <>
+__device__ __forceinline__ void unpack2<__nv_bfloat16>(uint32_t v, float& lo, float& hi) {
+  lo = __uint_as_float(v << 16);
+  hi = __uint_as_float(v & 0xffff0000u);
+}
+template <>
+__device__ __forceinline__ void unpack2<__half>(uint32_t v, float& lo, float& hi) {
+  const __half2 h = *reinterpret_cast<const __half2*>(&v);
+  const float2 f = __half22float2(h);
+  lo = f.x;
+  hi = f.y;
+}
+
+// --------------------------------------------- decode: at most 8 query rows
+//
+// A decode tile whose A operand holds at most 8 rows (the query heads of one
+// KV head, gaze_attend.cuh): rows 8-15 of every m16n8k16 are zero, so a
+// thread keeps only row lane / 4 of its fragments (a[0], a[2]; accumulator
+// c[0], c[1]) and a warp serves 16 keys (two 8-key n-tiles). Used with
+// K / V tiles of 16-key slices in shared memory, `kStride` elements per row.
+
+// The A fragments of row lane / 4 of a tile of at most 8 query rows: q[kk]
+// holds columns 16 kk + 2 (lane % 4), +1 and 16 kk + 8 + 2 (lane % 4), +1 of
+// `row` (global memory, 4-byte aligned), zero past `dim` or where `row` is
+// nullptr (rows past the heads).
+template <typename T, int kDim>
+__device__ __forceinline__ void load_q_rows8(uint32_t (&q)[kDim / 16][2], const T* row, int dim) {
+  const int col = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = kk * 16 + h * 8 + col;
+      q[kk][h] = row != nullptr && c < dim ? __ldg(reinterpret_cast<const uint32_t*>(row + c)) : 0u;
+    }
+  }
+}
+
+// Scores of the warp's 16 keys (`k`: their first row) for rows 0-7:
+// s[n][e] = q_{lane / 4} . k_{8 n + 2 (lane % 4) + e}, f32 accumulation over
+// kDim columns.
+template <typename T, int kDim, int kStride>
+__device__ __forceinline__ void warp_scores_rows8(float (&s)[2][2], const uint32_t (&q)[kDim / 16][2], const T* k) {
+  const int lane = threadIdx.x % 32;
+  float c[2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+    // matrices: keys 0-7 x dims 0-7, 8-15; keys 8-15 x dims 0-7, 8-15
+    uint32_t b[4];
+    ldmatrix_x4(b, k + (lane % 8 + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8);
+    const uint32_t a[4] = {q[kk][0], 0u, q[kk][1], 0u};
+    mma_16816<T>(c[0], a, b[0], b[1]);
+    mma_16816<T>(c[1], a, b[2], b[3]);
+  }
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    s[n][0] = c[n][0];
+    s[n][1] = c[n][1];
+  }
+}
+
+// o += P V over a subset of the warp's 16 keys, for row lane / 4 of rows
+// 0-7, where the row takes part: P (the weights in warp_scores_rows8's
+// layout) times the V rows of the keys whose bit is set in `keys` (bit j:
+// key j; the others are zeroed in the V fragments), formed afresh and added
+// to o only when `row_takes` (o[d][e]: column 8 d + 2 (lane % 4) + e). So a
+// row never accumulates a product with a value row outside `keys`, nor any
+// product when it does not take part: a select, never a multiplication by a
+// zero weight (0 x inf is NaN). P is split into P_hi + P_lo, each rounded to
+// T (two mma): the weights keep about 16 bits (bf16) or 22 (f16), not the 8
+// or 11 of one rounding. `v`: the first of the 16 keys' rows.
+template <typename T, int kDim, int kStride>
+__device__ __forceinline__ void warp_pv_rows8(float (&o)[kDim / 8][2], const float (&p)[2][2], const T* v,
+                                              uint32_t keys, bool row_takes) {
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+  // B fragments hold keys 2 quad, +1 (b[0], b[2]) and 8 + 2 quad, +1 (b[1], b[3]).
+  auto half_mask = [&](int key) {
+    return ((keys >> key) & 1u ? 0x0000ffffu : 0u) | ((keys >> (key + 1)) & 1u ? 0xffff0000u : 0u);
+  };
+  const uint32_t z0 = half_mask(2 * quad);
+  const uint32_t z1 = half_mask(8 + 2 * quad);
+  uint32_t hi[4] = {pack2<T>(p[0][0], p[0][1]), 0u, pack2<T>(p[1][0], p[1][1]), 0u};
+  uint32_t lo[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    float h0, h1;
+    unpack2<T>(hi[2 * n], h0, h1);
+    lo[2 * n] = pack2<T>(p[n][0] - h0, p[n][1] - h1);
+  }
+#pragma unroll
+  for (int d = 0; d < kDim / 8; d += 2) {
+    // transposed matrices: keys 0-7 / 8-15 x columns 8 d..8 d + 7, then 8 (d + 1)..
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, v + (lane % 16) * kStride + d * 8 + (lane / 16) * 8);
+    b[0] &= z0;
+    b[1] &= z1;
+    b[2] &= z0;
+    b[3] &= z1;
+    float c0[4] = {}, c1[4] = {};
+    mma_16816<T>(c0, hi, b[0], b[1]);
+    mma_16816<T>(c0, lo, b[0], b[1]);
+    mma_16816<T>(c1, hi, b[2], b[3]);
+    mma_16816<T>(c1, lo, b[2], b[3]);
+    if (row_takes) {
+      o[d][0] += c0[0];
+      o[d][1] += c0[1];
+      o[d + 1][0] += c1[0];
+      o[d + 1][1] += c1[1];
+    }
+  }
+}
+
 // ------------------------------------- held key fragments (text_guided_select)
 // Added for text_guided_select's score kernel, whose warps keep their keys'
 // fragments in registers while many 16-row query tiles stream past them.

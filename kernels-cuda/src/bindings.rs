@@ -22,6 +22,7 @@ pub const FOVEAL_ROUTE_REGIONS_PER_BLOCK: u32 = 64;
 pub const FOVEAL_GAZE_MAX_HEAD_DIM: u32 = 256;
 pub const FOVEAL_GAZE_MAX_GROUP: u32 = 8;
 pub const FOVEAL_GAZE_MAX_REGIONS: u32 = 32768;
+pub const FOVEAL_GAZE_UNIT_WORDS: u32 = 8;
 pub const FOVEAL_GAZE_ROUTE_MAX_REGIONS: u32 = 4096;
 pub const FOVEAL_GAZE_ROUTE_MAX_SPLITS: u32 = 256;
 pub const FOVEAL_CROSS_ATTN_MAX_HEAD_DIM: u32 = 256;
@@ -906,7 +907,9 @@ pub struct foveal_gaze_decode_params {
     pub lse_stride_b: i64,
     pub lse_stride_h: i64,
     pub segments: *mut i32,
-    pub unit_tokens: *mut i32,
+    pub unit_info: *mut i32,
+    pub token_pos: *mut i32,
+    pub token_mask: *mut u8,
     pub partial_o: *mut f32,
     pub partial_ml: *mut f32,
     pub batch: i32,
@@ -914,6 +917,7 @@ pub struct foveal_gaze_decode_params {
     pub kv_heads: i32,
     pub head_dim: i32,
     pub max_segments: i32,
+    pub max_tokens: i32,
     pub num_splits: i32,
     pub scale: f32,
     pub dtype: foveal_dtype,
@@ -921,7 +925,7 @@ pub struct foveal_gaze_decode_params {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of foveal_gaze_decode_params"]
-        [::std::mem::size_of::<foveal_gaze_decode_params>() - 272usize];
+        [::std::mem::size_of::<foveal_gaze_decode_params>() - 296usize];
     ["Alignment of foveal_gaze_decode_params"]
         [::std::mem::align_of::<foveal_gaze_decode_params>() - 8usize];
     ["Offset of field: foveal_gaze_decode_params::q"]
@@ -980,28 +984,34 @@ const _: () = {
         [::std::mem::offset_of!(foveal_gaze_decode_params, lse_stride_h) - 200usize];
     ["Offset of field: foveal_gaze_decode_params::segments"]
         [::std::mem::offset_of!(foveal_gaze_decode_params, segments) - 208usize];
-    ["Offset of field: foveal_gaze_decode_params::unit_tokens"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, unit_tokens) - 216usize];
+    ["Offset of field: foveal_gaze_decode_params::unit_info"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, unit_info) - 216usize];
+    ["Offset of field: foveal_gaze_decode_params::token_pos"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, token_pos) - 224usize];
+    ["Offset of field: foveal_gaze_decode_params::token_mask"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, token_mask) - 232usize];
     ["Offset of field: foveal_gaze_decode_params::partial_o"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, partial_o) - 224usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, partial_o) - 240usize];
     ["Offset of field: foveal_gaze_decode_params::partial_ml"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, partial_ml) - 232usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, partial_ml) - 248usize];
     ["Offset of field: foveal_gaze_decode_params::batch"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, batch) - 240usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, batch) - 256usize];
     ["Offset of field: foveal_gaze_decode_params::q_heads"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, q_heads) - 244usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, q_heads) - 260usize];
     ["Offset of field: foveal_gaze_decode_params::kv_heads"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, kv_heads) - 248usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, kv_heads) - 264usize];
     ["Offset of field: foveal_gaze_decode_params::head_dim"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, head_dim) - 252usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, head_dim) - 268usize];
     ["Offset of field: foveal_gaze_decode_params::max_segments"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, max_segments) - 256usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, max_segments) - 272usize];
+    ["Offset of field: foveal_gaze_decode_params::max_tokens"]
+        [::std::mem::offset_of!(foveal_gaze_decode_params, max_tokens) - 276usize];
     ["Offset of field: foveal_gaze_decode_params::num_splits"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, num_splits) - 260usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, num_splits) - 280usize];
     ["Offset of field: foveal_gaze_decode_params::scale"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, scale) - 264usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, scale) - 284usize];
     ["Offset of field: foveal_gaze_decode_params::dtype"]
-        [::std::mem::offset_of!(foveal_gaze_decode_params, dtype) - 268usize];
+        [::std::mem::offset_of!(foveal_gaze_decode_params, dtype) - 288usize];
 };
 impl Default for foveal_gaze_decode_params {
     fn default() -> Self {
@@ -1028,30 +1038,27 @@ pub struct foveal_gaze_route_decode_params {
     pub desc_stride_r: i64,
     pub routes: *mut i32,
     pub top_k: i32,
-    pub tickets: *mut u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of foveal_gaze_route_decode_params"]
-        [::std::mem::size_of::<foveal_gaze_route_decode_params>() - 328usize];
+        [::std::mem::size_of::<foveal_gaze_route_decode_params>() - 344usize];
     ["Alignment of foveal_gaze_route_decode_params"]
         [::std::mem::align_of::<foveal_gaze_route_decode_params>() - 8usize];
     ["Offset of field: foveal_gaze_route_decode_params::decode"]
         [::std::mem::offset_of!(foveal_gaze_route_decode_params, decode) - 0usize];
     ["Offset of field: foveal_gaze_route_decode_params::desc"]
-        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc) - 272usize];
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc) - 296usize];
     ["Offset of field: foveal_gaze_route_decode_params::desc_stride_b"]
-        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_b) - 280usize];
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_b) - 304usize];
     ["Offset of field: foveal_gaze_route_decode_params::desc_stride_h"]
-        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_h) - 288usize];
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_h) - 312usize];
     ["Offset of field: foveal_gaze_route_decode_params::desc_stride_r"]
-        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_r) - 296usize];
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, desc_stride_r) - 320usize];
     ["Offset of field: foveal_gaze_route_decode_params::routes"]
-        [::std::mem::offset_of!(foveal_gaze_route_decode_params, routes) - 304usize];
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, routes) - 328usize];
     ["Offset of field: foveal_gaze_route_decode_params::top_k"]
-        [::std::mem::offset_of!(foveal_gaze_route_decode_params, top_k) - 312usize];
-    ["Offset of field: foveal_gaze_route_decode_params::tickets"]
-        [::std::mem::offset_of!(foveal_gaze_route_decode_params, tickets) - 320usize];
+        [::std::mem::offset_of!(foveal_gaze_route_decode_params, top_k) - 336usize];
 };
 impl Default for foveal_gaze_route_decode_params {
     fn default() -> Self {

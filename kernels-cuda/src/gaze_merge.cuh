@@ -1,8 +1,8 @@
-// The merge step of gaze_decode (SPEC "Gaze Attention / gaze_decode"),
-// shared by gaze_decode.cu (its merge kernel) and gaze_route_decode.cu (the
-// last block of a unit): the split partials that gaze_attend.cuh's attend
-// step wrote, merged by log-sum-exp in a fixed order. The design is in
-// docs/ops/gaze_decode.md.
+// The merge step of gaze_decode (SPEC "Gaze Attention / gaze_decode"), run
+// by the last attend block of a unit in gaze_decode.cu and
+// gaze_route_decode.cu (gaze_attend.cuh's merge_if_last): the split partials
+// that gaze_attend.cuh's attend step wrote, merged by log-sum-exp in a fixed
+// order. The design is in docs/ops/gaze_decode.md.
 #pragma once
 
 #include "common.cuh"
@@ -11,10 +11,10 @@ namespace foveal {
 namespace {
 
 // The merge of one query head's split partials, by log-sum-exp in split
-// order (gaze_decode's merge kernel; gaze_route_decode's last block of a
-// unit): o = sum_s o_s w_s / L with w_s = exp(m_s - M), L = sum_s l_s w_s,
-// M = max_s m_s (common.cuh's rules); lse = M + ln L. A head that attended
-// nothing (L = 0) gets o = 0 and lse = -inf. Threads 0..31 form the weights
+// order (the last attend block of a unit): o = sum_s o_s w_s / L with
+// w_s = exp(m_s - M), L = sum_s l_s w_s, M = max_s m_s (common.cuh's
+// rules); lse = M + ln L. A head that attended nothing (L = 0) gets o = 0
+// and lse = -inf. Threads 0..31 form the weights
 // (lane-strided max and sum, a fixed shuffle tree: deterministic) in
 // `weight` [num_splits] (shared memory), then every thread of the block
 // writes its share of o. The partials are read with __ldcg (they may come
@@ -31,8 +31,11 @@ __device__ void merge_splits(const foveal_gaze_decode_params& p, int b, int h, f
     float ll = 0.f;
     for (int s = threadIdx.x; s < p.num_splits; s += 32) ll += __ldcg(ml + 2 * s + 1) * softmax_weight(__ldcg(ml + 2 * s), mm);
     ll = group_sum<32>(ll);
+    // __fdividef (2 ulp; ll <= the attended tokens, far below its 2^126
+    // bound): an IEEE division calls a slow-path subroutine, and across that
+    // call the attend kernels it is inlined into would spill registers.
     for (int s = threadIdx.x; s < p.num_splits; s += 32) {
-      weight[s] = ll == 0.f ? 0.f : softmax_weight(__ldcg(ml + 2 * s), mm) / ll;
+      weight[s] = ll == 0.f ? 0.f : __fdividef(softmax_weight(__ldcg(ml + 2 * s), mm), ll);
     }
     if (threadIdx.x == 0) *sh_lse = softmax_lse(mm, ll);
   }

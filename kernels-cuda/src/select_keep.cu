@@ -5,10 +5,11 @@
 // One block per row. The row keeps its top n tokens for the n the rule gives
 // (count over the threshold, capped by the ratio, raised to min_keep), ranked
 // by logit with ties to the lower index. The n-th largest key is found by a
-// 4-pass most-significant-digit radix select over order-preserving 32-bit
-// keys (histograms in shared memory); then one ordered pass keeps the keys
-// above it and the first `remaining` keys equal to it, and writes the kept
-// indices in ascending order with a block scan. Counts and scans are exact,
+// most-significant-digit radix select of at most 4 passes over
+// order-preserving 32-bit keys (histograms in shared memory, each pass's
+// digit found by a warp scan: top_select.cuh); then one ordered pass keeps
+// the keys above it and the first `remaining` keys equal to it, and writes
+// the kept indices in ascending order with a block scan. Counts and scans are exact,
 // so the result is deterministic.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>

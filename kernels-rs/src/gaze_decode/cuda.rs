@@ -57,16 +57,10 @@ pub fn gaze_decode<T: Element>(
     let plan = Plan::new(OP, &dims, host, sm_count(stream, OP)?, &LIMITS)?;
 
     let (mut params, _guards) = decode_params(OP, stream, q, k, v, layout, &dims, o, lse)?;
-    let ([segments, unit_tokens, partial_o, partial_ml], _ws) =
-        workspace.regions(stream, plan.region_bytes(&dims))?;
+    let (regions, _ws) = workspace.regions(stream, plan.region_bytes(&dims))?;
     let (route_ids, _ri) = routes.ids.device_ptr(stream);
     params.routes = route_ids as *const i32;
-    params.segments = segments as *mut i32;
-    params.unit_tokens = unit_tokens as *mut i32;
-    params.partial_o = partial_o as *mut f32;
-    params.partial_ml = partial_ml as *mut f32;
-    params.max_segments = plan.max_segments as i32;
-    params.num_splits = plan.num_splits as i32;
+    plan.set_workspace(&mut params, regions);
     let stream_ptr = ffi_stream(stream, OP)?;
     // SAFETY: every pointer is a live device allocation of the stream's
     // context, held (with its ordering guard) until this call has enqueued
@@ -77,7 +71,9 @@ pub fn gaze_decode<T: Element>(
     // the uploaded arrays); region ids by the routes, checked against this
     // layout (DeviceRoutes::check_from: ids < the row's region count, -1
     // padding); the workspace regions by `Plan::region_bytes`, sized from
-    // the same `max_segments` and `num_splits` the kernels use.
+    // the same `max_segments`, `max_tokens` and `num_splits` the kernels use
+    // (each unit's attended tokens are at most `max_tokens`: its visible
+    // keys plus the union of its heads' routed regions).
     let status = unsafe { ffi::foveal_gaze_decode(&params, stream_ptr) };
     check_status(OP, status)
 }
@@ -180,7 +176,9 @@ pub(crate) fn decode_params<'s, T: Element>(
         lse_stride_b: lse_strides[0] as i64,
         lse_stride_h: lse_strides[1] as i64,
         segments: std::ptr::null_mut(),
-        unit_tokens: std::ptr::null_mut(),
+        unit_info: std::ptr::null_mut(),
+        token_pos: std::ptr::null_mut(),
+        token_mask: std::ptr::null_mut(),
         partial_o: std::ptr::null_mut(),
         partial_ml: std::ptr::null_mut(),
         batch: dims.batch as i32,
@@ -188,6 +186,7 @@ pub(crate) fn decode_params<'s, T: Element>(
         kv_heads: dims.kv_heads as i32,
         head_dim: dims.head_dim as i32,
         max_segments: 0,
+        max_tokens: 0,
         num_splits: 0,
         scale: dims.scale,
         dtype: ffi_dtype(T::DTYPE),
@@ -243,18 +242,20 @@ pub(crate) struct Limits {
     pub too_many_regions: fn(usize, usize) -> String,
     /// Most blocks sharing one unit's attended set.
     pub max_splits: usize,
-    /// Whether every split block lists its own segments (the fused kernel
-    /// plans in each block) rather than each unit once.
-    pub lists_per_split: bool,
 }
 
-/// gaze_decode's bounds: the per-region head masks of a unit in shared memory.
+/// gaze_decode's bounds: the per-region head masks of a unit in shared
+/// memory; the merge's weights (a float per split) in the attend kernel's
+/// ring, which holds thousands, far more than the split rule asks.
 const LIMITS: Limits = Limits {
     max_regions: ffi::FOVEAL_GAZE_MAX_REGIONS as usize,
     too_many_regions: |n, max| format!("{n} regions in a row, the kernels take at most {max}"),
-    max_splits: usize::MAX,
-    lists_per_split: false,
+    max_splits: ffi::FOVEAL_GAZE_ROUTE_MAX_SPLITS as usize,
 };
+
+/// Blocks of the attend kernels an SM holds at once (their design: shared
+/// memory for two of them, docs/ops/gaze_decode.md).
+const BLOCKS_PER_SM: usize = 2;
 
 /// The launch shape of one call of gaze_decode or gaze_route_decode, from
 /// host-known bounds only.
@@ -262,6 +263,8 @@ pub(crate) struct Plan {
     /// Units (row, KV head, chunk of query heads) per row.
     pub units: usize,
     pub max_segments: usize,
+    /// Bound on any unit's attended tokens.
+    pub max_tokens: usize,
     pub num_splits: usize,
 }
 
@@ -301,60 +304,73 @@ impl Plan {
             })
             .max()
             .unwrap_or(0);
-        // Flash-decoding split: enough blocks to fill the GPU twice over.
-        let blocks_per_split = dims.batch * units;
+        // Flash-decoding split: one wave of the attend blocks (as many as the
+        // SMs hold at once, whole splits per unit), at least
+        // MIN_TOKENS_PER_SPLIT tokens of the bound each.
+        let unit_count = dims.batch * units;
         let max_splits = max_tokens
             .div_ceil(MIN_TOKENS_PER_SPLIT)
             .clamp(1, limits.max_splits);
-        let num_splits = (2 * sms)
-            .div_ceil(blocks_per_split.max(1))
-            .clamp(1, max_splits);
-        // The kernels' int32 index space and grids (y, z <= 65,535).
-        let lists = if limits.lists_per_split {
-            num_splits
-        } else {
-            1
-        };
+        let num_splits = (BLOCKS_PER_SM * sms / unit_count.max(1)).clamp(1, max_splits);
+        // The kernels' int32 index space and grids (y, z <= 65,535; the fused
+        // kernel's one-dimensional grid of routers and attend blocks).
         let fits = units <= 65_535
             && dims.batch <= 65_535
-            && dims
-                .batch
-                .saturating_mul(units)
-                .saturating_mul(lists)
-                .saturating_mul(max_segments)
-                <= i32::MAX as usize / 4
+            && max_tokens <= i32::MAX as usize
+            && unit_count.saturating_mul(max_segments) <= i32::MAX as usize / 4
+            && unit_count.saturating_mul(heads_per_unit + num_splits) <= i32::MAX as usize
             && heads_per_unit.saturating_mul(dims.k) <= i32::MAX as usize;
         ensure(fits, || {
-            let splits = if limits.lists_per_split {
-                format!("{num_splits} splits x ")
-            } else {
-                String::new()
-            };
             Error::Unsupported {
-                op,
-                msg: format!(
-                    "{} rows x {units} units x {splits}{max_segments} segments exceed the kernels' limits",
-                    dims.batch
-                ),
-            }
+            op,
+            msg: format!(
+                "{} rows x {units} units x {max_segments} segments ({max_tokens} tokens) exceed the kernels' limits",
+                dims.batch
+            ),
+        }
         })?;
         Ok(Plan {
             units,
             max_segments,
+            max_tokens,
             num_splits,
         })
     }
 
-    /// Bytes of gaze_decode's workspace regions: segments, unit token
-    /// counts, partial outputs, partial (max, sum).
-    fn region_bytes(&self, dims: &Dims) -> [usize; 4] {
+    /// Bytes of the workspace regions of gaze_decode and gaze_route_decode:
+    /// segments and records of the units (and the fused kernel's block
+    /// counter), the units' token lists (positions, masks), partial outputs,
+    /// partial (max, sum).
+    pub(crate) fn region_bytes(&self, dims: &Dims) -> [usize; 6] {
         let units = dims.batch * self.units;
         let partials = dims.batch * dims.q_heads * self.num_splits;
+        let words = ffi::FOVEAL_GAZE_UNIT_WORDS as usize;
         [
             units * self.max_segments * 16,
-            units * 8,
+            (units * words + 1) * 4,
+            units * self.max_tokens * 4,
+            units * self.max_tokens,
             partials * dims.head_dim * 4,
             partials * 8,
         ]
+    }
+
+    /// Points `params` at the workspace regions carved for
+    /// [`Plan::region_bytes`] and sets the plan's sizes.
+    pub(crate) fn set_workspace(
+        &self,
+        params: &mut ffi::foveal_gaze_decode_params,
+        regions: [u64; 6],
+    ) {
+        let [segments, unit_info, token_pos, token_mask, partial_o, partial_ml] = regions;
+        params.segments = segments as *mut i32;
+        params.unit_info = unit_info as *mut i32;
+        params.token_pos = token_pos as *mut i32;
+        params.token_mask = token_mask as *mut u8;
+        params.partial_o = partial_o as *mut f32;
+        params.partial_ml = partial_ml as *mut f32;
+        params.max_segments = self.max_segments as i32;
+        params.max_tokens = self.max_tokens as i32;
+        params.num_splits = self.num_splits as i32;
     }
 }

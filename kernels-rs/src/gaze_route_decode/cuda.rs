@@ -13,7 +13,6 @@ use crate::cuda::{
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::gaze_decode::cuda::{check_views, decode_params, workspace_dims, Limits, Plan};
-use crate::gaze_decode::Dims;
 use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
 
 /// Routes each query head to its `top_k` best regions and attends its row's
@@ -25,11 +24,11 @@ use crate::gaze_layout::cuda::{DeviceGazeLayout, DeviceRoutes};
 /// Needs what route_topk and gaze_decode need (16-byte-aligned q, k, v and
 /// desc, strides but the head dim's multiples of 16 bytes, a head dim that is
 /// a multiple of 16 bytes and of 4 elements, at most 256) and at most 4,096
-/// regions in a row (their scores sit in shared memory); a block's shared
-/// memory (the kernel's static part, about 23 KB at bf16, D 128 and 8 heads,
-/// plus `heads x regions x 4 + regions` bytes, heads = `min(G, 8)`) must fit
-/// the device's per-block opt-in limit, else `Error::Unsupported` before
-/// anything is launched. Scratch comes from `workspace` (reserve
+/// regions in a row (a router's scores sit in shared memory); a block's
+/// shared memory (the kernel's static part, about 5 KB, plus the larger of
+/// the attend ring, 2 to 4 stages of at most 36 KB as the device allows, and
+/// a router's `4 D + 5 x regions` bytes) must fit the device's per-block
+/// opt-in limit, else `Error::Unsupported` before anything is launched. Scratch comes from `workspace` (reserve
 /// [`workspace_bytes`] before capturing a graph).
 #[allow(clippy::too_many_arguments)]
 pub fn gaze_route_decode<T: Element>(
@@ -68,15 +67,10 @@ pub fn gaze_route_decode<T: Element>(
     let (mut decode, _guards) = decode_params(OP, stream, q, k, v, layout, &dims, o, lse)?;
     let (desc_ptr, _d) = desc.ptr(stream);
     check_aligned(OP, "desc", desc_ptr, 16)?;
-    let ([segments, partial_o, partial_ml, tickets], _ws) =
-        workspace.regions(stream, region_bytes(&plan, &dims))?;
+    let (regions, _ws) = workspace.regions(stream, plan.region_bytes(&dims))?;
     let (route_ids, _ri) = routes.ids.device_ptr_mut(stream);
     let [dsb, dsh, dsr, _] = desc.layout().strides();
-    decode.segments = segments as *mut i32;
-    decode.partial_o = partial_o as *mut f32;
-    decode.partial_ml = partial_ml as *mut f32;
-    decode.max_segments = plan.max_segments as i32;
-    decode.num_splits = plan.num_splits as i32;
+    plan.set_workspace(&mut decode, regions);
     let params = ffi::foveal_gaze_route_decode_params {
         decode,
         desc: desc_ptr as *const f32,
@@ -85,22 +79,20 @@ pub fn gaze_route_decode<T: Element>(
         desc_stride_r: dsr as i64,
         routes: route_ids as *mut i32,
         top_k: dims.k as i32,
-        tickets: tickets as *mut u32,
     };
     let stream_ptr = ffi_stream(stream, OP)?;
-    // The scores of a unit's heads sit in dynamic shared memory: with the
-    // kernel's static part they must fit the device's per-block limit,
-    // checked here rather than left to fail as a launch.
+    // The attend ring and a router's region scores share the dynamic shared
+    // memory: with the kernel's static part it must fit the device's
+    // per-block limit, checked here rather than left to fail as a launch.
     // SAFETY: the query reads only the sizes, dtype and group of `params`
     // and writes `out`, a valid struct; it enqueues nothing.
     let need = shared_memory(OP, |out| unsafe {
         ffi::foveal_gaze_route_decode_shared_memory(&params, out)
     })?;
-    let heads_per_unit = (dims.q_heads / dims.kv_heads).min(ffi::FOVEAL_GAZE_MAX_GROUP as usize);
     need.check(
         OP,
         &format!(
-            "the scores of {heads_per_unit} heads x {} regions",
+            "the attend ring or the scores of {} regions",
             host.max_regions()
         ),
         "; use route_topk + gaze_decode",
@@ -115,8 +107,8 @@ pub fn gaze_route_decode<T: Element>(
     // row's region count (<= max_regions <= FOVEAL_GAZE_ROUTE_MAX_REGIONS,
     // the shared arrays' bound); the routes' buffer holds [B, 1, Hq, top_k]
     // contiguous ids (its shape is checked); the workspace regions by
-    // `Plan::region_bytes`, sized from the same `max_segments` and
-    // `num_splits` the kernel uses.
+    // `Plan::region_bytes`, sized from the same `max_segments`,
+    // `max_tokens` and `num_splits` the kernel uses.
     let status = unsafe { ffi::foveal_gaze_route_decode(&params, stream_ptr) };
     check_status(OP, status)?;
     routes.layout_id = host.id();
@@ -134,30 +126,16 @@ pub fn workspace_bytes(
 ) -> Result<usize> {
     let dims = workspace_dims(OP, q_shape, kv_heads, top_k)?;
     let plan = Plan::new(OP, &dims, layout.host(), sm_count(stream, OP)?, &LIMITS)?;
-    Ok(Workspace::size_of(&region_bytes(&plan, &dims)))
+    Ok(Workspace::size_of(&plan.region_bytes(&dims)))
 }
 
 /// The fused kernel's bounds: gaze_decode's split rule, capped at
-/// FOVEAL_GAZE_ROUTE_MAX_SPLITS; a segment list per block; the region
-/// scores of a unit's heads in shared memory.
+/// FOVEAL_GAZE_ROUTE_MAX_SPLITS; the region scores of a router's head in
+/// shared memory.
 const LIMITS: Limits = Limits {
     max_regions: ffi::FOVEAL_GAZE_ROUTE_MAX_REGIONS as usize,
     too_many_regions: |n, max| {
         format!("{n} regions in a row, the fused kernel holds at most {max} in shared memory (use route_topk + gaze_decode)")
     },
     max_splits: ffi::FOVEAL_GAZE_ROUTE_MAX_SPLITS as usize,
-    lists_per_split: true,
 };
-
-/// Bytes of the workspace regions: segments (one list per block), partial
-/// outputs, partial (max, sum), tickets.
-fn region_bytes(plan: &Plan, dims: &Dims) -> [usize; 4] {
-    let units = dims.batch * plan.units;
-    let partials = dims.batch * dims.q_heads * plan.num_splits;
-    [
-        units * plan.num_splits * plan.max_segments * 16,
-        partials * dims.head_dim * 4,
-        partials * 8,
-        units * 4,
-    ]
-}

@@ -273,31 +273,218 @@ fn large_logits_keep_their_precision() {
 }
 
 /// Every head dim the SPEC names, every group size, long rows (many key
-/// splits per unit, merged by log-sum-exp).
+/// splits per unit, merged by log-sum-exp); bf16 and f16 (the tensor-core
+/// path serves units of 3 to 8 heads: odd sizes, and 12 and 16 heads in
+/// chunks of 8 and 4 or 8 and 8, leave rows of the 16-row tile empty).
 #[test]
 fn head_dims_groups_long_rows() {
     let Some(stream) = gpu() else { return };
-    let mut ws = Workspace::new();
-    let configs: Vec<(usize, usize)> = [64, 80, 96, 128, 256]
-        .into_iter()
-        .flat_map(|d| GROUPS.map(|g| (d, g)))
-        .collect();
-    for (n, &(head_dim, group)) in configs.iter().enumerate() {
-        if !in_sweep(n, configs.len()) {
-            continue;
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut ws = Workspace::new();
+        let configs: Vec<(usize, usize)> = [64, 80, 96, 128, 256]
+            .into_iter()
+            .flat_map(|d| GROUPS.map(|g| (d, g)))
+            .collect();
+        for (n, &(head_dim, group)) in configs.iter().enumerate() {
+            if !in_sweep(n, configs.len()) {
+                continue;
+            }
+            let c = Case {
+                seed: seed + n as u64,
+                batch: 2,
+                kv_heads: 1,
+                group,
+                head_dim,
+                scale: None,
+                long: n % 3 == 0,
+                aligned: true,
+            };
+            check_case::<T>(stream, &mut ws, &c);
         }
+    }
+    run::<bf16>(&stream, 900);
+    run::<f16>(&stream, 1900);
+}
+
+/// The attend kernels' tiles (64 tokens at bf16/f16 up to D 128, 32 or 16
+/// for larger rows and f32; a tensor-core warp owns 16 keys of a tile)
+/// against attended counts just under, on and over their multiples, and
+/// slices holding many tiles: with 24 KV heads x 6 rows (144 units, more
+/// than two per SM up to 144 SMs) the split rule gives each unit one block,
+/// so a block streams up to 24 tiles through its ring (4 stages at D 64,
+/// 3 at D 128 and 256 on sm_90; 2 on sm_80), wrapping it many times, the
+/// last tile partly filled. Every element type, lane groups and tensor
+/// cores.
+#[test]
+fn tile_tails_and_deep_pipelines() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut ws = Workspace::new();
+        let lens = [1, 15, 16, 17, 33, 63, 64, 65, 127, 129, 500, 1537];
+        let configs = [(1, 64), (2, 128), (4, 256), (7, 128), (8, 64), (3, 96)];
+        for (n, &(group, head_dim)) in configs.iter().enumerate() {
+            if !in_sweep(n, configs.len()) {
+                continue;
+            }
+            let mut r = rng(seed + n as u64);
+            // six rows of lengths drawn from `lens`, one of them the longest
+            let mut picked: Vec<usize> = (0..5)
+                .map(|_| lens[r.random_range(0..lens.len())])
+                .collect();
+            picked.push(1537);
+            let rows: Vec<GazeRow> = picked
+                .iter()
+                .map(|&len| {
+                    let mut row = GazeRow::new();
+                    row.push_visible(0..len);
+                    row
+                })
+                .collect();
+            let layout = GazeLayout::new(1537, &rows).expect("layout");
+            let kv_heads = 24;
+            let routes = Routes::from_ids(
+                &layout,
+                1,
+                group * kv_heads,
+                1,
+                &vec![-1; 6 * group * kv_heads],
+            )
+            .expect("routes");
+            let c = Case {
+                seed: seed + n as u64,
+                batch: 6,
+                kv_heads,
+                group,
+                head_dim,
+                scale: None,
+                long: false,
+                aligned: true,
+            };
+            let inp = Inputs::<T>::with(&mut r, &c, layout, routes);
+            check_inputs(
+                stream,
+                &mut ws,
+                &inp,
+                &gaze_oracle(&inp),
+                &format!("{picked:?}, {c:?}"),
+            );
+        }
+    }
+    run::<bf16>(&stream, 3100);
+    run::<f16>(&stream, 3200);
+    run::<f32>(&stream, 3300);
+}
+
+/// One unit over about 10,000 attended tokens (one row, one KV head): one
+/// split per SM (two units), each of whole 64-token tiles (two on an H200's
+/// 132 splits, the last splits empty), merged by the last block to finish
+/// (its lanes stride over the splits); a second row with a few tokens beside
+/// it. Tensor cores (G 4) and lane groups (G 1).
+#[test]
+fn many_splits_of_one_unit() {
+    let Some(stream) = gpu() else { return };
+    let mut ws = Workspace::new();
+    for (n, group) in [4usize, 1].into_iter().enumerate() {
+        let mut r = rng(3400 + n as u64);
+        let mut long = GazeRow::new();
+        long.push_visible(0..40);
+        long.push_units(&[40], 100, 100, foveal::RegionShape::default())
+            .expect("grid");
+        let mut short = GazeRow::new();
+        short.push_visible(0..9);
+        let layout = GazeLayout::new(10_040, &[long, short]).expect("layout");
+        let routes = all_routes(&layout, group);
         let c = Case {
-            seed: 900 + n as u64,
+            seed: 3400 + n as u64,
             batch: 2,
             kv_heads: 1,
             group,
-            head_dim,
+            head_dim: 64,
             scale: None,
-            long: n % 3 == 0,
+            long: true,
             aligned: true,
         };
-        check_case::<bf16>(&stream, &mut ws, &c);
+        let inp = Inputs::<bf16>::with(&mut r, &c, layout, routes);
+        check_inputs(
+            &stream,
+            &mut ws,
+            &inp,
+            &gaze_oracle(&inp),
+            &format!("{c:?}"),
+        );
     }
+}
+
+/// Regions of 1 to 5 tokens routed by random subsets of a unit's heads: the
+/// 16 keys of a tensor-core warp carry many head masks (a pass of P V each,
+/// the other keys zeroed in its V fragments), and value rows (+inf, -inf,
+/// NaN) and key rows (NaN) that some heads attend, not all, are poisoned:
+/// every head attending none of them matches the oracle, each that does is
+/// not finite. Lane groups (G 2) and f32 beside it.
+#[test]
+fn tiny_regions_many_head_masks() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, seed: u64) {
+        let mut ws = Workspace::new();
+        for (n, &(group, head_dim)) in [(8, 128), (5, 64), (3, 256), (2, 64), (7, 80)]
+            .iter()
+            .enumerate()
+        {
+            let mut r = rng(seed + n as u64);
+            let mut rows = Vec::new();
+            let mut seq = 0;
+            for _ in 0..2 {
+                let mut row = GazeRow::new();
+                let mut pos = r.random_range(0..3);
+                row.push_visible(pos..pos + 3);
+                pos += 3;
+                for _ in 0..r.random_range(2..4) {
+                    let width = r.random_range(1..=5);
+                    let cols = r.random_range(20..90);
+                    let shape = foveal::RegionShape {
+                        frames: 1,
+                        height: 1,
+                        width,
+                    };
+                    row.push_units(&[pos], 1, cols, shape).expect("grid");
+                    pos += cols;
+                    row.push_visible(pos..pos + r.random_range(0..3));
+                    pos += 3;
+                }
+                seq = usize::max(seq, pos);
+                rows.push(row);
+            }
+            let layout = GazeLayout::new(seq, &rows).expect("layout");
+            let routes = foveal_tests::gaze_decode::random_routes(&mut r, &layout, group * 2);
+            let c = Case {
+                seed: seed + n as u64,
+                batch: 2,
+                kv_heads: 2,
+                group,
+                head_dim,
+                scale: None,
+                long: false,
+                aligned: true,
+            };
+            let mut inp = Inputs::<T>::with(&mut r, &c, layout, routes);
+            let (layout, routes) = (&inp.layout, &inp.routes);
+            let taint =
+                poison_shared_rows(&mut r, &mut inp.k, &mut inp.v, group, 6, true, |b, h| {
+                    attended(layout, routes, b, h)
+                });
+            check_tainted(
+                stream,
+                &mut ws,
+                &inp,
+                &gaze_oracle(&inp),
+                &taint,
+                &format!("{c:?}"),
+            );
+        }
+    }
+    run::<bf16>(&stream, 3500);
+    run::<f16>(&stream, 3600);
+    run::<f32>(&stream, 3700);
 }
 
 /// With every region routed the result is dense attention; the same kernel

@@ -277,9 +277,45 @@ fn poisoned_rows_attended_by_some_heads() {
     run::<bf16>(&stream, 63);
 }
 
-/// Bit-identical outputs and routes: twice in a row on one workspace (the
-/// tickets the kernel resets are reused: what a graph replay does), and with a
-/// fresh workspace on another stream.
+/// Routing is done once per (unit, query head) by router blocks that run
+/// before the attend blocks, which wait for their unit's plan: with 48 rows
+/// x 3 KV heads x 8 heads (1,152 routers, more than the GPU holds at once)
+/// attend blocks wait while other units still route; with 12 and 16 heads
+/// per KV head the units hold 8 and 4 or 8 and 8 heads (a router of a
+/// missing head only takes its ticket). Routes equal the CPU's, o and lse
+/// the oracle's; twice on one workspace (its records are zeroed per call).
+#[test]
+fn routers_before_attend_blocks() {
+    let Some(stream) = gpu() else { return };
+    let mut ws = Workspace::new();
+    for (n, &(batch, kv_heads, group)) in [(48, 3, 8), (5, 2, 12), (3, 1, 16)].iter().enumerate() {
+        let c = Case {
+            seed: 7_000 + n as u64,
+            batch,
+            kv_heads,
+            group,
+            head_dim: 16,
+            ties: n == 1,
+            all: false,
+            scale: None,
+            aligned: true,
+            opts: GazeOpts {
+                max_units: 2,
+                max_side: 12,
+            },
+        };
+        let inp = Inputs::<f16>::new(&c);
+        let (o_like, lse_like) = outputs::<f16>(&mut rng(c.seed ^ 3), inp.q.shape, true);
+        for _ in 0..2 {
+            let got = run_gpu(&stream, &mut ws, &inp, &o_like, &lse_like);
+            check_outputs(&inp, &o_like, &lse_like, got, &c);
+        }
+    }
+}
+
+/// Bit-identical outputs and routes: twice in a row on one workspace (its
+/// units' records and block counter, zeroed by the call's memset, reused:
+/// what a graph replay does), and with a fresh workspace on another stream.
 #[test]
 fn deterministic_and_replay_safe() {
     let Some(stream) = gpu() else { return };
