@@ -1,8 +1,8 @@
 //! Gaze Attention in an engine's decode step (SPEC "Gaze Attention (003)").
 //!
 //! The engine owns one layer's K/V cache `[B, S, Hkv, D]` f32 (bf16/f16 work
-//! the same) holding a prompt: system text, a 12 x 12 image cut into 6 x 6
-//! regions, a question. After the prefill it computes each region's mean key
+//! the same) holding a prompt: system text, a 12 x 12 image cut into regions
+//! of 6 x 6 (4 of them), a question. After the prefill it computes each region's mean key
 //! once (`region_descriptors`, `desc [B, Hkv, R, D]` f32). Each decode step
 //! appends the new token's K/V, makes it visible (`GazeLayout::extend_visible`)
 //! and calls `gaze_route_decode`: every query head of `q [B, Hq, D]` routes to
