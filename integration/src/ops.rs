@@ -91,6 +91,27 @@ fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &CLayout) -> Result<&'a [T]
     Ok(&s.as_slice::<T>()?[l.start_offset()..])
 }
 
+/// foveal's view of a candle CPU tensor: its storage from the layout's start
+/// offset, under `layout` (the tensor's shape and strides, possibly reordered).
+fn host_view<'a, T: WithDType, const N: usize>(
+    s: &'a CpuStorage,
+    l: &CLayout,
+    layout: Layout<N>,
+) -> Result<View<'a, T, N>> {
+    View::new(cpu_slice::<T>(s, l)?, layout).map_err(wrap)
+}
+
+/// foveal's view of a candle CUDA tensor ([`host_view`] on the device).
+#[cfg(feature = "cuda")]
+fn device_view<'a, T: candle_core::cuda_backend::CudaDType, const N: usize>(
+    s: &'a candle_core::CudaStorage,
+    l: &CLayout,
+    layout: Layout<N>,
+) -> Result<foveal::cuda::DevView<'a, T, N>> {
+    foveal::cuda::DevView::new(s.as_cuda_slice::<T>()?.slice(l.start_offset()..), layout)
+        .map_err(wrap)
+}
+
 fn tensor_from_cpu<T: WithDType>(data: Vec<T>, shape: &[usize]) -> Tensor {
     Tensor::from_storage(
         Storage::Cpu(T::to_cpu_storage_owned(data)),
@@ -155,8 +176,8 @@ impl CustomOp2 for GlimpseScores {
         let shape = self.out_shape(&ql);
         let mut out = vec![0f32; shape.iter().product()];
         with_element!(s1.dtype(), T => {
-            let q = View::new(cpu_slice::<T>(s1, l1)?, ql).map_err(wrap)?;
-            let k = View::new(cpu_slice::<T>(s2, l2)?, kl).map_err(wrap)?;
+            let q = host_view::<T, _>(s1, l1, ql)?;
+            let k = host_view::<T, _>(s2, l2, kl)?;
             let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
             foveal::glimpse_scores::cpu::glimpse_scores(q, k, &self.rows, self.scale, self.mode, &mut o).map_err(wrap)?
         });
@@ -171,7 +192,7 @@ impl CustomOp2 for GlimpseScores {
         s2: &candle_core::CudaStorage,
         l2: &CLayout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use foveal::cuda::{DevView, DevViewMut, DeviceRowLayout, Workspace};
+        use foveal::cuda::{DevViewMut, DeviceRowLayout, Workspace};
         if s1.dtype() != s2.dtype() {
             bail!(
                 "glimpse_scores: q is {:?} but k is {:?}",
@@ -187,8 +208,8 @@ impl CustomOp2 for GlimpseScores {
         let rows = DeviceRowLayout::new(&stream, &self.rows).map_err(wrap)?;
         let mut workspace = Workspace::new();
         with_element!(s1.dtype(), T => {
-            let q = DevView::new(s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..), ql).map_err(wrap)?;
-            let k = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), kl).map_err(wrap)?;
+            let q = device_view::<T, _>(s1, l1, ql)?;
+            let k = device_view::<T, _>(s2, l2, kl)?;
             let mut o = DevViewMut::of(&mut out, Layout::contiguous(shape)).map_err(wrap)?;
             foveal::glimpse_scores::cuda::glimpse_scores(&stream, &q, &k, &rows, self.scale, self.mode, &mut o, &mut workspace)
                 .map_err(wrap)?
@@ -234,7 +255,7 @@ pub fn plan_keep(
     let l = strided::<2>(layout)?;
     let inner = match &*storage {
         Storage::Cpu(s) => {
-            let x = View::new(cpu_slice::<f32>(s, layout)?, l).map_err(wrap)?;
+            let x = host_view::<f32, _>(s, layout, l)?;
             let mut keep = KeepSet::new(rows);
             foveal::select_keep::cpu::select_keep(x, rows, rule, &mut keep).map_err(wrap)?;
             let mut positions = KeepPositions::for_rows(rows, drop_last);
@@ -243,11 +264,10 @@ pub fn plan_keep(
         }
         #[cfg(feature = "cuda")]
         Storage::Cuda(s) => {
-            use foveal::cuda::{DevView, DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
+            use foveal::cuda::{DeviceKeepPositions, DeviceKeepSet, DeviceRowLayout};
             let stream = s.device().cuda_stream();
             let dev_rows = DeviceRowLayout::new(&stream, rows).map_err(wrap)?;
-            let x = DevView::new(s.as_cuda_slice::<f32>()?.slice(layout.start_offset()..), l)
-                .map_err(wrap)?;
+            let x = device_view::<f32, _>(s, layout, l)?;
             let mut keep = DeviceKeepSet::new(&stream, &dev_rows).map_err(wrap)?;
             foveal::select_keep::cuda::select_keep(&stream, &x, &dev_rows, rule, &mut keep)
                 .map_err(wrap)?;
@@ -360,7 +380,7 @@ pub fn compact_kv(
             let src = guards
                 .iter()
                 .map(|(s, l)| match &**s {
-                    Storage::Cpu(c) => View::new(cpu_slice::<T>(c, l)?, kv_layout(l)?).map_err(wrap),
+                    Storage::Cpu(c) => host_view::<T, _>(c, l, kv_layout(l)?),
                     _ => bail!("compact_kv: the caches and the plan must be on one device"),
                 })
                 .collect::<Result<Vec<View<'_, T, 4>>>>()?;
@@ -420,7 +440,7 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
     let out = match (&plan.inner, &*storage) {
         (Plan::Host { positions, .. }, Storage::Cpu(c)) => with_plain!(t.dtype(), T => {
             let mut data = vec![T::default(); dst_layout.span()];
-            let src = View::new(cpu_slice::<T>(c, layout)?, src_layout).map_err(wrap)?;
+            let src = host_view::<T, _>(c, layout, src_layout)?;
             compact_cpu::gather_rows(&[src], positions, padding, &mut [ViewMut::new(&mut data, dst_layout).map_err(wrap)?])
                 .map_err(wrap)?;
             tensor_from_cpu(data, &shape)
@@ -432,10 +452,10 @@ pub fn gather_rows(t: &Tensor, plan: &KeepPlan, padding: Padding) -> Result<Tens
             },
             Storage::Cuda(c),
         ) => with_plain!(t.dtype(), T => {
-            use foveal::cuda::{DevView, DevViewMut};
+            use foveal::cuda::DevViewMut;
             let dev = c.device().clone();
             let mut data = dev.alloc_zeros::<T>(dst_layout.span().max(1))?;
-            let src = DevView::new(c.as_cuda_slice::<T>()?.slice(layout.start_offset()..), src_layout).map_err(wrap)?;
+            let src = device_view::<T, _>(c, layout, src_layout)?;
             foveal::compact_kv::cuda::gather_rows(stream, &[src], positions, padding, &mut [DevViewMut::of(&mut data, dst_layout).map_err(wrap)?])
                 .map_err(wrap)?;
             Tensor::from_storage(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(data, dev)), &shape, BackpropOp::none(), false)

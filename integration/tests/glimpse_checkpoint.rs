@@ -288,7 +288,7 @@ fn settings_defaults_and_refusals() -> Result<()> {
     assert_eq!(cfg.selected_layers, [21]);
     assert_eq!(cfg.visual_layers, [23, 17, 11, 5]);
     assert_eq!(cfg.rule.min_keep, 0);
-    let cap = cfg.rule.max_ratio.map(f64::from).expect("a cap");
+    let cap = cfg.rule.max_ratio.expect("a cap");
     assert!((cap - 0.111).abs() < 1e-6, "{cap}");
     assert_eq!(
         cfg.anchors,

@@ -13,9 +13,11 @@ use foveal::compact_kv::cpu as compact_cpu;
 use foveal::multiscale_gather::max_tokens;
 use foveal::text_guided_select::Lengths;
 use foveal::window_mean::num_windows;
-use foveal::{KeepPositions, KeepSet, Layout, Pool, RowLayout, ScaleSet, View, ViewMut};
+use foveal::{KeepPositions, KeepSet, Layout, Pool, RowLayout, ScaleSet, ViewMut};
 
-use super::{cpu_slice, strided, tensor_from_cpu, wrap, KeepPlan, Plan};
+#[cfg(feature = "cuda")]
+use super::device_view;
+use super::{host_view, strided, tensor_from_cpu, wrap, KeepPlan, Plan};
 
 #[cfg(feature = "cuda")]
 fn tensor_from_cuda<T: candle_core::cuda_backend::CudaDType>(
@@ -61,7 +63,7 @@ impl CustomOp1 for WindowMean {
         let shape = self.out_shape(&xl);
         let storage = with_element!(s.dtype(), T => {
             let mut out = vec![T::default(); shape.iter().product()];
-            let x = View::new(cpu_slice::<T>(s, l)?, xl).map_err(wrap)?;
+            let x = host_view::<T, _>(s, l, xl)?;
             let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
             foveal::window_mean::cpu::window_mean(x, self.window, self.pool, &mut o).map_err(wrap)?;
             <T as candle_core::WithDType>::to_cpu_storage_owned(out)
@@ -75,14 +77,14 @@ impl CustomOp1 for WindowMean {
         s: &candle_core::CudaStorage,
         l: &CLayout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use foveal::cuda::{DevView, DevViewMut};
+        use foveal::cuda::DevViewMut;
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
         let xl = strided::<4>(l)?;
         let shape = self.out_shape(&xl);
         let storage = with_element!(s.dtype(), T => {
             let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
-            let x = DevView::new(s.as_cuda_slice::<T>()?.slice(l.start_offset()..), xl).map_err(wrap)?;
+            let x = device_view::<T, _>(s, l, xl)?;
             let mut o = DevViewMut::of(&mut out, Layout::contiguous(shape)).map_err(wrap)?;
             foveal::window_mean::cuda::window_mean(&stream, &x, self.window, self.pool, &mut o).map_err(wrap)?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev)
@@ -131,8 +133,8 @@ pub fn multiscale_gather(
             let mut tokens = vec![T::default(); tok_layout.span()];
             let mut positions = vec![0i32; pos_layout.span()];
             let mut count = vec![0i32; b];
-            let xv = View::new(cpu_slice::<T>(xc, xl)?, x_layout).map_err(wrap)?;
-            let zv = View::new(cpu_slice::<f32>(zc, zl)?, z_layout).map_err(wrap)?;
+            let xv = host_view::<T, _>(xc, xl, x_layout)?;
+            let zv = host_view::<f32, _>(zc, zl, z_layout)?;
             foveal::multiscale_gather::cpu::multiscale_gather(
                 xv,
                 zv,
@@ -152,14 +154,14 @@ pub fn multiscale_gather(
         }),
         #[cfg(feature = "cuda")]
         (Storage::Cuda(xc), Storage::Cuda(zc)) => with_element!(x.dtype(), T => {
-            use foveal::cuda::{DevView, DevViewMut, Workspace};
+            use foveal::cuda::{DevViewMut, Workspace};
             let dev = xc.device().clone();
             let stream = dev.cuda_stream();
             let mut tokens = dev.alloc_zeros::<T>(tok_layout.span().max(1))?;
             let mut positions = dev.alloc_zeros::<i32>(pos_layout.span().max(1))?;
             let mut count = dev.alloc_zeros::<i32>(b.max(1))?;
-            let xv = DevView::new(xc.as_cuda_slice::<T>()?.slice(xl.start_offset()..), x_layout).map_err(wrap)?;
-            let zv = DevView::new(zc.as_cuda_slice::<f32>()?.slice(zl.start_offset()..), z_layout).map_err(wrap)?;
+            let xv = device_view::<T, _>(xc, xl, x_layout)?;
+            let zv = device_view::<f32, _>(zc, zl, z_layout)?;
             let mut workspace = Workspace::new();
             foveal::multiscale_gather::cuda::multiscale_gather(
                 &stream,
@@ -238,8 +240,8 @@ pub fn text_guided_select(
         (Storage::Cpu(qc), Storage::Cpu(kc)) => with_element!(q_text.dtype(), T => {
             let mut keep = vec![0i32; keep_layout.span()];
             let mut count = vec![0i32; b];
-            let q = View::new(cpu_slice::<T>(qc, ql)?, q_layout).map_err(wrap)?;
-            let k = View::new(cpu_slice::<T>(kc, kl)?, k_layout).map_err(wrap)?;
+            let q = host_view::<T, _>(qc, ql, q_layout)?;
+            let k = host_view::<T, _>(kc, kl, k_layout)?;
             foveal::text_guided_select::cpu::text_guided_select(
                 q,
                 k,
@@ -254,14 +256,14 @@ pub fn text_guided_select(
         }),
         #[cfg(feature = "cuda")]
         (Storage::Cuda(qc), Storage::Cuda(kc)) => with_element!(q_text.dtype(), T => {
-            use foveal::cuda::{DevView, DevViewMut, Workspace};
+            use foveal::cuda::{DevViewMut, Workspace};
             use foveal::text_guided_select::cuda::DeviceLengths;
             let dev = qc.device().clone();
             let stream = dev.cuda_stream();
             let mut keep = dev.alloc_zeros::<i32>(keep_layout.span().max(1))?;
             let mut count = dev.alloc_zeros::<i32>(b.max(1))?;
-            let q = DevView::new(qc.as_cuda_slice::<T>()?.slice(ql.start_offset()..), q_layout).map_err(wrap)?;
-            let k = DevView::new(kc.as_cuda_slice::<T>()?.slice(kl.start_offset()..), k_layout).map_err(wrap)?;
+            let q = device_view::<T, _>(qc, ql, q_layout)?;
+            let k = device_view::<T, _>(kc, kl, k_layout)?;
             let dev_lengths = DeviceLengths::new(&stream, lengths).map_err(wrap)?;
             let mut workspace = Workspace::new();
             foveal::text_guided_select::cuda::text_guided_select(

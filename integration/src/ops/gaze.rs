@@ -6,9 +6,11 @@
 //! candle/HF `[B, Hkv, S, D]`; queries are the decoder's `[B, Hq, Sq, D]`.
 
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
-use foveal::{GazeLayout, Layout, Routes, View, ViewMut};
+use foveal::{GazeLayout, Layout, Routes, ViewMut};
 
-use super::{cpu_slice, kv_layout, strided, tensor_from_cpu, wrap};
+#[cfg(feature = "cuda")]
+use super::device_view;
+use super::{host_view, kv_layout, strided, tensor_from_cpu, wrap};
 
 /// A [`GazeLayout`] placed where the tensors it indexes live: the host
 /// layout, and on a GPU its upload (made once, shared by every layer).
@@ -126,7 +128,7 @@ pub fn region_descriptors(k: &Tensor, index: &GazeIndex) -> Result<Tensor> {
         (Storage::Cpu(s), Placed::Host) => {
             let mut out = vec![0f32; shape.iter().product()];
             with_element!(k.dtype(), T => {
-                let kv = View::new(cpu_slice::<T>(s, l)?, kl).map_err(wrap)?;
+                let kv = host_view::<T, _>(s, l, kl)?;
                 let mut desc = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
                 foveal::region_descriptors::cpu::region_descriptors(kv, layout, 0..r, &mut desc).map_err(wrap)?
             });
@@ -134,11 +136,11 @@ pub fn region_descriptors(k: &Tensor, index: &GazeIndex) -> Result<Tensor> {
         }
         #[cfg(feature = "cuda")]
         (Storage::Cuda(s), Placed::Device { stream, layout: dl }) => {
-            use foveal::cuda::{DevView, DevViewMut};
+            use foveal::cuda::DevViewMut;
             let dev = s.device.clone();
             let mut out = dev.alloc_zeros::<f32>(shape.iter().product())?;
             with_element!(k.dtype(), T => {
-                let kv = DevView::new(s.as_cuda_slice::<T>()?.slice(l.start_offset()..), kl).map_err(wrap)?;
+                let kv = device_view::<T, _>(s, l, kl)?;
                 let mut desc = DevViewMut::of(&mut out, Layout::contiguous(shape)).map_err(wrap)?;
                 foveal::region_descriptors::cuda::region_descriptors(stream, &kv, dl, 0..r, &mut desc).map_err(wrap)?
             });
@@ -170,9 +172,9 @@ pub fn route_topk(q: &Tensor, desc: &Tensor, index: &GazeIndex, k: usize) -> Res
     let inner = match (&*sq, &*sd, &index.placed) {
         (Storage::Cpu(qs), Storage::Cpu(ds), Placed::Host) => {
             let mut routes = Routes::new(layout, nq, hq, k);
-            let dv = View::new(cpu_slice::<f32>(ds, ld)?, dl).map_err(wrap)?;
+            let dv = host_view::<f32, _>(ds, ld, dl)?;
             with_element!(q.dtype(), T => {
-                let qv = View::new(cpu_slice::<T>(qs, lq)?, ql).map_err(wrap)?;
+                let qv = host_view::<T, _>(qs, lq, ql)?;
                 foveal::route_topk::cpu::route_topk(qv, dv, layout, k, &mut routes).map_err(wrap)?
             });
             RoutesOn::Host(routes)
@@ -186,14 +188,13 @@ pub fn route_topk(q: &Tensor, desc: &Tensor, index: &GazeIndex, k: usize) -> Res
                 layout: dev_layout,
             },
         ) => {
-            use foveal::cuda::{DevView, Workspace};
+            use foveal::cuda::Workspace;
             use foveal::gaze_layout::cuda::DeviceRoutes;
             let mut routes = DeviceRoutes::new(stream, dev_layout, nq, hq, k).map_err(wrap)?;
-            let dv = DevView::new(ds.as_cuda_slice::<f32>()?.slice(ld.start_offset()..), dl)
-                .map_err(wrap)?;
+            let dv = device_view::<f32, _>(ds, ld, dl)?;
             let mut workspace = Workspace::new();
             with_element!(q.dtype(), T => {
-                let qv = DevView::new(qs.as_cuda_slice::<T>()?.slice(lq.start_offset()..), ql).map_err(wrap)?;
+                let qv = device_view::<T, _>(qs, lq, ql)?;
                 foveal::route_topk::cuda::route_topk(stream, &qv, &dv, dev_layout, k, &mut routes, &mut workspace).map_err(wrap)?
             });
             RoutesOn::Device {
@@ -231,9 +232,9 @@ pub fn gaze_decode(
             with_element!(q.dtype(), T => {
                 let mut out = vec![T::default(); shape.iter().product()];
                 {
-                    let qv = View::new(cpu_slice::<T>(qs, lq)?, ql).map_err(wrap)?;
-                    let kv = View::new(cpu_slice::<T>(ks, lk)?, kl).map_err(wrap)?;
-                    let vv = View::new(cpu_slice::<T>(vs, lv)?, vl).map_err(wrap)?;
+                    let qv = host_view::<T, _>(qs, lq, ql)?;
+                    let kv = host_view::<T, _>(ks, lk, kl)?;
+                    let vv = host_view::<T, _>(vs, lv, vl)?;
                     let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
                     foveal::gaze_decode::cpu::gaze_decode(qv, kv, vv, layout, r, scale, &mut o, None).map_err(wrap)?;
                 }
@@ -251,15 +252,15 @@ pub fn gaze_decode(
             },
             RoutesOn::Device { routes: r, .. },
         ) => {
-            use foveal::cuda::{DevView, DevViewMut, Workspace};
+            use foveal::cuda::{DevViewMut, Workspace};
             let dev = qs.device.clone();
             let mut workspace = Workspace::new();
             with_element!(q.dtype(), T => {
                 let mut out = dev.alloc_zeros::<T>(shape.iter().product())?;
                 {
-                    let qv = DevView::new(qs.as_cuda_slice::<T>()?.slice(lq.start_offset()..), ql).map_err(wrap)?;
-                    let kv = DevView::new(ks.as_cuda_slice::<T>()?.slice(lk.start_offset()..), kl).map_err(wrap)?;
-                    let vv = DevView::new(vs.as_cuda_slice::<T>()?.slice(lv.start_offset()..), vl).map_err(wrap)?;
+                    let qv = device_view::<T, _>(qs, lq, ql)?;
+                    let kv = device_view::<T, _>(ks, lk, kl)?;
+                    let vv = device_view::<T, _>(vs, lv, vl)?;
                     let mut o = DevViewMut::of(&mut out, Layout::contiguous(shape)).map_err(wrap)?;
                     foveal::gaze_decode::cuda::gaze_decode(stream, &qv, &kv, &vv, dev_layout, r, scale, &mut o, None, &mut workspace)
                         .map_err(wrap)?;

@@ -13,9 +13,11 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Storage, Tensor,
 };
 use foveal::glance_fusion::Lengths;
-use foveal::{View, ViewMut};
+use foveal::ViewMut;
 
-use super::{cpu_slice, strided, wrap};
+#[cfg(feature = "cuda")]
+use super::device_view;
+use super::{host_view, strided, wrap};
 
 /// Glance Fusion (foveal glance_fusion): `vq [S, B, N, dt]`, the S ViT
 /// layers' tokens after their projections, and `e [S, B, M, dt]`, the
@@ -122,8 +124,8 @@ impl CustomOp2 for GlanceFusion<'_> {
         let storage = with_element!(s1.dtype(), T => {
             let mut out = vec![T::default(); shape.iter().product()];
             {
-                let vq = View::new(cpu_slice::<T>(s1, l1)?, vl).map_err(wrap)?;
-                let e = View::new(cpu_slice::<T>(s2, l2)?, el).map_err(wrap)?;
+                let vq = host_view::<T, _>(s1, l1, vl)?;
+                let e = host_view::<T, _>(s2, l2, el)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
                 let mut w = match self.weights {
                     Some(_) => Some(ViewMut::contiguous(&mut weights, w_shape).map_err(wrap)?),
@@ -148,7 +150,7 @@ impl CustomOp2 for GlanceFusion<'_> {
         s2: &candle_core::CudaStorage,
         l2: &CLayout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use foveal::cuda::{DevView, DevViewMut, Workspace};
+        use foveal::cuda::{DevViewMut, Workspace};
         use foveal::glance_fusion::cuda::{glance_fusion, DeviceLengths};
         let dev = s1.device().clone();
         let stream = dev.cuda_stream();
@@ -165,8 +167,8 @@ impl CustomOp2 for GlanceFusion<'_> {
         let storage = with_element!(s1.dtype(), T => {
             let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
             {
-                let vq = DevView::new(s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..), vl).map_err(wrap)?;
-                let e = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), el).map_err(wrap)?;
+                let vq = device_view::<T, _>(s1, l1, vl)?;
+                let e = device_view::<T, _>(s2, l2, el)?;
                 let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
                 let mut w = match weights.as_mut() {
                     Some(w) => Some(DevViewMut::of(w, foveal::Layout::contiguous(w_shape)).map_err(wrap)?),

@@ -13,9 +13,11 @@ use candle_core::{
     Storage, Tensor,
 };
 use foveal::cross_attention::SeqLens;
-use foveal::{View, ViewMut};
+use foveal::ViewMut;
 
-use super::{cpu_slice, strided, wrap};
+#[cfg(feature = "cuda")]
+use super::device_view;
+use super::{host_view, strided, wrap};
 
 /// The valid queries and keys of each row of a cross-attention call
 /// (foveal's [`SeqLens`]), placed where the tensors live: on a GPU uploaded
@@ -224,9 +226,9 @@ impl CustomOp3 for CrossAttention<'_> {
         let storage = with_element!(s1.dtype(), T => {
             let mut out = vec![T::default(); shape.iter().product()];
             {
-                let q = View::new(cpu_slice::<T>(s1, l1)?, ql).map_err(wrap)?;
-                let k = View::new(cpu_slice::<T>(s2, l2)?, kl).map_err(wrap)?;
-                let v = View::new(cpu_slice::<T>(s3, l3)?, vl).map_err(wrap)?;
+                let q = host_view::<T, _>(s1, l1, ql)?;
+                let k = host_view::<T, _>(s2, l2, kl)?;
+                let v = host_view::<T, _>(s3, l3, vl)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
                 let mut lse_view = match self.lse {
                     Some(_) => Some(ViewMut::contiguous(&mut lse, lse_shape).map_err(wrap)?),
@@ -253,7 +255,7 @@ impl CustomOp3 for CrossAttention<'_> {
         s3: &candle_core::CudaStorage,
         l3: &CLayout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use foveal::cuda::{DevView, DevViewMut, Workspace};
+        use foveal::cuda::{DevViewMut, Workspace};
         let LensPlaced::Device(lens) = &self.lens.placed else {
             bail!("cross_attention: the lengths were placed on the CPU, the tensors are on a GPU")
         };
@@ -270,9 +272,9 @@ impl CustomOp3 for CrossAttention<'_> {
         let storage = with_element!(s1.dtype(), T => {
             let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
             {
-                let q = DevView::new(s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..), ql).map_err(wrap)?;
-                let k = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), kl).map_err(wrap)?;
-                let v = DevView::new(s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..), vl).map_err(wrap)?;
+                let q = device_view::<T, _>(s1, l1, ql)?;
+                let k = device_view::<T, _>(s2, l2, kl)?;
+                let v = device_view::<T, _>(s3, l3, vl)?;
                 let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
                 let mut lse_view = match lse.as_mut() {
                     Some(l) => Some(DevViewMut::of(l, foveal::Layout::contiguous(lse_shape)).map_err(wrap)?),
@@ -332,9 +334,9 @@ impl CustomOp3 for PosConv1d<'_> {
         let storage = with_element!(s1.dtype(), T => {
             let mut out = vec![T::default(); shape.iter().product()];
             {
-                let x = View::new(cpu_slice::<T>(s1, l1)?, xl).map_err(wrap)?;
-                let w = View::new(cpu_slice::<T>(s2, l2)?, wl).map_err(wrap)?;
-                let b = View::new(cpu_slice::<T>(s3, l3)?, bl).map_err(wrap)?;
+                let x = host_view::<T, _>(s1, l1, xl)?;
+                let w = host_view::<T, _>(s2, l2, wl)?;
+                let b = host_view::<T, _>(s3, l3, bl)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
                 foveal::pos_conv1d::cpu::pos_conv1d(x, self.lens, w, b, &mut o).map_err(wrap)?;
             }
@@ -353,7 +355,7 @@ impl CustomOp3 for PosConv1d<'_> {
         s3: &candle_core::CudaStorage,
         l3: &CLayout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use foveal::cuda::{DevView, DevViewMut, DeviceLens};
+        use foveal::cuda::{DevViewMut, DeviceLens};
         let dev = s1.device().clone();
         let stream = dev.cuda_stream();
         let (xl, wl, bl) = (strided::<3>(l1)?, strided::<2>(l2)?, strided::<1>(l3)?);
@@ -362,9 +364,9 @@ impl CustomOp3 for PosConv1d<'_> {
         let storage = with_element!(s1.dtype(), T => {
             let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
             {
-                let x = DevView::new(s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..), xl).map_err(wrap)?;
-                let w = DevView::new(s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..), wl).map_err(wrap)?;
-                let b = DevView::new(s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..), bl).map_err(wrap)?;
+                let x = device_view::<T, _>(s1, l1, xl)?;
+                let w = device_view::<T, _>(s2, l2, wl)?;
+                let b = device_view::<T, _>(s3, l3, bl)?;
                 let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
                 foveal::pos_conv1d::cuda::pos_conv1d(&stream, &x, &lens, &w, &b, &mut o).map_err(wrap)?;
             }
@@ -405,7 +407,7 @@ impl CustomOp1 for TokenPack {
         let storage = with_element!(s.dtype(), T => {
             let mut out = vec![T::default(); shape.iter().product()];
             {
-                let x = View::new(cpu_slice::<T>(s, l)?, xl).map_err(wrap)?;
+                let x = host_view::<T, _>(s, l, xl)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
                 foveal::token_pack::cpu::token_pack(x, self.rho, &mut o).map_err(wrap)?;
             }
@@ -420,7 +422,7 @@ impl CustomOp1 for TokenPack {
         s: &candle_core::CudaStorage,
         l: &CLayout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use foveal::cuda::{DevView, DevViewMut};
+        use foveal::cuda::DevViewMut;
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
         let xl = strided::<4>(l)?;
@@ -428,7 +430,7 @@ impl CustomOp1 for TokenPack {
         let storage = with_element!(s.dtype(), T => {
             let mut out = dev.alloc_zeros::<T>(shape.iter().product::<usize>().max(1))?;
             {
-                let x = DevView::new(s.as_cuda_slice::<T>()?.slice(l.start_offset()..), xl).map_err(wrap)?;
+                let x = device_view::<T, _>(s, l, xl)?;
                 let mut o = DevViewMut::of(&mut out, foveal::Layout::contiguous(shape)).map_err(wrap)?;
                 foveal::token_pack::cuda::token_pack(&stream, &x, self.rho, &mut o).map_err(wrap)?;
             }
