@@ -103,6 +103,13 @@ __device__ __forceinline__ void store_from_float(T* p, const float (&v)[kVec]) {
 // a multiple of 16 bytes.
 __host__ __device__ constexpr bool aligned16(uint64_t parts) { return (parts & 15u) == 0; }
 
+// A stride as it bears on alignment: 0 along a dimension of one element,
+// which no address steps over (the Rust side's row-stride checks ignore it
+// likewise), so a batch of one with an odd batch stride keeps the vector path.
+__host__ __device__ constexpr uint64_t stepped_stride(int64_t stride, int64_t extent) {
+  return extent > 1 ? static_cast<uint64_t>(stride) : 0u;
+}
+
 // Sum over aligned groups of `kWidth` lanes (a power of two); every lane of
 // the group ends with the group's sum. The order of additions is fixed, so
 // the result is deterministic.

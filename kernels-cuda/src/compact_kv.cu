@@ -139,10 +139,10 @@ int launch_gather(const foveal_gather_params& p, cudaStream_t stream) {
 
 // The widest access that divides every row, stride and base address.
 int gather_vector_bytes(const foveal_gather_params& p) {
-  uint64_t bits = static_cast<uint64_t>(p.row_bytes) | static_cast<uint64_t>(p.src_stride_b) |
-                  static_cast<uint64_t>(p.src_stride_s) | static_cast<uint64_t>(p.src_stride_h) |
-                  static_cast<uint64_t>(p.dst_stride_b) | static_cast<uint64_t>(p.dst_stride_s) |
-                  static_cast<uint64_t>(p.dst_stride_h);
+  uint64_t bits = static_cast<uint64_t>(p.row_bytes) | stepped_stride(p.src_stride_b, p.batch) |
+                  static_cast<uint64_t>(p.src_stride_s) | stepped_stride(p.src_stride_h, p.heads) |
+                  stepped_stride(p.dst_stride_b, p.batch) | stepped_stride(p.dst_stride_s, p.dst_seq) |
+                  stepped_stride(p.dst_stride_h, p.heads);
   for (int i = 0; i < p.num_planes; ++i) {
     bits |= reinterpret_cast<uintptr_t>(p.src[i]) | reinterpret_cast<uintptr_t>(p.dst[i]);
   }

@@ -266,8 +266,9 @@ template <typename T>
 void launch_widest(const foveal_multiscale_gather_params& p, int num_windows, cudaStream_t stream) {
   constexpr int kVec = Vec16<T>::kElems;
   const uint64_t parts = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.tokens) |
-                         static_cast<uint64_t>(p.x_stride_b | p.x_stride_y | p.x_stride_x | p.tokens_stride_b |
-                                               p.tokens_stride_n) * sizeof(T);
+                         (stepped_stride(p.x_stride_b, p.batch) | stepped_stride(p.x_stride_y, p.height) |
+                          stepped_stride(p.x_stride_x, p.width) | stepped_stride(p.tokens_stride_b, p.batch) |
+                          static_cast<uint64_t>(p.tokens_stride_n)) * sizeof(T);
   if (p.channels % kVec == 0 && aligned16(parts)) {
     launch_pool<T, kVec>(p, num_windows, stream);
   } else {

@@ -121,8 +121,9 @@ template <typename T>
 void launch_widest(const foveal_window_mean_params& p, cudaStream_t stream) {
   constexpr int kVec = Vec16<T>::kElems;
   const uint64_t parts = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.out) |
-                         static_cast<uint64_t>(p.x_stride_b | p.x_stride_y | p.x_stride_x | p.out_stride_b |
-                                               p.out_stride_m) * sizeof(T);
+                         (stepped_stride(p.x_stride_b, p.batch) | stepped_stride(p.x_stride_y, p.height) |
+                          stepped_stride(p.x_stride_x, p.width) | stepped_stride(p.out_stride_b, p.batch) |
+                          static_cast<uint64_t>(p.out_stride_m)) * sizeof(T);
   const bool small = p.window <= 4;
   if (p.channels % kVec != 0 || !aligned16(parts)) {
     small ? launch<T, 1, true>(p, stream) : launch<T, 1, false>(p, stream);
