@@ -73,6 +73,7 @@ mod cuda {
                  scripts/install-cuda.sh and run `eval \"$(scripts/install-cuda.sh --env)\"`."
             )
         });
+        warn_unless_pinned(&nvcc);
         let cuda_root = nvcc
             .parent()
             .and_then(Path::parent)
@@ -156,6 +157,29 @@ mod cuda {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect()
+    }
+
+    /// Warns (it does not fail: another 12.x or 13.x nvcc builds these
+    /// kernels too) when `nvcc` is not the pinned 13.0, which CI builds and
+    /// checks with and which cudarc's `cuda-13000` matches.
+    fn warn_unless_pinned(nvcc: &Path) {
+        let out = std::process::Command::new(nvcc).arg("--version").output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if !text.contains("release 13.0,") {
+            let line = text
+                .lines()
+                .last()
+                .unwrap_or("no version printed")
+                .trim()
+                .to_string();
+            println!(
+                "cargo:warning=foveal-sys: {} is not the pinned CUDA 13.0 nvcc ({line}); \
+                 `eval \"$(scripts/install-cuda.sh --env)\"` puts the pinned one first",
+                nvcc.display()
+            );
+        }
     }
 
     fn find_nvcc() -> Option<PathBuf> {
