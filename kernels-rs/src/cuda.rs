@@ -115,6 +115,12 @@ impl<'a, T, const N: usize> DevViewMut<'a, T, N> {
 /// Scratch device memory an op may need, owned by the caller so that a whole
 /// step can be captured in a CUDA graph: size it once (`reserve`) before
 /// capturing, and no op will allocate during the capture.
+///
+/// Calls on two streams that share a workspace are ordered by cudarc's
+/// event tracking (each call waits for the previous user of the memory).
+/// With event tracking disabled, give each stream its own workspace: two
+/// unordered calls would overwrite each other's scratch (gaze_route_decode's
+/// per-unit flags among them: a call could then wait on another's routers).
 #[derive(Debug, Default)]
 pub struct Workspace {
     buf: Option<CudaSlice<u8>>,

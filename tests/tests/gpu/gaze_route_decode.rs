@@ -313,6 +313,54 @@ fn routers_before_attend_blocks() {
     }
 }
 
+/// Each call zeroes its units' records, ready flags and block counter
+/// itself: two cases of different rows, layouts and routes (1,152 routers
+/// each, more than the GPU holds at once, so attend blocks wait on flags),
+/// alternated on one workspace reserved for both, so that a call whose
+/// reset failed would read the other's plan (a replay of the same inputs
+/// cannot show it: its stale plan is the right one). Each equals the
+/// oracle.
+#[test]
+fn records_reset_between_different_calls() {
+    let Some(stream) = gpu() else { return };
+    let cases: Vec<Case> = [7_100, 7_200]
+        .into_iter()
+        .map(|seed| Case {
+            seed,
+            batch: 48,
+            kv_heads: 3,
+            group: 8,
+            head_dim: 16,
+            ties: false,
+            all: false,
+            scale: None,
+            aligned: true,
+            opts: GazeOpts {
+                max_units: 2,
+                max_side: 12,
+            },
+        })
+        .collect();
+    let inputs: Vec<Inputs<f16>> = cases.iter().map(Inputs::new).collect();
+    let need = cases
+        .iter()
+        .zip(&inputs)
+        .map(|(c, inp)| {
+            let layout = DeviceGazeLayout::new(&stream, &inp.layout).unwrap();
+            cuda::workspace_bytes(&stream, &layout, inp.q.shape, c.kv_heads, inp.top_k).unwrap()
+        })
+        .max()
+        .unwrap();
+    let mut ws = Workspace::new();
+    ws.reserve(&stream, need).unwrap();
+    for i in [0, 1, 0, 1] {
+        let (c, inp) = (&cases[i], &inputs[i]);
+        let (o_like, lse_like) = outputs::<f16>(&mut rng(c.seed ^ 3), inp.q.shape, true);
+        let got = run_gpu(&stream, &mut ws, inp, &o_like, &lse_like);
+        check_outputs(inp, &o_like, &lse_like, got, c);
+    }
+}
+
 /// Bit-identical outputs and routes: twice in a row on one workspace (its
 /// units' records and block counter, zeroed by the call's memset, reused:
 /// what a graph replay does), and with a fresh workspace on another stream.
