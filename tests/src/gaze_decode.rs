@@ -615,6 +615,59 @@ pub fn large_logit_case<T: TestElem>(b: f32) -> Inputs<T> {
     }
 }
 
+/// Outputs that cancel between large values of similar weight, where the
+/// tensor cores' weights must keep more bits than one rounding to `T` gives
+/// (the mma path splits P into a high and a low part, each rounded to `T`):
+/// 1 row, 8 query heads on 1 KV head (the mma path for bf16/f16), D 16,
+/// scale 1, visible {0, 1}, no region. Head h: q = `[c_h, 0, ...]` with
+/// `c_h = 0.1 (h + 1)`; k0 = `[1, 0, ...]`, k1 = 0; so its weights are
+/// `1 : e^-c_h`. Column d < 8 of v0 is 1000 and of v1 `-1000 e^c_d` (rounded
+/// to `T`): head d's output column d cancels to about 1 against terms of
+/// 1000 to 2,226. One rounding of `e^-c` to bf16 (f16) errs by up to
+/// 2^-9 (2^-11) of it, 0.17 to 2.3 (0.004 to 0.17) in those columns; the
+/// hi/lo split, by about 0.01.
+pub fn cancellation_case<T: TestElem>() -> Inputs<T> {
+    let mut row = GazeRow::new();
+    row.push_visible(0..2);
+    let layout = GazeLayout::new(2, &[row]).expect("layout");
+    let (hq, d) = (8, 16);
+    let routes = Routes::from_ids(&layout, 1, hq, 1, &vec![-1; hq]).expect("routes");
+    let c = |h: usize| 0.1 * (h + 1) as f32;
+    let q = Tensor::from_fn(
+        [1, hq, d],
+        contiguous_strides([1, hq, d]),
+        T::POISON,
+        |[_, h, j]| T::from_f32(if j == 0 { c(h) } else { 0.0 }),
+    );
+    let kv_shape = [1, 2, 1, d];
+    let k = Tensor::from_fn(
+        kv_shape,
+        contiguous_strides(kv_shape),
+        T::POISON,
+        |[_, p, _, j]| T::from_f32(if p == 0 && j == 0 { 1.0 } else { 0.0 }),
+    );
+    let v = Tensor::from_fn(
+        kv_shape,
+        contiguous_strides(kv_shape),
+        T::POISON,
+        |[_, p, _, j]| {
+            T::from_f32(match (p, j) {
+                (_, 8..) => 0.0,
+                (0, _) => 1000.0,
+                (_, j) => -1000.0 * c(j).exp(),
+            })
+        },
+    );
+    Inputs {
+        layout,
+        routes,
+        q,
+        k,
+        v,
+        scale: Some(1.0),
+    }
+}
+
 /// Asserts `o` and `lse` of [`large_logit_case`] match the oracle with
 /// bounds that do not grow with the logits: the storage type's tolerance
 /// plus 1e-5 for `o` (a weighted mean of values in [-1, 1)), a few f32 ulps

@@ -26,8 +26,8 @@ use rand::Rng;
 
 use foveal_tests::gaze_decode::{
     all_routes, assert_large_logits, assert_matches, assert_matches_tainted, attended,
-    gapless_rows, gaze_oracle, inf_value_case, large_logit_case, outputs, poison_shared_rows, Case,
-    Inputs, Taint, Want,
+    cancellation_case, gapless_rows, gaze_oracle, inf_value_case, large_logit_case, outputs,
+    poison_shared_rows, Case, Inputs, Taint, Want,
 };
 
 /// GQA group sizes: every size one pass serves (1..=8) and two served in
@@ -201,6 +201,35 @@ fn inf_value_attended_by_one_head_of_the_group() {
     check_tainted(&stream, &mut ws, &inp, &gaze_oracle(&inp), &taint, "f16");
     let inp = inf_value_case::<bf16>();
     check_tainted(&stream, &mut ws, &inp, &gaze_oracle(&inp), &taint, "bf16");
+}
+
+/// [`cancellation_case`]: outputs that cancel between values of 1000 to
+/// 2,226 under weights of similar size, on the tensor cores (bf16, f16) and
+/// the f32 path, within the oracle's bound at slack 1 (about 0.04 in the
+/// cancelled columns): a single rounding of the weights to bf16 or f16
+/// (P's low half dropped or misplaced) errs by more there.
+#[test]
+fn cancelling_outputs_keep_the_weights_bits() {
+    let Some(stream) = gpu() else { return };
+    fn run<T: GpuElem>(stream: &Arc<CudaStream>, ws: &mut Workspace) {
+        let inp = cancellation_case::<T>();
+        let (o, lse) = outputs::<T>(&mut rng(5), inp.q.shape, true);
+        let (got_o, got_lse) = run_gpu(stream, ws, &inp, &o, &lse);
+        assert_matches(
+            &Tensor { data: got_o, ..o },
+            &Tensor {
+                data: got_lse,
+                ..lse
+            },
+            &gaze_oracle(&inp),
+            1.0,
+            &format!("cancellation, {:?}", T::DTYPE),
+        );
+    }
+    let mut ws = Workspace::new();
+    run::<bf16>(&stream, &mut ws);
+    run::<f16>(&stream, &mut ws);
+    run::<f32>(&stream, &mut ws);
 }
 
 /// Random cases (GQA 2 to 16, every element type, long rows now and then)
