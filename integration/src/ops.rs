@@ -112,6 +112,47 @@ fn device_view<'a, T: candle_core::cuda_backend::CudaDType, const N: usize>(
         .map_err(wrap)
 }
 
+/// A second output of a candle custom op (candle's ops return one tensor):
+/// asked for or not; the op's forward leaves its storage here, and the
+/// caller takes it as a tensor after the call.
+struct SideOutput(Option<std::sync::Mutex<Option<Storage>>>);
+
+impl SideOutput {
+    fn wanted() -> Self {
+        Self(Some(std::sync::Mutex::new(None)))
+    }
+
+    fn unwanted() -> Self {
+        Self(None)
+    }
+
+    fn is_wanted(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Leaves the output (a no-op when it was not asked for).
+    fn keep(&self, storage: Storage) {
+        if let Some(Ok(mut slot)) = self.0.as_ref().map(|m| m.lock()) {
+            *slot = Some(storage);
+        }
+    }
+
+    /// The output the forward left, as a tensor of `shape`; `what` names it
+    /// in the error when none was left.
+    fn into_tensor(self, shape: impl Into<Shape>, what: &str) -> Result<Tensor> {
+        let storage = self
+            .0
+            .and_then(|m| m.into_inner().ok().flatten())
+            .ok_or_else(|| candle_core::Error::msg(format!("{what}: the op left no output")))?;
+        Ok(Tensor::from_storage(
+            storage,
+            shape,
+            BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
 fn tensor_from_cpu<T: WithDType>(data: Vec<T>, shape: &[usize]) -> Tensor {
     Tensor::from_storage(
         Storage::Cpu(T::to_cpu_storage_owned(data)),

@@ -185,6 +185,28 @@ impl Bits for i32 {
 pub trait TestElem: Element + Poison + Bits {}
 impl<T: Element + Poison + Bits> TestElem for T {}
 
+/// Asserts `res` is op `op`'s refusal of argument `arg` of the given kind:
+/// "shape" ([`foveal::Error::Shape`]), "index" or "value".
+pub fn assert_arg_error<T: std::fmt::Debug>(
+    res: Result<T, foveal::Error>,
+    op: &str,
+    kind: &str,
+    arg: &str,
+) {
+    use foveal::Error;
+    let got = match &res {
+        Err(Error::Shape { op: o, arg: a, .. }) => Some((*o, "shape", *a)),
+        Err(Error::Index { op: o, arg: a, .. }) => Some((*o, "index", *a)),
+        Err(Error::Value { op: o, arg: a, .. }) => Some((*o, "value", *a)),
+        _ => None,
+    };
+    assert_eq!(
+        got,
+        Some((op, kind, arg)),
+        "want {op}'s {kind} error on `{arg}`, got {res:?}"
+    );
+}
+
 /// Whether a computed element equals the expected one: the same bits, or
 /// both NaN with neither the poison (CUDA arithmetic returns the canonical
 /// NaN where the CPU keeps the input's payload; a NaN payload carries no

@@ -14,7 +14,9 @@ use foveal::{Error, Layout, SeqLens, View, ViewMut};
 use foveal_tests::cross_attention::{
     assert_matches, large_logit_inputs, large_logit_oracle, oracle, outputs, Case, Inputs,
 };
-use foveal_tests::{contiguous_strides, random_tensor, rng, to_f64, Tensor, TestElem};
+use foveal_tests::{
+    assert_arg_error, contiguous_strides, random_tensor, rng, to_f64, Tensor, TestElem,
+};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -524,25 +526,7 @@ impl Problem {
 }
 
 fn assert_err(res: Result<(), Error>, kind: &str, want_arg: &str) {
-    let (got_kind, arg) = match &res {
-        Err(Error::Shape {
-            op: "cross_attention",
-            arg,
-            ..
-        }) => ("shape", *arg),
-        Err(Error::Index {
-            op: "cross_attention",
-            arg,
-            ..
-        }) => ("index", *arg),
-        Err(Error::Value {
-            op: "cross_attention",
-            arg,
-            ..
-        }) => ("value", *arg),
-        other => panic!("want a {kind} error on `{want_arg}`, got {other:?}"),
-    };
-    assert_eq!((got_kind, arg), (kind, want_arg), "{res:?}");
+    assert_arg_error(res, "cross_attention", kind, want_arg);
 }
 
 #[test]

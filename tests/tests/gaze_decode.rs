@@ -17,7 +17,9 @@ use foveal_tests::gaze_decode::{
     cancellation_case, gapless_rows, gaze_oracle, inf_value_case, large_logit_case, oracle,
     outputs, poison_shared_rows, Case, Inputs, Taint,
 };
-use foveal_tests::{contiguous_strides, random_tensor, rng, to_f64, Poison, Tensor, TestElem};
+use foveal_tests::{
+    assert_arg_error, contiguous_strides, random_tensor, rng, to_f64, Poison, Tensor, TestElem,
+};
 use half::bf16;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -428,25 +430,7 @@ impl Problem {
 }
 
 fn assert_err(res: Result<(), Error>, kind: &str, want_arg: &str) {
-    let (got_kind, arg) = match &res {
-        Err(Error::Shape {
-            op: "gaze_decode",
-            arg,
-            ..
-        }) => ("shape", *arg),
-        Err(Error::Index {
-            op: "gaze_decode",
-            arg,
-            ..
-        }) => ("index", *arg),
-        Err(Error::Value {
-            op: "gaze_decode",
-            arg,
-            ..
-        }) => ("value", *arg),
-        other => panic!("want a {kind} error on `{want_arg}`, got {other:?}"),
-    };
-    assert_eq!((got_kind, arg), (kind, want_arg), "{res:?}");
+    assert_arg_error(res, "gaze_decode", kind, want_arg);
 }
 
 #[test]

@@ -5,10 +5,7 @@
 //! Gaze Compression's attention is VISOR's `cross_attention` wrapper
 //! (`ops/visor.rs`) with learned queries.
 
-use std::sync::Mutex;
-
 use candle_core::backend::BackendStorage;
-use candle_core::op::BackpropOp;
 use candle_core::{
     bail, CpuStorage, CustomOp2, DType, Layout as CLayout, Result, Shape, Storage, Tensor,
 };
@@ -17,7 +14,7 @@ use foveal::ViewMut;
 
 #[cfg(feature = "cuda")]
 use super::device_view;
-use super::{host_view, strided, wrap};
+use super::{host_view, strided, wrap, SideOutput};
 
 /// Glance Fusion (foveal glance_fusion): `vq [S, B, N, dt]`, the S ViT
 /// layers' tokens after their projections, and `e [S, B, M, dt]`, the
@@ -39,7 +36,7 @@ pub fn glance_fusion(vq: &Tensor, e: &Tensor, lengths: &Lengths) -> Result<Tenso
         e,
         &GlanceFusion {
             lengths,
-            weights: None,
+            weights: SideOutput::unwanted(),
         },
     )
 }
@@ -61,22 +58,20 @@ pub fn glance_fusion_weights(
     }
     let op = GlanceFusion {
         lengths,
-        weights: Some(Mutex::new(None)),
+        weights: SideOutput::wanted(),
     };
     let out = vq.apply_op2_no_bwd(e, &op)?;
     let (s, b, n, _) = vq.dims4()?;
-    let storage = op
+    let weights = op
         .weights
-        .and_then(|m| m.into_inner().ok().flatten())
-        .ok_or_else(|| candle_core::Error::msg("glance_fusion: the op left no weights"))?;
-    let weights = Tensor::from_storage(storage, (b, n, s), BackpropOp::none(), false);
+        .into_tensor((b, n, s), "glance_fusion's weights")?;
     Ok((out, weights))
 }
 
 struct GlanceFusion<'a> {
     lengths: &'a Lengths,
     /// Where the call leaves its weights, when asked for.
-    weights: Option<Mutex<Option<Storage>>>,
+    weights: SideOutput,
 }
 
 impl GlanceFusion<'_> {
@@ -87,14 +82,6 @@ impl GlanceFusion<'_> {
     /// `[B, N, S]` of `vq [S, B, N, dt]`.
     fn weights_shape(vq: [usize; 4]) -> [usize; 3] {
         [vq[1], vq[2], vq[0]]
-    }
-
-    fn keep_weights(&self, storage: Storage) {
-        if let Some(slot) = &self.weights {
-            if let Ok(mut s) = slot.lock() {
-                *s = Some(storage);
-            }
-        }
     }
 }
 
@@ -115,7 +102,7 @@ impl CustomOp2 for GlanceFusion<'_> {
         let w_shape = Self::weights_shape(vl.shape());
         let mut weights = vec![
             0f32;
-            if self.weights.is_some() {
+            if self.weights.is_wanted() {
                 w_shape.iter().product()
             } else {
                 0
@@ -127,17 +114,18 @@ impl CustomOp2 for GlanceFusion<'_> {
                 let vq = host_view::<T, _>(s1, l1, vl)?;
                 let e = host_view::<T, _>(s2, l2, el)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
-                let mut w = match self.weights {
-                    Some(_) => Some(ViewMut::contiguous(&mut weights, w_shape).map_err(wrap)?),
-                    None => None,
+                let mut w = if self.weights.is_wanted() {
+                    Some(ViewMut::contiguous(&mut weights, w_shape).map_err(wrap)?)
+                } else {
+                    None
                 };
                 foveal::glance_fusion::cpu::glance_fusion(vq, e, self.lengths, &mut o, w.as_mut())
                     .map_err(wrap)?;
             }
             <T as candle_core::WithDType>::to_cpu_storage_owned(out)
         });
-        if self.weights.is_some() {
-            self.keep_weights(Storage::Cpu(CpuStorage::F32(weights)));
+        if self.weights.is_wanted() {
+            self.weights.keep(Storage::Cpu(CpuStorage::F32(weights)));
         }
         Ok((storage, Shape::from_dims(&shape)))
     }
@@ -157,9 +145,10 @@ impl CustomOp2 for GlanceFusion<'_> {
         let (vl, el) = (strided::<4>(l1)?, strided::<4>(l2)?);
         let shape = Self::out_shape(vl.shape());
         let w_shape = Self::weights_shape(vl.shape());
-        let mut weights = match self.weights {
-            Some(_) => Some(dev.alloc_zeros::<f32>(w_shape.iter().product::<usize>().max(1))?),
-            None => None,
+        let mut weights = if self.weights.is_wanted() {
+            Some(dev.alloc_zeros::<f32>(w_shape.iter().product::<usize>().max(1))?)
+        } else {
+            None
         };
         // The lengths go up once per call (an asynchronous copy on the stream).
         let lengths = DeviceLengths::new(&stream, self.lengths).map_err(wrap)?;
@@ -179,9 +168,10 @@ impl CustomOp2 for GlanceFusion<'_> {
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         if let Some(w) = weights {
-            self.keep_weights(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
-                w, dev,
-            )));
+            self.weights
+                .keep(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
+                    w, dev,
+                )));
         }
         Ok((storage, Shape::from_dims(&shape)))
     }

@@ -5,9 +5,7 @@
 //! candle's stream, reading candle's device buffers in place.
 
 use candle_core::backend::BackendStorage;
-use std::sync::Mutex;
 
-use candle_core::op::BackpropOp;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout as CLayout, Result, Shape,
     Storage, Tensor,
@@ -17,7 +15,7 @@ use foveal::ViewMut;
 
 #[cfg(feature = "cuda")]
 use super::device_view;
-use super::{host_view, strided, wrap};
+use super::{host_view, strided, wrap, SideOutput};
 
 /// The valid queries and keys of each row of a cross-attention call
 /// (foveal's [`SeqLens`]), placed where the tensors live: on a GPU uploaded
@@ -78,7 +76,7 @@ pub fn cross_attention(
         &CrossAttention {
             lens,
             scale,
-            lse: None,
+            lse: SideOutput::unwanted(),
         },
     )
 }
@@ -98,15 +96,11 @@ pub fn cross_attention_lse(
     let op = CrossAttention {
         lens,
         scale,
-        lse: Some(Mutex::new(None)),
+        lse: SideOutput::wanted(),
     };
     let o = q.apply_op3_no_bwd(k, v, &op)?;
     let (b, nq, hq, _) = q.dims4()?;
-    let storage = op
-        .lse
-        .and_then(|m| m.into_inner().ok().flatten())
-        .ok_or_else(|| candle_core::Error::msg("cross_attention: the op left no lse"))?;
-    let lse = Tensor::from_storage(storage, (b, hq, nq), BackpropOp::none(), false);
+    let lse = op.lse.into_tensor((b, hq, nq), "cross_attention's lse")?;
     Ok((o, lse))
 }
 
@@ -182,17 +176,7 @@ struct CrossAttention<'a> {
     lens: &'a AttendLens,
     scale: Option<f32>,
     /// Where the call leaves its lse, when asked for.
-    lse: Option<Mutex<Option<Storage>>>,
-}
-
-impl CrossAttention<'_> {
-    fn keep_lse(&self, storage: Storage) {
-        if let Some(slot) = &self.lse {
-            if let Ok(mut s) = slot.lock() {
-                *s = Some(storage);
-            }
-        }
-    }
+    lse: SideOutput,
 }
 
 impl CustomOp3 for CrossAttention<'_> {
@@ -217,7 +201,7 @@ impl CustomOp3 for CrossAttention<'_> {
         let lse_shape = [shape[0], shape[2], shape[1]];
         let mut lse = vec![
             0f32;
-            if self.lse.is_some() {
+            if self.lse.is_wanted() {
                 lse_shape.iter().product()
             } else {
                 0
@@ -230,17 +214,18 @@ impl CustomOp3 for CrossAttention<'_> {
                 let k = host_view::<T, _>(s2, l2, kl)?;
                 let v = host_view::<T, _>(s3, l3, vl)?;
                 let mut o = ViewMut::contiguous(&mut out, shape).map_err(wrap)?;
-                let mut lse_view = match self.lse {
-                    Some(_) => Some(ViewMut::contiguous(&mut lse, lse_shape).map_err(wrap)?),
-                    None => None,
+                let mut lse_view = if self.lse.is_wanted() {
+                    Some(ViewMut::contiguous(&mut lse, lse_shape).map_err(wrap)?)
+                } else {
+                    None
                 };
                 foveal::cross_attention::cpu::cross_attention(q, k, v, &self.lens.host, self.scale, &mut o, lse_view.as_mut())
                     .map_err(wrap)?;
             }
             <T as candle_core::WithDType>::to_cpu_storage_owned(out)
         });
-        if self.lse.is_some() {
-            self.keep_lse(Storage::Cpu(CpuStorage::F32(lse)));
+        if self.lse.is_wanted() {
+            self.lse.keep(Storage::Cpu(CpuStorage::F32(lse)));
         }
         Ok((storage, Shape::from_dims(&shape)))
     }
@@ -264,9 +249,10 @@ impl CustomOp3 for CrossAttention<'_> {
         let (ql, kl, vl) = (strided::<4>(l1)?, strided::<4>(l2)?, strided::<4>(l3)?);
         let shape = ql.shape();
         let lse_shape = [shape[0], shape[2], shape[1]];
-        let mut lse = match self.lse {
-            Some(_) => Some(dev.alloc_zeros::<f32>(lse_shape.iter().product::<usize>().max(1))?),
-            None => None,
+        let mut lse = if self.lse.is_wanted() {
+            Some(dev.alloc_zeros::<f32>(lse_shape.iter().product::<usize>().max(1))?)
+        } else {
+            None
         };
         let mut workspace = Workspace::new();
         let storage = with_element!(s1.dtype(), T => {
@@ -286,9 +272,10 @@ impl CustomOp3 for CrossAttention<'_> {
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         if let Some(l) = lse {
-            self.keep_lse(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
-                l, dev,
-            )));
+            self.lse
+                .keep(Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
+                    l, dev,
+                )));
         }
         Ok((storage, Shape::from_dims(&shape)))
     }
